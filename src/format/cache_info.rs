@@ -8,7 +8,11 @@ pub struct CacheInfo {
 
 impl Default for CacheInfo {
     fn default() -> Self {
-        Self { store_dir: crate::format::store_path::DEFAULT_STORE_DIR.to_owned(), want_mass_query: true, priority: 40 }
+        Self {
+            store_dir: crate::format::store_path::DEFAULT_STORE_DIR.to_owned(),
+            want_mass_query: true,
+            priority: 40,
+        }
     }
 }
 
@@ -24,16 +28,25 @@ impl CacheInfo {
     }
     /// Parses the file; unknown keys are ignored, StoreDir is required.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let mut info = CacheInfo { store_dir: String::new(), ..Default::default() };
+        let mut info = CacheInfo {
+            store_dir: String::new(),
+            ..Default::default()
+        };
         for (i, line) in text.lines().enumerate() {
             if line.is_empty() {
                 continue;
             }
-            let (k, v) = line.split_once(": ").ok_or_else(|| format!("nix-cache-info line {}: expected `Key: value`", i + 1))?;
+            let (k, v) = line
+                .split_once(": ")
+                .ok_or_else(|| format!("nix-cache-info line {}: expected `Key: value`", i + 1))?;
             match k {
                 "StoreDir" => info.store_dir = v.to_owned(),
                 "WantMassQuery" => info.want_mass_query = v == "1",
-                "Priority" => info.priority = v.parse().map_err(|_| format!("nix-cache-info line {}: bad Priority {v:?}", i + 1))?,
+                "Priority" => {
+                    info.priority = v
+                        .parse()
+                        .map_err(|_| format!("nix-cache-info line {}: bad Priority {v:?}", i + 1))?
+                }
                 _ => {}
             }
         }

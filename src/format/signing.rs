@@ -22,7 +22,9 @@ pub struct SigningKey {
 impl fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print secret material.
-        f.debug_struct("SigningKey").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("SigningKey")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -35,7 +37,10 @@ impl SigningKey {
     }
     /// Builds a key from a 32-byte seed (tests, key generation).
     pub fn from_seed(name: &str, seed: [u8; 32]) -> Self {
-        Self { name: name.to_owned(), key: ed25519_dalek::SigningKey::from_bytes(&seed) }
+        Self {
+            name: name.to_owned(),
+            key: ed25519_dalek::SigningKey::from_bytes(&seed),
+        }
     }
     pub fn name(&self) -> &str {
         &self.name
@@ -45,7 +50,10 @@ impl SigningKey {
         unimplemented!()
     }
     pub fn verifying_key(&self) -> VerifyingKey {
-        VerifyingKey { name: self.name.clone(), key: self.key.verifying_key() }
+        VerifyingKey {
+            name: self.name.clone(),
+            key: self.key.verifying_key(),
+        }
     }
     /// Signs a fingerprint.
     pub fn sign(&self, fingerprint: &str) -> Signature {

@@ -33,12 +33,19 @@ pub enum StoreError {
     #[error("{0} is not a valid path in the Nix store")]
     NotValid(String),
     #[error("Nix database {path}: {source}")]
-    Db { path: String, source: rusqlite::Error },
+    Db {
+        path: String,
+        source: rusqlite::Error,
+    },
     #[error("`nix path-info`: {0}")]
     Command(String),
     /// The store returned something we cannot parse (names the path and field).
     #[error("{path}: bad {field} in store: {reason}")]
-    Corrupt { path: String, field: &'static str, reason: String },
+    Corrupt {
+        path: String,
+        field: &'static str,
+        reason: String,
+    },
 }
 
 /// Where to read path info from. Opening tries the DB first, then the `nix` command.

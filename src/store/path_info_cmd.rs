@@ -10,7 +10,9 @@ pub struct PathInfoCommand {
 
 impl PathInfoCommand {
     pub fn new(store_dir: &str) -> Self {
-        Self { store_dir: store_dir.to_owned() }
+        Self {
+            store_dir: store_dir.to_owned(),
+        }
     }
     pub fn store_dir(&self) -> &str {
         &self.store_dir

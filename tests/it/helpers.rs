@@ -6,7 +6,9 @@ use std::process::{Command, Output};
 
 /// Runs `cmd`, panicking with its stderr when it fails.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (run scripts/setup-nix)"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (run scripts/setup-nix)"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\n{}",
@@ -18,7 +20,10 @@ pub fn run(cmd: &mut Command) -> Output {
 
 /// Stdout of a successful command, trimmed.
 pub fn stdout(cmd: &mut Command) -> String {
-    String::from_utf8(run(cmd).stdout).expect("utf-8 stdout").trim().to_owned()
+    String::from_utf8(run(cmd).stdout)
+        .expect("utf-8 stdout")
+        .trim()
+        .to_owned()
 }
 
 /// `nix-store --add PATH`: adds a file or tree to the real store, returns the store path.
@@ -38,15 +43,25 @@ pub fn narflow() -> Command {
 
 /// A fresh temporary directory, removed on drop.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("narflow-test-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("narflow-test-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 /// A unique string for this process and call, so store paths made by different runs differ.
 pub fn unique(tag: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    format!("{tag}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{tag}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub fn path_buf(s: &str) -> PathBuf {

@@ -19,8 +19,13 @@ pub mod writer;
 /// small tools; large trees are streamed with [`writer::dump_path`] and [`reader::parse`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
-    Regular { executable: bool, contents: Vec<u8> },
-    Symlink { target: Vec<u8> },
+    Regular {
+        executable: bool,
+        contents: Vec<u8>,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
     /// Entry names are bytes; the map keeps them sorted bytewise as NAR requires.
     Directory(std::collections::BTreeMap<Vec<u8>, Node>),
 }

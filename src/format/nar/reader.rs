@@ -18,7 +18,13 @@ pub trait NarVisitor {
     fn directory(&mut self, path: &[&[u8]]) -> io::Result<()>;
     fn symlink(&mut self, path: &[&[u8]], target: &[u8]) -> io::Result<()>;
     /// Must consume exactly `size` bytes from `contents` (or return an error).
-    fn regular(&mut self, path: &[&[u8]], executable: bool, size: u64, contents: &mut dyn Read) -> io::Result<()>;
+    fn regular(
+        &mut self,
+        path: &[&[u8]],
+        executable: bool,
+        size: u64,
+        contents: &mut dyn Read,
+    ) -> io::Result<()>;
 }
 
 /// Parses one NAR from `r`, calling `v` for each node; returns the NAR size. Fails on

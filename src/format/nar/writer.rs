@@ -10,11 +10,17 @@ pub enum NarWriteError {
     #[error("{path}: {source}")]
     Read { path: PathBuf, source: io::Error },
     /// `path` is neither a regular file, a directory nor a symlink (socket, fifo, device).
-    #[error("{path}: unsupported file type (only regular files, directories and symlinks can be archived)")]
+    #[error(
+        "{path}: unsupported file type (only regular files, directories and symlinks can be archived)"
+    )]
     UnsupportedFileType { path: PathBuf },
     /// A file changed size while it was read.
     #[error("{path}: file changed while it was read ({expected} bytes expected, {actual} read)")]
-    FileChanged { path: PathBuf, expected: u64, actual: u64 },
+    FileChanged {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
     /// Writing the NAR to the output failed.
     #[error("writing NAR: {0}")]
     Write(#[source] io::Error),

@@ -1,0 +1,2 @@
+//! The `narflow` command.
+fn main() {}
