@@ -4,15 +4,19 @@
 //! - [`format`]: pure Nix formats (nix32, hashes, store paths, NAR, narinfo, signing).
 //! - `store`: the local Nix store, read-only (path info, closures, order).
 //! - `cache`: binary cache destinations (`file://`).
-//! - `push`: uploading a set of paths to a cache.
+//! - `pipeline`: pushing a set of paths to a cache (plan, upload, publish).
 //!
 //! ```text
 //! // Public API:
 //! let store = store::LocalStore::open("/nix/store", Path::new("/nix/var/nix/db/db.sqlite"));
-//! let cache = cache::Cache::open(&url)?;
-//! let report = push::push(&store, &cache, &paths, &push::PushOptions { .. });
+//! let cache = cache::open(&cache::url::CacheUrl::parse("file:///var/cache/nix")?)?;
+//! let report = pipeline::push(&store, cache.as_ref(), &paths, &opts, &pipeline::NoProgress)?;
 //! ```
 
+#[cfg(feature = "full")]
+pub mod cache;
 pub mod format;
+#[cfg(feature = "full")]
+pub mod pipeline;
 #[cfg(feature = "full")]
 pub mod store;

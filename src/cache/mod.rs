@@ -1,0 +1,91 @@
+//! Binary cache destinations behind one trait: where NARs, narinfos and `nix-cache-info`
+//! go. This module owns object naming and durability; it never decides what to upload or
+//! in which order (that is the pipeline's job).
+
+pub mod file;
+pub mod url;
+
+use crate::format::store_path::StorePath;
+use std::io::Write;
+
+/// Errors from a cache. [`CacheError::is_transient`] says whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// An I/O error on object `key` (or the cache root when `key` is empty).
+    #[error("{cache}: {key}: {source}")]
+    Io {
+        cache: String,
+        key: String,
+        source: std::io::Error,
+    },
+    /// The cache cannot be used as configured (wrong StoreDir, bad URL, ...). Not retryable.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl CacheError {
+    /// True when the same request may succeed later (interrupted or timed-out I/O).
+    pub fn is_transient(&self) -> bool {
+        use std::io::ErrorKind::*;
+        match self {
+            CacheError::Io { source, .. } => {
+                matches!(source.kind(), Interrupted | TimedOut | WouldBlock)
+            }
+            CacheError::Config(_) => false,
+        }
+    }
+}
+
+/// A NAR being uploaded. Bytes go in through `Write`; [`NarUpload::commit`] publishes them
+/// under their final key. Dropping an upload without committing aborts it: nothing appears
+/// under a final name.
+pub trait NarUpload: Write + Send {
+    /// Publishes the uploaded bytes as `key` (e.g. `nar/<FileHash>.nar.zst`).
+    ///
+    /// # Errors
+    /// [`CacheError`]; the upload is aborted.
+    fn commit(self: Box<Self>, key: &str) -> Result<(), CacheError>;
+}
+
+/// A binary cache.
+///
+/// Callers uphold Nix's closure invariant; implementations provide the durability it needs:
+/// after [`BinaryCache::sync`] returns, every object written before it survives a crash.
+pub trait BinaryCache: Send + Sync + std::fmt::Debug {
+    /// The cache's URL, for messages.
+    fn url(&self) -> &str;
+    /// Creates `nix-cache-info` for `store_dir` if missing.
+    ///
+    /// # Errors
+    /// [`CacheError::Config`] when the cache exists for another StoreDir.
+    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError>;
+    /// Whether `<hash part>.narinfo` exists.
+    fn has_narinfo(&self, path: &StorePath) -> Result<bool, CacheError>;
+    /// Whether an object exists (e.g. a NAR under its final key).
+    fn has_object(&self, key: &str) -> Result<bool, CacheError>;
+    /// Starts a NAR upload.
+    fn begin_nar(&self) -> Result<Box<dyn NarUpload>, CacheError>;
+    /// Writes `<hash part>.narinfo` atomically.
+    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError>;
+    /// Makes everything written so far durable.
+    fn sync(&self) -> Result<(), CacheError>;
+}
+
+/// Opens the cache a URL names.
+///
+/// # Errors
+/// [`CacheError::Config`] for a URL narflow cannot serve.
+pub fn open(url: &url::CacheUrl) -> Result<Box<dyn BinaryCache>, CacheError> {
+    match &url.location {
+        url::CacheLocation::File(dir) => Ok(Box::new(file::FileCache::open(dir, &url.original)?)),
+        url::CacheLocation::S3 { .. } => Err(CacheError::Config(format!(
+            "{}: S3 caches are not supported yet; use file:///DIR",
+            url.original
+        ))),
+    }
+}
+
+/// The narinfo object key of a store path.
+pub fn narinfo_key(path: &StorePath) -> String {
+    format!("{}.narinfo", path.hash_part())
+}

@@ -1,0 +1,186 @@
+//! `narflow push`: upload store paths and their closure to a cache.
+use super::{CliError, exit};
+use anyhow::Context;
+use narflow::cache::{self, url::CacheUrl};
+use narflow::format::signing::SigningKey;
+use narflow::format::store_path::DEFAULT_STORE_DIR;
+use narflow::pipeline::compress::{Compression, CompressionSettings};
+use narflow::pipeline::{self, Outcome, PathResult, Progress, PushOptions};
+use narflow::store::LocalStore;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, clap::Args)]
+pub struct PushArgs {
+    /// Destination cache, in Nix's store-URL syntax (file:///DIR).
+    #[arg(long, env = "NARFLOW_TO")]
+    pub to: String,
+    /// Secret key file (Nix format) to sign narinfos with; repeatable.
+    #[arg(long = "key-file", env = "NARFLOW_KEY_FILE", value_delimiter = ',')]
+    pub key_files: Vec<PathBuf>,
+    /// NAR compression [default: zstd, or the URL's compression=].
+    #[arg(long, env = "NARFLOW_COMPRESSION", value_parser = Compression::parse)]
+    pub compression: Option<Compression>,
+    /// Compression level [default: zstd 3, xz 6, or the URL's compression-level=].
+    #[arg(long, env = "NARFLOW_LEVEL")]
+    pub level: Option<i32>,
+    /// Upload only the given paths, not their closure (references must be in the cache).
+    #[arg(long)]
+    pub no_closure: bool,
+    /// Allow uploading without a signing key.
+    #[arg(long)]
+    pub unsigned: bool,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Store paths, paths inside them, or symlinks to them; `-` reads paths from stdin.
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+}
+
+/// Loads a Nix secret key file.
+fn load_key(path: &Path) -> Result<SigningKey, CliError> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read key file {}", path.display()))
+        .map_err(CliError::usage)?;
+    SigningKey::parse(&text)
+        .with_context(|| format!("key file {}", path.display()))
+        .map_err(CliError::usage)
+}
+
+/// Logs each path at -v and every failure always.
+struct LogProgress;
+impl Progress for LogProgress {
+    fn planned(&self, paths: usize, nar_bytes: u64) {
+        tracing::info!(
+            "{paths} paths to upload ({:.1} MiB of NAR)",
+            nar_bytes as f64 / 1048576.0
+        );
+    }
+    fn finished(&self, r: &PathResult) {
+        match &r.outcome {
+            Outcome::Uploaded {
+                nar_size,
+                file_size,
+            } => tracing::info!("uploaded {} ({nar_size} → {file_size} bytes)", r.path),
+            Outcome::AlreadyPresent => tracing::info!("already in cache: {}", r.path),
+            Outcome::Failed(why) => eprintln!("narflow: {}: {why}", r.path),
+        }
+    }
+}
+
+pub fn run(args: PushArgs) -> Result<u8, CliError> {
+    let url = CacheUrl::parse(&args.to).map_err(CliError::usage)?;
+    let kind = match (args.compression, url.param("compression")) {
+        (Some(c), _) => c,
+        (None, Some(c)) => Compression::parse(c)
+            .map_err(|e| CliError::usage(anyhow::anyhow!("{}: {e}", url.original)))?,
+        (None, None) => Compression::Zstd,
+    };
+    let level = match (args.level, url.param("compression-level")) {
+        (Some(l), _) => Some(l),
+        (None, Some(l)) => Some(l.parse().map_err(|_| {
+            CliError::usage(anyhow::anyhow!(
+                "{}: bad compression-level {l:?}",
+                url.original
+            ))
+        })?),
+        (None, None) => None,
+    };
+    let compression =
+        CompressionSettings::new(kind, level).map_err(|e| CliError::usage(anyhow::anyhow!(e)))?;
+
+    let mut key_files = args.key_files.clone();
+    if let Some(k) = url.param("secret-key") {
+        key_files.push(PathBuf::from(k));
+    }
+    let keys = key_files
+        .iter()
+        .map(|f| load_key(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    if keys.is_empty() && !args.unsigned {
+        return Err(CliError::usage(anyhow::anyhow!(
+            "no signing key: pass --key-file FILE (or the URL's secret-key=FILE), or --unsigned to upload unsigned narinfos"
+        )));
+    }
+
+    let mut inputs = Vec::new();
+    for p in &args.paths {
+        if p == "-" {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading paths from stdin")
+                .map_err(CliError::usage)?;
+            inputs.extend(s.split_whitespace().map(str::to_owned));
+        } else {
+            inputs.push(p.clone());
+        }
+    }
+
+    let store = LocalStore::open(DEFAULT_STORE_DIR, Path::new("/nix/var/nix/db/db.sqlite"));
+    let cache = cache::open(&url).map_err(CliError::usage)?;
+    let mut bad_inputs = Vec::new();
+    let mut paths = Vec::new();
+    for arg in &inputs {
+        match pipeline::resolve_argument(arg, store.store_dir()) {
+            Ok(p) => paths.push(p),
+            Err(why) => {
+                eprintln!("narflow: {why}");
+                bad_inputs.push(why);
+            }
+        }
+    }
+    let opts = PushOptions {
+        compression,
+        keys,
+        closure: !args.no_closure,
+    };
+    let report = pipeline::push(&store, cache.as_ref(), &paths, &opts, &LogProgress).map_err(
+        |e| match e {
+            pipeline::PushError::Cache(cache::CacheError::Config(_)) => CliError::usage(e),
+            e => CliError::failed(e),
+        },
+    )?;
+
+    let uploaded = report.count(|o| matches!(o, Outcome::Uploaded { .. }));
+    let present = report.count(|o| matches!(o, Outcome::AlreadyPresent));
+    let failed = report.failed().count() + bad_inputs.len();
+    let secs = report.elapsed.as_secs_f64();
+    let mbps = report.nar_bytes as f64 / 1e6 / secs.max(1e-9);
+    if args.json {
+        let failures: Vec<serde_json::Value> = report
+            .failed()
+            .map(|r| match &r.outcome {
+                Outcome::Failed(why) => serde_json::json!({"path": r.path, "error": why}),
+                _ => unreachable!(),
+            })
+            .chain(
+                bad_inputs
+                    .iter()
+                    .map(|why| serde_json::json!({"path": null, "error": why})),
+            )
+            .collect();
+        let summary = serde_json::json!({
+            "uploaded": uploaded,
+            "already_present": present,
+            "failed": failed,
+            "nar_bytes": report.nar_bytes,
+            "file_bytes": report.file_bytes,
+            "seconds": secs,
+            "nar_mb_per_s": mbps,
+            "failures": failures,
+        });
+        println!("{summary}");
+    }
+    eprintln!(
+        "narflow: {uploaded} uploaded ({:.1} MiB NAR → {:.1} MiB), {present} already in cache, {failed} failed, {secs:.2} s ({mbps:.0} MB/s)",
+        report.nar_bytes as f64 / 1048576.0,
+        report.file_bytes as f64 / 1048576.0,
+    );
+    Ok(if failed > 0 {
+        exit::SOME_FAILED
+    } else {
+        exit::OK
+    })
+}

@@ -1,0 +1,196 @@
+//! NAR compression as Nix names it: zstd, xz or none, with the file extension and
+//! narinfo `Compression:` value of each.
+use std::io::{self, Write};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Zstd,
+    Xz,
+    None,
+}
+
+impl Compression {
+    /// Parses a Nix compression name.
+    ///
+    /// # Errors
+    /// A message naming the value and the accepted ones.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "zstd" => Ok(Compression::Zstd),
+            "xz" => Ok(Compression::Xz),
+            "none" => Ok(Compression::None),
+            other => Err(format!(
+                "unsupported compression {other:?} (zstd, xz or none)"
+            )),
+        }
+    }
+    /// The narinfo `Compression:` value.
+    pub fn nix_name(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::Xz => "xz",
+            Compression::None => "none",
+        }
+    }
+    /// The NAR file extension, as Nix names NAR files.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Compression::Zstd => ".nar.zst",
+            Compression::Xz => ".nar.xz",
+            Compression::None => ".nar",
+        }
+    }
+    /// Default level: zstd 3 (zstd's own default, fast), xz 6 (xz's default).
+    pub fn default_level(self) -> i32 {
+        match self {
+            Compression::Zstd => 3,
+            Compression::Xz => 6,
+            Compression::None => 0,
+        }
+    }
+    /// Valid levels.
+    pub fn levels(self) -> std::ops::RangeInclusive<i32> {
+        match self {
+            Compression::Zstd => 1..=19,
+            Compression::Xz => 0..=9,
+            Compression::None => 0..=0,
+        }
+    }
+}
+
+/// Compression and level, validated together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompressionSettings {
+    pub kind: Compression,
+    pub level: i32,
+}
+
+impl CompressionSettings {
+    /// # Errors
+    /// A message when `level` is outside the range `kind` accepts.
+    pub fn new(kind: Compression, level: Option<i32>) -> Result<Self, String> {
+        let level = level.unwrap_or_else(|| kind.default_level());
+        if !kind.levels().contains(&level) {
+            let r = kind.levels();
+            return Err(format!(
+                "compression level {level} is out of range for {} ({}..={})",
+                kind.nix_name(),
+                r.start(),
+                r.end()
+            ));
+        }
+        Ok(Self { kind, level })
+    }
+}
+
+impl Default for CompressionSettings {
+    fn default() -> Self {
+        Self {
+            kind: Compression::Zstd,
+            level: 3,
+        }
+    }
+}
+
+/// A streaming compressor over `W`.
+pub enum Encoder<W: Write> {
+    Zstd(zstd::stream::Encoder<'static, W>),
+    Xz(liblzma::write::XzEncoder<W>),
+    None(W),
+}
+
+impl<W: Write> std::fmt::Debug for Encoder<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Encoder::Zstd(_) => "Encoder::Zstd",
+            Encoder::Xz(_) => "Encoder::Xz",
+            Encoder::None(_) => "Encoder::None",
+        })
+    }
+}
+
+impl<W: Write> Encoder<W> {
+    /// # Errors
+    /// When the compressor cannot be set up (allocation failure in the C library).
+    pub fn new(settings: CompressionSettings, out: W) -> io::Result<Self> {
+        Ok(match settings.kind {
+            Compression::Zstd => Encoder::Zstd(zstd::stream::Encoder::new(out, settings.level)?),
+            Compression::Xz => {
+                Encoder::Xz(liblzma::write::XzEncoder::new(out, settings.level as u32))
+            }
+            Compression::None => Encoder::None(out),
+        })
+    }
+    /// Ends the stream and returns the output.
+    ///
+    /// # Errors
+    /// Write errors from the output.
+    pub fn finish(self) -> io::Result<W> {
+        match self {
+            Encoder::Zstd(e) => e.finish(),
+            Encoder::Xz(e) => e.finish(),
+            Encoder::None(w) => Ok(w),
+        }
+    }
+}
+
+impl<W: Write> Write for Encoder<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Encoder::Zstd(e) => e.write(buf),
+            Encoder::Xz(e) => e.write(buf),
+            Encoder::None(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Encoder::Zstd(e) => e.flush(),
+            Encoder::Xz(e) => e.flush(),
+            Encoder::None(w) => w.flush(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn every_kind_round_trips_through_its_decoder() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        for kind in [Compression::Zstd, Compression::Xz, Compression::None] {
+            let mut e =
+                Encoder::new(CompressionSettings::new(kind, None).unwrap(), Vec::new()).unwrap();
+            e.write_all(&data).unwrap();
+            let out = e.finish().unwrap();
+            let back = match kind {
+                Compression::Zstd => zstd::decode_all(&out[..]).unwrap(),
+                Compression::Xz => {
+                    let mut v = vec![];
+                    liblzma::read::XzDecoder::new(&out[..])
+                        .read_to_end(&mut v)
+                        .unwrap();
+                    v
+                }
+                Compression::None => out.clone(),
+            };
+            assert_eq!(back, data, "{kind:?}");
+            if kind != Compression::None {
+                assert!(out.len() < data.len() / 10, "{kind:?} did not compress");
+            }
+        }
+    }
+
+    #[test]
+    fn levels_are_checked() {
+        assert!(CompressionSettings::new(Compression::Zstd, Some(19)).is_ok());
+        let e = CompressionSettings::new(Compression::Zstd, Some(20)).unwrap_err();
+        assert_eq!(e, "compression level 20 is out of range for zstd (1..=19)");
+        assert!(CompressionSettings::new(Compression::Xz, Some(10)).is_err());
+        assert_eq!(
+            Compression::parse("gzip").unwrap_err(),
+            "unsupported compression \"gzip\" (zstd, xz or none)"
+        );
+    }
+}

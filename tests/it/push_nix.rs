@@ -1,0 +1,305 @@
+//! `narflow push` to a file:// cache, checked by real Nix substituting from it.
+use crate::helpers::*;
+use std::path::Path;
+
+fn cache_url(dir: &Path) -> String {
+    format!("file://{}", dir.display())
+}
+
+fn narinfo_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".narinfo")
+        })
+        .count()
+}
+
+/// Pushes `paths` with a fresh key and returns (cache dir, key, push output).
+fn push(extra: &[&str], paths: &[String]) -> (tempfile::TempDir, NixKey, std::process::Output) {
+    let cache = tempdir();
+    let key = nix_generate_key("narflow-test-1");
+    let out = narflow()
+        .args(["push", "--to", &cache_url(cache.path()), "--key-file"])
+        .arg(&key.secret)
+        .args(extra)
+        .args(paths)
+        .output()
+        .unwrap();
+    (cache, key, out)
+}
+
+fn assert_substitutes(cache: &Path, key: &NixKey, paths: &[String]) {
+    let root = tempdir();
+    nix_substitute(root.path(), &cache_url(cache), &key.public, paths)
+        .expect("Nix substitutes from the cache");
+    let store = format!("local?root={}", root.path().display());
+    let theirs = nix_path_info(Some(&store), paths);
+    let ours = nix_path_info(None, paths);
+    for (a, b) in theirs
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(ours.as_array().unwrap())
+    {
+        assert_eq!(a["path"], b["path"]);
+        assert_eq!(a["narHash"], b["narHash"], "{}", a["path"]);
+        assert_eq!(a["narSize"], b["narSize"]);
+        assert_eq!(a["references"], b["references"]);
+    }
+}
+
+#[test]
+fn closure_of_derivations_is_substituted_by_nix_with_signatures_required() {
+    let top = nix_build_chain("push-chain", 24);
+    let closure = nix_closure(&top);
+    assert!(closure.len() >= 20, "{closure:?}");
+    let (cache, key, out) = push(&["--json"], std::slice::from_ref(&top));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["uploaded"], closure.len());
+    assert_eq!(summary["failed"], 0);
+    assert_eq!(narinfo_count(cache.path()), closure.len());
+    assert_eq!(
+        std::fs::read_to_string(cache.path().join("nix-cache-info")).unwrap(),
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
+    );
+
+    // Nix refuses the cache when it trusts another key.
+    let other = nix_generate_key("narflow-test-other");
+    let root = tempdir();
+    let err = nix_substitute(
+        root.path(),
+        &cache_url(cache.path()),
+        &other.public,
+        std::slice::from_ref(&top),
+    )
+    .expect_err("a wrong trusted key must make substitution fail");
+    assert!(
+        err.contains("signature") || err.contains("substituter"),
+        "{err}"
+    );
+
+    assert_substitutes(cache.path(), &key, &closure);
+
+    // A second push finds everything in the cache and writes nothing.
+    let again = narflow()
+        .args([
+            "push",
+            "--json",
+            "--to",
+            &cache_url(cache.path()),
+            "--key-file",
+        ])
+        .arg(&key.secret)
+        .arg(&top)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    let summary: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(
+        (
+            summary["uploaded"].as_u64(),
+            summary["already_present"].as_u64()
+        ),
+        (Some(0), Some(closure.len() as u64))
+    );
+}
+
+#[test]
+fn xz_and_uncompressed_caches_are_substituted_too() {
+    let top = nix_build_chain("push-xz", 3);
+    for (compression, ext) in [("xz", ".nar.xz"), ("none", ".nar")] {
+        let (cache, key, out) = push(&["--compression", compression], std::slice::from_ref(&top));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let nars: Vec<_> = std::fs::read_dir(cache.path().join("nar"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(nars.len(), 3);
+        assert!(
+            nars.iter().all(|n| n.to_string_lossy().ends_with(ext)),
+            "{nars:?}"
+        );
+        assert_substitutes(cache.path(), &key, std::slice::from_ref(&top));
+    }
+}
+
+#[test]
+fn store_signatures_are_kept_and_ours_added() {
+    let top = nix_build_chain("push-sigs", 1);
+    let store_key = nix_generate_key("store-key-1");
+    run(std::process::Command::new("nix")
+        .args(["store", "sign", "--key-file"])
+        .arg(&store_key.secret)
+        .arg(&top));
+    let (cache, _key, out) = push(&[], std::slice::from_ref(&top));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hash = &top["/nix/store/".len()..][..32];
+    let text = std::fs::read_to_string(cache.path().join(format!("{hash}.narinfo"))).unwrap();
+    let sigs: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("Sig: "))
+        .collect();
+    assert_eq!(sigs.len(), 2, "{text}");
+    assert!(
+        sigs.iter().any(|s| s.starts_with("store-key-1:"))
+            && sigs.iter().any(|s| s.starts_with("narflow-test-1:"))
+    );
+    // Either key alone is enough for Nix.
+    assert_substitutes(cache.path(), &store_key, std::slice::from_ref(&top));
+}
+
+#[test]
+fn a_corrupt_store_path_is_refused_and_nothing_is_published_for_it() {
+    let src = tempdir();
+    let file = src.path().join(unique("corrupt"));
+    std::fs::write(&file, "original contents\n").unwrap();
+    let path = nix_store_add(&file);
+    // Corrupt it behind Nix's back (same size, other bytes).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&path, "tampered contents\n").unwrap();
+    let (cache, _key, out) = push(&[], std::slice::from_ref(&path));
+    // Put the original back before asserting, so a failure leaves the store valid.
+    std::fs::write(&path, "original contents\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&path) && stderr.contains("is corrupt"),
+        "{stderr}"
+    );
+    assert_eq!(narinfo_count(cache.path()), 0);
+    assert_eq!(
+        std::fs::read_dir(cache.path().join("nar")).unwrap().count(),
+        0,
+        "no NAR, not even a temporary one"
+    );
+}
+
+#[test]
+fn bad_inputs_get_one_clear_line_and_the_right_exit_code() {
+    let good = nix_build_chain("push-bad-inputs", 1);
+    let missing = "/nix/store/00000000000000000000000000000000-missing".to_owned();
+    let (cache, _key, out) = push(&[], &[good.clone(), missing.clone(), "/etc/passwd".into()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains(&missing) && l.contains("no such store path")),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("/etc/passwd") && l.contains("not in the Nix store")),
+        "{stderr}"
+    );
+    assert_eq!(
+        narinfo_count(cache.path()),
+        1,
+        "the good path still went up"
+    );
+
+    // Configuration errors: exit 2 and nothing written.
+    let cache = tempdir();
+    let url = cache_url(&cache.path().join("c"));
+    let out = narflow()
+        .args(["push", "--to", &url, &good])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no signing key"));
+    let out = narflow()
+        .args([
+            "push",
+            "--to",
+            &url,
+            "--key-file",
+            "/nonexistent/key",
+            &good,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read key file /nonexistent/key"));
+    let out = narflow()
+        .args(["push", "--unsigned", "--to", "http://x", &good])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unsupported scheme"));
+    assert!(!cache.path().join("c").exists());
+}
+
+#[test]
+fn paths_from_stdin_and_unsigned() {
+    use std::io::Write;
+    let top = nix_build_chain("push-stdin", 2);
+    let cache = tempdir();
+    let mut child = narflow()
+        .args([
+            "push",
+            "--unsigned",
+            "--no-closure",
+            "--to",
+            &cache_url(cache.path()),
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let closure = nix_closure(&top);
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(closure.join("\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(narinfo_count(cache.path()), 2);
+    let text = std::fs::read_to_string(
+        cache
+            .path()
+            .join(format!("{}.narinfo", &top["/nix/store/".len()..][..32])),
+    )
+    .unwrap();
+    assert!(!text.contains("Sig: "), "{text}");
+}
+
+#[test]
+fn no_closure_refuses_a_path_whose_references_are_missing() {
+    let top = nix_build_chain("push-noclosure", 2);
+    let (cache, _key, out) = push(&["--no-closure"], std::slice::from_ref(&top));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is not in the cache (push without --no-closure)"),
+        "{stderr}"
+    );
+    assert_eq!(narinfo_count(cache.path()), 0);
+}
