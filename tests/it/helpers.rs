@@ -96,10 +96,12 @@ pub fn nix_build(expr: &str) -> Vec<String> {
     let dir = tempdir();
     let file = dir.path().join("default.nix");
     std::fs::write(&file, expr).unwrap();
-    stdout(Command::new("nix-build").arg(&file).arg("--no-out-link"))
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    // No substituters: the machine is offline and Nix would retry cache.nixos.org each time.
+    let mut cmd = Command::new("nix-build");
+    cmd.arg(&file)
+        .arg("--no-out-link")
+        .args(["--option", "substituters", ""]);
+    stdout(&mut cmd).lines().map(str::to_owned).collect()
 }
 
 /// A chain of `n` input-addressed derivations built by real Nix, each referencing the one
