@@ -194,3 +194,116 @@ mod tests {
         );
     }
 }
+
+/// Compresses one chunk as a self-contained frame (zstd) or stream (xz). A sequence of
+/// such frames is one valid stream for every decoder, Nix's included; `none` returns
+/// the data as it is.
+///
+/// # Errors
+/// Only when the compression library fails (out of memory).
+pub fn compress_chunk(settings: CompressionSettings, data: &[u8]) -> io::Result<Vec<u8>> {
+    match settings.kind {
+        Compression::None => Ok(data.to_vec()),
+        Compression::Zstd => ZSTD.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            // Contexts are reused per thread: setting one up costs more than compressing a
+            // small path.
+            if slot
+                .as_ref()
+                .is_none_or(|(level, _)| *level != settings.level)
+            {
+                *slot = Some((settings.level, zstd::bulk::Compressor::new(settings.level)?));
+            }
+            let (_, c) = slot.as_mut().expect("set above");
+            c.compress(data)
+        }),
+        Compression::Xz => {
+            let mut e = liblzma::write::XzEncoder::new_stream(
+                Vec::with_capacity(data.len() / 3 + 64),
+                xz_stream(settings.level, data.len())?,
+            );
+            e.write_all(data)?;
+            e.finish()
+        }
+    }
+}
+
+/// An xz encoder at `level` whose dictionary is no larger than the chunk: a bigger one
+/// cannot help a self-contained stream and would cost memory per compressing thread.
+fn xz_stream(level: i32, len: usize) -> io::Result<liblzma::stream::Stream> {
+    use liblzma::stream::{Check, Filters, LzmaOptions, Stream};
+    let mut opts = LzmaOptions::new_preset(level as u32).map_err(io::Error::other)?;
+    let dict = (len as u64)
+        .next_power_of_two()
+        .clamp(4096, u64::from(u32::MAX)) as u32;
+    opts.dict_size(dict.min(1 << 26));
+    let mut filters = Filters::new();
+    filters.lzma2(&opts);
+    Stream::new_stream_encoder(&filters, Check::Crc64).map_err(io::Error::other)
+}
+
+thread_local! {
+    static ZSTD: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The compress stage: a dispatcher that hands each chunk to the rayon pool and forwards
+/// the compressed chunk to the sink. In-flight work is bounded by the memory budget each
+/// chunk holds a permit of.
+#[derive(Debug)]
+pub struct CompressStage<'a> {
+    pub pool: &'a rayon::ThreadPool,
+    pub settings: CompressionSettings,
+}
+
+impl CompressStage<'_> {
+    /// Runs until `chunks` closes and every spawned compression has been sent on. Returns
+    /// the dispatcher's clock and the pool's summed busy time and bytes.
+    pub fn run(
+        &self,
+        chunks: crossbeam_channel::Receiver<super::walk::Chunk>,
+        out: crossbeam_channel::Sender<super::walk::Chunk>,
+    ) -> super::stats::StageStats {
+        use std::sync::Mutex;
+        let totals = Mutex::new(super::stats::StageStats {
+            name: "compress",
+            ..Default::default()
+        });
+        let settings = self.settings;
+        self.pool.in_place_scope(|scope| {
+            for mut chunk in chunks.iter() {
+                let (out, totals) = (out.clone(), &totals);
+                scope.spawn(move |_| {
+                    let started = std::time::Instant::now();
+                    let passthrough = settings.kind == Compression::None
+                        || matches!(chunk.end, Some(super::walk::NarEnd::Failed(_)));
+                    if !passthrough {
+                        match compress_chunk(settings, &chunk.data) {
+                            Ok(c) => {
+                                chunk.data = c;
+                                // The raw bytes are freed: hold only what is still in memory.
+                                chunk.permit.shrink_to(chunk.data.len() as u64);
+                            }
+                            Err(e) => {
+                                chunk.data.clear();
+                                chunk.end =
+                                    Some(super::walk::NarEnd::Failed(format!("compressing: {e}")));
+                            }
+                        }
+                    }
+                    {
+                        let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
+                        t.busy += started.elapsed();
+                        t.bytes_in += chunk.nar_len;
+                        t.bytes_out += chunk.data.len() as u64;
+                    }
+                    // A closed channel means the run is being torn down; the chunk is dropped.
+                    let _ = out.send(chunk);
+                });
+            }
+        });
+        let mut totals = totals.into_inner().unwrap_or_else(|e| e.into_inner());
+        totals.threads = self.pool.current_num_threads();
+        totals
+    }
+}

@@ -1,17 +1,33 @@
-//! Publishing narinfos in durable waves.
+//! Publishing narinfos in durable waves, in an order that keeps Nix's closure invariant
+//! even though uploads finish out of order.
 //!
-//! A narinfo is written only when its NAR is durable and the narinfos of its references
-//! are durable (or were in the cache before). Each wave is: `sync` (makes NARs and the
-//! previous wave durable) → write every pending narinfo whose references are published →
-//! repeat until nothing is pending. One `sync` per closure level, never one per file.
+//! A narinfo is written only when (1) its NAR is durable and (2) the narinfos of all its
+//! references are durable, or were in the cache before the run. A wave is: `sync` (makes
+//! every committed NAR and every narinfo written so far durable) → write each pending
+//! narinfo whose references are durable. One `sync` per wave, never one per file.
 use crate::cache::{BinaryCache, CacheError};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
 use std::collections::HashSet;
 
+/// A path's final state as the publisher decides it.
+#[derive(Debug)]
+pub enum Published {
+    /// Its narinfo is written (durable after the next wave or [`Publisher::finish`]).
+    Written(NarInfo),
+    /// Not published because a reference failed.
+    Failed(StorePath, String),
+}
+
 pub struct Publisher<'a> {
     cache: &'a dyn BinaryCache,
     store_dir: String,
+    /// Every path this run uploads; a reference outside it was in the cache already.
+    in_run: HashSet<StorePath>,
+    durable: HashSet<StorePath>,
+    /// Written since the last sync.
+    written: Vec<StorePath>,
+    failed: HashSet<StorePath>,
     pending: Vec<NarInfo>,
 }
 
@@ -24,58 +40,103 @@ impl std::fmt::Debug for Publisher<'_> {
 }
 
 impl<'a> Publisher<'a> {
-    pub fn new(cache: &'a dyn BinaryCache, store_dir: &str) -> Self {
+    pub fn new(cache: &'a dyn BinaryCache, store_dir: &str, in_run: HashSet<StorePath>) -> Self {
         Publisher {
             cache,
             store_dir: store_dir.to_owned(),
+            in_run,
+            durable: HashSet::new(),
+            written: Vec::new(),
+            failed: HashSet::new(),
             pending: Vec::new(),
         }
     }
 
-    /// Queues a narinfo whose NAR has been uploaded (not necessarily synced yet).
-    /// Caller obligation: each of its references is published, pending, or in the cache.
+    /// Queues the narinfo of a path whose NAR is committed (not necessarily durable).
     pub fn add(&mut self, narinfo: NarInfo) {
         self.pending.push(narinfo);
+    }
+
+    /// Records that a path of the run failed: paths referring to it will fail too.
+    pub fn fail(&mut self, path: StorePath) {
+        self.failed.insert(path);
     }
 
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
 
-    /// Publishes everything pending, wave by wave.
+    /// One wave: sync, then write every pending narinfo whose references are durable.
+    /// Returns what it decided (written, or failed because of a reference).
     ///
     /// # Errors
-    /// The first cache error; narinfos already written stay (they are complete and their
-    /// references are durable).
-    pub fn publish_all(&mut self) -> Result<(), CacheError> {
-        while !self.pending.is_empty() {
-            self.cache.sync()?;
-            let in_flight: HashSet<StorePath> =
-                self.pending.iter().map(|n| n.store_path.clone()).collect();
-            let (ready, waiting): (Vec<NarInfo>, Vec<NarInfo>) = std::mem::take(&mut self.pending)
+    /// The first cache error. Narinfos already written stay: they are complete and their
+    /// references are durable.
+    pub fn wave(&mut self) -> Result<Vec<Published>, CacheError> {
+        self.cache.sync()?;
+        self.durable.extend(self.written.drain(..));
+        let mut decided = Vec::new();
+        // Failures cascade to every pending path that refers to a failed one.
+        loop {
+            let before = decided.len();
+            let (doomed, keep): (Vec<NarInfo>, Vec<NarInfo>) = std::mem::take(&mut self.pending)
                 .into_iter()
-                .partition(|n| {
-                    n.references
-                        .iter()
-                        .all(|r| *r == n.store_path || !in_flight.contains(r))
-                });
-            if ready.is_empty() {
-                // Only a reference cycle (impossible in a valid store) gets here.
-                let cycle: Vec<String> = waiting
+                .partition(|n| n.references.iter().any(|r| self.failed.contains(r)));
+            self.pending = keep;
+            for n in doomed {
+                let bad = n
+                    .references
                     .iter()
-                    .map(|n| n.store_path.to_absolute(&self.store_dir))
-                    .collect();
-                return Err(CacheError::Config(format!(
-                    "reference cycle among {}",
-                    cycle.join(", ")
-                )));
+                    .find(|r| self.failed.contains(r))
+                    .expect("partitioned on it");
+                let why = format!(
+                    "not published: its reference {} failed",
+                    bad.to_absolute(&self.store_dir)
+                );
+                self.failed.insert(n.store_path.clone());
+                decided.push(Published::Failed(n.store_path, why));
             }
-            for narinfo in &ready {
-                self.cache
-                    .put_narinfo(&narinfo.store_path, &narinfo.render(&self.store_dir))?;
+            if decided.len() == before {
+                break;
             }
-            self.pending = waiting;
         }
-        self.cache.sync()
+        let (ready, waiting): (Vec<NarInfo>, Vec<NarInfo>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|n| {
+                n.references.iter().all(|r| {
+                    *r == n.store_path || self.durable.contains(r) || !self.in_run.contains(r)
+                })
+            });
+        self.pending = waiting;
+        for narinfo in ready {
+            self.cache
+                .put_narinfo(&narinfo.store_path, &narinfo.render(&self.store_dir))?;
+            self.written.push(narinfo.store_path.clone());
+            decided.push(Published::Written(narinfo));
+        }
+        Ok(decided)
+    }
+
+    /// Publishes everything still pending (every upload of the run has finished) and makes
+    /// it durable.
+    ///
+    /// # Errors
+    /// The first cache error.
+    pub fn finish(mut self) -> Result<Vec<Published>, CacheError> {
+        let mut decided = Vec::new();
+        while !self.pending.is_empty() {
+            let wave = self.wave()?;
+            if wave.is_empty() {
+                // Only references to paths that never finished get here: a reference
+                // cycle (impossible in a valid store) or a path the run lost.
+                for n in std::mem::take(&mut self.pending) {
+                    let why = "not published: its references never became durable".to_owned();
+                    decided.push(Published::Failed(n.store_path, why));
+                }
+            }
+            decided.extend(wave);
+        }
+        self.cache.sync()?;
+        Ok(decided)
     }
 }

@@ -1,0 +1,153 @@
+//! The sink stage: puts each job's compressed chunks back in order, computes FileHash,
+//! streams them into the cache, and on the last chunk checks the NAR against the store,
+//! commits the upload and builds the signed narinfo.
+//!
+//! Chunks of many jobs arrive interleaved and out of order; each job's are buffered until
+//! their turn. The buffer is bounded by the memory budget, since every buffered chunk
+//! still holds its permit.
+use super::PushOptions;
+use super::stats::StageClock;
+use super::walk::{Chunk, NarEnd};
+use crate::cache::{BinaryCache, NarUpload};
+use crate::format::hash::HashingWriter;
+use crate::format::narinfo::NarInfo;
+use crate::store::PathInfo;
+use crossbeam_channel::{Receiver, Sender};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+
+/// What the sink reports for one job.
+#[derive(Debug)]
+pub struct SinkResult {
+    pub job: usize,
+    /// The narinfo to publish and the compressed size, or why the job failed.
+    pub outcome: Result<(NarInfo, u64), String>,
+}
+
+/// A job the sink has seen chunks of.
+struct JobState {
+    next_seq: u32,
+    waiting: BTreeMap<u32, Chunk>,
+    /// `None` once the job has failed: its remaining chunks are only drained.
+    upload: Option<HashingWriter<Box<dyn NarUpload>>>,
+    error: Option<String>,
+}
+
+pub struct SinkStage<'a> {
+    pub cache: &'a dyn BinaryCache,
+    pub infos: &'a [PathInfo],
+    pub store_dir: &'a str,
+    pub opts: &'a PushOptions,
+    pub progress: &'a dyn super::Progress,
+}
+
+impl std::fmt::Debug for SinkStage<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkStage").finish_non_exhaustive()
+    }
+}
+
+impl SinkStage<'_> {
+    /// Runs until `chunks` closes.
+    pub fn run(&self, chunks: Receiver<Chunk>, results: Sender<SinkResult>) -> StageClock {
+        let mut clock = StageClock::start();
+        let mut jobs: HashMap<usize, JobState> = HashMap::new();
+        while let Some(chunk) = clock.wait(|| chunks.recv().ok()) {
+            let job = chunk.job;
+            let state = jobs.entry(job).or_insert_with(|| self.begin(job));
+            state.waiting.insert(chunk.seq, chunk);
+            let mut finished = None;
+            while let Some(chunk) = state.waiting.remove(&state.next_seq) {
+                state.next_seq += 1;
+                clock.add_bytes(chunk.data.len() as u64, chunk.data.len() as u64);
+                self.progress.nar_bytes(chunk.nar_len);
+                if let (Some(upload), None) = (state.upload.as_mut(), &state.error) {
+                    if let Err(e) = upload.write_all(&chunk.data) {
+                        state.error = Some(format!("writing to {}: {e}", self.cache.url()));
+                    }
+                }
+                if let Some(end) = chunk.end {
+                    finished = Some(end);
+                    break;
+                }
+            }
+            if let Some(end) = finished {
+                let state = jobs.remove(&job).expect("present");
+                let outcome = self.finish(job, state, end);
+                if clock
+                    .wait(|| results.send(SinkResult { job, outcome }))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+        clock
+    }
+
+    fn begin(&self, job: usize) -> JobState {
+        let (upload, error) = match self.cache.begin_nar() {
+            Ok(u) => (Some(HashingWriter::new(u)), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        JobState {
+            next_seq: 0,
+            waiting: BTreeMap::new(),
+            upload,
+            error,
+        }
+    }
+
+    /// Checks, commits and signs a job whose last chunk has been written. Dropping the
+    /// upload on any failure aborts it.
+    fn finish(&self, job: usize, state: JobState, end: NarEnd) -> Result<(NarInfo, u64), String> {
+        let info = &self.infos[job];
+        let full = info.path.to_absolute(self.store_dir);
+        let (nar_hash, nar_size) = match end {
+            NarEnd::Failed(why) => return Err(why),
+            NarEnd::Complete { nar_hash, nar_size } => (nar_hash, nar_size),
+        };
+        if let Some(e) = state.error {
+            return Err(e);
+        }
+        if nar_hash != info.nar_hash || nar_size != info.nar_size {
+            return Err(format!(
+                "{full} is corrupt: its contents hash to {nar_hash} ({nar_size} bytes) but the Nix \
+                 database records {} ({} bytes); not uploaded (repair it with `nix-store --repair-path {full}`)",
+                info.nar_hash, info.nar_size
+            ));
+        }
+        let (upload, file_hash, file_size) =
+            state.upload.expect("no error means an upload").finish();
+        let url = format!(
+            "nar/{}{}",
+            file_hash.to_nix32(),
+            self.opts.compression.kind.extension()
+        );
+        // The same FileHash means the object there is this very file: leave it.
+        if !self.cache.has_object(&url).map_err(|e| e.to_string())? {
+            upload.commit(&url).map_err(|e| e.to_string())?;
+        }
+        let mut narinfo = NarInfo {
+            store_path: info.path.clone(),
+            url,
+            compression: self.opts.compression.kind.nix_name().to_owned(),
+            file_hash: Some(file_hash),
+            file_size: Some(file_size),
+            nar_hash,
+            nar_size,
+            references: info.references.clone(),
+            deriver: info.deriver.clone(),
+            sigs: info.sigs.clone(),
+            ca: info.ca.clone(),
+        };
+        let fingerprint = narinfo.fingerprint(self.store_dir);
+        for key in &self.opts.keys {
+            let sig = key.sign(&fingerprint);
+            if !narinfo.sigs.contains(&sig) {
+                narinfo.sigs.push(sig);
+            }
+        }
+        Ok((narinfo, file_size))
+    }
+}

@@ -1,0 +1,178 @@
+//! The walk stage: turns a store path into a stream of fixed-size NAR chunks, computing
+//! NarHash on the way. Each chunk holds a permit of the memory budget from the moment it
+//! starts filling until the sink has written it.
+//!
+//! Chunk boundaries are at multiples of the chunk size whatever the file layout, so the
+//! compressed output is deterministic for given settings.
+use super::budget::{ByteBudget, Permit};
+use super::stats::StageClock;
+use crate::format::hash::Sha256;
+use crate::format::nar::writer::dump_path;
+use crate::store::PathInfo;
+use crossbeam_channel::{Receiver, Sender};
+use sha2::Digest;
+use std::io::{self, Write};
+use std::path::Path;
+
+/// How a job's NAR stream ended; carried by its last chunk.
+#[derive(Debug)]
+pub enum NarEnd {
+    Complete {
+        nar_hash: Sha256,
+        nar_size: u64,
+    },
+    /// Walking failed (unreadable file, path vanished): the job must be aborted.
+    Failed(String),
+}
+
+/// A piece of one job's NAR (or, after compression, of its compressed file).
+#[derive(Debug)]
+pub struct Chunk {
+    /// Index of the job in the run's plan.
+    pub job: usize,
+    /// Position in the job's stream, from 0.
+    pub seq: u32,
+    pub data: Vec<u8>,
+    /// NAR bytes this chunk stands for (equal to `data.len()` before compression).
+    pub nar_len: u64,
+    pub permit: Permit,
+    /// Set on the job's last chunk only.
+    pub end: Option<NarEnd>,
+}
+
+/// A `Write` that cuts a NAR stream into chunks and sends them on.
+struct Chunker<'a> {
+    job: usize,
+    seq: u32,
+    chunk_size: usize,
+    /// NAR bytes the store says this path has; sizes the permits.
+    expected: u64,
+    written: u64,
+    hasher: sha2::Sha256,
+    buf: Vec<u8>,
+    permit: Option<Permit>,
+    budget: &'a ByteBudget,
+    out: &'a Sender<Chunk>,
+    clock: &'a mut StageClock,
+}
+
+impl Chunker<'_> {
+    /// Takes a permit for the next chunk: the chunk size, or what is left of the expected
+    /// NAR when that is less (so small paths do not tie up a whole chunk of budget).
+    fn start_chunk(&mut self) {
+        let left = self.expected.saturating_sub(self.written);
+        let want = if left == 0 {
+            self.chunk_size as u64
+        } else {
+            left.min(self.chunk_size as u64)
+        };
+        let budget = self.budget;
+        self.permit = Some(self.clock.wait(|| budget.acquire(want)));
+        self.buf = Vec::with_capacity(want as usize);
+    }
+
+    fn send(&mut self, end: Option<NarEnd>) -> io::Result<()> {
+        let data = std::mem::take(&mut self.buf);
+        let permit = match self.permit.take() {
+            Some(p) => p,
+            None => self.budget.acquire(0),
+        };
+        let chunk = Chunk {
+            job: self.job,
+            seq: self.seq,
+            nar_len: data.len() as u64,
+            data,
+            permit,
+            end,
+        };
+        self.seq += 1;
+        let out = self.out;
+        self.clock
+            .wait(|| out.send(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "pipeline stopped"))
+    }
+
+    fn finish(mut self) -> io::Result<()> {
+        let nar_hash = Sha256(std::mem::take(&mut self.hasher).finalize().into());
+        let end = NarEnd::Complete {
+            nar_hash,
+            nar_size: self.written,
+        };
+        if self.permit.is_none() {
+            self.start_chunk();
+        }
+        self.send(Some(end))
+    }
+
+    fn fail(mut self, why: String) -> io::Result<()> {
+        self.buf.clear();
+        self.send(Some(NarEnd::Failed(why)))
+    }
+}
+
+impl Write for Chunker<'_> {
+    fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
+        let n = data.len();
+        self.hasher.update(data);
+        self.written += n as u64;
+        while !data.is_empty() {
+            if self.permit.is_none() {
+                self.start_chunk();
+            } else if self.buf.len() == self.chunk_size {
+                // A full chunk is sent only once more data arrives, so the last chunk of
+                // every job is a real one carrying the end marker.
+                self.send(None)?;
+                self.start_chunk();
+            }
+            let take = (self.chunk_size - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Everything a walker needs; shared by all walker threads.
+#[derive(Debug)]
+pub struct WalkStage<'a> {
+    pub infos: &'a [PathInfo],
+    pub store_dir: &'a str,
+    pub chunk_size: usize,
+    pub budget: ByteBudget,
+}
+
+impl WalkStage<'_> {
+    /// Runs one walker until `jobs` closes. Returns its clock for statistics.
+    pub fn run(&self, jobs: Receiver<usize>, out: Sender<Chunk>) -> StageClock {
+        let mut clock = StageClock::start();
+        while let Some(job) = clock.wait(|| jobs.recv().ok()) {
+            let info = &self.infos[job];
+            let full = info.path.to_absolute(self.store_dir);
+            let mut chunker = Chunker {
+                job,
+                seq: 0,
+                chunk_size: self.chunk_size,
+                expected: info.nar_size,
+                written: 0,
+                hasher: sha2::Sha256::new(),
+                buf: Vec::new(),
+                permit: None,
+                budget: &self.budget,
+                out: &out,
+                clock: &mut clock,
+            };
+            let sent = match dump_path(Path::new(&full), &mut chunker) {
+                Ok(_) => chunker.finish(),
+                Err(e) => chunker.fail(e.to_string()),
+            };
+            if sent.is_err() {
+                break; // the downstream stages are gone: the run is being torn down
+            }
+            clock.add_bytes(info.nar_size, info.nar_size);
+        }
+        clock
+    }
+}
