@@ -131,11 +131,8 @@ pub fn run(args: PushArgs) -> Result<u8, CliError> {
             }
         }
     }
-    let opts = PushOptions {
-        compression,
-        keys,
-        closure: !args.no_closure,
-    };
+    let mut opts = PushOptions::new(compression, keys);
+    opts.closure = !args.no_closure;
     let report = pipeline::push(&store, cache.as_ref(), &paths, &opts, &LogProgress).map_err(
         |e| match e {
             pipeline::PushError::Cache(cache::CacheError::Config(_)) => CliError::usage(e),

@@ -213,7 +213,7 @@ pub fn push(
     let started = Instant::now();
     let store_dir = store.store_dir().to_owned();
     let mut report = PushReport::default();
-    let mut record = |report: &mut PushReport, path: String, outcome: Outcome| {
+    let record = |report: &mut PushReport, path: String, outcome: Outcome| {
         let r = PathResult { path, outcome };
         progress.finished(&r);
         report.results.push(r);
@@ -351,9 +351,9 @@ pub fn upload(
         let mut file_sizes: HashMap<StorePath, u64> = HashMap::new();
         let mut last_wave = Instant::now();
         let mut publish_error = None;
-        let mut settle = |report: &mut PushReport,
-                          decided: Vec<Published>,
-                          file_sizes: &HashMap<StorePath, u64>| {
+        let settle = |report: &mut PushReport,
+                      decided: Vec<Published>,
+                      file_sizes: &HashMap<StorePath, u64>| {
             for d in decided {
                 let (path, outcome) = match d {
                     Published::Written(n) => {

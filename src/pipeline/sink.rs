@@ -54,7 +54,7 @@ impl SinkStage<'_> {
         let mut jobs: HashMap<usize, JobState> = HashMap::new();
         while let Some(chunk) = clock.wait(|| chunks.recv().ok()) {
             let job = chunk.job;
-            let state = jobs.entry(job).or_insert_with(|| self.begin(job));
+            let state = jobs.entry(job).or_insert_with(|| self.begin());
             state.waiting.insert(chunk.seq, chunk);
             let mut finished = None;
             while let Some(chunk) = state.waiting.remove(&state.next_seq) {
@@ -85,7 +85,7 @@ impl SinkStage<'_> {
         clock
     }
 
-    fn begin(&self, job: usize) -> JobState {
+    fn begin(&self) -> JobState {
         let (upload, error) = match self.cache.begin_nar() {
             Ok(u) => (Some(HashingWriter::new(u)), None),
             Err(e) => (None, Some(e.to_string())),
@@ -141,12 +141,8 @@ impl SinkStage<'_> {
             sigs: info.sigs.clone(),
             ca: info.ca.clone(),
         };
-        let fingerprint = narinfo.fingerprint(self.store_dir);
         for key in &self.opts.keys {
-            let sig = key.sign(&fingerprint);
-            if !narinfo.sigs.contains(&sig) {
-                narinfo.sigs.push(sig);
-            }
+            narinfo.sign(key, self.store_dir);
         }
         Ok((narinfo, file_size))
     }

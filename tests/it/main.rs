@@ -2,4 +2,5 @@
 //! `scripts/setup-nix`), shared helpers in `helpers`.
 
 mod helpers;
+mod narinfo_nix;
 mod push_nix;
