@@ -1,6 +1,7 @@
 //! Command-line definitions (clap derive) and the glue from arguments to the library.
 //! One file per command. Nothing here does work the library could do.
 
+pub mod progress;
 pub mod push;
 
 use clap::{Parser, Subcommand};
@@ -61,5 +62,41 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Push(args) => push::run(args),
+    }
+}
+
+/// Parses a size: bytes, or a number with K, M, G (powers of 1024; `MiB`, `MB` also read
+/// as powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 64M, 1G)"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (K, M or G)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("64M"), Ok(64 << 20));
+        assert_eq!(super::parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(super::parse_size("4096"), Ok(4096));
+        assert!(
+            super::parse_size("12X")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(super::parse_size("M").is_err());
     }
 }

@@ -5,7 +5,7 @@ use narflow::cache::{self, url::CacheUrl};
 use narflow::format::signing::SigningKey;
 use narflow::format::store_path::DEFAULT_STORE_DIR;
 use narflow::pipeline::compress::{Compression, CompressionSettings};
-use narflow::pipeline::{self, Outcome, PathResult, Progress, PushOptions};
+use narflow::pipeline::{self, Outcome, PushOptions};
 use narflow::store::LocalStore;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -24,6 +24,15 @@ pub struct PushArgs {
     /// Compression level [default: zstd 3, xz 6, or the URL's compression-level=].
     #[arg(long, env = "NARFLOW_LEVEL")]
     pub level: Option<i32>,
+    /// Compression threads [default: one per core].
+    #[arg(long, env = "NARFLOW_JOBS")]
+    pub jobs: Option<usize>,
+    /// Memory budget for NAR data in flight, e.g. 64M, 1G [default: 64M].
+    #[arg(long, env = "NARFLOW_MEMORY", value_parser = super::parse_size)]
+    pub memory: Option<u64>,
+    /// Chunk size: each chunk is compressed as an independent frame [default: 4M].
+    #[arg(long, env = "NARFLOW_CHUNK_SIZE", value_parser = super::parse_size, hide = true)]
+    pub chunk_size: Option<u64>,
     /// Upload only the given paths, not their closure (references must be in the cache).
     #[arg(long)]
     pub no_closure: bool,
@@ -46,27 +55,6 @@ fn load_key(path: &Path) -> Result<SigningKey, CliError> {
     SigningKey::parse(&text)
         .with_context(|| format!("key file {}", path.display()))
         .map_err(CliError::usage)
-}
-
-/// Logs each path at -v and every failure always.
-struct LogProgress;
-impl Progress for LogProgress {
-    fn planned(&self, paths: usize, nar_bytes: u64) {
-        tracing::info!(
-            "{paths} paths to upload ({:.1} MiB of NAR)",
-            nar_bytes as f64 / 1048576.0
-        );
-    }
-    fn finished(&self, r: &PathResult) {
-        match &r.outcome {
-            Outcome::Uploaded {
-                nar_size,
-                file_size,
-            } => tracing::info!("uploaded {} ({nar_size} → {file_size} bytes)", r.path),
-            Outcome::AlreadyPresent => tracing::info!("already in cache: {}", r.path),
-            Outcome::Failed(why) => eprintln!("narflow: {}: {why}", r.path),
-        }
-    }
 }
 
 pub fn run(args: PushArgs) -> Result<u8, CliError> {
@@ -133,12 +121,31 @@ pub fn run(args: PushArgs) -> Result<u8, CliError> {
     }
     let mut opts = PushOptions::new(compression, keys);
     opts.closure = !args.no_closure;
-    let report = pipeline::push(&store, cache.as_ref(), &paths, &opts, &LogProgress).map_err(
-        |e| match e {
+    if let Some(j) = args.jobs {
+        opts.jobs = j.max(1);
+    }
+    if let Some(m) = args.memory {
+        opts.memory = m;
+    }
+    if let Some(c) = args.chunk_size {
+        opts.chunk_size = usize::try_from(c)
+            .unwrap_or(usize::MAX)
+            .clamp(64 << 10, 256 << 20);
+    }
+    if opts.memory < opts.chunk_size as u64 {
+        return Err(CliError::usage(anyhow::anyhow!(
+            "--memory {} is less than one chunk ({} bytes)",
+            opts.memory,
+            opts.chunk_size
+        )));
+    }
+    let progress = super::progress::CliProgress::new();
+    let report =
+        pipeline::push(&store, cache.as_ref(), &paths, &opts, &progress).map_err(|e| match e {
             pipeline::PushError::Cache(cache::CacheError::Config(_)) => CliError::usage(e),
             e => CliError::failed(e),
-        },
-    )?;
+        })?;
+    progress.done();
 
     let uploaded = report.count(|o| matches!(o, Outcome::Uploaded { .. }));
     let present = report.count(|o| matches!(o, Outcome::AlreadyPresent));
