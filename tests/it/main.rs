@@ -2,5 +2,6 @@
 //! `scripts/setup-nix`), shared helpers in `helpers`.
 
 mod helpers;
+mod nar_golden;
 mod narinfo_nix;
 mod push_nix;
