@@ -3,6 +3,7 @@
 //! in which order (that is the pipeline's job).
 
 pub mod file;
+pub mod null;
 pub mod url;
 
 use crate::format::store_path::StorePath;
