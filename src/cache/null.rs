@@ -3,8 +3,8 @@
 use super::{BinaryCache, CacheError, NarUpload};
 use crate::format::store_path::StorePath;
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, Default)]
 pub struct NullCache {
@@ -40,7 +40,9 @@ impl BinaryCache for NullCache {
         Ok(false)
     }
     fn begin_nar(&self) -> Result<Box<dyn NarUpload>, CacheError> {
-        Ok(Box::new(NullUpload { bytes: self.bytes.clone() }))
+        Ok(Box::new(NullUpload {
+            bytes: self.bytes.clone(),
+        }))
     }
     fn put_narinfo(&self, _path: &StorePath, _text: &str) -> Result<(), CacheError> {
         self.narinfos.fetch_add(1, Ordering::Relaxed);

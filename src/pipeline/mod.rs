@@ -462,3 +462,6 @@ fn split_valid(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

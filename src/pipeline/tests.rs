@@ -1,0 +1,234 @@
+//! Pipeline tests on synthetic store paths (no Nix needed): what goes in comes out, in
+//! closure order, within the budget, and nothing is published for a failed path.
+use super::*;
+use crate::cache::file::FileCache;
+use crate::format::hash::{HashingWriter, Sha256};
+use crate::format::nar::writer::dump_path;
+use crate::format::narinfo::NarInfo;
+use crate::pipeline::compress::Compression;
+use std::path::Path;
+
+/// A fake store: `(store dir, infos)` where each info's NarHash is computed from disk.
+fn make_store(dir: &Path, specs: &[(&str, usize, &[usize])]) -> Vec<PathInfo> {
+    let mut infos: Vec<PathInfo> = Vec::new();
+    for (i, (name, size, refs)) in specs.iter().enumerate() {
+        let hash = crate::format::nix32::encode(&Sha256::digest(name.as_bytes()).0[..20]);
+        let path = StorePath::from_base_name(&format!("{hash}-{name}")).unwrap();
+        let full = dir.join(path.base_name());
+        std::fs::create_dir_all(&full).unwrap();
+        // Partly compressible content, different per path.
+        let content: Vec<u8> = (0..*size)
+            .map(|j| {
+                if j % 7 < 4 {
+                    (j / 7 % 251) as u8
+                } else {
+                    (j * 31 + i) as u8
+                }
+            })
+            .collect();
+        std::fs::write(full.join("data"), &content).unwrap();
+        std::fs::write(full.join("small"), name.as_bytes()).unwrap();
+        let mut w = HashingWriter::new(std::io::sink());
+        dump_path(&full, &mut w).unwrap();
+        let (_, nar_hash, nar_size) = w.finish();
+        let mut references: Vec<StorePath> = refs.iter().map(|&r| infos[r].path.clone()).collect();
+        references.sort();
+        infos.push(PathInfo {
+            path,
+            nar_hash,
+            nar_size,
+            references,
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        });
+    }
+    infos
+}
+
+fn opts(kind: Compression, chunk: usize, memory: u64) -> PushOptions {
+    let key = crate::format::signing::SigningKey::from_seed("test-1", [7; 32]);
+    let mut o = PushOptions::new(CompressionSettings::new(kind, None).unwrap(), vec![key]);
+    o.chunk_size = chunk;
+    o.memory = memory;
+    o
+}
+
+fn decompress(kind: Compression, data: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    match kind {
+        Compression::Zstd => zstd::decode_all(data).unwrap(),
+        Compression::Xz => {
+            let mut v = vec![];
+            liblzma::read::XzDecoder::new_multi_decoder(data)
+                .read_to_end(&mut v)
+                .unwrap();
+            v
+        }
+        Compression::None => data.to_vec(),
+    }
+}
+
+#[test]
+fn uploads_decode_to_the_nar_and_narinfos_verify() {
+    let store = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    // Sizes straddle the chunk size (64 KiB here) so paths have 1, 2 and many chunks.
+    let infos = make_store(
+        store.path(),
+        &[
+            ("a", 10, &[]),
+            ("b", 70_000, &[0]),
+            ("c", 1_000_000, &[0, 1]),
+            ("d", 65_536, &[2]),
+        ],
+    );
+    for kind in [Compression::Zstd, Compression::Xz, Compression::None] {
+        let cache = FileCache::open(cache_dir.path(), "file:///t").unwrap();
+        let o = opts(kind, 64 << 10, 256 << 10);
+        let report = upload(&cache, sd, &infos, &o, &NoProgress).unwrap();
+        assert_eq!(
+            report.count(|o| matches!(o, Outcome::Uploaded { .. })),
+            4,
+            "{kind:?}: {:?}",
+            report.results
+        );
+        let pk = o.keys[0].verifying_key();
+        for info in &infos {
+            let text = std::fs::read_to_string(
+                cache_dir
+                    .path()
+                    .join(format!("{}.narinfo", info.path.hash_part())),
+            )
+            .unwrap();
+            let ni = NarInfo::parse(&text, sd).unwrap();
+            assert_eq!(
+                (ni.nar_hash, ni.nar_size, &ni.references),
+                (info.nar_hash, info.nar_size, &info.references)
+            );
+            assert_eq!(ni.compression, kind.nix_name());
+            assert_eq!(ni.valid_signatures(sd, std::slice::from_ref(&pk)), 1);
+            let file = std::fs::read(cache_dir.path().join(&ni.url)).unwrap();
+            assert_eq!(
+                (Sha256::digest(&file), file.len() as u64),
+                (ni.file_hash.unwrap(), ni.file_size.unwrap())
+            );
+            let nar = decompress(kind, &file);
+            assert_eq!(
+                Sha256::digest(&nar),
+                info.nar_hash,
+                "{kind:?} {}",
+                info.path
+            );
+        }
+        std::fs::remove_dir_all(cache_dir.path()).unwrap();
+    }
+}
+
+#[test]
+fn output_is_deterministic_across_thread_counts() {
+    let store = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    let infos = make_store(store.path(), &[("big", 3_000_000, &[])]);
+    let mut urls = vec![];
+    for jobs in [1, 2, 4] {
+        let cache = crate::cache::null::NullCache::new();
+        let dir = tempfile::tempdir().unwrap();
+        let file = FileCache::open(dir.path(), "file:///t").unwrap();
+        let mut o = opts(Compression::Zstd, 256 << 10, 1 << 20);
+        o.jobs = jobs;
+        upload(&cache, sd, &infos, &o, &NoProgress).unwrap();
+        upload(&file, sd, &infos, &o, &NoProgress).unwrap();
+        let text = std::fs::read_to_string(
+            dir.path()
+                .join(format!("{}.narinfo", infos[0].path.hash_part())),
+        )
+        .unwrap();
+        urls.push(NarInfo::parse(&text, sd).unwrap().url);
+    }
+    assert!(urls.windows(2).all(|w| w[0] == w[1]), "{urls:?}");
+}
+
+#[test]
+fn a_corrupt_path_and_its_referrers_are_not_published() {
+    let store = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    let mut infos = make_store(
+        store.path(),
+        &[
+            ("ok", 100, &[]),
+            ("bad", 200_000, &[0]),
+            ("user", 100, &[1]),
+            ("other", 100, &[0]),
+        ],
+    );
+    infos[1].nar_hash = Sha256([0; 32]);
+    let cache = FileCache::open(cache_dir.path(), "file:///t").unwrap();
+    let report = upload(
+        &cache,
+        sd,
+        &infos,
+        &opts(Compression::Zstd, 64 << 10, 256 << 10),
+        &NoProgress,
+    )
+    .unwrap();
+    let failed: Vec<&str> = report
+        .failed()
+        .map(|r| r.path.rsplit('-').next().unwrap())
+        .collect();
+    assert_eq!(failed.len(), 2, "{:?}", report.results);
+    assert!(failed.contains(&"bad") && failed.contains(&"user"));
+    let why = |n: &str| match &report
+        .results
+        .iter()
+        .find(|r| r.path.ends_with(n))
+        .unwrap()
+        .outcome
+    {
+        Outcome::Failed(w) => w.clone(),
+        o => panic!("{o:?}"),
+    };
+    assert!(why("-bad").contains("is corrupt"), "{}", why("-bad"));
+    assert!(
+        why("-user").contains("its reference") && why("-user").contains("-bad failed"),
+        "{}",
+        why("-user")
+    );
+    for (i, published) in [(0, true), (1, false), (2, false), (3, true)] {
+        let p = cache_dir
+            .path()
+            .join(format!("{}.narinfo", infos[i].path.hash_part()));
+        assert_eq!(p.exists(), published, "{}", infos[i].path);
+    }
+    // The corrupt NAR's upload was aborted: only the three good NARs exist, no temp files.
+    let nars: Vec<String> = std::fs::read_dir(cache_dir.path().join("nar"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(nars.len(), 3, "{nars:?}");
+    assert!(nars.iter().all(|n| n.ends_with(".nar.zst")));
+}
+
+#[test]
+fn a_path_that_vanished_fails_with_its_name() {
+    let store = tempfile::tempdir().unwrap();
+    let cache = crate::cache::null::NullCache::new();
+    let sd = store.path().to_str().unwrap();
+    let infos = make_store(store.path(), &[("gone", 10, &[])]);
+    std::fs::remove_dir_all(store.path().join(infos[0].path.base_name())).unwrap();
+    let report = upload(
+        &cache,
+        sd,
+        &infos,
+        &opts(Compression::Zstd, 64 << 10, 256 << 10),
+        &NoProgress,
+    )
+    .unwrap();
+    match &report.results[0].outcome {
+        Outcome::Failed(why) => assert!(why.contains(infos[0].path.base_name()), "{why}"),
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(cache.narinfos(), 0);
+}
