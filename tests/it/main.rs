@@ -2,3 +2,4 @@
 //! `scripts/setup-nix`), shared helpers in `helpers`.
 
 mod helpers;
+mod store_nix;
