@@ -3,7 +3,12 @@
 //! its references.
 //!
 //! Reads `/nix/var/nix/db/db.sqlite` directly (read-only, WAL-safe, short transactions);
-//! falls back to `nix path-info --json` when the database cannot be opened. Never writes.
+//! falls back to `nix path-info --json` when the database cannot be opened (no permission,
+//! not a Nix database). Never writes, and never makes Nix build or download anything.
+//!
+//! - [`db`]: the database reader.
+//! - [`path_info_cmd`]: the `nix path-info` fallback; it gives the same [`PathInfo`]s.
+//! - [`closure`]: closures, one store query per level, and [`closure::topo_sort`].
 
 pub mod closure;
 pub mod db;
@@ -14,29 +19,39 @@ use crate::format::signing::Signature;
 use crate::format::store_path::StorePath;
 
 /// What the store knows about one valid path.
+///
+/// Read from the database or from `nix path-info`, the same path gives an equal value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathInfo {
     pub path: StorePath,
+    /// SHA-256 of the path's NAR serialisation.
     pub nar_hash: Sha256,
+    /// Length of the NAR serialisation in bytes.
     pub nar_size: u64,
     /// Sorted; may contain `path` itself (self-reference).
     pub references: Vec<StorePath>,
+    /// The `.drv` that built the path, when the store knows it.
     pub deriver: Option<StorePath>,
     /// Signatures the store already has (unparseable ones are dropped with a warning).
     pub sigs: Vec<Signature>,
+    /// Content-address assertion as Nix writes it (`fixed:r:sha256:…`, `text:sha256:…`).
     pub ca: Option<String>,
 }
 
+/// Why path info could not be read. Only [`StoreError::Db`] (a lock held past the busy
+/// timeout) and [`StoreError::Command`] can be worth retrying.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The path is not valid (not registered) in the store.
     #[error("{0} is not a valid path in the Nix store")]
     NotValid(String),
+    /// SQLite failed on the database file at `path`.
     #[error("Nix database {path}: {source}")]
     Db {
         path: String,
         source: rusqlite::Error,
     },
+    /// `nix path-info` could not run or failed (with its stderr).
     #[error("`nix path-info`: {0}")]
     Command(String),
     /// The store returned something we cannot parse (names the path and field).
@@ -49,6 +64,9 @@ pub enum StoreError {
 }
 
 /// Where to read path info from. Opening tries the DB first, then the `nix` command.
+///
+/// `Send + Sync`: share one (e.g. in an `Arc`) between threads; database queries take turns
+/// on one connection.
 #[derive(Debug)]
 pub enum LocalStore {
     Db(db::StoreDb),
@@ -57,7 +75,9 @@ pub enum LocalStore {
 
 impl LocalStore {
     /// Opens the store at `store_dir` with its database at `db_path`
-    /// (normally `/nix/store` and `/nix/var/nix/db/db.sqlite`).
+    /// (normally `/nix/store` and `/nix/var/nix/db/db.sqlite`). Cannot fail: when the
+    /// database is unusable (logged at debug level) it uses `nix path-info`, whose errors
+    /// show on the first query.
     pub fn open(store_dir: &str, db_path: &std::path::Path) -> Self {
         match db::StoreDb::open(store_dir, db_path) {
             Ok(db) => LocalStore::Db(db),
@@ -68,6 +88,7 @@ impl LocalStore {
         }
     }
 
+    /// The store directory (`/nix/store`).
     pub fn store_dir(&self) -> &str {
         match self {
             LocalStore::Db(d) => d.store_dir(),
@@ -75,10 +96,13 @@ impl LocalStore {
         }
     }
 
-    /// Path info for each of `paths`, in the same order. One query batch, not one per path.
+    /// Path info for each of `paths`, in the same order (repeats included). One query batch,
+    /// not one per path: one read transaction, or one `nix path-info` per 1,000 paths.
     ///
     /// # Errors
-    /// [`StoreError::NotValid`] for the first path that is not valid.
+    /// [`StoreError::NotValid`] for the first path that is not valid;
+    /// [`StoreError::Corrupt`] naming the path and field the store gave us that we cannot
+    /// parse; [`StoreError::Db`] or [`StoreError::Command`] when the store cannot be read.
     pub fn path_infos(&self, paths: &[StorePath]) -> Result<Vec<PathInfo>, StoreError> {
         match self {
             LocalStore::Db(d) => d.path_infos(paths),
@@ -86,8 +110,11 @@ impl LocalStore {
         }
     }
 
-    /// The closure of `paths` (every path reachable through references), in an order where
-    /// each path comes after all its references.
+    /// The closure of `paths` (every path reachable through references, each once), in an
+    /// order where each path comes after all its references; ties in store-path order.
+    ///
+    /// # Errors
+    /// As [`Self::path_infos`], for any path of the closure.
     pub fn closure(&self, paths: &[StorePath]) -> Result<Vec<PathInfo>, StoreError> {
         closure::closure(self, paths)
     }

@@ -178,7 +178,7 @@ pub fn nix_substitute(
 /// `nix path-info --json` of `paths` in a store (`None`: the system store), parsed.
 pub fn nix_path_info(store: Option<&str>, paths: &[String]) -> serde_json::Value {
     let mut cmd = Command::new("nix");
-    cmd.args(["path-info", "--json"]);
+    cmd.args(["path-info", "--json", "--offline"]);
     if let Some(s) = store {
         cmd.args(["--store", s]);
     }

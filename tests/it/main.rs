@@ -5,3 +5,4 @@ mod helpers;
 mod nar_golden;
 mod narinfo_nix;
 mod push_nix;
+mod store_nix;
