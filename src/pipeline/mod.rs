@@ -383,7 +383,7 @@ pub fn upload(
             match r.outcome {
                 Ok((narinfo, file_size)) => {
                     file_sizes.insert(path.clone(), file_size);
-                    publisher.add(narinfo);
+                    publisher.add(*narinfo);
                 }
                 Err(why) => {
                     publisher.fail(path.clone());
@@ -435,11 +435,11 @@ pub fn upload(
     Ok(report)
 }
 
+/// Paths valid in the store, and (full path, reason) for those that are not.
+type ValidSplit = (Vec<StorePath>, Vec<(String, String)>);
+
 /// Splits `paths` into those valid in the store and those that are not (with the reason).
-fn split_valid(
-    store: &LocalStore,
-    paths: &[StorePath],
-) -> Result<(Vec<StorePath>, Vec<(String, String)>), StoreError> {
+fn split_valid(store: &LocalStore, paths: &[StorePath]) -> Result<ValidSplit, StoreError> {
     let mut valid: Vec<StorePath> = paths.to_vec();
     valid.sort();
     valid.dedup();

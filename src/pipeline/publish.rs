@@ -14,7 +14,7 @@ use std::collections::HashSet;
 #[derive(Debug)]
 pub enum Published {
     /// Its narinfo is written (durable after the next wave or [`Publisher::finish`]).
-    Written(NarInfo),
+    Written(Box<NarInfo>),
     /// Not published because a reference failed.
     Failed(StorePath, String),
 }
@@ -112,7 +112,7 @@ impl<'a> Publisher<'a> {
             self.cache
                 .put_narinfo(&narinfo.store_path, &narinfo.render(&self.store_dir))?;
             self.written.push(narinfo.store_path.clone());
-            decided.push(Published::Written(narinfo));
+            decided.push(Published::Written(Box::new(narinfo)));
         }
         Ok(decided)
     }

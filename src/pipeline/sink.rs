@@ -21,7 +21,7 @@ use std::io::Write;
 pub struct SinkResult {
     pub job: usize,
     /// The narinfo to publish and the compressed size, or why the job failed.
-    pub outcome: Result<(NarInfo, u64), String>,
+    pub outcome: Result<(Box<NarInfo>, u64), String>,
 }
 
 /// A job the sink has seen chunks of.
@@ -100,7 +100,12 @@ impl SinkStage<'_> {
 
     /// Checks, commits and signs a job whose last chunk has been written. Dropping the
     /// upload on any failure aborts it.
-    fn finish(&self, job: usize, state: JobState, end: NarEnd) -> Result<(NarInfo, u64), String> {
+    fn finish(
+        &self,
+        job: usize,
+        state: JobState,
+        end: NarEnd,
+    ) -> Result<(Box<NarInfo>, u64), String> {
         let info = &self.infos[job];
         let full = info.path.to_absolute(self.store_dir);
         let (nar_hash, nar_size) = match end {
@@ -144,6 +149,6 @@ impl SinkStage<'_> {
         for key in &self.opts.keys {
             narinfo.sign(key, self.store_dir);
         }
-        Ok((narinfo, file_size))
+        Ok((Box::new(narinfo), file_size))
     }
 }
