@@ -303,3 +303,65 @@ fn no_closure_refuses_a_path_whose_references_are_missing() {
     );
     assert_eq!(narinfo_count(cache.path()), 0);
 }
+
+#[test]
+fn nars_split_into_many_frames_decode_with_nix_and_the_command_line_tools() {
+    // 5 MiB of partly compressible data in 1 MiB chunks: six independent frames/streams.
+    let src = tempdir();
+    let dir = src.path().join(unique("frames"));
+    std::fs::create_dir(&dir).unwrap();
+    let data: Vec<u8> = (0..5 * 1024 * 1024 + 12345u32)
+        .map(|i| {
+            if i % 5 < 3 {
+                (i / 5 % 97) as u8
+            } else {
+                (i.wrapping_mul(2654435761) >> 24) as u8
+            }
+        })
+        .collect();
+    std::fs::write(dir.join("blob"), &data).unwrap();
+    let path = nix_store_add(&dir);
+    let nar = nix_store_dump(Path::new(&path));
+    for (compression, tool) in [("zstd", "zstd"), ("xz", "xz")] {
+        let (cache, key, out) = push(
+            &["--compression", compression, "--chunk-size", "1M"],
+            std::slice::from_ref(&path),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let nar_dir = cache.path().join("nar");
+        let file = std::fs::read_dir(&nar_dir)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let decoded = run(std::process::Command::new(tool).arg("-dc").arg(&file)).stdout;
+        assert!(decoded == nar, "{tool} -dc does not give back the NAR");
+        // Ask each tool how many independent frames (zstd) or streams (xz) it sees.
+        let frames: usize = if tool == "zstd" {
+            let listing = stdout(std::process::Command::new("zstd").arg("-lv").arg(&file));
+            let line = listing
+                .lines()
+                .find_map(|l| l.strip_prefix("# Zstandard Frames: "))
+                .expect("zstd -lv");
+            line.trim().parse().unwrap()
+        } else {
+            let listing = stdout(
+                std::process::Command::new("xz")
+                    .args(["--robot", "--list"])
+                    .arg(&file),
+            );
+            let line = listing
+                .lines()
+                .find(|l| l.starts_with("file\t"))
+                .expect("xz --list");
+            line.split('\t').nth(1).unwrap().parse().unwrap()
+        };
+        assert!(frames >= 6, "{compression}: {frames} frames");
+        assert_substitutes(cache.path(), &key, std::slice::from_ref(&path));
+    }
+}
