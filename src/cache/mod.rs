@@ -62,12 +62,30 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError>;
     /// Whether `<hash part>.narinfo` exists.
     fn has_narinfo(&self, path: &StorePath) -> Result<bool, CacheError>;
+    /// [`BinaryCache::has_narinfo`] for many paths, in order. Remote caches answer these
+    /// concurrently or with one listing; the default asks one at a time.
+    fn has_narinfos(&self, paths: &[StorePath]) -> Result<Vec<bool>, CacheError> {
+        paths.iter().map(|p| self.has_narinfo(p)).collect()
+    }
     /// Whether an object exists (e.g. a NAR under its final key).
     fn has_object(&self, key: &str) -> Result<bool, CacheError>;
     /// Starts a NAR upload.
     fn begin_nar(&self) -> Result<Box<dyn NarUpload>, CacheError>;
     /// Writes `<hash part>.narinfo` atomically.
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError>;
+    /// [`BinaryCache::put_narinfo`] for many narinfos, none of which depends on another
+    /// (the caller orders dependent ones into separate calls). Remote caches write them
+    /// concurrently; the default writes one at a time.
+    fn put_narinfos(&self, narinfos: &[(StorePath, String)]) -> Result<(), CacheError> {
+        narinfos
+            .iter()
+            .try_for_each(|(p, text)| self.put_narinfo(p, text))
+    }
+    /// How many NAR uploads may be finishing (committing) at once. A local directory
+    /// commits with a rename, so 1; a remote cache hides per-request latency with more.
+    fn upload_concurrency(&self) -> usize {
+        1
+    }
     /// Makes everything written so far durable.
     fn sync(&self) -> Result<(), CacheError>;
 }

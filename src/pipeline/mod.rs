@@ -231,8 +231,10 @@ pub fn push(
     };
 
     let mut todo = Vec::with_capacity(infos.len());
-    for info in infos {
-        if cache.has_narinfo(&info.path)? {
+    let paths: Vec<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
+    let present = cache.has_narinfos(&paths)?;
+    for (info, present) in infos.into_iter().zip(present) {
+        if present {
             record(
                 &mut report,
                 info.path.to_absolute(&store_dir),
@@ -244,10 +246,23 @@ pub fn push(
     }
     // With --no-closure a reference outside the run must be in the cache already.
     let in_run: HashSet<&StorePath> = todo.iter().map(|i| &i.path).collect();
+    let outside: Vec<StorePath> = todo
+        .iter()
+        .flat_map(|i| i.references.iter().filter(|r| !in_run.contains(r)).cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let in_cache: HashSet<StorePath> = outside
+        .iter()
+        .cloned()
+        .zip(cache.has_narinfos(&outside)?)
+        .filter(|(_, p)| *p)
+        .map(|(p, _)| p)
+        .collect();
     let mut missing = HashSet::new();
     for info in &todo {
         for r in info.references.iter().filter(|r| !in_run.contains(r)) {
-            if !cache.has_narinfo(r)? {
+            if !in_cache.contains(r) {
                 missing.insert(info.path.clone());
                 let why = format!(
                     "its reference {} is not in the cache (push without --no-closure)",
@@ -315,12 +330,16 @@ pub fn upload(
         pool: &pool,
         settings: opts.compression,
     };
+    // Finishing threads: as many uploads committing at once as the cache says hide its
+    // per-request latency (1 for a local directory, where a commit is a rename).
+    let finishers = cache.upload_concurrency();
     let sink = sink::SinkStage {
         cache,
         infos,
         store_dir,
         opts,
         progress,
+        finishers,
     };
 
     let (job_tx, job_rx) = crossbeam_channel::bounded::<usize>(JOB_QUEUE);

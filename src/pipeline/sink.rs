@@ -39,6 +39,8 @@ pub struct SinkStage<'a> {
     pub store_dir: &'a str,
     pub opts: &'a PushOptions,
     pub progress: &'a dyn super::Progress,
+    /// Threads committing finished uploads (1: commit inline).
+    pub finishers: usize,
 }
 
 impl std::fmt::Debug for SinkStage<'_> {
@@ -48,8 +50,45 @@ impl std::fmt::Debug for SinkStage<'_> {
 }
 
 impl SinkStage<'_> {
-    /// Runs until `chunks` closes.
+    /// Runs until `chunks` closes. With more than one finisher, jobs whose last chunk has
+    /// been written are committed on finisher threads, so a remote cache's per-request
+    /// latency overlaps with assembling the next jobs.
     pub fn run(&self, chunks: Receiver<Chunk>, results: Sender<SinkResult>) -> StageClock {
+        if self.finishers <= 1 {
+            return self.assemble(chunks, |job, state, end| {
+                let outcome = self.finish(job, state, end);
+                results.send(SinkResult { job, outcome }).is_ok()
+            });
+        }
+        std::thread::scope(|s| {
+            // One queued job per finisher: a full queue pauses assembling, and each queued
+            // job holds at most its upload's buffer, which the cache bounds.
+            let (tx, rx) = crossbeam_channel::bounded::<(usize, JobState, NarEnd)>(self.finishers);
+            for _ in 0..self.finishers {
+                let (rx, results) = (rx.clone(), results.clone());
+                s.spawn(move || {
+                    for (job, state, end) in rx {
+                        let outcome = self.finish(job, state, end);
+                        if results.send(SinkResult { job, outcome }).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(rx);
+            self.assemble(chunks, move |job, state, end| {
+                tx.send((job, state, end)).is_ok()
+            })
+        })
+    }
+
+    /// Puts chunks in order and writes them; hands each completed job to `done`, which
+    /// returns false when the run is being torn down.
+    fn assemble(
+        &self,
+        chunks: Receiver<Chunk>,
+        mut done: impl FnMut(usize, JobState, NarEnd) -> bool,
+    ) -> StageClock {
         let mut clock = StageClock::start();
         let mut jobs: HashMap<usize, JobState> = HashMap::new();
         while let Some(chunk) = clock.wait(|| chunks.recv().ok()) {
@@ -73,11 +112,7 @@ impl SinkStage<'_> {
             }
             if let Some(end) = finished {
                 let state = jobs.remove(&job).expect("present");
-                let outcome = self.finish(job, state, end);
-                if clock
-                    .wait(|| results.send(SinkResult { job, outcome }))
-                    .is_err()
-                {
+                if !clock.wait(|| done(job, state, end)) {
                     break;
                 }
             }

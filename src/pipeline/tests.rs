@@ -232,3 +232,85 @@ fn a_path_that_vanished_fails_with_its_name() {
     }
     assert_eq!(cache.narinfos(), 0);
 }
+
+/// A directory cache that claims to want concurrent commits, to run the finisher threads.
+#[derive(Debug)]
+struct Concurrent(FileCache);
+
+impl BinaryCache for Concurrent {
+    fn url(&self) -> &str {
+        self.0.url()
+    }
+    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), crate::cache::CacheError> {
+        self.0.ensure_cache_info(store_dir)
+    }
+    fn has_narinfo(&self, path: &StorePath) -> Result<bool, crate::cache::CacheError> {
+        self.0.has_narinfo(path)
+    }
+    fn has_object(&self, key: &str) -> Result<bool, crate::cache::CacheError> {
+        self.0.has_object(key)
+    }
+    fn begin_nar(&self) -> Result<Box<dyn crate::cache::NarUpload>, crate::cache::CacheError> {
+        self.0.begin_nar()
+    }
+    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), crate::cache::CacheError> {
+        self.0.put_narinfo(path, text)
+    }
+    fn sync(&self) -> Result<(), crate::cache::CacheError> {
+        self.0.sync()
+    }
+    fn upload_concurrency(&self) -> usize {
+        4
+    }
+}
+
+#[test]
+fn concurrent_commits_publish_every_path_in_closure_order() {
+    let store = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    // A chain and a fan: each path refers to the previous one and to the first.
+    let names: Vec<String> = (0..40).map(|i| format!("p{i}")).collect();
+    let refs: Vec<Vec<usize>> = (0..40)
+        .map(|i| if i == 0 { vec![] } else { vec![0, i - 1] })
+        .collect();
+    let specs: Vec<(&str, usize, &[usize])> = names
+        .iter()
+        .zip(&refs)
+        .enumerate()
+        .map(|(i, (n, r))| (n.as_str(), 100 + i * 5000, r.as_slice()))
+        .collect();
+    let infos = make_store(store.path(), &specs);
+    let cache = Concurrent(FileCache::open(cache_dir.path(), "file:///t").unwrap());
+    let report = upload(
+        &cache,
+        sd,
+        &infos,
+        &opts(Compression::Zstd, 64 << 10, 256 << 10),
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(
+        report.count(|o| matches!(o, Outcome::Uploaded { .. })),
+        40,
+        "{:?}",
+        report.failed().collect::<Vec<_>>()
+    );
+    // Results are reported as narinfos are published: every path after its references.
+    let position: HashMap<String, usize> = report
+        .results
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.path.clone(), i))
+        .collect();
+    for info in &infos {
+        let me = position[&info.path.to_absolute(sd)];
+        for r in info.references.iter().filter(|r| **r != info.path) {
+            assert!(
+                position[&r.to_absolute(sd)] < me,
+                "{} published before its reference {r}",
+                info.path
+            );
+        }
+    }
+}
