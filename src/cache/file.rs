@@ -108,7 +108,7 @@ impl BinaryCache for FileCache {
             .map_err(|e| self.io(key, e))
     }
 
-    fn begin_nar(&self) -> Result<Box<dyn NarUpload>, CacheError> {
+    fn begin_nar(&self, _nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
         let tmp = tempfile::Builder::new()
             .prefix(TEMP_PREFIX)
             .tempfile_in(self.root.join("nar"))
@@ -203,7 +203,7 @@ mod tests {
     #[test]
     fn uncommitted_nar_leaves_nothing() {
         let (dir, c) = cache();
-        let mut up = c.begin_nar().unwrap();
+        let mut up = c.begin_nar(0).unwrap();
         up.write_all(b"partial").unwrap();
         drop(up);
         assert_eq!(listing(dir.path()), Vec::<String>::new());
@@ -213,7 +213,7 @@ mod tests {
     fn committed_nar_is_complete_and_readable() {
         use std::os::unix::fs::PermissionsExt;
         let (dir, c) = cache();
-        let mut up = c.begin_nar().unwrap();
+        let mut up = c.begin_nar(0).unwrap();
         up.write_all(b"complete nar").unwrap();
         up.commit("nar/abc.nar.zst").unwrap();
         assert_eq!(listing(dir.path()), vec!["nar/abc.nar.zst"]);

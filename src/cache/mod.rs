@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod null;
+pub mod s3;
 pub mod url;
 
 use crate::format::store_path::StorePath;
@@ -19,9 +20,18 @@ pub enum CacheError {
         key: String,
         source: std::io::Error,
     },
-    /// The cache cannot be used as configured (wrong StoreDir, bad URL, ...). Not retryable.
+    /// The cache cannot be used as configured (wrong StoreDir, bad URL, credentials
+    /// refused, bucket missing, ...). Not retryable.
     #[error("{0}")]
     Config(String),
+    /// A request to a remote cache failed (after retries when `transient`).
+    #[error("{cache}: {key}: {message}")]
+    Remote {
+        cache: String,
+        key: String,
+        message: String,
+        transient: bool,
+    },
 }
 
 impl CacheError {
@@ -33,6 +43,7 @@ impl CacheError {
                 matches!(source.kind(), Interrupted | TimedOut | WouldBlock)
             }
             CacheError::Config(_) => false,
+            CacheError::Remote { transient, .. } => *transient,
         }
     }
 }
@@ -69,8 +80,9 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     }
     /// Whether an object exists (e.g. a NAR under its final key).
     fn has_object(&self, key: &str) -> Result<bool, CacheError>;
-    /// Starts a NAR upload.
-    fn begin_nar(&self) -> Result<Box<dyn NarUpload>, CacheError>;
+    /// Starts a NAR upload. `nar_size` (the uncompressed size) lets a remote cache choose
+    /// how to upload it (one request, or parts of a size that fits any NAR).
+    fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError>;
     /// Writes `<hash part>.narinfo` atomically.
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError>;
     /// [`BinaryCache::put_narinfo`] for many narinfos, none of which depends on another
@@ -97,10 +109,7 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
 pub fn open(url: &url::CacheUrl) -> Result<Box<dyn BinaryCache>, CacheError> {
     match &url.location {
         url::CacheLocation::File(dir) => Ok(Box::new(file::FileCache::open(dir, &url.original)?)),
-        url::CacheLocation::S3 { .. } => Err(CacheError::Config(format!(
-            "{}: S3 caches are not supported yet; use file:///DIR",
-            url.original
-        ))),
+        url::CacheLocation::S3 { bucket } => Ok(Box::new(s3::S3Cache::open(bucket, url)?)),
     }
 }
 

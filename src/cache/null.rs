@@ -39,7 +39,7 @@ impl BinaryCache for NullCache {
     fn has_object(&self, _key: &str) -> Result<bool, CacheError> {
         Ok(false)
     }
-    fn begin_nar(&self) -> Result<Box<dyn NarUpload>, CacheError> {
+    fn begin_nar(&self, _nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
         Ok(Box::new(NullUpload {
             bytes: self.bytes.clone(),
         }))

@@ -47,6 +47,10 @@ const KNOWN_PARAMS: &[&str] = &[
     "storage-class",
     "multipart-upload",
     "buffer-size",
+    // narflow's own tuning for S3:
+    "concurrency",
+    "retries",
+    "read-timeout",
 ];
 
 impl CacheUrl {

@@ -294,6 +294,11 @@ fn split_line(line: &str) -> Result<(&str, &str), String> {
     if key.is_empty() {
         return Err(format!("empty key in {line:?}"));
     }
+    // `lines()` strips one trailing CR; any other control character (a CR or NUL inside a
+    // value) is not something Nix writes, and could not be rendered back as one line.
+    if let Some(c) = line.chars().find(|c| c.is_control() && *c != '\t') {
+        return Err(format!("{key}: control character {c:?} in {line:?}"));
+    }
     if rest.is_empty() {
         return Ok((key, rest));
     }
@@ -553,6 +558,17 @@ CA: fixed:r:sha256:1fhx2hp4kxizgiqp41xqa5szajyn7a997g85ck3n2p0bbdsja897
                 &["line 9", "Deriver", "/nix/store/mclgkg"],
             ),
             (10, "Sig: exp-1", &["line 10", "Sig", "no `:`"]),
+            // Found by the fuzzer: a CR inside a value parsed, then could not be rendered.
+            (
+                2,
+                "URL: nar/a\rb.nar.xz",
+                &["line 2", "URL", "control character '\\r'"],
+            ),
+            (
+                3,
+                "Compression: x\0z",
+                &["line 3", "Compression", "control character '\\0'"],
+            ),
             (
                 10,
                 "Sig: exp-1:AAAA",

@@ -93,17 +93,17 @@ impl SinkStage<'_> {
         let mut jobs: HashMap<usize, JobState> = HashMap::new();
         while let Some(chunk) = clock.wait(|| chunks.recv().ok()) {
             let job = chunk.job;
-            let state = jobs.entry(job).or_insert_with(|| self.begin());
+            let state = jobs.entry(job).or_insert_with(|| self.begin(job));
             state.waiting.insert(chunk.seq, chunk);
             let mut finished = None;
             while let Some(chunk) = state.waiting.remove(&state.next_seq) {
                 state.next_seq += 1;
                 clock.add_bytes(chunk.data.len() as u64, chunk.data.len() as u64);
                 self.progress.nar_bytes(chunk.nar_len);
-                if let (Some(upload), None) = (state.upload.as_mut(), &state.error) {
-                    if let Err(e) = upload.write_all(&chunk.data) {
-                        state.error = Some(format!("writing to {}: {e}", self.cache.url()));
-                    }
+                if let (Some(upload), None) = (state.upload.as_mut(), &state.error)
+                    && let Err(e) = upload.write_all(&chunk.data)
+                {
+                    state.error = Some(format!("writing to {}: {e}", self.cache.url()));
                 }
                 if let Some(end) = chunk.end {
                     finished = Some(end);
@@ -120,8 +120,8 @@ impl SinkStage<'_> {
         clock
     }
 
-    fn begin(&self) -> JobState {
-        let (upload, error) = match self.cache.begin_nar() {
+    fn begin(&self, job: usize) -> JobState {
+        let (upload, error) = match self.cache.begin_nar(self.infos[job].nar_size) {
             Ok(u) => (Some(HashingWriter::new(u)), None),
             Err(e) => (None, Some(e.to_string())),
         };

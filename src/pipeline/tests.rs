@@ -250,8 +250,11 @@ impl BinaryCache for Concurrent {
     fn has_object(&self, key: &str) -> Result<bool, crate::cache::CacheError> {
         self.0.has_object(key)
     }
-    fn begin_nar(&self) -> Result<Box<dyn crate::cache::NarUpload>, crate::cache::CacheError> {
-        self.0.begin_nar()
+    fn begin_nar(
+        &self,
+        nar_size: u64,
+    ) -> Result<Box<dyn crate::cache::NarUpload>, crate::cache::CacheError> {
+        self.0.begin_nar(nar_size)
     }
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), crate::cache::CacheError> {
         self.0.put_narinfo(path, text)

@@ -73,7 +73,7 @@ mod tests {
     pub(super) fn str_(s: &[u8]) -> Vec<u8> {
         let mut out = (s.len() as u64).to_le_bytes().to_vec();
         out.extend_from_slice(s);
-        while out.len() % 8 != 0 {
+        while !out.len().is_multiple_of(8) {
             out.push(0);
         }
         out

@@ -1,0 +1,819 @@
+//! An S3 (or S3-compatible: MinIO, Garage, R2) binary cache, with aws-sdk-s3.
+//!
+//! Accepts Nix's store-URL parameters (`region`, `endpoint`, `scheme`, `profile`,
+//! `addressing-style`, `storage-class`) plus narflow's tuning (`concurrency`, `retries`,
+//! `read-timeout`). Credentials come from the standard AWS chain (environment, profile,
+//! SSO, web identity, IMDS).
+//!
+//! Uploads: a NAR whose compressed size stays below one part goes up with one PutObject
+//! under its final key. A larger one goes up as a multipart upload to a staging key (its
+//! final name, `nar/<FileHash>`, is only known once the last byte is hashed), then is
+//! copied server-side to its final key and the staging object deleted. An upload dropped
+//! before it is committed aborts its multipart upload (or deletes its staging object): no
+//! orphaned uploads and no partial object under a final name.
+//!
+//! Every request is retried with jittered exponential backoff on 5xx, 503 SlowDown,
+//! timeouts and connection errors, honouring Retry-After; a 403, bad credentials or a
+//! missing bucket fail at once with a configuration error.
+//!
+//! The SDK runs on this cache's own tokio runtime. The pipeline calls it from plain
+//! threads (never from a runtime worker) and blocks on each request; concurrency comes
+//! from the pipeline's finishing threads and from the batch methods, which run their
+//! requests concurrently on the runtime.
+use super::url::CacheUrl;
+use super::{BinaryCache, CacheError, NarUpload};
+use crate::format::cache_info::CacheInfo;
+use crate::format::store_path::StorePath;
+use crate::pipeline::budget::{ByteBudget, Permit};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, StorageClass};
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+
+pub const NARINFO_TYPE: &str = "text/x-nix-narinfo";
+pub const NAR_TYPE: &str = "application/x-nix-nar";
+pub const CACHE_INFO_TYPE: &str = "text/x-nix-cache-info";
+
+/// Smallest part we upload: S3 requires 5 MiB for every part but the last; a little more
+/// keeps the request count down at no memory cost worth counting.
+const MIN_PART: u64 = 8 << 20;
+/// S3 allows 10,000 parts; leave room for compressed data a little larger than the NAR.
+const MAX_PARTS: u64 = 9_000;
+/// Parts of one NAR uploading at once: enough to fill a fast link, bounded so one large
+/// NAR holds at most this many parts of memory.
+const PARTS_IN_FLIGHT: usize = 4;
+/// Memory for NAR bytes buffered on their way to S3 (small NARs are held whole until
+/// their PUT; large ones part by part). Writers wait when it is used up.
+const UPLOAD_MEMORY: u64 = 128 << 20;
+/// Requests of one batch (HEADs, narinfo PUTs) in flight at once.
+const BATCH_CONCURRENCY: usize = 64;
+/// A batch of at least this many narinfo lookups first tries one listing of the bucket.
+const LIST_THRESHOLD: usize = 512;
+/// Prefix of staging objects for multipart uploads (never referenced by a narinfo).
+const STAGING_PREFIX: &str = ".narflow-staging/";
+
+/// What the pipeline and the batch tasks share.
+#[derive(Debug)]
+struct Shared {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    url: String,
+    storage_class: Option<StorageClass>,
+    retries: u32,
+    rt: tokio::runtime::Runtime,
+    budget: ByteBudget,
+}
+
+#[derive(Debug)]
+pub struct S3Cache {
+    shared: Arc<Shared>,
+    concurrency: usize,
+}
+
+/// Parses a numeric URL parameter.
+fn param<T: std::str::FromStr>(url: &CacheUrl, key: &str, default: T) -> Result<T, CacheError> {
+    match url.param(key) {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|_| {
+            CacheError::Config(format!("{}: bad value {v:?} for {key}", url.original))
+        }),
+    }
+}
+
+impl S3Cache {
+    /// Builds the client for `s3://bucket?...`. Nothing is sent yet.
+    ///
+    /// # Errors
+    /// [`CacheError::Config`] for bad parameters.
+    pub fn open(bucket: &str, url: &CacheUrl) -> Result<Self, CacheError> {
+        let config_err = |why: String| CacheError::Config(format!("{}: {why}", url.original));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            // I/O only: the requests' CPU work (signing, TLS) is small next to compression.
+            .worker_threads(2)
+            .thread_name("narflow-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| config_err(format!("starting the S3 runtime: {e}")))?;
+        let endpoint = url.param("endpoint").map(|e| {
+            if e.contains("://") {
+                e.to_owned()
+            } else {
+                format!("{}://{e}", url.param("scheme").unwrap_or("https"))
+            }
+        });
+        let path_style = match url.param("addressing-style").unwrap_or("auto") {
+            "path" => true,
+            "virtual" => false,
+            // S3-compatible servers behind a custom endpoint rarely have per-bucket DNS.
+            "auto" => endpoint.is_some(),
+            other => {
+                return Err(config_err(format!(
+                    "addressing-style {other:?} is not path, virtual or auto"
+                )));
+            }
+        };
+        let read_timeout = Duration::from_secs_f64(param(url, "read-timeout", 30.0)?);
+        let retries = param(url, "retries", 6u32)?;
+        let concurrency = param(url, "concurrency", 32usize)?.max(1);
+        let storage_class = url.param("storage-class").map(StorageClass::from);
+
+        let region = url
+            .param("region")
+            .map(|r| aws_config::Region::new(r.to_owned()));
+        let profile = url.param("profile").map(str::to_owned);
+        let sdk = rt.block_on(async {
+            let region = aws_config::meta::region::RegionProviderChain::first_try(region)
+                .or_default_provider()
+                .or_else("us-east-1");
+            let mut loader =
+                aws_config::defaults(aws_config::BehaviorVersion::latest()).region(region);
+            if let Some(p) = profile {
+                loader = loader.profile_name(p);
+            }
+            loader.load().await
+        });
+        let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(read_timeout)
+            .build();
+        let mut conf = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(path_style)
+            // Checksums only where S3 requires them: Garage, R2 and older MinIO reject
+            // the newer default checksum headers.
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .response_checksum_validation(
+                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+            )
+            // Retries are ours (see `retry`), so Retry-After is honoured and fatal errors
+            // are told apart.
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+            .timeout_config(timeouts);
+        if let Some(e) = endpoint {
+            conf = conf.endpoint_url(e);
+        }
+        let client = aws_sdk_s3::Client::from_conf(conf.build());
+        Ok(S3Cache {
+            shared: Arc::new(Shared {
+                client,
+                bucket: bucket.to_owned(),
+                url: url.original.clone(),
+                storage_class,
+                retries,
+                rt,
+                budget: ByteBudget::new(UPLOAD_MEMORY),
+            }),
+            concurrency,
+        })
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.shared.rt.block_on(f)
+    }
+}
+
+/// Part size for a NAR of `nar_size` bytes: at least [`MIN_PART`], and large enough that
+/// even a NAR that does not compress at all fits in [`MAX_PARTS`] parts.
+pub fn part_size(nar_size: u64) -> u64 {
+    let worst = nar_size + nar_size / 64 + (1 << 20);
+    worst
+        .div_ceil(MAX_PARTS)
+        .next_multiple_of(1 << 20)
+        .max(MIN_PART)
+}
+
+/// How a failed request should be handled.
+enum Failure {
+    /// Worth another try, after at least this long (from Retry-After).
+    Retry(Option<Duration>),
+    /// Retrying cannot help.
+    Fatal,
+}
+
+fn classify<E, R>(
+    e: &SdkError<E, R>,
+    status: Option<u16>,
+    retry_after: Option<Duration>,
+) -> Failure {
+    match e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            Failure::Retry(retry_after)
+        }
+        SdkError::ServiceError(_) => match status {
+            Some(408 | 429) | Some(500..=599) => Failure::Retry(retry_after),
+            _ => Failure::Fatal,
+        },
+        _ => Failure::Fatal,
+    }
+}
+
+impl Shared {
+    /// Runs `op` until it succeeds, fails fatally or runs out of retries.
+    async fn retry<T, E, F, Fut>(&self, what: &str, key: &str, mut op: F) -> Result<T, CacheError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<
+                Output = Result<T, SdkError<E, aws_sdk_s3::config::http::HttpResponse>>,
+            >,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let mut attempt = 0u32;
+        loop {
+            let e = match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let status = e.raw_response().map(|r| r.status().as_u16());
+            let retry_after = e
+                .raw_response()
+                .and_then(|r| r.headers().get("retry-after"))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map(|s| Duration::from_secs_f64(s.clamp(0.0, 60.0)));
+            match classify(&e, status, retry_after) {
+                Failure::Retry(after) if attempt < self.retries => {
+                    let wait = backoff(attempt).max(after.unwrap_or_default());
+                    tracing::debug!(
+                        "{what} {key}: {} (retry {} in {wait:?})",
+                        describe(&e, status),
+                        attempt + 1
+                    );
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Failure::Retry(_) => {
+                    return Err(CacheError::Remote {
+                        cache: self.url.clone(),
+                        key: key.to_owned(),
+                        message: format!(
+                            "{what}: {} (gave up after {} retries)",
+                            describe(&e, status),
+                            attempt
+                        ),
+                        transient: true,
+                    });
+                }
+                Failure::Fatal => return Err(self.fatal(what, key, &e, status)),
+            }
+        }
+    }
+
+    fn fatal<E: ProvideErrorMetadata, R>(
+        &self,
+        what: &str,
+        key: &str,
+        e: &SdkError<E, R>,
+        status: Option<u16>,
+    ) -> CacheError
+    where
+        SdkError<E, R>: std::error::Error,
+    {
+        let code = e.code().unwrap_or_default();
+        let hint = match (status, code) {
+            (_, "NoSuchBucket") => Some(format!("bucket {:?} does not exist", self.bucket)),
+            (Some(401 | 403), _)
+            | (_, "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied") => {
+                Some(format!(
+                    "access denied to bucket {:?}: check the credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...) and the bucket policy",
+                    self.bucket
+                ))
+            }
+            _ => None,
+        };
+        match hint {
+            Some(h) => CacheError::Config(format!("{}: {h} ({})", self.url, describe(e, status))),
+            None => CacheError::Remote {
+                cache: self.url.clone(),
+                key: key.to_owned(),
+                message: format!("{what}: {}", describe(e, status)),
+                transient: false,
+            },
+        }
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        body: bytes::Bytes,
+        content_type: &str,
+    ) -> Result<(), CacheError> {
+        self.retry("PutObject", key, || {
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .content_type(content_type)
+                .set_storage_class(self.storage_class.clone())
+                .body(ByteStream::from(body.clone()))
+                .send()
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, CacheError> {
+        let r = self
+            .retry("HeadObject", key, || async {
+                match self
+                    .client
+                    .head_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .send()
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(false),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        Ok(r)
+    }
+
+    async fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
+        let out = self
+            .retry("GetObject", key, || async {
+                match self
+                    .client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .send()
+                    .await
+                {
+                    Ok(o) => Ok(Some(o)),
+                    Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        let Some(out) = out else { return Ok(None) };
+        let body = out.body.collect().await.map_err(|e| CacheError::Remote {
+            cache: self.url.clone(),
+            key: key.to_owned(),
+            message: format!("reading the body: {e}"),
+            transient: true,
+        })?;
+        String::from_utf8(body.to_vec())
+            .map(Some)
+            .map_err(|_| CacheError::Config(format!("{}: {key} is not UTF-8 text", self.url)))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), CacheError> {
+        self.retry("DeleteObject", key, || {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Lists the narinfo keys at the bucket's root, giving up (None) once the listing
+    /// would take more requests than `budget`.
+    async fn list_narinfos(
+        &self,
+        budget: usize,
+    ) -> Result<Option<std::collections::HashSet<String>>, CacheError> {
+        let mut keys = std::collections::HashSet::new();
+        let mut token: Option<String> = None;
+        for _ in 0..budget.max(1) {
+            let page = self
+                .retry("ListObjectsV2", "", || {
+                    self.client
+                        .list_objects_v2()
+                        .bucket(&self.bucket)
+                        .delimiter("/")
+                        .set_continuation_token(token.clone())
+                        .send()
+                })
+                .await?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key())
+                    .filter(|k| k.ends_with(".narinfo"))
+                    .map(str::to_owned),
+            );
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => return Ok(Some(keys)),
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Jittered exponential backoff: a random wait up to 200 ms × 2^attempt, at most 10 s.
+fn backoff(attempt: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let cap = (200u64 << attempt.min(10)).min(10_000);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(attempt);
+    Duration::from_millis(cap / 2 + h.finish() % (cap / 2 + 1))
+}
+
+fn describe<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>, status: Option<u16>) -> String
+where
+    SdkError<E, R>: std::error::Error,
+{
+    match (e.code(), e.message(), status) {
+        (Some(code), Some(msg), Some(s)) => format!("HTTP {s} {code}: {msg}"),
+        (Some(code), None, Some(s)) => format!("HTTP {s} {code}"),
+        (None, _, Some(s)) => format!("HTTP {s}"),
+        _ => format!("{}", aws_sdk_s3::error::DisplayErrorContext(e)),
+    }
+}
+
+impl BinaryCache for S3Cache {
+    fn url(&self) -> &str {
+        &self.shared.url
+    }
+
+    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError> {
+        let s = &self.shared;
+        self.block_on(async {
+            match s.get_text("nix-cache-info").await? {
+                Some(text) => {
+                    let info = CacheInfo::parse(&text)
+                        .map_err(|e| CacheError::Config(format!("{}: {e}", s.url)))?;
+                    if info.store_dir != store_dir {
+                        return Err(CacheError::Config(format!(
+                            "{}: the cache is for store {}, not {store_dir}",
+                            s.url, info.store_dir
+                        )));
+                    }
+                    Ok(())
+                }
+                None => {
+                    let info = CacheInfo {
+                        store_dir: store_dir.to_owned(),
+                        ..CacheInfo::default()
+                    };
+                    s.put("nix-cache-info", info.render().into(), CACHE_INFO_TYPE)
+                        .await
+                }
+            }
+        })
+    }
+
+    fn has_narinfo(&self, path: &StorePath) -> Result<bool, CacheError> {
+        self.block_on(self.shared.exists(&super::narinfo_key(path)))
+    }
+
+    fn has_narinfos(&self, paths: &[StorePath]) -> Result<Vec<bool>, CacheError> {
+        let s = self.shared.clone();
+        let keys: Vec<String> = paths.iter().map(super::narinfo_key).collect();
+        self.block_on(async move {
+            if keys.len() >= LIST_THRESHOLD {
+                // One listing page answers 1,000 keys: cheaper than the HEADs while the
+                // cache holds no more than a few times the paths asked about.
+                let pages = keys.len().div_ceil(1000) * 4;
+                if let Some(present) = s.list_narinfos(pages).await? {
+                    return Ok(keys.iter().map(|k| present.contains(k)).collect());
+                }
+            }
+            let mut out = vec![false; keys.len()];
+            let mut set = JoinSet::new();
+            let mut next = 0;
+            while next < keys.len() || !set.is_empty() {
+                while next < keys.len() && set.len() < BATCH_CONCURRENCY {
+                    let (s, key, i) = (s.clone(), keys[next].clone(), next);
+                    set.spawn(async move { (i, s.exists(&key).await) });
+                    next += 1;
+                }
+                if let Some(done) = set.join_next().await {
+                    let (i, r) = done.map_err(|e| join_error(&s.url, e))?;
+                    out[i] = r?;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn has_object(&self, key: &str) -> Result<bool, CacheError> {
+        self.block_on(self.shared.exists(key))
+    }
+
+    fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
+        Ok(Box::new(S3NarUpload {
+            shared: self.shared.clone(),
+            part_size: part_size(nar_size) as usize,
+            buf: Vec::new(),
+            permits: Vec::new(),
+            multipart: None,
+        }))
+    }
+
+    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError> {
+        let body = bytes::Bytes::copy_from_slice(text.as_bytes());
+        self.block_on(
+            self.shared
+                .put(&super::narinfo_key(path), body, NARINFO_TYPE),
+        )
+    }
+
+    fn put_narinfos(&self, narinfos: &[(StorePath, String)]) -> Result<(), CacheError> {
+        let s = self.shared.clone();
+        let items: Vec<(String, bytes::Bytes)> = narinfos
+            .iter()
+            .map(|(p, t)| (super::narinfo_key(p), bytes::Bytes::from(t.clone())))
+            .collect();
+        self.block_on(async move {
+            let mut set = JoinSet::new();
+            let mut items = items.into_iter();
+            let mut first_error = None;
+            loop {
+                while set.len() < BATCH_CONCURRENCY {
+                    let Some((key, body)) = items.next() else {
+                        break;
+                    };
+                    let s = s.clone();
+                    set.spawn(async move { s.put(&key, body, NARINFO_TYPE).await });
+                }
+                match set.join_next().await {
+                    None => break,
+                    Some(r) => {
+                        if let Err(e) = r.map_err(|e| join_error(&s.url, e)).and_then(|r| r) {
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        })
+    }
+
+    fn sync(&self) -> Result<(), CacheError> {
+        // A successful PUT or CompleteMultipartUpload is durable on S3.
+        Ok(())
+    }
+
+    fn upload_concurrency(&self) -> usize {
+        self.concurrency
+    }
+}
+
+fn join_error(url: &str, e: tokio::task::JoinError) -> CacheError {
+    CacheError::Remote {
+        cache: url.to_owned(),
+        key: String::new(),
+        message: format!("request task failed: {e}"),
+        transient: false,
+    }
+}
+
+/// A multipart upload to a staging key.
+struct Multipart {
+    staging: String,
+    upload_id: String,
+    next_part: i32,
+    in_flight: JoinSet<Result<CompletedPart, CacheError>>,
+    done: Vec<CompletedPart>,
+}
+
+/// A NAR on its way to S3: buffered until it is known to be small (one PUT) or a part is
+/// full (multipart). Dropped without commit, it cleans up after itself.
+struct S3NarUpload {
+    shared: Arc<Shared>,
+    part_size: usize,
+    buf: Vec<u8>,
+    /// The upload budget held by `buf`.
+    permits: Vec<Permit>,
+    multipart: Option<Multipart>,
+}
+
+impl S3NarUpload {
+    fn staging_key() -> String {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        h.write_u32(std::process::id());
+        format!(
+            "{STAGING_PREFIX}{:016x}{:08x}",
+            h.finish(),
+            std::process::id()
+        )
+    }
+
+    /// Sends the buffer as the next part (starting the multipart upload if needed), then
+    /// waits while too many parts are in flight.
+    fn send_part(&mut self) -> Result<(), CacheError> {
+        let s = self.shared.clone();
+        if self.multipart.is_none() {
+            let staging = Self::staging_key();
+            let id =
+                s.rt.block_on(s.retry("CreateMultipartUpload", &staging, || {
+                    s.client
+                        .create_multipart_upload()
+                        .bucket(&s.bucket)
+                        .key(&staging)
+                        .content_type(NAR_TYPE)
+                        .set_storage_class(s.storage_class.clone())
+                        .send()
+                }))?;
+            let upload_id = id.upload_id().unwrap_or_default().to_owned();
+            self.multipart = Some(Multipart {
+                staging,
+                upload_id,
+                next_part: 1,
+                in_flight: JoinSet::new(),
+                done: Vec::new(),
+            });
+        }
+        let m = self.multipart.as_mut().expect("started above");
+        let body = bytes::Bytes::from(std::mem::take(&mut self.buf));
+        let permits = std::mem::take(&mut self.permits);
+        let (number, key, id, task_shared) = (
+            m.next_part,
+            m.staging.clone(),
+            m.upload_id.clone(),
+            s.clone(),
+        );
+        m.next_part += 1;
+        let _guard = s.rt.enter();
+        m.in_flight.spawn(async move {
+            let s = task_shared;
+            let out = s
+                .retry("UploadPart", &key, || {
+                    s.client
+                        .upload_part()
+                        .bucket(&s.bucket)
+                        .key(&key)
+                        .upload_id(&id)
+                        .part_number(number)
+                        .body(ByteStream::from(body.clone()))
+                        .send()
+                })
+                .await?;
+            drop(permits); // the part's bytes are sent: give their budget back
+            Ok(CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(out.e_tag().map(str::to_owned))
+                .build())
+        });
+        while m.in_flight.len() >= PARTS_IN_FLIGHT {
+            Self::join_one(&s, m)?;
+        }
+        Ok(())
+    }
+
+    fn join_one(s: &Shared, m: &mut Multipart) -> Result<(), CacheError> {
+        if let Some(r) = s.rt.block_on(m.in_flight.join_next()) {
+            m.done.push(r.map_err(|e| join_error(&s.url, e))??);
+        }
+        Ok(())
+    }
+
+    fn finish_multipart(&mut self, key: &str) -> Result<(), CacheError> {
+        if !self.buf.is_empty() {
+            self.send_part()?;
+        }
+        let s = self.shared.clone();
+        let m = self.multipart.as_mut().expect("multipart upload");
+        while !m.in_flight.is_empty() {
+            Self::join_one(&s, m)?;
+        }
+        m.done.sort_by_key(|p| p.part_number());
+        let parts = CompletedMultipartUpload::builder()
+            .set_parts(Some(m.done.clone()))
+            .build();
+        s.rt.block_on(s.retry("CompleteMultipartUpload", &m.staging, || {
+            s.client
+                .complete_multipart_upload()
+                .bucket(&s.bucket)
+                .key(&m.staging)
+                .upload_id(&m.upload_id)
+                .multipart_upload(parts.clone())
+                .send()
+        }))?;
+        // From here the staging object exists: Drop deletes it if the copy fails.
+        m.upload_id.clear();
+        let source = format!("{}/{}", s.bucket, m.staging);
+        s.rt.block_on(s.retry("CopyObject", key, || {
+            s.client
+                .copy_object()
+                .bucket(&s.bucket)
+                .key(key)
+                .copy_source(&source)
+                .content_type(NAR_TYPE)
+                .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+                .set_storage_class(s.storage_class.clone())
+                .send()
+        }))?;
+        let staging = std::mem::take(&mut m.staging);
+        self.multipart = None;
+        if let Err(e) = s.rt.block_on(s.delete(&staging)) {
+            tracing::warn!("could not delete the staging object {staging}: {e}");
+        }
+        Ok(())
+    }
+}
+
+impl Write for S3NarUpload {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let permit = self.shared.budget.acquire(data.len() as u64);
+        self.permits.push(permit);
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= self.part_size {
+            self.send_part().map_err(io::Error::other)?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl NarUpload for S3NarUpload {
+    fn commit(mut self: Box<Self>, key: &str) -> Result<(), CacheError> {
+        if self.multipart.is_some() {
+            return self.finish_multipart(key);
+        }
+        let body = bytes::Bytes::from(std::mem::take(&mut self.buf));
+        let s = self.shared.clone();
+        s.rt.block_on(s.put(key, body, NAR_TYPE))
+    }
+}
+
+impl Drop for S3NarUpload {
+    fn drop(&mut self) {
+        let Some(m) = self.multipart.take() else {
+            return;
+        };
+        let s = self.shared.clone();
+        let mut in_flight = m.in_flight;
+        s.rt.block_on(async {
+            in_flight.shutdown().await;
+            if !m.upload_id.is_empty() {
+                let r = s
+                    .retry("AbortMultipartUpload", &m.staging, || {
+                        s.client
+                            .abort_multipart_upload()
+                            .bucket(&s.bucket)
+                            .key(&m.staging)
+                            .upload_id(&m.upload_id)
+                            .send()
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!("could not abort the multipart upload of {}: {e}", m.staging);
+                }
+            } else if !m.staging.is_empty()
+                && let Err(e) = s.delete(&m.staging).await
+            {
+                tracing::warn!("could not delete the staging object {}: {e}", m.staging);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_sizes_fit_any_nar_in_the_part_limit() {
+        assert_eq!(part_size(0), MIN_PART);
+        assert_eq!(part_size(100 << 20), MIN_PART);
+        for nar in [1u64 << 30, 100 << 30, 5 << 40] {
+            let p = part_size(nar);
+            assert!(p >= MIN_PART && p.is_multiple_of(1 << 20));
+            // Even incompressible data (zstd adds < 1/64) fits in 10,000 parts.
+            assert!((nar + nar / 64).div_ceil(p) <= 10_000, "{nar}: {p}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 0..20 {
+            let b = backoff(attempt);
+            let cap = (200u64 << attempt.min(10)).min(10_000);
+            assert!(
+                b.as_millis() as u64 >= cap / 2 && b.as_millis() as u64 <= cap,
+                "{attempt}: {b:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_parameters_are_config_errors() {
+        let url = CacheUrl::parse("s3://b?addressing-style=sideways").unwrap();
+        let e = S3Cache::open("b", &url).unwrap_err().to_string();
+        assert!(e.contains("addressing-style \"sideways\""), "{e}");
+        let url = CacheUrl::parse("s3://b?retries=many").unwrap();
+        let e = S3Cache::open("b", &url).unwrap_err().to_string();
+        assert!(e.contains("bad value \"many\" for retries"), "{e}");
+    }
+}
