@@ -117,7 +117,7 @@ impl SinkStage<'_> {
                 }
             }
         }
-        clock
+        clock.stop()
     }
 
     fn begin(&self, job: usize) -> JobState {

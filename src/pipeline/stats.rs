@@ -32,9 +32,12 @@ impl StageStats {
 }
 
 /// One thread's clock: total time minus time spent waiting on channels and the budget.
+/// [`StageClock::stop`] freezes it when the thread's work ends, so a thread joined late is
+/// not counted busy while it waited to be joined.
 #[derive(Debug)]
 pub struct StageClock {
     started: Instant,
+    stopped: Option<Instant>,
     waited: Duration,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -44,6 +47,7 @@ impl StageClock {
     pub fn start() -> Self {
         StageClock {
             started: Instant::now(),
+            stopped: None,
             waited: Duration::ZERO,
             bytes_in: 0,
             bytes_out: 0,
@@ -60,7 +64,34 @@ impl StageClock {
         self.bytes_in += bytes_in;
         self.bytes_out += bytes_out;
     }
+    /// Ends the measurement (idempotent: the first stop counts).
+    #[must_use]
+    pub fn stop(mut self) -> Self {
+        self.stopped.get_or_insert_with(Instant::now);
+        self
+    }
     pub fn busy(&self) -> Duration {
-        self.started.elapsed().saturating_sub(self.waited)
+        let end = self.stopped.unwrap_or_else(Instant::now);
+        end.saturating_duration_since(self.started)
+            .saturating_sub(self.waited)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_clock_stops_counting() {
+        let mut c = StageClock::start();
+        c.wait(|| std::thread::sleep(Duration::from_millis(30)));
+        let c = c.stop();
+        let busy = c.busy();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(c.busy(), busy, "no time passes for a stopped clock");
+        assert!(
+            busy < Duration::from_millis(25),
+            "waiting is not busy: {busy:?}"
+        );
     }
 }

@@ -173,6 +173,6 @@ impl WalkStage<'_> {
             }
             clock.add_bytes(info.nar_size, info.nar_size);
         }
-        clock
+        clock.stop()
     }
 }
