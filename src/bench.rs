@@ -53,7 +53,7 @@ pub const DEFAULT_LARGE_SIZE: u64 = 1 << 30;
 
 /// At most this much of a workload's NAR is loaded into memory for the ceiling: enough for
 /// a stable figure, small enough to load quickly on a CI machine.
-pub const CEILING_SAMPLE_LIMIT: u64 = 512 << 20;
+pub const CEILING_SAMPLE_LIMIT: u64 = 256 << 20;
 
 /// Peak RSS growth below this is never a regression, whatever the percentage: a few MiB is
 /// allocator noise (thread arenas, page rounding), not a leak.
@@ -148,6 +148,23 @@ impl Rng {
         }
         let (blo, bhi) = (63 - lo.leading_zeros(), 63 - hi.leading_zeros());
         let band = self.range(u64::from(blo), u64::from(bhi)) as u32;
+        let start = (1u64 << band).max(lo);
+        let end = (1u64 << band).saturating_mul(2).saturating_sub(1).min(hi);
+        self.range(start, end)
+    }
+    /// A store path size in `lo..=hi` as a closure has them: half the draws log-uniform,
+    /// half favouring the small end, so most paths are small and some are many chunks
+    /// long (mean about 1.7 MiB for 1 KiB–20 MiB). Integer-only, like [`Rng::log_uniform`].
+    fn closure_size(&mut self, lo: u64, hi: u64) -> u64 {
+        let lo = lo.max(1);
+        if hi <= lo {
+            return lo;
+        }
+        if self.percent(50) {
+            return self.log_uniform(lo, hi);
+        }
+        let (blo, bhi) = (63 - lo.leading_zeros(), 63 - hi.leading_zeros());
+        let band = blo + self.skewed(u64::from(bhi - blo) + 1) as u32;
         let start = (1u64 << band).max(lo);
         let end = (1u64 << band).saturating_mul(2).saturating_sub(1).min(hi);
         self.range(start, end)
@@ -823,7 +840,8 @@ pub struct WorkloadSpec {
     /// Number of store paths.
     pub paths: usize,
     /// Smallest and largest file-content size of one path, in bytes. Sizes are uniform
-    /// in between for `many-small`, log-uniform for `mixed`; `large` uses the largest.
+    /// in between for `many-small`, mostly small but spread up to the largest for `mixed`
+    /// (see `Rng::closure_size`); `large` uses the largest.
     pub min_path_bytes: u64,
     pub max_path_bytes: u64,
 }
@@ -1218,7 +1236,7 @@ fn generate(store: &Path, spec: &WorkloadSpec) -> Result<Vec<PathInfo>, BenchErr
         let size = match spec.kind {
             WorkloadKind::ManySmall => prng.range(spec.min_path_bytes, spec.max_path_bytes),
             WorkloadKind::Large => spec.max_path_bytes,
-            WorkloadKind::Mixed => prng.log_uniform(spec.min_path_bytes, spec.max_path_bytes),
+            WorkloadKind::Mixed => prng.closure_size(spec.min_path_bytes, spec.max_path_bytes),
         };
         let ctx = TreeCtx {
             vocab: &vocab,
@@ -1316,6 +1334,19 @@ pub fn status_bytes(field: &str) -> Option<u64> {
         let kb: u64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
         Some(kb * 1024)
     })
+}
+
+/// User + system CPU time of this process so far, all threads, from `/proc/self/stat`
+/// (in clock ticks of 1/100 s, the value of `USER_HZ` on every Linux architecture narflow
+/// builds for).
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    // Fields 14 (utime) and 15 (stime) of proc(5); `rest` starts at field 3.
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
 }
 
 /// Resets this process's peak RSS (`VmHWM`) to its current RSS (Linux ≥ 4.0).
@@ -1443,6 +1474,11 @@ pub struct RunResult {
     pub failures: Vec<String>,
     pub nar_bytes: u64,
     pub file_bytes: u64,
+    /// CPU time of the whole process during the run, user + system (`None` without
+    /// `/proc/self/stat`). Unlike stage busy times it does not grow when the machine is
+    /// busy with other work, so it shows the pipeline's own cost.
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
     /// Peak RSS during the run (`None` when it cannot be measured).
     pub peak_rss_bytes: Option<u64>,
     /// RSS when the run started: the floor under `peak_rss_bytes`.
@@ -1494,9 +1530,13 @@ pub fn run_once(
         let _ = reset_peak_rss();
     }
     let rss_start_bytes = status_bytes("VmRSS");
+    let cpu_start = process_cpu_seconds();
     let report = pipeline::upload(cache.as_ref(), &w.store_dir, &w.infos, opts, &NoProgress)
         .map_err(push_err)?;
     let peak_rss_bytes = status_bytes("VmHWM");
+    let cpu_seconds = process_cpu_seconds()
+        .zip(cpu_start)
+        .map(|(end, start)| end - start);
     drop(cache);
     drop(tmp);
     let failures: Vec<String> = report
@@ -1515,6 +1555,7 @@ pub fn run_once(
         failures,
         nar_bytes: report.nar_bytes,
         file_bytes: report.file_bytes,
+        cpu_seconds,
         peak_rss_bytes,
         rss_start_bytes,
         stages: report
@@ -1563,7 +1604,22 @@ pub struct Ceiling {
     pub chunks: usize,
     /// Best pass.
     pub seconds: f64,
+    /// CPU time of the best pass (process-wide, user + system).
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
     pub mb_per_s: f64,
+}
+
+/// CPU times are counted in 10 ms ticks: below this they are too coarse to compare.
+const MIN_CPU_SECONDS: f64 = 0.2;
+
+impl Ceiling {
+    /// CPU seconds per GB of NAR, when the pass was long enough to measure.
+    pub fn cpu_seconds_per_gb(&self) -> Option<f64> {
+        self.cpu_seconds
+            .filter(|c| *c >= MIN_CPU_SECONDS && self.sample_bytes > 0)
+            .map(|c| c / (self.sample_bytes as f64 / 1e9))
+    }
 }
 
 /// Cuts each path's NAR into chunks as the pipeline does and keeps every `stride`-th.
@@ -1663,9 +1719,10 @@ pub fn measure_ceiling(
             path: w.dir.clone(),
             source: io::Error::other(format!("starting threads: {e}")),
         })?;
-    let mut best: Option<(f64, u64)> = None;
+    let mut best: Option<(f64, u64, Option<f64>)> = None;
     for _ in 0..passes.max(1) {
         let started = Instant::now();
+        let cpu_start = process_cpu_seconds();
         let out: io::Result<u64> = pool.install(|| {
             sample
                 .par_iter()
@@ -1673,12 +1730,15 @@ pub fn measure_ceiling(
                 .try_reduce(|| 0, |a, b| Ok(a + b))
         });
         let secs = started.elapsed().as_secs_f64();
+        let cpu = process_cpu_seconds()
+            .zip(cpu_start)
+            .map(|(end, start)| end - start);
         let out = out.map_err(io_error(&w.dir))?;
-        if best.is_none_or(|(s, _)| secs < s) {
-            best = Some((secs, out));
+        if best.is_none_or(|(s, _, _)| secs < s) {
+            best = Some((secs, out, cpu));
         }
     }
-    let (seconds, compressed_bytes) = best.unwrap_or((0.0, 0));
+    let (seconds, compressed_bytes, cpu_seconds) = best.unwrap_or((0.0, 0, None));
     Ok(Ceiling {
         workload: w.spec.kind.name().to_owned(),
         threads: pool.current_num_threads(),
@@ -1686,6 +1746,7 @@ pub fn measure_ceiling(
         compressed_bytes,
         chunks: sample.len(),
         seconds,
+        cpu_seconds,
         mb_per_s: rate(sample_bytes as f64 / MB, seconds),
     })
 }
@@ -1801,6 +1862,12 @@ pub struct BenchResult {
     /// NAR MB per second.
     pub mb_per_s: f64,
     pub paths_per_s: f64,
+    /// The median run's process CPU time, and CPU seconds per GB of NAR (comparable with
+    /// the ceiling's: the difference is what the pipeline spends beyond compression).
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
+    #[serde(default)]
+    pub cpu_seconds_per_gb: Option<f64>,
     /// The largest peak over the runs.
     pub peak_rss_bytes: Option<u64>,
     pub rss_start_bytes: Option<u64>,
@@ -1812,6 +1879,11 @@ pub struct BenchResult {
     pub bottleneck_utilisation: Option<f64>,
     pub ceiling_mb_per_s: Option<f64>,
     pub pct_of_ceiling: Option<f64>,
+    /// The ceiling's CPU s/GB ÷ this result's, percent: the share of the ceiling a
+    /// CPU-bound machine can reach at most. Unlike `pct_of_ceiling` it hardly depends on
+    /// other load on the machine (absent when either CPU time is too short to measure).
+    #[serde(default)]
+    pub cpu_pct_of_ceiling: Option<f64>,
 }
 
 /// Summarises `runs` (at least one) of `w` into `sink`: the median run by time, the
@@ -1845,6 +1917,11 @@ pub fn summarise(
         seconds_all: runs.iter().map(|r| r.seconds).collect(),
         mb_per_s,
         paths_per_s: rate(median.paths as f64, median.seconds),
+        cpu_seconds: median.cpu_seconds,
+        cpu_seconds_per_gb: median
+            .cpu_seconds
+            .filter(|_| median.nar_bytes > 0)
+            .map(|c| c / (median.nar_bytes as f64 / 1e9)),
         peak_rss_bytes: runs.iter().filter_map(|r| r.peak_rss_bytes).max(),
         rss_start_bytes: runs.iter().filter_map(|r| r.rss_start_bytes).max(),
         stages: median.stages.clone(),
@@ -1854,6 +1931,11 @@ pub fn summarise(
         pct_of_ceiling: ceiling_mb_per_s
             .filter(|c| *c > 0.0)
             .map(|c| 100.0 * mb_per_s / c),
+        cpu_pct_of_ceiling: ceiling
+            .and_then(Ceiling::cpu_seconds_per_gb)
+            .zip(median.cpu_seconds.filter(|c| *c >= MIN_CPU_SECONDS))
+            .filter(|_| median.nar_bytes > 0)
+            .map(|(ceil, cpu)| 100.0 * ceil / (cpu / (median.nar_bytes as f64 / 1e9))),
     }
 }
 
@@ -1943,10 +2025,15 @@ pub fn render_table(r: &BenchReport) -> String {
         "peak RSS: {} (the largest over the runs)",
         s.rss_method.describe()
     );
+    let _ = writeln!(
+        out,
+        "CPU s/GB: process CPU time (user + system) per GB of NAR; CPU %: the ceiling's CPU s/GB \
+         over the run's, the share of the ceiling a CPU-bound machine can reach (robust to other load)"
+    );
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<11} {:<4} {:>6} {:>9} {:>5} {:>4} {:>8} {:>8} {:>9} {:>8} {:>6} {:>9}  bottleneck",
+        "{:<11} {:<4} {:>6} {:>9} {:>5} {:>4} {:>8} {:>8} {:>9} {:>8} {:>6} {:>6} {:>8} {:>8}  bottleneck",
         "workload",
         "sink",
         "paths",
@@ -1958,12 +2045,14 @@ pub fn render_table(r: &BenchReport) -> String {
         "paths/s",
         "ceiling",
         "% ceil",
+        "CPU %",
+        "CPU s/GB",
         "RSS MiB"
     );
     for x in &r.results {
         let _ = writeln!(
             out,
-            "{:<11} {:<4} {:>6} {:>9.1} {:>5.2} {:>4} {:>8.3} {:>8.1} {:>9.1} {:>8} {:>6} {:>9}  {}",
+            "{:<11} {:<4} {:>6} {:>9.1} {:>5.2} {:>4} {:>8.3} {:>8.1} {:>9.1} {:>8} {:>6} {:>6} {:>8} {:>8}  {}",
             x.workload,
             x.sink,
             x.paths,
@@ -1977,6 +2066,10 @@ pub fn render_table(r: &BenchReport) -> String {
                 .map_or_else(|| "-".into(), |c| format!("{c:.1}")),
             x.pct_of_ceiling
                 .map_or_else(|| "-".into(), |p| format!("{p:.0}%")),
+            x.cpu_pct_of_ceiling
+                .map_or_else(|| "-".into(), |p| format!("{p:.0}%")),
+            x.cpu_seconds_per_gb
+                .map_or_else(|| "-".into(), |c| format!("{c:.2}")),
             opt_mib(x.peak_rss_bytes),
             match bottleneck(&x.stages) {
                 Some(b) if b.utilisation < SATURATED => format!(
@@ -2026,7 +2119,7 @@ pub fn render_table(r: &BenchReport) -> String {
         for c in &r.ceilings {
             let _ = writeln!(
                 out,
-                "  {:<11} {:>8.1} MB/s over {} of NAR in {} chunks (ratio {:.2})",
+                "  {:<11} {:>8.1} MB/s over {} of NAR in {} chunks (ratio {:.2}, {} CPU s/GB)",
                 c.workload,
                 c.mb_per_s,
                 human_bytes(c.sample_bytes),
@@ -2035,7 +2128,9 @@ pub fn render_table(r: &BenchReport) -> String {
                     c.sample_bytes as f64 / c.compressed_bytes as f64
                 } else {
                     0.0
-                }
+                },
+                c.cpu_seconds_per_gb()
+                    .map_or_else(|| "-".into(), |c| format!("{c:.2}"))
             );
         }
     }
@@ -2460,6 +2555,8 @@ mod tests {
             seconds_all: vec![],
             mb_per_s,
             paths_per_s: 100.0 * mb_per_s / 1000.0,
+            cpu_seconds: None,
+            cpu_seconds_per_gb: None,
             peak_rss_bytes: Some(rss),
             rss_start_bytes: None,
             stages: vec![],
@@ -2467,6 +2564,7 @@ mod tests {
             bottleneck_utilisation: None,
             ceiling_mb_per_s: None,
             pct_of_ceiling: None,
+            cpu_pct_of_ceiling: None,
         }
     }
 
@@ -2592,6 +2690,8 @@ mod tests {
         for _ in 0..10_000 {
             let v = r.log_uniform(1 << 10, 20 << 20);
             assert!((1 << 10..=20 << 20).contains(&v));
+            let c = r.closure_size(1 << 10, 20 << 20);
+            assert!((1 << 10..=20 << 20).contains(&c));
             assert!(r.range(3, 9) <= 9 && r.range(3, 9) >= 3);
             assert!(r.skewed(10) < 10);
         }
@@ -2599,8 +2699,15 @@ mod tests {
     }
 
     #[test]
-    fn peak_rss_can_be_read() {
+    fn peak_rss_and_cpu_time_can_be_read() {
         assert!(status_bytes("VmHWM").unwrap_or(1) > 0);
+        let before = process_cpu_seconds().unwrap();
+        let mut x = 0u64;
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(60) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        assert!(process_cpu_seconds().unwrap() > before, "{x}");
         assert_ne!(RssMethod::detect(), RssMethod::Unavailable);
     }
 }
