@@ -1689,15 +1689,11 @@ pub fn measure_ceiling(
 ) -> Result<Ceiling, BenchError> {
     use rayon::prelude::*;
     let chunk = chunk_size.max(1) as u64;
-    let total_chunks: u64 = w
-        .infos
-        .iter()
-        .map(|i| i.nar_size.div_ceil(chunk).max(1))
-        .sum();
-    let max_chunks = (limit / chunk).max(1);
+    // Every `stride`-th chunk: about `total / stride` bytes, at most about `limit`.
+    let stride = w.nar_bytes().div_ceil(limit.max(chunk)).max(1);
     let mut sampler = Sampler {
         chunk_size: chunk_size.max(1),
-        stride: total_chunks.div_ceil(max_chunks).max(1),
+        stride,
         index: 0,
         current: None,
         filled: 0,
@@ -1868,6 +1864,11 @@ pub struct BenchResult {
     pub cpu_seconds: Option<f64>,
     #[serde(default)]
     pub cpu_seconds_per_gb: Option<f64>,
+    /// CPU seconds ÷ wall seconds: how many cores the run kept busy. Near the core count
+    /// with no stage saturated means the CPU went to hand-offs and spinning between
+    /// threads rather than to a stage's work.
+    #[serde(default)]
+    pub cpu_cores_used: Option<f64>,
     /// The largest peak over the runs.
     pub peak_rss_bytes: Option<u64>,
     pub rss_start_bytes: Option<u64>,
@@ -1918,6 +1919,10 @@ pub fn summarise(
         mb_per_s,
         paths_per_s: rate(median.paths as f64, median.seconds),
         cpu_seconds: median.cpu_seconds,
+        cpu_cores_used: median
+            .cpu_seconds
+            .filter(|_| median.seconds > 0.0)
+            .map(|c| c / median.seconds),
         cpu_seconds_per_gb: median
             .cpu_seconds
             .filter(|_| median.nar_bytes > 0)
@@ -2028,12 +2033,13 @@ pub fn render_table(r: &BenchReport) -> String {
     let _ = writeln!(
         out,
         "CPU s/GB: process CPU time (user + system) per GB of NAR; CPU %: the ceiling's CPU s/GB \
-         over the run's, the share of the ceiling a CPU-bound machine can reach (robust to other load)"
+         over the run's, the share of the ceiling a CPU-bound machine can reach (robust to other load); \
+         cores: CPU seconds per wall second"
     );
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<11} {:<4} {:>6} {:>9} {:>5} {:>4} {:>8} {:>8} {:>9} {:>8} {:>6} {:>6} {:>8} {:>8}  bottleneck",
+        "{:<11} {:<4} {:>6} {:>9} {:>5} {:>4} {:>8} {:>8} {:>9} {:>8} {:>6} {:>6} {:>8} {:>5} {:>8}  bottleneck",
         "workload",
         "sink",
         "paths",
@@ -2047,12 +2053,13 @@ pub fn render_table(r: &BenchReport) -> String {
         "% ceil",
         "CPU %",
         "CPU s/GB",
+        "cores",
         "RSS MiB"
     );
     for x in &r.results {
         let _ = writeln!(
             out,
-            "{:<11} {:<4} {:>6} {:>9.1} {:>5.2} {:>4} {:>8.3} {:>8.1} {:>9.1} {:>8} {:>6} {:>6} {:>8} {:>8}  {}",
+            "{:<11} {:<4} {:>6} {:>9.1} {:>5.2} {:>4} {:>8.3} {:>8.1} {:>9.1} {:>8} {:>6} {:>6} {:>8} {:>5} {:>8}  {}",
             x.workload,
             x.sink,
             x.paths,
@@ -2069,6 +2076,8 @@ pub fn render_table(r: &BenchReport) -> String {
             x.cpu_pct_of_ceiling
                 .map_or_else(|| "-".into(), |p| format!("{p:.0}%")),
             x.cpu_seconds_per_gb
+                .map_or_else(|| "-".into(), |c| format!("{c:.2}")),
+            x.cpu_cores_used
                 .map_or_else(|| "-".into(), |c| format!("{c:.2}")),
             opt_mib(x.peak_rss_bytes),
             match bottleneck(&x.stages) {
@@ -2557,6 +2566,7 @@ mod tests {
             paths_per_s: 100.0 * mb_per_s / 1000.0,
             cpu_seconds: None,
             cpu_seconds_per_gb: None,
+            cpu_cores_used: None,
             peak_rss_bytes: Some(rss),
             rss_start_bytes: None,
             stages: vec![],
