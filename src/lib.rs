@@ -5,6 +5,7 @@
 //! - `store`: the local Nix store, read-only (path info, closures, order).
 //! - `cache`: binary cache destinations (`file://`).
 //! - `pipeline`: pushing a set of paths to a cache (plan, upload, publish).
+//! - `bench`: synthetic store-shaped workloads and the `narflow bench` measurements.
 //!
 //! ```text
 //! // Public API:
@@ -13,6 +14,8 @@
 //! let report = pipeline::push(&store, cache.as_ref(), &paths, &opts, &pipeline::NoProgress)?;
 //! ```
 
+#[cfg(feature = "full")]
+pub mod bench;
 #[cfg(feature = "full")]
 pub mod cache;
 pub mod format;

@@ -1,6 +1,7 @@
 //! Command-line definitions (clap derive) and the glue from arguments to the library.
 //! One file per command. Nothing here does work the library could do.
 
+pub mod bench;
 pub mod progress;
 pub mod push;
 
@@ -56,12 +57,15 @@ pub struct Cli {
 pub enum Command {
     /// Upload store paths (and their closure) to a binary cache.
     Push(push::PushArgs),
+    /// Measure the pipeline on synthetic store paths; compare with a saved baseline.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the parsed command; returns the exit code.
 pub fn run(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Push(args) => push::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 
