@@ -724,7 +724,7 @@ fn package_tree(
             let word = ctx.vocab.word_str(rng);
             match kind {
                 Content::Elf => {
-                    if n % 3 == 0 {
+                    if n.is_multiple_of(3) {
                         let dir = ensure("bin")?;
                         write_file(&dir.join(format!("{word}{n}")), file, true, kind, rng, ctx)?;
                         if rng.percent(20) {
@@ -1656,7 +1656,7 @@ impl Write for Sampler {
                 self.filled = 0;
             }
             let take = (self.chunk_size - self.filled).min(data.len());
-            if self.filled == 0 && self.index % self.stride == 0 {
+            if self.filled == 0 && self.index.is_multiple_of(self.stride) {
                 self.current = Some(Vec::with_capacity(self.chunk_size));
             }
             if let Some(c) = self.current.as_mut() {
