@@ -202,8 +202,24 @@ mod tests {
 /// # Errors
 /// Only when the compression library fails (out of memory).
 pub fn compress_chunk(settings: CompressionSettings, data: &[u8]) -> io::Result<Vec<u8>> {
+    compress_chunk_into(settings, data, Vec::new())
+}
+
+/// [`compress_chunk`] into `out` (emptied first), so callers can recycle buffers.
+///
+/// # Errors
+/// As [`compress_chunk`].
+pub fn compress_chunk_into(
+    settings: CompressionSettings,
+    data: &[u8],
+    mut out: Vec<u8>,
+) -> io::Result<Vec<u8>> {
+    out.clear();
     match settings.kind {
-        Compression::None => Ok(data.to_vec()),
+        Compression::None => {
+            out.extend_from_slice(data);
+            Ok(out)
+        }
         Compression::Zstd => ZSTD.with(|cell| {
             let mut slot = cell.borrow_mut();
             // Contexts are reused per thread: setting one up costs more than compressing a
@@ -215,13 +231,14 @@ pub fn compress_chunk(settings: CompressionSettings, data: &[u8]) -> io::Result<
                 *slot = Some((settings.level, zstd::bulk::Compressor::new(settings.level)?));
             }
             let (_, c) = slot.as_mut().expect("set above");
-            c.compress(data)
+            out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+            c.compress_to_buffer(data, &mut out)?;
+            Ok(out)
         }),
         Compression::Xz => {
-            let mut e = liblzma::write::XzEncoder::new_stream(
-                Vec::with_capacity(data.len() / 3 + 64),
-                xz_stream(settings.level, data.len())?,
-            );
+            out.reserve(data.len() / 3 + 64);
+            let mut e =
+                liblzma::write::XzEncoder::new_stream(out, xz_stream(settings.level, data.len())?);
             e.write_all(data)?;
             e.finish()
         }
@@ -254,6 +271,7 @@ thread_local! {
 pub struct CompressStage<'a> {
     pub pool: &'a rayon::ThreadPool,
     pub settings: CompressionSettings,
+    pub buffers: super::buffers::BufferPool,
 }
 
 impl CompressStage<'_> {
@@ -270,6 +288,7 @@ impl CompressStage<'_> {
             ..Default::default()
         });
         let settings = self.settings;
+        let buffers = &self.buffers;
         self.pool.in_place_scope(|scope| {
             for mut chunk in chunks.iter() {
                 let (out, totals) = (out.clone(), &totals);
@@ -278,11 +297,12 @@ impl CompressStage<'_> {
                     let passthrough = settings.kind == Compression::None
                         || matches!(chunk.end, Some(super::walk::NarEnd::Failed(_)));
                     if !passthrough {
-                        match compress_chunk(settings, &chunk.data) {
+                        // The permit stays as it is: the compressed bytes live in a buffer of
+                        // (at least) the raw size, recycled by the sink.
+                        let out = buffers.take(chunk.data.len() + chunk.data.len() / 128 + 1024);
+                        match compress_chunk_into(settings, &chunk.data, out) {
                             Ok(c) => {
-                                chunk.data = c;
-                                // The raw bytes are freed: hold only what is still in memory.
-                                chunk.permit.shrink_to(chunk.data.len() as u64);
+                                buffers.give(std::mem::replace(&mut chunk.data, c));
                             }
                             Err(e) => {
                                 chunk.data.clear();

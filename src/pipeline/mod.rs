@@ -20,6 +20,7 @@
 //!    the narinfos of all its references are durable (or were in the cache already).
 
 pub mod budget;
+pub mod buffers;
 pub mod compress;
 pub mod publish;
 pub mod sink;
@@ -308,6 +309,12 @@ pub fn upload(
         return Ok(report);
     }
     let budget = budget::ByteBudget::new(opts.memory.max(opts.chunk_size as u64));
+    // Free buffers kept for reuse: as many as the budget admits chunks, plus one output
+    // buffer per compressing thread, which is every large buffer alive at once, so none
+    // is ever freed to the allocator mid-run.
+    let buffers = buffers::BufferPool::new(
+        (budget.capacity() / opts.chunk_size as u64) as usize + opts.jobs.max(1),
+    );
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.jobs.max(1))
         .thread_name(|i| format!("narflow-compress-{i}"))
@@ -325,10 +332,12 @@ pub fn upload(
         store_dir,
         chunk_size: opts.chunk_size,
         budget,
+        pool: buffers.clone(),
     };
     let compress = compress::CompressStage {
         pool: &pool,
         settings: opts.compression,
+        buffers: buffers.clone(),
     };
     // Finishing threads: as many uploads committing at once as the cache says hide its
     // per-request latency (1 for a local directory, where a commit is a rename).
@@ -340,6 +349,7 @@ pub fn upload(
         opts,
         progress,
         finishers,
+        buffers,
     };
 
     let (job_tx, job_rx) = crossbeam_channel::bounded::<usize>(JOB_QUEUE);

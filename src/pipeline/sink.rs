@@ -41,6 +41,8 @@ pub struct SinkStage<'a> {
     pub progress: &'a dyn super::Progress,
     /// Threads committing finished uploads (1: commit inline).
     pub finishers: usize,
+    /// Where written chunk buffers go back to.
+    pub buffers: super::buffers::BufferPool,
 }
 
 impl std::fmt::Debug for SinkStage<'_> {
@@ -105,6 +107,7 @@ impl SinkStage<'_> {
                 {
                     state.error = Some(format!("writing to {}: {e}", self.cache.url()));
                 }
+                self.buffers.give(chunk.data);
                 if let Some(end) = chunk.end {
                     finished = Some(end);
                     break;

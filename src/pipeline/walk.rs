@@ -5,6 +5,7 @@
 //! Chunk boundaries are at multiples of the chunk size whatever the file layout, so the
 //! compressed output is deterministic for given settings.
 use super::budget::{ByteBudget, Permit};
+use super::buffers::BufferPool;
 use super::stats::StageClock;
 use crate::format::hash::Sha256;
 use crate::format::nar::writer::dump_path;
@@ -52,6 +53,7 @@ struct Chunker<'a> {
     buf: Vec<u8>,
     permit: Option<Permit>,
     budget: &'a ByteBudget,
+    pool: &'a BufferPool,
     out: &'a Sender<Chunk>,
     clock: &'a mut StageClock,
 }
@@ -68,7 +70,7 @@ impl Chunker<'_> {
         };
         let budget = self.budget;
         self.permit = Some(self.clock.wait(|| budget.acquire(want)));
-        self.buf = Vec::with_capacity(want as usize);
+        self.buf = self.pool.take(want as usize);
     }
 
     fn send(&mut self, end: Option<NarEnd>) -> io::Result<()> {
@@ -142,6 +144,7 @@ pub struct WalkStage<'a> {
     pub store_dir: &'a str,
     pub chunk_size: usize,
     pub budget: ByteBudget,
+    pub pool: BufferPool,
 }
 
 impl WalkStage<'_> {
@@ -161,6 +164,7 @@ impl WalkStage<'_> {
                 buf: Vec::new(),
                 permit: None,
                 budget: &self.budget,
+                pool: &self.pool,
                 out: &out,
                 clock: &mut clock,
             };
