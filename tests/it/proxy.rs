@@ -31,6 +31,10 @@ pub enum Fault {
     /// Read and discard the request, answer `503 Slow Down` with an S3 error body and
     /// `Retry-After: 1`, and close.
     SlowDown,
+    /// Read and discard the request and answer `200 OK` with an `InternalError` body, as
+    /// S3 may for CompleteMultipartUpload and CopyObject (its documentation says to
+    /// retry them).
+    InternalErrorIn200,
 }
 
 impl Fault {
@@ -500,10 +504,14 @@ fn read_response_head(r: &mut BufReader<TcpStream>) -> io::Result<Head> {
     }
 }
 
+const INTERNAL_ERROR_BODY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InternalError</Code><Message>We encountered an internal error. Please try again.</Message></Error>";
 const SLOW_DOWN_BODY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
 
 /// Serves one client connection until either side closes it.
 fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
+    // A head and its body go out in separate writes: with Nagle's algorithm the second
+    // would wait for the peer's delayed ACK (40 ms a request).
+    client.set_nodelay(true)?;
     let mut upstream: Option<(TcpStream, BufReader<TcpStream>)> = None;
     loop {
         let Some(raw) = peek_head(&client)? else {
@@ -532,11 +540,16 @@ fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
             _ => {}
         }
         copy_exact(&mut client, &mut io::sink(), head.raw.len() as u64)?;
-        if fault == Some(Fault::SlowDown) {
+        let answer = match fault {
+            Some(Fault::SlowDown) => Some(("503 Slow Down", "Retry-After: 1\r\n", SLOW_DOWN_BODY)),
+            Some(Fault::InternalErrorIn200) => Some(("200 OK", "", INTERNAL_ERROR_BODY)),
+            _ => None,
+        };
+        if let Some((status, headers, body)) = answer {
             copy_body(&head, &mut client, &mut io::sink())?;
             let response = format!(
-                "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{SLOW_DOWN_BODY}",
-                SLOW_DOWN_BODY.len()
+                "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n{headers}Connection: close\r\n\r\n{body}",
+                body.len()
             );
             client.write_all(response.as_bytes())?;
             let _ = client.shutdown(Shutdown::Write);
@@ -545,6 +558,7 @@ fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
 
         if upstream.is_none() {
             let s = TcpStream::connect(shared.upstream)?;
+            s.set_nodelay(true)?;
             let r = BufReader::with_capacity(256 << 10, s.try_clone()?);
             upstream = Some((s, r));
         }

@@ -154,15 +154,22 @@ fn a_large_nar_goes_up_in_parts_and_comes_back_byte_exact() {
     let c = s3.client();
     let url = assert_objects_of(&c, &big.path);
     let file_size = c.head(&url).unwrap().size;
-    // Parts of 8 MiB: the compressed NAR (incompressible, so a little over 100 MiB) takes
-    // 13 of them.
+    // Several parts (with 8 MiB parts, the incompressible 100 MiB take 13), numbered 1..=N.
     let parts = proxy.succeeded(Kind::UploadPart);
-    assert_eq!(
-        parts as u64,
-        file_size.div_ceil(8 << 20),
-        "{}",
-        proxy.dump()
-    );
+    assert!(parts >= 2, "{}", proxy.dump());
+    let numbers: BTreeSet<usize> = proxy
+        .log()
+        .iter()
+        .filter(|r| r.is(Kind::UploadPart) && r.status == Some(200))
+        .filter_map(|r| {
+            r.query()
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("partNumber="))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    assert_eq!(numbers, (1..=parts).collect(), "{}", proxy.dump());
+    println!("{file_size} bytes in {parts} parts");
     assert_eq!(proxy.succeeded(Kind::CreateMultipart), 1);
     assert_eq!(proxy.succeeded(Kind::CompleteMultipart), 1);
     assert_eq!(proxy.succeeded(Kind::CopyObject), 1);
@@ -309,8 +316,10 @@ fn faults_are_retried_and_no_narinfo_is_ever_readable_before_its_nar_and_referen
     assert_pushed(&out, Some(&proxy));
     assert_eq!(summary(&out)["uploaded"], paths.len());
     println!(
-        "{} faults injected; {} of {} narinfos seen while the push ran",
-        proxy.faults(|_| true),
+        "faults: {} resets, {} stalls, {} SlowDowns; {} of {} narinfos seen while the push ran",
+        proxy.faults(|f| f == Fault::Reset),
+        proxy.faults(Fault::is_stall),
+        proxy.faults(|f| f == Fault::SlowDown),
         watched.live,
         paths.len()
     );
@@ -329,13 +338,12 @@ fn faults_are_retried_and_no_narinfo_is_ever_readable_before_its_nar_and_referen
     );
     assert!(proxy.succeeded(Kind::UploadPart) >= 3, "{}", proxy.dump());
 
-    for p in &paths {
-        assert_objects_of(&c, p);
-    }
+    let urls: Vec<String> = paths.iter().map(|p| assert_objects_of(&c, p)).collect();
     assert_no_staging_leftovers(&c, &staging_keys(&proxy));
     // Nix reads straight from the server's web endpoint, not through the proxy.
     assert_nix_substitutes(&s3.http_url, &key, &paths);
     c.delete(&narinfo_key(&big.path));
+    c.delete(urls.last().unwrap());
 }
 
 /// Pushes a fresh path to `url` (with `env` set) and returns what is wrong with the
@@ -651,7 +659,9 @@ fn a_lost_complete_multipart_response_does_not_fail_the_push() {
 /// the retry creates another. The first must not be left behind.
 ///
 /// Garage aborts every older unfinished upload of a key when a newer one completes, so
-/// there this passes whatever narflow does; on MinIO or AWS it checks narflow's cleanup.
+/// there this passes whatever narflow does. Servers that keep them (AWS S3, and MinIO as
+/// far as we know) would show the orphan: expected to fail there until src aborts the
+/// other uploads of its staging key.
 #[test]
 fn a_lost_create_multipart_response_leaves_no_upload_behind() {
     let Some(s3) = s3_env() else { return };
@@ -673,9 +683,21 @@ fn a_lost_create_multipart_response_leaves_no_upload_behind() {
         std::slice::from_ref(&big.path),
     );
     assert_pushed(&out, Some(&proxy));
+    let creates = proxy
+        .log()
+        .iter()
+        .filter(|r| r.is(Kind::CreateMultipart))
+        .count();
+    assert_eq!(
+        creates,
+        2,
+        "a stalled Create and its retry: {}",
+        proxy.dump()
+    );
     let c = s3.client();
     let url = assert_objects_of(&c, &big.path);
     let staging = staging_keys(&proxy);
+    assert_eq!(staging.len(), 1, "the retry reuses the staging key");
     let left: Vec<_> = staging
         .iter()
         .flat_map(|k| c.multipart_uploads(k))
@@ -687,4 +709,46 @@ fn a_lost_create_multipart_response_leaves_no_upload_behind() {
     c.delete(&url);
     assert!(left.is_empty(), "orphaned multipart uploads: {left:?}");
     assert_no_staging_leftovers(&c, &staging);
+}
+
+/// S3 may answer CompleteMultipartUpload (and CopyObject) with `200 OK` and an error in
+/// the body; its documentation says to retry. Here the first Complete gets such an answer
+/// without reaching the server, so a retry succeeds.
+///
+/// KNOWN FAILURE until src is fixed: `classify` in src/cache/s3.rs retries service errors
+/// by HTTP status only, and a 200 InternalError is not 5xx, so the path fails.
+#[test]
+fn a_complete_answered_200_with_an_internal_error_is_retried() {
+    let Some(s3) = s3_env() else { return };
+    let big = BigPath::new("s3-200-error", 20 << 20);
+    let key = nix_generate_key("narflow-s3-test-1");
+    let proxy = Proxy::start(
+        &s3.endpoint,
+        vec![Rule::after(
+            Kind::CompleteMultipart,
+            0,
+            1,
+            Fault::InternalErrorIn200,
+        )],
+    );
+    let out = push(
+        &s3.url_at(&proxy.endpoint(), ""),
+        &key,
+        &[],
+        std::slice::from_ref(&big.path),
+    );
+    let c = s3.client();
+    let staging = staging_keys(&proxy);
+    if !out.status.success() {
+        // Leave no upload behind, whatever narflow did.
+        for (k, id) in staging.iter().flat_map(|k| c.multipart_uploads(k)) {
+            c.abort_multipart(&k, &id);
+        }
+    }
+    assert_pushed(&out, Some(&proxy));
+    assert_eq!(proxy.faults(|f| f == Fault::InternalErrorIn200), 1);
+    let url = assert_objects_of(&c, &big.path);
+    assert_no_staging_leftovers(&c, &staging);
+    c.delete(&narinfo_key(&big.path));
+    c.delete(&url);
 }
