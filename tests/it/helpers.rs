@@ -184,3 +184,340 @@ pub fn nix_path_info(store: Option<&str>, paths: &[String]) -> serde_json::Value
     }
     serde_json::from_str(&stdout(cmd.args(paths))).expect("path-info JSON")
 }
+
+/// Asserts that real Nix substitutes `paths` from the cache at `cache_url` (signatures
+/// required, only `key` trusted) into a fresh chroot store, and that what it gets has the
+/// NarHash, NarSize and references of the local store.
+pub fn assert_nix_substitutes(cache_url: &str, key: &NixKey, paths: &[String]) {
+    let root = tempdir();
+    if let Err(e) = nix_substitute(root.path(), cache_url, &key.public, paths) {
+        panic!("Nix cannot substitute from {cache_url}:\n{e}");
+    }
+    let store = format!("local?root={}", root.path().display());
+    let theirs = nix_path_info(Some(&store), paths);
+    let ours = nix_path_info(None, paths);
+    let (theirs, ours) = (theirs.as_array().unwrap(), ours.as_array().unwrap());
+    assert_eq!(theirs.len(), ours.len());
+    for (a, b) in theirs.iter().zip(ours) {
+        assert_eq!(a["path"], b["path"]);
+        assert_eq!(a["narHash"], b["narHash"], "{}", a["path"]);
+        assert_eq!(a["narSize"], b["narSize"], "{}", a["path"]);
+        assert_eq!(a["references"], b["references"], "{}", a["path"]);
+    }
+}
+
+/// Writes `len` bytes of incompressible xorshift64 output, seeded from `seed`, to `path`.
+pub fn write_random_file(path: &Path, len: u64, seed: &str) {
+    use std::hash::{Hash, Hasher};
+    use std::io::Write;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    seed.hash(&mut h);
+    let mut x = h.finish() | 1;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        for word in block.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(block.len() as u64) as usize;
+        out.write_all(&block[..n]).unwrap();
+        left -= n as u64;
+    }
+    out.flush().unwrap();
+}
+
+/// Adds a fresh file of `len` incompressible bytes to the store; the store path is
+/// removed again (`nix-store --delete`) when the returned value is dropped.
+pub struct BigPath {
+    pub path: String,
+}
+
+impl BigPath {
+    pub fn new(tag: &str, len: u64) -> BigPath {
+        let dir = tempdir();
+        let name = unique(tag);
+        let file = dir.path().join(&name);
+        write_random_file(&file, len, &name);
+        BigPath {
+            path: nix_store_add(&file),
+        }
+    }
+}
+
+impl Drop for BigPath {
+    fn drop(&mut self) {
+        // Best effort: it only saves disk space.
+        let _ = Command::new("nix-store")
+            .arg("--delete")
+            .arg(&self.path)
+            .output();
+    }
+}
+
+/// The hash part of a full store path: the name of its narinfo without `.narinfo`.
+pub fn hash_part(full_path: &str) -> &str {
+    let base = full_path.rsplit('/').next().unwrap();
+    &base[..32]
+}
+
+/// `<hash part>.narinfo`
+pub fn narinfo_key(full_path: &str) -> String {
+    format!("{}.narinfo", hash_part(full_path))
+}
+
+/// One `Key: value` field of a narinfo (the first, for repeated keys).
+pub fn narinfo_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(": "))
+}
+
+/// The S3 server of the integration tests, from the environment `scripts/s3-server`
+/// exports.
+#[derive(Debug, Clone)]
+pub struct S3Env {
+    /// `garage` or `minio` (empty when not exported).
+    pub server: String,
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: String,
+    /// The bucket over anonymous HTTP: what Nix substitutes from.
+    pub http_url: String,
+}
+
+/// The S3 test server, or `None` (after saying so) when `NARFLOW_TEST_S3=0` skips the S3
+/// tests. Panics when the environment lacks the server's exports.
+pub fn s3_env() -> Option<S3Env> {
+    if std::env::var("NARFLOW_TEST_S3").as_deref() == Ok("0") {
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("S3 test")
+            .to_owned();
+        println!("{name}: skipped (NARFLOW_TEST_S3=0)");
+        return None;
+    }
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!(
+                "{name} is not set: the S3 tests need a server; run via scripts/test, or \
+                 eval \"$(scripts/s3-server start)\" (NARFLOW_TEST_S3=0 skips them)"
+            )
+        })
+    };
+    Some(S3Env {
+        server: std::env::var("NARFLOW_TEST_S3_SERVER").unwrap_or_default(),
+        endpoint: var("NARFLOW_TEST_S3_ENDPOINT")
+            .trim_end_matches('/')
+            .to_owned(),
+        region: var("NARFLOW_TEST_S3_REGION"),
+        bucket: var("NARFLOW_TEST_S3_BUCKET"),
+        access_key: var("AWS_ACCESS_KEY_ID"),
+        secret_key: var("AWS_SECRET_ACCESS_KEY"),
+        http_url: var("NARFLOW_TEST_S3_HTTP_URL")
+            .trim_end_matches('/')
+            .to_owned(),
+    })
+}
+
+impl S3Env {
+    /// narflow's URL for the test bucket; `extra` is appended to the query (`&retries=1`).
+    pub fn url(&self, extra: &str) -> String {
+        self.url_at(&self.endpoint, extra)
+    }
+
+    /// The test bucket reached through another endpoint (a proxy).
+    pub fn url_at(&self, endpoint: &str, extra: &str) -> String {
+        format!(
+            "s3://{}?endpoint={endpoint}&region={}{extra}",
+            self.bucket, self.region
+        )
+    }
+
+    /// A client straight to the server, for looking at what narflow left there.
+    pub fn client(&self) -> S3Client {
+        S3Client::new(self, &self.endpoint)
+    }
+}
+
+/// What a HEAD of an object says.
+#[derive(Debug, Clone)]
+pub struct ObjectHead {
+    pub size: u64,
+    pub etag: String,
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+}
+
+/// aws-sdk-s3 on a small runtime of its own, for the tests' own look at the bucket.
+/// Usable from several threads at once.
+pub struct S3Client {
+    rt: tokio::runtime::Runtime,
+    client: aws_sdk_s3::Client,
+    bucket: String,
+}
+
+impl S3Client {
+    pub fn new(env: &S3Env, endpoint: &str) -> S3Client {
+        use aws_sdk_s3::config;
+        let conf = config::Builder::new()
+            .behavior_version(config::BehaviorVersion::latest())
+            .region(config::Region::new(env.region.clone()))
+            .endpoint_url(endpoint)
+            .force_path_style(true)
+            .credentials_provider(config::Credentials::new(
+                &env.access_key,
+                &env.secret_key,
+                None,
+                None,
+                "narflow-tests",
+            ))
+            .request_checksum_calculation(config::RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(config::ResponseChecksumValidation::WhenRequired)
+            .build();
+        S3Client {
+            rt: tokio::runtime::Runtime::new().expect("tokio runtime"),
+            client: aws_sdk_s3::Client::from_conf(conf),
+            bucket: env.bucket.clone(),
+        }
+    }
+
+    /// HEAD of `key`; `None` when it does not exist.
+    pub fn head(&self, key: &str) -> Option<ObjectHead> {
+        let r = self.rt.block_on(
+            self.client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send(),
+        );
+        match r {
+            Ok(o) => Some(ObjectHead {
+                size: o.content_length().unwrap_or_default() as u64,
+                etag: o.e_tag().unwrap_or_default().to_owned(),
+                content_type: o.content_type().map(str::to_owned),
+                content_encoding: o.content_encoding().map(str::to_owned),
+            }),
+            Err(aws_sdk_s3::error::SdkError::ServiceError(e)) if e.err().is_not_found() => None,
+            Err(e) => panic!("HEAD {key}: {}", aws_sdk_s3::error::DisplayErrorContext(&e)),
+        }
+    }
+
+    pub fn exists(&self, key: &str) -> bool {
+        self.head(key).is_some()
+    }
+
+    /// GET of `key`; `None` when it does not exist.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.rt.block_on(async {
+            let r = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await;
+            match r {
+                Ok(o) => Some(o.body.collect().await.expect("GET body").to_vec()),
+                Err(aws_sdk_s3::error::SdkError::ServiceError(e)) if e.err().is_no_such_key() => {
+                    None
+                }
+                Err(e) => panic!("GET {key}: {}", aws_sdk_s3::error::DisplayErrorContext(&e)),
+            }
+        })
+    }
+
+    pub fn get_text(&self, key: &str) -> Option<String> {
+        self.get(key)
+            .map(|b| String::from_utf8(b).expect("UTF-8 object"))
+    }
+
+    /// Keys (with sizes) under `prefix`.
+    pub fn list(&self, prefix: &str) -> Vec<(String, u64)> {
+        self.rt.block_on(async {
+            let mut out = Vec::new();
+            let mut token = None;
+            loop {
+                let page = self
+                    .client
+                    .list_objects_v2()
+                    .bucket(&self.bucket)
+                    .prefix(prefix)
+                    .set_continuation_token(token)
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "list {prefix}: {}",
+                            aws_sdk_s3::error::DisplayErrorContext(&e)
+                        )
+                    });
+                out.extend(page.contents().iter().map(|o| {
+                    (
+                        o.key().unwrap_or_default().to_owned(),
+                        o.size().unwrap_or_default() as u64,
+                    )
+                }));
+                match page.next_continuation_token() {
+                    Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                    _ => return out,
+                }
+            }
+        })
+    }
+
+    /// Multipart uploads in progress under `prefix`: (key, upload id).
+    pub fn multipart_uploads(&self, prefix: &str) -> Vec<(String, String)> {
+        let r = self
+            .rt
+            .block_on(
+                self.client
+                    .list_multipart_uploads()
+                    .bucket(&self.bucket)
+                    .prefix(prefix)
+                    .send(),
+            )
+            .unwrap_or_else(|e| {
+                panic!(
+                    "ListMultipartUploads {prefix}: {}",
+                    aws_sdk_s3::error::DisplayErrorContext(&e)
+                )
+            });
+        r.uploads()
+            .iter()
+            .map(|u| {
+                (
+                    u.key().unwrap_or_default().to_owned(),
+                    u.upload_id().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Aborts a multipart upload (the tests' own leftovers only).
+    pub fn abort_multipart(&self, key: &str, upload_id: &str) {
+        let _ = self.rt.block_on(
+            self.client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .send(),
+        );
+    }
+
+    /// Deletes an object (the tests' own large objects only, to spare the server's disk).
+    pub fn delete(&self, key: &str) {
+        let _ = self.rt.block_on(
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send(),
+        );
+    }
+}

@@ -4,5 +4,7 @@
 mod helpers;
 mod nar_golden;
 mod narinfo_nix;
+mod proxy;
 mod push_nix;
+mod s3;
 mod store_nix;

@@ -1,0 +1,754 @@
+//! `narflow push` to a real S3 server (Garage or MinIO, from `scripts/s3-server`), checked
+//! by real Nix substituting over the bucket's anonymous HTTP endpoint and by looking at the
+//! bucket with aws-sdk-s3; faults come from the proxy in `proxy.rs`.
+//!
+//! The bucket is shared by every test and every run, and narflow's S3 cache has no key
+//! prefix: each test makes store paths of its own (`unique`), asserts on the objects of
+//! those paths only, never assumes the bucket is empty and deletes nothing but its own
+//! large objects.
+use crate::helpers::*;
+use crate::proxy::{Fault, Kind, Proxy, Rule};
+use std::collections::BTreeSet;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+const STAGING_PREFIX: &str = ".narflow-staging/";
+
+/// `narflow push --json --to URL --key-file KEY EXTRA... PATHS...`
+fn push(url: &str, key: &NixKey, extra: &[&str], paths: &[String]) -> Output {
+    narflow()
+        .args(["push", "--json", "--to", url, "--key-file"])
+        .arg(&key.secret)
+        .args(extra)
+        .args(paths)
+        .output()
+        .expect("run narflow")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn summary(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON summary ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(out)
+        )
+    })
+}
+
+/// Asserts a push exited 0, with the proxy's request log in the message when it did not.
+fn assert_pushed(out: &Output, proxy: Option<&Proxy>) {
+    assert!(
+        out.status.success(),
+        "narflow push: {}\n{}{}",
+        out.status,
+        stderr(out),
+        proxy.map(Proxy::dump).unwrap_or_default()
+    );
+}
+
+/// The staging keys of the multipart uploads a proxy saw being created.
+fn staging_keys(proxy: &Proxy) -> BTreeSet<String> {
+    proxy
+        .log()
+        .iter()
+        .filter(|r| r.is(Kind::CreateMultipart))
+        .map(|r| r.key().to_owned())
+        .collect()
+}
+
+/// Asserts that nothing of these staging keys is left: no multipart upload in progress,
+/// no object.
+fn assert_no_staging_leftovers(c: &S3Client, keys: &BTreeSet<String>) {
+    for key in keys {
+        assert!(key.starts_with(STAGING_PREFIX), "{key}");
+        let uploads = c.multipart_uploads(key);
+        assert!(
+            uploads.is_empty(),
+            "multipart uploads left on {key}: {uploads:?}"
+        );
+        assert!(!c.exists(key), "staging object {key} left behind");
+    }
+}
+
+/// Checks the objects of one uploaded path: the narinfo's and its NAR's Content-Type,
+/// no Content-Encoding on the NAR, and a NAR of exactly FileSize bytes. Returns the
+/// narinfo's URL.
+fn assert_objects_of(c: &S3Client, path: &str) -> String {
+    let key = narinfo_key(path);
+    let text = c
+        .get_text(&key)
+        .unwrap_or_else(|| panic!("no {key} for {path}"));
+    assert_eq!(narinfo_field(&text, "StorePath"), Some(path), "{text}");
+    let head = c.head(&key).unwrap();
+    assert_eq!(head.content_type.as_deref(), Some("text/x-nix-narinfo"));
+    let url = narinfo_field(&text, "URL").expect("URL").to_owned();
+    let file_size: u64 = narinfo_field(&text, "FileSize").unwrap().parse().unwrap();
+    assert!(
+        url.starts_with("nar/") && url.ends_with(".nar.zst"),
+        "{url}"
+    );
+    let nar = c
+        .head(&url)
+        .unwrap_or_else(|| panic!("{key} names {url}, missing"));
+    assert_eq!(nar.size, file_size, "{url}");
+    assert_eq!(nar.content_type.as_deref(), Some("application/x-nix-nar"));
+    assert_eq!(
+        nar.content_encoding, None,
+        "{url}: NARs carry no Content-Encoding"
+    );
+    url
+}
+
+#[test]
+fn closure_of_derivations_is_substituted_by_nix_from_s3() {
+    let Some(s3) = s3_env() else { return };
+    let top = nix_build_chain("s3-chain", 24);
+    let closure = nix_closure(&top);
+    assert!(closure.len() >= 20, "{closure:?}");
+    let key = nix_generate_key("narflow-s3-test-1");
+    let out = push(&s3.url(""), &key, &[], std::slice::from_ref(&top));
+    assert_pushed(&out, None);
+    let s = summary(&out);
+    assert_eq!(s["uploaded"], closure.len(), "{s}");
+    assert_eq!(
+        (s["failed"].as_u64(), s["already_present"].as_u64()),
+        (Some(0), Some(0))
+    );
+
+    let c = s3.client();
+    for p in &closure {
+        assert_objects_of(&c, p);
+    }
+    let info = c.head("nix-cache-info").expect("nix-cache-info");
+    assert_eq!(info.content_type.as_deref(), Some("text/x-nix-cache-info"));
+    assert_eq!(
+        c.get_text("nix-cache-info").unwrap(),
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
+    );
+
+    assert_nix_substitutes(&s3.http_url, &key, &closure);
+}
+
+#[test]
+fn a_large_nar_goes_up_in_parts_and_comes_back_byte_exact() {
+    let Some(s3) = s3_env() else { return };
+    let big = BigPath::new("s3-big", (100 << 20) + 12345);
+    let key = nix_generate_key("narflow-s3-test-1");
+    // No faults: the proxy only watches which requests the upload takes.
+    let proxy = Proxy::start(&s3.endpoint, vec![]);
+    let out = push(
+        &s3.url_at(&proxy.endpoint(), ""),
+        &key,
+        &[],
+        std::slice::from_ref(&big.path),
+    );
+    assert_pushed(&out, Some(&proxy));
+    assert_eq!(summary(&out)["uploaded"], 1);
+
+    let c = s3.client();
+    let url = assert_objects_of(&c, &big.path);
+    let file_size = c.head(&url).unwrap().size;
+    // Several parts (with 8 MiB parts, the incompressible 100 MiB take 13), numbered 1..=N.
+    let parts = proxy.succeeded(Kind::UploadPart);
+    assert!(parts >= 2, "{}", proxy.dump());
+    let numbers: BTreeSet<usize> = proxy
+        .log()
+        .iter()
+        .filter(|r| r.is(Kind::UploadPart) && r.status == Some(200))
+        .filter_map(|r| {
+            r.query()
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("partNumber="))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    assert_eq!(numbers, (1..=parts).collect(), "{}", proxy.dump());
+    println!("{file_size} bytes in {parts} parts");
+    assert_eq!(proxy.succeeded(Kind::CreateMultipart), 1);
+    assert_eq!(proxy.succeeded(Kind::CompleteMultipart), 1);
+    assert_eq!(proxy.succeeded(Kind::CopyObject), 1);
+    assert_eq!(proxy.forwarded(Kind::NarPut), 0, "{}", proxy.dump());
+    let staging = staging_keys(&proxy);
+    assert_eq!(staging.len(), 1, "{staging:?}");
+    let deleted: Vec<_> = proxy
+        .log()
+        .iter()
+        .filter(|r| r.is(Kind::Delete) && matches!(r.status, Some(200..=299)))
+        .map(|r| r.key().to_owned())
+        .collect();
+    assert_eq!(deleted, staging.iter().cloned().collect::<Vec<_>>());
+
+    // The multipart ETag (`<md5 of part md5s>-<parts>`): Garage keeps it through
+    // CopyObject; a server that gives the copy a plain MD5 ETag is fine too, the request
+    // log above shows the parts.
+    let etag = c.head(&url).unwrap().etag;
+    println!("ETag of the copied NAR on {}: {etag}", s3.server);
+    match etag.trim_matches('"').rsplit_once('-') {
+        Some((_, n)) => assert_eq!(n.parse::<usize>().ok(), Some(parts), "{etag}"),
+        None => assert_ne!(
+            s3.server, "garage",
+            "Garage keeps the multipart ETag: {etag}"
+        ),
+    }
+
+    // Byte-exact over the anonymous HTTP endpoint Nix uses.
+    let sha = |script: String| stdout(Command::new("bash").args(["-o", "pipefail", "-c", &script]));
+    let downloaded = sha(format!(
+        "curl -sf '{}/{url}' | zstd -dc | sha256sum",
+        s3.http_url
+    ));
+    let local = sha(format!("nix-store --dump '{}' | sha256sum", big.path));
+    assert_eq!(downloaded, local);
+
+    assert_no_staging_leftovers(&c, &staging);
+    // Spare the server's disk: these objects are this test's own.
+    c.delete(&narinfo_key(&big.path));
+    c.delete(&url);
+}
+
+/// What the watcher of a push saw.
+#[derive(Debug, Default)]
+struct Watched {
+    /// Narinfos found while the push was still running.
+    live: usize,
+    violations: Vec<String>,
+}
+
+/// Polls the narinfos of `paths` straight from the server while `running`; each narinfo
+/// that appears must name a complete NAR (exactly FileSize bytes) and its references'
+/// narinfos must exist already.
+fn watch(c: Arc<S3Client>, paths: Vec<String>, running: Arc<AtomicBool>) -> Watched {
+    let mut seen = Watched::default();
+    let mut unchecked: Vec<String> = paths.iter().map(|p| narinfo_key(p)).collect();
+    loop {
+        let live = running.load(Ordering::SeqCst);
+        unchecked.retain(|key| {
+            let Some(text) = c.get_text(key) else {
+                return true;
+            };
+            if live {
+                seen.live += 1;
+            }
+            let url = narinfo_field(&text, "URL").unwrap_or_default();
+            let size: Option<u64> = narinfo_field(&text, "FileSize").and_then(|s| s.parse().ok());
+            match c.head(url) {
+                None => seen
+                    .violations
+                    .push(format!("{key} is readable but its NAR {url} is not")),
+                Some(h) if Some(h.size) != size => seen.violations.push(format!(
+                    "{key} says FileSize {size:?}, its NAR {url} has {} bytes",
+                    h.size
+                )),
+                Some(_) => {}
+            }
+            let refs = narinfo_field(&text, "References").unwrap_or_default();
+            for r in refs.split_whitespace() {
+                let rkey = narinfo_key(r);
+                if &rkey != key && !c.exists(&rkey) {
+                    seen.violations
+                        .push(format!("{key} is readable before its reference {rkey}"));
+                }
+            }
+            false
+        });
+        if !live || unchecked.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !unchecked.is_empty() {
+        seen.violations
+            .push(format!("never published: {unchecked:?}"));
+    }
+    seen
+}
+
+#[test]
+fn faults_are_retried_and_no_narinfo_is_ever_readable_before_its_nar_and_references() {
+    let Some(s3) = s3_env() else { return };
+    let top = nix_build_chain("s3-faults", 20);
+    let big = BigPath::new("s3-faults-big", 20 << 20);
+    let mut paths = nix_closure(&top);
+    paths.push(big.path.clone());
+    let key = nix_generate_key("narflow-s3-test-1");
+    let stall = Duration::from_secs(3);
+    // Every 5th request, 12 times: 3 resets, 3 stalls after the server did the work, 3
+    // SlowDowns, 3 silent stalls. CompleteMultipartUpload is spared: a lost Complete
+    // response is a known failure with its own test
+    // (a_lost_complete_multipart_response_does_not_fail_the_push), and here it would only
+    // make this test fail now and then.
+    let proxy = Proxy::start(
+        &s3.endpoint,
+        vec![
+            Rule::every(
+                5,
+                12,
+                &[
+                    Fault::Reset,
+                    Fault::Stall(stall),
+                    Fault::SlowDown,
+                    Fault::Silent(stall),
+                ],
+            )
+            .sparing(&[Kind::CompleteMultipart]),
+        ],
+    );
+    let c = Arc::new(s3.client());
+    let running = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let (c, paths, running) = (c.clone(), paths.clone(), running.clone());
+        std::thread::spawn(move || watch(c, paths, running))
+    };
+    let out = push(
+        &s3.url_at(&proxy.endpoint(), "&read-timeout=1&retries=8"),
+        &key,
+        &[],
+        &[top.clone(), big.path.clone()],
+    );
+    running.store(false, Ordering::SeqCst);
+    let watched = watcher.join().expect("watcher");
+    assert_pushed(&out, Some(&proxy));
+    assert_eq!(summary(&out)["uploaded"], paths.len());
+    println!(
+        "faults: {} resets, {} stalls, {} SlowDowns; {} of {} narinfos seen while the push ran",
+        proxy.faults(|f| f == Fault::Reset),
+        proxy.faults(Fault::is_stall),
+        proxy.faults(|f| f == Fault::SlowDown),
+        watched.live,
+        paths.len()
+    );
+    assert!(
+        watched.violations.is_empty(),
+        "{:#?}\n{}",
+        watched.violations,
+        proxy.dump()
+    );
+    assert!(proxy.faults(|f| f == Fault::Reset) > 0, "{}", proxy.dump());
+    assert!(proxy.faults(Fault::is_stall) > 0, "{}", proxy.dump());
+    assert!(
+        proxy.faults(|f| f == Fault::SlowDown) > 0,
+        "{}",
+        proxy.dump()
+    );
+    assert!(proxy.succeeded(Kind::UploadPart) >= 3, "{}", proxy.dump());
+
+    let urls: Vec<String> = paths.iter().map(|p| assert_objects_of(&c, p)).collect();
+    assert_no_staging_leftovers(&c, &staging_keys(&proxy));
+    // Nix reads straight from the server's web endpoint, not through the proxy.
+    assert_nix_substitutes(&s3.http_url, &key, &paths);
+    c.delete(&narinfo_key(&big.path));
+    c.delete(urls.last().unwrap());
+}
+
+/// Pushes a fresh path to `url` (with `env` set) and returns what is wrong with the
+/// outcome for a configuration error: exit 2, one `narflow: ` line on stderr containing
+/// each of `expect`, no narinfo published.
+fn config_error_problems(
+    s3: &S3Env,
+    what: &str,
+    url: &str,
+    env: &[(&str, &str)],
+    expect: &[&str],
+) -> Vec<String> {
+    let src = tempdir();
+    let file = src.path().join(unique("s3-config"));
+    std::fs::write(&file, "a path no cache has\n").unwrap();
+    let path = nix_store_add(&file);
+    let key = nix_generate_key("narflow-s3-test-1");
+    let out = narflow()
+        .args(["push", "--to", url, "--key-file"])
+        .arg(&key.secret)
+        .arg(&path)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    println!("{what}: exit {:?}: {}", out.status.code(), err.trim_end());
+    let mut wrong = Vec::new();
+    if out.status.code() != Some(2) {
+        wrong.push(format!(
+            "{what}: exit {:?}, not 2: {err}",
+            out.status.code()
+        ));
+    }
+    let lines: Vec<&str> = err.lines().collect();
+    if lines.len() != 1 || !lines[0].starts_with("narflow: ") {
+        wrong.push(format!("{what}: not one `narflow: ` line: {err}"));
+    }
+    for e in expect {
+        if !err.contains(e) {
+            wrong.push(format!("{what}: {e:?} not in: {err}"));
+        }
+    }
+    if s3.client().exists(&narinfo_key(&path)) {
+        wrong.push(format!("{what}: {path} was published anyway"));
+    }
+    wrong
+}
+
+#[test]
+fn configuration_errors_give_one_line_exit_2_and_publish_nothing() {
+    let Some(s3) = s3_env() else { return };
+    let missing_bucket = format!("narflow-no-such-bucket-{}", unique("b").replace('-', ""));
+    let mut wrong = config_error_problems(
+        &s3,
+        "bad credentials",
+        &s3.url(""),
+        &[("AWS_SECRET_ACCESS_KEY", "wrong")],
+        &[
+            "access denied to bucket",
+            &s3.bucket,
+            "check the credentials",
+        ],
+    );
+    wrong.extend(config_error_problems(
+        &s3,
+        "missing bucket",
+        &format!(
+            "s3://{missing_bucket}?endpoint={}&region={}",
+            s3.endpoint, s3.region
+        ),
+        &[],
+        &[&missing_bucket, "does not exist"],
+    ));
+    wrong.extend(config_error_problems(
+        &s3,
+        "unknown parameter",
+        &s3.url("&bogus=1"),
+        &[],
+        &["unknown parameter \"bogus\""],
+    ));
+    wrong.extend(config_error_problems(
+        &s3,
+        "no bucket",
+        "s3://",
+        &[],
+        &["\"s3://\"", "expected s3://BUCKET"],
+    ));
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// KNOWN FAILURE until src is fixed: narflow exits 1 here, not 2. The first request of the
+/// run (GET nix-cache-info) fails after its retries with a transient
+/// `CacheError::Remote`, which `cli/push.rs` maps to exit 1 ("some paths failed") although
+/// no path was tried: a wrong or dead endpoint is a configuration error.
+#[test]
+fn an_unreachable_endpoint_is_a_configuration_error() {
+    let Some(s3) = s3_env() else { return };
+    let wrong = config_error_problems(
+        &s3,
+        "unreachable endpoint",
+        &s3.url_at("http://127.0.0.1:1", "&retries=1"),
+        &[],
+        &["127.0.0.1:1", "Connection refused"],
+    );
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+#[test]
+fn a_second_push_finds_everything_and_puts_nothing() {
+    let Some(s3) = s3_env() else { return };
+    let top = nix_build_chain("s3-again", 6);
+    let closure = nix_closure(&top);
+    let key = nix_generate_key("narflow-s3-test-1");
+    let out = push(&s3.url(""), &key, &[], std::slice::from_ref(&top));
+    assert_pushed(&out, None);
+    assert_eq!(summary(&out)["uploaded"], closure.len());
+
+    let proxy = Proxy::start(&s3.endpoint, vec![]);
+    let out = push(
+        &s3.url_at(&proxy.endpoint(), ""),
+        &key,
+        &[],
+        std::slice::from_ref(&top),
+    );
+    assert_pushed(&out, Some(&proxy));
+    let s = summary(&out);
+    assert_eq!(
+        (
+            s["uploaded"].as_u64(),
+            s["already_present"].as_u64(),
+            s["failed"].as_u64()
+        ),
+        (Some(0), Some(closure.len() as u64), Some(0)),
+        "{s}"
+    );
+    assert_eq!(proxy.faults(|_| true), 0);
+    assert_eq!(
+        proxy.log().iter().filter(|r| r.is(Kind::Put)).count(),
+        0,
+        "{}",
+        proxy.dump()
+    );
+    // Reads only: GET nix-cache-info, HEADs (or a listing) of the narinfos.
+    let reads = proxy.forwarded(Kind::Get) + proxy.forwarded(Kind::Head);
+    assert_eq!(reads, proxy.log().len(), "{}", proxy.dump());
+    println!(
+        "second push: {reads} requests, all GET/HEAD:\n{}",
+        proxy.dump()
+    );
+}
+
+/// The key narflow gives a path's NAR: push it to a file:// cache (same compression and
+/// chunking, so the same FileHash) and read its narinfo.
+fn nar_key_of(path: &str, key: &NixKey) -> String {
+    let dir = tempdir();
+    let out = push(
+        &format!("file://{}", dir.path().display()),
+        key,
+        &[],
+        &[path.to_owned()],
+    );
+    assert_pushed(&out, None);
+    let text = std::fs::read_to_string(dir.path().join(narinfo_key(path))).unwrap();
+    narinfo_field(&text, "URL").unwrap().to_owned()
+}
+
+#[test]
+fn a_failed_multipart_upload_is_aborted_and_publishes_nothing() {
+    let Some(s3) = s3_env() else { return };
+    let big = BigPath::new("s3-aborted", 60 << 20);
+    let key = nix_generate_key("narflow-s3-test-1");
+    let nar_key = nar_key_of(&big.path, &key);
+    // Every UploadPart after the third is reset, retries included: the part cannot go up.
+    let proxy = Proxy::start(
+        &s3.endpoint,
+        vec![Rule::after(Kind::UploadPart, 3, usize::MAX, Fault::Reset)],
+    );
+    let out = push(
+        &s3.url_at(&proxy.endpoint(), "&retries=2"),
+        &key,
+        &[],
+        std::slice::from_ref(&big.path),
+    );
+    let err = stderr(&out);
+    println!("{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}\n{}", proxy.dump());
+    assert!(
+        err.lines().any(|l| l.contains(&big.path)),
+        "the failed path is named: {err}"
+    );
+    let s = summary(&out);
+    assert_eq!(s["failed"], 1, "{s}");
+    assert_eq!(s["failures"][0]["path"], big.path.as_str(), "{s}");
+
+    let c = s3.client();
+    assert!(!c.exists(&narinfo_key(&big.path)), "narinfo published");
+    assert!(!c.exists(&nar_key), "{nar_key} created");
+    assert_eq!(proxy.forwarded(Kind::CopyObject), 0, "{}", proxy.dump());
+    assert_eq!(proxy.forwarded(Kind::NarPut), 0, "{}", proxy.dump());
+    assert_eq!(
+        proxy.forwarded(Kind::CompleteMultipart),
+        0,
+        "{}",
+        proxy.dump()
+    );
+    assert_eq!(proxy.succeeded(Kind::AbortMultipart), 1, "{}", proxy.dump());
+    let staging = staging_keys(&proxy);
+    assert_eq!(staging.len(), 1, "{}", proxy.dump());
+    assert_no_staging_leftovers(&c, &staging);
+}
+
+#[test]
+fn a_push_killed_during_a_multipart_upload_is_pushed_again() {
+    let Some(s3) = s3_env() else { return };
+    let big = BigPath::new("s3-killed", 40 << 20);
+    let key = nix_generate_key("narflow-s3-test-1");
+    // The third part and later hang, so the push is caught mid-upload.
+    let proxy = Proxy::start(
+        &s3.endpoint,
+        vec![Rule::after(
+            Kind::UploadPart,
+            2,
+            usize::MAX,
+            Fault::Silent(Duration::from_secs(20)),
+        )],
+    );
+    let mut child = narflow()
+        .args([
+            "push",
+            "--to",
+            &s3.url_at(&proxy.endpoint(), ""),
+            "--key-file",
+        ])
+        .arg(&key.secret)
+        .arg(&big.path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while proxy.succeeded(Kind::UploadPart) < 2 || proxy.faults(|_| true) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no UploadPart: {}",
+            proxy.dump()
+        );
+        assert!(child.try_wait().unwrap().is_none(), "{}", proxy.dump());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL: no abort can run
+    child.wait().unwrap();
+
+    let c = s3.client();
+    assert!(!c.exists(&narinfo_key(&big.path)));
+    let staging = staging_keys(&proxy);
+    assert_eq!(staging.len(), 1, "{}", proxy.dump());
+    let left: Vec<_> = staging
+        .iter()
+        .flat_map(|k| c.multipart_uploads(k))
+        .collect();
+    // Expected: nothing could abort it. S3 lifecycle rules (AbortIncompleteMultipartUpload)
+    // are what clean these up on a real bucket.
+    println!("multipart uploads left by the killed push: {left:?}");
+
+    let out = push(&s3.url(""), &key, &[], std::slice::from_ref(&big.path));
+    assert_pushed(&out, None);
+    assert_eq!(summary(&out)["uploaded"], 1);
+    let url = assert_objects_of(&c, &big.path);
+    assert_nix_substitutes(&s3.http_url, &key, std::slice::from_ref(&big.path));
+
+    for (k, id) in left {
+        c.abort_multipart(&k, &id);
+    }
+    c.delete(&narinfo_key(&big.path));
+    c.delete(&url);
+}
+
+/// A CompleteMultipartUpload that the server carried out but whose response was lost is
+/// retried; the retry finds the upload gone (NoSuchUpload, 404). The push must still
+/// succeed: the staging object is complete.
+///
+/// KNOWN FAILURE until src is fixed: `finish_multipart` in src/cache/s3.rs treats the 404
+/// of the retry as fatal, fails the path (exit 1) and then cannot abort either.
+#[test]
+fn a_lost_complete_multipart_response_does_not_fail_the_push() {
+    let Some(s3) = s3_env() else { return };
+    let big = BigPath::new("s3-lost-complete", 20 << 20);
+    let key = nix_generate_key("narflow-s3-test-1");
+    let proxy = Proxy::start(
+        &s3.endpoint,
+        vec![Rule::after(
+            Kind::CompleteMultipart,
+            0,
+            1,
+            Fault::Stall(Duration::from_secs(2)),
+        )],
+    );
+    let out = push(
+        &s3.url_at(&proxy.endpoint(), "&read-timeout=1"),
+        &key,
+        &[],
+        std::slice::from_ref(&big.path),
+    );
+    assert_pushed(&out, Some(&proxy));
+    let c = s3.client();
+    let url = assert_objects_of(&c, &big.path);
+    assert_no_staging_leftovers(&c, &staging_keys(&proxy));
+    c.delete(&narinfo_key(&big.path));
+    c.delete(&url);
+}
+
+/// A CreateMultipartUpload whose response is lost still created an upload on the server;
+/// the retry creates another. The first must not be left behind.
+///
+/// Garage aborts every older unfinished upload of a key when a newer one completes, so
+/// there this passes whatever narflow does. Servers that keep them (AWS S3, and MinIO as
+/// far as we know) would show the orphan: expected to fail there until src aborts the
+/// other uploads of its staging key.
+#[test]
+fn a_lost_create_multipart_response_leaves_no_upload_behind() {
+    let Some(s3) = s3_env() else { return };
+    let big = BigPath::new("s3-lost-create", 20 << 20);
+    let key = nix_generate_key("narflow-s3-test-1");
+    let proxy = Proxy::start(
+        &s3.endpoint,
+        vec![Rule::after(
+            Kind::CreateMultipart,
+            0,
+            1,
+            Fault::Stall(Duration::from_secs(2)),
+        )],
+    );
+    let out = push(
+        &s3.url_at(&proxy.endpoint(), "&read-timeout=1"),
+        &key,
+        &[],
+        std::slice::from_ref(&big.path),
+    );
+    assert_pushed(&out, Some(&proxy));
+    let creates = proxy
+        .log()
+        .iter()
+        .filter(|r| r.is(Kind::CreateMultipart))
+        .count();
+    assert_eq!(
+        creates,
+        2,
+        "a stalled Create and its retry: {}",
+        proxy.dump()
+    );
+    let c = s3.client();
+    let url = assert_objects_of(&c, &big.path);
+    let staging = staging_keys(&proxy);
+    assert_eq!(staging.len(), 1, "the retry reuses the staging key");
+    let left: Vec<_> = staging
+        .iter()
+        .flat_map(|k| c.multipart_uploads(k))
+        .collect();
+    for (k, id) in &left {
+        c.abort_multipart(k, id);
+    }
+    c.delete(&narinfo_key(&big.path));
+    c.delete(&url);
+    assert!(left.is_empty(), "orphaned multipart uploads: {left:?}");
+    assert_no_staging_leftovers(&c, &staging);
+}
+
+/// S3 may answer CompleteMultipartUpload (and CopyObject) with `200 OK` and an error in
+/// the body; its documentation says to retry. Here the first Complete gets such an answer
+/// without reaching the server, so a retry succeeds.
+///
+/// KNOWN FAILURE until src is fixed: `classify` in src/cache/s3.rs retries service errors
+/// by HTTP status only, and a 200 InternalError is not 5xx, so the path fails.
+#[test]
+fn a_complete_answered_200_with_an_internal_error_is_retried() {
+    let Some(s3) = s3_env() else { return };
+    let big = BigPath::new("s3-200-error", 20 << 20);
+    let key = nix_generate_key("narflow-s3-test-1");
+    let proxy = Proxy::start(
+        &s3.endpoint,
+        vec![Rule::after(
+            Kind::CompleteMultipart,
+            0,
+            1,
+            Fault::InternalErrorIn200,
+        )],
+    );
+    let out = push(
+        &s3.url_at(&proxy.endpoint(), ""),
+        &key,
+        &[],
+        std::slice::from_ref(&big.path),
+    );
+    let c = s3.client();
+    let staging = staging_keys(&proxy);
+    if !out.status.success() {
+        // Leave no upload behind, whatever narflow did.
+        for (k, id) in staging.iter().flat_map(|k| c.multipart_uploads(k)) {
+            c.abort_multipart(&k, &id);
+        }
+    }
+    assert_pushed(&out, Some(&proxy));
+    assert_eq!(proxy.faults(|f| f == Fault::InternalErrorIn200), 1);
+    let url = assert_objects_of(&c, &big.path);
+    assert_no_staging_leftovers(&c, &staging);
+    c.delete(&narinfo_key(&big.path));
+    c.delete(&url);
+}
