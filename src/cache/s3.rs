@@ -194,7 +194,7 @@ enum Failure {
     Fatal,
 }
 
-fn classify<E, R>(
+fn classify<E: ProvideErrorMetadata, R>(
     e: &SdkError<E, R>,
     status: Option<u16>,
     retry_after: Option<Duration>,
@@ -203,8 +203,13 @@ fn classify<E, R>(
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             Failure::Retry(retry_after)
         }
-        SdkError::ServiceError(_) => match status {
-            Some(408 | 429) | Some(500..=599) => Failure::Retry(retry_after),
+        // S3 may answer 200 with an error document (CompleteMultipartUpload, CopyObject):
+        // the code, not the status, says whether to retry.
+        SdkError::ServiceError(_) => match (status, e.code()) {
+            (Some(408 | 429) | Some(500..=599), _)
+            | (_, Some("InternalError" | "SlowDown" | "ServiceUnavailable" | "RequestTimeout")) => {
+                Failure::Retry(retry_after)
+            }
             _ => Failure::Fatal,
         },
         _ => Failure::Fatal,
@@ -438,8 +443,22 @@ impl BinaryCache for S3Cache {
 
     fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError> {
         let s = &self.shared;
+        // The first request of a run: if the endpoint cannot be reached even after the
+        // retries, no path can go up, so it is a configuration error (exit 2), not a
+        // per-path failure.
+        let unreachable = |e: CacheError| match e {
+            CacheError::Remote {
+                transient: true,
+                message,
+                ..
+            } => CacheError::Config(format!(
+                "{}: cannot reach the S3 endpoint: {message}",
+                s.url
+            )),
+            other => other,
+        };
         self.block_on(async {
-            match s.get_text("nix-cache-info").await? {
+            match s.get_text("nix-cache-info").await.map_err(unreachable)? {
                 Some(text) => {
                     let info = CacheInfo::parse(&text)
                         .map_err(|e| CacheError::Config(format!("{}: {e}", s.url)))?;
@@ -557,6 +576,44 @@ impl BinaryCache for S3Cache {
 
     fn upload_concurrency(&self) -> usize {
         self.concurrency
+    }
+}
+
+/// Aborts every multipart upload on `key` but `keep` (best effort: failures are logged).
+async fn abort_others(s: &Shared, key: &str, keep: &str) {
+    let listed = s
+        .retry("ListMultipartUploads", key, || {
+            s.client
+                .list_multipart_uploads()
+                .bucket(&s.bucket)
+                .prefix(key)
+                .send()
+        })
+        .await;
+    let uploads = match listed {
+        Ok(l) => l.uploads().to_vec(),
+        Err(e) => return tracing::warn!("could not list multipart uploads of {key}: {e}"),
+    };
+    for u in uploads {
+        let (Some(k), Some(id)) = (u.key(), u.upload_id()) else {
+            continue;
+        };
+        if k != key || id == keep {
+            continue;
+        }
+        let r = s
+            .retry("AbortMultipartUpload", key, || {
+                s.client
+                    .abort_multipart_upload()
+                    .bucket(&s.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .send()
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!("could not abort the orphaned multipart upload {id} of {key}: {e}");
+        }
     }
 }
 
@@ -689,17 +746,38 @@ impl S3NarUpload {
         let parts = CompletedMultipartUpload::builder()
             .set_parts(Some(m.done.clone()))
             .build();
-        s.rt.block_on(s.retry("CompleteMultipartUpload", &m.staging, || {
-            s.client
-                .complete_multipart_upload()
-                .bucket(&s.bucket)
-                .key(&m.staging)
-                .upload_id(&m.upload_id)
-                .multipart_upload(parts.clone())
-                .send()
-        }))?;
+        let (staging, upload_id) = (m.staging.clone(), m.upload_id.clone());
+        let completed =
+            s.rt.block_on(s.retry("CompleteMultipartUpload", &staging, || async {
+                let r = s
+                    .client
+                    .complete_multipart_upload()
+                    .bucket(&s.bucket)
+                    .key(&staging)
+                    .upload_id(&upload_id)
+                    .multipart_upload(parts.clone())
+                    .send()
+                    .await;
+                match r {
+                    Ok(_) => Ok(true),
+                    // A retry after a lost response: the first attempt may have completed it.
+                    Err(e) if e.code() == Some("NoSuchUpload") => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }))?;
+        if !completed && !s.rt.block_on(s.exists(&staging))? {
+            return Err(CacheError::Remote {
+                cache: s.url.clone(),
+                key: staging,
+                message: "the multipart upload vanished before it completed".into(),
+                transient: true,
+            });
+        }
         // From here the staging object exists: Drop deletes it if the copy fails.
         m.upload_id.clear();
+        // A CreateMultipartUpload whose response was lost and retried leaves another
+        // upload on the same (unique) staging key: abort any such orphan.
+        s.rt.block_on(abort_others(&s, &staging, &upload_id));
         let source = format!("{}/{}", s.bucket, m.staging);
         s.rt.block_on(s.retry("CopyObject", key, || {
             s.client

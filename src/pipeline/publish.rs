@@ -108,9 +108,14 @@ impl<'a> Publisher<'a> {
                 })
             });
         self.pending = waiting;
+        // Everything ready in one wave is independent of the rest of the wave (its
+        // references are durable already), so the cache may write the wave concurrently.
+        let texts: Vec<(StorePath, String)> = ready
+            .iter()
+            .map(|n| (n.store_path.clone(), n.render(&self.store_dir)))
+            .collect();
+        self.cache.put_narinfos(&texts)?;
         for narinfo in ready {
-            self.cache
-                .put_narinfo(&narinfo.store_path, &narinfo.render(&self.store_dir))?;
             self.written.push(narinfo.store_path.clone());
             decided.push(Published::Written(Box::new(narinfo)));
         }

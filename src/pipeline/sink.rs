@@ -105,7 +105,7 @@ impl SinkStage<'_> {
                 if let (Some(upload), None) = (state.upload.as_mut(), &state.error)
                     && let Err(e) = upload.write_all(&chunk.data)
                 {
-                    state.error = Some(format!("writing to {}: {e}", self.cache.url()));
+                    state.error = Some(format!("writing the NAR: {e}"));
                 }
                 self.buffers.give(chunk.data);
                 if let Some(end) = chunk.end {

@@ -123,13 +123,12 @@ impl Request {
     }
 }
 
-/// A fault rule: of the requests of `kind` (but none of the kinds in `spare`), the first
+/// A fault rule: of the requests of `kind`, the first
 /// `skip` pass; after that every `every`-th one gets the next fault of `faults`
 /// (cycling), at most `limit` times.
 #[derive(Debug, Clone)]
 pub struct Rule {
     pub kind: Kind,
-    pub spare: Vec<Kind>,
     pub skip: usize,
     pub every: usize,
     pub limit: usize,
@@ -141,7 +140,6 @@ impl Rule {
     pub fn every(every: usize, limit: usize, faults: &[Fault]) -> Self {
         Rule {
             kind: Kind::Any,
-            spare: Vec::new(),
             skip: 0,
             every,
             limit,
@@ -153,18 +151,11 @@ impl Rule {
     pub fn after(kind: Kind, skip: usize, limit: usize, fault: Fault) -> Self {
         Rule {
             kind,
-            spare: Vec::new(),
             skip,
             every: 1,
             limit,
             faults: vec![fault],
         }
-    }
-
-    /// Requests of `kinds` neither count nor get faults from this rule.
-    pub fn sparing(mut self, kinds: &[Kind]) -> Self {
-        self.spare.extend_from_slice(kinds);
-        self
     }
 }
 
@@ -194,7 +185,7 @@ impl Shared {
         let mut st = self.state.lock().unwrap();
         let mut fault = None;
         for r in &mut st.rules {
-            if !req.is(r.rule.kind) || r.rule.spare.iter().any(|k| req.is(*k)) {
+            if !req.is(r.rule.kind) {
                 continue;
             }
             r.seen += 1;

@@ -279,25 +279,20 @@ fn faults_are_retried_and_no_narinfo_is_ever_readable_before_its_nar_and_referen
     let key = nix_generate_key("narflow-s3-test-1");
     let stall = Duration::from_secs(3);
     // Every 5th request, 12 times: 3 resets, 3 stalls after the server did the work, 3
-    // SlowDowns, 3 silent stalls. CompleteMultipartUpload is spared: a lost Complete
-    // response is a known failure with its own test
-    // (a_lost_complete_multipart_response_does_not_fail_the_push), and here it would only
-    // make this test fail now and then.
+    // SlowDowns, 3 silent stalls, whatever the request (a lost Complete response also has
+    // a test of its own: a_lost_complete_multipart_response_does_not_fail_the_push).
     let proxy = Proxy::start(
         &s3.endpoint,
-        vec![
-            Rule::every(
-                5,
-                12,
-                &[
-                    Fault::Reset,
-                    Fault::Stall(stall),
-                    Fault::SlowDown,
-                    Fault::Silent(stall),
-                ],
-            )
-            .sparing(&[Kind::CompleteMultipart]),
-        ],
+        vec![Rule::every(
+            5,
+            12,
+            &[
+                Fault::Reset,
+                Fault::Stall(stall),
+                Fault::SlowDown,
+                Fault::Silent(stall),
+            ],
+        )],
     );
     let c = Arc::new(s3.client());
     let running = Arc::new(AtomicBool::new(true));
@@ -434,10 +429,8 @@ fn configuration_errors_give_one_line_exit_2_and_publish_nothing() {
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
 
-/// KNOWN FAILURE until src is fixed: narflow exits 1 here, not 2. The first request of the
-/// run (GET nix-cache-info) fails after its retries with a transient
-/// `CacheError::Remote`, which `cli/push.rs` maps to exit 1 ("some paths failed") although
-/// no path was tried: a wrong or dead endpoint is a configuration error.
+/// The first request of the run (GET nix-cache-info) fails after its retries; no path was
+/// tried, so a wrong or dead endpoint is a configuration error (exit 2).
 #[test]
 fn an_unreachable_endpoint_is_a_configuration_error() {
     let Some(s3) = s3_env() else { return };
@@ -624,9 +617,7 @@ fn a_push_killed_during_a_multipart_upload_is_pushed_again() {
 /// A CompleteMultipartUpload that the server carried out but whose response was lost is
 /// retried; the retry finds the upload gone (NoSuchUpload, 404). The push must still
 /// succeed: the staging object is complete.
-///
-/// KNOWN FAILURE until src is fixed: `finish_multipart` in src/cache/s3.rs treats the 404
-/// of the retry as fatal, fails the path (exit 1) and then cannot abort either.
+
 #[test]
 fn a_lost_complete_multipart_response_does_not_fail_the_push() {
     let Some(s3) = s3_env() else { return };
@@ -714,9 +705,7 @@ fn a_lost_create_multipart_response_leaves_no_upload_behind() {
 /// S3 may answer CompleteMultipartUpload (and CopyObject) with `200 OK` and an error in
 /// the body; its documentation says to retry. Here the first Complete gets such an answer
 /// without reaching the server, so a retry succeeds.
-///
-/// KNOWN FAILURE until src is fixed: `classify` in src/cache/s3.rs retries service errors
-/// by HTTP status only, and a 200 InternalError is not 5xx, so the path fails.
+
 #[test]
 fn a_complete_answered_200_with_an_internal_error_is_retried() {
     let Some(s3) = s3_env() else { return };
