@@ -2536,7 +2536,7 @@ mod tests {
                 "{run:?}"
             );
             let names: Vec<&str> = run.stages.iter().map(|s| s.name.as_str()).collect();
-            assert_eq!(names, ["walk", "compress", "sink"]);
+            assert_eq!(names, ["walk", "hash", "compress", "sink"]);
             assert!(
                 run.stages
                     .iter()

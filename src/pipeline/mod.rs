@@ -1,9 +1,9 @@
 //! Pushing store paths to a binary cache: a staged pipeline over bounded channels.
 //!
 //! ```text
-//! plan ─► feeder ─jobs─► walk (2 threads) ─chunks─► compress (rayon, --jobs) ─chunks─► sink ─results─► publish
-//!         topo order     NAR, NarHash,              one zstd frame / xz stream          reorder,          narinfo waves
-//!         skip present   fixed-size chunks          per chunk                           FileHash, upload  (closure order)
+//! plan ─► feeder ─jobs─► walk (2 threads) ─chunks─► hash ─► compress (rayon, --jobs) ─chunks─► sink ─results─► publish
+//!         topo order     NAR, fixed-size   NarHash  one zstd frame / xz stream          reorder,          narinfo waves
+//!         skip present   chunks                     per chunk                           FileHash, upload  (closure order)
 //! ```
 //!
 //! This file is the one place that wires the stages and sets every capacity. Memory is
@@ -56,8 +56,8 @@ const WALKERS: usize = 2;
 /// plan order (references first) close to the upload order.
 const JOB_QUEUE: usize = 2 * WALKERS;
 
-/// Chunks queued between the walkers and the compress dispatcher. Memory is bounded by the
-/// budget, not by this; it only decouples the two.
+/// Chunks queued between the walkers and the hash stage, and between it and the compress
+/// dispatcher. Memory is bounded by the budget, not by this; it only decouples stages.
 const CHUNK_QUEUE: usize = 8;
 
 /// Compressed chunks queued for the sink. Bounded by the budget too; a full queue only
@@ -354,6 +354,7 @@ pub fn upload(
 
     let (job_tx, job_rx) = crossbeam_channel::bounded::<usize>(JOB_QUEUE);
     let (chunk_tx, chunk_rx) = crossbeam_channel::bounded(CHUNK_QUEUE);
+    let (hashed_tx, hashed_rx) = crossbeam_channel::bounded(CHUNK_QUEUE);
     let (comp_tx, comp_rx) = crossbeam_channel::bounded(COMPRESSED_QUEUE);
     let (res_tx, res_rx) = crossbeam_channel::bounded(RESULT_QUEUE);
 
@@ -373,7 +374,8 @@ pub fn upload(
             })
             .collect();
         drop((job_rx, chunk_tx));
-        let compressor = s.spawn(|| compress.run(chunk_rx, comp_tx));
+        let hasher = s.spawn(|| walk::hash_stage(chunk_rx, hashed_tx));
+        let compressor = s.spawn(|| compress.run(hashed_rx, comp_tx));
         let sinker = s.spawn(|| sink.run(comp_rx, res_tx));
 
         let mut publisher = Publisher::new(cache, store_dir, in_run);
@@ -447,6 +449,11 @@ pub fn upload(
         for w in walkers {
             walk_stats.absorb(&w.join().expect("walker thread panicked"));
         }
+        let mut hash_stats = StageStats {
+            name: "hash",
+            ..Default::default()
+        };
+        hash_stats.absorb(&hasher.join().expect("hash thread panicked"));
         let compress_stats = compressor.join().expect("compress thread panicked");
         let mut sink_stats = StageStats {
             name: "sink",
@@ -457,7 +464,7 @@ pub fn upload(
             return Err(e.into());
         }
         settle(&mut report, publisher.finish()?, &file_sizes);
-        Ok(vec![walk_stats, compress_stats, sink_stats])
+        Ok(vec![walk_stats, hash_stats, compress_stats, sink_stats])
     });
     report.stages = outcome?;
     report.elapsed = started.elapsed();

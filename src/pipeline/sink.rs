@@ -148,6 +148,11 @@ impl SinkStage<'_> {
         let full = info.path.to_absolute(self.store_dir);
         let (nar_hash, nar_size) = match end {
             NarEnd::Failed(why) => return Err(why),
+            NarEnd::Walked { .. } => {
+                return Err(format!(
+                    "{full}: internal error: NAR ended without a NarHash"
+                ));
+            }
             NarEnd::Complete { nar_hash, nar_size } => (nar_hash, nar_size),
         };
         if let Some(e) = state.error {

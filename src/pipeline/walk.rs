@@ -1,5 +1,5 @@
-//! The walk stage: turns a store path into a stream of fixed-size NAR chunks, computing
-//! NarHash on the way. Each chunk holds a permit of the memory budget from the moment it
+//! The walk stage: turns a store path into a stream of fixed-size NAR chunks; and the hash
+//! stage after it, which computes NarHash over each job's chunks in order. Each chunk holds a permit of the memory budget from the moment it
 //! starts filling until the sink has written it.
 //!
 //! Chunk boundaries are at multiples of the chunk size whatever the file layout, so the
@@ -11,13 +11,17 @@ use crate::format::hash::Sha256;
 use crate::format::nar::writer::dump_path;
 use crate::store::PathInfo;
 use crossbeam_channel::{Receiver, Sender};
-use sha2::Digest;
 use std::io::{self, Write};
 use std::path::Path;
 
 /// How a job's NAR stream ended; carried by its last chunk.
 #[derive(Debug)]
 pub enum NarEnd {
+    /// Set by the walker: every chunk of the NAR has been sent. The hash stage turns it
+    /// into [`NarEnd::Complete`].
+    Walked {
+        nar_size: u64,
+    },
     Complete {
         nar_hash: Sha256,
         nar_size: u64,
@@ -49,7 +53,6 @@ struct Chunker<'a> {
     /// NAR bytes the store says this path has; sizes the permits.
     expected: u64,
     written: u64,
-    hasher: sha2::Sha256,
     buf: Vec<u8>,
     permit: Option<Permit>,
     budget: &'a ByteBudget,
@@ -95,9 +98,7 @@ impl Chunker<'_> {
     }
 
     fn finish(mut self) -> io::Result<()> {
-        let nar_hash = Sha256(std::mem::take(&mut self.hasher).finalize().into());
-        let end = NarEnd::Complete {
-            nar_hash,
+        let end = NarEnd::Walked {
             nar_size: self.written,
         };
         if self.permit.is_none() {
@@ -115,7 +116,6 @@ impl Chunker<'_> {
 impl Write for Chunker<'_> {
     fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
         let n = data.len();
-        self.hasher.update(data);
         self.written += n as u64;
         while !data.is_empty() {
             if self.permit.is_none() {
@@ -160,7 +160,6 @@ impl WalkStage<'_> {
                 chunk_size: self.chunk_size,
                 expected: info.nar_size,
                 written: 0,
-                hasher: sha2::Sha256::new(),
                 buf: Vec::new(),
                 permit: None,
                 budget: &self.budget,
@@ -179,4 +178,34 @@ impl WalkStage<'_> {
         }
         clock.stop()
     }
+}
+
+/// The hash stage: NarHash over each job's chunks, which arrive in order (each job is
+/// walked by one walker, and a channel keeps each sender's order). It runs on its own
+/// thread so that hashing overlaps with reading files instead of adding to it.
+pub fn hash_stage(chunks: Receiver<Chunk>, out: Sender<Chunk>) -> StageClock {
+    use sha2::Digest;
+    let mut clock = StageClock::start();
+    let mut hashers: std::collections::HashMap<usize, sha2::Sha256> =
+        std::collections::HashMap::new();
+    while let Some(mut chunk) = clock.wait(|| chunks.recv().ok()) {
+        let hasher = hashers.entry(chunk.job).or_default();
+        hasher.update(&chunk.data);
+        clock.add_bytes(chunk.nar_len, chunk.nar_len);
+        match chunk.end {
+            Some(NarEnd::Walked { nar_size }) => {
+                let h = hashers.remove(&chunk.job).expect("inserted above");
+                let nar_hash = Sha256(h.finalize().into());
+                chunk.end = Some(NarEnd::Complete { nar_hash, nar_size });
+            }
+            Some(_) => {
+                hashers.remove(&chunk.job);
+            }
+            None => {}
+        }
+        if clock.wait(|| out.send(chunk)).is_err() {
+            break;
+        }
+    }
+    clock.stop()
 }
