@@ -183,23 +183,8 @@ fn plan(args: &BenchArgs) -> Result<Plan, CliError> {
     }
 
     let mut opts = PushOptions::new(compression, vec![bench::bench_key()]);
-    if let Some(j) = args.jobs {
-        opts.jobs = j.max(1);
-    }
-    if let Some(m) = args.memory {
-        opts.memory = m;
-    }
-    if let Some(c) = args.chunk_size {
-        opts.chunk_size = usize::try_from(c)
-            .unwrap_or(usize::MAX)
-            .clamp(64 << 10, 256 << 20);
-    }
-    if opts.memory < opts.chunk_size as u64 {
-        return Err(usage(format!(
-            "--memory {} is less than one chunk ({} bytes)",
-            opts.memory, opts.chunk_size
-        )));
-    }
+    super::apply_pipeline_args(&mut opts, args.jobs, args.memory, args.chunk_size)
+        .map_err(usage)?;
     let file_parent = to_dir.unwrap_or_else(|| dir.join("caches"));
     Ok(Plan {
         kinds,

@@ -69,6 +69,38 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
     }
 }
 
+/// Applies `--jobs`, `--memory` and `--chunk-size` (as given to push or bench) to `opts`.
+///
+/// # Errors
+/// A message when the budget cannot hold one chunk.
+pub fn apply_pipeline_args(
+    opts: &mut narflow::pipeline::PushOptions,
+    jobs: Option<usize>,
+    memory: Option<u64>,
+    chunk_size: Option<u64>,
+) -> Result<(), String> {
+    if let Some(j) = jobs {
+        opts.jobs = j.max(1);
+    }
+    if let Some(m) = memory {
+        opts.memory = m;
+    }
+    if let Some(c) = chunk_size {
+        // One chunk is one compressed frame: below 64 KiB frames cost ratio, above
+        // 256 MiB one chunk would be most of any sensible budget.
+        opts.chunk_size = usize::try_from(c)
+            .unwrap_or(usize::MAX)
+            .clamp(64 << 10, 256 << 20);
+    }
+    if opts.memory < opts.chunk_size as u64 {
+        return Err(format!(
+            "--memory {} is less than one chunk ({} bytes)",
+            opts.memory, opts.chunk_size
+        ));
+    }
+    Ok(())
+}
+
 /// Parses a size: bytes, or a number with K, M, G (powers of 1024; `MiB`, `MB` also read
 /// as powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {

@@ -106,6 +106,10 @@ pub fn run(args: PushArgs) -> Result<u8, CliError> {
         }
     }
 
+    let mut opts = PushOptions::new(compression, keys);
+    opts.closure = !args.no_closure;
+    super::apply_pipeline_args(&mut opts, args.jobs, args.memory, args.chunk_size)
+        .map_err(|e| CliError::usage(anyhow::anyhow!(e)))?;
     let store = LocalStore::open(DEFAULT_STORE_DIR, Path::new("/nix/var/nix/db/db.sqlite"));
     let cache = cache::open(&url).map_err(CliError::usage)?;
     let mut bad_inputs = Vec::new();
@@ -118,26 +122,6 @@ pub fn run(args: PushArgs) -> Result<u8, CliError> {
                 bad_inputs.push(why);
             }
         }
-    }
-    let mut opts = PushOptions::new(compression, keys);
-    opts.closure = !args.no_closure;
-    if let Some(j) = args.jobs {
-        opts.jobs = j.max(1);
-    }
-    if let Some(m) = args.memory {
-        opts.memory = m;
-    }
-    if let Some(c) = args.chunk_size {
-        opts.chunk_size = usize::try_from(c)
-            .unwrap_or(usize::MAX)
-            .clamp(64 << 10, 256 << 20);
-    }
-    if opts.memory < opts.chunk_size as u64 {
-        return Err(CliError::usage(anyhow::anyhow!(
-            "--memory {} is less than one chunk ({} bytes)",
-            opts.memory,
-            opts.chunk_size
-        )));
     }
     let progress = super::progress::CliProgress::new();
     let report =
