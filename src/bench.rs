@@ -19,8 +19,8 @@
 use crate::cache::BinaryCache;
 use crate::cache::file::FileCache;
 use crate::cache::null::NullCache;
-use crate::format::hash::{HashingWriter, Sha256};
-use crate::format::nar::writer::{NarWriteError, dump_path};
+use crate::format::hash::Sha256;
+use crate::format::nar::writer::{NarWriteError, dump_path, hash_path};
 use crate::format::signing::SigningKey;
 use crate::format::store_path::StorePath;
 use crate::pipeline::compress::{CompressionSettings, compress_chunk};
@@ -1157,7 +1157,7 @@ pub fn open(dir: &Path, spec: &WorkloadSpec) -> Result<Workload, BenchError> {
 fn verify(w: &Workload) -> Result<(), String> {
     for info in &w.infos {
         let full = PathBuf::from(info.path.to_absolute(&w.store_dir));
-        let (hash, size) = nar_hash_of(&full).map_err(|e| e.to_string())?;
+        let (hash, size) = hash_path(&full).map_err(|e| e.to_string())?;
         if (hash, size) != (info.nar_hash, info.nar_size) {
             return Err(format!(
                 "{} hashes to {hash} ({size} bytes) but the manifest records {} ({} bytes)",
@@ -1168,14 +1168,6 @@ fn verify(w: &Workload) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// NarHash and NarSize of the tree at `path`, as Nix computes them.
-fn nar_hash_of(path: &Path) -> Result<(Sha256, u64), NarWriteError> {
-    let mut w = HashingWriter::new(io::sink());
-    dump_path(path, &mut w)?;
-    let (_, hash, size) = w.finish();
-    Ok((hash, size))
 }
 
 /// A store path base name for `name`, its hash part derived from `key`.
@@ -1249,7 +1241,7 @@ fn generate(store: &Path, spec: &WorkloadSpec) -> Result<Vec<PathInfo>, BenchErr
         } else {
             package_tree(&full, size, &mut prng, &ctx)?;
         }
-        let (nar_hash, nar_size) = nar_hash_of(&full)?;
+        let (nar_hash, nar_size) = hash_path(&full)?;
         infos.push(PathInfo {
             path,
             nar_hash,
@@ -2422,7 +2414,7 @@ mod tests {
         for info in &first.workload.infos {
             let full = info.path.to_absolute(&first.workload.store_dir);
             assert_eq!(
-                nar_hash_of(Path::new(&full)).unwrap(),
+                hash_path(Path::new(&full)).unwrap(),
                 (info.nar_hash, info.nar_size)
             );
         }

@@ -12,9 +12,9 @@
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode};
-use narflow::format::hash::{HashingWriter, Sha256};
+use narflow::format::hash::Sha256;
 use narflow::format::nar::Node;
-use narflow::format::nar::writer::dump_path;
+use narflow::format::nar::writer::hash_path;
 use narflow::format::store_path::StorePath;
 use narflow::store::PathInfo;
 use std::collections::BTreeMap;
@@ -276,9 +276,7 @@ pub fn add_to_store(
     let path = store_path(name);
     let full = store_dir.join(path.base_name());
     materialize(node, &full);
-    let mut w = HashingWriter::new(std::io::sink());
-    dump_path(&full, &mut w).unwrap();
-    let (_, nar_hash, nar_size) = w.finish();
+    let (nar_hash, nar_size) = hash_path(&full).unwrap();
     let mut references = references;
     references.sort();
     PathInfo {

@@ -77,13 +77,6 @@ impl Permit {
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
-    /// Gives back what this permit holds beyond `bytes`.
-    pub fn shrink_to(&mut self, bytes: u64) {
-        if bytes < self.bytes {
-            self.budget.release(self.bytes - bytes);
-            self.bytes = bytes;
-        }
-    }
 }
 
 impl Inner {
@@ -109,10 +102,8 @@ mod tests {
     #[test]
     fn acquire_blocks_until_bytes_are_released() {
         let b = ByteBudget::new(100);
-        let mut p = b.acquire(80);
+        let p = b.acquire(80);
         assert_eq!(b.available(), 20);
-        p.shrink_to(50);
-        assert_eq!(b.available(), 50);
         let b2 = b.clone();
         let waiter = std::thread::spawn(move || b2.acquire(90).bytes());
         std::thread::sleep(Duration::from_millis(50));

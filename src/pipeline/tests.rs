@@ -2,8 +2,8 @@
 //! closure order, within the budget, and nothing is published for a failed path.
 use super::*;
 use crate::cache::file::FileCache;
-use crate::format::hash::{HashingWriter, Sha256};
-use crate::format::nar::writer::dump_path;
+use crate::format::hash::Sha256;
+use crate::format::nar::writer::hash_path;
 use crate::format::narinfo::NarInfo;
 use crate::pipeline::compress::Compression;
 use std::path::Path;
@@ -28,9 +28,7 @@ fn make_store(dir: &Path, specs: &[(&str, usize, &[usize])]) -> Vec<PathInfo> {
             .collect();
         std::fs::write(full.join("data"), &content).unwrap();
         std::fs::write(full.join("small"), name.as_bytes()).unwrap();
-        let mut w = HashingWriter::new(std::io::sink());
-        dump_path(&full, &mut w).unwrap();
-        let (_, nar_hash, nar_size) = w.finish();
+        let (nar_hash, nar_size) = hash_path(&full).unwrap();
         let mut references: Vec<StorePath> = refs.iter().map(|&r| infos[r].path.clone()).collect();
         references.sort();
         infos.push(PathInfo {

@@ -74,6 +74,18 @@ pub fn dump_path<W: Write>(path: &Path, out: &mut W) -> Result<u64, NarWriteErro
     dumper.enc.finish().map_err(NarWriteError::Write)
 }
 
+/// NarHash and NarSize of the tree at `path`, as Nix computes them (the SHA-256 and length
+/// of its NAR), without keeping the NAR.
+///
+/// # Errors
+/// As [`dump_path`].
+pub fn hash_path(path: &Path) -> Result<(crate::format::hash::Sha256, u64), NarWriteError> {
+    let mut w = crate::format::hash::HashingWriter::new(io::sink());
+    dump_path(path, &mut w)?;
+    let (_, hash, size) = w.finish();
+    Ok((hash, size))
+}
+
 /// Serialises an in-memory tree as a NAR to `out`, returning the NAR size in bytes.
 ///
 /// Like [`dump_path`], it batches small writes internally and does not flush `out`.
