@@ -5,6 +5,8 @@
 //! - `store`: the local Nix store, read-only (path info, closures, order).
 //! - `cache`: binary cache destinations (`file://`).
 //! - `pipeline`: pushing a set of paths to a cache (plan, upload, publish).
+//! - `daemon`: `narflow daemon`: the durable queue, the socket and the upload worker.
+//! - `hook`: `narflow hook`: hands `$OUT_PATHS` to the daemon, or spools them (std only).
 //! - `bench`: synthetic store-shaped workloads and the `narflow bench` measurements.
 //!
 //! ```text
@@ -18,7 +20,11 @@
 pub mod bench;
 #[cfg(feature = "full")]
 pub mod cache;
+#[cfg(feature = "full")]
+pub mod daemon;
 pub mod format;
+#[cfg(feature = "full")]
+pub mod hook;
 #[cfg(feature = "full")]
 pub mod pipeline;
 #[cfg(feature = "full")]

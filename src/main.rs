@@ -1,14 +1,55 @@
 //! The `narflow` command: parse the command line, set up logging, run, map the outcome to
 //! an exit code (0 all ok, 1 some paths failed, 2 usage or configuration error).
+//!
+//! Invoked as `narflow-hook` (a symlink), it is `narflow hook`: Nix's `post-build-hook`
+//! setting takes a program without arguments. The hook exits 0 whatever happens, even on
+//! a bad command line, because a failing hook stops Nix's build loop.
 use clap::Parser;
 use std::process::ExitCode;
 
 mod cli;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invoked_as_hook = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == "narflow-hook");
+    if invoked_as_hook {
+        args.insert(1, "hook".into());
+    }
+    let hook = args.get(1).is_some_and(|a| a == "hook");
+    let cli = match cli::Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) if hook && e.use_stderr() => {
+            eprintln!("narflow hook: {e}");
+            eprintln!("narflow hook: bad command line; nothing queued");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => e.exit(),
+    };
+    // The hook logs nothing through tracing: it starts fast and writes its few lines itself.
+    if !matches!(cli.command, cli::Command::Hook(_)) {
+        init_logging(&cli);
+    }
+    match cli::run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("narflow: {:#}", e.error);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+fn init_logging(cli: &cli::Cli) {
+    // The daemon's log is its record of what it uploaded: info by default.
+    let quiet = if matches!(cli.command, cli::Command::Daemon(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     let default = match cli.verbose {
-        0 => "warn",
+        0 => quiet,
         1 => "info",
         _ => "debug",
     };
@@ -20,11 +61,4 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
-    match cli::run(cli) {
-        Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            eprintln!("narflow: {:#}", e.error);
-            ExitCode::from(e.code)
-        }
-    }
 }

@@ -2,8 +2,11 @@
 //! One file per command. Nothing here does work the library could do.
 
 pub mod bench;
+pub mod daemon;
+pub mod hook;
 pub mod progress;
 pub mod push;
+pub mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -57,6 +60,12 @@ pub struct Cli {
 pub enum Command {
     /// Upload store paths (and their closure) to a binary cache.
     Push(push::PushArgs),
+    /// Run the upload daemon: queue paths from `narflow hook` durably and upload them.
+    Daemon(daemon::DaemonArgs),
+    /// Post-build-hook: hand $OUT_PATHS to the daemon (or its spool); always exits 0.
+    Hook(hook::HookArgs),
+    /// Show the daemon's queue: pending, in flight, done, failing with the last error.
+    Status(status::StatusArgs),
     /// Measure the pipeline on synthetic store paths; compare with a saved baseline.
     Bench(bench::BenchArgs),
 }
@@ -66,6 +75,9 @@ pub fn run(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Push(args) => push::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Daemon(args) => daemon::run(args),
+        Command::Hook(args) => Ok(hook::run(args, cli.verbose > 0)),
+        Command::Status(args) => status::run(args),
     }
 }
 

@@ -10,9 +10,10 @@ use narflow::store::LocalStore;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+/// Where and how to upload: shared by `push` and `daemon`.
 #[derive(Debug, clap::Args)]
-pub struct PushArgs {
-    /// Destination cache, in Nix's store-URL syntax (file:///DIR).
+pub struct UploadArgs {
+    /// Destination cache, in Nix's store-URL syntax (file:///DIR, s3://BUCKET?...).
     #[arg(long, env = "NARFLOW_TO")]
     pub to: String,
     /// Secret key file (Nix format) to sign narinfos with; repeatable.
@@ -33,12 +34,18 @@ pub struct PushArgs {
     /// Chunk size: each chunk is compressed as an independent frame [default: 4M].
     #[arg(long, env = "NARFLOW_CHUNK_SIZE", value_parser = super::parse_size, hide = true)]
     pub chunk_size: Option<u64>,
-    /// Upload only the given paths, not their closure (references must be in the cache).
-    #[arg(long)]
-    pub no_closure: bool,
     /// Allow uploading without a signing key.
     #[arg(long)]
     pub unsigned: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PushArgs {
+    #[command(flatten)]
+    pub upload: UploadArgs,
+    /// Upload only the given paths, not their closure (references must be in the cache).
+    #[arg(long)]
+    pub no_closure: bool,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
@@ -57,41 +64,56 @@ fn load_key(path: &Path) -> Result<SigningKey, CliError> {
         .map_err(CliError::usage)
 }
 
+impl UploadArgs {
+    /// The cache URL and pipeline options these arguments describe (URL parameters fill in
+    /// what the flags leave out).
+    ///
+    /// # Errors
+    /// A usage error naming the bad argument, URL parameter or key file.
+    pub fn resolve(&self) -> Result<(CacheUrl, PushOptions), CliError> {
+        let args = self;
+        let url = CacheUrl::parse(&args.to).map_err(CliError::usage)?;
+        let kind = match (args.compression, url.param("compression")) {
+            (Some(c), _) => c,
+            (None, Some(c)) => Compression::parse(c)
+                .map_err(|e| CliError::usage(anyhow::anyhow!("{}: {e}", url.original)))?,
+            (None, None) => Compression::Zstd,
+        };
+        let level = match (args.level, url.param("compression-level")) {
+            (Some(l), _) => Some(l),
+            (None, Some(l)) => Some(l.parse().map_err(|_| {
+                CliError::usage(anyhow::anyhow!(
+                    "{}: bad compression-level {l:?}",
+                    url.original
+                ))
+            })?),
+            (None, None) => None,
+        };
+        let compression = CompressionSettings::new(kind, level)
+            .map_err(|e| CliError::usage(anyhow::anyhow!(e)))?;
+
+        let mut key_files = args.key_files.clone();
+        if let Some(k) = url.param("secret-key") {
+            key_files.push(PathBuf::from(k));
+        }
+        let keys = key_files
+            .iter()
+            .map(|f| load_key(f))
+            .collect::<Result<Vec<_>, _>>()?;
+        if keys.is_empty() && !args.unsigned {
+            return Err(CliError::usage(anyhow::anyhow!(
+                "no signing key: pass --key-file FILE (or the URL's secret-key=FILE), or --unsigned to upload unsigned narinfos"
+            )));
+        }
+        let mut opts = PushOptions::new(compression, keys);
+        super::apply_pipeline_args(&mut opts, args.jobs, args.memory, args.chunk_size)
+            .map_err(|e| CliError::usage(anyhow::anyhow!(e)))?;
+        Ok((url, opts))
+    }
+}
+
 pub fn run(args: PushArgs) -> Result<u8, CliError> {
-    let url = CacheUrl::parse(&args.to).map_err(CliError::usage)?;
-    let kind = match (args.compression, url.param("compression")) {
-        (Some(c), _) => c,
-        (None, Some(c)) => Compression::parse(c)
-            .map_err(|e| CliError::usage(anyhow::anyhow!("{}: {e}", url.original)))?,
-        (None, None) => Compression::Zstd,
-    };
-    let level = match (args.level, url.param("compression-level")) {
-        (Some(l), _) => Some(l),
-        (None, Some(l)) => Some(l.parse().map_err(|_| {
-            CliError::usage(anyhow::anyhow!(
-                "{}: bad compression-level {l:?}",
-                url.original
-            ))
-        })?),
-        (None, None) => None,
-    };
-    let compression =
-        CompressionSettings::new(kind, level).map_err(|e| CliError::usage(anyhow::anyhow!(e)))?;
-
-    let mut key_files = args.key_files.clone();
-    if let Some(k) = url.param("secret-key") {
-        key_files.push(PathBuf::from(k));
-    }
-    let keys = key_files
-        .iter()
-        .map(|f| load_key(f))
-        .collect::<Result<Vec<_>, _>>()?;
-    if keys.is_empty() && !args.unsigned {
-        return Err(CliError::usage(anyhow::anyhow!(
-            "no signing key: pass --key-file FILE (or the URL's secret-key=FILE), or --unsigned to upload unsigned narinfos"
-        )));
-    }
-
+    let (url, mut opts) = args.upload.resolve()?;
     let mut inputs = Vec::new();
     for p in &args.paths {
         if p == "-" {
@@ -106,10 +128,7 @@ pub fn run(args: PushArgs) -> Result<u8, CliError> {
         }
     }
 
-    let mut opts = PushOptions::new(compression, keys);
     opts.closure = !args.no_closure;
-    super::apply_pipeline_args(&mut opts, args.jobs, args.memory, args.chunk_size)
-        .map_err(|e| CliError::usage(anyhow::anyhow!(e)))?;
     let store = LocalStore::open(DEFAULT_STORE_DIR, Path::new("/nix/var/nix/db/db.sqlite"));
     let cache = cache::open(&url).map_err(CliError::usage)?;
     let mut bad_inputs = Vec::new();

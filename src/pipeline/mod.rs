@@ -472,10 +472,14 @@ pub fn upload(
 }
 
 /// Paths valid in the store, and (full path, reason) for those that are not.
-type ValidSplit = (Vec<StorePath>, Vec<(String, String)>);
+pub type ValidSplit = (Vec<StorePath>, Vec<(String, String)>);
 
-/// Splits `paths` into those valid in the store and those that are not (with the reason).
-fn split_valid(store: &LocalStore, paths: &[StorePath]) -> Result<ValidSplit, StoreError> {
+/// Splits `paths` into those valid in the store (sorted, each once) and those that are
+/// not (full path, reason): never built, or garbage-collected since.
+///
+/// # Errors
+/// [`StoreError`] when the store cannot be read at all.
+pub fn split_valid(store: &LocalStore, paths: &[StorePath]) -> Result<ValidSplit, StoreError> {
     let mut valid: Vec<StorePath> = paths.to_vec();
     valid.sort();
     valid.dedup();

@@ -1,0 +1,442 @@
+//! `narflow daemon`: takes store paths from `narflow hook` over a Unix socket, queues them
+//! durably, and uploads their closures through the pipeline, retrying failures.
+//!
+//! - [`protocol`]: the request/reply lines (std only; the hook links it).
+//! - [`spool`]: the file the hook appends to when the daemon is unreachable (std only).
+//! - [`queue`]: the durable queue (SQLite, WAL, `synchronous=FULL`).
+//! - `server`: the socket, on a tokio runtime; it validates and queues, nothing more.
+//! - `worker`: one thread that takes due paths in batches and runs [`crate::pipeline::push`].
+//!
+//! A path is acknowledged only after it is committed to the queue, and marked done only
+//! after its narinfo is in the cache; a crash anywhere leaves it pending, and the next
+//! start uploads it (skipping what the cache already has). Shutdown is a future passed to
+//! [`Daemon::run`], so the CLI (SIGTERM) and tests stop it the same way.
+pub mod protocol;
+pub mod queue;
+mod server;
+pub mod spool;
+mod worker;
+
+use crate::cache::BinaryCache;
+use crate::format::store_path::StorePath;
+use crate::pipeline::PushOptions;
+use crate::store::LocalStore;
+use protocol::EnqueueReply;
+use queue::{Queue, QueueError};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Paths per upload batch. One batch is one closure query, one cache listing and one
+/// pipeline run, so batches amortise per-run costs; the cap bounds how long a shutdown
+/// waits for the batch in flight.
+pub const DEFAULT_BATCH: usize = 1000;
+
+/// How the daemon is set up.
+#[derive(Debug)]
+pub struct DaemonConfig {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    /// Make the socket 0660 and owned by this group (else 0600, owner and root only).
+    pub socket_group: Option<u32>,
+    pub opts: PushOptions,
+    pub batch: usize,
+    /// How long a shutdown waits for the batch in flight before leaving it queued.
+    pub shutdown_timeout: Duration,
+}
+
+/// Why the daemon cannot start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another narflow daemon is using the state directory {0}")]
+    Locked(PathBuf),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("socket {0}: another daemon is listening there")]
+    SocketInUse(PathBuf),
+    #[error("the upload worker stopped unexpectedly")]
+    WorkerDied,
+}
+
+/// A daemon with its state directory locked, its queue open and its socket bound, ready
+/// to [`Daemon::run`].
+#[derive(Debug)]
+pub struct Daemon {
+    cfg: DaemonConfig,
+    listener: std::os::unix::net::UnixListener,
+    queue: Queue,
+    _lock: File,
+}
+
+impl Daemon {
+    /// Locks the state directory, opens the queue and binds the socket. Call it before
+    /// anything starts threads: the socket is created under a umask that keeps it private.
+    ///
+    /// # Errors
+    /// [`DaemonError`] naming the directory, queue or socket that is unusable.
+    pub fn bind(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
+        let dir = &cfg.state_dir;
+        let dir_err = |source| DaemonError::StateDir {
+            path: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(dir_err)?;
+        let lock = File::create(dir.join("lock")).map_err(dir_err)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(DaemonError::Locked(dir.clone())),
+            Err(std::fs::TryLockError::Error(e)) => return Err(dir_err(e)),
+        }
+        let queue = Queue::open(dir)?;
+        let listener = bind_socket(&cfg.socket, cfg.socket_group)?;
+        Ok(Daemon {
+            cfg,
+            listener,
+            queue,
+            _lock: lock,
+        })
+    }
+
+    /// Serves until `shutdown` resolves, then stops taking requests, removes the socket,
+    /// and waits (up to the configured timeout) for the batch in flight; whatever is not
+    /// done stays queued for the next start. Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    /// [`DaemonError::WorkerDied`] when the upload worker stopped on its own.
+    pub async fn run(
+        self,
+        store: LocalStore,
+        cache: Box<dyn BinaryCache>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), DaemonError> {
+        let Daemon {
+            cfg,
+            listener,
+            queue,
+            _lock,
+        } = self;
+        let sock_err = |source| DaemonError::Socket {
+            path: cfg.socket.clone(),
+            source,
+        };
+        listener.set_nonblocking(true).map_err(sock_err)?;
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(sock_err)?;
+        // Capacity 1: a doorbell. One pending ring is enough, because the worker takes
+        // everything due when it wakes.
+        let (bell_tx, bell_rx) = crossbeam_channel::bounded(1);
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(queue),
+            store_dir: store.store_dir().to_owned(),
+            state_dir: cfg.state_dir.clone(),
+            bell: bell_tx,
+            stopping: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            stats: Stats::default(),
+            started: Instant::now(),
+        });
+        tracing::info!(
+            "narflow daemon: listening on {}, uploading to {}, state in {}",
+            cfg.socket.display(),
+            cache.url(),
+            cfg.state_dir.display()
+        );
+
+        let (dead_tx, dead_rx) = tokio::sync::oneshot::channel::<()>();
+        let worker = {
+            let shared = shared.clone();
+            let (opts, batch) = (cfg.opts, cfg.batch.max(1));
+            std::thread::Builder::new()
+                .name("narflow-worker".into())
+                .spawn(move || {
+                    // Dropped when the worker returns or panics: the server then stops.
+                    let _dead = dead_tx;
+                    worker::run(&shared, &store, cache.as_ref(), &opts, batch, &bell_rx);
+                })
+                .map_err(|e| DaemonError::StateDir {
+                    path: cfg.state_dir.clone(),
+                    source: e,
+                })?
+        };
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let policy = server::PeerPolicy::new(cfg.socket_group);
+        let server = tokio::spawn(server::serve(listener, shared.clone(), policy, stop_rx));
+        let worker_died = tokio::select! {
+            () = shutdown => false,
+            _ = dead_rx => true,
+        };
+        let _ = stop_tx.send(true);
+        let _ = server.await;
+        let _ = std::fs::remove_file(&cfg.socket);
+        shared.stopping.store(true, Ordering::SeqCst);
+        let _ = shared.bell.try_send(());
+        if worker_died {
+            let _ = worker.join();
+            return Err(DaemonError::WorkerDied);
+        }
+        tracing::info!("narflow daemon: stopping; no new requests, finishing the batch in flight");
+        let joined = tokio::task::spawn_blocking(move || worker.join());
+        match tokio::time::timeout(cfg.shutdown_timeout, joined).await {
+            Ok(_) => tracing::info!("narflow daemon: stopped"),
+            Err(_) => tracing::warn!(
+                "narflow daemon: {} paths still uploading after {:?}; they stay queued and are uploaded on the next start",
+                shared.in_flight.load(Ordering::SeqCst),
+                cfg.shutdown_timeout
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// Binds the socket at `path` with mode 0600 (0660 and group `group` when given),
+/// replacing a stale socket file but never a live daemon's.
+fn bind_socket(
+    path: &Path,
+    group: Option<u32>,
+) -> Result<std::os::unix::net::UnixListener, DaemonError> {
+    let err = |source| DaemonError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if std::fs::symlink_metadata(path).is_ok() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::SocketInUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(err)?;
+    }
+    // The umask makes the socket private from the moment it exists; the process has no
+    // other threads yet, so no other file is created under it.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    rustix::process::umask(old);
+    let listener = bound.map_err(err)?;
+    if let Some(gid) = group {
+        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))
+            .map_err(|e| err(e.into()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    }
+    Ok(listener)
+}
+
+/// State shared by the server and the worker.
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Queue>,
+    store_dir: String,
+    state_dir: PathBuf,
+    /// Rung after an enqueue so the worker starts at once.
+    bell: crossbeam_channel::Sender<()>,
+    stopping: AtomicBool,
+    /// Paths in the batch being uploaded (the paths asked for, not their closures).
+    in_flight: AtomicUsize,
+    stats: Stats,
+    started: Instant,
+}
+
+impl Shared {
+    /// Validates `tokens` and queues the store paths among them, durably.
+    fn enqueue(&self, drv: Option<&str>, tokens: &[String]) -> EnqueueReply {
+        let mut paths = Vec::with_capacity(tokens.len());
+        let mut rejected = Vec::new();
+        for t in tokens {
+            match self.check(t) {
+                Ok(full) => paths.push(full),
+                Err(why) => rejected.push((protocol::truncate(t, 512).to_owned(), why)),
+            }
+        }
+        let drv = drv.filter(|d| StorePath::from_absolute_path(d, &self.store_dir).is_ok());
+        if paths.is_empty() {
+            return EnqueueReply::Ok {
+                queued: 0,
+                rejected,
+            };
+        }
+        let result = self
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .enqueue(&paths, drv, queue::now_ms());
+        match result {
+            Ok(queued) => {
+                let _ = self.bell.try_send(());
+                tracing::debug!("queued {queued} paths (drv {drv:?})");
+                EnqueueReply::Ok { queued, rejected }
+            }
+            Err(e) => {
+                tracing::error!("cannot queue {} paths: {e:#}", paths.len());
+                EnqueueReply::Err(format!("{e}"))
+            }
+        }
+    }
+
+    /// The full store path a token names, or why it is refused.
+    fn check(&self, token: &str) -> Result<String, String> {
+        let p = StorePath::from_absolute_path(token, &self.store_dir).map_err(|e| e.to_string())?;
+        let full = p.to_absolute(&self.store_dir);
+        match std::fs::symlink_metadata(&full) {
+            Ok(_) => Ok(full),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err("no such store path".to_owned())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The status report: queue counts, the batch in flight, failures, throughput.
+    fn status(&self) -> serde_json::Value {
+        let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v = status_from_queue(&q);
+        drop(q);
+        let (paths_per_s, bytes_per_s) = self.stats.recent(RECENT_WINDOW);
+        let last = self
+            .stats
+            .last_batch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        v["daemon"] = serde_json::json!(true);
+        v["in_flight"] = serde_json::json!(self.in_flight.load(Ordering::SeqCst));
+        v["uptime_seconds"] = serde_json::json!(self.started.elapsed().as_secs());
+        v["since_start"] = serde_json::json!({
+            "uploaded": self.stats.uploaded.load(Ordering::Relaxed),
+            "nar_bytes": self.stats.nar_bytes.load(Ordering::Relaxed),
+        });
+        v["recent"] = serde_json::json!({
+            "window_seconds": RECENT_WINDOW,
+            "uploaded_per_second": paths_per_s,
+            "nar_mb_per_second": bytes_per_s / 1e6,
+        });
+        v["last_batch"] = last.map_or(serde_json::Value::Null, |b| {
+            serde_json::json!({
+                "seconds_ago": b.at.elapsed().as_secs(),
+                "paths": b.paths,
+                "uploaded": b.uploaded,
+                "already_present": b.present,
+                "failed": b.failed,
+                "dropped": b.dropped,
+                "nar_bytes": b.nar_bytes,
+                "seconds": b.seconds,
+            })
+        });
+        v
+    }
+}
+
+/// How many failing and dropped paths a status report lists (the counts are complete).
+const STATUS_LIST: usize = 20;
+/// The throughput window of `narflow status`, in seconds.
+const RECENT_WINDOW: u64 = 60;
+
+/// The part of the status that the queue alone knows; `narflow status` uses it directly
+/// when no daemon is running.
+pub fn status_from_queue(q: &Queue) -> serde_json::Value {
+    let counts = q.counts();
+    let failing = q.failing(STATUS_LIST);
+    let dropped = q.dropped(STATUS_LIST);
+    match (counts, failing, dropped) {
+        (Ok(c), Ok(f), Ok(d)) => serde_json::json!({
+            "pending": c.pending,
+            "failing": c.failing,
+            "done": c.done,
+            "dropped": c.dropped,
+            "failures": f,
+            "dropped_paths": d.into_iter().map(|(path, why)| serde_json::json!({"path": path, "why": why})).collect::<Vec<_>>(),
+        }),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            serde_json::json!({ "error": e.to_string() })
+        }
+    }
+}
+
+/// A finished batch, for `narflow status`.
+#[derive(Debug, Clone)]
+struct BatchSummary {
+    at: Instant,
+    paths: usize,
+    uploaded: usize,
+    present: usize,
+    failed: usize,
+    dropped: usize,
+    nar_bytes: u64,
+    seconds: f64,
+}
+
+/// Upload counters, and per-second buckets for recent throughput.
+#[derive(Debug, Default)]
+struct Stats {
+    uploaded: AtomicU64,
+    nar_bytes: AtomicU64,
+    /// (second since start, paths, NAR bytes). Bounded: at most [`RECENT_WINDOW`] entries.
+    buckets: Mutex<VecDeque<(u64, u64, u64)>>,
+    last_batch: Mutex<Option<BatchSummary>>,
+    origin: std::sync::OnceLock<Instant>,
+}
+
+impl Stats {
+    fn add(&self, paths: u64, bytes: u64) {
+        self.uploaded.fetch_add(paths, Ordering::Relaxed);
+        self.nar_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let now = self.origin.get_or_init(Instant::now).elapsed().as_secs();
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        match b.back_mut() {
+            Some(last) if last.0 == now => {
+                last.1 += paths;
+                last.2 += bytes;
+            }
+            _ => b.push_back((now, paths, bytes)),
+        }
+        while b.front().is_some_and(|f| f.0 + RECENT_WINDOW <= now) {
+            b.pop_front();
+        }
+    }
+
+    /// Paths and NAR bytes per second over the last `window` seconds.
+    fn recent(&self, window: u64) -> (f64, f64) {
+        let Some(origin) = self.origin.get() else {
+            return (0.0, 0.0);
+        };
+        let now = origin.elapsed().as_secs();
+        let b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let (p, n) = b
+            .iter()
+            .filter(|x| x.0 + window > now)
+            .fold((0, 0), |(p, n), x| (p + x.1, n + x.2));
+        let span = (now + 1).min(window) as f64;
+        (p as f64 / span, n as f64 / span)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_throughput_counts_only_the_window() {
+        let s = Stats::default();
+        assert_eq!(s.recent(60), (0.0, 0.0));
+        s.add(3, 3_000_000);
+        s.add(1, 1_000_000);
+        let (p, b) = s.recent(60);
+        // Within the first second the span is one second.
+        assert_eq!((p, b), (4.0, 4_000_000.0));
+        assert_eq!(s.uploaded.load(Ordering::Relaxed), 4);
+        assert_eq!(s.buckets.lock().unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,244 @@
+//! The line protocol between `narflow hook` / `narflow status` and the daemon, and the
+//! format of the hook's spool file (one request line per hand-off).
+//!
+//! std only: the hook links this and must not start a runtime. One request per
+//! connection, one line each way (an enqueue reply may be preceded by `REJECT` lines):
+//!
+//! ```text
+//! → ENQUEUE <drv path or -> <store path> <store path> ...\n
+//! ← REJECT <token> <reason>\n        (zero or more: tokens that were not queued)
+//! ← OK <number queued>\n            (the queued paths are committed to disk)
+//! ← ERR <reason>\n                  (nothing was queued; the hook spools instead)
+//!
+//! → STATUS\n
+//! ← OK <JSON object>\n
+//! ```
+//!
+//! Store paths never contain spaces or newlines, so whitespace separates tokens; a token
+//! that is not a store path is rejected by the daemon, not here.
+
+/// Longest request line the daemon reads. A post-build-hook names a handful of outputs;
+/// 4 MiB holds about 40,000 store paths, and bounds what one connection can make the
+/// daemon buffer. The hook spools a longer hand-off instead of sending it.
+pub const MAX_REQUEST: usize = 4 << 20;
+
+/// A parsed request line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Queue these paths (and, by the daemon, their closure) for upload.
+    Enqueue {
+        /// `$DRV_PATH`, when the hook had one.
+        drv: Option<String>,
+        paths: Vec<String>,
+    },
+    /// Ask for the daemon's status.
+    Status,
+}
+
+impl Request {
+    /// The request as one line, newline included.
+    pub fn to_line(&self) -> String {
+        match self {
+            Request::Status => "STATUS\n".to_owned(),
+            Request::Enqueue { drv, paths } => {
+                let drv = drv
+                    .as_deref()
+                    .filter(|d| is_token(d))
+                    .unwrap_or("-")
+                    .to_owned();
+                let mut line = format!("ENQUEUE {drv}");
+                for p in paths {
+                    line.push(' ');
+                    line.push_str(p);
+                }
+                line.push('\n');
+                line
+            }
+        }
+    }
+
+    /// Parses one request line (without or with its newline).
+    ///
+    /// # Errors
+    /// A message saying what is wrong with the line, for an `ERR` reply.
+    pub fn parse(line: &str) -> Result<Request, String> {
+        let line = line.strip_suffix('\n').unwrap_or(line);
+        let mut tokens = line.split_ascii_whitespace();
+        match tokens.next() {
+            Some("STATUS") if tokens.next().is_none() => Ok(Request::Status),
+            Some("STATUS") => Err("STATUS takes no arguments".to_owned()),
+            Some("ENQUEUE") => {
+                let drv = match tokens.next() {
+                    None => return Err("ENQUEUE needs a derivation (or -) and paths".to_owned()),
+                    Some("-") => None,
+                    Some(d) => Some(d.to_owned()),
+                };
+                Ok(Request::Enqueue {
+                    drv,
+                    paths: tokens.map(str::to_owned).collect(),
+                })
+            }
+            Some(other) => Err(format!(
+                "unknown request {:?} (expected ENQUEUE or STATUS)",
+                truncate(other, 40)
+            )),
+            None => Err("empty request".to_owned()),
+        }
+    }
+}
+
+/// True when `s` can travel as one token.
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && !s.contains(|c: char| c.is_ascii_whitespace())
+}
+
+/// At most `max` bytes of `s` (on a char boundary), for echoing client input in errors.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The daemon's answer to an `ENQUEUE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnqueueReply {
+    /// `queued` paths are durably queued; `rejected` tokens were not, with why.
+    Ok {
+        queued: usize,
+        rejected: Vec<(String, String)>,
+    },
+    /// Nothing was queued.
+    Err(String),
+}
+
+impl EnqueueReply {
+    /// The reply as the daemon sends it.
+    pub fn to_lines(&self) -> String {
+        match self {
+            EnqueueReply::Ok { queued, rejected } => {
+                let mut s = String::new();
+                for (token, why) in rejected {
+                    s.push_str(&format!("REJECT {token} {}\n", one_line(why)));
+                }
+                s.push_str(&format!("OK {queued}\n"));
+                s
+            }
+            EnqueueReply::Err(why) => format!("ERR {}\n", one_line(why)),
+        }
+    }
+
+    /// Parses the daemon's reply (all lines up to and including `OK`/`ERR`).
+    ///
+    /// # Errors
+    /// A message when the text is not a complete reply.
+    pub fn parse(text: &str) -> Result<EnqueueReply, String> {
+        let mut rejected = Vec::new();
+        for line in text.split_inclusive('\n') {
+            let Some(line) = line.strip_suffix('\n') else {
+                return Err(format!("incomplete reply {:?}", truncate(line, 80)));
+            };
+            if let Some(rest) = line.strip_prefix("REJECT ") {
+                let (token, why) = rest.split_once(' ').unwrap_or((rest, ""));
+                rejected.push((token.to_owned(), why.to_owned()));
+            } else if let Some(n) = line.strip_prefix("OK ") {
+                let queued = n
+                    .parse()
+                    .map_err(|_| format!("bad reply {:?}", truncate(line, 80)))?;
+                return Ok(EnqueueReply::Ok { queued, rejected });
+            } else if let Some(why) = line.strip_prefix("ERR ") {
+                return Ok(EnqueueReply::Err(why.to_owned()));
+            } else {
+                return Err(format!("bad reply {:?}", truncate(line, 80)));
+            }
+        }
+        Err("the daemon closed the connection without replying".to_owned())
+    }
+}
+
+/// `s` with line breaks replaced, so it fits in one protocol line.
+pub fn one_line(s: &str) -> String {
+    s.replace(['\n', '\r'], " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let r = Request::Enqueue {
+            drv: Some("/nix/store/aaa-x.drv".into()),
+            paths: vec!["/nix/store/bbb-x".into(), "/nix/store/ccc-x-dev".into()],
+        };
+        assert_eq!(
+            r.to_line(),
+            "ENQUEUE /nix/store/aaa-x.drv /nix/store/bbb-x /nix/store/ccc-x-dev\n"
+        );
+        assert_eq!(Request::parse(&r.to_line()), Ok(r));
+        assert_eq!(Request::parse("STATUS\n"), Ok(Request::Status));
+        // No derivation, or one that cannot travel as a token, becomes `-`.
+        let r = Request::Enqueue {
+            drv: Some("two words".into()),
+            paths: vec!["/nix/store/bbb-x".into()],
+        };
+        assert_eq!(r.to_line(), "ENQUEUE - /nix/store/bbb-x\n");
+        assert_eq!(
+            Request::parse(&r.to_line()),
+            Ok(Request::Enqueue {
+                drv: None,
+                paths: vec!["/nix/store/bbb-x".into()]
+            })
+        );
+    }
+
+    #[test]
+    fn bad_requests_say_what_is_wrong() {
+        assert!(Request::parse("").unwrap_err().contains("empty"));
+        assert!(
+            Request::parse("GET / HTTP/1.1")
+                .unwrap_err()
+                .contains("\"GET\"")
+        );
+        assert!(Request::parse("ENQUEUE").unwrap_err().contains("needs"));
+        assert!(
+            Request::parse("STATUS x")
+                .unwrap_err()
+                .contains("no arguments")
+        );
+        let long = "X".repeat(1000);
+        assert!(Request::parse(&long).unwrap_err().len() < 100);
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let r = EnqueueReply::Ok {
+            queued: 2,
+            rejected: vec![("/tmp/x".into(), "not in /nix/store\nsecond line".into())],
+        };
+        let text = r.to_lines();
+        assert_eq!(text, "REJECT /tmp/x not in /nix/store second line\nOK 2\n");
+        match EnqueueReply::parse(&text).unwrap() {
+            EnqueueReply::Ok { queued, rejected } => {
+                assert_eq!(queued, 2);
+                assert_eq!(rejected[0].1, "not in /nix/store second line");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            EnqueueReply::parse("ERR disk full\n"),
+            Ok(EnqueueReply::Err("disk full".into()))
+        );
+        assert!(EnqueueReply::parse("OK 1").is_err());
+        assert!(
+            EnqueueReply::parse("")
+                .unwrap_err()
+                .contains("without replying")
+        );
+        assert!(EnqueueReply::parse("HELLO\n").is_err());
+    }
+}

@@ -1,0 +1,135 @@
+//! `narflow hook`: the post-build-hook client. It hands `$OUT_PATHS` to the daemon and
+//! returns; when the daemon cannot take them it spools them durably for the daemon to
+//! drain later.
+//!
+//! std only: no tokio runtime, no store or cache access, no work beyond the hand-off.
+//! It never fails the build: every outcome, including losing the paths, is a value the
+//! caller reports on stderr before exiting 0.
+use crate::daemon::protocol::{EnqueueReply, MAX_REQUEST, Request};
+use crate::daemon::spool;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The daemon's socket when none is given (systemd's `RuntimeDirectory=narflow`).
+pub const DEFAULT_SOCKET: &str = "/run/narflow/daemon.sock";
+/// The daemon's state directory when none is given (systemd's `StateDirectory=narflow`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/narflow";
+/// How long the hook waits for the daemon before spooling. The build loop waits for the
+/// hook; a healthy daemon answers in about a millisecond, so a daemon that has not
+/// answered in 2 s is stuck, and the spool is the faster way out.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the hook did with its paths.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Handoff {
+    /// `$OUT_PATHS` was empty: nothing to do.
+    Nothing,
+    /// The daemon queued `queued` paths durably; it refused `rejected` (token, why).
+    Queued {
+        queued: usize,
+        rejected: Vec<(String, String)>,
+    },
+    /// The daemon was not reachable (`why`); the request is in the spool file `file`.
+    Spooled {
+        paths: usize,
+        why: String,
+        file: PathBuf,
+    },
+    /// Neither the daemon nor the spool could take the paths.
+    Lost { paths: usize, why: String },
+}
+
+/// Hands `out_paths` (space-separated, as in `$OUT_PATHS`) and `drv` (`$DRV_PATH`) to the
+/// daemon at `socket`, or to the spool in `state_dir`.
+pub fn hand_off(
+    socket: &Path,
+    state_dir: &Path,
+    out_paths: &str,
+    drv: Option<&str>,
+    timeout: Duration,
+) -> Handoff {
+    let paths: Vec<String> = out_paths
+        .split_ascii_whitespace()
+        .map(str::to_owned)
+        .collect();
+    if paths.is_empty() {
+        return Handoff::Nothing;
+    }
+    let n = paths.len();
+    let request = Request::Enqueue {
+        drv: drv.map(str::to_owned),
+        paths,
+    };
+    let line = request.to_line();
+    let why = if line.len() > MAX_REQUEST {
+        format!("{n} paths is more than one request can carry")
+    } else {
+        match send(socket, &line, timeout) {
+            Ok(EnqueueReply::Ok { queued, rejected }) => {
+                return Handoff::Queued { queued, rejected };
+            }
+            Ok(EnqueueReply::Err(why)) => {
+                format!("the daemon at {} refused: {why}", socket.display())
+            }
+            Err(e) => format!("cannot reach the daemon at {}: {e}", socket.display()),
+        }
+    };
+    match spool::append(state_dir, &line) {
+        Ok(file) => Handoff::Spooled {
+            paths: n,
+            why,
+            file,
+        },
+        Err(e) => Handoff::Lost {
+            paths: n,
+            why: format!(
+                "{why}; and cannot spool to {}: {e}",
+                state_dir.join(spool::SPOOL).display()
+            ),
+        },
+    }
+}
+
+/// Sends one request line and reads the reply, within `timeout` overall.
+fn send(socket: &Path, line: &str, timeout: Duration) -> std::io::Result<EnqueueReply> {
+    let deadline = Instant::now() + timeout;
+    let left = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))
+    };
+    // connect() on a Unix socket does not block for long: a listening socket with a
+    // full backlog answers EAGAIN at once.
+    let mut s = UnixStream::connect(socket)?;
+    s.set_write_timeout(Some(left()?))?;
+    s.write_all(line.as_bytes())?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        s.set_read_timeout(Some(left()?))?;
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        // The reply ends with its OK or ERR line.
+        if reply.ends_with(b"\n") {
+            let text = String::from_utf8_lossy(&reply);
+            let last = text
+                .trim_end_matches('\n')
+                .rsplit('\n')
+                .next()
+                .unwrap_or("");
+            if last.starts_with("OK ") || last.starts_with("ERR ") {
+                break;
+            }
+        }
+        if reply.len() > MAX_REQUEST {
+            return Err(std::io::Error::other("the daemon's reply is too long"));
+        }
+    }
+    EnqueueReply::parse(&String::from_utf8_lossy(&reply)).map_err(std::io::Error::other)
+}
