@@ -24,7 +24,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// What the hook did with its paths.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Handoff {
-    /// `$OUT_PATHS` was empty: nothing to do.
+    /// Neither `$OUT_PATHS` nor `$DRV_PATH` named anything: nothing to do.
     Nothing,
     /// The daemon queued `queued` paths durably; it refused `rejected` (token, why).
     Queued {
@@ -54,10 +54,13 @@ pub fn hand_off(
         .split_ascii_whitespace()
         .map(str::to_owned)
         .collect();
-    if paths.is_empty() {
+    // Nix 2.8.0 sets only $DRV_PATH ($OUT_PATHS is empty): the daemon then looks up the
+    // derivation's outputs.
+    let drv = drv.filter(|d| !d.trim().is_empty());
+    if paths.is_empty() && drv.is_none() {
         return Handoff::Nothing;
     }
-    let n = paths.len();
+    let n = paths.len().max(1);
     let request = Request::Enqueue {
         drv: drv.map(str::to_owned),
         paths,

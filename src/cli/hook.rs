@@ -33,7 +33,7 @@ pub fn run(args: HookArgs, verbose: bool) -> u8 {
     ) {
         Handoff::Nothing => {
             if verbose {
-                eprintln!("narflow hook: $OUT_PATHS is empty; nothing to upload");
+                eprintln!("narflow hook: $OUT_PATHS and $DRV_PATH are empty; nothing to upload");
             }
         }
         Handoff::Queued { queued, rejected } => {

@@ -141,6 +141,7 @@ impl Daemon {
         let shared = Arc::new(Shared {
             queue: Mutex::new(queue),
             store_dir: store.store_dir().to_owned(),
+            store: Arc::new(store),
             state_dir: cfg.state_dir.clone(),
             bell: bell_tx,
             stopping: AtomicBool::new(false),
@@ -164,6 +165,7 @@ impl Daemon {
                 .spawn(move || {
                     // Dropped when the worker returns or panics: the server then stops.
                     let _dead = dead_tx;
+                    let store = shared.store.clone();
                     worker::run(&shared, &store, cache.as_ref(), &opts, batch, &bell_rx);
                 })
                 .map_err(|e| DaemonError::StateDir {
@@ -240,6 +242,8 @@ fn bind_socket(
 struct Shared {
     queue: Mutex<Queue>,
     store_dir: String,
+    /// For the outputs of a derivation named without its outputs (Nix 2.8.0's hook).
+    store: Arc<LocalStore>,
     state_dir: PathBuf,
     /// Rung after an enqueue so the worker starts at once.
     bell: crossbeam_channel::Sender<()>,
@@ -251,10 +255,28 @@ struct Shared {
 }
 
 impl Shared {
-    /// Validates `tokens` and queues the store paths among them, durably.
+    /// Validates `tokens` and queues the store paths among them, durably. With no tokens,
+    /// queues the outputs of `drv`: Nix 2.8.0 runs the post-build-hook with `$OUT_PATHS`
+    /// empty and only `$DRV_PATH` set.
     fn enqueue(&self, drv: Option<&str>, tokens: &[String]) -> EnqueueReply {
         let mut paths = Vec::with_capacity(tokens.len());
         let mut rejected = Vec::new();
+        let outputs;
+        let tokens = match (tokens.is_empty(), drv) {
+            (true, Some(d)) => match self.outputs_of(d) {
+                Ok(o) => {
+                    outputs = o;
+                    &outputs[..]
+                }
+                Err(why) => {
+                    return EnqueueReply::Ok {
+                        queued: 0,
+                        rejected: vec![(protocol::truncate(d, 512).to_owned(), why)],
+                    };
+                }
+            },
+            _ => tokens,
+        };
         for t in tokens {
             match self.check(t) {
                 Ok(full) => paths.push(full),
@@ -284,6 +306,22 @@ impl Shared {
                 EnqueueReply::Err(format!("{e}"))
             }
         }
+    }
+
+    /// The output paths of the derivation `drv`, or why there are none.
+    fn outputs_of(&self, drv: &str) -> Result<Vec<String>, String> {
+        let d = StorePath::from_absolute_path(drv, &self.store_dir).map_err(|e| e.to_string())?;
+        let outs = self
+            .store
+            .derivation_outputs(&d)
+            .map_err(|e| format!("cannot find the outputs of the derivation: {e}"))?;
+        if outs.is_empty() {
+            return Err("the derivation has no outputs in the store".into());
+        }
+        Ok(outs
+            .iter()
+            .map(|p| p.to_absolute(&self.store_dir))
+            .collect())
     }
 
     /// The full store path a token names, or why it is refused.

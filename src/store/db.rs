@@ -160,6 +160,42 @@ impl StoreDb {
         Ok(infos)
     }
 
+    /// See [`super::LocalStore::derivation_outputs`].
+    ///
+    /// # Errors
+    /// [`StoreError::NotValid`] when `drv` is not in the database; [`StoreError::Db`].
+    pub fn derivation_outputs(&self, drv: &StorePath) -> Result<Vec<StorePath>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let full = drv.to_absolute(&self.store_dir);
+        let mut q = conn
+            .prepare_cached(
+                "SELECT o.path FROM DerivationOutputs o JOIN ValidPaths v ON o.drv = v.id
+                 WHERE v.path = ?1 ORDER BY o.path",
+            )
+            .map_err(|e| self.db_err(e))?;
+        let rows: Vec<String> = q
+            .query_map([&full], |r| r.get(0))
+            .map_err(|e| self.db_err(e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.db_err(e))?;
+        if rows.is_empty() {
+            let valid: bool = conn
+                .query_row("SELECT 1 FROM ValidPaths WHERE path = ?1", [&full], |_| {
+                    Ok(())
+                })
+                .is_ok();
+            if !valid {
+                return Err(StoreError::NotValid(full));
+            }
+        }
+        rows.iter()
+            .map(|p| {
+                self.parse_path(p)
+                    .map_err(|reason| corrupt(&full, "output", reason))
+            })
+            .collect()
+    }
+
     fn db_err(&self, source: rusqlite::Error) -> StoreError {
         StoreError::Db {
             path: self.db_path.clone(),

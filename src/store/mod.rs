@@ -110,6 +110,20 @@ impl LocalStore {
         }
     }
 
+    /// The output paths of the derivation `drv` (a `.drv` store path), as the store
+    /// records them. Nix 2.8.0 runs the post-build-hook with `$OUT_PATHS` empty (fixed in
+    /// 2.8.1); the daemon then finds the outputs from `$DRV_PATH` with this.
+    ///
+    /// # Errors
+    /// [`StoreError::NotValid`] when `drv` is not valid; [`StoreError::Db`] or
+    /// [`StoreError::Command`] when the store cannot be read.
+    pub fn derivation_outputs(&self, drv: &StorePath) -> Result<Vec<StorePath>, StoreError> {
+        match self {
+            LocalStore::Db(d) => d.derivation_outputs(drv),
+            LocalStore::Command(c) => c.derivation_outputs(drv),
+        }
+    }
+
     /// The closure of `paths` (every path reachable through references, each once), in an
     /// order where each path comes after all its references; ties in store-path order.
     ///

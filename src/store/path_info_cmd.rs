@@ -60,6 +60,32 @@ impl PathInfoCommand {
         &self.store_dir
     }
 
+    /// See [`super::LocalStore::derivation_outputs`]: `nix-store --query --outputs`.
+    ///
+    /// # Errors
+    /// [`StoreError::Command`] with Nix's stderr when it fails.
+    pub fn derivation_outputs(&self, drv: &StorePath) -> Result<Vec<StorePath>, StoreError> {
+        let full = drv.to_absolute(&self.store_dir);
+        let out = std::process::Command::new("nix-store")
+            .args(["--query", "--outputs"])
+            .arg(&full)
+            .output()
+            .map_err(|e| StoreError::Command(format!("cannot run nix-store: {e}")))?;
+        if !out.status.success() {
+            return Err(StoreError::Command(format!(
+                "nix-store --query --outputs {full}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                StorePath::from_absolute_path(l.trim(), &self.store_dir)
+                    .map_err(|e| StoreError::Command(e.to_string()))
+            })
+            .collect()
+    }
+
     /// See [`super::LocalStore::path_infos`]. One `nix path-info` per 1,000 paths.
     ///
     /// # Errors

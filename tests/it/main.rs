@@ -1,6 +1,7 @@
 //! narflow's integration suite: one binary, real Nix (Debian nix-bin, set up by
 //! `scripts/setup-nix`), shared helpers in `helpers`.
 
+mod daemon;
 mod helpers;
 mod nar_golden;
 mod narinfo_nix;

@@ -1,0 +1,769 @@
+//! `narflow daemon` and `narflow hook` against real Nix: post-build-hook builds, kill -9
+//! at random moments, a daemon that is down, bad input, garbage-collected paths, SIGTERM.
+use crate::helpers::*;
+use narflow::format::hash::Sha256;
+use narflow::format::narinfo::NarInfo;
+use narflow::format::signing::VerifyingKey;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `narflow daemon` process with its own socket and state directory.
+struct Daemon {
+    child: Option<Child>,
+    socket: PathBuf,
+    state: PathBuf,
+    log: PathBuf,
+    args: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts a daemon uploading to `url` with `args` (e.g. `--key-file K`), in `dir`.
+    fn start(dir: &Path, url: &str, args: &[&str]) -> Daemon {
+        let mut all = vec!["daemon".to_owned(), "--to".to_owned(), url.to_owned()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let mut d = Daemon {
+            child: None,
+            socket: dir.join("daemon.sock"),
+            state: dir.join("state"),
+            log: dir.join("daemon.log"),
+            args: all,
+        };
+        d.restart();
+        d
+    }
+
+    /// (Re)starts the process and waits until it answers on its socket.
+    fn restart(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = narflow()
+            .args(&self.args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("narflow daemon");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.try_status().is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the daemon exited ({status}):\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon does not answer:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().expect("running");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// SIGTERM; returns how the process exited.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        run(Command::new("kill").arg("-TERM").arg(c.id().to_string()));
+        c.wait().unwrap()
+    }
+
+    fn try_status(&self) -> Result<serde_json::Value, String> {
+        let mut s = UnixStream::connect(&self.socket).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"STATUS\n").map_err(|e| e.to_string())?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+        let json = reply
+            .strip_prefix("OK ")
+            .ok_or_else(|| format!("reply {reply:?}"))?;
+        serde_json::from_str(json.trim_end()).map_err(|e| e.to_string())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        self.try_status().expect("daemon status")
+    }
+
+    /// Waits until nothing is pending or in flight; returns the status then.
+    fn wait_idle(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let s = self.status();
+            if s["pending"] == 0 && s["in_flight"] == 0 {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon is not done: {s}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `narflow hook` for `paths` against this daemon.
+    fn hook(&self, paths: &[String]) -> Output {
+        hook_at(&self.socket, &self.state, paths)
+    }
+
+    /// Sends raw bytes on the socket, returns the reply.
+    fn raw(&self, bytes: &[u8]) -> String {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // The daemon may answer and close before it reads everything we send.
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        reply
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `narflow hook` with `$OUT_PATHS` = `paths`, as Nix would run it; asserts exit 0.
+fn hook_at(socket: &Path, state: &Path, paths: &[String]) -> Output {
+    let out = narflow()
+        .arg("hook")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--state-dir")
+        .arg(state)
+        .env("OUT_PATHS", paths.join(" "))
+        .env(
+            "DRV_PATH",
+            "/nix/store/00000000000000000000000000000000-x.drv",
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the hook failed: {out:?}");
+    out
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Reads objects of a cache under test.
+enum CacheView {
+    File(PathBuf),
+    S3(S3Client),
+}
+
+impl CacheView {
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        match self {
+            CacheView::File(dir) => std::fs::read(dir.join(key)).ok(),
+            CacheView::S3(c) => c.get(key),
+        }
+    }
+
+    /// Asserts the cache holds every path of `closure` in a state Nix can use: a narinfo
+    /// signed by `key`, a NAR with exactly FileSize bytes and the FileHash, and a narinfo
+    /// for each reference.
+    fn assert_complete(&self, closure: &BTreeSet<String>, key: &NixKey) {
+        let vk = VerifyingKey::parse(&key.public).unwrap();
+        for path in closure {
+            let text = self
+                .get(&narinfo_key(path))
+                .unwrap_or_else(|| panic!("no narinfo for {path}"));
+            let info = NarInfo::parse(std::str::from_utf8(&text).unwrap(), "/nix/store").unwrap();
+            assert_eq!(
+                info.valid_signatures("/nix/store", std::slice::from_ref(&vk)),
+                1,
+                "{path}"
+            );
+            let nar = self
+                .get(&info.url)
+                .unwrap_or_else(|| panic!("{path}: narinfo points to missing {}", info.url));
+            assert_eq!(Some(nar.len() as u64), info.file_size, "{path}");
+            assert_eq!(Some(Sha256::digest(&nar)), info.file_hash, "{path}");
+            for r in &info.references {
+                let r = r.to_absolute("/nix/store");
+                assert!(
+                    closure.contains(&r),
+                    "{path}: reference {r} outside the closure"
+                );
+            }
+        }
+    }
+}
+
+/// The closures of `paths`, as real Nix computes them.
+fn closure_of(paths: &[String]) -> BTreeSet<String> {
+    paths.iter().flat_map(|p| nix_closure(p)).collect()
+}
+
+/// The S3 test bucket (a fresh prefix is not possible for Nix, so the bucket is shared
+/// with other tests: every path here is fresh) or, without S3, a file:// cache.
+fn destination(dir: &Path) -> (String, String, CacheView) {
+    match s3_env() {
+        Some(env) => (
+            env.url(""),
+            env.http_url.clone(),
+            CacheView::S3(env.client()),
+        ),
+        None => {
+            let cache = dir.join("cache");
+            let url = format!("file://{}", cache.display());
+            (url.clone(), url, CacheView::File(cache))
+        }
+    }
+}
+
+#[test]
+fn post_build_hook_hands_every_build_to_the_daemon_and_nix_substitutes_the_closures() {
+    let dir = tempdir();
+    let key = nix_generate_key("hook-test");
+    let (url, nix_url, view) = destination(dir.path());
+    let daemon = Daemon::start(
+        dir.path(),
+        &url,
+        &["--key-file", key.secret.to_str().unwrap()],
+    );
+    // Nix runs post-build-hook without arguments: a wrapper names the socket.
+    let wrapper = dir.path().join("upload-hook");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec {} hook --socket {} --state-dir {}\n",
+            env!("CARGO_BIN_EXE_narflow"),
+            daemon.socket.display(),
+            daemon.state.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+
+    let expr_dir = tempdir();
+    let u = unique("hooked");
+    // Two independent chains in one build, 8 derivations each.
+    let mut expr = String::from("let\n");
+    for c in 0..2 {
+        for i in 0..8 {
+            let dep = if i == 0 {
+                String::new()
+            } else {
+                format!("${{c{c}d{}}}", i - 1)
+            };
+            expr.push_str(&format!(
+                "  c{c}d{i} = derivation {{ name = \"hooked-{c}-{i}\"; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {u} {dep} > $out\" ]; }};\n"
+            ));
+        }
+    }
+    expr.push_str("in [ c0d7 c1d7 ]\n");
+    std::fs::write(expr_dir.path().join("default.nix"), expr).unwrap();
+    let out = run(Command::new("nix-build")
+        .arg(expr_dir.path().join("default.nix"))
+        .arg("--no-out-link")
+        .args(["--option", "substituters", ""])
+        .args(["--option", "post-build-hook", wrapper.to_str().unwrap()]));
+    let outputs: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(outputs.len(), 2);
+    let status = daemon.wait_idle();
+    // Every build ran the hook once: 16 paths queued and done.
+    assert_eq!(status["done"], 16, "{status}");
+    assert_eq!(status["failing"], 0, "{status}");
+    let closure = closure_of(&outputs);
+    assert_eq!(closure.len(), 16);
+    view.assert_complete(&closure, &key);
+    assert_nix_substitutes(&nix_url, &key, &closure.into_iter().collect::<Vec<_>>());
+}
+
+/// 200 store paths with references: 40 chained derivations and 160 added files of up to
+/// 1.5 MiB of incompressible bytes (so uploads take long enough to be interrupted).
+fn two_hundred_paths(tag: &str) -> Vec<String> {
+    let last = nix_build_chain(tag, 40);
+    let mut paths = nix_closure(&last);
+    assert_eq!(paths.len(), 40);
+    let dir = tempdir();
+    let mut files = Vec::new();
+    for i in 0..160u64 {
+        let f = dir.path().join(unique(&format!("{tag}-{i}")));
+        write_random_file(&f, (i * 9973) % (1536 << 10) + 1, &f.display().to_string());
+        files.push(f);
+    }
+    let added = stdout(Command::new("nix-store").arg("--add").args(&files));
+    paths.extend(added.lines().map(str::to_owned));
+    assert_eq!(paths.len(), 200);
+    paths
+}
+
+fn kill_9_at_random_moments(dest_is_s3: bool) {
+    let dir = tempdir();
+    let key = nix_generate_key("crash-test");
+    let (url, nix_url, view) = if dest_is_s3 {
+        match destination(dir.path()) {
+            d @ (_, _, CacheView::S3(_)) => d,
+            _ => return,
+        }
+    } else {
+        let cache = dir.path().join("cache");
+        let url = format!("file://{}", cache.display());
+        (url.clone(), url, CacheView::File(cache))
+    };
+    let paths = two_hundred_paths(if dest_is_s3 { "crash-s3" } else { "crash" });
+    // One compression thread: uploads are slower, so more kills land mid-upload.
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &url,
+        &["--key-file", key.secret.to_str().unwrap(), "--jobs", "1"],
+    );
+    // A cheap deterministic random sequence (the seed is in the failure message).
+    let seed = std::process::id() as u64;
+    let mut x = seed | 1;
+    let mut rand = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let groups: Vec<&[String]> = paths.chunks(10).collect();
+    let mut spooled = 0;
+    let mut mid_upload = 0;
+    for (round, group) in groups.iter().enumerate() {
+        // Some hand-offs happen while the daemon is down: they go to the spool.
+        let down = round % 4 == 3;
+        if down {
+            daemon.kill9();
+        }
+        let out = daemon.hook(group);
+        if down {
+            assert!(stderr(&out).contains("spooled"), "{}", stderr(&out));
+            spooled += 1;
+            daemon.restart();
+        }
+        // Every other kill waits until an upload is under way; the others land anywhere
+        // (start-up, spool drain, idle).
+        if round % 2 == 0 {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while daemon.status()["in_flight"] == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(rand(10)));
+        } else {
+            std::thread::sleep(Duration::from_millis(rand(250)));
+        }
+        if daemon.status()["in_flight"] != 0 {
+            mid_upload += 1;
+        }
+        daemon.kill9();
+        daemon.restart();
+    }
+    assert_eq!(groups.len(), 20);
+    assert!(spooled >= 5);
+    println!("seed {seed}: {mid_upload} of 20 kills landed while a batch was uploading");
+    assert!(
+        mid_upload >= 5,
+        "seed {seed}: only {mid_upload} kills were mid-upload"
+    );
+    // Five more kills once everything is queued, while the rest uploads.
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(rand(300)));
+        daemon.kill9();
+        daemon.restart();
+    }
+    let status = daemon.wait_idle();
+    assert_eq!(status["done"], 200, "seed {seed}: {status}");
+    assert_eq!(status["failing"], 0, "seed {seed}: {status}");
+    let closure = closure_of(&paths);
+    view.assert_complete(&closure, &key);
+    // Nix agrees: everything substitutes with signatures required.
+    assert_nix_substitutes(&nix_url, &key, &paths);
+    if let CacheView::File(cache) = &view {
+        // No temporary file is left behind as a narinfo or NAR.
+        let names: Vec<String> = std::fs::read_dir(cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names.iter().filter(|n| n.ends_with(".narinfo")).count(),
+            closure.len()
+        );
+    }
+}
+
+#[test]
+fn kill_9_at_random_moments_loses_nothing_file_cache() {
+    kill_9_at_random_moments(false);
+}
+
+#[test]
+fn kill_9_at_random_moments_loses_nothing_s3() {
+    kill_9_at_random_moments(true);
+}
+
+#[test]
+fn the_hook_spools_when_the_daemon_is_down_and_the_daemon_uploads_the_spool_on_start() {
+    let dir = tempdir();
+    let key = nix_generate_key("spool-test");
+    let cache = dir.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let a = BigPath::new("spooled-a", 1000);
+    let b = BigPath::new("spooled-b", 2000);
+
+    // Installed as `narflow-hook` (Nix runs the hook without arguments), configured by
+    // the environment.
+    let link = dir.path().join("narflow-hook");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_narflow"), &link).unwrap();
+    let socket = dir.path().join("daemon.sock");
+    for p in [&a.path, &b.path] {
+        let out = Command::new(&link)
+            .env("NARFLOW_SOCKET", &socket)
+            .env("NARFLOW_STATE_DIR", &state)
+            .env("OUT_PATHS", p)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(err.contains("cannot reach the daemon"), "{err}");
+        assert!(err.contains("spooled 1 paths"), "{err}");
+    }
+    let spool = std::fs::read_to_string(state.join("spool")).unwrap();
+    assert_eq!(spool.lines().count(), 2);
+    assert!(spool.contains(&a.path) && spool.contains(&b.path));
+
+    // Neither daemon nor spool: the hook still exits 0, and says the paths are lost.
+    let out = hook_at(
+        &socket,
+        Path::new("/proc/no-such-dir"),
+        std::slice::from_ref(&a.path),
+    );
+    assert!(stderr(&out).contains("NOT queued"), "{}", stderr(&out));
+    // A bad command line does not fail the build either.
+    let out = Command::new(&link).arg("--no-such-flag").output().unwrap();
+    assert!(out.status.success());
+    assert!(stderr(&out).contains("nothing queued"), "{}", stderr(&out));
+
+    let daemon = Daemon::start(
+        dir.path(),
+        &url,
+        &["--key-file", key.secret.to_str().unwrap()],
+    );
+    let status = daemon.wait_idle();
+    assert_eq!(status["done"], 2, "{status}");
+    assert!(!state.join("spool").exists());
+    let view = CacheView::File(cache);
+    view.assert_complete(&[a.path.clone(), b.path.clone()].into(), &key);
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
+    let dir = tempdir();
+    let key = nix_generate_key("bad-input");
+    let cache = dir.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    let daemon = Daemon::start(
+        dir.path(),
+        &url,
+        &["--key-file", key.secret.to_str().unwrap()],
+    );
+    let good = BigPath::new("bad-input-good", 100);
+    let out = daemon.hook(&[
+        "/nix/store/00000000000000000000000000000000-never-built".into(),
+        "/etc/passwd".into(),
+        good.path.clone(),
+        "not-a-path".into(),
+    ]);
+    let err = stderr(&out);
+    assert!(
+        err.contains("00000000000000000000000000000000-never-built: no such store path"),
+        "{err}"
+    );
+    assert!(
+        err.contains("\"/etc/passwd\" is not in the Nix store"),
+        "{err}"
+    );
+    assert!(err.contains("not-a-path"), "{err}");
+    assert_eq!(err.lines().count(), 3, "{err}");
+
+    // Garbage on the socket: each gets a one-line error, and nothing is queued.
+    let replies = [
+        daemon.raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+        daemon.raw(b"ENQUEUE - /nix/store/no-newline-then-close"),
+        daemon.raw(b"\xff\xfe\x00garbage\n"),
+        daemon.raw(&vec![b'x'; (4 << 20) + 10]),
+        daemon.raw(b"\n"),
+    ];
+    assert!(
+        replies[0].starts_with("ERR unknown request \"GET\""),
+        "{}",
+        replies[0]
+    );
+    assert!(
+        replies[1].starts_with("ERR incomplete request"),
+        "{}",
+        replies[1]
+    );
+    assert!(
+        replies[2].starts_with("ERR request is not UTF-8"),
+        "{}",
+        replies[2]
+    );
+    assert!(
+        replies[3].starts_with("ERR request longer than"),
+        "{}",
+        replies[3]
+    );
+    assert!(
+        replies[4].starts_with("ERR empty request"),
+        "{}",
+        replies[4]
+    );
+    for r in &replies {
+        assert_eq!(r.lines().count(), 1, "{r}");
+    }
+    // A client that connects and closes at once.
+    drop(UnixStream::connect(&daemon.socket).unwrap());
+
+    // The daemon still serves, and the good path went up.
+    let status = daemon.wait_idle();
+    assert_eq!(status["done"], 1, "{status}");
+    assert_eq!(status["failing"], 0, "{status}");
+    CacheView::File(cache.clone()).assert_complete(&[good.path.clone()].into(), &key);
+    let again = BigPath::new("bad-input-after", 100);
+    assert!(stderr(&daemon.hook(std::slice::from_ref(&again.path))).is_empty());
+    assert_eq!(daemon.wait_idle()["done"], 2);
+}
+
+/// A tmpfs mounted for the test (root only), unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ok.then(|| Tmpfs(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+#[test]
+fn a_full_disk_for_the_queue_is_a_clear_error_and_nothing_queued_is_lost() {
+    let dir = tempdir();
+    let key = nix_generate_key("full-disk");
+    let Some(_fs) = Tmpfs::mount(&dir.path().join("state"), "4m") else {
+        println!("full-disk test skipped: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    // An unreachable cache keeps the first path pending (retrying) throughout.
+    let url = "s3://narflow-none?endpoint=http://127.0.0.1:9&region=x&retries=0";
+    let daemon = Daemon::start(
+        dir.path(),
+        url,
+        &["--key-file", key.secret.to_str().unwrap()],
+    );
+    let first = BigPath::new("full-disk-first", 100);
+    assert!(stderr(&daemon.hook(std::slice::from_ref(&first.path))).is_empty());
+    // Fill the file system.
+    let filler = daemon.state.join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![7u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mut later = Vec::new();
+    for i in 0..20 {
+        later.push(BigPath::new(&format!("full-disk-{i}"), 100));
+    }
+    let later_paths: Vec<String> = later.iter().map(|p| p.path.clone()).collect();
+    let out = daemon.hook(&later_paths);
+    let err = stderr(&out);
+    assert!(err.contains("refused"), "{err}");
+    assert!(err.contains("full"), "{err}");
+    assert!(err.contains("NOT queued"), "{err}");
+    // Still serving; the first path is still queued.
+    let status = daemon.status();
+    assert_eq!(status["pending"], 1, "{status}");
+    // Space again: the hand-off works, and nothing was lost.
+    std::fs::remove_file(&filler).unwrap();
+    let out = daemon.hook(&later_paths);
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+    assert_eq!(daemon.status()["pending"], 21);
+}
+
+#[test]
+fn a_path_collected_before_upload_is_dropped_with_a_warning_not_retried() {
+    let dir = tempdir();
+    let key = nix_generate_key("gc-test");
+    let cache = dir.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let socket = dir.path().join("daemon.sock");
+    let kept = BigPath::new("gc-kept", 100);
+    let gone = BigPath::new("gc-gone", 100);
+    // Spooled while the daemon is down, then collected before it starts.
+    hook_at(&socket, &state, &[kept.path.clone(), gone.path.clone()]);
+    run(Command::new("nix-store").arg("--delete").arg(&gone.path));
+    let daemon = Daemon::start(
+        dir.path(),
+        &url,
+        &["--key-file", key.secret.to_str().unwrap()],
+    );
+    let status = daemon.wait_idle();
+    // The spool named a path that no longer exists: refused when drained.
+    assert_eq!(status["done"], 1, "{status}");
+    assert!(
+        daemon.log_text().contains("no such store path"),
+        "{}",
+        daemon.log_text()
+    );
+
+    assert!(!state.join("spool").exists());
+    drop(daemon);
+
+    // Queued while it exists, collected before an upload succeeds: dropped, with the
+    // reason, and not retried. An unreachable cache holds the path in retry meanwhile.
+    let dir = tempdir();
+    let url = "s3://narflow-none?endpoint=http://127.0.0.1:9&region=x&retries=0";
+    let daemon = Daemon::start(
+        dir.path(),
+        url,
+        &["--key-file", key.secret.to_str().unwrap()],
+    );
+    let third = BigPath::new("gc-third", 100);
+    assert!(stderr(&daemon.hook(std::slice::from_ref(&third.path))).is_empty());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while daemon.status()["failing"] != 1 {
+        assert!(Instant::now() < deadline, "{}", daemon.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run(Command::new("nix-store").arg("--delete").arg(&third.path));
+    // The retry comes after the first backoff (5 s).
+    let status = daemon.wait_idle();
+    assert_eq!(status["dropped"], 1, "{status}");
+    assert_eq!(status["failing"], 0, "{status}");
+    assert_eq!(status["dropped_paths"][0]["path"], third.path.as_str());
+    assert!(
+        status["dropped_paths"][0]["why"]
+            .as_str()
+            .unwrap()
+            .contains("garbage-collected"),
+        "{status}"
+    );
+    assert!(
+        daemon.log_text().contains("dropped"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[test]
+fn failures_stay_visible_and_sigterm_stops_cleanly_keeping_pending_work() {
+    let dir = tempdir();
+    let key = nix_generate_key("sigterm");
+    let url = "s3://narflow-none?endpoint=http://127.0.0.1:9&region=x&retries=0";
+    let mut daemon = Daemon::start(
+        dir.path(),
+        url,
+        &["--key-file", key.secret.to_str().unwrap()],
+    );
+    let p = BigPath::new("sigterm", 100);
+    daemon.hook(std::slice::from_ref(&p.path));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let s = daemon.status();
+        if s["failing"] == 1 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let f = &status["failures"][0];
+    assert_eq!(f["path"], p.path.as_str());
+    assert_eq!(f["attempts"], 1);
+    assert!(
+        f["last_error"].as_str().unwrap().contains("127.0.0.1:9"),
+        "{f}"
+    );
+    // `narflow status` says so, with exit code 1.
+    let out = narflow()
+        .args(["status", "--socket"])
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("1 pending (1 failing)"), "{text}");
+    assert!(
+        text.contains(&format!("failing: {} (1 attempts", p.path)),
+        "{text}"
+    );
+
+    assert!(daemon.terminate().success(), "{}", daemon.log_text());
+    assert!(!daemon.socket.exists(), "the socket is removed");
+    // Without a daemon, status reads the queue: the path is still pending.
+    let out = narflow()
+        .args(["status", "--json", "--socket"])
+        .arg(&daemon.socket)
+        .arg("--state-dir")
+        .arg(&daemon.state)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["daemon"], false);
+    assert_eq!(v["pending"], 1, "{v}");
+    // Two daemons cannot share a state directory.
+    daemon.restart();
+    let out = narflow()
+        .args(["daemon", "--to", url, "--unsigned", "--socket"])
+        .arg(dir.path().join("other.sock"))
+        .arg("--state-dir")
+        .arg(&daemon.state)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("another narflow daemon is using the state directory"),
+        "{}",
+        stderr(&out)
+    );
+}
