@@ -41,6 +41,89 @@ pub enum Handoff {
     Lost { paths: usize, why: String },
 }
 
+impl Handoff {
+    /// What the hook tells the build log (stderr), one line each. Quiet on success unless
+    /// `verbose`.
+    pub fn messages(&self, verbose: bool) -> Vec<String> {
+        match self {
+            Handoff::Nothing if verbose => {
+                vec!["narflow hook: $OUT_PATHS and $DRV_PATH are empty; nothing to upload".into()]
+            }
+            Handoff::Nothing => Vec::new(),
+            Handoff::Queued { queued, rejected } => {
+                let mut lines: Vec<String> = rejected
+                    .iter()
+                    .map(|(token, why)| {
+                        if why.contains(token.as_str()) {
+                            format!("narflow hook: not queued: {why}")
+                        } else {
+                            format!("narflow hook: not queued: {token}: {why}")
+                        }
+                    })
+                    .collect();
+                if verbose {
+                    lines.push(format!("narflow hook: queued {queued} paths"));
+                }
+                lines
+            }
+            Handoff::Spooled { paths, why, file } => vec![format!(
+                "narflow hook: {why}; spooled {paths} paths to {} for the daemon",
+                file.display()
+            )],
+            Handoff::Lost { paths, why } => {
+                vec![format!(
+                    "narflow hook: {paths} paths NOT queued for upload: {why}"
+                )]
+            }
+        }
+    }
+}
+
+/// Settings from the environment (`NARFLOW_SOCKET`, `NARFLOW_STATE_DIR`,
+/// `NARFLOW_HOOK_TIMEOUT` in seconds) and a command line of `--socket PATH`,
+/// `--state-dir DIR`, `--timeout SECONDS` and `-v`; flags win. For the `narflow-hook`
+/// binary, which has no argument parser to keep its start-up minimal.
+///
+/// # Errors
+/// A message naming the bad argument.
+pub fn settings_from(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Result<(PathBuf, PathBuf, Duration, bool), String> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    let mut socket =
+        env("NARFLOW_SOCKET").map_or_else(|| PathBuf::from(DEFAULT_SOCKET), PathBuf::from);
+    let mut state =
+        env("NARFLOW_STATE_DIR").map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from);
+    let secs = |s: &std::ffi::OsStr| {
+        s.to_str()
+            .and_then(|s| s.parse::<f64>().ok())
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .ok_or_else(|| {
+                format!(
+                    "--timeout: not a number of seconds: {}",
+                    s.to_string_lossy()
+                )
+            })
+    };
+    let mut timeout = match env("NARFLOW_HOOK_TIMEOUT") {
+        Some(t) => secs(&t)?,
+        None => DEFAULT_TIMEOUT,
+    };
+    let mut verbose = false;
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        match a.to_str() {
+            Some("--socket") => socket = value("--socket")?.into(),
+            Some("--state-dir") => state = value("--state-dir")?.into(),
+            Some("--timeout") => timeout = secs(&value("--timeout")?)?,
+            Some("-v" | "--verbose") => verbose = true,
+            _ => return Err(format!("unknown argument {}", a.to_string_lossy())),
+        }
+    }
+    Ok((socket, state, timeout, verbose))
+}
+
 /// Hands `out_paths` (space-separated, as in `$OUT_PATHS`) and `drv` (`$DRV_PATH`) to the
 /// daemon at `socket`, or to the spool in `state_dir`.
 pub fn hand_off(

@@ -1,23 +1,15 @@
 //! The `narflow` command: parse the command line, set up logging, run, map the outcome to
 //! an exit code (0 all ok, 1 some paths failed, 2 usage or configuration error).
 //!
-//! Invoked as `narflow-hook` (a symlink), it is `narflow hook`: Nix's `post-build-hook`
-//! setting takes a program without arguments. The hook exits 0 whatever happens, even on
-//! a bad command line, because a failing hook stops Nix's build loop.
+//! `narflow hook` exits 0 whatever happens, even on a bad command line, because a failing
+//! hook stops Nix's build loop. (The `narflow-hook` binary is the same hook, smaller.)
 use clap::Parser;
 use std::process::ExitCode;
 
 mod cli;
 
 fn main() -> ExitCode {
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let invoked_as_hook = args
-        .first()
-        .and_then(|a| std::path::Path::new(a).file_name())
-        .is_some_and(|n| n == "narflow-hook");
-    if invoked_as_hook {
-        args.insert(1, "hook".into());
-    }
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let hook = args.get(1).is_some_and(|a| a == "hook");
     let cli = match cli::Cli::try_parse_from(&args) {
         Ok(cli) => cli,

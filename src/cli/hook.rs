@@ -1,6 +1,6 @@
 //! `narflow hook`: the post-build-hook. Hands `$OUT_PATHS` to the daemon (or its spool)
 //! and always exits 0, because a failing hook stops Nix's build loop.
-use narflow::hook::{self, DEFAULT_SOCKET, DEFAULT_STATE_DIR, Handoff};
+use narflow::hook::{self, DEFAULT_SOCKET, DEFAULT_STATE_DIR};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -24,37 +24,15 @@ pub fn run(args: HookArgs, verbose: bool) -> u8 {
     let out_paths = std::env::var("OUT_PATHS").unwrap_or_default();
     let drv = std::env::var("DRV_PATH").ok();
     let timeout = Duration::try_from_secs_f64(args.timeout).unwrap_or(hook::DEFAULT_TIMEOUT);
-    match hook::hand_off(
+    let handoff = hook::hand_off(
         &args.socket,
         &args.state_dir,
         &out_paths,
         drv.as_deref(),
         timeout,
-    ) {
-        Handoff::Nothing => {
-            if verbose {
-                eprintln!("narflow hook: $OUT_PATHS and $DRV_PATH are empty; nothing to upload");
-            }
-        }
-        Handoff::Queued { queued, rejected } => {
-            for (token, why) in &rejected {
-                if why.contains(token.as_str()) {
-                    eprintln!("narflow hook: not queued: {why}");
-                } else {
-                    eprintln!("narflow hook: not queued: {token}: {why}");
-                }
-            }
-            if verbose {
-                eprintln!("narflow hook: queued {queued} paths");
-            }
-        }
-        Handoff::Spooled { paths, why, file } => eprintln!(
-            "narflow hook: {why}; spooled {paths} paths to {} for the daemon",
-            file.display()
-        ),
-        Handoff::Lost { paths, why } => {
-            eprintln!("narflow hook: {paths} paths NOT queued for upload: {why}")
-        }
+    );
+    for line in handoff.messages(verbose) {
+        eprintln!("{line}");
     }
     super::exit::OK
 }

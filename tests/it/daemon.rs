@@ -438,10 +438,9 @@ fn the_hook_spools_when_the_daemon_is_down_and_the_daemon_uploads_the_spool_on_s
     let a = BigPath::new("spooled-a", 1000);
     let b = BigPath::new("spooled-b", 2000);
 
-    // Installed as `narflow-hook` (Nix runs the hook without arguments), configured by
-    // the environment.
-    let link = dir.path().join("narflow-hook");
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_narflow"), &link).unwrap();
+    // The `narflow-hook` binary (Nix runs the hook without arguments), configured by the
+    // environment.
+    let link = PathBuf::from(env!("CARGO_BIN_EXE_narflow-hook"));
     let socket = dir.path().join("daemon.sock");
     for p in [&a.path, &b.path] {
         let out = Command::new(&link)
