@@ -219,3 +219,68 @@ fn send(socket: &Path, line: &str, timeout: Duration) -> std::io::Result<Enqueue
     }
     EnqueueReply::parse(&String::from_utf8_lossy(&reply)).map_err(std::io::Error::other)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_daemon_means_the_request_line_is_spooled() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("none.sock");
+        let t = Duration::from_millis(100);
+        assert_eq!(
+            hand_off(&sock, dir.path(), " \n", None, t),
+            Handoff::Nothing
+        );
+        match hand_off(&sock, dir.path(), "/nix/store/a-x /nix/store/b-y", None, t) {
+            Handoff::Spooled { paths: 2, why, .. } => assert!(why.contains("none.sock"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Nix 2.8.0: no $OUT_PATHS, only $DRV_PATH.
+        match hand_off(&sock, dir.path(), "", Some("/nix/store/c-z.drv"), t) {
+            Handoff::Spooled { paths: 1, .. } => {}
+            other => panic!("{other:?}"),
+        }
+        let spool = std::fs::read_to_string(dir.path().join(spool::SPOOL)).unwrap();
+        assert_eq!(
+            spool,
+            "ENQUEUE - /nix/store/a-x /nix/store/b-y\nENQUEUE /nix/store/c-z.drv\n"
+        );
+        let lost = hand_off(&sock, Path::new("/proc/none"), "/nix/store/a-x", None, t);
+        assert!(matches!(lost, Handoff::Lost { paths: 1, .. }), "{lost:?}");
+        assert!(lost.messages(false)[0].contains("NOT queued"));
+    }
+
+    #[test]
+    fn settings_flags_and_errors() {
+        let args = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let (sock, state, timeout, verbose) = settings_from(args(&[
+            "--socket",
+            "/s",
+            "--state-dir",
+            "/d",
+            "--timeout",
+            "0.5",
+            "-v",
+        ]))
+        .unwrap();
+        assert_eq!((sock, state), (PathBuf::from("/s"), PathBuf::from("/d")));
+        assert_eq!((timeout, verbose), (Duration::from_millis(500), true));
+        assert!(
+            settings_from(args(&["--socket"]))
+                .unwrap_err()
+                .contains("needs a value")
+        );
+        assert!(
+            settings_from(args(&["--timeout", "soon"]))
+                .unwrap_err()
+                .contains("soon")
+        );
+        assert!(
+            settings_from(args(&["--frobnicate"]))
+                .unwrap_err()
+                .contains("--frobnicate")
+        );
+    }
+}

@@ -3,7 +3,7 @@
 //! Modules:
 //! - [`format`]: pure Nix formats (nix32, hashes, store paths, NAR, narinfo, signing).
 //! - `store`: the local Nix store, read-only (path info, closures, order).
-//! - `cache`: binary cache destinations (`file://`).
+//! - `cache`: binary cache destinations (`file://`, `s3://`, a null sink).
 //! - `pipeline`: pushing a set of paths to a cache (plan, upload, publish).
 //! - `daemon`: `narflow daemon`: the durable queue, the socket and the upload worker.
 //! - `hook`: `narflow hook`: hands `$OUT_PATHS` to the daemon, or spools them (std only).
