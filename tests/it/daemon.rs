@@ -374,7 +374,7 @@ fn kill_9_at_random_moments(dest_is_s3: bool) {
             while daemon.status()["in_flight"] == 0 && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
             }
-            std::thread::sleep(Duration::from_millis(rand(10)));
+            std::thread::sleep(Duration::from_millis(rand(3)));
         } else {
             std::thread::sleep(Duration::from_millis(rand(250)));
         }
