@@ -156,6 +156,12 @@ impl Daemon {
             cfg.state_dir.display()
         );
 
+        // The spool first: once the socket answers, what the hook spooled while the
+        // daemon was down is in the queue (and in `narflow status`).
+        {
+            let shared = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || worker::drain_spool(&shared)).await;
+        }
         let (dead_tx, dead_rx) = tokio::sync::oneshot::channel::<()>();
         let worker = {
             let shared = shared.clone();

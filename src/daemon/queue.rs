@@ -135,10 +135,7 @@ impl Queue {
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> QueueError + '_ {
-        |source| QueueError {
-            path: self.path.clone(),
-            source,
-        }
+        error_for(&self.path)
     }
 
     /// Queues `paths` in one durable transaction. A path already pending stays one row
@@ -154,11 +151,7 @@ impl Queue {
         drv: Option<&str>,
         now_ms: i64,
     ) -> Result<usize, QueueError> {
-        let path = self.path.clone();
-        let err = move |source| QueueError {
-            path: path.clone(),
-            source,
-        };
+        let err = error_for(&self.path);
         let tx = self.conn.transaction().map_err(&err)?;
         {
             let mut insert = tx
@@ -225,11 +218,7 @@ impl Queue {
     /// # Errors
     /// [`QueueError`]; the paths then stay pending and are attempted again.
     pub fn record(&mut self, outcomes: &Outcomes, now_ms: i64) -> Result<(), QueueError> {
-        let path = self.path.clone();
-        let err = move |source| QueueError {
-            path: path.clone(),
-            source,
-        };
+        let err = error_for(&self.path);
         let tx = self.conn.transaction().map_err(&err)?;
         {
             let mut done = tx
@@ -373,6 +362,16 @@ impl Queue {
             DONE => "done",
             _ => "dropped",
         }))
+    }
+}
+
+/// Wraps SQLite errors with the queue file's path (owned, so the closure outlives borrows
+/// of the connection).
+fn error_for(path: &Path) -> impl Fn(rusqlite::Error) -> QueueError + use<> {
+    let path = path.to_owned();
+    move |source| QueueError {
+        path: path.clone(),
+        source,
     }
 }
 

@@ -84,7 +84,7 @@ impl Shared {
 
 /// Queues what the hook spooled. The spool file is removed only after everything in it is
 /// committed to the queue.
-fn drain_spool(shared: &Shared) {
+pub(super) fn drain_spool(shared: &Shared) {
     loop {
         let taken = match spool::take(&shared.state_dir) {
             Ok(Some(t)) => t,

@@ -521,31 +521,19 @@ fn bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
         daemon.raw(&vec![b'x'; (4 << 20) + 10]),
         daemon.raw(b"\n"),
     ];
-    assert!(
-        replies[0].starts_with("ERR unknown request \"GET\""),
-        "{}",
-        replies[0]
-    );
-    assert!(
-        replies[1].starts_with("ERR incomplete request"),
-        "{}",
-        replies[1]
-    );
-    assert!(
-        replies[2].starts_with("ERR request is not UTF-8"),
-        "{}",
-        replies[2]
-    );
-    assert!(
-        replies[3].starts_with("ERR request longer than"),
-        "{}",
-        replies[3]
-    );
-    assert!(
-        replies[4].starts_with("ERR empty request"),
-        "{}",
-        replies[4]
-    );
+    let expected = [
+        "ERR unknown request \"GET\"",
+        "ERR incomplete request",
+        "ERR request is not UTF-8",
+        "ERR request longer than",
+        "ERR empty request",
+    ];
+    for (reply, want) in replies.iter().zip(expected) {
+        assert!(
+            reply.starts_with(want),
+            "{reply:?} should start with {want:?}"
+        );
+    }
     for r in &replies {
         assert_eq!(r.lines().count(), 1, "{r}");
     }
