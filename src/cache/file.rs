@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 /// few syscalls, small enough to be irrelevant next to the compressor's own buffers.
 const NAR_WRITE_BUFFER: usize = 256 * 1024;
 
+/// How much of a NAR file gathers in the page cache before its writeback is started.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
 /// Prefix of temporary files; Nix ignores them and a later push may delete stale ones.
 pub const TEMP_PREFIX: &str = ".narflow-tmp-";
 
@@ -116,6 +119,8 @@ impl BinaryCache for FileCache {
         let (file, path) = tmp.into_parts();
         Ok(Box::new(FileNarUpload {
             out: BufWriter::with_capacity(NAR_WRITE_BUFFER, file),
+            written: 0,
+            writeback_from: 0,
             tmp: path,
             root: self.root.clone(),
             url: self.url.clone(),
@@ -135,17 +140,49 @@ impl BinaryCache for FileCache {
 /// A NAR being written to a temporary file; the `TempPath` deletes it unless committed.
 struct FileNarUpload {
     out: BufWriter<File>,
+    /// Bytes accepted so far.
+    written: u64,
+    /// Where the range not yet handed to writeback starts.
+    writeback_from: u64,
     tmp: tempfile::TempPath,
     root: PathBuf,
     url: String,
 }
 
+impl FileNarUpload {
+    /// Starts writeback of what the kernel has of the file once [`WRITEBACK_STEP`] bytes
+    /// have gathered. The `syncfs` before the narinfo then finds most of a large NAR on disk
+    /// already instead of writing it all while the pipeline waits.
+    fn start_writeback(&mut self) {
+        let in_kernel = self.written - self.out.buffer().len() as u64;
+        if in_kernel - self.writeback_from >= WRITEBACK_STEP {
+            // DONTNEED starts writeback of the dirty range without waiting for it (and drops
+            // the range's clean pages: the NAR is not read back). Advice only: an error
+            // changes nothing but timing.
+            let len = std::num::NonZeroU64::new(in_kernel - self.writeback_from);
+            let _ = rustix::fs::fadvise(
+                self.out.get_ref(),
+                self.writeback_from,
+                len,
+                rustix::fs::Advice::DontNeed,
+            );
+            self.writeback_from = in_kernel;
+        }
+    }
+}
+
 impl Write for FileNarUpload {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.out.write(buf)
+        let n = self.out.write(buf)?;
+        self.written += n as u64;
+        self.start_writeback();
+        Ok(n)
     }
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.out.write_all(buf)
+        self.out.write_all(buf)?;
+        self.written += buf.len() as u64;
+        self.start_writeback();
+        Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()

@@ -10,7 +10,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// Buffer of [`dump_path`]: file contents are read into it and written out from it.
@@ -248,7 +248,9 @@ impl<'a, W: Write> Encoder<'a, W> {
 
 /// A directory being archived: its entry names, sorted, and the next one to visit.
 struct DirFrame {
-    names: Vec<OsString>,
+    /// Entry names, each with its inode number when the directory listing says it is a
+    /// regular file (see [`Dumper::regular_entry`]).
+    names: Vec<(OsString, Option<u64>)>,
     next: usize,
     /// Length of the directory's path in [`Dumper::path`].
     path_len: usize,
@@ -263,7 +265,7 @@ struct Dumper<'a, W: Write> {
     /// The directories from the root to the current node.
     stack: Vec<DirFrame>,
     /// Emptied name lists, reused so a walk allocates one per depth, not per directory.
-    spare_lists: Vec<Vec<OsString>>,
+    spare_lists: Vec<Vec<(OsString, Option<u64>)>>,
 }
 
 impl<W: Write> Dumper<'_, W> {
@@ -273,7 +275,7 @@ impl<W: Write> Dumper<'_, W> {
         while let Some(frame) = self.stack.last_mut() {
             if let Some(name) = frame.names.get_mut(frame.next) {
                 frame.next += 1;
-                let name = std::mem::take(name);
+                let (name, regular_ino) = std::mem::take(name);
                 self.path.truncate(frame.path_len);
                 if self.path.last() != Some(&b'/') {
                     self.path.push(b'/');
@@ -282,7 +284,12 @@ impl<W: Write> Dumper<'_, W> {
                 self.enc
                     .entry_header(name.as_bytes())
                     .map_err(NarWriteError::Write)?;
-                if !self.node()? {
+                // A complete node (not a directory left open) closes its entry here.
+                let complete = match regular_ino {
+                    Some(ino) if self.regular_entry(ino)? => true,
+                    _ => !self.node()?,
+                };
+                if complete {
                     self.enc.string(b")").map_err(NarWriteError::Write)?;
                 }
             } else {
@@ -342,10 +349,18 @@ impl<W: Write> Dumper<'_, W> {
         let entries =
             fs::read_dir(OsStr::from_bytes(&self.path)).map_err(|e| self.read_error(e))?;
         for entry in entries {
-            names.push(entry.map_err(|e| self.read_error(e))?.file_name());
+            let entry = entry.map_err(|e| self.read_error(e))?;
+            // The listing's type (d_type) costs no system call; when it is unknown,
+            // file_type() would lstat, so leave the entry to `node`.
+            let regular_ino = entry
+                .file_type()
+                .ok()
+                .filter(fs::FileType::is_file)
+                .map(|_| entry.ino());
+            names.push((entry.file_name(), regular_ino));
         }
         // read_dir never yields `.` or `..`, and names in one directory are unique.
-        names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        names.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
         self.stack.push(DirFrame {
             names,
             next: 0,
@@ -356,10 +371,35 @@ impl<W: Write> Dumper<'_, W> {
             .map_err(NarWriteError::Write)
     }
 
+    /// Archives the entry at `self.path` that the directory listing says is the regular
+    /// file with inode `ino`, without the lstat `node` makes: one path lookup (the open)
+    /// instead of two, which counts in trees of many small files. The opened file's fstat
+    /// must show a regular file with that inode; otherwise the entry changed since the
+    /// listing (e.g. it is now a symlink, which open would have followed) and this returns
+    /// `false` without writing anything, for `node` to archive it.
+    fn regular_entry(&mut self, ino: u64) -> Result<bool, NarWriteError> {
+        let file = match File::open(OsStr::from_bytes(&self.path)) {
+            Ok(f) => f,
+            Err(_) => return Ok(false),
+        };
+        let meta = file.metadata().map_err(|e| self.read_error(e))?;
+        if !meta.is_file() || meta.ino() != ino {
+            return Ok(false);
+        }
+        self.regular_from(file, &meta)?;
+        Ok(true)
+    }
+
     /// Streams a regular file through the encoder's buffer: read() lands in the buffer, and
     /// the buffer goes to `out` whenever it is full.
     fn regular(&mut self, meta: &Metadata) -> Result<(), NarWriteError> {
-        let mut file = File::open(OsStr::from_bytes(&self.path)).map_err(|e| self.read_error(e))?;
+        let file = File::open(OsStr::from_bytes(&self.path)).map_err(|e| self.read_error(e))?;
+        self.regular_from(file, meta)
+    }
+
+    /// Writes the regular file `file`, whose metadata is `meta`, as a complete node (without
+    /// the closing parenthesis of the entry holding it).
+    fn regular_from(&mut self, mut file: File, meta: &Metadata) -> Result<(), NarWriteError> {
         let size = meta.len();
         let executable = meta.mode() & 0o100 != 0;
         self.enc
