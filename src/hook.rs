@@ -191,12 +191,17 @@ fn send(socket: &Path, line: &str, timeout: Duration) -> std::io::Result<Enqueue
     // full backlog answers EAGAIN at once.
     let mut s = UnixStream::connect(socket)?;
     s.set_write_timeout(Some(left()?))?;
-    s.write_all(line.as_bytes())?;
+    // A daemon that refuses the request (e.g. the caller's uid) answers and closes without
+    // reading it: then the write fails, but the answer is there to read.
+    let wrote = s.write_all(line.as_bytes());
     let mut reply = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
         s.set_read_timeout(Some(left()?))?;
-        let n = s.read(&mut buf)?;
+        let n = match s.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => return Err(wrote.err().unwrap_or(e)),
+        };
         if n == 0 {
             break;
         }
@@ -216,6 +221,9 @@ fn send(socket: &Path, line: &str, timeout: Duration) -> std::io::Result<Enqueue
         if reply.len() > MAX_REQUEST {
             return Err(std::io::Error::other("the daemon's reply is too long"));
         }
+    }
+    if reply.is_empty() {
+        wrote?;
     }
     EnqueueReply::parse(&String::from_utf8_lossy(&reply)).map_err(std::io::Error::other)
 }

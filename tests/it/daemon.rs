@@ -147,6 +147,11 @@ impl Drop for Daemon {
     }
 }
 
+/// Whether the tests run as root (mounting, switching users).
+fn running_as_root() -> bool {
+    stdout(Command::new("id").arg("-u")) == "0"
+}
+
 /// `narflow hook` with `$OUT_PATHS` = `paths`, as Nix would run it; asserts exit 0.
 fn hook_at(socket: &Path, state: &Path, paths: &[String]) -> Output {
     let out = narflow()
@@ -539,6 +544,34 @@ fn bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
     }
     // A client that connects and closes at once.
     drop(UnixStream::connect(&daemon.socket).unwrap());
+
+    // The socket is private; and even if its mode is widened, the daemon checks who is
+    // calling (root and its own uid only).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+    if running_as_root() {
+        std::fs::set_permissions(&daemon.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_narflow-hook"))
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .arg("--state-dir")
+            .arg(&daemon.state)
+            .env("OUT_PATHS", &good.path)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert!(
+            stderr(&out).contains("uid 65534 may not use this daemon"),
+            "{}",
+            stderr(&out)
+        );
+    }
 
     // The daemon still serves, and the good path went up.
     let status = daemon.wait_idle();
