@@ -36,6 +36,11 @@ impl Daemon {
         d
     }
 
+    /// Starts a daemon that signs with `key`.
+    fn signed(dir: &Path, url: &str, key: &NixKey) -> Daemon {
+        Daemon::start(dir, url, &["--key-file", key.secret.to_str().unwrap()])
+    }
+
     /// (Re)starts the process and waits until it answers on its socket.
     fn restart(&mut self) {
         assert!(self.child.is_none());
@@ -247,11 +252,7 @@ fn post_build_hook_hands_every_build_to_the_daemon_and_nix_substitutes_the_closu
     let dir = tempdir();
     let key = nix_generate_key("hook-test");
     let (url, nix_url, view) = destination(dir.path());
-    let daemon = Daemon::start(
-        dir.path(),
-        &url,
-        &["--key-file", key.secret.to_str().unwrap()],
-    );
+    let daemon = Daemon::signed(dir.path(), &url, &key);
     // Nix runs post-build-hook without arguments: a wrapper names the socket.
     let wrapper = dir.path().join("upload-hook");
     std::fs::write(
@@ -476,11 +477,7 @@ fn the_hook_spools_when_the_daemon_is_down_and_the_daemon_uploads_the_spool_on_s
     assert!(out.status.success());
     assert!(stderr(&out).contains("nothing queued"), "{}", stderr(&out));
 
-    let daemon = Daemon::start(
-        dir.path(),
-        &url,
-        &["--key-file", key.secret.to_str().unwrap()],
-    );
+    let daemon = Daemon::signed(dir.path(), &url, &key);
     let status = daemon.wait_idle();
     assert_eq!(status["done"], 2, "{status}");
     assert!(!state.join("spool").exists());
@@ -494,11 +491,7 @@ fn bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
     let key = nix_generate_key("bad-input");
     let cache = dir.path().join("cache");
     let url = format!("file://{}", cache.display());
-    let daemon = Daemon::start(
-        dir.path(),
-        &url,
-        &["--key-file", key.secret.to_str().unwrap()],
-    );
+    let daemon = Daemon::signed(dir.path(), &url, &key);
     let good = BigPath::new("bad-input-good", 100);
     let out = daemon.hook(&[
         "/nix/store/00000000000000000000000000000000-never-built".into(),
@@ -614,11 +607,7 @@ fn a_full_disk_for_the_queue_is_a_clear_error_and_nothing_queued_is_lost() {
     };
     // An unreachable cache keeps the first path pending (retrying) throughout.
     let url = "s3://narflow-none?endpoint=http://127.0.0.1:9&region=x&retries=0";
-    let daemon = Daemon::start(
-        dir.path(),
-        url,
-        &["--key-file", key.secret.to_str().unwrap()],
-    );
+    let daemon = Daemon::signed(dir.path(), url, &key);
     let first = BigPath::new("full-disk-first", 100);
     assert!(stderr(&daemon.hook(std::slice::from_ref(&first.path))).is_empty());
     // Fill the file system.
@@ -663,11 +652,7 @@ fn a_path_collected_before_upload_is_dropped_with_a_warning_not_retried() {
     // Spooled while the daemon is down, then collected before it starts.
     hook_at(&socket, &state, &[kept.path.clone(), gone.path.clone()]);
     run(Command::new("nix-store").arg("--delete").arg(&gone.path));
-    let daemon = Daemon::start(
-        dir.path(),
-        &url,
-        &["--key-file", key.secret.to_str().unwrap()],
-    );
+    let daemon = Daemon::signed(dir.path(), &url, &key);
     let status = daemon.wait_idle();
     // The spool named a path that no longer exists: refused when drained.
     assert_eq!(status["done"], 1, "{status}");
@@ -684,11 +669,7 @@ fn a_path_collected_before_upload_is_dropped_with_a_warning_not_retried() {
     // reason, and not retried. An unreachable cache holds the path in retry meanwhile.
     let dir = tempdir();
     let url = "s3://narflow-none?endpoint=http://127.0.0.1:9&region=x&retries=0";
-    let daemon = Daemon::start(
-        dir.path(),
-        url,
-        &["--key-file", key.secret.to_str().unwrap()],
-    );
+    let daemon = Daemon::signed(dir.path(), url, &key);
     let third = BigPath::new("gc-third", 100);
     assert!(stderr(&daemon.hook(std::slice::from_ref(&third.path))).is_empty());
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -721,11 +702,7 @@ fn failures_stay_visible_and_sigterm_stops_cleanly_keeping_pending_work() {
     let dir = tempdir();
     let key = nix_generate_key("sigterm");
     let url = "s3://narflow-none?endpoint=http://127.0.0.1:9&region=x&retries=0";
-    let mut daemon = Daemon::start(
-        dir.path(),
-        url,
-        &["--key-file", key.secret.to_str().unwrap()],
-    );
+    let mut daemon = Daemon::signed(dir.path(), url, &key);
     let p = BigPath::new("sigterm", 100);
     daemon.hook(std::slice::from_ref(&p.path));
     let deadline = Instant::now() + Duration::from_secs(60);
