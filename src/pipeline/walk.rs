@@ -8,10 +8,10 @@ use super::budget::{ByteBudget, Permit};
 use super::buffers::BufferPool;
 use super::stats::StageClock;
 use crate::format::hash::Sha256;
-use crate::format::nar::writer::dump_path;
+use crate::format::nar::writer::{NarBuffer, dump_path_into};
 use crate::store::PathInfo;
 use crossbeam_channel::{Receiver, Sender};
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 
 /// How a job's NAR stream ended; carried by its last chunk.
@@ -45,7 +45,7 @@ pub struct Chunk {
     pub end: Option<NarEnd>,
 }
 
-/// A `Write` that cuts a NAR stream into chunks and sends them on.
+/// The [`NarBuffer`] the NAR writer fills in place: chunk buffers, sent on when full.
 struct Chunker<'a> {
     job: usize,
     seq: u32,
@@ -53,7 +53,10 @@ struct Chunker<'a> {
     /// NAR bytes the store says this path has; sizes the permits.
     expected: u64,
     written: u64,
+    /// The chunk being filled: its length is the chunk's room, of which `filled` bytes
+    /// are NAR.
     buf: Vec<u8>,
+    filled: usize,
     permit: Option<Permit>,
     budget: &'a ByteBudget,
     pool: &'a BufferPool,
@@ -73,11 +76,14 @@ impl Chunker<'_> {
         };
         let budget = self.budget;
         self.permit = Some(self.clock.wait(|| budget.acquire(want)));
-        self.buf = self.pool.take(want as usize);
+        self.buf = self.pool.take_filled(want as usize);
+        self.filled = 0;
     }
 
     fn send(&mut self, end: Option<NarEnd>) -> io::Result<()> {
-        let data = std::mem::take(&mut self.buf);
+        let mut data = std::mem::take(&mut self.buf);
+        data.truncate(self.filled);
+        self.filled = 0;
         let permit = match self.permit.take() {
             Some(p) => p,
             None => self.budget.acquire(0),
@@ -108,32 +114,27 @@ impl Chunker<'_> {
     }
 
     fn fail(mut self, why: String) -> io::Result<()> {
-        self.buf.clear();
+        self.filled = 0;
         self.send(Some(NarEnd::Failed(why)))
     }
 }
 
-impl Write for Chunker<'_> {
-    fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
-        let n = data.len();
-        self.written += n as u64;
-        while !data.is_empty() {
-            if self.permit.is_none() {
-                self.start_chunk();
-            } else if self.buf.len() == self.chunk_size {
-                // A full chunk is sent only once more data arrives, so the last chunk of
-                // every job is a real one carrying the end marker.
-                self.send(None)?;
-                self.start_chunk();
-            }
-            let take = (self.chunk_size - self.buf.len()).min(data.len());
-            self.buf.extend_from_slice(&data[..take]);
-            data = &data[take..];
+impl NarBuffer for Chunker<'_> {
+    fn spare(&mut self) -> io::Result<&mut [u8]> {
+        if self.permit.is_none() {
+            self.start_chunk();
+        } else if self.filled == self.buf.len() {
+            // A full chunk is sent only once more data arrives, so the last chunk of every
+            // job is a real one carrying the end marker.
+            self.send(None)?;
+            self.start_chunk();
         }
-        Ok(n)
+        Ok(&mut self.buf[self.filled..])
     }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+    fn commit(&mut self, n: usize) {
+        debug_assert!(self.filled + n <= self.buf.len());
+        self.filled += n;
+        self.written += n as u64;
     }
 }
 
@@ -161,13 +162,14 @@ impl WalkStage<'_> {
                 expected: info.nar_size,
                 written: 0,
                 buf: Vec::new(),
+                filled: 0,
                 permit: None,
                 budget: &self.budget,
                 pool: &self.pool,
                 out: &out,
                 clock: &mut clock,
             };
-            let sent = match dump_path(Path::new(&full), &mut chunker) {
+            let sent = match dump_path_into(Path::new(&full), &mut chunker) {
                 Ok(_) => chunker.finish(),
                 Err(e) => chunker.fail(e.to_string()),
             };

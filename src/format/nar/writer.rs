@@ -64,14 +64,84 @@ pub enum NarWriteError {
 ///   (it was modified while being archived: retrying may help);
 /// - [`NarWriteError::Write`] when `out` fails.
 pub fn dump_path<W: Write>(path: &Path, out: &mut W) -> Result<u64, NarWriteError> {
+    let mut buffered = BufferedOut::new(out, DUMP_BUFFER_SIZE);
+    let size = dump_path_into(path, &mut buffered)?;
+    buffered.flush().map_err(NarWriteError::Write)?;
+    Ok(size)
+}
+
+/// Like [`dump_path`], but the NAR goes straight into `out`'s own memory: file contents
+/// are read() into the space [`NarBuffer::spare`] hands out, with no intermediate copy.
+///
+/// # Errors
+/// As [`dump_path`]; [`NarWriteError::Write`] carries the errors of `out`.
+pub fn dump_path_into<B: NarBuffer + ?Sized>(
+    path: &Path,
+    out: &mut B,
+) -> Result<u64, NarWriteError> {
     let mut dumper = Dumper {
-        enc: Encoder::new(out, DUMP_BUFFER_SIZE),
+        enc: Encoder::new(out),
         path: path.as_os_str().as_bytes().to_vec(),
         stack: Vec::new(),
         spare_lists: Vec::new(),
     };
     dumper.run()?;
-    dumper.enc.finish().map_err(NarWriteError::Write)
+    Ok(dumper.enc.written)
+}
+
+/// Memory the NAR encoder writes into in place: it asks for writable space and says how
+/// much of it it used. [`dump_path_into`] reads file contents straight into it.
+pub trait NarBuffer {
+    /// Writable space at the end of the output; never empty.
+    ///
+    /// # Errors
+    /// When no more space can be had (e.g. what the full buffer was handed to failed).
+    fn spare(&mut self) -> io::Result<&mut [u8]>;
+    /// The first `n` bytes of the space the last [`NarBuffer::spare`] returned are now
+    /// part of the output. `n` is at most that space's length.
+    fn commit(&mut self, n: usize);
+}
+
+/// A fixed buffer in front of a `Write`: the [`NarBuffer`] of [`dump_path`] and
+/// [`write_node`], so `out` sees few, large writes.
+struct BufferedOut<'a, W: Write> {
+    out: &'a mut W,
+    buf: Box<[u8]>,
+    /// Bytes of `buf` not yet written to `out`.
+    filled: usize,
+}
+
+impl<'a, W: Write> BufferedOut<'a, W> {
+    fn new(out: &'a mut W, capacity: usize) -> Self {
+        debug_assert!(capacity >= 64, "tokens must fit the buffer");
+        BufferedOut {
+            out,
+            buf: vec![0; capacity].into_boxed_slice(),
+            filled: 0,
+        }
+    }
+
+    /// Writes the buffered bytes to `out`.
+    fn flush(&mut self) -> io::Result<()> {
+        if self.filled > 0 {
+            self.out.write_all(&self.buf[..self.filled])?;
+            self.filled = 0;
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> NarBuffer for BufferedOut<'_, W> {
+    fn spare(&mut self) -> io::Result<&mut [u8]> {
+        if self.filled == self.buf.len() {
+            self.flush()?;
+        }
+        Ok(&mut self.buf[self.filled..])
+    }
+    fn commit(&mut self, n: usize) {
+        debug_assert!(self.filled + n <= self.buf.len());
+        self.filled += n;
+    }
 }
 
 /// NarHash and NarSize of the tree at `path`, as Nix computes them (the SHA-256 and length
@@ -95,13 +165,16 @@ pub fn hash_path(path: &Path) -> Result<(crate::format::hash::Sha256, u64), NarW
 /// breaks the NAR rules (empty, `.`, `..`, or containing `/` or NUL); nothing is written
 /// after the offending entry.
 pub fn write_node<W: Write>(node: &Node, out: &mut W) -> io::Result<u64> {
-    let mut enc = Encoder::new(out, NODE_BUFFER_SIZE);
+    let mut buffered = BufferedOut::new(out, NODE_BUFFER_SIZE);
+    let mut enc = Encoder::new(&mut buffered);
     enc.string(NAR_MAGIC)?;
     encode_node(&mut enc, node)?;
-    enc.finish()
+    let size = enc.written;
+    buffered.flush()?;
+    Ok(size)
 }
 
-fn encode_node<W: Write>(enc: &mut Encoder<'_, W>, node: &Node) -> io::Result<()> {
+fn encode_node<B: NarBuffer + ?Sized>(enc: &mut Encoder<'_, B>, node: &Node) -> io::Result<()> {
     match node {
         Node::Regular {
             executable,
@@ -131,63 +204,28 @@ fn encode_node<W: Write>(enc: &mut Encoder<'_, W>, node: &Node) -> io::Result<()
     }
 }
 
-/// Low-level NAR encoder: strings with their length and padding, written through a fixed
-/// buffer so that `out` sees few, large writes.
-struct Encoder<'a, W: Write> {
-    out: &'a mut W,
-    buf: Box<[u8]>,
-    /// Bytes of `buf` not yet written to `out`.
-    filled: usize,
-    /// Bytes already written to `out`.
+/// Low-level NAR encoder: strings with their length and padding, written into a
+/// [`NarBuffer`].
+struct Encoder<'a, B: NarBuffer + ?Sized> {
+    out: &'a mut B,
+    /// Bytes of NAR so far.
     written: u64,
 }
 
-impl<'a, W: Write> Encoder<'a, W> {
-    fn new(out: &'a mut W, capacity: usize) -> Self {
-        debug_assert!(capacity >= 64, "tokens must fit the buffer");
-        Encoder {
-            out,
-            buf: vec![0; capacity].into_boxed_slice(),
-            filled: 0,
-            written: 0,
-        }
-    }
-
-    /// Writes the buffered bytes to `out`.
-    fn flush_buf(&mut self) -> io::Result<()> {
-        if self.filled > 0 {
-            self.out.write_all(&self.buf[..self.filled])?;
-            self.written += self.filled as u64;
-            self.filled = 0;
-        }
-        Ok(())
-    }
-
-    /// Flushes the buffer and returns the NAR size.
-    fn finish(mut self) -> io::Result<u64> {
-        self.flush_buf()?;
-        Ok(self.written)
+impl<'a, B: NarBuffer + ?Sized> Encoder<'a, B> {
+    fn new(out: &'a mut B) -> Self {
+        Encoder { out, written: 0 }
     }
 
     /// Appends bytes as they are (no length, no padding).
     fn raw(&mut self, mut data: &[u8]) -> io::Result<()> {
-        let room = self.buf.len() - self.filled;
-        if data.len() > room {
-            // Top the buffer up so `out` keeps seeing full buffers, then pass large
-            // remainders through without copying them.
-            let (head, tail) = data.split_at(room);
-            self.buf[self.filled..].copy_from_slice(head);
-            self.filled += room;
-            self.flush_buf()?;
-            data = tail;
-            if data.len() >= self.buf.len() {
-                self.out.write_all(data)?;
-                self.written += data.len() as u64;
-                return Ok(());
-            }
+        while !data.is_empty() {
+            let spare = self.out.spare()?;
+            let n = spare.len().min(data.len());
+            spare[..n].copy_from_slice(&data[..n]);
+            self.commit(n);
+            data = &data[n..];
         }
-        self.buf[self.filled..self.filled + data.len()].copy_from_slice(data);
-        self.filled += data.len();
         Ok(())
     }
 
@@ -231,18 +269,15 @@ impl<'a, W: Write> Encoder<'a, W> {
         self.strings(&[b"entry", b"(", b"name", name, b"node"])
     }
 
-    /// The unused part of the buffer, flushing first if it is full; never empty.
+    /// Writable space for the NAR's next bytes; never empty.
     fn spare(&mut self) -> io::Result<&mut [u8]> {
-        if self.filled == self.buf.len() {
-            self.flush_buf()?;
-        }
-        Ok(&mut self.buf[self.filled..])
+        self.out.spare()
     }
 
     /// Marks `n` bytes of [`Encoder::spare`] as part of the NAR.
     fn commit(&mut self, n: usize) {
-        debug_assert!(self.filled + n <= self.buf.len());
-        self.filled += n;
+        self.out.commit(n);
+        self.written += n as u64;
     }
 }
 
@@ -258,8 +293,8 @@ struct DirFrame {
 
 /// The state of one [`dump_path`] walk. The walk is iterative, so depth costs heap, not
 /// stack: a tree as deep as the file system allows cannot overflow a small thread stack.
-struct Dumper<'a, W: Write> {
-    enc: Encoder<'a, W>,
+struct Dumper<'a, B: NarBuffer + ?Sized> {
+    enc: Encoder<'a, B>,
     /// The path of the current node, as bytes, reused for every entry.
     path: Vec<u8>,
     /// The directories from the root to the current node.
@@ -268,7 +303,7 @@ struct Dumper<'a, W: Write> {
     spare_lists: Vec<Vec<(OsString, Option<u64>)>>,
 }
 
-impl<W: Write> Dumper<'_, W> {
+impl<B: NarBuffer + ?Sized> Dumper<'_, B> {
     fn run(&mut self) -> Result<(), NarWriteError> {
         self.enc.string(NAR_MAGIC).map_err(NarWriteError::Write)?;
         self.node()?;
