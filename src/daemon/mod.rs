@@ -358,6 +358,8 @@ impl Shared {
         v["daemon"] = serde_json::json!(true);
         v["in_flight"] = serde_json::json!(self.in_flight.load(Ordering::SeqCst));
         v["uptime_seconds"] = serde_json::json!(self.started.elapsed().as_secs());
+        v["last_recorded_unix_ms"] =
+            serde_json::json!(self.stats.last_recorded_ms.load(Ordering::SeqCst));
         v["since_start"] = serde_json::json!({
             "uploaded": self.stats.uploaded.load(Ordering::Relaxed),
             "nar_bytes": self.stats.nar_bytes.load(Ordering::Relaxed),
@@ -430,6 +432,8 @@ struct Stats {
     /// (second since start, paths, NAR bytes). Bounded: at most [`RECENT_WINDOW`] entries.
     buckets: Mutex<VecDeque<(u64, u64, u64)>>,
     last_batch: Mutex<Option<BatchSummary>>,
+    /// When the worker last committed a batch's results to the queue (Unix ms; 0: never).
+    last_recorded_ms: std::sync::atomic::AtomicI64,
     origin: std::sync::OnceLock<Instant>,
 }
 

@@ -7,7 +7,7 @@ use crate::cache::BinaryCache;
 use crate::format::store_path::StorePath;
 use crate::pipeline::{self, Outcome, PathResult, Progress, PushOptions};
 use crate::store::LocalStore;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,12 @@ pub(super) fn run(
         let outcomes = attempt(shared, store, cache, opts, &due);
         let recorded = shared.lock_queue().record(&outcomes, queue::now_ms());
         shared.in_flight.store(0, Ordering::SeqCst);
+        if recorded.is_ok() {
+            shared
+                .stats
+                .last_recorded_ms
+                .store(queue::now_ms(), Ordering::SeqCst);
+        }
         if let Err(e) = recorded {
             // The paths stay pending; they are attempted again (and found in the cache).
             tracing::error!("cannot record upload results: {e}");
@@ -160,38 +166,39 @@ fn attempt(
                 .push((p.to_absolute(&shared.store_dir), why.clone()));
         }
     };
-    let (valid, invalid) = match pipeline::split_valid(store, &paths) {
-        Ok(v) => v,
-        Err(e) => {
-            all_retry(&mut out, &paths, e.to_string());
-            return out;
-        }
-    };
-    for (path, _) in invalid {
-        tracing::warn!("{path} is no longer in the store (garbage-collected?); dropped");
-        out.dropped.push((
-            path,
-            "no longer a valid store path (garbage-collected before it was uploaded)".into(),
-        ));
-    }
-    if valid.is_empty() {
-        return out;
-    }
     let progress = DaemonProgress { shared };
-    let report = match pipeline::push(store, cache, &valid, opts, &progress) {
+    let report = match pipeline::push(store, cache, &paths, opts, &progress) {
         Ok(r) => r,
         Err(e) => {
+            // Nothing went up (e.g. the cache is unreachable). Paths that left the store
+            // meanwhile are dropped rather than retried forever.
+            let valid = match pipeline::split_valid(store, &paths) {
+                Ok((valid, invalid)) => {
+                    for (path, _) in invalid {
+                        drop_collected(&mut out, path);
+                    }
+                    valid
+                }
+                Err(_) => paths,
+            };
             all_retry(&mut out, &valid, format!("{e:#}"));
             return out;
         }
     };
+    let not_valid: HashSet<&str> = report.not_valid.iter().map(String::as_str).collect();
+    for path in &report.not_valid {
+        drop_collected(&mut out, path.clone());
+    }
     let by_path: HashMap<&str, &Outcome> = report
         .results
         .iter()
         .map(|r| (r.path.as_str(), &r.outcome))
         .collect();
-    for p in &valid {
+    for p in &paths {
         let full = p.to_absolute(&shared.store_dir);
+        if not_valid.contains(full.as_str()) {
+            continue;
+        }
         match by_path.get(full.as_str()) {
             Some(Outcome::Uploaded { .. } | Outcome::AlreadyPresent) => out.done.push(full),
             Some(Outcome::Failed(why)) => {
@@ -206,7 +213,7 @@ fn attempt(
         paths: due.len(),
         uploaded: report.count(|o| matches!(o, Outcome::Uploaded { .. })),
         present: report.count(|o| matches!(o, Outcome::AlreadyPresent)),
-        failed: report.failed().count(),
+        failed: report.failed().count() - report.not_valid.len(),
         dropped: out.dropped.len(),
         nar_bytes: report.nar_bytes,
         seconds: started.elapsed().as_secs_f64(),
@@ -227,6 +234,15 @@ fn attempt(
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = Some(summary);
     out
+}
+
+/// Records that `path` left the store before it could be uploaded.
+fn drop_collected(out: &mut Outcomes, path: String) {
+    tracing::warn!("{path} is no longer in the store (garbage-collected?); dropped");
+    out.dropped.push((
+        path,
+        "no longer a valid store path (garbage-collected before it was uploaded)".into(),
+    ));
 }
 
 /// Feeds the status counters.

@@ -134,6 +134,9 @@ pub struct PushReport {
     pub elapsed: Duration,
     /// Per-stage statistics of the upload phase (empty when nothing was uploaded).
     pub stages: Vec<StageStats>,
+    /// Paths asked for that are not valid in the store (never built, or garbage-collected);
+    /// each is also in `results` as failed.
+    pub not_valid: Vec<String>,
 }
 
 impl PushReport {
@@ -223,6 +226,7 @@ pub fn push(
     cache.ensure_cache_info(&store_dir)?;
     let (valid, invalid) = split_valid(store, paths)?;
     for (path, why) in invalid {
+        report.not_valid.push(path.clone());
         record(&mut report, path, Outcome::Failed(why));
     }
     let infos = if opts.closure {
