@@ -45,6 +45,13 @@ fn open_lock(state_dir: &Path) -> io::Result<File> {
 /// The I/O error, for the caller to report (the hook has nothing further to fall back on).
 pub fn append(state_dir: &Path, line: &str) -> io::Result<PathBuf> {
     debug_assert!(line.ends_with('\n'));
+    // The daemon may never have run yet: the spool waits for it all the same.
+    if !state_dir.exists() {
+        std::fs::create_dir_all(state_dir)?;
+        if let Some(parent) = state_dir.parent() {
+            File::open(parent)?.sync_all()?;
+        }
+    }
     let lock = open_lock(state_dir)?;
     lock.lock()?;
     let path = state_dir.join(SPOOL);
@@ -152,6 +159,17 @@ mod tests {
         assert_eq!(t.lines, ["ENQUEUE - /nix/store/c\n"]);
         t.done().unwrap();
         assert!(take(dir.path()).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_missing_state_directory_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("not/yet");
+        append(&state, "ENQUEUE - /nix/store/a\n").unwrap();
+        assert_eq!(
+            take(&state).unwrap().unwrap().lines,
+            ["ENQUEUE - /nix/store/a\n"]
+        );
     }
 
     #[test]
