@@ -614,19 +614,16 @@ fn a_push_killed_during_a_multipart_upload_is_pushed_again() {
     c.delete(&url);
 }
 
-/// A CompleteMultipartUpload that the server carried out but whose response was lost is
-/// retried; the retry finds the upload gone (NoSuchUpload, 404). The push must still
-/// succeed: the staging object is complete.
-
-#[test]
-fn a_lost_complete_multipart_response_does_not_fail_the_push() {
-    let Some(s3) = s3_env() else { return };
-    let big = BigPath::new("s3-lost-complete", 20 << 20);
+/// Pushes a fresh 20 MiB path (multipart) through a proxy that stalls the first `kind`
+/// request past the 1 s read timeout after the server has carried it out (a lost
+/// response), and asserts that the push succeeded. Returns the path and the proxy.
+fn push_with_first_response_lost(s3: &S3Env, tag: &str, kind: Kind) -> (BigPath, Proxy) {
+    let big = BigPath::new(tag, 20 << 20);
     let key = nix_generate_key("narflow-s3-test-1");
     let proxy = Proxy::start(
         &s3.endpoint,
         vec![Rule::after(
-            Kind::CompleteMultipart,
+            kind,
             0,
             1,
             Fault::Stall(Duration::from_secs(2)),
@@ -639,6 +636,17 @@ fn a_lost_complete_multipart_response_does_not_fail_the_push() {
         std::slice::from_ref(&big.path),
     );
     assert_pushed(&out, Some(&proxy));
+    (big, proxy)
+}
+
+/// A CompleteMultipartUpload that the server carried out but whose response was lost is
+/// retried; the retry finds the upload gone (NoSuchUpload, 404). The push must still
+/// succeed: the staging object is complete.
+#[test]
+fn a_lost_complete_multipart_response_does_not_fail_the_push() {
+    let Some(s3) = s3_env() else { return };
+    let (big, proxy) =
+        push_with_first_response_lost(&s3, "s3-lost-complete", Kind::CompleteMultipart);
     let c = s3.client();
     let url = assert_objects_of(&c, &big.path);
     assert_no_staging_leftovers(&c, &staging_keys(&proxy));
@@ -647,33 +655,13 @@ fn a_lost_complete_multipart_response_does_not_fail_the_push() {
 }
 
 /// A CreateMultipartUpload whose response is lost still created an upload on the server;
-/// the retry creates another. The first must not be left behind.
-///
-/// Garage aborts every older unfinished upload of a key when a newer one completes, so
-/// there this passes whatever narflow does. Servers that keep them (AWS S3, and MinIO as
-/// far as we know) would show the orphan: expected to fail there until src aborts the
-/// other uploads of its staging key.
+/// the retry creates another. The first must not be left behind: narflow lists the uploads
+/// of its staging key and aborts the orphan. (Garage also aborts older unfinished uploads
+/// of a key when a newer one completes; AWS S3 and MinIO keep them.)
 #[test]
 fn a_lost_create_multipart_response_leaves_no_upload_behind() {
     let Some(s3) = s3_env() else { return };
-    let big = BigPath::new("s3-lost-create", 20 << 20);
-    let key = nix_generate_key("narflow-s3-test-1");
-    let proxy = Proxy::start(
-        &s3.endpoint,
-        vec![Rule::after(
-            Kind::CreateMultipart,
-            0,
-            1,
-            Fault::Stall(Duration::from_secs(2)),
-        )],
-    );
-    let out = push(
-        &s3.url_at(&proxy.endpoint(), "&read-timeout=1"),
-        &key,
-        &[],
-        std::slice::from_ref(&big.path),
-    );
-    assert_pushed(&out, Some(&proxy));
+    let (big, proxy) = push_with_first_response_lost(&s3, "s3-lost-create", Kind::CreateMultipart);
     let creates = proxy
         .log()
         .iter()
@@ -705,7 +693,6 @@ fn a_lost_create_multipart_response_leaves_no_upload_behind() {
 /// S3 may answer CompleteMultipartUpload (and CopyObject) with `200 OK` and an error in
 /// the body; its documentation says to retry. Here the first Complete gets such an answer
 /// without reaching the server, so a retry succeeds.
-
 #[test]
 fn a_complete_answered_200_with_an_internal_error_is_retried() {
     let Some(s3) = s3_env() else { return };
