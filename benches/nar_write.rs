@@ -18,7 +18,7 @@ fn nar_write(c: &mut Criterion) {
     let mut group = c.benchmark_group("nar_write");
     for (name, tree) in [("small_files", &small), ("large_files", &large)] {
         let path = dir.path().join(name);
-        common::materialize(tree, &path);
+        tree.restore(&path).unwrap();
         let size = common::nar_size(tree);
         // Same bytes from disk as from memory, or the two benches measure different things.
         assert_eq!(dump_path(&path, &mut io::sink()).unwrap(), size);

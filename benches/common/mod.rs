@@ -228,32 +228,6 @@ pub fn large_files_tree(sizes: &[usize], seed: u64) -> Node {
     Node::Directory(root)
 }
 
-/// Writes `node` to `path` (which must not exist).
-pub fn materialize(node: &Node, path: &Path) {
-    use std::ffi::OsStr;
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::PermissionsExt;
-    match node {
-        Node::Regular {
-            executable,
-            contents,
-        } => {
-            std::fs::write(path, contents).unwrap();
-            let mode = if *executable { 0o555 } else { 0o444 };
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-        }
-        Node::Symlink { target } => {
-            std::os::unix::fs::symlink(OsStr::from_bytes(target), path).unwrap();
-        }
-        Node::Directory(entries) => {
-            std::fs::create_dir(path).unwrap();
-            for (name, child) in entries {
-                materialize(child, &path.join(OsStr::from_bytes(name)));
-            }
-        }
-    }
-}
-
 /// NAR size of `node`.
 pub fn nar_size(node: &Node) -> u64 {
     narflow::format::nar::writer::write_node(node, &mut std::io::sink()).unwrap()
@@ -275,7 +249,7 @@ pub fn add_to_store(
 ) -> PathInfo {
     let path = store_path(name);
     let full = store_dir.join(path.base_name());
-    materialize(node, &full);
+    node.restore(&full).unwrap();
     let (nar_hash, nar_size) = hash_path(&full).unwrap();
     let mut references = references;
     references.sort();

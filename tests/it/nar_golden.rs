@@ -8,11 +8,8 @@ use narflow::format::nar::reader::{self, NarVisitor};
 use narflow::format::nar::writer;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -38,27 +35,6 @@ fn link(target: &[u8]) -> Node {
 
 fn dir<const N: usize>(entries: [(&[u8], Node); N]) -> Node {
     Node::Directory(entries.into_iter().map(|(n, c)| (n.to_vec(), c)).collect())
-}
-
-/// Creates `node` on disk at `path`.
-fn materialise(node: &Node, path: &Path) {
-    match node {
-        Node::Regular {
-            executable,
-            contents,
-        } => {
-            fs::write(path, contents).unwrap();
-            let mode = if *executable { 0o755 } else { 0o644 };
-            fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
-        }
-        Node::Symlink { target } => symlink(OsStr::from_bytes(target), path).unwrap(),
-        Node::Directory(entries) => {
-            fs::create_dir(path).unwrap();
-            for (name, child) in entries {
-                materialise(child, &path.join(OsStr::from_bytes(name)));
-            }
-        }
-    }
 }
 
 fn write_node(node: &Node) -> Vec<u8> {
@@ -89,7 +65,7 @@ fn assert_same_nar(ours: &[u8], nix: &[u8], what: &str) {
 fn check_against_nix(tag: &str, node: &Node) {
     let tmp = tempdir();
     let src = tmp.path().join(unique(tag));
-    materialise(node, &src);
+    node.restore(&src).unwrap();
     let store_path = nix_store_add(&src);
     let store_path = Path::new(&store_path);
 

@@ -31,6 +31,47 @@ pub enum Node {
     Directory(std::collections::BTreeMap<Vec<u8>, Node>),
 }
 
+impl Node {
+    /// Creates the tree on disk at `path`, which must not exist: files with mode 0644 (0755
+    /// when executable), symlinks as they are, directories in entry order. What
+    /// [`writer::dump_path`] reads back is this node.
+    ///
+    /// # Errors
+    /// The first file system error, or [`std::io::ErrorKind::InvalidInput`] for an entry
+    /// name that breaks the NAR rules (it could name a path outside `path`); the entries
+    /// created before it stay.
+    pub fn restore(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::PermissionsExt;
+        match self {
+            Node::Regular {
+                executable,
+                contents,
+            } => {
+                std::fs::write(path, contents)?;
+                let mode = if *executable { 0o755 } else { 0o644 };
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            }
+            Node::Symlink { target } => {
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), path)
+            }
+            Node::Directory(entries) => {
+                std::fs::create_dir(path)?;
+                for (name, child) in entries {
+                    check_entry_name(name).map_err(|why| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            format!("invalid NAR entry name \"{}\": {why}", name.escape_ascii()),
+                        )
+                    })?;
+                    child.restore(&path.join(std::ffi::OsStr::from_bytes(name)))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// The first string of every NAR.
 pub const NAR_MAGIC: &[u8] = b"nix-archive-1";
 
@@ -64,10 +105,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
-    use std::ffi::OsStr;
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::PermissionsExt;
-    use std::path::Path;
 
     /// One NAR string, spelled out independently of the writer's encoder.
     pub(super) fn str_(s: &[u8]) -> Vec<u8> {
@@ -133,26 +170,21 @@ mod tests {
         })
     }
 
-    fn materialise(node: &Node, path: &Path) {
-        match node {
-            Node::Regular {
-                executable,
-                contents,
-            } => {
-                std::fs::write(path, contents).unwrap();
-                let mode = if *executable { 0o755 } else { 0o644 };
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-            }
-            Node::Symlink { target } => {
-                std::os::unix::fs::symlink(OsStr::from_bytes(target), path).unwrap();
-            }
-            Node::Directory(entries) => {
-                std::fs::create_dir(path).unwrap();
-                for (name, child) in entries {
-                    materialise(child, &path.join(OsStr::from_bytes(name)));
-                }
-            }
+    #[test]
+    fn restore_refuses_names_that_leave_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = Node::Regular {
+            executable: false,
+            contents: b"x".to_vec(),
+        };
+        for bad in [&b".."[..], b"a/b", b""] {
+            let node = Node::Directory(BTreeMap::from([(bad.to_vec(), file.clone())]));
+            let root = dir.path().join(format!("root{}", bad.len()));
+            let err = node.restore(&root).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+            assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
         }
+        assert!(!dir.path().join("x").exists());
     }
 
     fn to_nar(node: &Node) -> Vec<u8> {
@@ -175,7 +207,7 @@ mod tests {
         fn dump_path_matches_write_node(node in arb_node(true)) {
             let dir = tempfile::tempdir().unwrap();
             let root = dir.path().join("root");
-            materialise(&node, &root);
+            node.restore(&root).unwrap();
             let mut dumped = Vec::new();
             let size = dump_path(&root, &mut dumped).unwrap();
             prop_assert_eq!(size, dumped.len() as u64);
