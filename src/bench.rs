@@ -1241,16 +1241,7 @@ fn generate(store: &Path, spec: &WorkloadSpec) -> Result<Vec<PathInfo>, BenchErr
         } else {
             package_tree(&full, size, &mut prng, &ctx)?;
         }
-        let (nar_hash, nar_size) = hash_path(&full)?;
-        infos.push(PathInfo {
-            path,
-            nar_hash,
-            nar_size,
-            references,
-            deriver: Some(deriver),
-            sigs: vec![],
-            ca: None,
-        });
+        infos.push(PathInfo::of_tree(path, &full, references, Some(deriver))?);
     }
     Ok(infos)
 }

@@ -14,7 +14,6 @@ use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode};
 use narflow::format::hash::Sha256;
 use narflow::format::nar::Node;
-use narflow::format::nar::writer::hash_path;
 use narflow::format::store_path::StorePath;
 use narflow::store::PathInfo;
 use std::collections::BTreeMap;
@@ -250,18 +249,7 @@ pub fn add_to_store(
     let path = store_path(name);
     let full = store_dir.join(path.base_name());
     node.restore(&full).unwrap();
-    let (nar_hash, nar_size) = hash_path(&full).unwrap();
-    let mut references = references;
-    references.sort();
-    PathInfo {
-        path,
-        nar_hash,
-        nar_size,
-        references,
-        deriver: None,
-        sigs: vec![],
-        ca: None,
-    }
+    PathInfo::of_tree(path, &full, references, None).unwrap()
 }
 
 /// `paths` small store paths of 1–5 files each (64 B–32 KiB), each referring to up to

@@ -3,7 +3,6 @@
 use super::*;
 use crate::cache::file::FileCache;
 use crate::format::hash::Sha256;
-use crate::format::nar::writer::hash_path;
 use crate::format::narinfo::NarInfo;
 use crate::pipeline::compress::Compression;
 use std::path::Path;
@@ -28,18 +27,8 @@ fn make_store(dir: &Path, specs: &[(&str, usize, &[usize])]) -> Vec<PathInfo> {
             .collect();
         std::fs::write(full.join("data"), &content).unwrap();
         std::fs::write(full.join("small"), name.as_bytes()).unwrap();
-        let (nar_hash, nar_size) = hash_path(&full).unwrap();
-        let mut references: Vec<StorePath> = refs.iter().map(|&r| infos[r].path.clone()).collect();
-        references.sort();
-        infos.push(PathInfo {
-            path,
-            nar_hash,
-            nar_size,
-            references,
-            deriver: None,
-            sigs: vec![],
-            ca: None,
-        });
+        let references = refs.iter().map(|&r| infos[r].path.clone()).collect();
+        infos.push(PathInfo::of_tree(path, &full, references, None).unwrap());
     }
     infos
 }

@@ -38,6 +38,33 @@ pub struct PathInfo {
     pub ca: Option<String>,
 }
 
+impl PathInfo {
+    /// The path info Nix would register for `path` whose tree is at `full` on disk: NarHash
+    /// and NarSize computed from the tree, references sorted, no signatures. For synthetic
+    /// stores (`narflow bench`, tests, benchmarks).
+    ///
+    /// # Errors
+    /// When the tree cannot be read ([`crate::format::nar::writer::hash_path`]).
+    pub fn of_tree(
+        path: StorePath,
+        full: &std::path::Path,
+        mut references: Vec<StorePath>,
+        deriver: Option<StorePath>,
+    ) -> Result<PathInfo, crate::format::nar::writer::NarWriteError> {
+        let (nar_hash, nar_size) = crate::format::nar::writer::hash_path(full)?;
+        references.sort();
+        Ok(PathInfo {
+            path,
+            nar_hash,
+            nar_size,
+            references,
+            deriver,
+            sigs: vec![],
+            ca: None,
+        })
+    }
+}
+
 /// Why path info could not be read. Only [`StoreError::Db`] (a lock held past the busy
 /// timeout) and [`StoreError::Command`] can be worth retrying.
 #[derive(Debug, thiserror::Error)]
