@@ -29,14 +29,6 @@ pub struct QueueError {
     pub source: rusqlite::Error,
 }
 
-/// A path due for an upload attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Due {
-    pub path: String,
-    /// Failed attempts so far.
-    pub attempts: u32,
-}
-
 /// A pending path that has failed at least once.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Failing {
@@ -177,23 +169,18 @@ impl Queue {
     ///
     /// # Errors
     /// [`QueueError`].
-    pub fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, QueueError> {
+    pub fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, QueueError> {
         let mut q = self
             .conn
             .prepare_cached(
-                "SELECT path, attempts FROM paths WHERE state = 0 AND next_attempt <= ?1
+                "SELECT path FROM paths WHERE state = 0 AND next_attempt <= ?1
                  ORDER BY queued, path LIMIT ?2",
             )
             .map_err(self.err())?;
-        q.query_map(params![now_ms, limit as i64], |r| {
-            Ok(Due {
-                path: r.get(0)?,
-                attempts: r.get(1)?,
-            })
-        })
-        .map_err(self.err())?
-        .collect::<Result<_, _>>()
-        .map_err(self.err())
+        q.query_map(params![now_ms, limit as i64], |r| r.get(0))
+            .map_err(self.err())?
+            .collect::<Result<_, _>>()
+            .map_err(self.err())
     }
 
     /// When the earliest pending path is due (Unix ms), if any is pending.
@@ -212,8 +199,8 @@ impl Queue {
             .map_err(self.err())
     }
 
-    /// Records an attempt's outcomes in one transaction. `attempts` gives each retried
-    /// path's failed attempts before this one.
+    /// Records an attempt's outcomes in one transaction; a retried path waits
+    /// [`backoff`] of its failed attempts so far, this one included.
     ///
     /// # Errors
     /// [`QueueError`]; the paths then stay pending and are attempted again.
@@ -400,9 +387,8 @@ mod tests {
         drop(q);
         let q = Queue::open(dir.path()).unwrap();
         let due = q.due(5000, 10).unwrap();
-        let names: Vec<_> = due.iter().map(|d| d.path.as_str()).collect();
         // b was re-queued at 2000, so a (1000) comes first.
-        assert_eq!(names, [p("a"), p("b"), p("c")].map(|s| s).as_slice());
+        assert_eq!(due, [p("a"), p("b"), p("c")]);
         assert_eq!(q.counts().unwrap().pending, 3);
         // The read-only view sees the same.
         let ro = Queue::open_read_only(dir.path()).unwrap();
@@ -420,7 +406,7 @@ mod tests {
             dropped: vec![(p("c"), "garbage-collected".into())],
         };
         q.record(&out, 10_000).unwrap();
-        assert_eq!(q.due(10_000, 10).unwrap(), []);
+        assert!(q.due(10_000, 10).unwrap().is_empty());
         assert_eq!(q.next_due().unwrap(), Some(15_000));
         let f = q.failing(10).unwrap();
         assert_eq!(f.len(), 1);
@@ -432,13 +418,8 @@ mod tests {
         };
         q.record(&retry, 15_000).unwrap();
         assert_eq!(q.next_due().unwrap(), Some(25_000));
-        assert_eq!(
-            q.due(25_000, 10).unwrap(),
-            [Due {
-                path: p("b"),
-                attempts: 2
-            }]
-        );
+        assert_eq!(q.due(25_000, 10).unwrap(), [p("b")]);
+        assert_eq!(q.failing(10).unwrap()[0].attempts, 2);
         let c = q.counts().unwrap();
         assert_eq!((c.pending, c.failing, c.done, c.dropped), (1, 1, 1, 1));
         assert_eq!(q.state_of(&p("c")).unwrap(), Some("dropped"));
@@ -448,7 +429,8 @@ mod tests {
         assert_eq!(q.state_of(&p("a")).unwrap(), Some("pending"));
         // Re-queueing a failing path keeps its count but makes it due now.
         q.enqueue(&[p("b")], None, 16_000).unwrap();
-        assert_eq!(q.due(16_000, 10).unwrap()[0].attempts, 2);
+        assert_eq!(q.due(16_000, 10).unwrap(), [p("b")]);
+        assert_eq!(q.failing(10).unwrap()[0].attempts, 2);
     }
 
     #[test]

@@ -148,15 +148,15 @@ fn attempt(
     store: &LocalStore,
     cache: &dyn BinaryCache,
     opts: &PushOptions,
-    due: &[queue::Due],
+    due: &[String],
 ) -> Outcomes {
     let started = Instant::now();
     let mut out = Outcomes::default();
     let mut paths = Vec::with_capacity(due.len());
     for d in due {
-        match StorePath::from_absolute_path(&d.path, &shared.store_dir) {
+        match StorePath::from_absolute_path(d, &shared.store_dir) {
             Ok(p) => paths.push(p),
-            Err(e) => out.dropped.push((d.path.clone(), e.to_string())),
+            Err(e) => out.dropped.push((d.clone(), e.to_string())),
         }
     }
     let all_retry = |out: &mut Outcomes, paths: &[StorePath], why: String| {
