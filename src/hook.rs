@@ -5,12 +5,10 @@
 //! std only: no tokio runtime, no store or cache access, no work beyond the hand-off.
 //! It never fails the build: every outcome, including losing the paths, is a value the
 //! caller reports on stderr before exiting 0.
-use crate::daemon::protocol::{EnqueueReply, MAX_REQUEST, Request};
+use crate::daemon::protocol::{EnqueueReply, MAX_REQUEST, Request, exchange};
 use crate::daemon::spool;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The daemon's socket when none is given (systemd's `RuntimeDirectory=narflow`).
 pub const DEFAULT_SOCKET: &str = "/run/narflow/daemon.sock";
@@ -152,7 +150,9 @@ pub fn hand_off(
     let why = if line.len() > MAX_REQUEST {
         format!("{n} paths is more than one request can carry")
     } else {
-        match send(socket, &line, timeout) {
+        let reply = exchange(socket, &line, timeout)
+            .and_then(|r| EnqueueReply::parse(&r).map_err(std::io::Error::other));
+        match reply {
             Ok(EnqueueReply::Ok { queued, rejected }) => {
                 return Handoff::Queued { queued, rejected };
             }
@@ -176,56 +176,6 @@ pub fn hand_off(
             ),
         },
     }
-}
-
-/// Sends one request line and reads the reply, within `timeout` overall.
-fn send(socket: &Path, line: &str, timeout: Duration) -> std::io::Result<EnqueueReply> {
-    let deadline = Instant::now() + timeout;
-    let left = || {
-        deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))
-    };
-    // connect() on a Unix socket does not block for long: a listening socket with a
-    // full backlog answers EAGAIN at once.
-    let mut s = UnixStream::connect(socket)?;
-    s.set_write_timeout(Some(left()?))?;
-    // A daemon that refuses the request (e.g. the caller's uid) answers and closes without
-    // reading it: then the write fails, but the answer is there to read.
-    let wrote = s.write_all(line.as_bytes());
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        s.set_read_timeout(Some(left()?))?;
-        let n = match s.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) => return Err(wrote.err().unwrap_or(e)),
-        };
-        if n == 0 {
-            break;
-        }
-        reply.extend_from_slice(&buf[..n]);
-        // The reply ends with its OK or ERR line.
-        if reply.ends_with(b"\n") {
-            let text = String::from_utf8_lossy(&reply);
-            let last = text
-                .trim_end_matches('\n')
-                .rsplit('\n')
-                .next()
-                .unwrap_or("");
-            if last.starts_with("OK ") || last.starts_with("ERR ") {
-                break;
-            }
-        }
-        if reply.len() > MAX_REQUEST {
-            return Err(std::io::Error::other("the daemon's reply is too long"));
-        }
-    }
-    if reply.is_empty() {
-        wrote?;
-    }
-    EnqueueReply::parse(&String::from_utf8_lossy(&reply)).map_err(std::io::Error::other)
 }
 
 #[cfg(test)]

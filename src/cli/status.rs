@@ -1,10 +1,9 @@
 //! `narflow status`: what the daemon is doing, from its socket; from its queue file when
 //! the daemon is not running.
 use super::{CliError, exit};
-use narflow::daemon::protocol::{MAX_REQUEST, Request};
+use narflow::daemon::protocol::{Request, exchange};
 use narflow::daemon::{queue::Queue, status_from_queue};
 use narflow::hook::{DEFAULT_SOCKET, DEFAULT_STATE_DIR};
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -56,15 +55,7 @@ pub fn run(args: StatusArgs) -> Result<u8, CliError> {
 }
 
 fn ask(socket: &Path) -> Result<serde_json::Value, String> {
-    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
-    let t = Some(Duration::from_secs(10));
-    s.set_read_timeout(t).map_err(|e| e.to_string())?;
-    s.set_write_timeout(t).map_err(|e| e.to_string())?;
-    s.write_all(Request::Status.to_line().as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    s.take(MAX_REQUEST as u64)
-        .read_to_string(&mut reply)
+    let reply = exchange(socket, &Request::Status.to_line(), Duration::from_secs(10))
         .map_err(|e| e.to_string())?;
     match reply.strip_prefix("OK ") {
         Some(json) => serde_json::from_str(json.trim_end()).map_err(|e| e.to_string()),

@@ -87,6 +87,58 @@ impl Request {
     }
 }
 
+/// Sends one request line (see [`Request::to_line`]) to the daemon at `socket` and
+/// returns its reply: everything it writes before closing the connection (it closes
+/// after each reply), at most [`MAX_REQUEST`] bytes, all within `timeout`. The client side of `narflow hook` and `narflow status`.
+///
+/// # Errors
+/// The connection's error, `TimedOut` past the deadline, or a reply that is too long. A
+/// daemon that refuses a request may close before reading it: the write then fails, but
+/// its answer is still returned.
+pub fn exchange(
+    socket: &std::path::Path,
+    line: &str,
+    timeout: std::time::Duration,
+) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read, Write};
+    let deadline = std::time::Instant::now() + timeout;
+    let left = || {
+        deadline
+            .checked_duration_since(std::time::Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| Error::new(ErrorKind::TimedOut, "timed out"))
+    };
+    // connect() on a Unix socket does not block for long: a listening socket with a full
+    // backlog answers EAGAIN at once.
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_write_timeout(Some(left()?))?;
+    let wrote = s.write_all(line.as_bytes());
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        s.set_read_timeout(Some(left()?))?;
+        let n = match s.read(&mut buf) {
+            Ok(n) => n,
+            // A daemon that closed without reading our request resets the connection
+            // after its answer: what came before the reset is the answer (the callers
+            // check that it is complete).
+            Err(_) if !reply.is_empty() => break,
+            Err(e) => return Err(wrote.err().unwrap_or(e)),
+        };
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        if reply.len() > MAX_REQUEST {
+            return Err(Error::other("the daemon's reply is too long"));
+        }
+    }
+    if reply.is_empty() {
+        wrote?;
+    }
+    String::from_utf8(reply).map_err(|_| Error::other("the daemon's reply is not UTF-8"))
+}
+
 /// True when `s` can travel as one token.
 fn is_token(s: &str) -> bool {
     !s.is_empty() && !s.contains(|c: char| c.is_ascii_whitespace())
