@@ -77,6 +77,17 @@ impl Handoff {
     }
 }
 
+/// The whole hook: hands `$OUT_PATHS` and `$DRV_PATH` to the daemon (or the spool) and
+/// writes what happened to stderr, which Nix puts in the build log. Never fails.
+pub fn run(socket: &Path, state_dir: &Path, timeout: Duration, verbose: bool) {
+    let out_paths = std::env::var("OUT_PATHS").unwrap_or_default();
+    let drv = std::env::var("DRV_PATH").ok();
+    let handoff = hand_off(socket, state_dir, &out_paths, drv.as_deref(), timeout);
+    for line in handoff.messages(verbose) {
+        eprintln!("{line}");
+    }
+}
+
 /// Settings from the environment (`NARFLOW_SOCKET`, `NARFLOW_STATE_DIR`,
 /// `NARFLOW_HOOK_TIMEOUT` in seconds) and a command line of `--socket PATH`,
 /// `--state-dir DIR`, `--timeout SECONDS` and `-v`; flags win. For the `narflow-hook`

@@ -11,12 +11,7 @@ use narflow::hook;
 fn main() {
     match hook::settings_from(std::env::args_os().skip(1)) {
         Ok((socket, state_dir, timeout, verbose)) => {
-            let out_paths = std::env::var("OUT_PATHS").unwrap_or_default();
-            let drv = std::env::var("DRV_PATH").ok();
-            let handoff = hook::hand_off(&socket, &state_dir, &out_paths, drv.as_deref(), timeout);
-            for line in handoff.messages(verbose) {
-                eprintln!("{line}");
-            }
+            hook::run(&socket, &state_dir, timeout, verbose)
         }
         Err(why) => eprintln!("narflow hook: {why}; bad command line, nothing queued"),
     }

@@ -21,18 +21,7 @@ const DEFAULT_TIMEOUT_SECS: f64 = hook::DEFAULT_TIMEOUT.as_secs() as f64;
 
 /// Runs the hook; the exit code is always 0.
 pub fn run(args: HookArgs, verbose: bool) -> u8 {
-    let out_paths = std::env::var("OUT_PATHS").unwrap_or_default();
-    let drv = std::env::var("DRV_PATH").ok();
     let timeout = Duration::try_from_secs_f64(args.timeout).unwrap_or(hook::DEFAULT_TIMEOUT);
-    let handoff = hook::hand_off(
-        &args.socket,
-        &args.state_dir,
-        &out_paths,
-        drv.as_deref(),
-        timeout,
-    );
-    for line in handoff.messages(verbose) {
-        eprintln!("{line}");
-    }
+    hook::run(&args.socket, &args.state_dir, timeout, verbose);
     super::exit::OK
 }

@@ -261,6 +261,14 @@ struct Shared {
 }
 
 impl Shared {
+    /// The queue. A panic while it was held (none is expected) leaves the connection
+    /// usable: the transaction in progress was rolled back when dropped.
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Validates `tokens` and queues the store paths among them, durably. With no tokens,
     /// queues the outputs of `drv`: Nix 2.8.0 runs the post-build-hook with `$OUT_PATHS`
     /// empty and only `$DRV_PATH` set.
@@ -296,11 +304,7 @@ impl Shared {
                 rejected,
             };
         }
-        let result = self
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .enqueue(&paths, drv, queue::now_ms());
+        let result = self.lock_queue().enqueue(&paths, drv, queue::now_ms());
         match result {
             Ok(queued) => {
                 let _ = self.bell.try_send(());
@@ -345,7 +349,7 @@ impl Shared {
 
     /// The status report: queue counts, the batch in flight, failures, throughput.
     fn status(&self) -> serde_json::Value {
-        let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let q = self.lock_queue();
         let mut v = status_from_queue(&q);
         drop(q);
         let (paths_per_s, bytes_per_s) = self.stats.recent(RECENT_WINDOW);

@@ -82,12 +82,6 @@ pub(super) fn run(
     }
 }
 
-impl Shared {
-    fn lock_queue(&self) -> std::sync::MutexGuard<'_, queue::Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 /// Queues what the hook spooled. The spool file is removed only after everything in it is
 /// committed to the queue.
 pub(super) fn drain_spool(shared: &Shared) {

@@ -1,6 +1,7 @@
 //! `narflow daemon` and `narflow hook` against real Nix: post-build-hook builds, kill -9
 //! at random moments, a daemon that is down, bad input, garbage-collected paths, SIGTERM.
 use crate::helpers::*;
+use narflow::daemon::protocol::exchange;
 use narflow::format::hash::Sha256;
 use narflow::format::narinfo::NarInfo;
 use narflow::format::signing::VerifyingKey;
@@ -93,11 +94,8 @@ impl Daemon {
     }
 
     fn try_status(&self) -> Result<serde_json::Value, String> {
-        let mut s = UnixStream::connect(&self.socket).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"STATUS\n").map_err(|e| e.to_string())?;
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+        let reply = exchange(&self.socket, "STATUS\n", Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
         let json = reply
             .strip_prefix("OK ")
             .ok_or_else(|| format!("reply {reply:?}"))?;
