@@ -100,6 +100,22 @@ pub trait NarBuffer {
     /// The first `n` bytes of the space the last [`NarBuffer::spare`] returned are now
     /// part of the output. `n` is at most that space's length.
     fn commit(&mut self, n: usize);
+
+    /// Appends `data`. The default copies it into [`NarBuffer::spare`]; a buffer in front
+    /// of a writer may pass large slices straight through instead.
+    ///
+    /// # Errors
+    /// As [`NarBuffer::spare`].
+    fn append(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let spare = self.spare()?;
+            let n = spare.len().min(data.len());
+            spare[..n].copy_from_slice(&data[..n]);
+            self.commit(n);
+            data = &data[n..];
+        }
+        Ok(())
+    }
 }
 
 /// A fixed buffer in front of a `Write`: the [`NarBuffer`] of [`dump_path`] and
@@ -141,6 +157,27 @@ impl<W: Write> NarBuffer for BufferedOut<'_, W> {
     fn commit(&mut self, n: usize) {
         debug_assert!(self.filled + n <= self.buf.len());
         self.filled += n;
+    }
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        let room = self.buf.len() - self.filled;
+        if data.len() <= room {
+            self.buf[self.filled..self.filled + data.len()].copy_from_slice(data);
+            self.filled += data.len();
+            return Ok(());
+        }
+        // Top the buffer up so `out` keeps seeing full buffers, then pass a large
+        // remainder through without copying it.
+        let (head, tail) = data.split_at(room);
+        self.buf[self.filled..].copy_from_slice(head);
+        self.filled += room;
+        self.flush()?;
+        if tail.len() >= self.buf.len() {
+            self.out.write_all(tail)
+        } else {
+            self.buf[..tail.len()].copy_from_slice(tail);
+            self.filled = tail.len();
+            Ok(())
+        }
     }
 }
 
@@ -218,14 +255,9 @@ impl<'a, B: NarBuffer + ?Sized> Encoder<'a, B> {
     }
 
     /// Appends bytes as they are (no length, no padding).
-    fn raw(&mut self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            let spare = self.out.spare()?;
-            let n = spare.len().min(data.len());
-            spare[..n].copy_from_slice(&data[..n]);
-            self.commit(n);
-            data = &data[n..];
-        }
+    fn raw(&mut self, data: &[u8]) -> io::Result<()> {
+        self.out.append(data)?;
+        self.written += data.len() as u64;
         Ok(())
     }
 
