@@ -5,7 +5,6 @@
 //! place, so a crash never leaves a partial object under its final name. Durability is
 //! batched: [`FileCache::sync`] is one `syncfs`, not an fsync per file.
 use super::{BinaryCache, CacheError, NarUpload};
-use crate::format::cache_info::CacheInfo;
 use crate::format::store_path::StorePath;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -78,23 +77,9 @@ impl BinaryCache for FileCache {
     fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError> {
         let key = "nix-cache-info";
         match std::fs::read_to_string(self.root.join(key)) {
-            Ok(text) => {
-                let info = CacheInfo::parse(&text)
-                    .map_err(|e| CacheError::Config(format!("{}: {e}", self.url)))?;
-                if info.store_dir != store_dir {
-                    return Err(CacheError::Config(format!(
-                        "{}: the cache is for store {}, not {store_dir}",
-                        self.url, info.store_dir
-                    )));
-                }
-                Ok(())
-            }
+            Ok(text) => super::check_cache_info(&self.url, &text, store_dir),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let info = CacheInfo {
-                    store_dir: store_dir.to_owned(),
-                    ..CacheInfo::default()
-                };
-                self.put_atomic(key, info.render().as_bytes())
+                self.put_atomic(key, super::new_cache_info(store_dir).as_bytes())
             }
             Err(e) => Err(self.io(key, e)),
         }

@@ -113,6 +113,33 @@ pub fn open(url: &url::CacheUrl) -> Result<Box<dyn BinaryCache>, CacheError> {
     }
 }
 
+/// Checks a cache's existing `nix-cache-info` (`text`) against the store it is being
+/// filled from.
+///
+/// # Errors
+/// [`CacheError::Config`] naming the cache (`url`) when the text does not parse or is for
+/// another store directory.
+pub(crate) fn check_cache_info(url: &str, text: &str, store_dir: &str) -> Result<(), CacheError> {
+    let info = crate::format::cache_info::CacheInfo::parse(text)
+        .map_err(|e| CacheError::Config(format!("{url}: {e}")))?;
+    if info.store_dir != store_dir {
+        return Err(CacheError::Config(format!(
+            "{url}: the cache is for store {}, not {store_dir}",
+            info.store_dir
+        )));
+    }
+    Ok(())
+}
+
+/// The `nix-cache-info` a new cache for `store_dir` gets.
+pub(crate) fn new_cache_info(store_dir: &str) -> String {
+    crate::format::cache_info::CacheInfo {
+        store_dir: store_dir.to_owned(),
+        ..Default::default()
+    }
+    .render()
+}
+
 /// The narinfo object key of a store path.
 pub fn narinfo_key(path: &StorePath) -> String {
     format!("{}.narinfo", path.hash_part())

@@ -22,7 +22,6 @@
 //! requests concurrently on the runtime.
 use super::url::CacheUrl;
 use super::{BinaryCache, CacheError, NarUpload};
-use crate::format::cache_info::CacheInfo;
 use crate::format::store_path::StorePath;
 use crate::pipeline::budget::{ByteBudget, Permit};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
@@ -459,24 +458,10 @@ impl BinaryCache for S3Cache {
         };
         self.block_on(async {
             match s.get_text("nix-cache-info").await.map_err(unreachable)? {
-                Some(text) => {
-                    let info = CacheInfo::parse(&text)
-                        .map_err(|e| CacheError::Config(format!("{}: {e}", s.url)))?;
-                    if info.store_dir != store_dir {
-                        return Err(CacheError::Config(format!(
-                            "{}: the cache is for store {}, not {store_dir}",
-                            s.url, info.store_dir
-                        )));
-                    }
-                    Ok(())
-                }
+                Some(text) => super::check_cache_info(&s.url, &text, store_dir),
                 None => {
-                    let info = CacheInfo {
-                        store_dir: store_dir.to_owned(),
-                        ..CacheInfo::default()
-                    };
-                    s.put("nix-cache-info", info.render().into(), CACHE_INFO_TYPE)
-                        .await
+                    let info = super::new_cache_info(store_dir);
+                    s.put("nix-cache-info", info.into(), CACHE_INFO_TYPE).await
                 }
             }
         })
