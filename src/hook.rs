@@ -5,7 +5,7 @@
 //! std only: no tokio runtime, no store or cache access, no work beyond the hand-off.
 //! It never fails the build: every outcome, including losing the paths, is a value the
 //! caller reports on stderr before exiting 0.
-use crate::daemon::protocol::{EnqueueReply, MAX_REQUEST, Request, exchange};
+use crate::daemon::protocol::{EnqueueReply, MAX_REQUEST, Request, exchange, rejection};
 use crate::daemon::spool;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -52,11 +52,7 @@ impl Handoff {
                 let mut lines: Vec<String> = rejected
                     .iter()
                     .map(|(token, why)| {
-                        if why.contains(token.as_str()) {
-                            format!("narflow hook: not queued: {why}")
-                        } else {
-                            format!("narflow hook: not queued: {token}: {why}")
-                        }
+                        format!("narflow hook: not queued: {}", rejection(token, why))
                     })
                     .collect();
                 if verbose {

@@ -337,14 +337,8 @@ impl Shared {
     /// The full store path a token names, or why it is refused.
     fn check(&self, token: &str) -> Result<String, String> {
         let p = StorePath::from_absolute_path(token, &self.store_dir).map_err(|e| e.to_string())?;
-        let full = p.to_absolute(&self.store_dir);
-        match std::fs::symlink_metadata(&full) {
-            Ok(_) => Ok(full),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err("no such store path".to_owned())
-            }
-            Err(e) => Err(e.to_string()),
-        }
+        crate::pipeline::check_exists(&p, &self.store_dir)?;
+        Ok(p.to_absolute(&self.store_dir))
     }
 
     /// The status report: queue counts, the batch in flight, failures, throughput.

@@ -139,6 +139,16 @@ pub fn exchange(
     String::from_utf8(reply).map_err(|_| Error::other("the daemon's reply is not UTF-8"))
 }
 
+/// A refused token and why, in one phrase: the reason alone when it names the token
+/// already (most do), else `token: reason`.
+pub fn rejection(token: &str, why: &str) -> String {
+    if why.contains(token) {
+        why.to_owned()
+    } else {
+        format!("{token}: {why}")
+    }
+}
+
 /// True when `s` can travel as one token.
 fn is_token(s: &str) -> bool {
     !s.is_empty() && !s.contains(|c: char| c.is_ascii_whitespace())

@@ -2,7 +2,7 @@
 //! queues or reports, replies. Queue commits run on tokio's blocking pool, never on its
 //! workers; nothing here uploads.
 use super::Shared;
-use super::protocol::{EnqueueReply, MAX_REQUEST, Request, one_line, truncate};
+use super::protocol::{EnqueueReply, MAX_REQUEST, Request, one_line, rejection, truncate};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -133,7 +133,10 @@ async fn answer(line: Vec<u8>, shared: &Arc<Shared>, uid: u32) -> String {
                 .unwrap_or_else(|e| EnqueueReply::Err(e.to_string()));
             if let EnqueueReply::Ok { rejected, .. } = &r {
                 for (token, why) in rejected {
-                    tracing::warn!("uid {uid}: not queued: {}: {why}", truncate(token, 200));
+                    tracing::warn!(
+                        "uid {uid}: not queued: {}",
+                        rejection(truncate(token, 200), why)
+                    );
                 }
             }
             tracing::debug!(

@@ -111,7 +111,10 @@ pub(super) fn drain_spool(shared: &Shared) {
                         } => {
                             queued += n;
                             for (token, why) in rejected {
-                                tracing::warn!("spool: not queued: {token}: {why}");
+                                tracing::warn!(
+                                    "spool: not queued: {}",
+                                    super::protocol::rejection(&token, &why)
+                                );
                             }
                         }
                         super::protocol::EnqueueReply::Err(why) => {

@@ -192,9 +192,18 @@ pub fn resolve_argument(arg: &str, store_dir: &str) -> Result<StorePath, String>
                 .map_err(|e| format!("{arg}: {e}"))?
         }
     };
+    check_exists(&path, store_dir)?;
+    Ok(path)
+}
+
+/// Checks that `path` exists in `store_dir` (without following a symlink).
+///
+/// # Errors
+/// A message naming the full path: missing, or why it cannot be looked at.
+pub fn check_exists(path: &StorePath, store_dir: &str) -> Result<(), String> {
     let full = path.to_absolute(store_dir);
     match std::fs::symlink_metadata(&full) {
-        Ok(_) => Ok(path),
+        Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             Err(format!("{full}: no such store path"))
         }
