@@ -140,8 +140,7 @@ impl Daemon {
         let (bell_tx, bell_rx) = crossbeam_channel::bounded(1);
         let shared = Arc::new(Shared {
             queue: Mutex::new(queue),
-            store_dir: store.store_dir().to_owned(),
-            store: Arc::new(store),
+            store,
             state_dir: cfg.state_dir.clone(),
             bell: bell_tx,
             stopping: AtomicBool::new(false),
@@ -171,8 +170,7 @@ impl Daemon {
                 .spawn(move || {
                     // Dropped when the worker returns or panics: the server then stops.
                     let _dead = dead_tx;
-                    let store = shared.store.clone();
-                    worker::run(&shared, &store, cache.as_ref(), &opts, batch, &bell_rx);
+                    worker::run(&shared, cache.as_ref(), &opts, batch, &bell_rx);
                 })
                 .map_err(|e| DaemonError::StateDir {
                     path: cfg.state_dir.clone(),
@@ -247,9 +245,9 @@ fn bind_socket(
 #[derive(Debug)]
 struct Shared {
     queue: Mutex<Queue>,
-    store_dir: String,
-    /// For the outputs of a derivation named without its outputs (Nix 2.8.0's hook).
-    store: Arc<LocalStore>,
+    /// Where paths are checked, and the outputs of a derivation named without its outputs
+    /// (Nix 2.8.0's hook) are looked up; the worker uploads from it.
+    store: LocalStore,
     state_dir: PathBuf,
     /// Rung after an enqueue so the worker starts at once.
     bell: crossbeam_channel::Sender<()>,
@@ -261,6 +259,10 @@ struct Shared {
 }
 
 impl Shared {
+    fn store_dir(&self) -> &str {
+        self.store.store_dir()
+    }
+
     /// The queue. A panic while it was held (none is expected) leaves the connection
     /// usable: the transaction in progress was rolled back when dropped.
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -297,7 +299,7 @@ impl Shared {
                 Err(why) => rejected.push((protocol::truncate(t, 512).to_owned(), why)),
             }
         }
-        let drv = drv.filter(|d| StorePath::from_absolute_path(d, &self.store_dir).is_ok());
+        let drv = drv.filter(|d| StorePath::from_absolute_path(d, self.store_dir()).is_ok());
         if paths.is_empty() {
             return EnqueueReply::Ok {
                 queued: 0,
@@ -320,7 +322,7 @@ impl Shared {
 
     /// The output paths of the derivation `drv`, or why there are none.
     fn outputs_of(&self, drv: &str) -> Result<Vec<String>, String> {
-        let d = StorePath::from_absolute_path(drv, &self.store_dir).map_err(|e| e.to_string())?;
+        let d = StorePath::from_absolute_path(drv, self.store_dir()).map_err(|e| e.to_string())?;
         let outs = self
             .store
             .derivation_outputs(&d)
@@ -330,15 +332,16 @@ impl Shared {
         }
         Ok(outs
             .iter()
-            .map(|p| p.to_absolute(&self.store_dir))
+            .map(|p| p.to_absolute(self.store_dir()))
             .collect())
     }
 
     /// The full store path a token names, or why it is refused.
     fn check(&self, token: &str) -> Result<String, String> {
-        let p = StorePath::from_absolute_path(token, &self.store_dir).map_err(|e| e.to_string())?;
-        crate::pipeline::check_exists(&p, &self.store_dir)?;
-        Ok(p.to_absolute(&self.store_dir))
+        let p =
+            StorePath::from_absolute_path(token, self.store_dir()).map_err(|e| e.to_string())?;
+        crate::pipeline::check_exists(&p, self.store_dir())?;
+        Ok(p.to_absolute(self.store_dir()))
     }
 
     /// The status report: queue counts, the batch in flight, failures, throughput.

@@ -6,7 +6,6 @@ use super::{BatchSummary, Shared, spool};
 use crate::cache::BinaryCache;
 use crate::format::store_path::StorePath;
 use crate::pipeline::{self, Outcome, PathResult, Progress, PushOptions};
-use crate::store::LocalStore;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -21,7 +20,6 @@ const QUEUE_ERROR_WAIT: Duration = Duration::from_secs(5);
 
 pub(super) fn run(
     shared: &Shared,
-    store: &LocalStore,
     cache: &dyn BinaryCache,
     opts: &PushOptions,
     batch: usize,
@@ -65,7 +63,7 @@ pub(super) fn run(
             }
         };
         shared.in_flight.store(due.len(), Ordering::SeqCst);
-        let outcomes = attempt(shared, store, cache, opts, &due);
+        let outcomes = attempt(shared, cache, opts, &due);
         let recorded = shared.lock_queue().record(&outcomes, queue::now_ms());
         shared.in_flight.store(0, Ordering::SeqCst);
         if recorded.is_ok() {
@@ -142,16 +140,16 @@ pub(super) fn drain_spool(shared: &Shared) {
 /// Pushes one batch; says per path what happened.
 fn attempt(
     shared: &Shared,
-    store: &LocalStore,
     cache: &dyn BinaryCache,
     opts: &PushOptions,
     due: &[String],
 ) -> Outcomes {
     let started = Instant::now();
+    let store = &shared.store;
     let mut out = Outcomes::default();
     let mut paths = Vec::with_capacity(due.len());
     for d in due {
-        match StorePath::from_absolute_path(d, &shared.store_dir) {
+        match StorePath::from_absolute_path(d, shared.store_dir()) {
             Ok(p) => paths.push(p),
             Err(e) => out.dropped.push((d.clone(), e.to_string())),
         }
@@ -160,7 +158,7 @@ fn attempt(
         tracing::warn!("{} paths: {why}; retrying later", paths.len());
         for p in paths {
             out.retry
-                .push((p.to_absolute(&shared.store_dir), why.clone()));
+                .push((p.to_absolute(shared.store_dir()), why.clone()));
         }
     };
     let progress = DaemonProgress { shared };
@@ -192,7 +190,7 @@ fn attempt(
         .map(|r| (r.path.as_str(), &r.outcome))
         .collect();
     for p in &paths {
-        let full = p.to_absolute(&shared.store_dir);
+        let full = p.to_absolute(shared.store_dir());
         if not_valid.contains(full.as_str()) {
             continue;
         }
