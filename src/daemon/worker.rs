@@ -18,6 +18,14 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// The wait after the queue itself failed (e.g. a full disk), before trying again.
 const QUEUE_ERROR_WAIT: Duration = Duration::from_secs(5);
 
+/// What the queue has for the worker.
+enum Work {
+    /// Paths due now.
+    Batch(Vec<String>),
+    /// Nothing due now; the earliest pending path is due then (Unix ms), if any.
+    IdleUntil(Option<i64>),
+}
+
 pub(super) fn run(
     shared: &Shared,
     cache: &dyn BinaryCache,
@@ -41,13 +49,17 @@ pub(super) fn run(
             last_prune = Some(Instant::now());
         }
         let now = queue::now_ms();
-        let due = {
+        // The next due time is only looked up when nothing is due now.
+        let work = {
             let q = shared.lock_queue();
-            q.due(now, batch).and_then(|d| Ok((d, q.next_due()?)))
+            match q.due(now, batch) {
+                Ok(d) if d.is_empty() => q.next_due().map(Work::IdleUntil),
+                r => r.map(Work::Batch),
+            }
         };
-        let due = match due {
-            Ok((d, _)) if !d.is_empty() => d,
-            Ok((_, next)) => {
+        let due = match work {
+            Ok(Work::Batch(d)) => d,
+            Ok(Work::IdleUntil(next)) => {
                 // Sleep until the next retry is due, new work arrives, or the spool needs
                 // a look.
                 let until_next = next.map_or(SPOOL_CHECK, |t| {
@@ -66,16 +78,16 @@ pub(super) fn run(
         let outcomes = attempt(shared, cache, opts, &due);
         let recorded = shared.lock_queue().record(&outcomes, queue::now_ms());
         shared.in_flight.store(0, Ordering::SeqCst);
-        if recorded.is_ok() {
-            shared
+        match recorded {
+            Ok(()) => shared
                 .stats
                 .last_recorded_ms
-                .store(queue::now_ms(), Ordering::SeqCst);
-        }
-        if let Err(e) = recorded {
-            // The paths stay pending; they are attempted again (and found in the cache).
-            tracing::error!("cannot record upload results: {e}");
-            std::thread::sleep(QUEUE_ERROR_WAIT);
+                .store(queue::now_ms(), Ordering::SeqCst),
+            Err(e) => {
+                // The paths stay pending; they are attempted again (and found in the cache).
+                tracing::error!("cannot record upload results: {e}");
+                std::thread::sleep(QUEUE_ERROR_WAIT);
+            }
         }
     }
 }
