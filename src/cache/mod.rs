@@ -100,6 +100,15 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     }
     /// Makes everything written so far durable.
     fn sync(&self) -> Result<(), CacheError>;
+    /// Removes what interrupted uploads left behind (temporary files, staging objects,
+    /// unfinished multipart uploads) that is older than `grace`, so that an upload still
+    /// running elsewhere is never touched. Returns how many leftovers were removed.
+    ///
+    /// # Errors
+    /// [`CacheError`] when the cache cannot be listed.
+    fn sweep_orphans(&self, _grace: std::time::Duration) -> Result<u64, CacheError> {
+        Ok(0)
+    }
 }
 
 /// Opens the cache a URL names.

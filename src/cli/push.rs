@@ -159,7 +159,9 @@ pub fn run(args: PushArgs) -> Result<u8, CliError> {
         let failures: Vec<serde_json::Value> = report
             .failed()
             .map(|r| match &r.outcome {
-                Outcome::Failed(why) => serde_json::json!({"path": r.path, "error": why}),
+                Outcome::Failed(why) => serde_json::json!({
+                    "path": r.path, "error": why.message, "transient": why.is_transient()
+                }),
                 _ => unreachable!(),
             })
             .chain(

@@ -210,7 +210,7 @@ fn attempt(
             Some(Outcome::Uploaded { .. } | Outcome::AlreadyPresent) => out.done.push(full),
             Some(Outcome::Failed(why)) => {
                 tracing::warn!("{full}: {why}; retrying later");
-                out.retry.push((full, why.clone()));
+                out.retry.push((full, why.message.clone()));
             }
             None => out.retry.push((full, "no result from the upload".into())),
         }

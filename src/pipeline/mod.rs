@@ -90,6 +90,8 @@ pub struct PushOptions {
     pub memory: u64,
     /// Chunk size in bytes (one compressed frame each).
     pub chunk_size: usize,
+    /// Set to stop the push early (the daemon's shutdown).
+    pub cancel: Cancel,
 }
 
 impl PushOptions {
@@ -102,6 +104,7 @@ impl PushOptions {
             jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
             memory: DEFAULT_MEMORY,
             chunk_size: DEFAULT_CHUNK_SIZE,
+            cancel: Cancel::new(),
         }
     }
 }
@@ -115,8 +118,82 @@ pub enum Outcome {
     },
     /// Its narinfo was in the cache already.
     AlreadyPresent,
-    Failed(String),
+    Failed(Failure),
 }
+
+/// Whether retrying a failed path can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The same attempt may succeed later: a network error, a timeout, a cache that is
+    /// busy, an upload cancelled by a shutdown.
+    Transient,
+    /// Retrying as it is cannot help until someone acts: a corrupt store path, access
+    /// denied, a missing bucket, a path that is not in the store.
+    Permanent,
+}
+
+/// Why one path failed, and whether retrying can help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub message: String,
+    pub retry: Retry,
+}
+
+impl Failure {
+    pub fn transient(message: impl Into<String>) -> Self {
+        Failure {
+            message: message.into(),
+            retry: Retry::Transient,
+        }
+    }
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Failure {
+            message: message.into(),
+            retry: Retry::Permanent,
+        }
+    }
+    /// A cache error, classed by [`crate::cache::CacheError::is_transient`].
+    pub fn from_cache(e: &crate::cache::CacheError) -> Self {
+        Failure {
+            message: e.to_string(),
+            retry: if e.is_transient() {
+                Retry::Transient
+            } else {
+                Retry::Permanent
+            },
+        }
+    }
+    pub fn is_transient(&self) -> bool {
+        self.retry == Retry::Transient
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Asks a running push to stop: stages stop early, unfinished uploads are aborted, nothing
+/// more is published, and the paths not finished are reported as transient failures.
+/// Clones share one flag.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(std::sync::Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The message of a path that a cancelled push did not finish.
+pub const CANCELLED: &str = "not finished: the upload was cancelled (shutdown)";
 
 #[derive(Debug, Clone)]
 pub struct PathResult {
@@ -172,6 +249,18 @@ pub enum PushError {
     Cache(#[from] crate::cache::CacheError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl PushError {
+    /// True when the same push may succeed later (the cache or store was unreachable or
+    /// busy); false when someone must act first (bad credentials, missing bucket, wrong
+    /// StoreDir, a corrupt store database).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PushError::Cache(e) => e.is_transient(),
+            PushError::Store(e) => e.is_transient(),
+        }
+    }
 }
 
 /// Resolves a command-line argument to the store path it names: a store path, a path
@@ -236,7 +325,7 @@ pub fn push(
     let (valid, invalid) = split_valid(store, paths)?;
     for (path, why) in invalid {
         report.not_valid.push(path.clone());
-        record(&mut report, path, Outcome::Failed(why));
+        record(&mut report, path, Outcome::Failed(Failure::permanent(why)));
     }
     let infos = if opts.closure {
         store.closure(&valid)?
@@ -285,7 +374,7 @@ pub fn push(
                 record(
                     &mut report,
                     info.path.to_absolute(&store_dir),
-                    Outcome::Failed(why),
+                    Outcome::Failed(Failure::permanent(why)),
                 );
                 break;
             }
@@ -346,6 +435,7 @@ pub fn upload(
         chunk_size: opts.chunk_size,
         budget,
         pool: buffers.clone(),
+        cancel: opts.cancel.clone(),
     };
     let compress = compress::CompressStage {
         pool: &pool,
@@ -375,7 +465,10 @@ pub fn upload(
         let stop = &stop;
         s.spawn(move || {
             for job in 0..infos.len() {
-                if stop.load(Ordering::Relaxed) || job_tx.send(job).is_err() {
+                if stop.load(Ordering::Relaxed)
+                    || opts.cancel.is_cancelled()
+                    || job_tx.send(job).is_err()
+                {
                     break;
                 }
             }
@@ -430,7 +523,7 @@ pub fn upload(
                     publisher.add(*narinfo);
                 }
                 Err(why) => {
-                    publisher.fail(path.clone());
+                    publisher.fail(path.clone(), why.retry);
                     let r = PathResult {
                         path: path.to_absolute(store_dir),
                         outcome: Outcome::Failed(why),
@@ -438,6 +531,11 @@ pub fn upload(
                     progress.finished(&r);
                     report.results.push(r);
                 }
+            }
+            if opts.cancel.is_cancelled() {
+                // Stop feeding; the stages drain and exit once the results go unread.
+                stop.store(true, Ordering::Relaxed);
+                break;
             }
             let due = publisher.pending() >= PUBLISH_BATCH
                 || (publisher.pending() > 0 && last_wave.elapsed() >= PUBLISH_INTERVAL);
@@ -476,7 +574,25 @@ pub fn upload(
         if let Some(e) = publish_error {
             return Err(e.into());
         }
-        settle(&mut report, publisher.finish()?, &file_sizes);
+        if opts.cancel.is_cancelled() {
+            // What was written stays (each narinfo's NAR and references were durable);
+            // the rest is reported unfinished, for the caller to retry.
+            let settled: HashSet<String> = report.results.iter().map(|r| r.path.clone()).collect();
+            for info in infos {
+                let path = info.path.to_absolute(store_dir);
+                if !settled.contains(&path) {
+                    let r = PathResult {
+                        path,
+                        outcome: Outcome::Failed(Failure::transient(CANCELLED)),
+                    };
+                    progress.finished(&r);
+                    report.results.push(r);
+                }
+            }
+            cache.sync()?;
+        } else {
+            settle(&mut report, publisher.finish()?, &file_sizes);
+        }
         Ok(vec![walk_stats, hash_stats, compress_stats, sink_stats])
     });
     report.stages = outcome?;

@@ -8,7 +8,7 @@
 use crate::cache::{BinaryCache, CacheError};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// A path's final state as the publisher decides it.
 #[derive(Debug)]
@@ -16,7 +16,7 @@ pub enum Published {
     /// Its narinfo is written (durable after the next wave or [`Publisher::finish`]).
     Written(Box<NarInfo>),
     /// Not published because a reference failed.
-    Failed(StorePath, String),
+    Failed(StorePath, super::Failure),
 }
 
 pub struct Publisher<'a> {
@@ -27,7 +27,8 @@ pub struct Publisher<'a> {
     durable: HashSet<StorePath>,
     /// Written since the last sync.
     written: Vec<StorePath>,
-    failed: HashSet<StorePath>,
+    /// Failed paths and whether retrying them can help (their referrers inherit it).
+    failed: HashMap<StorePath, super::Retry>,
     pending: Vec<NarInfo>,
 }
 
@@ -47,7 +48,7 @@ impl<'a> Publisher<'a> {
             in_run,
             durable: HashSet::new(),
             written: Vec::new(),
-            failed: HashSet::new(),
+            failed: HashMap::new(),
             pending: Vec::new(),
         }
     }
@@ -58,8 +59,8 @@ impl<'a> Publisher<'a> {
     }
 
     /// Records that a path of the run failed: paths referring to it will fail too.
-    pub fn fail(&mut self, path: StorePath) {
-        self.failed.insert(path);
+    pub fn fail(&mut self, path: StorePath, retry: super::Retry) {
+        self.failed.insert(path, retry);
     }
 
     pub fn pending(&self) -> usize {
@@ -81,19 +82,22 @@ impl<'a> Publisher<'a> {
             let before = decided.len();
             let (doomed, keep): (Vec<NarInfo>, Vec<NarInfo>) = std::mem::take(&mut self.pending)
                 .into_iter()
-                .partition(|n| n.references.iter().any(|r| self.failed.contains(r)));
+                .partition(|n| n.references.iter().any(|r| self.failed.contains_key(r)));
             self.pending = keep;
             for n in doomed {
-                let bad = n
+                let (bad, retry) = n
                     .references
                     .iter()
-                    .find(|r| self.failed.contains(r))
+                    .find_map(|r| self.failed.get(r).map(|c| (r, *c)))
                     .expect("partitioned on it");
-                let why = format!(
-                    "not published: its reference {} failed",
-                    bad.to_absolute(&self.store_dir)
-                );
-                self.failed.insert(n.store_path.clone());
+                let why = super::Failure {
+                    message: format!(
+                        "not published: its reference {} failed",
+                        bad.to_absolute(&self.store_dir)
+                    ),
+                    retry,
+                };
+                self.failed.insert(n.store_path.clone(), retry);
                 decided.push(Published::Failed(n.store_path, why));
             }
             if decided.len() == before {
@@ -135,7 +139,9 @@ impl<'a> Publisher<'a> {
                 // Only references to paths that never finished get here: a reference
                 // cycle (impossible in a valid store) or a path the run lost.
                 for n in std::mem::take(&mut self.pending) {
-                    let why = "not published: its references never became durable".to_owned();
+                    let why = super::Failure::transient(
+                        "not published: its references never became durable",
+                    );
                     decided.push(Published::Failed(n.store_path, why));
                 }
             }

@@ -5,9 +5,9 @@
 //! Chunks of many jobs arrive interleaved and out of order; each job's are buffered until
 //! their turn. The buffer is bounded by the memory budget, since every buffered chunk
 //! still holds its permit.
-use super::PushOptions;
 use super::stats::StageClock;
 use super::walk::{Chunk, NarEnd};
+use super::{Failure, PushOptions};
 use crate::cache::{BinaryCache, NarUpload};
 use crate::format::hash::HashingWriter;
 use crate::format::narinfo::NarInfo;
@@ -21,7 +21,7 @@ use std::io::Write;
 pub struct SinkResult {
     pub job: usize,
     /// The narinfo to publish and the compressed size, or why the job failed.
-    pub outcome: Result<(Box<NarInfo>, u64), String>,
+    pub outcome: Result<(Box<NarInfo>, u64), Failure>,
 }
 
 /// A job the sink has seen chunks of.
@@ -30,7 +30,7 @@ struct JobState {
     waiting: BTreeMap<u32, Chunk>,
     /// `None` once the job has failed: its remaining chunks are only drained.
     upload: Option<HashingWriter<Box<dyn NarUpload>>>,
-    error: Option<String>,
+    error: Option<Failure>,
 }
 
 pub struct SinkStage<'a> {
@@ -105,7 +105,7 @@ impl SinkStage<'_> {
                 if let (Some(upload), None) = (state.upload.as_mut(), &state.error)
                     && let Err(e) = upload.write_all(&chunk.data)
                 {
-                    state.error = Some(format!("writing the NAR: {e}"));
+                    state.error = Some(Failure::transient(format!("writing the NAR: {e}")));
                 }
                 self.buffers.give(chunk.data);
                 if let Some(end) = chunk.end {
@@ -126,7 +126,7 @@ impl SinkStage<'_> {
     fn begin(&self, job: usize) -> JobState {
         let (upload, error) = match self.cache.begin_nar(self.infos[job].nar_size) {
             Ok(u) => (Some(HashingWriter::new(u)), None),
-            Err(e) => (None, Some(e.to_string())),
+            Err(e) => (None, Some(Failure::from_cache(&e))),
         };
         JobState {
             next_seq: 0,
@@ -143,15 +143,16 @@ impl SinkStage<'_> {
         job: usize,
         state: JobState,
         end: NarEnd,
-    ) -> Result<(Box<NarInfo>, u64), String> {
+    ) -> Result<(Box<NarInfo>, u64), Failure> {
         let info = &self.infos[job];
         let full = info.path.to_absolute(self.store_dir);
         let (nar_hash, nar_size) = match end {
-            NarEnd::Failed(why) => return Err(why),
+            // Reading the store path failed: an I/O error, or the path changed under us.
+            NarEnd::Failed(why) => return Err(Failure::transient(why)),
             NarEnd::Walked { .. } => {
-                return Err(format!(
+                return Err(Failure::permanent(format!(
                     "{full}: internal error: NAR ended without a NarHash"
-                ));
+                )));
             }
             NarEnd::Complete { nar_hash, nar_size } => (nar_hash, nar_size),
         };
@@ -159,11 +160,11 @@ impl SinkStage<'_> {
             return Err(e);
         }
         if nar_hash != info.nar_hash || nar_size != info.nar_size {
-            return Err(format!(
+            return Err(Failure::permanent(format!(
                 "{full} is corrupt: its contents hash to {nar_hash} ({nar_size} bytes) but the Nix \
                  database records {} ({} bytes); not uploaded (repair it with `nix-store --repair-path {full}`)",
                 info.nar_hash, info.nar_size
-            ));
+            )));
         }
         let (upload, file_hash, file_size) =
             state.upload.expect("no error means an upload").finish();
@@ -173,8 +174,12 @@ impl SinkStage<'_> {
             self.opts.compression.kind.extension()
         );
         // The same FileHash means the object there is this very file: leave it.
-        if !self.cache.has_object(&url).map_err(|e| e.to_string())? {
-            upload.commit(&url).map_err(|e| e.to_string())?;
+        if !self
+            .cache
+            .has_object(&url)
+            .map_err(|e| Failure::from_cache(&e))?
+        {
+            upload.commit(&url).map_err(|e| Failure::from_cache(&e))?;
         }
         let mut narinfo = NarInfo {
             store_path: info.path.clone(),

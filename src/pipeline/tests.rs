@@ -174,7 +174,7 @@ fn a_corrupt_path_and_its_referrers_are_not_published() {
         .unwrap()
         .outcome
     {
-        Outcome::Failed(w) => w.clone(),
+        Outcome::Failed(w) => w.message.clone(),
         o => panic!("{o:?}"),
     };
     assert!(why("-bad").contains("is corrupt"), "{}", why("-bad"));
@@ -214,7 +214,7 @@ fn a_path_that_vanished_fails_with_its_name() {
     )
     .unwrap();
     match &report.results[0].outcome {
-        Outcome::Failed(why) => assert!(why.contains(infos[0].path.base_name()), "{why}"),
+        Outcome::Failed(why) => assert!(why.message.contains(infos[0].path.base_name()), "{why}"),
         o => panic!("{o:?}"),
     }
     assert_eq!(cache.narinfos(), 0);
@@ -303,4 +303,64 @@ fn concurrent_commits_publish_every_path_in_closure_order() {
             );
         }
     }
+}
+
+/// Cancels the push at the first NAR bytes the sink writes, and counts what it saw.
+struct CancelOnFirstBytes {
+    cancel: Cancel,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Progress for CancelOnFirstBytes {
+    fn nar_bytes(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::SeqCst);
+        self.cancel.cancel();
+    }
+}
+
+#[test]
+fn a_cancelled_push_stops_mid_nar_and_publishes_nothing_more() {
+    let store = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    let infos = make_store(store.path(), &[("big", 16 << 20, &[]), ("after", 10, &[0])]);
+    let cache = FileCache::open(cache_dir.path(), "file:///t").unwrap();
+    let o = opts(Compression::Zstd, 64 << 10, 256 << 10);
+    let progress = CancelOnFirstBytes {
+        cancel: o.cancel.clone(),
+        bytes: Default::default(),
+    };
+    let report = upload(&cache, sd, &infos, &o, &progress).unwrap();
+    assert_eq!(report.results.len(), 2, "{:?}", report.results);
+    for r in &report.results {
+        match &r.outcome {
+            Outcome::Failed(f) => assert!(f.is_transient(), "{}: {f}", r.path),
+            other => panic!("{}: {other:?}", r.path),
+        }
+    }
+    // The budget (256 KiB) bounds how far the walker got past the cancel: far from 16 MiB.
+    let written = progress.bytes.load(Ordering::SeqCst);
+    assert!(
+        written < 4 << 20,
+        "{written} NAR bytes written after the cancel"
+    );
+    // The aborted upload left nothing: no narinfo, no NAR, no temporary file.
+    let left: Vec<_> = walkdir(cache_dir.path())
+        .into_iter()
+        .filter(|p| !p.ends_with("nix-cache-info"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

@@ -62,6 +62,7 @@ struct Chunker<'a> {
     pool: &'a BufferPool,
     out: &'a Sender<Chunk>,
     clock: &'a mut StageClock,
+    cancel: &'a super::Cancel,
 }
 
 impl Chunker<'_> {
@@ -121,6 +122,10 @@ impl Chunker<'_> {
 
 impl NarBuffer for Chunker<'_> {
     fn spare(&mut self) -> io::Result<&mut [u8]> {
+        // A cancelled push stops mid-NAR: the job fails and its upload is aborted.
+        if self.cancel.is_cancelled() {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, super::CANCELLED));
+        }
         if self.permit.is_none() {
             self.start_chunk();
         } else if self.filled == self.buf.len() {
@@ -146,6 +151,7 @@ pub struct WalkStage<'a> {
     pub chunk_size: usize,
     pub budget: ByteBudget,
     pub pool: BufferPool,
+    pub cancel: super::Cancel,
 }
 
 impl WalkStage<'_> {
@@ -168,6 +174,7 @@ impl WalkStage<'_> {
                 pool: &self.pool,
                 out: &out,
                 clock: &mut clock,
+                cancel: &self.cancel,
             };
             let sent = match dump_path_into(Path::new(&full), &mut chunker) {
                 Ok(_) => chunker.finish(),

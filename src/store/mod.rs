@@ -90,6 +90,21 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// True when reading again may succeed (the database was busy or locked, or `nix`
+    /// could not run); false for a path that is not valid or data that does not parse.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::NotValid(_) | StoreError::Corrupt { .. } => false,
+            StoreError::Db { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
+            StoreError::Command(_) => true,
+        }
+    }
+}
+
 /// Where to read path info from. Opening tries the DB first, then the `nix` command.
 ///
 /// `Send + Sync`: share one (e.g. in an `Arc`) between threads; database queries take turns
