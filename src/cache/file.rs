@@ -2,13 +2,27 @@
 //! `<hash>.narinfo`, `nar/<FileHash>.nar.*`).
 //!
 //! Every object is written to a temporary file in the same directory and renamed into
-//! place, so a crash never leaves a partial object under its final name. Durability is
-//! batched: [`FileCache::sync`] is one `syncfs`, not an fsync per file.
-use super::{BinaryCache, CacheError, NarUpload};
+//! place only once its bytes are durable, so no crash, power loss included, leaves a
+//! partial object under its final name. Durability is batched, never an fsync per file:
+//! a committed NAR waits under its temporary name; a wave of narinfos is written to
+//! temporary files, then one `syncfs` makes them and every waiting NAR durable, the NARs
+//! are renamed and `nar/` is fsynced, then the narinfos are renamed and the cache
+//! directory fsynced. So a narinfo's name is durable only after its NAR's name, and
+//! before any narinfo of a later wave (which may refer to it).
+//!
+//! An object already under its final name is checked before it is trusted: a narinfo
+//! must parse, name its store path and point to a NAR of its FileSize; a damaged one is
+//! treated as absent and replaced. Narinfos are merged under the cache's rule
+//! ([`super::merge_narinfo`]) while holding an exclusive lock on [`LOCK_FILE`], so
+//! concurrent writers on one directory keep each other's signatures.
+use super::{BinaryCache, CacheError, Merged, NarUpload};
+use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Write buffer for NAR files: large enough that compressed output reaches the kernel in
 /// few syscalls, small enough to be irrelevant next to the compressor's own buffers.
@@ -17,13 +31,27 @@ const NAR_WRITE_BUFFER: usize = 256 * 1024;
 /// How much of a NAR file gathers in the page cache before its writeback is started.
 const WRITEBACK_STEP: u64 = 8 << 20;
 
-/// Prefix of temporary files; Nix ignores them and a later push may delete stale ones.
+/// Prefix of temporary files; Nix ignores them and [`BinaryCache::sweep_orphans`] removes
+/// stale ones.
 pub const TEMP_PREFIX: &str = ".narflow-tmp-";
+
+/// The lock narinfo writers take (`flock`, exclusive) from reading a wave's existing
+/// narinfos until their renames are durable. Nix ignores it.
+pub const LOCK_FILE: &str = ".narflow-lock";
+
+/// A committed NAR waiting for the next sync to get its final name.
+#[derive(Debug)]
+struct PendingNar {
+    tmp: tempfile::TempPath,
+    target: PathBuf,
+}
 
 #[derive(Debug)]
 pub struct FileCache {
     root: PathBuf,
     url: String,
+    /// Committed NARs not yet renamed (their temp files are deleted if we never get there).
+    pending: Arc<Mutex<Vec<PendingNar>>>,
 }
 
 impl FileCache {
@@ -35,6 +63,7 @@ impl FileCache {
         let cache = FileCache {
             root: root.to_owned(),
             url: url.to_owned(),
+            pending: Arc::default(),
         };
         std::fs::create_dir_all(root.join("nar")).map_err(|e| cache.io("nar/", e))?;
         Ok(cache)
@@ -48,7 +77,8 @@ impl FileCache {
         }
     }
 
-    /// Writes `contents` to `key` atomically (temp file + rename).
+    /// Writes `contents` to `key` durably and atomically (temp file, fdatasync, rename,
+    /// fsync of the directory). For the rare single object (`nix-cache-info`).
     fn put_atomic(&self, key: &str, contents: &[u8]) -> Result<(), CacheError> {
         let target = self.root.join(key);
         let dir = target.parent().unwrap_or(&self.root);
@@ -58,8 +88,62 @@ impl FileCache {
             .map_err(|e| self.io(key, e))?;
         tmp.write_all(contents).map_err(|e| self.io(key, e))?;
         set_readable(tmp.as_file()).map_err(|e| self.io(key, e))?;
+        tmp.as_file().sync_data().map_err(|e| self.io(key, e))?;
         tmp.persist(&target).map_err(|e| self.io(key, e.error))?;
-        Ok(())
+        fsync_dir(dir).map_err(|e| self.io(key, e))
+    }
+
+    /// One `syncfs` of the cache's file system: every byte written so far is durable.
+    fn syncfs(&self) -> Result<(), CacheError> {
+        let dir = File::open(&self.root).map_err(|e| self.io("", e))?;
+        rustix::fs::syncfs(&dir).map_err(|e| self.io("", e.into()))
+    }
+
+    /// Renames the committed NARs into place and makes the renames durable. Their bytes
+    /// must be durable already (the caller has just synced).
+    fn rename_pending(&self, pending: Vec<PendingNar>) -> Result<(), CacheError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        for p in pending {
+            p.tmp
+                .persist(&p.target)
+                .map_err(|e| self.io(&p.target.display().to_string(), e.error))?;
+        }
+        fsync_dir(&self.root.join("nar")).map_err(|e| self.io("nar/", e))
+    }
+
+    fn take_pending(&self) -> Vec<PendingNar> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Why the narinfo text at `key` cannot be trusted for `path`, if it cannot.
+    fn narinfo_damage(&self, path: &StorePath, text: &str) -> Result<Option<String>, CacheError> {
+        // The cache's StoreDir is the one the narinfo names (ensure_cache_info checked it
+        // against the store's); what matters here is that it parses and names `path`.
+        let Some(store_dir) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("StorePath: "))
+            .and_then(|p| p.rsplit_once('/'))
+            .map(|(dir, _)| dir)
+        else {
+            return Ok(Some("no StorePath".into()));
+        };
+        let n = match NarInfo::parse(text, store_dir) {
+            Ok(n) => n,
+            Err(e) => return Ok(Some(e.to_string())),
+        };
+        if n.store_path != *path {
+            return Ok(Some(format!("it names {}", n.store_path)));
+        }
+        if !super::nar_intact(self, &n)? {
+            return Ok(Some(format!(
+                "its NAR {} is missing or not {} bytes",
+                n.url,
+                n.file_size.unwrap_or_default()
+            )));
+        }
+        Ok(None)
     }
 }
 
@@ -67,6 +151,11 @@ impl FileCache {
 fn set_readable(f: &File) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     f.set_permissions(std::fs::Permissions::from_mode(0o644))
+}
+
+/// Makes the renames in `dir` durable.
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 impl BinaryCache for FileCache {
@@ -86,14 +175,42 @@ impl BinaryCache for FileCache {
     }
 
     fn has_narinfo(&self, path: &StorePath) -> Result<bool, CacheError> {
-        self.has_object(&super::narinfo_key(path))
+        let key = super::narinfo_key(path);
+        let Some(text) = self.get_narinfo(path)? else {
+            return Ok(false);
+        };
+        match self.narinfo_damage(path, &text)? {
+            None => Ok(true),
+            Some(why) => {
+                tracing::warn!(
+                    "{}: {key} is damaged ({why}); it will be replaced",
+                    self.url
+                );
+                Ok(false)
+            }
+        }
     }
 
     fn has_object(&self, key: &str) -> Result<bool, CacheError> {
-        self.root
-            .join(key)
-            .try_exists()
-            .map_err(|e| self.io(key, e))
+        Ok(self.object_size(key)?.is_some())
+    }
+
+    fn object_size(&self, key: &str) -> Result<Option<u64>, CacheError> {
+        match std::fs::symlink_metadata(self.root.join(key)) {
+            Ok(m) if m.is_file() => Ok(Some(m.len())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(key, e)),
+        }
+    }
+
+    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, CacheError> {
+        let key = super::narinfo_key(path);
+        match std::fs::read(self.root.join(&key)) {
+            Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(&key, e)),
+        }
     }
 
     fn begin_nar(&self, _nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
@@ -109,16 +226,104 @@ impl BinaryCache for FileCache {
             tmp: path,
             root: self.root.clone(),
             url: self.url.clone(),
+            pending: self.pending.clone(),
         }))
     }
 
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError> {
-        self.put_atomic(&super::narinfo_key(path), text.as_bytes())
+        self.put_narinfos(&[(path.clone(), text.to_owned())])
+    }
+
+    /// Temp files → one `syncfs` → NAR renames, fsync `nar/` → narinfo renames, fsync the
+    /// cache directory.
+    fn put_narinfos(&self, narinfos: &[(StorePath, String)]) -> Result<(), CacheError> {
+        if narinfos.is_empty() {
+            return Ok(());
+        }
+        let mut temps = Vec::with_capacity(narinfos.len());
+        for (path, text) in narinfos {
+            let key = super::narinfo_key(path);
+            let mut tmp = tempfile::Builder::new()
+                .prefix(TEMP_PREFIX)
+                .tempfile_in(&self.root)
+                .map_err(|e| self.io(&key, e))?;
+            tmp.write_all(text.as_bytes())
+                .map_err(|e| self.io(&key, e))?;
+            set_readable(tmp.as_file()).map_err(|e| self.io(&key, e))?;
+            // Closed now: a wave may hold hundreds.
+            temps.push((key, tmp.into_temp_path()));
+        }
+        // Taken before the sync, so every NAR renamed below is covered by it.
+        let pending = self.take_pending();
+        self.syncfs()?;
+        self.rename_pending(pending)?;
+        for (key, tmp) in temps {
+            tmp.persist(self.root.join(&key))
+                .map_err(|e| self.io(&key, e.error))?;
+        }
+        fsync_dir(&self.root).map_err(|e| self.io("", e))
+    }
+
+    fn publish_narinfos(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<NarInfo>,
+    ) -> Result<Vec<Merged>, CacheError> {
+        if narinfos.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join(LOCK_FILE))
+            .map_err(|e| self.io(LOCK_FILE, e))?;
+        lock.lock().map_err(|e| self.io(LOCK_FILE, e))?;
+        // Unlocked when `lock` is closed, after the renames are durable.
+        super::publish_merged(self, store_dir, narinfos)
     }
 
     fn sync(&self) -> Result<(), CacheError> {
-        let dir = File::open(&self.root).map_err(|e| self.io("", e))?;
-        rustix::fs::syncfs(&dir).map_err(|e| self.io("", e.into()))
+        let pending = self.take_pending();
+        self.syncfs()?;
+        self.rename_pending(pending)
+    }
+
+    fn sweep_orphans(&self, grace: Duration) -> Result<u64, CacheError> {
+        let mut removed = 0;
+        for (dir, key) in [(self.root.clone(), ""), (self.root.join("nar"), "nar/")] {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.io(key, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| self.io(key, e))?;
+                if !entry
+                    .file_name()
+                    .as_encoded_bytes()
+                    .starts_with(TEMP_PREFIX.as_bytes())
+                {
+                    continue;
+                }
+                let Ok(meta) = entry.metadata() else { continue };
+                // An upload still running keeps touching its file: only stale ones go.
+                let age = meta.modified().ok().and_then(|m| m.elapsed().ok());
+                if !meta.is_file() || age.is_none_or(|a| a < grace) {
+                    continue;
+                }
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    // Another sweeper or its own upload got there first.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        let name = entry.file_name();
+                        return Err(self.io(&format!("{key}{}", name.to_string_lossy()), e));
+                    }
+                }
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -132,6 +337,7 @@ struct FileNarUpload {
     tmp: tempfile::TempPath,
     root: PathBuf,
     url: String,
+    pending: Arc<Mutex<Vec<PendingNar>>>,
 }
 
 impl FileNarUpload {
@@ -175,6 +381,8 @@ impl Write for FileNarUpload {
 }
 
 impl NarUpload for FileNarUpload {
+    /// Flushes the NAR to its temporary file and queues it for the next sync, which makes
+    /// its bytes durable and then gives it its final name (one sync for many NARs).
     fn commit(self: Box<Self>, key: &str) -> Result<(), CacheError> {
         let io = |e: io::Error| CacheError::Io {
             cache: self.url.clone(),
@@ -183,9 +391,14 @@ impl NarUpload for FileNarUpload {
         };
         let file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
         set_readable(&file).map_err(io)?;
-        self.tmp
-            .persist(self.root.join(key))
-            .map_err(|e| io(e.error))?;
+        drop(file);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(PendingNar {
+                tmp: self.tmp,
+                target: self.root.join(key),
+            });
         Ok(())
     }
 }
@@ -238,6 +451,9 @@ mod tests {
         let mut up = c.begin_nar(0).unwrap();
         up.write_all(b"complete nar").unwrap();
         up.commit("nar/abc.nar.zst").unwrap();
+        // Named only once a sync has made its bytes durable.
+        assert!(!c.has_object("nar/abc.nar.zst").unwrap());
+        c.sync().unwrap();
         assert_eq!(listing(dir.path()), vec!["nar/abc.nar.zst"]);
         let p = dir.path().join("nar/abc.nar.zst");
         assert_eq!(std::fs::read(&p).unwrap(), b"complete nar");
@@ -245,8 +461,7 @@ mod tests {
             std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o644
         );
-        assert!(c.has_object("nar/abc.nar.zst").unwrap());
-        c.sync().unwrap();
+        assert_eq!(c.object_size("nar/abc.nar.zst").unwrap(), Some(12));
     }
 
     #[test]
@@ -266,16 +481,78 @@ mod tests {
         );
     }
 
+    /// A narinfo for `p` whose NAR is `nar/x.nar` of `size` bytes.
+    fn narinfo_text(p: &StorePath, size: u64) -> String {
+        use crate::format::hash::Sha256;
+        NarInfo {
+            store_path: p.clone(),
+            url: "nar/x.nar".into(),
+            compression: "none".into(),
+            file_hash: Some(Sha256::digest(b"x")),
+            file_size: Some(size),
+            nar_hash: Sha256::digest(b"x"),
+            nar_size: size,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        }
+        .render("/nix/store")
+    }
+
     #[test]
-    fn narinfo_written_under_hash_part() {
+    fn narinfo_written_under_hash_part_and_trusted_only_when_sound() {
         let (dir, c) = cache();
         let p = StorePath::from_base_name("qs2vcw1sd6lzsvgvq6gggnw1v31qrm28-hi.txt").unwrap();
+        let q = StorePath::from_base_name("qs2vcw1sd6lzsvgvq6gggnw1v31qrm28-other").unwrap();
         assert!(!c.has_narinfo(&p).unwrap());
-        c.put_narinfo(&p, "StorePath: x\n").unwrap();
+        std::fs::write(dir.path().join("nar/x.nar"), b"0123456789").unwrap();
+        c.put_narinfo(&p, &narinfo_text(&p, 10)).unwrap();
         assert!(c.has_narinfo(&p).unwrap());
         assert_eq!(
             listing(dir.path()),
-            vec!["qs2vcw1sd6lzsvgvq6gggnw1v31qrm28.narinfo"]
+            vec!["nar/x.nar", "qs2vcw1sd6lzsvgvq6gggnw1v31qrm28.narinfo"]
         );
+        // Damaged ones, as a crash before writeback or another writer could leave them.
+        for (text, why) in [
+            (String::new(), "empty"),
+            ("StorePath: x\n".into(), "does not parse"),
+            (narinfo_text(&q, 10), "names another path"),
+            (narinfo_text(&p, 11), "its NAR is shorter than FileSize"),
+        ] {
+            c.put_narinfo(&p, &text).unwrap();
+            assert!(!c.has_narinfo(&p).unwrap(), "{why}: trusted");
+        }
+        std::fs::remove_file(dir.path().join("nar/x.nar")).unwrap();
+        c.put_narinfo(&p, &narinfo_text(&p, 10)).unwrap();
+        assert!(!c.has_narinfo(&p).unwrap(), "missing NAR: trusted");
+    }
+
+    #[test]
+    fn sweep_removes_only_stale_temporary_files() {
+        let (dir, c) = cache();
+        let old = std::time::SystemTime::now() - Duration::from_secs(7200);
+        let mut expect = vec![];
+        for (name, stale) in [
+            (".narflow-tmp-a1", true),
+            ("nar/.narflow-tmp-b2", true),
+            (".narflow-tmp-young", false),
+            ("nar/.narflow-tmp-young", false),
+            ("stale.narinfo", false),
+            ("nar/stale.nar.zst", false),
+            (LOCK_FILE, false),
+        ] {
+            let f = File::create(dir.path().join(name)).unwrap();
+            if stale || !name.contains(TEMP_PREFIX) {
+                f.set_modified(old).unwrap();
+            }
+            if !stale {
+                expect.push(name.to_owned());
+            }
+        }
+        assert_eq!(c.sweep_orphans(Duration::from_secs(3600)).unwrap(), 2);
+        expect.sort();
+        assert_eq!(listing(dir.path()), expect);
+        assert_eq!(c.sweep_orphans(Duration::from_secs(3600)).unwrap(), 0);
     }
 }

@@ -7,6 +7,7 @@ pub mod null;
 pub mod s3;
 pub mod url;
 
+use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
 use std::io::Write;
 
@@ -52,7 +53,10 @@ impl CacheError {
 /// under their final key. Dropping an upload without committing aborts it: nothing appears
 /// under a final name.
 pub trait NarUpload: Write + Send {
-    /// Publishes the uploaded bytes as `key` (e.g. `nar/<FileHash>.nar.zst`).
+    /// Publishes the uploaded bytes as `key` (e.g. `nar/<FileHash>.nar.zst`): at once, or
+    /// (a local directory, which batches durability) no later than the next
+    /// [`BinaryCache::put_narinfos`] or [`BinaryCache::sync`], and only once the bytes are
+    /// durable.
     ///
     /// # Errors
     /// [`CacheError`]; the upload is aborted.
@@ -80,18 +84,45 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     }
     /// Whether an object exists (e.g. a NAR under its final key).
     fn has_object(&self, key: &str) -> Result<bool, CacheError>;
+    /// The size of an object in bytes, or `None` when it does not exist.
+    fn object_size(&self, key: &str) -> Result<Option<u64>, CacheError>;
+    /// The text of `<hash part>.narinfo`, or `None` when there is none. Text that is not
+    /// UTF-8 comes back lossily converted (it then fails to parse: a damaged narinfo).
+    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, CacheError>;
+    /// [`BinaryCache::get_narinfo`] for many paths, in order. Remote caches ask
+    /// concurrently; the default asks one at a time.
+    fn get_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
+        paths.iter().map(|p| self.get_narinfo(p)).collect()
+    }
     /// Starts a NAR upload. `nar_size` (the uncompressed size) lets a remote cache choose
     /// how to upload it (one request, or parts of a size that fits any NAR).
     fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError>;
-    /// Writes `<hash part>.narinfo` atomically.
+    /// Writes `<hash part>.narinfo` atomically, as [`BinaryCache::put_narinfos`] does.
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError>;
     /// [`BinaryCache::put_narinfo`] for many narinfos, none of which depends on another
     /// (the caller orders dependent ones into separate calls). Remote caches write them
     /// concurrently; the default writes one at a time.
+    ///
+    /// Durability contract: no narinfo gets its final name before every NAR committed
+    /// before the call is durable under its final name, and every narinfo of the call is
+    /// durable when it returns (so a later call's narinfos may refer to them).
     fn put_narinfos(&self, narinfos: &[(StorePath, String)]) -> Result<(), CacheError> {
         narinfos
             .iter()
             .try_for_each(|(p, text)| self.put_narinfo(p, text))
+    }
+    /// Publishes a wave of narinfos (none depending on another) under [`merge_narinfo`]'s
+    /// rule against what the cache holds: signatures already there are kept, and a
+    /// narinfo for another NAR of the same path is never replaced while its NAR is intact.
+    /// Returns, in order, what happened to each. A local directory holds a lock across
+    /// reading and renaming, so concurrent writers cannot drop each other's signatures;
+    /// the default reads, then writes.
+    fn publish_narinfos(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<NarInfo>,
+    ) -> Result<Vec<Merged>, CacheError> {
+        publish_merged(self, store_dir, narinfos)
     }
     /// How many NAR uploads may be finishing (committing) at once. A local directory
     /// commits with a rename, so 1; a remote cache hides per-request latency with more.
@@ -109,6 +140,121 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     fn sweep_orphans(&self, _grace: std::time::Duration) -> Result<u64, CacheError> {
         Ok(0)
     }
+}
+
+/// What publishing one narinfo did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merged {
+    /// Ours was written (with the signatures the cache had for the same NAR added), or
+    /// the cache's was given our signatures.
+    Written,
+    /// The cache's narinfo stays as it was: it already has every signature of ours, or it
+    /// is for another NAR of the path and that NAR is intact.
+    Kept,
+}
+
+/// What to do with a narinfo the cache may already have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Merge {
+    Write(Box<NarInfo>),
+    Keep,
+}
+
+/// The merge rule for writing `ours` where the cache holds `old` (its text, if any).
+///
+/// - none, or text that does not parse or names another store path (damaged): write ours;
+/// - the same NAR (NarHash, NarSize, References), its NAR intact: keep it, adding our
+///   signatures when it lacks some (signatures cover only the fingerprint, so they stay
+///   valid whatever URL the narinfo names);
+/// - the same NAR, its NAR missing or damaged: write ours with its signatures added;
+/// - another NAR of the path: keep it while its NAR is intact, else write ours.
+///
+/// `nar_intact` says whether an old narinfo's NAR is there with its FileSize.
+///
+/// # Errors
+/// What `nar_intact` returns.
+pub fn merge_narinfo(
+    mut ours: NarInfo,
+    old: Option<&str>,
+    store_dir: &str,
+    nar_intact: impl FnOnce(&NarInfo) -> Result<bool, CacheError>,
+) -> Result<Merge, CacheError> {
+    let Some(old) = old
+        .and_then(|t| NarInfo::parse(t, store_dir).ok())
+        .filter(|o| o.store_path == ours.store_path)
+    else {
+        return Ok(Merge::Write(Box::new(ours)));
+    };
+    let same_nar = (old.nar_hash, old.nar_size, &old.references)
+        == (ours.nar_hash, ours.nar_size, &ours.references);
+    let intact = nar_intact(&old)?;
+    match (same_nar, intact) {
+        (true, true) => {
+            if ours.sigs.iter().all(|s| old.sigs.contains(s)) {
+                return Ok(Merge::Keep);
+            }
+            let mut merged = old;
+            let sigs = std::mem::take(&mut ours.sigs);
+            add_signatures(&mut merged, sigs);
+            Ok(Merge::Write(Box::new(merged)))
+        }
+        (true, false) => {
+            add_signatures(&mut ours, old.sigs);
+            Ok(Merge::Write(Box::new(ours)))
+        }
+        (false, true) => Ok(Merge::Keep),
+        (false, false) => Ok(Merge::Write(Box::new(ours))),
+    }
+}
+
+/// Adds `sigs` to `n`'s, keeping them unique and sorted by their text (as Nix does).
+fn add_signatures(n: &mut NarInfo, sigs: Vec<crate::format::signing::Signature>) {
+    n.sigs.extend(sigs);
+    n.sigs
+        .sort_by_cached_key(crate::format::signing::Signature::to_string);
+    n.sigs.dedup();
+}
+
+/// Whether the NAR a narinfo names is in `cache` with the narinfo's FileSize (only its
+/// existence when the narinfo has no FileSize).
+///
+/// # Errors
+/// [`CacheError`] when the cache cannot be asked.
+pub fn nar_intact<C: BinaryCache + ?Sized>(cache: &C, n: &NarInfo) -> Result<bool, CacheError> {
+    let size = cache.object_size(&n.url)?;
+    Ok(match n.file_size {
+        Some(want) => size == Some(want),
+        None => size.is_some(),
+    })
+}
+
+/// [`BinaryCache::publish_narinfos`] without a lock: read what the cache has, merge, write.
+///
+/// # Errors
+/// The first cache error.
+pub fn publish_merged<C: BinaryCache + ?Sized>(
+    cache: &C,
+    store_dir: &str,
+    narinfos: Vec<NarInfo>,
+) -> Result<Vec<Merged>, CacheError> {
+    if narinfos.is_empty() {
+        return Ok(Vec::new());
+    }
+    let paths: Vec<StorePath> = narinfos.iter().map(|n| n.store_path.clone()).collect();
+    let olds = cache.get_narinfos(&paths)?;
+    let mut writes = Vec::new();
+    let mut out = Vec::with_capacity(narinfos.len());
+    for (ours, old) in narinfos.into_iter().zip(olds) {
+        match merge_narinfo(ours, old.as_deref(), store_dir, |o| nar_intact(cache, o))? {
+            Merge::Write(n) => {
+                writes.push((n.store_path.clone(), n.render(store_dir)));
+                out.push(Merged::Written);
+            }
+            Merge::Keep => out.push(Merged::Kept),
+        }
+    }
+    cache.put_narinfos(&writes)?;
+    Ok(out)
 }
 
 /// Opens the cache a URL names.
@@ -152,4 +298,81 @@ pub(crate) fn new_cache_info(store_dir: &str) -> String {
 /// The narinfo object key of a store path.
 pub fn narinfo_key(path: &StorePath) -> String {
     format!("{}.narinfo", path.hash_part())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::hash::Sha256;
+    use crate::format::signing::SigningKey;
+
+    const SD: &str = "/nix/store";
+
+    fn narinfo(nar: &[u8], url: &str, key: &SigningKey) -> NarInfo {
+        let mut n = NarInfo {
+            store_path: StorePath::from_base_name("qs2vcw1sd6lzsvgvq6gggnw1v31qrm28-p").unwrap(),
+            url: url.into(),
+            compression: "none".into(),
+            file_hash: Some(Sha256::digest(nar)),
+            file_size: Some(nar.len() as u64),
+            nar_hash: Sha256::digest(nar),
+            nar_size: nar.len() as u64,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
+        n.sign(key, SD);
+        n
+    }
+
+    fn merge(ours: &NarInfo, old: Option<&str>, intact: bool) -> Merge {
+        merge_narinfo(ours.clone(), old, SD, |_| Ok(intact)).unwrap()
+    }
+
+    fn written(m: Merge) -> NarInfo {
+        match m {
+            Merge::Write(n) => *n,
+            Merge::Keep => panic!("kept"),
+        }
+    }
+
+    #[test]
+    fn the_merge_rule() {
+        let (a, b) = (
+            SigningKey::from_seed("a-1", [1; 32]),
+            SigningKey::from_seed("b-1", [2; 32]),
+        );
+        let ours = narinfo(b"nar", "nar/ours.nar", &a);
+        // Nothing there, or damage: ours.
+        assert_eq!(written(merge(&ours, None, true)), ours);
+        assert_eq!(written(merge(&ours, Some(""), true)), ours);
+        assert_eq!(
+            written(merge(&ours, Some("StorePath: /nix/store/x\n"), true)),
+            ours
+        );
+        // The same NAR signed by another key: theirs stays (its URL), with both signatures.
+        let theirs = narinfo(b"nar", "nar/theirs.nar.xz", &b);
+        let m = written(merge(&ours, Some(&theirs.render(SD)), true));
+        assert_eq!(m.url, "nar/theirs.nar.xz");
+        for k in [&a, &b] {
+            assert_eq!(
+                m.valid_signatures(SD, &[k.verifying_key()]),
+                1,
+                "{}",
+                k.name()
+            );
+        }
+        // ... and nothing to write when it has ours already.
+        assert_eq!(merge(&ours, Some(&m.render(SD)), true), Merge::Keep);
+        // The same NAR, but its file is gone: ours, keeping their signature.
+        let m = written(merge(&ours, Some(&theirs.render(SD)), false));
+        assert_eq!(m.url, "nar/ours.nar");
+        assert_eq!(m.sigs.len(), 2);
+        // Another NAR of the path: kept while intact, replaced (without its now foreign
+        // signature) once its NAR is missing or damaged.
+        let other = narinfo(b"other nar", "nar/other.nar", &b);
+        assert_eq!(merge(&ours, Some(&other.render(SD)), true), Merge::Keep);
+        assert_eq!(written(merge(&ours, Some(&other.render(SD)), false)), ours);
+    }
 }

@@ -39,6 +39,12 @@ impl BinaryCache for NullCache {
     fn has_object(&self, _key: &str) -> Result<bool, CacheError> {
         Ok(false)
     }
+    fn object_size(&self, _key: &str) -> Result<Option<u64>, CacheError> {
+        Ok(None)
+    }
+    fn get_narinfo(&self, _path: &StorePath) -> Result<Option<String>, CacheError> {
+        Ok(None)
+    }
     fn begin_nar(&self, _nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
         Ok(Box::new(NullUpload {
             bytes: self.bytes.clone(),

@@ -562,6 +562,92 @@ impl BinaryCache for S3Cache {
     fn upload_concurrency(&self) -> usize {
         self.concurrency
     }
+
+    fn object_size(&self, key: &str) -> Result<Option<u64>, CacheError> {
+        self.block_on(self.shared.size(key))
+    }
+
+    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, CacheError> {
+        self.block_on(self.shared.get_text_lossy(&super::narinfo_key(path)))
+    }
+
+    fn get_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
+        let s = self.shared.clone();
+        let keys: Vec<String> = paths.iter().map(super::narinfo_key).collect();
+        self.block_on(async move {
+            let mut out = vec![None; keys.len()];
+            let mut set = JoinSet::new();
+            let mut next = 0;
+            while next < keys.len() || !set.is_empty() {
+                while next < keys.len() && set.len() < BATCH_CONCURRENCY {
+                    let (s, key, i) = (s.clone(), keys[next].clone(), next);
+                    set.spawn(async move { (i, s.get_text_lossy(&key).await) });
+                    next += 1;
+                }
+                if let Some(done) = set.join_next().await {
+                    let (i, r) = done.map_err(|e| join_error(&s.url, e))?;
+                    out[i] = r?;
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Reading existing objects, for the narinfo merge rule.
+impl Shared {
+    /// The size of `key` from a HEAD, or `None` when it does not exist.
+    async fn size(&self, key: &str) -> Result<Option<u64>, CacheError> {
+        self.retry("HeadObject", key, || async {
+            match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+            {
+                Ok(o) => Ok(Some(o.content_length().unwrap_or_default().max(0) as u64)),
+                Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    /// The text of `key`, or `None` when it does not exist. Text that is not UTF-8 is
+    /// converted lossily (a damaged narinfo, which then fails to parse and is replaced).
+    async fn get_text_lossy(&self, key: &str) -> Result<Option<String>, CacheError> {
+        let bytes = self.get_bytes(key).await?;
+        Ok(bytes.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let out = self
+            .retry("GetObject", key, || async {
+                match self
+                    .client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .send()
+                    .await
+                {
+                    Ok(o) => Ok(Some(o)),
+                    Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        let Some(out) = out else { return Ok(None) };
+        let body = out.body.collect().await.map_err(|e| CacheError::Remote {
+            cache: self.url.clone(),
+            key: key.to_owned(),
+            message: format!("reading the body: {e}"),
+            transient: true,
+        })?;
+        Ok(Some(body.to_vec()))
+    }
 }
 
 /// Aborts every multipart upload on `key` but `keep` (best effort: failures are logged).

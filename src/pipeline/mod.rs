@@ -16,8 +16,11 @@
 //! 1. its NAR is read once: NAR → NarHash → chunks → compressed frames → FileHash → cache;
 //! 2. a NarHash or NarSize that differs from the store's refuses the path (corrupt store),
 //!    and the upload is aborted, so nothing is published for it;
-//! 3. its narinfo is written only after a `sync` that makes its NAR durable, and only once
-//!    the narinfos of all its references are durable (or were in the cache already).
+//! 3. its narinfo is written only after its NAR is durable, and only once every reference
+//!    has been seen: in the cache by the plan's one look, or published durably by this run;
+//!    a path refused or failed fails every path that refers to it, transitively;
+//! 4. a narinfo the cache has already is merged, never blindly replaced
+//!    ([`crate::cache::merge_narinfo`]): its signatures stay, and ours are added to it.
 
 pub mod budget;
 pub mod buffers;
@@ -333,11 +336,31 @@ pub fn push(
         crate::store::closure::topo_sort(store.path_infos(&valid)?)
     };
 
+    // One look at the cache for the run's paths and, with --no-closure, the references
+    // outside them: what it finds is what the publisher may refer to.
+    let in_plan: HashSet<&StorePath> = infos.iter().map(|i| &i.path).collect();
+    let mut asked: Vec<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
+    let outside: std::collections::BTreeSet<&StorePath> = infos
+        .iter()
+        .flat_map(|i| i.references.iter())
+        .filter(|r| !in_plan.contains(r))
+        .collect();
+    asked.extend(outside.into_iter().cloned());
+    let mut seen: HashSet<StorePath> = asked
+        .iter()
+        .cloned()
+        .zip(cache.has_narinfos(&asked)?)
+        .filter(|(_, p)| *p)
+        .map(|(p, _)| p)
+        .collect();
+    let present: Vec<&PathInfo> = infos.iter().filter(|i| seen.contains(&i.path)).collect();
+    let damaged = add_our_signatures(cache, &store_dir, &present, opts)?;
+    for p in &damaged {
+        seen.remove(p);
+    }
     let mut todo = Vec::with_capacity(infos.len());
-    let paths: Vec<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
-    let present = cache.has_narinfos(&paths)?;
-    for (info, present) in infos.into_iter().zip(present) {
-        if present {
+    for info in infos {
+        if seen.contains(&info.path) {
             record(
                 &mut report,
                 info.path.to_absolute(&store_dir),
@@ -347,42 +370,8 @@ pub fn push(
             todo.push(info);
         }
     }
-    // With --no-closure a reference outside the run must be in the cache already.
-    let in_run: HashSet<&StorePath> = todo.iter().map(|i| &i.path).collect();
-    let outside: Vec<StorePath> = todo
-        .iter()
-        .flat_map(|i| i.references.iter().filter(|r| !in_run.contains(r)).cloned())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let in_cache: HashSet<StorePath> = outside
-        .iter()
-        .cloned()
-        .zip(cache.has_narinfos(&outside)?)
-        .filter(|(_, p)| *p)
-        .map(|(p, _)| p)
-        .collect();
-    let mut missing = HashSet::new();
-    for info in &todo {
-        for r in info.references.iter().filter(|r| !in_run.contains(r)) {
-            if !in_cache.contains(r) {
-                missing.insert(info.path.clone());
-                let why = format!(
-                    "its reference {} is not in the cache (push without --no-closure)",
-                    r.to_absolute(&store_dir)
-                );
-                record(
-                    &mut report,
-                    info.path.to_absolute(&store_dir),
-                    Outcome::Failed(Failure::permanent(why)),
-                );
-                break;
-            }
-        }
-    }
-    todo.retain(|i| !missing.contains(&i.path));
 
-    let uploaded = upload(cache, &store_dir, &todo, opts, progress)?;
+    let uploaded = upload_after(cache, &store_dir, &todo, &seen, opts, progress)?;
     report.results.extend(uploaded.results);
     report.nar_bytes = uploaded.nar_bytes;
     report.file_bytes = uploaded.file_bytes;
@@ -391,16 +380,90 @@ pub fn push(
     Ok(report)
 }
 
-/// Uploads planned paths (in an order where references come first) and publishes their
-/// narinfos. The store is not consulted: `infos` are trusted for NarHash, NarSize and
-/// references. `narflow bench` calls this directly with synthetic store paths.
+/// Gives the narinfos the cache already has for `present` the signatures of our keys
+/// they lack (merged under the cache's rule, so the signatures there stay). A narinfo for
+/// another NAR of the path is left alone: our keys vouch only for the NAR in our store.
+/// Returns the paths whose narinfo turned out damaged (it does not parse, or its NAR is
+/// missing or short): they are uploaded again.
 ///
 /// # Errors
-/// [`PushError::Cache`] when publishing fails; per-path failures are in the report.
+/// [`PushError::Cache`] when the cache cannot be read or written.
+fn add_our_signatures(
+    cache: &dyn BinaryCache,
+    store_dir: &str,
+    present: &[&PathInfo],
+    opts: &PushOptions,
+) -> Result<Vec<StorePath>, PushError> {
+    if opts.keys.is_empty() || present.is_empty() {
+        return Ok(Vec::new());
+    }
+    let paths: Vec<StorePath> = present.iter().map(|i| i.path.clone()).collect();
+    let ours: Vec<_> = opts.keys.iter().map(|k| k.verifying_key()).collect();
+    let mut damaged = Vec::new();
+    let mut resign = Vec::new();
+    for (info, text) in present.iter().zip(cache.get_narinfos(&paths)?) {
+        let old = text
+            .as_deref()
+            .and_then(|t| crate::format::narinfo::NarInfo::parse(t, store_dir).ok())
+            .filter(|o| o.store_path == info.path);
+        let Some(mut old) = old else {
+            damaged.push(info.path.clone());
+            continue;
+        };
+        let same_nar = (old.nar_hash, old.nar_size, &old.references)
+            == (info.nar_hash, info.nar_size, &info.references);
+        let signed = ours
+            .iter()
+            .all(|k| old.valid_signatures(store_dir, std::slice::from_ref(k)) > 0);
+        if !same_nar || signed {
+            continue;
+        }
+        if !crate::cache::nar_intact(cache, &old)? {
+            damaged.push(info.path.clone());
+            continue;
+        }
+        for key in &opts.keys {
+            old.sign(key, store_dir);
+        }
+        resign.push(old);
+    }
+    let n = resign.len();
+    cache.publish_narinfos(store_dir, resign)?;
+    if n > 0 {
+        tracing::info!("added our signatures to {n} narinfos already in the cache");
+    }
+    Ok(damaged)
+}
+
+/// [`upload_after`] for a run whose every reference is in `infos`.
+///
+/// # Errors
+/// As [`upload_after`].
 pub fn upload(
     cache: &dyn BinaryCache,
     store_dir: &str,
     infos: &[PathInfo],
+    opts: &PushOptions,
+    progress: &dyn Progress,
+) -> Result<PushReport, PushError> {
+    upload_after(cache, store_dir, infos, &HashSet::new(), opts, progress)
+}
+
+/// Uploads planned paths (in an order where references come first) and publishes their
+/// narinfos. The store is not consulted: `infos` are trusted for NarHash, NarSize and
+/// references. `narflow bench` calls this directly with synthetic store paths.
+///
+/// `seen` are the paths found in the cache: a reference must be one of them or in
+/// `infos`. A path with a reference that is neither, or that refers to a path refused or
+/// failed, is not uploaded or published (refusals propagate to every referrer).
+///
+/// # Errors
+/// [`PushError::Cache`] when publishing fails; per-path failures are in the report.
+pub fn upload_after(
+    cache: &dyn BinaryCache,
+    store_dir: &str,
+    infos: &[PathInfo],
+    seen: &HashSet<StorePath>,
     opts: &PushOptions,
     progress: &dyn Progress,
 ) -> Result<PushReport, PushError> {
@@ -410,6 +473,18 @@ pub fn upload(
     if infos.is_empty() {
         return Ok(report);
     }
+    let refused = refuse_unreachable(infos, seen, store_dir);
+    let mut skip = vec![false; infos.len()];
+    for (i, why) in &refused {
+        skip[*i] = true;
+        let r = PathResult {
+            path: infos[*i].path.to_absolute(store_dir),
+            outcome: Outcome::Failed(why.clone()),
+        };
+        progress.finished(&r);
+        report.results.push(r);
+    }
+    let skip = &skip;
     let budget = budget::ByteBudget::new(opts.memory.max(opts.chunk_size as u64));
     // Free buffers kept for reuse: as many as the budget admits chunks, plus one output
     // buffer per compressing thread, which is every large buffer alive at once, so none
@@ -426,7 +501,6 @@ pub fn upload(
                 "starting threads: {e}"
             )))
         })?;
-    let in_run: HashSet<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
     let stop = AtomicBool::new(false);
 
     let walk = walk::WalkStage {
@@ -464,7 +538,7 @@ pub fn upload(
     let outcome = std::thread::scope(|s| -> Result<Vec<StageStats>, PushError> {
         let stop = &stop;
         s.spawn(move || {
-            for job in 0..infos.len() {
+            for job in (0..infos.len()).filter(|&j| !skip[j]) {
                 if stop.load(Ordering::Relaxed)
                     || opts.cancel.is_cancelled()
                     || job_tx.send(job).is_err()
@@ -484,7 +558,10 @@ pub fn upload(
         let compressor = s.spawn(|| compress.run(hashed_rx, comp_tx));
         let sinker = s.spawn(|| sink.run(comp_rx, res_tx));
 
-        let mut publisher = Publisher::new(cache, store_dir, in_run);
+        let mut publisher = Publisher::new(cache, store_dir, seen.clone());
+        for (i, why) in &refused {
+            publisher.fail(infos[*i].path.clone(), why.retry);
+        }
         let mut file_sizes: HashMap<StorePath, u64> = HashMap::new();
         let mut last_wave = Instant::now();
         let mut publish_error = None;
@@ -505,6 +582,7 @@ pub fn upload(
                             },
                         )
                     }
+                    Published::Present(p) => (p, Outcome::AlreadyPresent),
                     Published::Failed(p, why) => (p, Outcome::Failed(why)),
                 };
                 let r = PathResult {
@@ -598,6 +676,57 @@ pub fn upload(
     report.stages = outcome?;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// The paths of `infos` that cannot be published, with why: a reference neither in
+/// `infos` nor `seen` in the cache, or a reference refused itself (transitively).
+fn refuse_unreachable(
+    infos: &[PathInfo],
+    seen: &HashSet<StorePath>,
+    store_dir: &str,
+) -> Vec<(usize, Failure)> {
+    let index: HashMap<&StorePath, usize> = infos
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (&p.path, i))
+        .collect();
+    let mut refused: HashMap<usize, Failure> = HashMap::new();
+    // Until nothing changes, so the order of `infos` does not matter.
+    loop {
+        let before = refused.len();
+        for (i, info) in infos.iter().enumerate() {
+            if refused.contains_key(&i) {
+                continue;
+            }
+            let why = info
+                .references
+                .iter()
+                .filter(|r| **r != info.path)
+                .find_map(|r| match index.get(r) {
+                    Some(j) => refused.get(j).map(|f| Failure {
+                        message: format!(
+                            "not published: its reference {} failed",
+                            r.to_absolute(store_dir)
+                        ),
+                        retry: f.retry,
+                    }),
+                    None if seen.contains(r) => None,
+                    None => Some(Failure::permanent(format!(
+                        "its reference {} is not in the cache (push without --no-closure)",
+                        r.to_absolute(store_dir)
+                    ))),
+                });
+            if let Some(why) = why {
+                refused.insert(i, why);
+            }
+        }
+        if refused.len() == before {
+            break;
+        }
+    }
+    let mut out: Vec<(usize, Failure)> = refused.into_iter().collect();
+    out.sort_by_key(|(i, _)| *i);
+    out
 }
 
 /// Paths valid in the store, and (full path, reason) for those that are not.

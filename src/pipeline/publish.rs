@@ -1,11 +1,13 @@
 //! Publishing narinfos in durable waves, in an order that keeps Nix's closure invariant
 //! even though uploads finish out of order.
 //!
-//! A narinfo is written only when (1) its NAR is durable and (2) the narinfos of all its
-//! references are durable, or were in the cache before the run. A wave is: `sync` (makes
-//! every committed NAR and every narinfo written so far durable) → write each pending
-//! narinfo whose references are durable. One `sync` per wave, never one per file.
-use crate::cache::{BinaryCache, CacheError};
+//! A narinfo is written only when (1) its NAR is committed and (2) every reference is one
+//! the publisher has *seen*: found in the cache by the plan, or published (and made
+//! durable) by this publisher itself. A path that fails, or is refused before the upload,
+//! fails every path that refers to it, transitively. A wave hands every ready narinfo to
+//! [`BinaryCache::publish_narinfos`], which makes their NARs durable before it names them,
+//! merges them with what the cache holds, and returns once they are durable.
+use crate::cache::{BinaryCache, CacheError, Merged};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
 use std::collections::{HashMap, HashSet};
@@ -13,8 +15,11 @@ use std::collections::{HashMap, HashSet};
 /// A path's final state as the publisher decides it.
 #[derive(Debug)]
 pub enum Published {
-    /// Its narinfo is written (durable after the next wave or [`Publisher::finish`]).
+    /// Its narinfo is written and durable.
     Written(Box<NarInfo>),
+    /// The cache's narinfo for it stays (it had our signatures, or it is for another NAR
+    /// of the path whose NAR is intact).
+    Present(StorePath),
     /// Not published because a reference failed.
     Failed(StorePath, super::Failure),
 }
@@ -22,11 +27,8 @@ pub enum Published {
 pub struct Publisher<'a> {
     cache: &'a dyn BinaryCache,
     store_dir: String,
-    /// Every path this run uploads; a reference outside it was in the cache already.
-    in_run: HashSet<StorePath>,
-    durable: HashSet<StorePath>,
-    /// Written since the last sync.
-    written: Vec<StorePath>,
+    /// References that may be named: found in the cache by the plan, or published here.
+    seen: HashSet<StorePath>,
     /// Failed paths and whether retrying them can help (their referrers inherit it).
     failed: HashMap<StorePath, super::Retry>,
     pending: Vec<NarInfo>,
@@ -41,13 +43,12 @@ impl std::fmt::Debug for Publisher<'_> {
 }
 
 impl<'a> Publisher<'a> {
-    pub fn new(cache: &'a dyn BinaryCache, store_dir: &str, in_run: HashSet<StorePath>) -> Self {
+    /// `seen`: the paths the plan found in the cache.
+    pub fn new(cache: &'a dyn BinaryCache, store_dir: &str, seen: HashSet<StorePath>) -> Self {
         Publisher {
             cache,
             store_dir: store_dir.to_owned(),
-            in_run,
-            durable: HashSet::new(),
-            written: Vec::new(),
+            seen,
             failed: HashMap::new(),
             pending: Vec::new(),
         }
@@ -67,15 +68,13 @@ impl<'a> Publisher<'a> {
         self.pending.len()
     }
 
-    /// One wave: sync, then write every pending narinfo whose references are durable.
-    /// Returns what it decided (written, or failed because of a reference).
+    /// One wave: publish every pending narinfo whose references are all seen. Returns
+    /// what it decided (written, kept, or failed because of a reference).
     ///
     /// # Errors
-    /// The first cache error. Narinfos already written stay: they are complete and their
-    /// references are durable.
+    /// The first cache error. Narinfos already written stay: their NARs and references
+    /// are durable.
     pub fn wave(&mut self) -> Result<Vec<Published>, CacheError> {
-        self.cache.sync()?;
-        self.durable.extend(self.written.drain(..));
         let mut decided = Vec::new();
         // Failures cascade to every pending path that refers to a failed one.
         loop {
@@ -107,27 +106,31 @@ impl<'a> Publisher<'a> {
         let (ready, waiting): (Vec<NarInfo>, Vec<NarInfo>) = std::mem::take(&mut self.pending)
             .into_iter()
             .partition(|n| {
-                n.references.iter().all(|r| {
-                    *r == n.store_path || self.durable.contains(r) || !self.in_run.contains(r)
-                })
+                n.references
+                    .iter()
+                    .all(|r| *r == n.store_path || self.seen.contains(r))
             });
         self.pending = waiting;
+        if ready.is_empty() {
+            return Ok(decided);
+        }
         // Everything ready in one wave is independent of the rest of the wave (its
-        // references are durable already), so the cache may write the wave concurrently.
-        let texts: Vec<(StorePath, String)> = ready
-            .iter()
-            .map(|n| (n.store_path.clone(), n.render(&self.store_dir)))
-            .collect();
-        self.cache.put_narinfos(&texts)?;
-        for narinfo in ready {
-            self.written.push(narinfo.store_path.clone());
-            decided.push(Published::Written(Box::new(narinfo)));
+        // references are seen already), so the cache may write the wave concurrently.
+        let merged = self
+            .cache
+            .publish_narinfos(&self.store_dir, ready.clone())?;
+        for (narinfo, m) in ready.into_iter().zip(merged) {
+            self.seen.insert(narinfo.store_path.clone());
+            decided.push(match m {
+                Merged::Written => Published::Written(Box::new(narinfo)),
+                Merged::Kept => Published::Present(narinfo.store_path),
+            });
         }
         Ok(decided)
     }
 
     /// Publishes everything still pending (every upload of the run has finished) and makes
-    /// it durable.
+    /// every committed NAR durable.
     ///
     /// # Errors
     /// The first cache error.

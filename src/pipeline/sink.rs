@@ -173,12 +173,13 @@ impl SinkStage<'_> {
             file_hash.to_nix32(),
             self.opts.compression.kind.extension()
         );
-        // The same FileHash means the object there is this very file: leave it.
-        if !self
+        // The same FileHash names this very file: an object there of its size is left, one
+        // of another size (cut short by a crash) is replaced.
+        let there = self
             .cache
-            .has_object(&url)
-            .map_err(|e| Failure::from_cache(&e))?
-        {
+            .object_size(&url)
+            .map_err(|e| Failure::from_cache(&e))?;
+        if there != Some(file_size) {
             upload.commit(&url).map_err(|e| Failure::from_cache(&e))?;
         }
         let mut narinfo = NarInfo {

@@ -243,8 +243,24 @@ impl BinaryCache for Concurrent {
     ) -> Result<Box<dyn crate::cache::NarUpload>, crate::cache::CacheError> {
         self.0.begin_nar(nar_size)
     }
+    fn object_size(&self, key: &str) -> Result<Option<u64>, crate::cache::CacheError> {
+        self.0.object_size(key)
+    }
+    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, crate::cache::CacheError> {
+        self.0.get_narinfo(path)
+    }
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), crate::cache::CacheError> {
         self.0.put_narinfo(path, text)
+    }
+    fn put_narinfos(&self, n: &[(StorePath, String)]) -> Result<(), crate::cache::CacheError> {
+        self.0.put_narinfos(n)
+    }
+    fn publish_narinfos(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<NarInfo>,
+    ) -> Result<Vec<crate::cache::Merged>, crate::cache::CacheError> {
+        self.0.publish_narinfos(store_dir, narinfos)
     }
     fn sync(&self) -> Result<(), crate::cache::CacheError> {
         self.0.sync()
@@ -363,4 +379,216 @@ fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// The narinfo text of `path` in a file:// cache at `dir`.
+fn narinfo_in(dir: &Path, path: &StorePath) -> Option<String> {
+    std::fs::read_to_string(dir.join(format!("{}.narinfo", path.hash_part()))).ok()
+}
+
+#[test]
+fn a_refused_path_fails_every_referrer_and_nothing_of_them_goes_up() {
+    let store = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    // r <- m <- q <- top; `other` refers to r only. The run has m, q, top and other; r is
+    // not in the cache, so m is refused, and q and top with it; other too.
+    let all = make_store(
+        store.path(),
+        &[
+            ("r", 100, &[]),
+            ("m", 100, &[0]),
+            ("q", 100, &[1]),
+            ("top", 100, &[2]),
+            ("free", 100, &[]),
+        ],
+    );
+    let run: Vec<PathInfo> = all[1..].to_vec();
+    let cache = FileCache::open(cache_dir.path(), "file:///t").unwrap();
+    let o = opts(Compression::Zstd, 64 << 10, 256 << 10);
+    let report = upload_after(&cache, sd, &run, &HashSet::new(), &o, &NoProgress).unwrap();
+    let outcome = |name: &str| {
+        report
+            .results
+            .iter()
+            .find(|r| r.path.ends_with(&format!("-{name}")))
+            .map(|r| r.outcome.clone())
+            .unwrap()
+    };
+    match outcome("m") {
+        Outcome::Failed(f) => assert!(f.message.contains("-r is not in the cache"), "{f}"),
+        other => panic!("{other:?}"),
+    }
+    for (name, cause) in [("q", "-m failed"), ("top", "-q failed")] {
+        match outcome(name) {
+            Outcome::Failed(f) => assert!(f.message.contains(cause), "{name}: {f}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    assert!(matches!(outcome("free"), Outcome::Uploaded { .. }));
+    for info in &run[..3] {
+        assert_eq!(
+            narinfo_in(cache_dir.path(), &info.path),
+            None,
+            "{}",
+            info.path
+        );
+    }
+    // Nothing of the refused paths was even uploaded: one NAR, the free path's.
+    assert_eq!(
+        std::fs::read_dir(cache_dir.path().join("nar"))
+            .unwrap()
+            .count(),
+        1
+    );
+
+    // Once r is seen in the cache, the same run publishes everything.
+    let seen: HashSet<StorePath> = [all[0].path.clone()].into();
+    let report = upload_after(&cache, sd, &run, &seen, &o, &NoProgress).unwrap();
+    assert_eq!(report.failed().count(), 0, "{:?}", report.results);
+}
+
+#[test]
+fn a_truncated_nar_and_an_empty_narinfo_under_final_names_are_replaced() {
+    let store = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    let infos = make_store(store.path(), &[("a", 300_000, &[]), ("b", 100, &[0])]);
+    let cache = FileCache::open(cache_dir.path(), "file:///t").unwrap();
+    let o = opts(Compression::Zstd, 64 << 10, 256 << 10);
+    upload(&cache, sd, &infos, &o, &NoProgress).unwrap();
+    let a = NarInfo::parse(&narinfo_in(cache_dir.path(), &infos[0].path).unwrap(), sd).unwrap();
+    // What a crash between rename and writeback leaves: a short NAR, an empty narinfo.
+    let nar = cache_dir.path().join(&a.url);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&nar)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    let b_key = cache_dir
+        .path()
+        .join(format!("{}.narinfo", infos[1].path.hash_part()));
+    std::fs::write(&b_key, "").unwrap();
+    // Neither is taken for present...
+    assert!(
+        !cache.has_narinfo(&infos[0].path).unwrap(),
+        "short NAR trusted"
+    );
+    assert!(
+        !cache.has_narinfo(&infos[1].path).unwrap(),
+        "empty narinfo trusted"
+    );
+    // ...and uploading again replaces both.
+    let report = upload(&cache, sd, &infos, &o, &NoProgress).unwrap();
+    assert_eq!(report.failed().count(), 0, "{:?}", report.results);
+    let file = std::fs::read(&nar).unwrap();
+    assert_eq!(
+        (Sha256::digest(&file), file.len() as u64),
+        (a.file_hash.unwrap(), a.file_size.unwrap())
+    );
+    let b = NarInfo::parse(&std::fs::read_to_string(&b_key).unwrap(), sd).unwrap();
+    assert_eq!(b.store_path, infos[1].path);
+    assert!(
+        cache.has_narinfo(&infos[0].path).unwrap() && cache.has_narinfo(&infos[1].path).unwrap()
+    );
+    // No temporary file is left behind.
+    let left: Vec<_> = walkdir(cache_dir.path())
+        .into_iter()
+        .filter(|p| {
+            p.to_string_lossy()
+                .contains(crate::cache::file::TEMP_PREFIX)
+        })
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_second_key_adds_its_signature_and_keeps_the_first() {
+    let store = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    let infos = make_store(store.path(), &[("a", 1000, &[]), ("b", 100, &[0])]);
+    let cache = FileCache::open(cache_dir.path(), "file:///t").unwrap();
+    let first = opts(Compression::Zstd, 64 << 10, 256 << 10);
+    let mut second = opts(Compression::Xz, 64 << 10, 256 << 10);
+    second.keys = vec![crate::format::signing::SigningKey::from_seed(
+        "test-2", [9; 32],
+    )];
+    upload(&cache, sd, &infos, &first, &NoProgress).unwrap();
+    let before =
+        NarInfo::parse(&narinfo_in(cache_dir.path(), &infos[0].path).unwrap(), sd).unwrap();
+    // A second writer uploads the same paths (another compression: another NAR file).
+    let report = upload(&cache, sd, &infos, &second, &NoProgress).unwrap();
+    assert_eq!(report.failed().count(), 0, "{:?}", report.results);
+    let keys = [
+        first.keys[0].verifying_key(),
+        second.keys[0].verifying_key(),
+    ];
+    for info in &infos {
+        let n = NarInfo::parse(&narinfo_in(cache_dir.path(), &info.path).unwrap(), sd).unwrap();
+        for k in &keys {
+            assert_eq!(
+                n.valid_signatures(sd, std::slice::from_ref(k)),
+                1,
+                "{}: {k:?}",
+                info.path
+            );
+        }
+    }
+    // The narinfo there was kept (its NAR intact), only signed again.
+    let after = NarInfo::parse(&narinfo_in(cache_dir.path(), &infos[0].path).unwrap(), sd).unwrap();
+    assert_eq!(after.url, before.url);
+    // A third upload with the first key changes nothing: it is signed already.
+    let report = upload(&cache, sd, &infos, &first, &NoProgress).unwrap();
+    assert_eq!(report.count(|o| matches!(o, Outcome::AlreadyPresent)), 2);
+}
+
+#[test]
+fn a_narinfo_for_another_nar_is_kept_while_its_nar_is_intact() {
+    let store = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    let infos = make_store(store.path(), &[("a", 1000, &[])]);
+    let cache = FileCache::open(cache_dir.path(), "file:///t").unwrap();
+    let o = opts(Compression::Zstd, 64 << 10, 256 << 10);
+    // Another builder's NAR of the same path: other bytes, another NarHash.
+    let mut theirs = NarInfo {
+        store_path: infos[0].path.clone(),
+        url: "nar/theirs.nar".into(),
+        compression: "none".into(),
+        file_hash: Some(Sha256::digest(b"their nar")),
+        file_size: Some(9),
+        nar_hash: Sha256::digest(b"their nar"),
+        nar_size: 9,
+        references: vec![],
+        deriver: None,
+        sigs: vec![],
+        ca: None,
+    };
+    let other = crate::format::signing::SigningKey::from_seed("other-1", [3; 32]);
+    theirs.sign(&other, sd);
+    let key = cache_dir
+        .path()
+        .join(format!("{}.narinfo", infos[0].path.hash_part()));
+    std::fs::write(cache_dir.path().join("nar/theirs.nar"), b"their nar").unwrap();
+    std::fs::write(&key, theirs.render(sd)).unwrap();
+    let report = upload(&cache, sd, &infos, &o, &NoProgress).unwrap();
+    assert_eq!(
+        report.count(|o| matches!(o, Outcome::AlreadyPresent)),
+        1,
+        "{:?}",
+        report.results
+    );
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), theirs.render(sd));
+    // Its NAR gone, ours replaces it.
+    std::fs::remove_file(cache_dir.path().join("nar/theirs.nar")).unwrap();
+    let report = upload(&cache, sd, &infos, &o, &NoProgress).unwrap();
+    assert_eq!(report.count(|o| matches!(o, Outcome::Uploaded { .. })), 1);
+    let n = NarInfo::parse(&std::fs::read_to_string(&key).unwrap(), sd).unwrap();
+    assert_eq!(
+        (n.nar_hash, n.nar_size),
+        (infos[0].nar_hash, infos[0].nar_size)
+    );
+    assert_eq!(n.valid_signatures(sd, &[o.keys[0].verifying_key()]), 1);
 }
