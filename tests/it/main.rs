@@ -2,6 +2,7 @@
 //! `scripts/setup-nix`), shared helpers in `helpers`.
 
 mod daemon;
+mod durability;
 mod helpers;
 mod nar_golden;
 mod narinfo_nix;
@@ -9,3 +10,4 @@ mod proxy;
 mod push_nix;
 mod s3;
 mod store_nix;
+mod writers;

@@ -365,3 +365,170 @@ fn nars_split_into_many_frames_decode_with_nix_and_the_command_line_tools() {
         assert_substitutes(cache.path(), &key, std::slice::from_ref(&path));
     }
 }
+
+#[test]
+fn no_closure_refuses_every_referrer_of_a_refused_path() {
+    // d0 <- d1 <- d2: pushing d2 and d1 without their closure, d0 is not in the cache, so
+    // d1 is refused, and d2 with it (it was published without d1 before).
+    let top = nix_build_chain("push-noclosure-transitive", 3);
+    let closure = nix_closure(&top);
+    let d1 = closure
+        .iter()
+        .find(|p| p.ends_with("-chain-1"))
+        .unwrap()
+        .clone();
+    let (cache, _key, out) = push(&["--no-closure"], &[top.clone(), d1.clone()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains(&d1) && l.contains("is not in the cache")),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains(&format!("{top}: not published: its reference {d1} failed"))),
+        "{top} not reported failed:\n{stderr}"
+    );
+    assert_eq!(narinfo_count(cache.path()), 0, "{stderr}");
+}
+
+/// A file:// cache that deletes one narinfo right after the first look at the cache, as
+/// a concurrent `gc` could.
+#[derive(Debug)]
+struct DeletesAfterFirstLook {
+    inner: narflow::cache::file::FileCache,
+    dir: std::path::PathBuf,
+    victim: String,
+    looked: std::sync::atomic::AtomicUsize,
+    /// The paths some look found present.
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+use narflow::cache::{BinaryCache, CacheError, Merged, NarUpload};
+use narflow::format::narinfo::NarInfo;
+use narflow::format::store_path::StorePath;
+
+impl BinaryCache for DeletesAfterFirstLook {
+    fn url(&self) -> &str {
+        self.inner.url()
+    }
+    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError> {
+        self.inner.ensure_cache_info(store_dir)
+    }
+    fn has_narinfo(&self, path: &StorePath) -> Result<bool, CacheError> {
+        Ok(self.has_narinfos(std::slice::from_ref(path))?[0])
+    }
+    fn has_narinfos(&self, paths: &[StorePath]) -> Result<Vec<bool>, CacheError> {
+        let r = self.inner.has_narinfos(paths)?;
+        let mut seen = self.seen.lock().unwrap();
+        for (p, present) in paths.iter().zip(&r) {
+            if *present {
+                seen.insert(p.base_name().to_owned());
+            }
+        }
+        if self
+            .looked
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            std::fs::remove_file(self.dir.join(&self.victim)).unwrap();
+        }
+        Ok(r)
+    }
+    fn has_object(&self, key: &str) -> Result<bool, CacheError> {
+        self.inner.has_object(key)
+    }
+    fn object_size(&self, key: &str) -> Result<Option<u64>, CacheError> {
+        self.inner.object_size(key)
+    }
+    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, CacheError> {
+        self.inner.get_narinfo(path)
+    }
+    fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
+        self.inner.begin_nar(nar_size)
+    }
+    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError> {
+        self.inner.put_narinfo(path, text)
+    }
+    fn put_narinfos(&self, narinfos: &[(StorePath, String)]) -> Result<(), CacheError> {
+        self.inner.put_narinfos(narinfos)
+    }
+    fn publish_narinfos(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<NarInfo>,
+    ) -> Result<Vec<Merged>, CacheError> {
+        self.inner.publish_narinfos(store_dir, narinfos)
+    }
+    fn sync(&self) -> Result<(), CacheError> {
+        self.inner.sync()
+    }
+}
+
+#[test]
+fn a_reference_is_trusted_only_as_the_cache_was_seen() {
+    use narflow::pipeline::{self, Outcome, PushOptions};
+    // d0 <- d1 <- d2, with d0 in the cache already; d0's narinfo disappears right after
+    // the first look. Whatever the push publishes must refer only to paths a look found
+    // or that the push itself published.
+    let top = nix_build_chain("push-deleted-ref", 3);
+    let closure = nix_closure(&top);
+    let d0 = closure
+        .iter()
+        .find(|p| p.ends_with("-chain-0"))
+        .unwrap()
+        .clone();
+    let (cache, key, out) = push(&[], std::slice::from_ref(&d0));
+    assert!(out.status.success());
+    let store = narflow::store::LocalStore::open(
+        "/nix/store",
+        std::path::Path::new("/nix/var/nix/db/db.sqlite"),
+    );
+    let wrapped = DeletesAfterFirstLook {
+        inner: narflow::cache::file::FileCache::open(cache.path(), &cache_url(cache.path()))
+            .unwrap(),
+        dir: cache.path().to_owned(),
+        victim: narinfo_key(&d0),
+        looked: Default::default(),
+        seen: Default::default(),
+    };
+    let sk =
+        narflow::format::signing::SigningKey::parse(&std::fs::read_to_string(&key.secret).unwrap())
+            .unwrap();
+    let opts = PushOptions::new(
+        narflow::pipeline::compress::CompressionSettings::new(
+            narflow::pipeline::compress::Compression::Zstd,
+            None,
+        )
+        .unwrap(),
+        vec![sk],
+    );
+    let paths = [StorePath::from_absolute_path_prefix(&top, "/nix/store").unwrap()];
+    let report = pipeline::push(&store, &wrapped, &paths, &opts, &pipeline::NoProgress).unwrap();
+    let uploaded: std::collections::HashSet<String> = report
+        .results
+        .iter()
+        .filter(|r| matches!(r.outcome, Outcome::Uploaded { .. }))
+        .map(|r| r.path["/nix/store/".len()..].to_owned())
+        .collect();
+    let seen = wrapped.seen.lock().unwrap().clone();
+    for base in &uploaded {
+        let text =
+            std::fs::read_to_string(cache.path().join(format!("{}.narinfo", &base[..32]))).unwrap();
+        for r in narinfo_field(&text, "References")
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter(|r| r != base)
+        {
+            assert!(
+                uploaded.contains(r) || seen.contains(r),
+                "{base} published, but its reference {r} was neither seen in the cache nor \
+                 published: {:?}",
+                report.results
+            );
+        }
+    }
+}

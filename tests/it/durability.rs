@@ -1,0 +1,211 @@
+//! The order of a file:// push's durability operations, read from `strace`: a kill -9
+//! keeps the page cache, so only the order itself shows whether a power loss could leave
+//! a partial object under its final name or a narinfo whose NAR or references are not
+//! durable.
+use crate::helpers::*;
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+
+/// One traced system call: its name, its arguments (as strace prints them, with `-y` fd
+/// paths), and the trace lines where it started and returned.
+#[derive(Debug)]
+struct Call {
+    name: String,
+    args: String,
+    start: usize,
+    end: usize,
+    ok: bool,
+}
+
+impl Call {
+    /// The path of the call's first argument when it is a file descriptor (`7</a/b>`).
+    fn fd_path(&self) -> Option<&str> {
+        let first = self.args.split(", ").next()?;
+        let open = first.find('<')?;
+        first[open + 1..].strip_suffix('>')
+    }
+
+    /// The first two quoted strings: a rename's source and destination.
+    fn rename_paths(&self) -> Option<(&str, &str)> {
+        let mut quoted = self.args.split('"').skip(1).step_by(2);
+        Some((quoted.next()?, quoted.next()?))
+    }
+
+    fn is_rename(&self) -> bool {
+        matches!(self.name.as_str(), "rename" | "renameat" | "renameat2") && self.ok
+    }
+}
+
+/// Parses `strace -f -o` output, joining `<unfinished ...>` and `<... resumed>` halves.
+fn parse_trace(text: &str) -> Vec<Call> {
+    let mut calls = Vec::new();
+    let mut open: HashMap<&str, (String, String, usize)> = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let Some((pid, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        if let Some(r) = rest.strip_prefix("<... ") {
+            let Some((name, tail)) = r.split_once(" resumed>") else {
+                continue;
+            };
+            if let Some((n, args, start)) = open.remove(pid) {
+                assert_eq!(n, name, "{line}");
+                calls.push(Call {
+                    name: n,
+                    args,
+                    start,
+                    end: i,
+                    ok: !tail.contains("= -1"),
+                });
+            }
+        } else if let Some((call, _)) = rest.split_once(" <unfinished ...>") {
+            if let Some((name, args)) = call.split_once('(') {
+                open.insert(pid, (name.to_owned(), args.to_owned(), i));
+            }
+        } else if let Some((name, args)) = rest.split_once('(') {
+            if name.starts_with("---") || name.starts_with("+++") {
+                continue;
+            }
+            let (args, ret) = args.rsplit_once(") = ").unwrap_or((args, ""));
+            calls.push(Call {
+                name: name.to_owned(),
+                args: args.to_owned(),
+                start: i,
+                end: i,
+                ok: !ret.starts_with("-1"),
+            });
+        }
+    }
+    calls
+}
+
+/// A sync that started after `after` and returned before `before`, and covers `path`:
+/// an fsync or fdatasync of `path` itself, or a syncfs (the cache is on one file system).
+fn synced_between(calls: &[Call], path: &str, after: usize, before: usize) -> bool {
+    calls.iter().any(|c| {
+        c.ok && c.start > after
+            && c.end < before
+            && match c.name.as_str() {
+                "syncfs" => true,
+                "fsync" | "fdatasync" => c.fd_path() == Some(path),
+                _ => false,
+            }
+    })
+}
+
+#[test]
+fn every_object_is_synced_before_its_name_and_every_narinfo_after_its_nar_and_references() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        panic!("strace is missing (apt-get install -y strace; scripts/test installs it)");
+    }
+    let top = nix_build_chain("durability", 6);
+    let closure = nix_closure(&top);
+    let big = BigPath::new("durability-big", 20 << 20);
+    let tmp = tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let cache = root.join("cache");
+    let trace = root.join("trace");
+    let key = nix_generate_key("narflow-durability-1");
+    let out = Command::new("strace")
+        .args(["-f", "-y", "-qq", "-o"])
+        .arg(&trace)
+        .args([
+            "-e",
+            "trace=write,writev,pwrite64,fsync,fdatasync,syncfs,rename,renameat,renameat2",
+        ])
+        .arg(env!("CARGO_BIN_EXE_narflow"))
+        .args([
+            "push",
+            "--to",
+            &format!("file://{}", cache.display()),
+            "--key-file",
+        ])
+        .arg(&key.secret)
+        .args([&top, &big.path])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let calls = parse_trace(&std::fs::read_to_string(&trace).unwrap());
+    let cache_s = cache.display().to_string();
+    let renames: Vec<&Call> = calls
+        .iter()
+        .filter(|c| c.is_rename())
+        .filter(|c| {
+            c.rename_paths()
+                .is_some_and(|(_, d)| d.starts_with(&cache_s))
+        })
+        .collect();
+
+    // 1. Every object's bytes are synced after its last write and before its rename.
+    for r in &renames {
+        let (src, dst) = r.rename_paths().unwrap();
+        let last_write = calls
+            .iter()
+            .filter(|c| c.name.contains("write") && c.fd_path() == Some(src))
+            .map(|c| c.end)
+            .max()
+            .unwrap_or_else(|| panic!("no write to {src} (renamed to {dst}) in the trace"));
+        assert!(
+            synced_between(&calls, src, last_write, r.start),
+            "{dst}: renamed (trace line {}) without a sync of its bytes since its last write \
+             (line {last_write})",
+            r.start + 1
+        );
+    }
+
+    // 2. Every narinfo is renamed after a sync that follows its NAR's rename and every
+    //    reference's narinfo rename.
+    let renamed_to = |dst: &Path| -> Option<&Call> {
+        let dst = dst.display().to_string();
+        renames
+            .iter()
+            .copied()
+            .filter(|c| c.rename_paths().unwrap().1 == dst)
+            .min_by_key(|c| c.start)
+    };
+    let mut narinfos = 0;
+    for path in closure.iter().chain([&big.path]) {
+        let file = cache.join(narinfo_key(path));
+        let r = renamed_to(&file).unwrap_or_else(|| panic!("{}: never renamed", file.display()));
+        narinfos += 1;
+        let text = std::fs::read_to_string(&file).unwrap();
+        let url = narinfo_field(&text, "URL").unwrap();
+        let nar = renamed_to(&cache.join(url)).unwrap_or_else(|| panic!("{url}: never renamed"));
+        assert!(nar.end < r.start, "{path}: narinfo renamed before its NAR");
+        assert!(
+            synced_between(
+                &calls,
+                &cache.join("nar").display().to_string(),
+                nar.end,
+                r.start
+            ),
+            "{path}: narinfo renamed (line {}) before its NAR's rename (line {}) was synced",
+            r.start + 1,
+            nar.end + 1
+        );
+        let refs = narinfo_field(&text, "References").unwrap_or_default();
+        for reference in refs.split_whitespace().filter(|b| !path.ends_with(*b)) {
+            let ref_file = cache.join(format!("{}.narinfo", &reference[..32]));
+            let rr = renamed_to(&ref_file).unwrap_or_else(|| panic!("{reference}: never renamed"));
+            assert!(
+                synced_between(&calls, &cache_s, rr.end, r.start),
+                "{path}: narinfo renamed (line {}) before its reference {reference}'s \
+                 (line {}) was synced",
+                r.start + 1,
+                rr.end + 1
+            );
+        }
+    }
+    assert_eq!(narinfos, closure.len() + 1);
+    let syncs = calls
+        .iter()
+        .filter(|c| matches!(c.name.as_str(), "syncfs" | "fsync" | "fdatasync"))
+        .count();
+    println!("{} renames, {syncs} syncs", renames.len());
+}
