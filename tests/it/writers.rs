@@ -122,8 +122,10 @@ fn push(url: &str, key: &NixKey, paths: &[String]) -> Output {
 }
 
 /// Four pushes of overlapping closures at once into `url`, watched through `view`; then
-/// real Nix substitutes everything from `nix_url`.
-fn four_writers(tag: &str, url: &str, nix_url: &str, view: &dyn View) {
+/// real Nix substitutes everything from `nix_url`. With `two_keys`, writers alternate
+/// between two keys and every narinfo must end with both signatures (a cache that
+/// serialises its merges, as file:// does, guarantees that even for writers that race).
+fn four_writers(tag: &str, url: &str, nix_url: &str, view: &dyn View, two_keys: bool) {
     let top = nix_build_chain(tag, 16);
     let closure = nix_closure(&top);
     // Some larger paths too, shared by every writer, so NAR uploads overlap.
@@ -132,15 +134,20 @@ fn four_writers(tag: &str, url: &str, nix_url: &str, view: &dyn View) {
         .collect();
     let mut everything = closure.clone();
     everything.extend(bigs.iter().map(|b| b.path.clone()));
-    let key = nix_generate_key("narflow-writers-1");
+    let keys = [
+        nix_generate_key("narflow-writers-1"),
+        nix_generate_key("narflow-writers-2"),
+    ];
     let stop = AtomicBool::new(false);
     let (watched, outputs) = std::thread::scope(|s| {
         let watcher = s.spawn(|| watch(view, &everything, &stop));
         let writers: Vec<_> = (0..WRITERS)
             .map(|w| {
-                let mut paths = vec![chain_member(&closure, 9 + 2 * w)];
+                // Writers 0 and 1 push the whole chain (with different keys when
+                // `two_keys`), 2 and 3 parts of it.
+                let mut paths = vec![chain_member(&closure, [15, 15, 13, 11][w])];
                 paths.extend(bigs.iter().map(|b| b.path.clone()));
-                let key = &key;
+                let key = &keys[if two_keys { w % 2 } else { 0 }];
                 s.spawn(move || push(url, key, &paths))
             })
             .collect();
@@ -160,7 +167,24 @@ fn four_writers(tag: &str, url: &str, nix_url: &str, view: &dyn View) {
     println!("watcher: {rounds} rounds");
     // The last round ran after every writer finished: everything is there.
     assert_eq!(most, everything.len());
-    assert_nix_substitutes(nix_url, &key, &everything);
+    if two_keys {
+        let public: Vec<VerifyingKey> = keys
+            .iter()
+            .map(|k| VerifyingKey::parse(&k.public).unwrap())
+            .collect();
+        for path in &everything {
+            let n = NarInfo::parse(&view.narinfo(path).unwrap(), "/nix/store").unwrap();
+            for k in &public {
+                assert_eq!(
+                    n.valid_signatures("/nix/store", std::slice::from_ref(k)),
+                    1,
+                    "{path}: a writer's signature was dropped ({})",
+                    k.name()
+                );
+            }
+        }
+    }
+    assert_nix_substitutes(nix_url, &keys[0], &everything);
 }
 
 #[test]
@@ -172,13 +196,14 @@ fn four_concurrent_writers_into_one_file_cache_keep_the_invariant() {
         &url,
         &url,
         &FileView(cache.path().to_owned()),
+        true,
     );
 }
 
 #[test]
 fn four_concurrent_writers_into_one_bucket_keep_the_invariant() {
     let Some(s3) = s3_env() else { return };
-    four_writers("writers-s3", &s3.url(""), &s3.http_url, &s3.client());
+    four_writers("writers-s3", &s3.url(""), &s3.http_url, &s3.client(), false);
 }
 
 /// Pushes `path` with one key, then with another; the narinfo must end with both
