@@ -5,6 +5,7 @@ mod daemon;
 mod helpers;
 mod nar_golden;
 mod narinfo_nix;
+mod params;
 mod proxy;
 mod push_nix;
 mod s3;
