@@ -457,12 +457,10 @@ impl BinaryCache for S3Cache {
             other => other,
         };
         self.block_on(async {
-            match s.get_text("nix-cache-info").await.map_err(unreachable)? {
-                Some(text) => super::check_cache_info(&s.url, &text, store_dir),
-                None => {
-                    let info = super::new_cache_info(store_dir);
-                    s.put("nix-cache-info", info.into(), CACHE_INFO_TYPE).await
-                }
+            let existing = s.get_text("nix-cache-info").await.map_err(unreachable)?;
+            match super::cache_info_to_write(&s.url, existing.as_deref(), store_dir)? {
+                Some(text) => s.put("nix-cache-info", text.into(), CACHE_INFO_TYPE).await,
+                None => Ok(()),
             }
         })
     }
