@@ -118,6 +118,10 @@ impl BinaryCache for FileCache {
         self.put_atomic(&super::narinfo_key(path), text.as_bytes())
     }
 
+    fn put_object(&self, key: &str, bytes: &[u8], _content_type: &str) -> Result<(), CacheError> {
+        self.put_atomic(key, bytes)
+    }
+
     fn sync(&self) -> Result<(), CacheError> {
         let dir = File::open(&self.root).map_err(|e| self.io("", e))?;
         rustix::fs::syncfs(&dir).map_err(|e| self.io("", e.into()))

@@ -93,6 +93,18 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
             .iter()
             .try_for_each(|(p, text)| self.put_narinfo(p, text))
     }
+    /// Writes any other object (e.g. a `.ls` listing) atomically under `key`, with
+    /// `content_type` where the cache keeps one. A cache that stores only NARs and
+    /// narinfos refuses.
+    ///
+    /// # Errors
+    /// [`CacheError`]; [`CacheError::Config`] from a cache that cannot store such objects.
+    fn put_object(&self, key: &str, _bytes: &[u8], _content_type: &str) -> Result<(), CacheError> {
+        Err(CacheError::Config(format!(
+            "{}: this cache cannot store {key}",
+            self.url()
+        )))
+    }
     /// How many NAR uploads may be finishing (committing) at once. A local directory
     /// commits with a rename, so 1; a remote cache hides per-request latency with more.
     fn upload_concurrency(&self) -> usize {
@@ -194,4 +206,20 @@ pub(crate) fn new_cache_info(store_dir: &str) -> String {
 /// The narinfo object key of a store path.
 pub fn narinfo_key(path: &StorePath) -> String {
     format!("{}.narinfo", path.hash_part())
+}
+
+/// The Content-Type of a NAR listing, as Nix sets it.
+pub const NAR_LISTING_TYPE: &str = "application/json";
+
+/// Writes `<hash part>.ls`, the listing of `path`'s NAR (Nix's `write-nar-listing`).
+///
+/// # Errors
+/// As [`BinaryCache::put_object`].
+pub fn put_nar_listing(
+    cache: &dyn BinaryCache,
+    path: &StorePath,
+    listing: &crate::format::nar::listing::NarListing,
+) -> Result<(), CacheError> {
+    let key = format!("{}.ls", path.hash_part());
+    cache.put_object(&key, listing.json(), NAR_LISTING_TYPE)
 }

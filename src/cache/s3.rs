@@ -521,6 +521,11 @@ impl BinaryCache for S3Cache {
         )
     }
 
+    fn put_object(&self, key: &str, bytes: &[u8], content_type: &str) -> Result<(), CacheError> {
+        let body = bytes::Bytes::copy_from_slice(bytes);
+        self.block_on(self.shared.put(key, body, content_type))
+    }
+
     fn put_narinfos(&self, narinfos: &[(StorePath, String)]) -> Result<(), CacheError> {
         let s = self.shared.clone();
         let items: Vec<(String, bytes::Bytes)> = narinfos

@@ -137,6 +137,7 @@ impl UploadArgs {
             )));
         }
         let mut opts = PushOptions::new(compression, keys);
+        opts.nar_listing = url.write_nar_listing();
         super::apply_pipeline_args(&mut opts, args.jobs, args.memory, args.chunk_size)
             .map_err(|e| CliError::usage(anyhow::anyhow!(e)))?;
         Ok((url, opts))

@@ -92,6 +92,9 @@ pub struct PushOptions {
     pub chunk_size: usize,
     /// Set to stop the push early (the daemon's shutdown).
     pub cancel: Cancel,
+    /// Write each uploaded path's `<hash part>.ls` listing before its narinfo (the URL's
+    /// `write-nar-listing=1`).
+    pub nar_listing: bool,
 }
 
 impl PushOptions {
@@ -105,6 +108,7 @@ impl PushOptions {
             memory: DEFAULT_MEMORY,
             chunk_size: DEFAULT_CHUNK_SIZE,
             cancel: Cancel::new(),
+            nar_listing: false,
         }
     }
 }

@@ -181,6 +181,20 @@ impl SinkStage<'_> {
         {
             upload.commit(&url).map_err(|e| Failure::from_cache(&e))?;
         }
+        // The listing goes up before the narinfo that announces the path. It is made from
+        // the tree's metadata alone; its NAR size must be the one just hashed.
+        if self.opts.nar_listing {
+            let listing = crate::format::nar::listing::list_path(std::path::Path::new(&full))
+                .map_err(|e| Failure::transient(format!("listing the NAR: {e}")))?;
+            if listing.nar_size() != nar_size {
+                return Err(Failure::transient(format!(
+                    "{full} changed while it was uploaded: its listing is of a {}-byte NAR, not {nar_size}",
+                    listing.nar_size()
+                )));
+            }
+            crate::cache::put_nar_listing(self.cache, &info.path, &listing)
+                .map_err(|e| Failure::from_cache(&e))?;
+        }
         let mut narinfo = NarInfo {
             store_path: info.path.clone(),
             url,
