@@ -440,6 +440,7 @@ pub fn upload(
         budget,
         pool: buffers.clone(),
         cancel: opts.cancel.clone(),
+        nar_listing: opts.nar_listing,
     };
     let compress = compress::CompressStage {
         pool: &pool,

@@ -146,7 +146,7 @@ impl SinkStage<'_> {
     ) -> Result<(Box<NarInfo>, u64), Failure> {
         let info = &self.infos[job];
         let full = info.path.to_absolute(self.store_dir);
-        let (nar_hash, nar_size) = match end {
+        let (nar_hash, nar_size, listing) = match end {
             // Reading the store path failed: an I/O error, or the path changed under us.
             NarEnd::Failed(why) => return Err(Failure::transient(why)),
             NarEnd::Walked { .. } => {
@@ -154,7 +154,11 @@ impl SinkStage<'_> {
                     "{full}: internal error: NAR ended without a NarHash"
                 )));
             }
-            NarEnd::Complete { nar_hash, nar_size } => (nar_hash, nar_size),
+            NarEnd::Complete {
+                nar_hash,
+                nar_size,
+                listing,
+            } => (nar_hash, nar_size, listing),
         };
         if let Some(e) = state.error {
             return Err(e);
@@ -181,17 +185,9 @@ impl SinkStage<'_> {
         {
             upload.commit(&url).map_err(|e| Failure::from_cache(&e))?;
         }
-        // The listing goes up before the narinfo that announces the path. It is made from
-        // the tree's metadata alone; its NAR size must be the one just hashed.
-        if self.opts.nar_listing {
-            let listing = crate::format::nar::listing::list_path(std::path::Path::new(&full))
-                .map_err(|e| Failure::transient(format!("listing the NAR: {e}")))?;
-            if listing.nar_size() != nar_size {
-                return Err(Failure::transient(format!(
-                    "{full} changed while it was uploaded: its listing is of a {}-byte NAR, not {nar_size}",
-                    listing.nar_size()
-                )));
-            }
+        // The listing (built as the NAR was written) goes up before the narinfo that
+        // announces the path.
+        if let Some(listing) = listing {
             crate::cache::put_nar_listing(self.cache, &info.path, &listing)
                 .map_err(|e| Failure::from_cache(&e))?;
         }

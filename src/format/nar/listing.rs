@@ -15,8 +15,9 @@
 //! `narOffset` is where a file's contents start in the NAR. A NAR's layout follows from the
 //! tree's names, types, sizes and symlink targets alone, so [`list_path`] reads only
 //! metadata (lstat, readdir, readlink), never file contents; it must agree with
-//! [`super::writer`] byte for byte, which the tests check. Both walks are iterative, so a
-//! deep tree costs heap, not stack.
+//! [`super::writer`] byte for byte, which the tests check. The writer can also build the
+//! listing as it writes the NAR ([`ListingBuilder`]), at no cost in system calls. Every
+//! walk is iterative, so a deep tree costs heap, not stack.
 use super::{NAR_MAGIC, Node, padding_len};
 use std::ffi::OsString;
 use std::fs;
@@ -64,7 +65,7 @@ pub enum ListingError {
 /// [`ListingError::Read`] naming what could not be read; [`ListingError::UnsupportedFileType`]
 /// naming a socket, fifo or device.
 pub fn list_path(path: &Path) -> Result<NarListing, ListingError> {
-    let mut b = Builder::new();
+    let mut b = ListingBuilder::new();
     let mut stack = Vec::new();
     list_one(&mut b, path, &mut stack)?;
     while let Some(dir) = stack.last_mut() {
@@ -114,7 +115,11 @@ struct OpenDir {
 }
 
 /// Lists the node at `path`; a directory is opened and pushed, and its entries follow.
-fn list_one(b: &mut Builder, path: &Path, stack: &mut Vec<OpenDir>) -> Result<(), ListingError> {
+fn list_one(
+    b: &mut ListingBuilder,
+    path: &Path,
+    stack: &mut Vec<OpenDir>,
+) -> Result<(), ListingError> {
     let read = |source| ListingError::Read {
         path: path.to_owned(),
         source,
@@ -167,7 +172,7 @@ pub fn list_node(root: &Node) -> NarListing {
         CloseEntry,
         CloseDirectory,
     }
-    let mut b = Builder::new();
+    let mut b = ListingBuilder::new();
     let mut todo = vec![Step::Node(root)];
     while let Some(step) = todo.pop() {
         match step {
@@ -207,9 +212,12 @@ fn tokens_len(tokens: &[&[u8]]) -> u64 {
     tokens.iter().map(|t| string_len(t.len() as u64)).sum()
 }
 
-/// Writes the listing and follows the NAR's layout, node by node in NAR order (which is
-/// also the listing's order).
-struct Builder {
+/// Builds a listing from the nodes of a NAR, given in NAR order (which is also the
+/// listing's order), following the NAR's layout to know each file's offset.
+/// [`super::writer::dump_path_listed_into`] drives one while it writes the NAR, so that
+/// the listing costs no system call of its own.
+#[derive(Debug)]
+pub struct ListingBuilder {
     json: Vec<u8>,
     /// NAR bytes before the current position.
     offset: u64,
@@ -217,16 +225,22 @@ struct Builder {
     first: Vec<bool>,
 }
 
-impl Builder {
-    fn new() -> Self {
-        Builder {
+impl Default for ListingBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ListingBuilder {
+    pub fn new() -> Self {
+        ListingBuilder {
             json: br#"{"version":1,"root":"#.to_vec(),
             offset: string_len(NAR_MAGIC.len() as u64),
             first: Vec::new(),
         }
     }
 
-    fn regular(&mut self, executable: bool, size: u64) {
+    pub(crate) fn regular(&mut self, executable: bool, size: u64) {
         self.offset += tokens_len(&[b"(", b"type", b"regular"]);
         if executable {
             self.offset += tokens_len(&[b"executable", b""]);
@@ -247,7 +261,7 @@ impl Builder {
         self.offset += size + padding_len(size) as u64 + tokens_len(&[b")"]);
     }
 
-    fn symlink(&mut self, target: &[u8]) {
+    pub(crate) fn symlink(&mut self, target: &[u8]) {
         self.offset += tokens_len(&[b"(", b"type", b"symlink", b"target", target, b")"]);
         self.json
             .extend_from_slice(br#"{"type":"symlink","target":"#);
@@ -255,21 +269,21 @@ impl Builder {
         self.json.push(b'}');
     }
 
-    fn open_directory(&mut self) {
+    pub(crate) fn open_directory(&mut self) {
         self.offset += tokens_len(&[b"(", b"type", b"directory"]);
         self.json
             .extend_from_slice(br#"{"type":"directory","entries":{"#);
         self.first.push(true);
     }
 
-    fn close_directory(&mut self) {
+    pub(crate) fn close_directory(&mut self) {
         self.offset += tokens_len(&[b")"]);
         self.json.extend_from_slice(b"}}");
         self.first.pop();
     }
 
     /// An entry of the innermost open directory; its node follows.
-    fn open_entry(&mut self, name: &[u8]) {
+    pub(crate) fn open_entry(&mut self, name: &[u8]) {
         self.offset += tokens_len(&[b"entry", b"(", b"name", name, b"node"]);
         let first = self
             .first
@@ -282,7 +296,7 @@ impl Builder {
         self.json.push(b':');
     }
 
-    fn close_entry(&mut self) {
+    pub(crate) fn close_entry(&mut self) {
         self.offset += tokens_len(&[b")"]);
     }
 
@@ -310,7 +324,13 @@ impl Builder {
         self.json.push(b'"');
     }
 
-    fn finish(mut self) -> NarListing {
+    /// NAR bytes before the next node.
+    pub(crate) fn nar_offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The listing, once every node has been given.
+    pub fn finish(mut self) -> NarListing {
         debug_assert!(self.first.is_empty(), "every directory is closed");
         self.json.push(b'}');
         NarListing {
@@ -323,7 +343,7 @@ impl Builder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::nar::writer::{dump_path, write_node};
+    use crate::format::nar::writer::{NarBuffer, dump_path, dump_path_listed_into, write_node};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
@@ -452,6 +472,25 @@ mod tests {
         })
     }
 
+    /// A growing `Vec` as the writer's in-place buffer.
+    #[derive(Default)]
+    struct VecBuffer {
+        buf: Vec<u8>,
+        filled: usize,
+    }
+
+    impl NarBuffer for VecBuffer {
+        fn spare(&mut self) -> io::Result<&mut [u8]> {
+            if self.buf.len() == self.filled {
+                self.buf.resize(self.filled + 4096, 0);
+            }
+            Ok(&mut self.buf[self.filled..])
+        }
+        fn commit(&mut self, n: usize) {
+            self.filled += n;
+        }
+    }
+
     proptest! {
         /// The layout agrees with the writer: the same NAR size, and each file's contents
         /// sit at its narOffset, right after their u64 length.
@@ -483,6 +522,16 @@ mod tests {
             let listing = list_path(&root).unwrap();
             prop_assert_eq!(&listing, &list_node(&node));
             prop_assert_eq!(listing.nar_size(), dump_path(&root, &mut io::sink()).unwrap());
+            // The listing the writer builds as it writes the NAR is the same, and so is
+            // the NAR.
+            let mut builder = ListingBuilder::new();
+            let mut out = VecBuffer::default();
+            let size = dump_path_listed_into(&root, &mut out, Some(&mut builder)).unwrap();
+            prop_assert_eq!(size, listing.nar_size());
+            prop_assert_eq!(&builder.finish(), &listing);
+            let mut nar = Vec::new();
+            dump_path(&root, &mut nar).unwrap();
+            prop_assert_eq!(&out.buf[..out.filled], &nar[..]);
         }
     }
 
