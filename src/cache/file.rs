@@ -165,12 +165,14 @@ impl BinaryCache for FileCache {
 
     fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError> {
         let key = "nix-cache-info";
-        match std::fs::read_to_string(self.root.join(key)) {
-            Ok(text) => super::check_cache_info(&self.url, &text, store_dir),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.put_atomic(key, super::new_cache_info(store_dir).as_bytes())
-            }
-            Err(e) => Err(self.io(key, e)),
+        let existing = match std::fs::read_to_string(self.root.join(key)) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(self.io(key, e)),
+        };
+        match super::cache_info_to_write(&self.url, existing.as_deref(), store_dir)? {
+            Some(text) => self.put_atomic(key, text.as_bytes()),
+            None => Ok(()),
         }
     }
 
@@ -281,6 +283,10 @@ impl BinaryCache for FileCache {
         lock.lock().map_err(|e| self.io(LOCK_FILE, e))?;
         // Unlocked when `lock` is closed, after the renames are durable.
         super::publish_merged(self, store_dir, narinfos)
+    }
+
+    fn put_object(&self, key: &str, bytes: &[u8], _content_type: &str) -> Result<(), CacheError> {
+        self.put_atomic(key, bytes)
     }
 
     fn sync(&self) -> Result<(), CacheError> {

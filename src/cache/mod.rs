@@ -124,6 +124,18 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<Merged>, CacheError> {
         publish_merged(self, store_dir, narinfos)
     }
+    /// Writes any other object (e.g. a `.ls` listing) atomically under `key`, with
+    /// `content_type` where the cache keeps one. A cache that stores only NARs and
+    /// narinfos refuses.
+    ///
+    /// # Errors
+    /// [`CacheError`]; [`CacheError::Config`] from a cache that cannot store such objects.
+    fn put_object(&self, key: &str, _bytes: &[u8], _content_type: &str) -> Result<(), CacheError> {
+        Err(CacheError::Config(format!(
+            "{}: this cache cannot store {key}",
+            self.url()
+        )))
+    }
     /// How many NAR uploads may be finishing (committing) at once. A local directory
     /// commits with a rename, so 1; a remote cache hides per-request latency with more.
     fn upload_concurrency(&self) -> usize {
@@ -268,6 +280,48 @@ pub fn open(url: &url::CacheUrl) -> Result<Box<dyn BinaryCache>, CacheError> {
     }
 }
 
+/// What to write as `nix-cache-info`, given what the cache has (`existing`; `None` when it
+/// has none): `None` when the file is right as it is.
+///
+/// A new cache gets `StoreDir`, `WantMassQuery` and `Priority`, the last two from the
+/// cache URL's (`url`) `want-mass-query=` and `priority=` or else narflow's defaults. An
+/// existing file is checked against `store_dir`, and rewritten only where the URL asks for
+/// a value it does not have (other lines stay): the URL is the writer's explicit wish, and
+/// without it a file keeps whatever it says. Two writers whose URLs disagree rewrite it in
+/// turn; each rewrite is logged.
+///
+/// # Errors
+/// [`CacheError::Config`] naming the cache when `existing` does not parse or is for
+/// another store directory, or `url` is not a cache URL.
+pub(crate) fn cache_info_to_write(
+    url: &str,
+    existing: Option<&str>,
+    store_dir: &str,
+) -> Result<Option<String>, CacheError> {
+    use crate::format::cache_info::CacheInfo;
+    let wanted = url::CacheUrl::parse(url)
+        .map_err(|e| CacheError::Config(e.to_string()))?
+        .cache_info_wanted();
+    match existing {
+        None => {
+            let text = new_cache_info(store_dir);
+            Ok(Some(CacheInfo::update_text(&text, &wanted).unwrap_or(text)))
+        }
+        Some(text) => {
+            check_cache_info(url, text, store_dir)?;
+            let update = CacheInfo::update_text(text, &wanted);
+            if let Some(new) = &update {
+                tracing::warn!(
+                    "{url}: rewriting nix-cache-info as the URL's parameters ask: {:?} becomes {:?}",
+                    text,
+                    new
+                );
+            }
+            Ok(update)
+        }
+    }
+}
+
 /// Checks a cache's existing `nix-cache-info` (`text`) against the store it is being
 /// filled from.
 ///
@@ -298,6 +352,22 @@ pub(crate) fn new_cache_info(store_dir: &str) -> String {
 /// The narinfo object key of a store path.
 pub fn narinfo_key(path: &StorePath) -> String {
     format!("{}.narinfo", path.hash_part())
+}
+
+/// The Content-Type of a NAR listing, as Nix sets it.
+pub const NAR_LISTING_TYPE: &str = "application/json";
+
+/// Writes `<hash part>.ls`, the listing of `path`'s NAR (Nix's `write-nar-listing`).
+///
+/// # Errors
+/// As [`BinaryCache::put_object`].
+pub fn put_nar_listing(
+    cache: &dyn BinaryCache,
+    path: &StorePath,
+    listing: &crate::format::nar::listing::NarListing,
+) -> Result<(), CacheError> {
+    let key = format!("{}.ls", path.hash_part());
+    cache.put_object(&key, listing.json(), NAR_LISTING_TYPE)
 }
 
 #[cfg(test)]

@@ -457,12 +457,10 @@ impl BinaryCache for S3Cache {
             other => other,
         };
         self.block_on(async {
-            match s.get_text("nix-cache-info").await.map_err(unreachable)? {
-                Some(text) => super::check_cache_info(&s.url, &text, store_dir),
-                None => {
-                    let info = super::new_cache_info(store_dir);
-                    s.put("nix-cache-info", info.into(), CACHE_INFO_TYPE).await
-                }
+            let existing = s.get_text("nix-cache-info").await.map_err(unreachable)?;
+            match super::cache_info_to_write(&s.url, existing.as_deref(), store_dir)? {
+                Some(text) => s.put("nix-cache-info", text.into(), CACHE_INFO_TYPE).await,
+                None => Ok(()),
             }
         })
     }
@@ -521,6 +519,11 @@ impl BinaryCache for S3Cache {
             self.shared
                 .put(&super::narinfo_key(path), body, NARINFO_TYPE),
         )
+    }
+
+    fn put_object(&self, key: &str, bytes: &[u8], content_type: &str) -> Result<(), CacheError> {
+        let body = bytes::Bytes::copy_from_slice(bytes);
+        self.block_on(self.shared.put(key, body, content_type))
     }
 
     fn put_narinfos(&self, narinfos: &[(StorePath, String)]) -> Result<(), CacheError> {

@@ -2,6 +2,7 @@
 //! `s3://bucket?region=..&endpoint=..&...`, so narflow can stand in for `nix copy --to`.
 //!
 //! Parsing only: this module never touches the file system or the network.
+use crate::format::cache_info::CacheInfoWanted;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -35,7 +36,6 @@ const KNOWN_PARAMS: &[&str] = &[
     "compression",
     "compression-level",
     "secret-key",
-    "parallel-compression",
     "priority",
     "want-mass-query",
     "write-nar-listing",
@@ -45,13 +45,47 @@ const KNOWN_PARAMS: &[&str] = &[
     "scheme",
     "addressing-style",
     "storage-class",
-    "multipart-upload",
-    "buffer-size",
     // narflow's own tuning for S3:
     "concurrency",
     "retries",
     "read-timeout",
 ];
+
+/// Nix parameters that narflow refuses, with why: each tunes something narflow decides
+/// itself, and accepting them while doing otherwise would mislead.
+const REFUSED_PARAMS: &[(&str, &str)] = &[
+    (
+        "parallel-compression",
+        "narflow always compresses in parallel, each chunk of a NAR on its own thread \
+         (--jobs sets how many)",
+    ),
+    (
+        "multipart-upload",
+        "narflow always sends a NAR larger than one part as a multipart upload",
+    ),
+    (
+        "buffer-size",
+        "narflow sizes multipart upload parts itself, from the NAR's size and the --memory \
+         budget",
+    ),
+];
+
+/// A Boolean setting as Nix spells it.
+fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "true" | "yes" | "1" => Ok(true),
+        "false" | "no" | "0" => Ok(false),
+        _ => Err(format!(
+            "parameter {key}={v:?} is not a Boolean (true, false, 1, 0, yes or no)"
+        )),
+    }
+}
+
+fn parse_priority(v: &str) -> Result<u32, String> {
+    v.parse().map_err(|_| {
+        format!("parameter priority={v:?} is not a whole number from 0 up (lower is preferred)")
+    })
+}
 
 impl CacheUrl {
     /// Parses a store URL.
@@ -76,9 +110,18 @@ impl CacheUrl {
                 percent_decode(k).map_err(&err)?,
                 percent_decode(v).map_err(&err)?,
             );
+            if let Some((_, why)) = REFUSED_PARAMS.iter().find(|(name, _)| *name == k) {
+                return Err(err(format!("parameter {k:?} is not supported: {why}")));
+            }
             if !KNOWN_PARAMS.contains(&k.as_str()) {
                 return Err(err(format!("unknown parameter {k:?}")));
             }
+            match k.as_str() {
+                "priority" => parse_priority(&v).map(drop),
+                "want-mass-query" | "write-nar-listing" => parse_bool(&k, &v).map(drop),
+                _ => Ok(()),
+            }
+            .map_err(&err)?;
             if params.insert(k.clone(), v).is_some() {
                 return Err(err(format!("parameter {k:?} given twice")));
             }
@@ -112,6 +155,25 @@ impl CacheUrl {
 
     pub fn param(&self, key: &str) -> Option<&str> {
         self.params.get(key).map(String::as_str)
+    }
+
+    /// `write-nar-listing=`: whether each uploaded path gets its `<hash part>.ls` listing
+    /// (default: no, as in Nix).
+    pub fn write_nar_listing(&self) -> bool {
+        self.param("write-nar-listing")
+            .is_some_and(|v| parse_bool("write-nar-listing", v) == Ok(true))
+    }
+
+    /// What the cache's `nix-cache-info` must say by `priority=` and `want-mass-query=`;
+    /// a parameter not given leaves the cache's own value.
+    pub fn cache_info_wanted(&self) -> CacheInfoWanted {
+        // Both were checked by `parse`.
+        CacheInfoWanted {
+            want_mass_query: self
+                .param("want-mass-query")
+                .and_then(|v| parse_bool("want-mass-query", v).ok()),
+            priority: self.param("priority").and_then(|v| parse_priority(v).ok()),
+        }
     }
 }
 
@@ -176,9 +238,62 @@ mod tests {
             ("file:///x?compression=xz&compression=zstd", "given twice"),
             ("s3://", "expected s3://BUCKET"),
             ("file:///x%zz", "bad percent escape"),
+            (
+                "file:///x?parallel-compression=true",
+                "\"parallel-compression\" is not supported: narflow always compresses in parallel",
+            ),
+            (
+                "s3://b?multipart-upload=true",
+                "\"multipart-upload\" is not supported: narflow always sends a NAR larger than one part",
+            ),
+            (
+                "s3://b?buffer-size=5242880",
+                "\"buffer-size\" is not supported: narflow sizes multipart upload parts itself",
+            ),
+            (
+                "file:///x?priority=high",
+                "priority=\"high\" is not a whole number",
+            ),
+            (
+                "file:///x?priority=-1",
+                "priority=\"-1\" is not a whole number",
+            ),
+            (
+                "file:///x?want-mass-query=maybe",
+                "want-mass-query=\"maybe\" is not a Boolean",
+            ),
+            (
+                "file:///x?write-nar-listing=2",
+                "write-nar-listing=\"2\" is not a Boolean",
+            ),
         ] {
             let e = CacheUrl::parse(url).unwrap_err().to_string();
             assert!(e.contains(url) && e.contains(reason), "{url}: {e}");
         }
+    }
+
+    #[test]
+    fn listing_and_cache_info_parameters() {
+        let u = CacheUrl::parse("file:///x").unwrap();
+        assert!(!u.write_nar_listing());
+        assert_eq!(u.cache_info_wanted(), CacheInfoWanted::default());
+        for (v, on) in [
+            ("1", true),
+            ("true", true),
+            ("yes", true),
+            ("0", false),
+            ("no", false),
+        ] {
+            let u = CacheUrl::parse(&format!("file:///x?write-nar-listing={v}")).unwrap();
+            assert_eq!(u.write_nar_listing(), on, "{v}");
+        }
+        let u = CacheUrl::parse("s3://b?priority=10&want-mass-query=false").unwrap();
+        assert_eq!(
+            u.cache_info_wanted(),
+            CacheInfoWanted {
+                want_mass_query: Some(false),
+                priority: Some(10)
+            }
+        );
     }
 }

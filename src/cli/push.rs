@@ -9,6 +9,7 @@ use narflow::pipeline::{self, Outcome, PushOptions};
 use narflow::store::LocalStore;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
 
 /// Where and how to upload: shared by `push` and `daemon`.
 #[derive(Debug, clap::Args)]
@@ -37,6 +38,10 @@ pub struct UploadArgs {
     /// Allow uploading without a signing key.
     #[arg(long)]
     pub unsigned: bool,
+    /// Use a secret key file that group or others can access (refused by default, as ssh
+    /// refuses such a private key).
+    #[arg(long, env = "NARFLOW_ALLOW_INSECURE_KEY_FILE")]
+    pub allow_insecure_key_file: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -54,10 +59,36 @@ pub struct PushArgs {
     pub paths: Vec<String>,
 }
 
-/// Loads a Nix secret key file.
-fn load_key(path: &Path) -> Result<SigningKey, CliError> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read key file {}", path.display()))
+/// Loads a Nix secret key file. Like ssh with a private key, it refuses a file that group
+/// or others can access (any of the mode bits 0o077), unless `allow_insecure`: such a key
+/// may already be known to others, and every narinfo signed with it would be suspect.
+/// The key text is wiped from memory once parsed.
+fn load_key(path: &Path, allow_insecure: bool) -> Result<SigningKey, CliError> {
+    use std::os::unix::fs::PermissionsExt;
+    let cannot_read = || format!("cannot read key file {}", path.display());
+    let mut file = std::fs::File::open(path)
+        .with_context(cannot_read)
+        .map_err(CliError::usage)?;
+    // The mode of what was opened (a symlink's target), not of a path looked up again.
+    let meta = file
+        .metadata()
+        .with_context(cannot_read)
+        .map_err(CliError::usage)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 && !allow_insecure {
+        return Err(CliError::usage(anyhow::anyhow!(
+            "key file {path} has mode {mode:04o}: group or others can access this secret key; \
+             make it private with `chmod 600 {path}` (or pass --allow-insecure-key-file to use \
+             it anyway)",
+            path = path.display()
+        )));
+    }
+    // Sized up front so the text is not copied by a growing buffer (copies would not be
+    // wiped); key files are about 100 bytes.
+    let capacity = usize::try_from(meta.len()).unwrap_or(0).saturating_add(1);
+    let mut text = Zeroizing::new(String::with_capacity(capacity.min(1 << 16)));
+    file.read_to_string(&mut text)
+        .with_context(cannot_read)
         .map_err(CliError::usage)?;
     SigningKey::parse(&text)
         .with_context(|| format!("key file {}", path.display()))
@@ -98,7 +129,7 @@ impl UploadArgs {
         }
         let keys = key_files
             .iter()
-            .map(|f| load_key(f))
+            .map(|f| load_key(f, args.allow_insecure_key_file))
             .collect::<Result<Vec<_>, _>>()?;
         if keys.is_empty() && !args.unsigned {
             return Err(CliError::usage(anyhow::anyhow!(
@@ -106,6 +137,7 @@ impl UploadArgs {
             )));
         }
         let mut opts = PushOptions::new(compression, keys);
+        opts.nar_listing = url.write_nar_listing();
         super::apply_pipeline_args(&mut opts, args.jobs, args.memory, args.chunk_size)
             .map_err(|e| CliError::usage(anyhow::anyhow!(e)))?;
         Ok((url, opts))

@@ -2,7 +2,8 @@
 //!
 //! Owns the text form only; it never reads or writes a cache. Nix 2.8 itself writes just
 //! `StoreDir: /nix/store\n` when it creates a `file://` cache; narflow writes all three keys,
-//! as cache.nixos.org serves them.
+//! as cache.nixos.org serves them, with the values of the cache URL's `priority=` and
+//! `want-mass-query=` when given ([`CacheInfoWanted`]).
 
 /// The contents of `nix-cache-info`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -10,6 +11,13 @@ pub struct CacheInfo {
     pub store_dir: String,
     pub want_mass_query: bool,
     pub priority: u32,
+}
+
+/// The values a writer wants `nix-cache-info` to have; `None` keeps what the file says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheInfoWanted {
+    pub want_mass_query: Option<bool>,
+    pub priority: Option<u32>,
 }
 
 impl Default for CacheInfo {
@@ -32,6 +40,49 @@ impl CacheInfo {
             self.priority
         )
     }
+    /// `text` (a `nix-cache-info` that [`CacheInfo::parse`] accepts) with WantMassQuery
+    /// and Priority set to the values `wanted` gives; every other line stays as it is, and
+    /// a key the file lacks is added at the end. `None` when the file says so already.
+    pub fn update_text(text: &str, wanted: &CacheInfoWanted) -> Option<String> {
+        let want: Vec<(&str, String)> = [
+            (
+                "WantMassQuery",
+                wanted.want_mass_query.map(|b| u8::from(b).to_string()),
+            ),
+            ("Priority", wanted.priority.map(|p| p.to_string())),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect();
+        let mut seen = vec![false; want.len()];
+        let mut changed = false;
+        let mut out = String::with_capacity(text.len() + 32);
+        for line in text.lines() {
+            let key = line.split_once(": ").map_or(line, |(k, _)| k);
+            if let Some(i) = want.iter().position(|(k, _)| *k == key) {
+                let (k, v) = &want[i];
+                if std::mem::replace(&mut seen[i], true) {
+                    changed = true; // a repeated key: only the first, updated, stays
+                    continue;
+                }
+                if line != format!("{k}: {v}") {
+                    changed = true;
+                    out.push_str(&format!("{k}: {v}\n"));
+                    continue;
+                }
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+        for ((k, v), seen) in want.iter().zip(seen) {
+            if !seen {
+                changed = true;
+                out.push_str(&format!("{k}: {v}\n"));
+            }
+        }
+        changed.then_some(out)
+    }
+
     /// Parses the file; unknown keys and blank lines are ignored, StoreDir is required.
     /// Absent WantMassQuery and Priority take [`CacheInfo::default`]'s values.
     ///
@@ -113,5 +164,43 @@ mod tests {
         assert!(e.contains("line 2") && e.contains("Priority"), "{e}");
         let e = CacheInfo::parse("StoreDir /nix/store\n").unwrap_err();
         assert!(e.contains("line 1") && e.contains("Key: value"), "{e}");
+    }
+
+    #[test]
+    fn update_sets_wanted_values_and_keeps_the_rest() {
+        let both = CacheInfoWanted {
+            want_mass_query: Some(false),
+            priority: Some(10),
+        };
+        let text = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n";
+        assert_eq!(
+            CacheInfo::update_text(text, &both).unwrap(),
+            "StoreDir: /nix/store\nWantMassQuery: 0\nPriority: 10\n"
+        );
+        // Nothing wanted, or what is wanted is there already: no rewrite.
+        assert_eq!(
+            CacheInfo::update_text(text, &CacheInfoWanted::default()),
+            None
+        );
+        let same = CacheInfoWanted {
+            want_mass_query: Some(true),
+            priority: None,
+        };
+        assert_eq!(CacheInfo::update_text(text, &same), None);
+        // Keys the file lacks are added; unknown lines and their order stay; a repeated
+        // key keeps only its first line; the missing last newline is added.
+        let text = "X-Other: y\nStoreDir: /nix/store\nPriority: 5\nPriority: 6";
+        let only_priority = CacheInfoWanted {
+            want_mass_query: None,
+            priority: Some(10),
+        };
+        assert_eq!(
+            CacheInfo::update_text(text, &only_priority).unwrap(),
+            "X-Other: y\nStoreDir: /nix/store\nPriority: 10\n"
+        );
+        assert_eq!(
+            CacheInfo::update_text("StoreDir: /nix/store\n", &both).unwrap(),
+            "StoreDir: /nix/store\nWantMassQuery: 0\nPriority: 10\n"
+        );
     }
 }

@@ -5,13 +5,15 @@
 //! Fingerprint: `1;<store path>;<sha256:nix32 NarHash>;<NarSize>;<ref paths, sorted, comma-joined>`.
 //!
 //! This module owns key parsing, the fingerprint and the ed25519 operations. It never
-//! prints, logs or puts into an error message any part of a secret key.
+//! prints, logs or puts into an error message any part of a secret key, and wipes the
+//! decoded key bytes it handles once they are no longer needed.
 use crate::format::hash::Sha256;
 use crate::format::store_path::StorePath;
 use base64::Engine;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use ed25519_dalek::Signer;
 use std::fmt;
+use zeroize::Zeroizing;
 
 /// Standard base64. Nix always writes padding; on input we also take unpadded text, as
 /// Nix's own decoder stops at the first `=` and does not require it.
@@ -35,12 +37,13 @@ pub enum KeyError {
 /// Splits `<name>:<base64>` and decodes the base64 into exactly `N` bytes.
 ///
 /// `secret` keeps the base64 decoder's message (which quotes an offending character and
-/// its offset) out of the error.
+/// its offset) out of the error. The decoded bytes are wiped from memory when dropped,
+/// here and in the result, since for a secret key they are the seed.
 fn split_and_decode<const N: usize>(
     s: &str,
     what: &'static str,
     secret: bool,
-) -> Result<(String, [u8; N]), KeyError> {
+) -> Result<(String, Zeroizing<[u8; N]>), KeyError> {
     let err = |reason: String| KeyError::Malformed { what, reason };
     let (name, b64) = s
         .split_once(':')
@@ -54,17 +57,21 @@ fn split_and_decode<const N: usize>(
              would break narinfo and nix.conf)"
         )));
     }
-    let bytes = BASE64.decode(b64).map_err(|e| {
+    let bytes = Zeroizing::new(BASE64.decode(b64).map_err(|e| {
         err(if secret {
             "but the part after `:` is not valid base64".into()
         } else {
             format!("but the part after `:` is not valid base64 ({e})")
         })
-    })?;
-    let len = bytes.len();
-    let arr: [u8; N] = bytes
-        .try_into()
-        .map_err(|_| err(format!("but the base64 decodes to {len} bytes, not {N}")))?;
+    })?);
+    if bytes.len() != N {
+        let len = bytes.len();
+        return Err(err(format!(
+            "but the base64 decodes to {len} bytes, not {N}"
+        )));
+    }
+    let mut arr = Zeroizing::new([0u8; N]);
+    arr.copy_from_slice(&bytes);
     Ok((name.to_owned(), arr))
 }
 
@@ -96,8 +103,10 @@ impl SigningKey {
         const WHAT: &str = "secret key";
         let (name, bytes) = split_and_decode::<64>(s.trim(), WHAT, true)?;
         let (seed, public) = bytes.split_at(32);
-        let seed: [u8; 32] = seed.try_into().expect("split at 32 of 64");
-        let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+        let mut seed_bytes = Zeroizing::new([0u8; 32]);
+        seed_bytes.copy_from_slice(seed);
+        // ed25519-dalek wipes its copy of the seed when the key is dropped.
+        let key = ed25519_dalek::SigningKey::from_bytes(&seed_bytes);
         if key.verifying_key().as_bytes() != public {
             return Err(KeyError::Malformed {
                 what: WHAT,
@@ -212,7 +221,10 @@ impl Signature {
     /// a length other than 64 bytes.
     pub fn parse(s: &str) -> Result<Self, KeyError> {
         let (key_name, bytes) = split_and_decode::<64>(s, "signature", false)?;
-        Ok(Self { key_name, bytes })
+        Ok(Self {
+            key_name,
+            bytes: *bytes,
+        })
     }
 }
 

@@ -95,6 +95,9 @@ pub struct PushOptions {
     pub chunk_size: usize,
     /// Set to stop the push early (the daemon's shutdown).
     pub cancel: Cancel,
+    /// Write each uploaded path's `<hash part>.ls` listing before its narinfo (the URL's
+    /// `write-nar-listing=1`).
+    pub nar_listing: bool,
 }
 
 impl PushOptions {
@@ -108,6 +111,7 @@ impl PushOptions {
             memory: DEFAULT_MEMORY,
             chunk_size: DEFAULT_CHUNK_SIZE,
             cancel: Cancel::new(),
+            nar_listing: false,
         }
     }
 }
@@ -510,6 +514,7 @@ pub fn upload_after(
         budget,
         pool: buffers.clone(),
         cancel: opts.cancel.clone(),
+        nar_listing: opts.nar_listing,
     };
     let compress = compress::CompressStage {
         pool: &pool,

@@ -146,7 +146,7 @@ impl SinkStage<'_> {
     ) -> Result<(Box<NarInfo>, u64), Failure> {
         let info = &self.infos[job];
         let full = info.path.to_absolute(self.store_dir);
-        let (nar_hash, nar_size) = match end {
+        let (nar_hash, nar_size, listing) = match end {
             // Reading the store path failed: an I/O error, or the path changed under us.
             NarEnd::Failed(why) => return Err(Failure::transient(why)),
             NarEnd::Walked { .. } => {
@@ -154,7 +154,11 @@ impl SinkStage<'_> {
                     "{full}: internal error: NAR ended without a NarHash"
                 )));
             }
-            NarEnd::Complete { nar_hash, nar_size } => (nar_hash, nar_size),
+            NarEnd::Complete {
+                nar_hash,
+                nar_size,
+                listing,
+            } => (nar_hash, nar_size, listing),
         };
         if let Some(e) = state.error {
             return Err(e);
@@ -181,6 +185,12 @@ impl SinkStage<'_> {
             .map_err(|e| Failure::from_cache(&e))?;
         if there != Some(file_size) {
             upload.commit(&url).map_err(|e| Failure::from_cache(&e))?;
+        }
+        // The listing (built as the NAR was written) goes up before the narinfo that
+        // announces the path.
+        if let Some(listing) = listing {
+            crate::cache::put_nar_listing(self.cache, &info.path, &listing)
+                .map_err(|e| Failure::from_cache(&e))?;
         }
         let mut narinfo = NarInfo {
             store_path: info.path.clone(),

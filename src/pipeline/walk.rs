@@ -8,7 +8,8 @@ use super::budget::{ByteBudget, Permit};
 use super::buffers::BufferPool;
 use super::stats::StageClock;
 use crate::format::hash::Sha256;
-use crate::format::nar::writer::{NarBuffer, dump_path_into};
+use crate::format::nar::listing::{ListingBuilder, NarListing};
+use crate::format::nar::writer::{NarBuffer, dump_path_listed_into};
 use crate::store::PathInfo;
 use crossbeam_channel::{Receiver, Sender};
 use std::io;
@@ -21,10 +22,14 @@ pub enum NarEnd {
     /// into [`NarEnd::Complete`].
     Walked {
         nar_size: u64,
+        listing: Option<Box<NarListing>>,
     },
     Complete {
         nar_hash: Sha256,
         nar_size: u64,
+        /// The NAR's listing, built as it was written, when the push writes listings
+        /// (boxed: it rides on a chunk, which stays small).
+        listing: Option<Box<NarListing>>,
     },
     /// Walking failed (unreadable file, path vanished): the job must be aborted.
     Failed(String),
@@ -104,9 +109,10 @@ impl Chunker<'_> {
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "pipeline stopped"))
     }
 
-    fn finish(mut self) -> io::Result<()> {
+    fn finish(mut self, listing: Option<Box<NarListing>>) -> io::Result<()> {
         let end = NarEnd::Walked {
             nar_size: self.written,
+            listing,
         };
         if self.permit.is_none() {
             self.start_chunk();
@@ -152,6 +158,8 @@ pub struct WalkStage<'a> {
     pub budget: ByteBudget,
     pub pool: BufferPool,
     pub cancel: super::Cancel,
+    /// Build each NAR's listing while writing it.
+    pub nar_listing: bool,
 }
 
 impl WalkStage<'_> {
@@ -176,8 +184,10 @@ impl WalkStage<'_> {
                 clock: &mut clock,
                 cancel: &self.cancel,
             };
-            let sent = match dump_path_into(Path::new(&full), &mut chunker) {
-                Ok(_) => chunker.finish(),
+            let mut listing = self.nar_listing.then(ListingBuilder::new);
+            let sent = match dump_path_listed_into(Path::new(&full), &mut chunker, listing.as_mut())
+            {
+                Ok(_) => chunker.finish(listing.map(|l| Box::new(l.finish()))),
                 Err(e) => chunker.fail(e.to_string()),
             };
             if sent.is_err() {
@@ -202,10 +212,14 @@ pub fn hash_stage(chunks: Receiver<Chunk>, out: Sender<Chunk>) -> StageClock {
         hasher.update(&chunk.data);
         clock.add_bytes(chunk.nar_len, chunk.nar_len);
         match chunk.end {
-            Some(NarEnd::Walked { nar_size }) => {
+            Some(NarEnd::Walked { nar_size, listing }) => {
                 let h = hashers.remove(&chunk.job).expect("inserted above");
                 let nar_hash = Sha256(h.finalize().into());
-                chunk.end = Some(NarEnd::Complete { nar_hash, nar_size });
+                chunk.end = Some(NarEnd::Complete {
+                    nar_hash,
+                    nar_size,
+                    listing,
+                });
             }
             Some(_) => {
                 hashers.remove(&chunk.job);

@@ -75,6 +75,8 @@ pub struct NixKey {
     _dir: tempfile::TempDir,
 }
 
+/// Makes a key pair with `nix-store --generate-binary-cache-key`; the secret file is
+/// mode 0600, as narflow requires.
 pub fn nix_generate_key(name: &str) -> NixKey {
     let dir = tempdir();
     let (secret, public) = (dir.path().join("secret"), dir.path().join("public"));
@@ -83,12 +85,22 @@ pub fn nix_generate_key(name: &str) -> NixKey {
         .arg(name)
         .arg(&secret)
         .arg(&public));
+    // Nix 2.8 creates a new secret file 0600 but keeps the mode of one that exists, so
+    // the mode is set rather than assumed (as the README's set-up commands do).
+    set_mode(&secret, 0o600);
     let public = std::fs::read_to_string(&public).unwrap().trim().to_owned();
     NixKey {
         secret,
         public,
         _dir: dir,
     }
+}
+
+/// Sets a file's permission bits.
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
 }
 
 /// Writes `expr` to a .nix file and builds it with real Nix; returns the output paths.

@@ -6,6 +6,7 @@ mod durability;
 mod helpers;
 mod nar_golden;
 mod narinfo_nix;
+mod params;
 mod proxy;
 mod push_nix;
 mod s3;

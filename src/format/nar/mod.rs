@@ -16,6 +16,7 @@
 //! Entries are sorted bytewise and unique; names are non-empty, not `.` or `..`, and contain
 //! no `/` or NUL.
 
+pub mod listing;
 pub mod reader;
 pub mod writer;
 

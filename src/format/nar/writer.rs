@@ -5,6 +5,7 @@
 //! symlink, never mmap a file (a file truncated under a mapping raises SIGBUS), and never
 //! hold memory that grows with file size: file contents are read with read() straight into
 //! one fixed buffer that is handed to the output in large slices.
+use super::listing::ListingBuilder;
 use super::{NAR_MAGIC, Node, check_entry_name, padding_len};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, Metadata};
@@ -79,13 +80,35 @@ pub fn dump_path_into<B: NarBuffer + ?Sized>(
     path: &Path,
     out: &mut B,
 ) -> Result<u64, NarWriteError> {
+    dump_path_listed_into(path, out, None)
+}
+
+/// Like [`dump_path_into`], and when `listing` is given, hands it every node as it is
+/// written, so the NAR's listing ([`super::listing`]) comes with no system call of its
+/// own. On error the listing is incomplete and must be dropped.
+///
+/// # Errors
+/// As [`dump_path`]; [`NarWriteError::Write`] carries the errors of `out`.
+pub fn dump_path_listed_into<B: NarBuffer + ?Sized>(
+    path: &Path,
+    out: &mut B,
+    listing: Option<&mut ListingBuilder>,
+) -> Result<u64, NarWriteError> {
     let mut dumper = Dumper {
         enc: Encoder::new(out),
         path: path.as_os_str().as_bytes().to_vec(),
         stack: Vec::new(),
         spare_lists: Vec::new(),
+        listing,
     };
     dumper.run()?;
+    if let Some(l) = &dumper.listing {
+        debug_assert_eq!(
+            l.nar_offset(),
+            dumper.enc.written,
+            "listing and NAR disagree"
+        );
+    }
     Ok(dumper.enc.written)
 }
 
@@ -333,6 +356,8 @@ struct Dumper<'a, B: NarBuffer + ?Sized> {
     stack: Vec<DirFrame>,
     /// Emptied name lists, reused so a walk allocates one per depth, not per directory.
     spare_lists: Vec<Vec<(OsString, Option<u64>)>>,
+    /// Given each node as it is written, when the caller wants the NAR's listing.
+    listing: Option<&'a mut ListingBuilder>,
 }
 
 impl<B: NarBuffer + ?Sized> Dumper<'_, B> {
@@ -351,6 +376,9 @@ impl<B: NarBuffer + ?Sized> Dumper<'_, B> {
                 self.enc
                     .entry_header(name.as_bytes())
                     .map_err(NarWriteError::Write)?;
+                if let Some(l) = self.listing.as_deref_mut() {
+                    l.open_entry(name.as_bytes());
+                }
                 // A complete node (not a directory left open) closes its entry here.
                 let complete = match regular_ino {
                     Some(ino) if self.regular_entry(ino)? => true,
@@ -358,6 +386,9 @@ impl<B: NarBuffer + ?Sized> Dumper<'_, B> {
                 };
                 if complete {
                     self.enc.string(b")").map_err(NarWriteError::Write)?;
+                    if let Some(l) = self.listing.as_deref_mut() {
+                        l.close_entry();
+                    }
                 }
             } else {
                 let mut frame = self.stack.pop().expect("stack is not empty");
@@ -370,6 +401,12 @@ impl<B: NarBuffer + ?Sized> Dumper<'_, B> {
                     &[b")", b")"]
                 };
                 self.enc.strings(close).map_err(NarWriteError::Write)?;
+                if let Some(l) = self.listing.as_deref_mut() {
+                    l.close_directory();
+                    if !self.stack.is_empty() {
+                        l.close_entry();
+                    }
+                }
             }
         }
         Ok(())
@@ -403,6 +440,9 @@ impl<B: NarBuffer + ?Sized> Dumper<'_, B> {
             self.enc
                 .symlink(target.as_os_str().as_bytes())
                 .map_err(NarWriteError::Write)?;
+            if let Some(l) = self.listing.as_deref_mut() {
+                l.symlink(target.as_os_str().as_bytes());
+            }
             Ok(false)
         } else {
             Err(NarWriteError::UnsupportedFileType {
@@ -433,6 +473,9 @@ impl<B: NarBuffer + ?Sized> Dumper<'_, B> {
             next: 0,
             path_len: self.path.len(),
         });
+        if let Some(l) = self.listing.as_deref_mut() {
+            l.open_directory();
+        }
         self.enc
             .strings(&[b"(", b"type", b"directory"])
             .map_err(NarWriteError::Write)
@@ -472,6 +515,9 @@ impl<B: NarBuffer + ?Sized> Dumper<'_, B> {
         self.enc
             .regular_header(executable, size)
             .map_err(NarWriteError::Write)?;
+        if let Some(l) = self.listing.as_deref_mut() {
+            l.regular(executable, size);
+        }
         let mut remaining = size;
         loop {
             let spare = self.enc.spare().map_err(NarWriteError::Write)?;
