@@ -279,8 +279,10 @@ pub fn narinfo_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 /// exports.
 #[derive(Debug, Clone)]
 pub struct S3Env {
-    /// `garage` or `minio` (empty when not exported).
+    /// `garage`, `minio` or `moto` (empty when not exported).
     pub server: String,
+    /// False when the server accepts any key (moto checks no signatures).
+    pub checks_credentials: bool,
     pub endpoint: String,
     pub region: String,
     pub bucket: String,
@@ -311,6 +313,8 @@ pub fn s3_env() -> Option<S3Env> {
     };
     Some(S3Env {
         server: std::env::var("NARFLOW_TEST_S3_SERVER").unwrap_or_default(),
+        checks_credentials: std::env::var("NARFLOW_TEST_S3_CHECKS_CREDENTIALS").as_deref()
+            != Ok("0"),
         endpoint: var("NARFLOW_TEST_S3_ENDPOINT")
             .trim_end_matches('/')
             .to_owned(),
