@@ -50,6 +50,19 @@ const UPLOAD_MEMORY_FACTOR: u64 = 2;
 /// A part may take at most this share of the upload memory, so that the parts being
 /// filled of several NARs assembled at once fit beside each other.
 const PART_SHARE: u64 = 4;
+/// The smallest part S3 takes (all but the last part of an upload).
+const MIN_S3_PART: u64 = 5 << 20;
+/// The largest object one CopyObject may copy on AWS (5 GiB); larger staging objects are
+/// copied in parts with UploadPartCopy.
+const COPY_LIMIT: u64 = 5 << 30;
+/// Part size of a multi-part copy: a tenth of the copy limit keeps each server-side copy
+/// request short; more parts are used when 10,000 of these would not cover the object.
+const COPY_PART: u64 = 512 << 20;
+/// Part copies of one object in flight at once (server-side work, no memory here).
+const COPY_PARTS_IN_FLIGHT: usize = 8;
+/// Environment variable (for tests only, undocumented) that lowers the copy limit, and
+/// sets the copy part size, to its value in bytes.
+const COPY_PART_ENV: &str = "NARFLOW_S3_COPY_PART_SIZE";
 /// Requests of one batch (HEADs, narinfo PUTs) in flight at once.
 const BATCH_CONCURRENCY: usize = 64;
 /// A batch of at least this many narinfo lookups first tries one listing of the bucket.
@@ -65,6 +78,8 @@ struct Shared {
     url: String,
     storage_class: Option<StorageClass>,
     retries: u32,
+    /// Staging objects larger than this are copied in parts (UploadPartCopy) of this size.
+    copy_part: u64,
     rt: tokio::runtime::Runtime,
     memory: Arc<UploadMemory>,
 }
@@ -133,6 +148,18 @@ impl S3Cache {
         let retries = param(url, "retries", 6u32)?;
         let concurrency = param(url, "concurrency", 32usize)?.max(1);
         let storage_class = url.param("storage-class").map(StorageClass::from);
+        // Undocumented, for tests: exercise the multi-part copy with small objects.
+        let copy_part = match std::env::var(COPY_PART_ENV) {
+            Err(_) => COPY_LIMIT,
+            Ok(v) => match v.parse::<u64>() {
+                Ok(n) if (MIN_S3_PART..=COPY_LIMIT).contains(&n) => n,
+                _ => {
+                    return Err(config_err(format!(
+                        "{COPY_PART_ENV}={v:?} is not a number of bytes from {MIN_S3_PART} to {COPY_LIMIT}"
+                    )));
+                }
+            },
+        };
 
         let region = url
             .param("region")
@@ -181,6 +208,7 @@ impl S3Cache {
                 url: url.original.clone(),
                 storage_class,
                 retries,
+                copy_part,
                 rt,
                 memory: Arc::new(UploadMemory::new(
                     memory.saturating_mul(UPLOAD_MEMORY_FACTOR).max(MIN_PART),
@@ -609,6 +637,173 @@ impl Shared {
             message: format!("{what} answered with nothing narflow can read, and {problem}"),
             transient: true,
         })
+    }
+
+    /// Copies `staging` (`size` bytes) to `key` with one CopyObject.
+    async fn copy(&self, staging: &str, key: &str, size: u64) -> Result<(), CacheError> {
+        let source = format!("{}/{staging}", self.bucket);
+        let answer = self
+            .retry("CopyObject", key, || async {
+                let r = self
+                    .client
+                    .copy_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .copy_source(&source)
+                    .content_type(NAR_TYPE)
+                    .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+                    .set_storage_class(self.storage_class.clone())
+                    .send()
+                    .await;
+                match r {
+                    Ok(_) => Ok(Answer::Done),
+                    Err(e) if unreadable_success(&e) => Ok(Answer::Unknown),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        if answer == Answer::Unknown {
+            self.check_size(key, size, "CopyObject").await?;
+        }
+        Ok(())
+    }
+
+    /// Copies `staging` (`size` bytes) to `key` server-side in parts (UploadPartCopy),
+    /// for objects beyond what one CopyObject may copy. A failure aborts the copy's
+    /// multipart upload.
+    async fn copy_in_parts(
+        self: &Arc<Self>,
+        staging: &str,
+        key: &str,
+        size: u64,
+    ) -> Result<(), CacheError> {
+        let part = self
+            .copy_part
+            .min(COPY_PART)
+            .max(size.div_ceil(10_000).next_multiple_of(1 << 20))
+            .max(MIN_S3_PART);
+        let created = self
+            .retry("CreateMultipartUpload", key, || {
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .content_type(NAR_TYPE)
+                    .set_storage_class(self.storage_class.clone())
+                    .send()
+            })
+            .await?;
+        let id = created.upload_id().unwrap_or_default().to_owned();
+        let r = self.copy_parts(staging, key, &id, size, part).await;
+        if r.is_err() {
+            let abort = self
+                .retry("AbortMultipartUpload", key, || async {
+                    match self
+                        .client
+                        .abort_multipart_upload()
+                        .bucket(&self.bucket)
+                        .key(key)
+                        .upload_id(&id)
+                        .send()
+                        .await
+                    {
+                        Err(e) if e.code() == Some("NoSuchUpload") => Ok(()),
+                        r => r.map(drop),
+                    }
+                })
+                .await;
+            if let Err(e) = abort {
+                tracing::warn!("could not abort the multi-part copy {id} to {key}: {e}");
+            }
+        }
+        r
+    }
+
+    async fn copy_parts(
+        self: &Arc<Self>,
+        staging: &str,
+        key: &str,
+        id: &str,
+        size: u64,
+        part: u64,
+    ) -> Result<(), CacheError> {
+        let source = format!("{}/{staging}", self.bucket);
+        let ranges: Vec<(i32, u64, u64)> = (0..size.div_ceil(part))
+            .map(|i| {
+                let start = i * part;
+                (i as i32 + 1, start, (start + part).min(size) - 1)
+            })
+            .collect();
+        let mut done = Vec::with_capacity(ranges.len());
+        let mut parts = ranges.into_iter();
+        let mut set = JoinSet::new();
+        loop {
+            while set.len() < COPY_PARTS_IN_FLIGHT {
+                let Some((number, first, last)) = parts.next() else {
+                    break;
+                };
+                let (s, source, key, id) =
+                    (self.clone(), source.clone(), key.to_owned(), id.to_owned());
+                set.spawn(async move {
+                    let out = s
+                        .retry("UploadPartCopy", &key, || {
+                            s.client
+                                .upload_part_copy()
+                                .bucket(&s.bucket)
+                                .key(&key)
+                                .upload_id(&id)
+                                .part_number(number)
+                                .copy_source(&source)
+                                .copy_source_range(format!("bytes={first}-{last}"))
+                                .send()
+                        })
+                        .await?;
+                    Ok::<_, CacheError>(
+                        CompletedPart::builder()
+                            .part_number(number)
+                            .set_e_tag(
+                                out.copy_part_result()
+                                    .and_then(|r| r.e_tag())
+                                    .map(str::to_owned),
+                            )
+                            .build(),
+                    )
+                });
+            }
+            match set.join_next().await {
+                None => break,
+                Some(r) => done.push(r.map_err(|e| join_error(&self.url, e))??),
+            }
+        }
+        done.sort_by_key(|p| p.part_number());
+        let completed = CompletedMultipartUpload::builder()
+            .set_parts(Some(done))
+            .build();
+        let answer = self
+            .retry("CompleteMultipartUpload", key, || async {
+                let r = self
+                    .client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .multipart_upload(completed.clone())
+                    .send()
+                    .await;
+                match r {
+                    Ok(_) => Ok(Answer::Done),
+                    Err(e) if e.code() == Some("NoSuchUpload") || unreadable_success(&e) => {
+                        Ok(Answer::Unknown)
+                    }
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        if answer == Answer::Unknown {
+            self.check_size(key, size, "CompleteMultipartUpload")
+                .await?;
+        }
+        Ok(())
     }
 
     async fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
@@ -1105,27 +1300,10 @@ impl S3NarUpload {
         // A CreateMultipartUpload whose response was lost and retried leaves another
         // upload on the same (unique) staging key: abort any such orphan.
         s.rt.block_on(abort_others(&s, &staging, &upload_id));
-        let source = format!("{}/{}", s.bucket, m.staging);
-        let answer = s.rt.block_on(s.retry("CopyObject", key, || async {
-            let r = s
-                .client
-                .copy_object()
-                .bucket(&s.bucket)
-                .key(key)
-                .copy_source(&source)
-                .content_type(NAR_TYPE)
-                .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
-                .set_storage_class(s.storage_class.clone())
-                .send()
-                .await;
-            match r {
-                Ok(_) => Ok(Answer::Done),
-                Err(e) if unreadable_success(&e) => Ok(Answer::Unknown),
-                Err(e) => Err(e),
-            }
-        }))?;
-        if answer == Answer::Unknown {
-            s.rt.block_on(s.check_size(key, size, "CopyObject"))?;
+        if size > s.copy_part {
+            s.rt.block_on(s.copy_in_parts(&staging, key, size))?;
+        } else {
+            s.rt.block_on(s.copy(&staging, key, size))?;
         }
         let staging = std::mem::take(&mut m.staging);
         self.multipart = None;

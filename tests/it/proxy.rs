@@ -59,7 +59,10 @@ pub enum Kind {
     /// PutObject under `nar/` (a NAR sent in one request).
     NarPut,
     CreateMultipart,
+    /// UploadPart with a body (not a copy).
     UploadPart,
+    /// UploadPart copying a range of another object (UploadPartCopy).
+    UploadPartCopy,
     CompleteMultipart,
     AbortMultipart,
     CopyObject,
@@ -117,10 +120,13 @@ impl Request {
                 m == "PUT" && !self.copy && !upload_id && self.key().starts_with("nar/")
             }
             Kind::CreateMultipart => m == "POST" && self.has_param("uploads"),
-            Kind::UploadPart => m == "PUT" && upload_id && self.has_param("partNumber"),
+            Kind::UploadPart => {
+                m == "PUT" && !self.copy && upload_id && self.has_param("partNumber")
+            }
+            Kind::UploadPartCopy => m == "PUT" && self.copy && upload_id,
             Kind::CompleteMultipart => m == "POST" && upload_id,
             Kind::AbortMultipart => m == "DELETE" && upload_id,
-            Kind::CopyObject => m == "PUT" && self.copy,
+            Kind::CopyObject => m == "PUT" && self.copy && !upload_id,
             Kind::Delete => m == "DELETE" && !upload_id,
             Kind::Head => m == "HEAD",
             Kind::Get => m == "GET",

@@ -52,12 +52,13 @@ fn assert_pushed(out: &Output, proxy: Option<&Proxy>) {
     );
 }
 
-/// The staging keys of the multipart uploads a proxy saw being created.
+/// The staging keys of the multipart uploads a proxy saw being created (not those of
+/// multi-part copies to final keys).
 fn staging_keys(proxy: &Proxy) -> BTreeSet<String> {
     proxy
         .log()
         .iter()
-        .filter(|r| r.is(Kind::CreateMultipart))
+        .filter(|r| r.is(Kind::CreateMultipart) && r.key().starts_with(STAGING_PREFIX))
         .map(|r| r.key().to_owned())
         .collect()
 }
@@ -742,7 +743,7 @@ fn a_complete_answered_200_with_an_internal_error_is_retried() {
 /// cannot read (as some S3-compatible servers answer CompleteMultipartUpload). The
 /// outcome is unknown, not a failure: narflow must check it, publish the path and leave
 /// no staging object or multipart upload behind.
-fn unreadable_answers_are_checked(tag: &str, kind: Kind) {
+fn unreadable_answers_are_checked(tag: &str, kind: Kind, env: &[(&str, &str)]) {
     let Some(s3) = s3_env() else { return };
     let big = BigPath::new(tag, 20 << 20);
     let key = nix_generate_key("narflow-s3-test-1");
@@ -750,12 +751,19 @@ fn unreadable_answers_are_checked(tag: &str, kind: Kind) {
         &s3.endpoint,
         vec![Rule::after(kind, 0, usize::MAX, Fault::UnreadableIn200)],
     );
-    let out = push(
-        &s3.url_at(&proxy.endpoint(), ""),
-        &key,
-        &[],
-        std::slice::from_ref(&big.path),
-    );
+    let out = narflow()
+        .args([
+            "push",
+            "--json",
+            "--to",
+            &s3.url_at(&proxy.endpoint(), ""),
+            "--key-file",
+        ])
+        .arg(&key.secret)
+        .arg(&big.path)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
     let c = s3.client();
     let staging = staging_keys(&proxy);
     let leftovers: Vec<_> = staging
@@ -789,12 +797,23 @@ fn unreadable_answers_are_checked(tag: &str, kind: Kind) {
 
 #[test]
 fn an_unreadable_answer_to_complete_multipart_is_checked_not_fatal() {
-    unreadable_answers_are_checked("s3-unreadable-complete", Kind::CompleteMultipart);
+    unreadable_answers_are_checked("s3-unreadable-complete", Kind::CompleteMultipart, &[]);
 }
 
 #[test]
 fn an_unreadable_answer_to_copy_object_is_checked_not_fatal() {
-    unreadable_answers_are_checked("s3-unreadable-copy", Kind::CopyObject);
+    unreadable_answers_are_checked("s3-unreadable-copy", Kind::CopyObject, &[]);
+}
+
+/// The same for a multi-part copy (both Completes, the staging one's and the copy's, get
+/// the unreadable answer).
+#[test]
+fn an_unreadable_answer_to_completing_a_multi_part_copy_is_checked_not_fatal() {
+    unreadable_answers_are_checked(
+        "s3-unreadable-part-copy",
+        Kind::CompleteMultipart,
+        &[("NARFLOW_S3_COPY_PART_SIZE", "5242880")],
+    );
 }
 
 /// The sweep removes staging objects and multipart uploads older than the cutoff and
@@ -876,4 +895,57 @@ fn sweeping_orphans_removes_old_staging_leftovers_and_keeps_young_ones() {
         assert!(!uploads.contains(&old_id), "old upload {old_id} left");
         assert_eq!(removed, 3, "the object and both uploads, which look old");
     }
+}
+
+/// A staging object beyond the CopyObject limit (5 GiB on AWS) is copied to its final key
+/// in parts with UploadPartCopy. The test lowers the limit (and the copy part size) to
+/// 5 MiB with the undocumented NARFLOW_S3_COPY_PART_SIZE, so a 20 MiB NAR takes that path.
+#[test]
+fn a_staging_object_beyond_the_copy_limit_is_copied_in_parts() {
+    let Some(s3) = s3_env() else { return };
+    let big = BigPath::new("s3-part-copy", (20 << 20) + 4321);
+    let key = nix_generate_key("narflow-s3-test-1");
+    let proxy = Proxy::start(&s3.endpoint, vec![]);
+    let out = narflow()
+        .args([
+            "push",
+            "--json",
+            "--to",
+            &s3.url_at(&proxy.endpoint(), ""),
+            "--key-file",
+        ])
+        .arg(&key.secret)
+        .arg(&big.path)
+        .env("NARFLOW_S3_COPY_PART_SIZE", (5u64 << 20).to_string())
+        .output()
+        .unwrap();
+    assert_pushed(&out, Some(&proxy));
+    let c = s3.client();
+    let url = assert_objects_of(&c, &big.path);
+    let size = c.head(&url).unwrap().size;
+    assert_eq!(proxy.forwarded(Kind::CopyObject), 0, "{}", proxy.dump());
+    assert_eq!(
+        proxy.succeeded(Kind::UploadPartCopy) as u64,
+        size.div_ceil(5 << 20),
+        "{}",
+        proxy.dump()
+    );
+    // One upload to the staging key, one for the copy; both completed.
+    assert_eq!(
+        proxy.succeeded(Kind::CreateMultipart),
+        2,
+        "{}",
+        proxy.dump()
+    );
+    assert_eq!(
+        proxy.succeeded(Kind::CompleteMultipart),
+        2,
+        "{}",
+        proxy.dump()
+    );
+    assert!(c.multipart_uploads(&url).is_empty(), "{}", proxy.dump());
+    assert_no_staging_leftovers(&c, &staging_keys(&proxy));
+    assert_nix_substitutes(&s3.http_url, &key, std::slice::from_ref(&big.path));
+    c.delete(&narinfo_key(&big.path));
+    c.delete(&url);
 }
