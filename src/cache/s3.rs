@@ -8,9 +8,15 @@
 //! Uploads: a NAR whose compressed size stays below one part goes up with one PutObject
 //! under its final key. A larger one goes up as a multipart upload to a staging key (its
 //! final name, `nar/<FileHash>`, is only known once the last byte is hashed), then is
-//! copied server-side to its final key and the staging object deleted. An upload dropped
-//! before it is committed aborts its multipart upload (or deletes its staging object): no
-//! orphaned uploads and no partial object under a final name.
+//! copied server-side to its final key (CopyObject, or UploadPartCopy parts beyond 5 GiB)
+//! and the staging object deleted. An upload dropped before it is committed aborts its
+//! multipart upload and deletes its staging object: no orphaned uploads and no partial
+//! object under a final name. An answer that is lost or cannot be read leaves the outcome
+//! unknown, so it is checked (the object exists with the bytes sent), never assumed.
+//!
+//! Memory: uploads buffer at most `UPLOAD_MEMORY_FACTOR` times the push's memory budget;
+//! each buffer reserves its whole part before it is filled (see `UploadMemory`).
+//! Orphans that a killed push left under the staging prefix are swept by age.
 //!
 //! Every request is retried with jittered exponential backoff on 5xx, 503 SlowDown,
 //! timeouts and connection errors, honouring Retry-After; a 403, bad credentials or a
@@ -106,7 +112,7 @@ impl S3Cache {
     /// # Errors
     /// [`CacheError::Config`] for bad parameters.
     /// `memory` is the push's memory budget (`PushOptions::memory`); uploads buffer at
-    /// most [`UPLOAD_MEMORY_FACTOR`] times that.
+    /// most `UPLOAD_MEMORY_FACTOR` times that.
     pub fn open(bucket: &str, url: &CacheUrl, memory: u64) -> Result<Self, CacheError> {
         Self::build(bucket, url, memory, None)
     }
