@@ -1583,6 +1583,60 @@ mod tests {
         assert!(cache.begin_nar(nar).is_ok());
     }
 
+    /// Runs `f` on a thread and fails (instead of hanging) if it takes more than 30 s.
+    fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let worker = std::thread::spawn(f);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !worker.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stuck waiting for memory"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        worker.join().unwrap()
+    }
+
+    /// Three buffers filled by one thread, as the sink fills its open uploads: the third
+    /// does not fit, and nothing but the other two (which only this thread can finish)
+    /// holds the memory, so waiting would never end; it is granted instead.
+    #[test]
+    fn a_reservation_only_buffers_being_filled_could_free_is_granted() {
+        let memory = Arc::new(UploadMemory::new(100));
+        let held = within_deadline({
+            let memory = memory.clone();
+            move || [memory.reserve(40), memory.reserve(40), memory.reserve(40)]
+        });
+        assert_eq!(memory.state.lock().unwrap().reserved, 120);
+        drop(held);
+        assert_eq!(memory.state.lock().unwrap().reserved, 0);
+    }
+
+    /// While parts in flight hold the memory, a reservation waits for them (they finish
+    /// on their own) instead of going beyond the capacity.
+    #[test]
+    fn a_reservation_waits_for_parts_in_flight() {
+        let memory = Arc::new(UploadMemory::new(100));
+        let part = memory.reserve(70).in_flight();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let waiter = {
+            let memory = memory.clone();
+            std::thread::spawn(move || {
+                let r = memory.reserve(50);
+                tx.send(()).unwrap();
+                r
+            })
+        };
+        // Not granted while the part is in flight: 70 + 50 > 100.
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        drop(part);
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("granted once the part is done");
+        let r = waiter.join().unwrap();
+        assert_eq!(memory.state.lock().unwrap().reserved, 50);
+        drop(r);
+    }
+
     #[test]
     fn parts_in_flight_shrink_as_parts_grow_but_never_below_one() {
         assert_eq!(parts_in_flight(8 << 20, 128 << 20), 4);
