@@ -228,16 +228,28 @@ impl S3Cache {
         self.shared.rt.block_on(f)
     }
 
-    /// [`BinaryCache::sweep_orphans`] for the staging keys that start with
-    /// `STAGING_PREFIX` + `under`, removing what is older than `cutoff` (for tests, which
-    /// share a bucket: they sweep only their own keys, at a cutoff of their choosing).
+    /// [`BinaryCache::sweep_orphans`] for the keys that start with `STAGING_PREFIX` +
+    /// `under` (uploads and objects) or `nar/` + `under` (uploads only), removing what is
+    /// older than `cutoff` (for tests, which share a bucket: they sweep only their own
+    /// keys, at a cutoff of their choosing).
     ///
     /// # Errors
     /// [`CacheError`] when listing fails; a failed delete or abort is logged and skipped.
     #[doc(hidden)]
     pub fn sweep_staging(&self, under: &str, cutoff: SystemTime) -> Result<u64, CacheError> {
-        let s = &self.shared;
         let prefix = format!("{STAGING_PREFIX}{under}");
+        self.sweep(&[&prefix, &format!("nar/{under}")], &prefix, cutoff)
+    }
+
+    /// Aborts the multipart uploads under each of `upload_prefixes` and deletes the
+    /// objects under `object_prefix` that are older than `cutoff`.
+    fn sweep(
+        &self,
+        upload_prefixes: &[&str],
+        object_prefix: &str,
+        cutoff: SystemTime,
+    ) -> Result<u64, CacheError> {
+        let s = &self.shared;
         self.block_on(async {
             let mut removed = 0u64;
             let older = |t: Option<&aws_sdk_s3::primitives::DateTime>| {
@@ -246,66 +258,71 @@ impl S3Cache {
             };
             // Unfinished multipart uploads first: completing one would create a staging
             // object the listing below might miss.
-            let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
-            loop {
-                let page = s
-                    .retry("ListMultipartUploads", &prefix, || {
-                        s.client
-                            .list_multipart_uploads()
-                            .bucket(&s.bucket)
-                            .prefix(&prefix)
-                            .set_key_marker(key_marker.clone())
-                            .set_upload_id_marker(id_marker.clone())
-                            .send()
-                    })
-                    .await?;
-                for u in page.uploads() {
-                    let (Some(key), Some(id)) = (u.key(), u.upload_id()) else {
-                        continue;
-                    };
-                    if !key.starts_with(&prefix) || !older(u.initiated()) {
-                        continue;
-                    }
-                    let r = s
-                        .retry("AbortMultipartUpload", key, || {
+            for &prefix in upload_prefixes {
+                let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
+                loop {
+                    let page = s
+                        .retry("ListMultipartUploads", prefix, || {
                             s.client
-                                .abort_multipart_upload()
+                                .list_multipart_uploads()
                                 .bucket(&s.bucket)
-                                .key(key)
-                                .upload_id(id)
+                                .prefix(prefix)
+                                .set_key_marker(key_marker.clone())
+                                .set_upload_id_marker(id_marker.clone())
                                 .send()
                         })
-                        .await;
-                    match r {
-                        Ok(_) => removed += 1,
-                        Err(e) => {
-                            tracing::warn!("could not abort the orphaned upload {id} of {key}: {e}")
+                        .await?;
+                    for u in page.uploads() {
+                        let (Some(key), Some(id)) = (u.key(), u.upload_id()) else {
+                            continue;
+                        };
+                        if !key.starts_with(prefix) || !older(u.initiated()) {
+                            continue;
+                        }
+                        let r = s
+                            .retry("AbortMultipartUpload", key, || {
+                                s.client
+                                    .abort_multipart_upload()
+                                    .bucket(&s.bucket)
+                                    .key(key)
+                                    .upload_id(id)
+                                    .send()
+                            })
+                            .await;
+                        match r {
+                            Ok(_) => removed += 1,
+                            Err(e) => {
+                                tracing::warn!(
+                                    "could not abort the orphaned upload {id} of {key}: {e}"
+                                )
+                            }
                         }
                     }
-                }
-                match (page.next_key_marker(), page.next_upload_id_marker()) {
-                    (Some(k), id) if page.is_truncated() == Some(true) => {
-                        key_marker = Some(k.to_owned());
-                        id_marker = id.map(str::to_owned);
+                    match (page.next_key_marker(), page.next_upload_id_marker()) {
+                        (Some(k), id) if page.is_truncated() == Some(true) => {
+                            key_marker = Some(k.to_owned());
+                            id_marker = id.map(str::to_owned);
+                        }
+                        _ => break,
                     }
-                    _ => break,
                 }
             }
+            let prefix = object_prefix;
             let mut token = None::<String>;
             loop {
                 let page = s
-                    .retry("ListObjectsV2", &prefix, || {
+                    .retry("ListObjectsV2", prefix, || {
                         s.client
                             .list_objects_v2()
                             .bucket(&s.bucket)
-                            .prefix(&prefix)
+                            .prefix(prefix)
                             .set_continuation_token(token.clone())
                             .send()
                     })
                     .await?;
                 for o in page.contents() {
                     let Some(key) = o.key() else { continue };
-                    if !key.starts_with(&prefix) || !older(o.last_modified()) {
+                    if !key.starts_with(prefix) || !older(o.last_modified()) {
                         continue;
                     }
                     match s.delete(key).await {
@@ -1052,14 +1069,16 @@ impl BinaryCache for S3Cache {
         self.concurrency
     }
 
-    /// Aborts the multipart uploads and deletes the staging objects under the staging
-    /// prefix that were started (Initiated) or written (LastModified) more than `grace`
+    /// Aborts the multipart uploads under the staging prefix and under `nar/` (a
+    /// multi-part copy to a final key whose push was killed), and deletes the staging
+    /// objects, that were started (Initiated) or written (LastModified) more than `grace`
     /// ago by this machine's clock; younger ones may belong to an upload running elsewhere.
+    /// Objects under `nar/` are never deleted here.
     fn sweep_orphans(&self, grace: Duration) -> Result<u64, CacheError> {
         let cutoff = SystemTime::now()
             .checked_sub(grace)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        self.sweep_staging("", cutoff)
+        self.sweep(&[STAGING_PREFIX, "nar/"], STAGING_PREFIX, cutoff)
     }
 }
 

@@ -831,6 +831,9 @@ fn sweeping_orphans_removes_old_staging_leftovers_and_keeps_young_ones() {
     let at = |name: &str| format!("{STAGING_PREFIX}{tag}{name}");
     c.put(&at("old-object"), b"left by a killed push");
     let (old_id, old_initiated) = c.create_multipart(&at("old-upload"));
+    // A multi-part copy to a final key whose push was killed.
+    let old_copy_key = format!("nar/{tag}old-copy");
+    let (old_copy_id, _) = c.create_multipart(&old_copy_key);
     let old_written = c.head(&at("old-object")).unwrap().last_modified;
     let old_initiated = old_initiated.expect("the server gives Initiated times");
     // moto answers every upload with the same Initiated time, years ago: its uploads all
@@ -879,6 +882,8 @@ fn sweeping_orphans_removes_old_staging_leftovers_and_keeps_young_ones() {
         .map(|(_, id)| id)
         .collect();
     let objects = (c.exists(&at("old-object")), c.exists(&at("young-object")));
+    let copies_left = c.multipart_uploads(&old_copy_key);
+    c.abort_multipart(&old_copy_key, &old_copy_id);
     c.abort_multipart(&at("young-upload"), &young_id);
     c.abort_multipart(&at("old-upload"), &old_id);
     c.delete(&at("young-object"));
@@ -888,12 +893,16 @@ fn sweeping_orphans_removes_old_staging_leftovers_and_keeps_young_ones() {
         (false, true),
         "(old, young) staging objects present"
     );
+    assert!(copies_left.is_empty(), "old copy left: {copies_left:?}");
     if real_initiated {
         assert_eq!(uploads, BTreeSet::from([young_id]), "old upload {old_id}");
-        assert_eq!(removed, 2);
+        assert_eq!(removed, 3);
     } else {
         assert!(!uploads.contains(&old_id), "old upload {old_id} left");
-        assert_eq!(removed, 3, "the object and both uploads, which look old");
+        assert_eq!(
+            removed, 4,
+            "the object and all three uploads, which look old"
+        );
     }
 }
 
