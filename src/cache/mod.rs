@@ -269,14 +269,15 @@ pub fn publish_merged<C: BinaryCache + ?Sized>(
     Ok(out)
 }
 
-/// Opens the cache a URL names.
+/// Opens the cache a URL names. `memory` is the push's memory budget
+/// (`PushOptions::memory`), from which a remote cache sizes its upload buffers.
 ///
 /// # Errors
 /// [`CacheError::Config`] for a URL narflow cannot serve.
-pub fn open(url: &url::CacheUrl) -> Result<Box<dyn BinaryCache>, CacheError> {
+pub fn open(url: &url::CacheUrl, memory: u64) -> Result<Box<dyn BinaryCache>, CacheError> {
     match &url.location {
         url::CacheLocation::File(dir) => Ok(Box::new(file::FileCache::open(dir, &url.original)?)),
-        url::CacheLocation::S3 { bucket } => Ok(Box::new(s3::S3Cache::open(bucket, url)?)),
+        url::CacheLocation::S3 { bucket } => Ok(Box::new(s3::S3Cache::open(bucket, url, memory)?)),
     }
 }
 

@@ -8,9 +8,15 @@
 //! Uploads: a NAR whose compressed size stays below one part goes up with one PutObject
 //! under its final key. A larger one goes up as a multipart upload to a staging key (its
 //! final name, `nar/<FileHash>`, is only known once the last byte is hashed), then is
-//! copied server-side to its final key and the staging object deleted. An upload dropped
-//! before it is committed aborts its multipart upload (or deletes its staging object): no
-//! orphaned uploads and no partial object under a final name.
+//! copied server-side to its final key (CopyObject, or UploadPartCopy parts beyond 5 GiB)
+//! and the staging object deleted. An upload dropped before it is committed aborts its
+//! multipart upload and deletes its staging object: no orphaned uploads and no partial
+//! object under a final name. An answer that is lost or cannot be read leaves the outcome
+//! unknown, so it is checked (the object exists with the bytes sent), never assumed.
+//!
+//! Memory: uploads buffer at most `UPLOAD_MEMORY_FACTOR` times the push's memory budget;
+//! each buffer reserves its whole part before it is filled (see `UploadMemory`).
+//! Orphans that a killed push left under the staging prefix are swept by age.
 //!
 //! Every request is retried with jittered exponential backoff on 5xx, 503 SlowDown,
 //! timeouts and connection errors, honouring Retry-After; a 403, bad credentials or a
@@ -23,13 +29,12 @@
 use super::url::CacheUrl;
 use super::{BinaryCache, CacheError, NarUpload};
 use crate::format::store_path::StorePath;
-use crate::pipeline::budget::{ByteBudget, Permit};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, StorageClass};
 use std::io::{self, Write};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::task::JoinSet;
 
 pub const NARINFO_TYPE: &str = "text/x-nix-narinfo";
@@ -41,12 +46,29 @@ pub const CACHE_INFO_TYPE: &str = "text/x-nix-cache-info";
 const MIN_PART: u64 = 8 << 20;
 /// S3 allows 10,000 parts; leave room for compressed data a little larger than the NAR.
 const MAX_PARTS: u64 = 9_000;
-/// Parts of one NAR uploading at once: enough to fill a fast link, bounded so one large
-/// NAR holds at most this many parts of memory.
+/// Most parts of one NAR uploading at once: enough to fill a fast link. Fewer when parts
+/// are large next to the upload memory (see [`parts_in_flight`]).
 const PARTS_IN_FLIGHT: usize = 4;
-/// Memory for NAR bytes buffered on their way to S3 (small NARs are held whole until
-/// their PUT; large ones part by part). Writers wait when it is used up.
-const UPLOAD_MEMORY: u64 = 128 << 20;
+/// The S3 upload memory is this many times the push's `--memory` budget (so the default
+/// 64 MiB gives 128 MiB): NAR bytes buffered on their way to S3, small NARs whole until
+/// their PUT, large ones part by part.
+const UPLOAD_MEMORY_FACTOR: u64 = 2;
+/// A part may take at most this share of the upload memory, so that the parts being
+/// filled of several NARs assembled at once fit beside each other.
+const PART_SHARE: u64 = 4;
+/// The smallest part S3 takes (all but the last part of an upload).
+const MIN_S3_PART: u64 = 5 << 20;
+/// The largest object one CopyObject may copy on AWS (5 GiB); larger staging objects are
+/// copied in parts with UploadPartCopy.
+const COPY_LIMIT: u64 = 5 << 30;
+/// Part size of a multi-part copy: a tenth of the copy limit keeps each server-side copy
+/// request short; more parts are used when 10,000 of these would not cover the object.
+const COPY_PART: u64 = 512 << 20;
+/// Part copies of one object in flight at once (server-side work, no memory here).
+const COPY_PARTS_IN_FLIGHT: usize = 8;
+/// Environment variable (for tests only, undocumented) that lowers the copy limit, and
+/// sets the copy part size, to its value in bytes.
+const COPY_PART_ENV: &str = "NARFLOW_S3_COPY_PART_SIZE";
 /// Requests of one batch (HEADs, narinfo PUTs) in flight at once.
 const BATCH_CONCURRENCY: usize = 64;
 /// A batch of at least this many narinfo lookups first tries one listing of the bucket.
@@ -62,8 +84,10 @@ struct Shared {
     url: String,
     storage_class: Option<StorageClass>,
     retries: u32,
+    /// Staging objects larger than this are copied in parts (UploadPartCopy) of this size.
+    copy_part: u64,
     rt: tokio::runtime::Runtime,
-    budget: ByteBudget,
+    memory: Arc<UploadMemory>,
 }
 
 #[derive(Debug)]
@@ -87,7 +111,19 @@ impl S3Cache {
     ///
     /// # Errors
     /// [`CacheError::Config`] for bad parameters.
-    pub fn open(bucket: &str, url: &CacheUrl) -> Result<Self, CacheError> {
+    /// `memory` is the push's memory budget (`PushOptions::memory`); uploads buffer at
+    /// most `UPLOAD_MEMORY_FACTOR` times that.
+    pub fn open(bucket: &str, url: &CacheUrl, memory: u64) -> Result<Self, CacheError> {
+        Self::build(bucket, url, memory, None)
+    }
+
+    /// [`S3Cache::open`], with fixed credentials instead of the AWS chain when given.
+    fn build(
+        bucket: &str,
+        url: &CacheUrl,
+        memory: u64,
+        credentials: Option<aws_sdk_s3::config::Credentials>,
+    ) -> Result<Self, CacheError> {
         let config_err = |why: String| CacheError::Config(format!("{}: {why}", url.original));
         let rt = tokio::runtime::Builder::new_multi_thread()
             // I/O only: the requests' CPU work (signing, TLS) is small next to compression.
@@ -118,6 +154,18 @@ impl S3Cache {
         let retries = param(url, "retries", 6u32)?;
         let concurrency = param(url, "concurrency", 32usize)?.max(1);
         let storage_class = url.param("storage-class").map(StorageClass::from);
+        // Undocumented, for tests: exercise the multi-part copy with small objects.
+        let copy_part = match std::env::var(COPY_PART_ENV) {
+            Err(_) => COPY_LIMIT,
+            Ok(v) => match v.parse::<u64>() {
+                Ok(n) if (MIN_S3_PART..=COPY_LIMIT).contains(&n) => n,
+                _ => {
+                    return Err(config_err(format!(
+                        "{COPY_PART_ENV}={v:?} is not a number of bytes from {MIN_S3_PART} to {COPY_LIMIT}"
+                    )));
+                }
+            },
+        };
 
         let region = url
             .param("region")
@@ -155,6 +203,9 @@ impl S3Cache {
         if let Some(e) = endpoint {
             conf = conf.endpoint_url(e);
         }
+        if let Some(c) = credentials {
+            conf = conf.credentials_provider(c);
+        }
         let client = aws_sdk_s3::Client::from_conf(conf.build());
         Ok(S3Cache {
             shared: Arc::new(Shared {
@@ -163,8 +214,11 @@ impl S3Cache {
                 url: url.original.clone(),
                 storage_class,
                 retries,
+                copy_part,
                 rt,
-                budget: ByteBudget::new(UPLOAD_MEMORY),
+                memory: Arc::new(UploadMemory::new(
+                    memory.saturating_mul(UPLOAD_MEMORY_FACTOR).max(MIN_PART),
+                )),
             }),
             concurrency,
         })
@@ -172,6 +226,119 @@ impl S3Cache {
 
     fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.shared.rt.block_on(f)
+    }
+
+    /// [`BinaryCache::sweep_orphans`] for the keys that start with `STAGING_PREFIX` +
+    /// `under` (uploads and objects) or `nar/` + `under` (uploads only), removing what is
+    /// older than `cutoff` (for tests, which share a bucket: they sweep only their own
+    /// keys, at a cutoff of their choosing).
+    ///
+    /// # Errors
+    /// [`CacheError`] when listing fails; a failed delete or abort is logged and skipped.
+    #[doc(hidden)]
+    pub fn sweep_staging(&self, under: &str, cutoff: SystemTime) -> Result<u64, CacheError> {
+        let prefix = format!("{STAGING_PREFIX}{under}");
+        self.sweep(&[&prefix, &format!("nar/{under}")], &prefix, cutoff)
+    }
+
+    /// Aborts the multipart uploads under each of `upload_prefixes` and deletes the
+    /// objects under `object_prefix` that are older than `cutoff`.
+    fn sweep(
+        &self,
+        upload_prefixes: &[&str],
+        object_prefix: &str,
+        cutoff: SystemTime,
+    ) -> Result<u64, CacheError> {
+        let s = &self.shared;
+        self.block_on(async {
+            let mut removed = 0u64;
+            let older = |t: Option<&aws_sdk_s3::primitives::DateTime>| {
+                t.and_then(|t| SystemTime::try_from(*t).ok())
+                    .is_some_and(|t| t < cutoff)
+            };
+            // Unfinished multipart uploads first: completing one would create a staging
+            // object the listing below might miss.
+            for &prefix in upload_prefixes {
+                let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
+                loop {
+                    let page = s
+                        .retry("ListMultipartUploads", prefix, || {
+                            s.client
+                                .list_multipart_uploads()
+                                .bucket(&s.bucket)
+                                .prefix(prefix)
+                                .set_key_marker(key_marker.clone())
+                                .set_upload_id_marker(id_marker.clone())
+                                .send()
+                        })
+                        .await?;
+                    for u in page.uploads() {
+                        let (Some(key), Some(id)) = (u.key(), u.upload_id()) else {
+                            continue;
+                        };
+                        if !key.starts_with(prefix) || !older(u.initiated()) {
+                            continue;
+                        }
+                        let r = s
+                            .retry("AbortMultipartUpload", key, || {
+                                s.client
+                                    .abort_multipart_upload()
+                                    .bucket(&s.bucket)
+                                    .key(key)
+                                    .upload_id(id)
+                                    .send()
+                            })
+                            .await;
+                        match r {
+                            Ok(_) => removed += 1,
+                            Err(e) => {
+                                tracing::warn!(
+                                    "could not abort the orphaned upload {id} of {key}: {e}"
+                                )
+                            }
+                        }
+                    }
+                    match (page.next_key_marker(), page.next_upload_id_marker()) {
+                        (Some(k), id) if page.is_truncated() == Some(true) => {
+                            key_marker = Some(k.to_owned());
+                            id_marker = id.map(str::to_owned);
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            let prefix = object_prefix;
+            let mut token = None::<String>;
+            loop {
+                let page = s
+                    .retry("ListObjectsV2", prefix, || {
+                        s.client
+                            .list_objects_v2()
+                            .bucket(&s.bucket)
+                            .prefix(prefix)
+                            .set_continuation_token(token.clone())
+                            .send()
+                    })
+                    .await?;
+                for o in page.contents() {
+                    let Some(key) = o.key() else { continue };
+                    if !key.starts_with(prefix) || !older(o.last_modified()) {
+                        continue;
+                    }
+                    match s.delete(key).await {
+                        Ok(()) => removed += 1,
+                        Err(e) => tracing::warn!(
+                            "could not delete the orphaned staging object {key}: {e}"
+                        ),
+                    }
+                }
+                match page.next_continuation_token() {
+                    Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                    _ => break,
+                }
+            }
+            Ok(removed)
+        })
     }
 }
 
@@ -183,6 +350,127 @@ pub fn part_size(nar_size: u64) -> u64 {
         .div_ceil(MAX_PARTS)
         .next_multiple_of(1 << 20)
         .max(MIN_PART)
+}
+
+/// An upper bound on the compressed size of a NAR of `nar_size` bytes: zstd and xz add
+/// well under 1/64 to incompressible data, plus a few hundred bytes of framing per chunk
+/// (chunks are at least 64 KiB, so 1/64 covers those too) and per stream.
+fn compressed_bound(nar_size: u64) -> u64 {
+    nar_size + nar_size / 64 + (64 << 10)
+}
+
+/// Parts of one upload in flight at once, for parts of `part` bytes and `capacity` bytes
+/// of upload memory: at most [`PARTS_IN_FLIGHT`], and together no more than a
+/// [`PART_SHARE`] of the memory (at least one).
+fn parts_in_flight(part: u64, capacity: u64) -> usize {
+    usize::try_from(capacity / PART_SHARE / part.max(1))
+        .unwrap_or(usize::MAX)
+        .clamp(1, PARTS_IN_FLIGHT)
+}
+
+/// The S3 upload memory: bytes of NAR data buffered on their way to S3.
+///
+/// A buffer reserves the whole part it will hold before the first byte goes in (no
+/// hold-and-wait: a writer never holds part of a buffer while waiting for the rest), and
+/// a part in flight keeps its reservation until its request is done. Reservations of
+/// buffers still being filled are counted apart: they are only released by the thread
+/// that fills them, which may be the very thread that waits. So a reservation waits only
+/// while parts in flight (which finish on their own) can still free enough; when only
+/// buffers being filled hold the memory, waiting could never end, and the reservation is
+/// granted beyond the capacity instead (by at most those buffers) — never a deadlock.
+#[derive(Debug)]
+struct UploadMemory {
+    capacity: u64,
+    state: std::sync::Mutex<MemoryState>,
+    freed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    /// Bytes reserved in all.
+    reserved: u64,
+    /// Of those, reserved by buffers being filled.
+    filling: u64,
+}
+
+impl UploadMemory {
+    fn new(capacity: u64) -> Self {
+        UploadMemory {
+            capacity,
+            state: std::sync::Mutex::new(MemoryState::default()),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Reserves `bytes` for a buffer about to be filled.
+    fn reserve(self: &Arc<Self>, bytes: u64) -> Reservation {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.reserved + bytes > self.capacity
+            && st.filling + bytes <= self.capacity
+            && st.reserved > st.filling
+        {
+            st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if st.reserved + bytes > self.capacity {
+            tracing::debug!(
+                "S3 upload memory: {bytes} bytes granted beyond {} ({} held by buffers being filled)",
+                self.capacity,
+                st.filling
+            );
+        }
+        st.reserved += bytes;
+        st.filling += bytes;
+        Reservation {
+            memory: self.clone(),
+            bytes,
+            filling: true,
+        }
+    }
+}
+
+/// Bytes of [`UploadMemory`], returned when dropped.
+#[derive(Debug)]
+struct Reservation {
+    memory: Arc<UploadMemory>,
+    bytes: u64,
+    /// Held by a buffer being filled (else by a request in flight).
+    filling: bool,
+}
+
+impl Reservation {
+    /// The buffer is full and goes out in a request, which releases it on its own.
+    fn in_flight(mut self) -> Self {
+        if self.filling {
+            let mut st = self.memory.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.filling -= self.bytes;
+            self.filling = false;
+            drop(st);
+            // A waiter may now see that waiting can succeed.
+            self.memory.freed.notify_all();
+        }
+        self
+    }
+}
+
+impl Reservation {
+    /// Takes over `other`'s bytes (both held by the same buffer being filled).
+    fn absorb(&mut self, mut other: Reservation) {
+        debug_assert!(self.filling && other.filling);
+        self.bytes += other.bytes;
+        other.bytes = 0;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut st = self.memory.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.reserved -= self.bytes;
+        if self.filling {
+            st.filling -= self.bytes;
+        }
+        drop(st);
+        self.memory.freed.notify_all();
+    }
 }
 
 /// How a failed request should be handled.
@@ -336,6 +624,209 @@ impl Shared {
             })
             .await?;
         Ok(r)
+    }
+
+    /// Checks, after an answer that left the outcome of `what` unknown, that `key` exists
+    /// with `size` bytes.
+    ///
+    /// # Errors
+    /// A transient [`CacheError::Remote`] when it does not (the caller's cleanup removes
+    /// whatever was made).
+    async fn check_size(&self, key: &str, size: u64, what: &str) -> Result<(), CacheError> {
+        let found = self
+            .retry("HeadObject", key, || async {
+                match self
+                    .client
+                    .head_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .send()
+                    .await
+                {
+                    Ok(h) => Ok(Some(h.content_length().unwrap_or(-1))),
+                    Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        let problem = match found {
+            Some(n) if u64::try_from(n) == Ok(size) => return Ok(()),
+            Some(n) => format!("it has {n} bytes, not {size}"),
+            None => "it does not exist".to_owned(),
+        };
+        Err(CacheError::Remote {
+            cache: self.url.clone(),
+            key: key.to_owned(),
+            message: format!("{what} answered with nothing narflow can read, and {problem}"),
+            transient: true,
+        })
+    }
+
+    /// Copies `staging` (`size` bytes) to `key` with one CopyObject.
+    async fn copy(&self, staging: &str, key: &str, size: u64) -> Result<(), CacheError> {
+        let source = format!("{}/{staging}", self.bucket);
+        let answer = self
+            .retry("CopyObject", key, || async {
+                let r = self
+                    .client
+                    .copy_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .copy_source(&source)
+                    .content_type(NAR_TYPE)
+                    .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+                    .set_storage_class(self.storage_class.clone())
+                    .send()
+                    .await;
+                match r {
+                    Ok(_) => Ok(Answer::Done),
+                    Err(e) if unreadable_success(&e) => Ok(Answer::Unknown),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        if answer == Answer::Unknown {
+            self.check_size(key, size, "CopyObject").await?;
+        }
+        Ok(())
+    }
+
+    /// Copies `staging` (`size` bytes) to `key` server-side in parts (UploadPartCopy),
+    /// for objects beyond what one CopyObject may copy. A failure aborts the copy's
+    /// multipart upload.
+    async fn copy_in_parts(
+        self: &Arc<Self>,
+        staging: &str,
+        key: &str,
+        size: u64,
+    ) -> Result<(), CacheError> {
+        let part = self
+            .copy_part
+            .min(COPY_PART)
+            .max(size.div_ceil(10_000).next_multiple_of(1 << 20))
+            .max(MIN_S3_PART);
+        let created = self
+            .retry("CreateMultipartUpload", key, || {
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .content_type(NAR_TYPE)
+                    .set_storage_class(self.storage_class.clone())
+                    .send()
+            })
+            .await?;
+        let id = created.upload_id().unwrap_or_default().to_owned();
+        let r = self.copy_parts(staging, key, &id, size, part).await;
+        if r.is_err() {
+            let abort = self
+                .retry("AbortMultipartUpload", key, || async {
+                    match self
+                        .client
+                        .abort_multipart_upload()
+                        .bucket(&self.bucket)
+                        .key(key)
+                        .upload_id(&id)
+                        .send()
+                        .await
+                    {
+                        Err(e) if e.code() == Some("NoSuchUpload") => Ok(()),
+                        r => r.map(drop),
+                    }
+                })
+                .await;
+            if let Err(e) = abort {
+                tracing::warn!("could not abort the multi-part copy {id} to {key}: {e}");
+            }
+        }
+        r
+    }
+
+    async fn copy_parts(
+        self: &Arc<Self>,
+        staging: &str,
+        key: &str,
+        id: &str,
+        size: u64,
+        part: u64,
+    ) -> Result<(), CacheError> {
+        let source = format!("{}/{staging}", self.bucket);
+        let ranges: Vec<(i32, u64, u64)> = (0..size.div_ceil(part))
+            .map(|i| {
+                let start = i * part;
+                (i as i32 + 1, start, (start + part).min(size) - 1)
+            })
+            .collect();
+        let mut done = Vec::with_capacity(ranges.len());
+        let mut parts = ranges.into_iter();
+        let mut set = JoinSet::new();
+        loop {
+            while set.len() < COPY_PARTS_IN_FLIGHT {
+                let Some((number, first, last)) = parts.next() else {
+                    break;
+                };
+                let (s, source, key, id) =
+                    (self.clone(), source.clone(), key.to_owned(), id.to_owned());
+                set.spawn(async move {
+                    let out = s
+                        .retry("UploadPartCopy", &key, || {
+                            s.client
+                                .upload_part_copy()
+                                .bucket(&s.bucket)
+                                .key(&key)
+                                .upload_id(&id)
+                                .part_number(number)
+                                .copy_source(&source)
+                                .copy_source_range(format!("bytes={first}-{last}"))
+                                .send()
+                        })
+                        .await?;
+                    Ok::<_, CacheError>(
+                        CompletedPart::builder()
+                            .part_number(number)
+                            .set_e_tag(
+                                out.copy_part_result()
+                                    .and_then(|r| r.e_tag())
+                                    .map(str::to_owned),
+                            )
+                            .build(),
+                    )
+                });
+            }
+            match set.join_next().await {
+                None => break,
+                Some(r) => done.push(r.map_err(|e| join_error(&self.url, e))??),
+            }
+        }
+        done.sort_by_key(|p| p.part_number());
+        let completed = CompletedMultipartUpload::builder()
+            .set_parts(Some(done))
+            .build();
+        let answer = self
+            .retry("CompleteMultipartUpload", key, || async {
+                let r = self
+                    .client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .multipart_upload(completed.clone())
+                    .send()
+                    .await;
+                match r {
+                    Ok(_) => Ok(Answer::Done),
+                    Err(e) if e.code() == Some("NoSuchUpload") || unreadable_success(&e) => {
+                        Ok(Answer::Unknown)
+                    }
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        if answer == Answer::Unknown {
+            self.check_size(key, size, "CompleteMultipartUpload")
+                .await?;
+        }
+        Ok(())
     }
 
     async fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
@@ -504,11 +995,26 @@ impl BinaryCache for S3Cache {
     }
 
     fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
+        let part = part_size(nar_size);
+        let capacity = self.shared.memory.capacity;
+        if part > capacity / PART_SHARE {
+            let memory = (part * PART_SHARE).div_ceil(UPLOAD_MEMORY_FACTOR);
+            return Err(CacheError::Config(format!(
+                "{}: a NAR of {nar_size} bytes goes up in parts of {part} bytes, more than \
+                 1/{PART_SHARE} of the S3 upload memory ({capacity} bytes, {UPLOAD_MEMORY_FACTOR} \
+                 times --memory); it needs --memory {} or more",
+                self.shared.url,
+                human_size(memory)
+            )));
+        }
         Ok(Box::new(S3NarUpload {
             shared: self.shared.clone(),
-            part_size: part_size(nar_size) as usize,
+            part_size: part as usize,
+            parts_in_flight: parts_in_flight(part, capacity),
+            // The first buffer holds the whole NAR when it stays below one part.
+            first_reserve: compressed_bound(nar_size).min(part),
             buf: Vec::new(),
-            permits: Vec::new(),
+            reservation: None,
             multipart: None,
         }))
     }
@@ -595,6 +1101,18 @@ impl BinaryCache for S3Cache {
             Ok(out)
         })
     }
+
+    /// Aborts the multipart uploads under the staging prefix and under `nar/` (a
+    /// multi-part copy to a final key whose push was killed), and deletes the staging
+    /// objects, that were started (Initiated) or written (LastModified) more than `grace`
+    /// ago by this machine's clock; younger ones may belong to an upload running elsewhere.
+    /// Objects under `nar/` are never deleted here.
+    fn sweep_orphans(&self, grace: Duration) -> Result<u64, CacheError> {
+        let cutoff = SystemTime::now()
+            .checked_sub(grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        self.sweep(&[STAGING_PREFIX, "nar/"], STAGING_PREFIX, cutoff)
+    }
 }
 
 /// Reading existing objects, for the narinfo merge rule.
@@ -653,6 +1171,11 @@ impl Shared {
     }
 }
 
+/// `bytes` in MiB, rounded up, as `--memory` takes it (`123M`).
+fn human_size(bytes: u64) -> String {
+    format!("{}M", bytes.div_ceil(1 << 20))
+}
+
 /// Aborts every multipart upload on `key` but `keep` (best effort: failures are logged).
 async fn abort_others(s: &Shared, key: &str, keep: &str) {
     let listed = s
@@ -700,10 +1223,33 @@ fn join_error(url: &str, e: tokio::task::JoinError) -> CacheError {
     }
 }
 
+/// What a request whose outcome must be known did, as far as its answer tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Done,
+    /// The answer was lost, unreadable, or says the work is already done: check it.
+    Unknown,
+}
+
+/// A `2xx` answer whose document the SDK could not read (some S3-compatible servers send
+/// another root element for CompleteMultipartUpload): the server may well have done the
+/// work, so the outcome is unknown, not a failure. A 200 carrying an S3 error document has
+/// a code and is handled as that error.
+fn unreadable_success<E: ProvideErrorMetadata>(
+    e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> bool {
+    e.raw_response().is_some_and(|r| r.status().is_success()) && e.code().is_none()
+}
+
 /// A multipart upload to a staging key.
 struct Multipart {
     staging: String,
+    /// Cleared once the upload is known to be complete (nothing left to abort).
     upload_id: String,
+    /// Bytes sent in parts so far: what the staging object must hold once complete.
+    sent: u64,
+    /// A CompleteMultipartUpload was sent: the staging object may exist.
+    completing: bool,
     next_part: i32,
     in_flight: JoinSet<Result<CompletedPart, CacheError>>,
     done: Vec<CompletedPart>,
@@ -714,9 +1260,12 @@ struct Multipart {
 struct S3NarUpload {
     shared: Arc<Shared>,
     part_size: usize,
+    parts_in_flight: usize,
+    /// What the first buffer reserves: the whole compressed NAR when it fits in a part.
+    first_reserve: u64,
     buf: Vec<u8>,
-    /// The upload budget held by `buf`.
-    permits: Vec<Permit>,
+    /// The upload memory reserved for `buf` (taken before its first byte).
+    reservation: Option<Reservation>,
     multipart: Option<Multipart>,
 }
 
@@ -758,6 +1307,8 @@ impl S3NarUpload {
             self.multipart = Some(Multipart {
                 staging,
                 upload_id,
+                sent: 0,
+                completing: false,
                 next_part: 1,
                 in_flight: JoinSet::new(),
                 done: Vec::new(),
@@ -765,7 +1316,8 @@ impl S3NarUpload {
         }
         let m = self.multipart.as_mut().expect("started above");
         let body = bytes::Bytes::from(std::mem::take(&mut self.buf));
-        let permits = std::mem::take(&mut self.permits);
+        m.sent += body.len() as u64;
+        let reservation = self.reservation.take().map(Reservation::in_flight);
         let (number, key, id, task_shared) = (
             m.next_part,
             m.staging.clone(),
@@ -788,13 +1340,13 @@ impl S3NarUpload {
                         .send()
                 })
                 .await?;
-            drop(permits); // the part's bytes are sent: give their budget back
+            drop(reservation); // the part's bytes are sent: give their memory back
             Ok(CompletedPart::builder()
                 .part_number(number)
                 .set_e_tag(out.e_tag().map(str::to_owned))
                 .build())
         });
-        while m.in_flight.len() >= PARTS_IN_FLIGHT {
+        while m.in_flight.len() >= self.parts_in_flight {
             Self::join_one(&s, m)?;
         }
         Ok(())
@@ -820,9 +1372,13 @@ impl S3NarUpload {
         let parts = CompletedMultipartUpload::builder()
             .set_parts(Some(m.done.clone()))
             .build();
-        let (staging, upload_id) = (m.staging.clone(), m.upload_id.clone());
-        let completed =
+        let (staging, upload_id, size) = (m.staging.clone(), m.upload_id.clone(), m.sent);
+        // From the first Complete on, the staging object may exist: Drop deletes it too.
+        m.completing = true;
+        let sent_before = std::sync::atomic::AtomicBool::new(false);
+        let answer =
             s.rt.block_on(s.retry("CompleteMultipartUpload", &staging, || async {
+                let retried = sent_before.swap(true, std::sync::atomic::Ordering::Relaxed);
                 let r = s
                     .client
                     .complete_multipart_upload()
@@ -833,37 +1389,36 @@ impl S3NarUpload {
                     .send()
                     .await;
                 match r {
-                    Ok(_) => Ok(true),
+                    Ok(_) => Ok(Answer::Done),
                     // A retry after a lost response: the first attempt may have completed it.
-                    Err(e) if e.code() == Some("NoSuchUpload") => Ok(false),
+                    Err(e) if e.code() == Some("NoSuchUpload") => Ok(Answer::Unknown),
+                    Err(e) if unreadable_success(&e) => Ok(Answer::Unknown),
+                    // A retry after an attempt whose outcome is unknown: some servers (moto)
+                    // answer a completed upload's id with a 500, not NoSuchUpload.
+                    Err(_)
+                        if retried
+                            && s.check_size(&staging, size, "CompleteMultipartUpload")
+                                .await
+                                .is_ok() =>
+                    {
+                        Ok(Answer::Done)
+                    }
                     Err(e) => Err(e),
                 }
             }))?;
-        if !completed && !s.rt.block_on(s.exists(&staging))? {
-            return Err(CacheError::Remote {
-                cache: s.url.clone(),
-                key: staging,
-                message: "the multipart upload vanished before it completed".into(),
-                transient: true,
-            });
+        if answer == Answer::Unknown {
+            s.rt.block_on(s.check_size(&staging, size, "CompleteMultipartUpload"))?;
         }
-        // From here the staging object exists: Drop deletes it if the copy fails.
+        // The staging object exists and is complete: nothing is left to abort.
         m.upload_id.clear();
         // A CreateMultipartUpload whose response was lost and retried leaves another
         // upload on the same (unique) staging key: abort any such orphan.
         s.rt.block_on(abort_others(&s, &staging, &upload_id));
-        let source = format!("{}/{}", s.bucket, m.staging);
-        s.rt.block_on(s.retry("CopyObject", key, || {
-            s.client
-                .copy_object()
-                .bucket(&s.bucket)
-                .key(key)
-                .copy_source(&source)
-                .content_type(NAR_TYPE)
-                .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
-                .set_storage_class(s.storage_class.clone())
-                .send()
-        }))?;
+        if size > s.copy_part {
+            s.rt.block_on(s.copy_in_parts(&staging, key, size))?;
+        } else {
+            s.rt.block_on(s.copy(&staging, key, size))?;
+        }
         let staging = std::mem::take(&mut m.staging);
         self.multipart = None;
         if let Err(e) = s.rt.block_on(s.delete(&staging)) {
@@ -875,11 +1430,37 @@ impl S3NarUpload {
 
 impl Write for S3NarUpload {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let permit = self.shared.budget.acquire(data.len() as u64);
-        self.permits.push(permit);
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= self.part_size {
-            self.send_part().map_err(io::Error::other)?;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let reserved = match &mut self.reservation {
+                Some(r) => r.bytes,
+                None => {
+                    let bytes = if self.multipart.is_none() && self.buf.is_empty() {
+                        self.first_reserve
+                    } else {
+                        self.part_size as u64
+                    };
+                    self.reservation = Some(self.shared.memory.reserve(bytes));
+                    bytes
+                }
+            };
+            let room = (self.part_size - self.buf.len()).min(rest.len());
+            let (now, later) = rest.split_at(room);
+            let needed = (self.buf.len() + now.len()) as u64;
+            if needed > reserved {
+                // The compressed NAR outgrew its estimate: reserve the whole part (the
+                // buffer's bytes stay counted meanwhile, so this is no hold-and-wait).
+                let more = self.shared.memory.reserve(self.part_size as u64 - reserved);
+                self.reservation
+                    .as_mut()
+                    .expect("reserved above")
+                    .absorb(more);
+            }
+            self.buf.extend_from_slice(now);
+            rest = later;
+            if self.buf.len() >= self.part_size {
+                self.send_part().map_err(io::Error::other)?;
+            }
         }
         Ok(data.len())
     }
@@ -894,6 +1475,8 @@ impl NarUpload for S3NarUpload {
             return self.finish_multipart(key);
         }
         let body = bytes::Bytes::from(std::mem::take(&mut self.buf));
+        // Released when the PUT is done, without waiting for anyone.
+        let _reservation = self.reservation.take().map(Reservation::in_flight);
         let s = self.shared.clone();
         s.rt.block_on(s.put(key, body, NAR_TYPE))
     }
@@ -910,19 +1493,31 @@ impl Drop for S3NarUpload {
             in_flight.shutdown().await;
             if !m.upload_id.is_empty() {
                 let r = s
-                    .retry("AbortMultipartUpload", &m.staging, || {
-                        s.client
+                    .retry("AbortMultipartUpload", &m.staging, || async {
+                        match s
+                            .client
                             .abort_multipart_upload()
                             .bucket(&s.bucket)
                             .key(&m.staging)
                             .upload_id(&m.upload_id)
                             .send()
+                            .await
+                        {
+                            // Completed (or aborted) already: the staging object below
+                            // is what may be left.
+                            Err(e) if e.code() == Some("NoSuchUpload") => Ok(()),
+                            r => r.map(drop),
+                        }
                     })
                     .await;
                 if let Err(e) = r {
                     tracing::warn!("could not abort the multipart upload of {}: {e}", m.staging);
                 }
-            } else if !m.staging.is_empty()
+            }
+            // Once a Complete was sent the staging object may exist, whatever its answer
+            // said; deleting a missing key succeeds.
+            if (m.completing || m.upload_id.is_empty())
+                && !m.staging.is_empty()
                 && let Err(e) = s.delete(&m.staging).await
             {
                 tracing::warn!("could not delete the staging object {}: {e}", m.staging);
@@ -962,10 +1557,199 @@ mod tests {
     #[test]
     fn bad_parameters_are_config_errors() {
         let url = CacheUrl::parse("s3://b?addressing-style=sideways").unwrap();
-        let e = S3Cache::open("b", &url).unwrap_err().to_string();
+        let e = S3Cache::open("b", &url, 64 << 20).unwrap_err().to_string();
         assert!(e.contains("addressing-style \"sideways\""), "{e}");
         let url = CacheUrl::parse("s3://b?retries=many").unwrap();
-        let e = S3Cache::open("b", &url).unwrap_err().to_string();
+        let e = S3Cache::open("b", &url, 64 << 20).unwrap_err().to_string();
         assert!(e.contains("bad value \"many\" for retries"), "{e}");
+    }
+
+    /// A stand-in S3 endpoint on loopback that accepts every request: it starts
+    /// multipart uploads, takes parts (reading their bodies), and answers 200/204.
+    fn accepting_server() -> String {
+        use std::io::{BufRead, BufReader, Read};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(conn) = conn else { return };
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(conn.try_clone().unwrap());
+                    let mut w = conn;
+                    loop {
+                        let mut head = String::new();
+                        loop {
+                            let mut line = String::new();
+                            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            head.push_str(&line);
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let len: u64 = head
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse().ok())?
+                            })
+                            .unwrap_or(0);
+                        io::copy(&mut (&mut r).take(len), &mut io::sink()).unwrap();
+                        let first = head.lines().next().unwrap_or_default().to_owned();
+                        let body = if first.starts_with("POST") && first.contains("uploads") {
+                            "<InitiateMultipartUploadResult><Bucket>b</Bucket><Key>k</Key>\
+                             <UploadId>u</UploadId></InitiateMultipartUploadResult>"
+                        } else {
+                            ""
+                        };
+                        let status = if first.starts_with("DELETE") {
+                            "204 No Content"
+                        } else {
+                            "200 OK"
+                        };
+                        let resp = format!(
+                            "HTTP/1.1 {status}\r\nETag: \"e\"\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if w.write_all(resp.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn cache_at(endpoint: &str, memory: u64) -> S3Cache {
+        let url = CacheUrl::parse(&format!(
+            "s3://b?endpoint={endpoint}&region=us-east-1&retries=0"
+        ))
+        .unwrap();
+        let creds = aws_sdk_s3::config::Credentials::new("test", "test", None, None, "tests");
+        S3Cache::build("b", &url, memory, Some(creds)).unwrap()
+    }
+
+    /// Two NARs of about 560 GiB (parts of 65 MiB) assembled at once by one thread, as
+    /// the sink does: with a budget taken a write at a time, each buffer held half the
+    /// memory and waited for the rest forever. Reserving whole parts, both go on.
+    #[test]
+    fn two_huge_nars_assembled_together_do_not_deadlock() {
+        let endpoint = accepting_server();
+        let nar: u64 = 560 << 30;
+        let memory = 160 << 20;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        let worker = std::thread::spawn(move || {
+            let cache = cache_at(&endpoint, memory);
+            let part = part_size(nar);
+            assert!(part > (128 << 20) / 2, "the case that deadlocked: {part}");
+            let mut a = cache.begin_nar(nar).unwrap();
+            let mut b = cache.begin_nar(nar).unwrap();
+            let chunk = vec![7u8; 4 << 20];
+            // Three parts' worth each, interleaved chunk by chunk.
+            for _ in 0..(3 * part / chunk.len() as u64 + 1) {
+                a.write_all(&chunk).unwrap();
+                b.write_all(&chunk).unwrap();
+            }
+            drop((a, b)); // aborts both uploads
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !worker.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the two uploads are stuck waiting for each other's memory"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        worker.join().unwrap();
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    /// A NAR whose parts cannot fit the upload memory fails at once, saying which
+    /// --memory would do (it used to wait forever for memory that could never be free).
+    #[test]
+    fn a_nar_too_large_for_the_memory_fails_naming_the_memory_it_needs() {
+        let cache = cache_at("http://127.0.0.1:1", 64 << 20);
+        let nar: u64 = 1100 << 30;
+        let e = match cache.begin_nar(nar) {
+            Ok(_) => panic!("a {nar}-byte NAR was accepted with 64 MiB"),
+            Err(e) => e.to_string(),
+        };
+        let part = part_size(nar);
+        let needed = (part * PART_SHARE).div_ceil(UPLOAD_MEMORY_FACTOR);
+        assert!(
+            e.contains(&format!("--memory {}", human_size(needed))),
+            "{e}"
+        );
+        assert!(e.contains(&format!("{nar} bytes")), "{e}");
+        // And that much memory does take it.
+        let cache = cache_at("http://127.0.0.1:1", needed);
+        assert!(cache.begin_nar(nar).is_ok());
+    }
+
+    /// Runs `f` on a thread and fails (instead of hanging) if it takes more than 30 s.
+    fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let worker = std::thread::spawn(f);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !worker.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stuck waiting for memory"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        worker.join().unwrap()
+    }
+
+    /// Three buffers filled by one thread, as the sink fills its open uploads: the third
+    /// does not fit, and nothing but the other two (which only this thread can finish)
+    /// holds the memory, so waiting would never end; it is granted instead.
+    #[test]
+    fn a_reservation_only_buffers_being_filled_could_free_is_granted() {
+        let memory = Arc::new(UploadMemory::new(100));
+        let held = within_deadline({
+            let memory = memory.clone();
+            move || [memory.reserve(40), memory.reserve(40), memory.reserve(40)]
+        });
+        assert_eq!(memory.state.lock().unwrap().reserved, 120);
+        drop(held);
+        assert_eq!(memory.state.lock().unwrap().reserved, 0);
+    }
+
+    /// While parts in flight hold the memory, a reservation waits for them (they finish
+    /// on their own) instead of going beyond the capacity.
+    #[test]
+    fn a_reservation_waits_for_parts_in_flight() {
+        let memory = Arc::new(UploadMemory::new(100));
+        let part = memory.reserve(70).in_flight();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let waiter = {
+            let memory = memory.clone();
+            std::thread::spawn(move || {
+                let r = memory.reserve(50);
+                tx.send(()).unwrap();
+                r
+            })
+        };
+        // Not granted while the part is in flight: 70 + 50 > 100.
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        drop(part);
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("granted once the part is done");
+        let r = waiter.join().unwrap();
+        assert_eq!(memory.state.lock().unwrap().reserved, 50);
+        drop(r);
+    }
+
+    #[test]
+    fn parts_in_flight_shrink_as_parts_grow_but_never_below_one() {
+        assert_eq!(parts_in_flight(8 << 20, 128 << 20), 4);
+        assert_eq!(parts_in_flight(16 << 20, 128 << 20), 2);
+        assert_eq!(parts_in_flight(32 << 20, 128 << 20), 1);
+        assert_eq!(parts_in_flight(64 << 20, 128 << 20), 1);
     }
 }

@@ -32,6 +32,7 @@ pub struct DaemonArgs {
 
 pub fn run(args: DaemonArgs) -> Result<u8, CliError> {
     let (url, opts) = args.upload.resolve()?;
+    let memory = opts.memory;
     let socket_group = args
         .socket_group
         .as_deref()
@@ -47,7 +48,7 @@ pub fn run(args: DaemonArgs) -> Result<u8, CliError> {
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
     };
     let daemon = Daemon::bind(cfg).map_err(CliError::usage)?;
-    let cache = match cache::open(&url) {
+    let cache = match cache::open(&url, memory) {
         Ok(c) => c,
         Err(e) => {
             let _ = std::fs::remove_file(&args.socket);

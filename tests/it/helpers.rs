@@ -291,8 +291,10 @@ pub fn narinfo_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 /// exports.
 #[derive(Debug, Clone)]
 pub struct S3Env {
-    /// `garage` or `minio` (empty when not exported).
+    /// `garage`, `minio` or `moto` (empty when not exported).
     pub server: String,
+    /// False when the server accepts any key (moto checks no signatures).
+    pub checks_credentials: bool,
     pub endpoint: String,
     pub region: String,
     pub bucket: String,
@@ -323,6 +325,8 @@ pub fn s3_env() -> Option<S3Env> {
     };
     Some(S3Env {
         server: std::env::var("NARFLOW_TEST_S3_SERVER").unwrap_or_default(),
+        checks_credentials: std::env::var("NARFLOW_TEST_S3_CHECKS_CREDENTIALS").as_deref()
+            != Ok("0"),
         endpoint: var("NARFLOW_TEST_S3_ENDPOINT")
             .trim_end_matches('/')
             .to_owned(),
@@ -363,6 +367,7 @@ pub struct ObjectHead {
     pub etag: String,
     pub content_type: Option<String>,
     pub content_encoding: Option<String>,
+    pub last_modified: Option<std::time::SystemTime>,
 }
 
 /// aws-sdk-s3 on a small runtime of its own, for the tests' own look at the bucket.
@@ -413,6 +418,9 @@ impl S3Client {
                 etag: o.e_tag().unwrap_or_default().to_owned(),
                 content_type: o.content_type().map(str::to_owned),
                 content_encoding: o.content_encoding().map(str::to_owned),
+                last_modified: o
+                    .last_modified()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
             }),
             Err(aws_sdk_s3::error::SdkError::ServiceError(e)) if e.err().is_not_found() => None,
             Err(e) => panic!("HEAD {key}: {}", aws_sdk_s3::error::DisplayErrorContext(&e)),
@@ -508,6 +516,62 @@ impl S3Client {
                 )
             })
             .collect()
+    }
+
+    /// Puts a small object (a planted leftover).
+    pub fn put(&self, key: &str, body: &[u8]) {
+        self.rt
+            .block_on(
+                self.client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .body(body.to_vec().into())
+                    .send(),
+            )
+            .unwrap_or_else(|e| {
+                panic!("PUT {key}: {}", aws_sdk_s3::error::DisplayErrorContext(&e))
+            });
+    }
+
+    /// Starts a multipart upload and returns its id and Initiated time (a planted
+    /// leftover).
+    pub fn create_multipart(&self, key: &str) -> (String, Option<std::time::SystemTime>) {
+        let id = self
+            .rt
+            .block_on(
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .send(),
+            )
+            .unwrap_or_else(|e| {
+                panic!(
+                    "CreateMultipartUpload {key}: {}",
+                    aws_sdk_s3::error::DisplayErrorContext(&e)
+                )
+            })
+            .upload_id()
+            .unwrap_or_default()
+            .to_owned();
+        let listed = self
+            .rt
+            .block_on(
+                self.client
+                    .list_multipart_uploads()
+                    .bucket(&self.bucket)
+                    .prefix(key)
+                    .send(),
+            )
+            .expect("ListMultipartUploads");
+        let initiated = listed
+            .uploads()
+            .iter()
+            .find(|u| u.upload_id() == Some(id.as_str()))
+            .and_then(|u| u.initiated())
+            .and_then(|t| std::time::SystemTime::try_from(*t).ok());
+        (id, initiated)
     }
 
     /// Aborts a multipart upload (the tests' own leftovers only).

@@ -35,6 +35,11 @@ pub enum Fault {
     /// S3 may for CompleteMultipartUpload and CopyObject (its documentation says to
     /// retry them).
     InternalErrorIn200,
+    /// Forward the request (the server does the work), then replace the server's answer
+    /// with `200 OK` and a document whose root element no S3 client expects, as some
+    /// S3-compatible servers answer CompleteMultipartUpload: the outcome is unknown to the
+    /// client.
+    UnreadableIn200,
 }
 
 impl Fault {
@@ -54,7 +59,10 @@ pub enum Kind {
     /// PutObject under `nar/` (a NAR sent in one request).
     NarPut,
     CreateMultipart,
+    /// UploadPart with a body (not a copy).
     UploadPart,
+    /// UploadPart copying a range of another object (UploadPartCopy).
+    UploadPartCopy,
     CompleteMultipart,
     AbortMultipart,
     CopyObject,
@@ -112,10 +120,13 @@ impl Request {
                 m == "PUT" && !self.copy && !upload_id && self.key().starts_with("nar/")
             }
             Kind::CreateMultipart => m == "POST" && self.has_param("uploads"),
-            Kind::UploadPart => m == "PUT" && upload_id && self.has_param("partNumber"),
+            Kind::UploadPart => {
+                m == "PUT" && !self.copy && upload_id && self.has_param("partNumber")
+            }
+            Kind::UploadPartCopy => m == "PUT" && self.copy && upload_id,
             Kind::CompleteMultipart => m == "POST" && upload_id,
             Kind::AbortMultipart => m == "DELETE" && upload_id,
-            Kind::CopyObject => m == "PUT" && self.copy,
+            Kind::CopyObject => m == "PUT" && self.copy && !upload_id,
             Kind::Delete => m == "DELETE" && !upload_id,
             Kind::Head => m == "HEAD",
             Kind::Get => m == "GET",
@@ -496,6 +507,7 @@ fn read_response_head(r: &mut BufReader<TcpStream>) -> io::Result<Head> {
 }
 
 const INTERNAL_ERROR_BODY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InternalError</Code><Message>We encountered an internal error. Please try again.</Message></Error>";
+const UNREADABLE_BODY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<SomethingElseEntirely><Note>not the document the operation answers with</Note></SomethingElseEntirely>";
 const SLOW_DOWN_BODY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
 
 /// Serves one client connection until either side closes it.
@@ -576,6 +588,19 @@ fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
         let status: u16 = response.first.1.parse().map_err(|_| bad("status"))?;
         let no_body = is_head || status == 204 || status == 304;
         let framed = response.chunked() || response.content_length()?.is_some();
+        if fault == Some(Fault::UnreadableIn200) {
+            if !no_body && framed {
+                copy_body(&response, up_r, &mut io::sink())?;
+            }
+            shared.set_status(index, status);
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{UNREADABLE_BODY}",
+                UNREADABLE_BODY.len()
+            );
+            client.write_all(response.as_bytes())?;
+            let _ = client.shutdown(Shutdown::Write);
+            return Ok(());
+        }
         if let Some(Fault::Stall(d)) = fault {
             // The server has done the work; the client never hears about it.
             if !no_body && framed {
