@@ -650,6 +650,71 @@ impl Stats {
 mod tests {
     use super::*;
 
+    /// A daemon's shared state for `store_dir` and the state directory `state`, without
+    /// a running daemon.
+    fn shared(store_dir: &Path, state: &Path) -> Shared {
+        let (bell, _) = crossbeam_channel::bounded(1);
+        Shared {
+            queue: Mutex::new(Queue::open(state).unwrap()),
+            store: LocalStore::open(store_dir.to_str().unwrap(), &state.join("no-db")),
+            state_dir: state.to_owned(),
+            bell,
+            stopping: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            stats: Stats::default(),
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn the_spool_drain_keeps_what_it_could_not_queue_and_records_what_it_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let store = dir.path().join("store");
+        // A store that cannot be looked at (a symlink loop: ELOOP), as a passing failure
+        // would.
+        std::os::unix::fs::symlink(&store, &store).unwrap();
+        let sd = store.display();
+        let here = format!("{sd}/00000000000000000000000000000000-here");
+        let gone = format!("{sd}/11111111111111111111111111111111-gone");
+        let line = format!("ENQUEUE - {here}\n");
+        spool::append(&state, &line, spool::LOCK_WAIT).unwrap();
+        let s = shared(&store, &state);
+        worker::drain_spool(&s);
+        assert_eq!(s.lock_queue().state_of(&here).unwrap(), None);
+        // The store can be looked at again: the kept hand-off is queued now.
+        std::fs::remove_file(&store).unwrap();
+        std::fs::create_dir(&store).unwrap();
+        std::fs::write(&here, "x").unwrap();
+        let line = format!("ENQUEUE - {gone}\n");
+        spool::append(&state, &line, spool::LOCK_WAIT).unwrap();
+        worker::drain_spool(&s);
+        let q = s.lock_queue();
+        assert_eq!(q.state_of(&here).unwrap(), Some("pending"));
+        // A spooled path that does not exist is recorded, as dropped, with why.
+        assert_eq!(q.state_of(&gone).unwrap(), Some("dropped"));
+        assert!(q.dropped(5).unwrap()[0].1.contains("no such store path"));
+        assert!(spool::take(&state).unwrap().is_none());
+    }
+
+    #[test]
+    fn unsafe_directories_are_refused_in_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o775)).unwrap();
+        let e = check_private_dir("state directory", &open).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("writable by group or others (mode 775)"),
+            "{msg}"
+        );
+        assert_eq!(msg.lines().count(), 1);
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_private_dir("state directory", &open).is_ok());
+    }
+
     #[test]
     fn recent_throughput_counts_only_the_window() {
         let s = Stats::default();

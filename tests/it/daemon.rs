@@ -918,10 +918,14 @@ fn while_a_large_upload_runs_the_spool_is_drained_and_sigterm_cancels_it_in_time
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    // A hand-off spooled while the batch runs is queued while it still runs.
-    let line = format!("ENQUEUE - {}\n", small.path);
-    narflow::daemon::spool::append(&daemon.state, &line, narflow::daemon::spool::LOCK_WAIT)
-        .unwrap();
+    // A hand-off spooled while the batch runs (by a hook that cannot reach the daemon)
+    // is queued while the batch still runs.
+    let out = hook_at(
+        &dir.path().join("elsewhere.sock"),
+        &daemon.state,
+        std::slice::from_ref(&small.path),
+    );
+    assert!(stderr(&out).contains("spooled"), "{}", stderr(&out));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let s = daemon.status();
@@ -1038,13 +1042,16 @@ fn a_state_or_socket_directory_others_can_write_is_refused() {
     let dir = tempdir();
     let url = format!("file://{}", dir.path().join("cache").display());
     let start = |state: &Path, socket: &Path| {
-        narflow()
-            .args(["daemon", "--unsigned", "--to", &url, "--socket"])
-            .arg(socket)
-            .arg("--state-dir")
-            .arg(state)
-            .output()
-            .unwrap()
+        run_within(
+            narflow()
+                .args(["daemon", "--unsigned", "--to", &url, "--socket"])
+                .arg(socket)
+                .arg("--state-dir")
+                .arg(state),
+            Duration::from_secs(20),
+        )
+        .expect("the daemon started on an unsafe directory")
+        .0
     };
     let socket = dir.path().join("daemon.sock");
     let state = dir.path().join("state");
@@ -1382,4 +1389,35 @@ fn the_nix_database_is_read_with_the_database_file_read_only() {
     assert!(!db_dir.join("db.sqlite-wal").exists());
     assert!(!db_dir.join("db.sqlite-shm").exists());
     push(&dir.path().join("cache-no-wal"));
+}
+
+#[test]
+fn push_sweep_orphans_sweeps_with_a_day_of_grace_after_the_push() {
+    let dir = tempdir();
+    let cache = dir.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    let p = BigPath::new("push-sweep", 100);
+    // A leftover younger than the grace period: an upload that may still be running.
+    std::fs::create_dir_all(cache.join("nar")).unwrap();
+    let young = cache.join("nar").join(".narflow-tmp-young");
+    std::fs::write(&young, "x").unwrap();
+    let out = narflow()
+        .args([
+            "push",
+            "--unsigned",
+            "--sweep-orphans",
+            "--to",
+            &url,
+            &p.path,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("leftovers of interrupted uploads older than 24 h"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(cache.join(narinfo_key(&p.path)).exists());
+    assert!(young.exists(), "a leftover younger than a day was swept");
 }
