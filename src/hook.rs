@@ -2,9 +2,12 @@
 //! returns; when the daemon cannot take them it spools them durably for the daemon to
 //! drain later.
 //!
-//! std only: no tokio runtime, no store or cache access, no work beyond the hand-off.
-//! It never fails the build: every outcome, including losing the paths, is a value the
-//! caller reports on stderr before exiting 0.
+//! No runtime (std and plain system calls only), no store or cache access, no work
+//! beyond the hand-off. Connecting, sending and waiting for the daemon take at most
+//! `--timeout` together, and the spool's lock is waited for at most
+//! [`spool::LOCK_WAIT`], so a stuck daemon never holds up a build. It never fails the
+//! build: every outcome, including losing the paths, is a value the caller reports on
+//! stderr before exiting 0.
 use crate::daemon::protocol::{EnqueueReply, MAX_REQUEST, Request, exchange, rejection};
 use crate::daemon::spool;
 use std::path::{Path, PathBuf};
@@ -169,7 +172,7 @@ pub fn hand_off(
             Err(e) => format!("cannot reach the daemon at {}: {e}", socket.display()),
         }
     };
-    match spool::append(state_dir, &line) {
+    match spool::append(state_dir, &line, spool::LOCK_WAIT) {
         Ok(file) => Handoff::Spooled {
             paths: n,
             why,
@@ -207,10 +210,13 @@ mod tests {
             Handoff::Spooled { paths: 1, .. } => {}
             other => panic!("{other:?}"),
         }
-        let spool = std::fs::read_to_string(dir.path().join(spool::SPOOL)).unwrap();
+        let spool = spool::take(dir.path()).unwrap().unwrap();
         assert_eq!(
-            spool,
-            "ENQUEUE - /nix/store/a-x /nix/store/b-y\nENQUEUE /nix/store/c-z.drv\n"
+            spool.lines,
+            [
+                "ENQUEUE - /nix/store/a-x /nix/store/b-y\n",
+                "ENQUEUE /nix/store/c-z.drv\n"
+            ]
         );
         let lost = hand_off(&sock, Path::new("/proc/none"), "/nix/store/a-x", None, t);
         assert!(matches!(lost, Handoff::Lost { paths: 1, .. }), "{lost:?}");

@@ -22,7 +22,8 @@ pub struct DaemonArgs {
     /// Let this group (name or number) use the socket too.
     #[arg(long, env = "NARFLOW_SOCKET_GROUP")]
     pub socket_group: Option<String>,
-    /// Seconds a shutdown waits for the batch in flight (what is unfinished stays queued).
+    /// Seconds a shutdown may take: the batch in flight gets half of it to finish, then
+    /// is cancelled (what is unfinished stays queued).
     #[arg(long, default_value_t = 60)]
     pub shutdown_timeout: u64,
     /// Most paths taken from the queue per upload batch.
@@ -51,7 +52,7 @@ pub fn run(args: DaemonArgs) -> Result<u8, CliError> {
     let cache = match cache::open(&url, memory) {
         Ok(c) => c,
         Err(e) => {
-            let _ = std::fs::remove_file(&args.socket);
+            daemon.release();
             return Err(CliError::usage(e));
         }
     };
@@ -72,7 +73,11 @@ pub fn run(args: DaemonArgs) -> Result<u8, CliError> {
             }
         }
     };
-    match rt.block_on(daemon.run(store, cache, shutdown)) {
+    let result = rt.block_on(daemon.run(store, cache, shutdown));
+    // Nothing on the runtime is worth waiting for now (an upload still running is on the
+    // worker's own thread, and stays queued).
+    rt.shutdown_timeout(Duration::from_millis(500));
+    match result {
         Ok(()) => Ok(super::exit::OK),
         Err(e @ DaemonError::WorkerDied) => Err(CliError::failed(e)),
         Err(e) => Err(CliError::usage(e)),

@@ -54,6 +54,10 @@ pub struct PushArgs {
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Afterwards, remove what interrupted uploads left in the cache (temporary files,
+    /// staging objects, unfinished multipart uploads) that is older than a day.
+    #[arg(long)]
+    pub sweep_orphans: bool,
     /// Store paths, paths inside them, or symlinks to them; `-` reads paths from stdin.
     #[arg(required = true)]
     pub paths: Vec<String>,
@@ -219,7 +223,21 @@ pub fn run(args: PushArgs) -> Result<u8, CliError> {
         report.nar_bytes as f64 / 1048576.0,
         report.file_bytes as f64 / 1048576.0,
     );
-    Ok(if failed > 0 {
+    let mut sweep_failed = false;
+    if args.sweep_orphans {
+        let grace = narflow::daemon::ORPHAN_GRACE;
+        match cache.sweep_orphans(grace) {
+            Ok(n) => eprintln!(
+                "narflow: removed {n} leftovers of interrupted uploads older than {} h",
+                grace.as_secs() / 3600
+            ),
+            Err(e) => {
+                eprintln!("narflow: orphan sweep: {e}");
+                sweep_failed = true;
+            }
+        }
+    }
+    Ok(if failed > 0 || sweep_failed {
         exit::SOME_FAILED
     } else {
         exit::OK

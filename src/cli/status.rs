@@ -20,8 +20,8 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-/// Exit code 0: nothing failing; 1: some paths are failing (retried with backoff);
-/// 2: neither the daemon nor its queue could be read.
+/// Exit code 0: nothing failing; 1: some paths are failing (retried with backoff, or
+/// needing attention); 2: neither the daemon nor its queue could be read.
 pub fn run(args: StatusArgs) -> Result<u8, CliError> {
     let status = match ask(&args.socket) {
         Ok(v) => v,
@@ -79,9 +79,10 @@ fn print_human(v: &serde_json::Value, socket: &Path) {
         );
     }
     println!(
-        "queue: {} pending ({} failing), {} done, {} dropped (finished paths are kept 7 days)",
+        "queue: {} pending ({} failing, {} needing attention), {} done, {} dropped (finished paths are kept 7 days)",
         n("pending"),
         n("failing"),
+        n("needs_attention"),
         n("done"),
         n("dropped")
     );
@@ -109,8 +110,15 @@ fn print_human(v: &serde_json::Value, socket: &Path) {
     let now = narflow::daemon::queue::now_ms();
     for f in v["failures"].as_array().into_iter().flatten() {
         let next = (f["next_attempt_ms"].as_i64().unwrap_or(now) - now).max(0) / 1000;
+        // A failure retrying cannot fix (corrupt store path, access denied, missing
+        // bucket) is retried slowly; someone must act.
+        let label = if f["needs_attention"] == true {
+            "needs attention"
+        } else {
+            "failing"
+        };
         println!(
-            "failing: {} ({} attempts, next in {next} s): {}",
+            "{label}: {} ({} attempts, next in {next} s): {}",
             f["path"].as_str().unwrap_or("?"),
             f["attempts"],
             f["last_error"].as_str().unwrap_or("")

@@ -5,12 +5,18 @@
 //! - [`spool`]: the file the hook appends to when the daemon is unreachable (std only).
 //! - [`queue`]: the durable queue (SQLite, WAL, `synchronous=FULL`).
 //! - `server`: the socket, on a tokio runtime; it validates and queues, nothing more.
-//! - `worker`: one thread that takes due paths in batches and runs [`crate::pipeline::push`].
+//! - `worker`: one thread that takes due paths in batches and runs [`crate::pipeline::push`];
+//!   one that drains the spool every second; one that sweeps orphaned uploads hourly.
 //!
 //! A path is acknowledged only after it is committed to the queue, and marked done only
 //! after its narinfo is in the cache; a crash anywhere leaves it pending, and the next
 //! start uploads it (skipping what the cache already has). Shutdown is a future passed to
-//! [`Daemon::run`], so the CLI (SIGTERM) and tests stop it the same way.
+//! [`Daemon::run`], so the CLI (SIGTERM) and tests stop it the same way; it cancels the
+//! upload in flight if it has not finished within half the shutdown timeout.
+//!
+//! The daemon (root, usually) trusts its state directory and its socket's directory only
+//! when they are its own and writable by nobody else, and opens the files there without
+//! following symlinks.
 pub mod protocol;
 pub mod queue;
 mod server;
@@ -25,7 +31,7 @@ use protocol::EnqueueReply;
 use queue::{Queue, QueueError};
 use std::collections::VecDeque;
 use std::fs::File;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,6 +41,12 @@ use std::time::{Duration, Instant};
 /// pipeline run, so batches amortise per-run costs; the cap bounds how long a shutdown
 /// waits for the batch in flight.
 pub const DEFAULT_BATCH: usize = 1000;
+
+/// How old a leftover of an interrupted upload must be before the sweep removes it. Long
+/// enough that no upload still running (a multi-GiB NAR on a slow link, or another
+/// builder's daemon writing to the same bucket) is ever touched, and leftovers only cost
+/// storage, so a day is cheap.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// How the daemon is set up.
 #[derive(Debug)]
@@ -68,6 +80,12 @@ pub enum DaemonError {
     },
     #[error("socket {0}: another daemon is listening there")]
     SocketInUse(PathBuf),
+    #[error("{what} {path}: refused: {why}")]
+    Unsafe {
+        what: &'static str,
+        path: PathBuf,
+        why: String,
+    },
     #[error("the upload worker stopped unexpectedly")]
     WorkerDied,
 }
@@ -78,6 +96,9 @@ pub enum DaemonError {
 pub struct Daemon {
     cfg: DaemonConfig,
     listener: std::os::unix::net::UnixListener,
+    /// (device, inode) of the socket we bound: shutdown removes the path only if it is
+    /// still ours.
+    socket_id: (u64, u64),
     queue: Queue,
     _lock: File,
 }
@@ -94,26 +115,47 @@ impl Daemon {
             path: dir.clone(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(dir_err)?;
-        let lock = File::create(dir.join("lock")).map_err(dir_err)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(dir_err)?;
+        check_private_dir("state directory", dir)?;
+        let lock = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(dir.join("lock"))
+            .map_err(dir_err)?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => return Err(DaemonError::Locked(dir.clone())),
             Err(std::fs::TryLockError::Error(e)) => return Err(dir_err(e)),
         }
         let queue = Queue::open(dir)?;
-        let listener = bind_socket(&cfg.socket, cfg.socket_group)?;
+        let (listener, socket_id) = bind_socket(&cfg.socket, cfg.socket_group)?;
         Ok(Daemon {
             cfg,
             listener,
+            socket_id,
             queue,
             _lock: lock,
         })
     }
 
-    /// Serves until `shutdown` resolves, then stops taking requests, removes the socket,
-    /// and waits (up to the configured timeout) for the batch in flight; whatever is not
-    /// done stays queued for the next start. Must be called within a tokio runtime.
+    /// Gives up a daemon that will not run: removes its socket (if it is still ours).
+    pub fn release(self) {
+        remove_socket_if_ours(&self.cfg.socket, self.socket_id);
+    }
+
+    /// Serves until `shutdown` resolves, then stops taking requests, removes the socket
+    /// (if it is still ours), and waits for the batch in flight: up to half the shutdown
+    /// timeout for it to finish, then cancels it (the upload is aborted mid-NAR) and waits
+    /// up to the rest. Whatever is not done stays queued for the next start, and a
+    /// cancelled path does not count as a failed attempt. Must be called within a tokio
+    /// runtime; the worker is a thread of its own, so returning never waits for it.
     ///
     /// # Errors
     /// [`DaemonError::WorkerDied`] when the upload worker stopped on its own.
@@ -126,6 +168,7 @@ impl Daemon {
         let Daemon {
             cfg,
             listener,
+            socket_id,
             queue,
             _lock,
         } = self;
@@ -135,6 +178,7 @@ impl Daemon {
         };
         listener.set_nonblocking(true).map_err(sock_err)?;
         let listener = tokio::net::UnixListener::from_std(listener).map_err(sock_err)?;
+        let cache: Arc<dyn BinaryCache> = Arc::from(cache);
         // Capacity 1: a doorbell. One pending ring is enough, because the worker takes
         // everything due when it wakes.
         let (bell_tx, bell_rx) = crossbeam_channel::bounded(1);
@@ -161,8 +205,31 @@ impl Daemon {
             let shared = shared.clone();
             let _ = tokio::task::spawn_blocking(move || worker::drain_spool(&shared)).await;
         }
-        let (dead_tx, dead_rx) = tokio::sync::oneshot::channel::<()>();
-        let worker = {
+        let spawn_err = |e| DaemonError::StateDir {
+            path: cfg.state_dir.clone(),
+            source: e,
+        };
+        // Capacity 0: nothing is ever sent; dropping the sender stops the helper threads.
+        let (stop_helpers, helpers_stop) = crossbeam_channel::bounded::<()>(0);
+        {
+            let (shared, stop) = (shared.clone(), helpers_stop.clone());
+            std::thread::Builder::new()
+                .name("narflow-spool".into())
+                .spawn(move || worker::drain_spool_every_second(&shared, &stop))
+                .map_err(spawn_err)?;
+        }
+        {
+            let (cache, stop) = (cache.clone(), helpers_stop);
+            std::thread::Builder::new()
+                .name("narflow-sweep".into())
+                .spawn(move || {
+                    worker::sweep_orphans(cache.as_ref(), ORPHAN_GRACE, worker::SWEEP_EVERY, &stop)
+                })
+                .map_err(spawn_err)?;
+        }
+        let cancel = cfg.opts.cancel.clone();
+        let (dead_tx, mut dead_rx) = tokio::sync::oneshot::channel::<()>();
+        {
             let shared = shared.clone();
             let (opts, batch) = (cfg.opts, cfg.batch.max(1));
             std::thread::Builder::new()
@@ -172,60 +239,118 @@ impl Daemon {
                     let _dead = dead_tx;
                     worker::run(&shared, cache.as_ref(), &opts, batch, &bell_rx);
                 })
-                .map_err(|e| DaemonError::StateDir {
-                    path: cfg.state_dir.clone(),
-                    source: e,
-                })?
-        };
+                .map_err(spawn_err)?;
+        }
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let policy = server::PeerPolicy::new(cfg.socket_group);
         let server = tokio::spawn(server::serve(listener, shared.clone(), policy, stop_rx));
         let worker_died = tokio::select! {
             () = shutdown => false,
-            _ = dead_rx => true,
+            _ = &mut dead_rx => true,
         };
         let _ = stop_tx.send(true);
         let _ = server.await;
-        let _ = std::fs::remove_file(&cfg.socket);
+        remove_socket_if_ours(&cfg.socket, socket_id);
+        drop(stop_helpers);
         shared.stopping.store(true, Ordering::SeqCst);
         let _ = shared.bell.try_send(());
         if worker_died {
-            let _ = worker.join();
             return Err(DaemonError::WorkerDied);
         }
         tracing::info!("narflow daemon: stopping; no new requests, finishing the batch in flight");
-        let joined = tokio::task::spawn_blocking(move || worker.join());
-        match tokio::time::timeout(cfg.shutdown_timeout, joined).await {
-            Ok(_) => tracing::info!("narflow daemon: stopped"),
-            Err(_) => tracing::warn!(
-                "narflow daemon: {} paths still uploading after {:?}; they stay queued and are uploaded on the next start",
-                shared.in_flight.load(Ordering::SeqCst),
-                cfg.shutdown_timeout
-            ),
+        let half = cfg.shutdown_timeout / 2;
+        if tokio::time::timeout(half, &mut dead_rx).await.is_err() {
+            tracing::info!(
+                "narflow daemon: the batch in flight is not done after {half:?}; cancelling it (its unfinished paths stay queued)"
+            );
+            cancel.cancel();
+            if tokio::time::timeout(cfg.shutdown_timeout - half, &mut dead_rx)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "narflow daemon: {} paths still uploading after {:?}; they stay queued and are uploaded on the next start",
+                    shared.in_flight.load(Ordering::SeqCst),
+                    cfg.shutdown_timeout
+                );
+                return Ok(());
+            }
         }
+        tracing::info!("narflow daemon: stopped");
         Ok(())
     }
 }
 
+/// Refuses `dir` unless it is owned by this process's user and writable by nobody else:
+/// whoever can write there can plant files the daemon trusts (spooled paths it signs and
+/// uploads, or a socket the hook talks to).
+fn check_private_dir(what: &'static str, dir: &Path) -> Result<(), DaemonError> {
+    let meta = std::fs::metadata(dir).map_err(|source| DaemonError::StateDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let me = rustix::process::geteuid().as_raw();
+    let why = if meta.uid() != me {
+        format!(
+            "owned by uid {}, not by the daemon's uid {me}; chown it, or use another",
+            meta.uid()
+        )
+    } else if meta.mode() & 0o022 != 0 {
+        format!(
+            "writable by group or others (mode {:o}); chmod go-w it, or use another",
+            meta.mode() & 0o7777
+        )
+    } else {
+        return Ok(());
+    };
+    Err(DaemonError::Unsafe {
+        what,
+        path: dir.to_owned(),
+        why,
+    })
+}
+
+/// Removes the socket at `path` only if it is the one we bound (`id`): another daemon may
+/// have bound the path since.
+fn remove_socket_if_ours(path: &Path, id: (u64, u64)) {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if (m.dev(), m.ino()) == id => {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(_) => tracing::info!(
+            "{}: the socket is another's now; left in place",
+            path.display()
+        ),
+        Err(_) => {}
+    }
+}
+
 /// Binds the socket at `path` with mode 0600 (0660 and group `group` when given),
-/// replacing a stale socket file but never a live daemon's.
+/// replacing a stale socket file but never a live daemon's (one that accepts, or whose
+/// backlog is full because it is busy or stopped). Returns the listener and the socket's
+/// (device, inode).
 fn bind_socket(
     path: &Path,
     group: Option<u32>,
-) -> Result<std::os::unix::net::UnixListener, DaemonError> {
+) -> Result<(std::os::unix::net::UnixListener, (u64, u64)), DaemonError> {
     let err = |source| DaemonError::Socket {
         path: path.to_owned(),
         source,
     };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(err)?;
+        check_private_dir("socket directory", parent)?;
+    }
     if std::fs::symlink_metadata(path).is_ok() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        if protocol::is_listening(path).map_err(err)? {
             return Err(DaemonError::SocketInUse(path.to_owned()));
         }
         std::fs::remove_file(path).map_err(err)?;
-    }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(err)?;
     }
     // The umask makes the socket private from the moment it exists; the process has no
     // other threads yet, so no other file is created under it.
@@ -238,7 +363,27 @@ fn bind_socket(
             .map_err(|e| err(e.into()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
     }
-    Ok(listener)
+    let m = std::fs::symlink_metadata(path).map_err(err)?;
+    Ok((listener, (m.dev(), m.ino())))
+}
+
+/// Why a token was not queued; the spool drain keeps a transiently refused hand-off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Rejection {
+    /// Not a store path at all (never queueable).
+    Invalid(String),
+    /// The path (or the derivation's outputs) is not in the store.
+    NoSuchPath(String),
+    /// The store could not be looked at; the same request may succeed later.
+    Transient(String),
+}
+
+impl Rejection {
+    fn why(&self) -> &str {
+        match self {
+            Rejection::Invalid(w) | Rejection::NoSuchPath(w) | Rejection::Transient(w) => w,
+        }
+    }
 }
 
 /// State shared by the server and the worker.
@@ -275,6 +420,28 @@ impl Shared {
     /// queues the outputs of `drv`: Nix 2.8.0 runs the post-build-hook with `$OUT_PATHS`
     /// empty and only `$DRV_PATH` set.
     fn enqueue(&self, drv: Option<&str>, tokens: &[String]) -> EnqueueReply {
+        match self.enqueue_classified(drv, tokens) {
+            Ok((queued, rejected)) => EnqueueReply::Ok {
+                queued,
+                rejected: rejected
+                    .into_iter()
+                    .map(|(t, r)| (t, r.why().to_owned()))
+                    .collect(),
+            },
+            Err(why) => EnqueueReply::Err(why),
+        }
+    }
+
+    /// [`Shared::enqueue`], saying why each refused token was refused. A derivation whose
+    /// outputs cannot be looked up is refused as the derivation's token.
+    ///
+    /// # Errors
+    /// Why nothing could be queued (the queue cannot commit).
+    fn enqueue_classified(
+        &self,
+        drv: Option<&str>,
+        tokens: &[String],
+    ) -> Result<(usize, Vec<(String, Rejection)>), String> {
         let mut paths = Vec::with_capacity(tokens.len());
         let mut rejected = Vec::new();
         let outputs;
@@ -284,12 +451,7 @@ impl Shared {
                     outputs = o;
                     &outputs[..]
                 }
-                Err(why) => {
-                    return EnqueueReply::Ok {
-                        queued: 0,
-                        rejected: vec![(protocol::truncate(d, 512).to_owned(), why)],
-                    };
-                }
+                Err(why) => return Ok((0, vec![(protocol::truncate(d, 512).to_owned(), why)])),
             },
             _ => tokens,
         };
@@ -301,34 +463,38 @@ impl Shared {
         }
         let drv = drv.filter(|d| StorePath::from_absolute_path(d, self.store_dir()).is_ok());
         if paths.is_empty() {
-            return EnqueueReply::Ok {
-                queued: 0,
-                rejected,
-            };
+            return Ok((0, rejected));
         }
         let result = self.lock_queue().enqueue(&paths, drv, queue::now_ms());
         match result {
             Ok(queued) => {
                 let _ = self.bell.try_send(());
                 tracing::debug!("queued {queued} paths (drv {drv:?})");
-                EnqueueReply::Ok { queued, rejected }
+                Ok((queued, rejected))
             }
             Err(e) => {
                 tracing::error!("cannot queue {} paths: {e:#}", paths.len());
-                EnqueueReply::Err(format!("{e}"))
+                Err(format!("{e}"))
             }
         }
     }
 
     /// The output paths of the derivation `drv`, or why there are none.
-    fn outputs_of(&self, drv: &str) -> Result<Vec<String>, String> {
-        let d = StorePath::from_absolute_path(drv, self.store_dir()).map_err(|e| e.to_string())?;
-        let outs = self
-            .store
-            .derivation_outputs(&d)
-            .map_err(|e| format!("cannot find the outputs of the derivation: {e}"))?;
+    fn outputs_of(&self, drv: &str) -> Result<Vec<String>, Rejection> {
+        let d = StorePath::from_absolute_path(drv, self.store_dir())
+            .map_err(|e| Rejection::Invalid(e.to_string()))?;
+        let outs = self.store.derivation_outputs(&d).map_err(|e| {
+            let why = format!("cannot find the outputs of the derivation: {e}");
+            if e.is_transient() {
+                Rejection::Transient(why)
+            } else {
+                Rejection::NoSuchPath(why)
+            }
+        })?;
         if outs.is_empty() {
-            return Err("the derivation has no outputs in the store".into());
+            return Err(Rejection::NoSuchPath(
+                "the derivation has no outputs in the store".into(),
+            ));
         }
         Ok(outs
             .iter()
@@ -337,11 +503,18 @@ impl Shared {
     }
 
     /// The full store path a token names, or why it is refused.
-    fn check(&self, token: &str) -> Result<String, String> {
-        let p =
-            StorePath::from_absolute_path(token, self.store_dir()).map_err(|e| e.to_string())?;
-        crate::pipeline::check_exists(&p, self.store_dir())?;
-        Ok(p.to_absolute(self.store_dir()))
+    fn check(&self, token: &str) -> Result<String, Rejection> {
+        let p = StorePath::from_absolute_path(token, self.store_dir())
+            .map_err(|e| Rejection::Invalid(e.to_string()))?;
+        let full = p.to_absolute(self.store_dir());
+        match std::fs::symlink_metadata(&full) {
+            Ok(_) => Ok(full),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Rejection::NoSuchPath(format!("{full}: no such store path")))
+            }
+            // The path may well exist: the store could not be looked at.
+            Err(e) => Err(Rejection::Transient(format!("{full}: {e}"))),
+        }
     }
 
     /// The status report: queue counts, the batch in flight, failures, throughput.
@@ -401,6 +574,7 @@ pub fn status_from_queue(q: &Queue) -> serde_json::Value {
         (Ok(c), Ok(f), Ok(d)) => serde_json::json!({
             "pending": c.pending,
             "failing": c.failing,
+            "needs_attention": c.needs_attention,
             "done": c.done,
             "dropped": c.dropped,
             "failures": f,
@@ -475,6 +649,71 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A daemon's shared state for `store_dir` and the state directory `state`, without
+    /// a running daemon.
+    fn shared(store_dir: &Path, state: &Path) -> Shared {
+        let (bell, _) = crossbeam_channel::bounded(1);
+        Shared {
+            queue: Mutex::new(Queue::open(state).unwrap()),
+            store: LocalStore::open(store_dir.to_str().unwrap(), &state.join("no-db")),
+            state_dir: state.to_owned(),
+            bell,
+            stopping: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            stats: Stats::default(),
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn the_spool_drain_keeps_what_it_could_not_queue_and_records_what_it_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let store = dir.path().join("store");
+        // A store that cannot be looked at (a symlink loop: ELOOP), as a passing failure
+        // would.
+        std::os::unix::fs::symlink(&store, &store).unwrap();
+        let sd = store.display();
+        let here = format!("{sd}/00000000000000000000000000000000-here");
+        let gone = format!("{sd}/11111111111111111111111111111111-gone");
+        let line = format!("ENQUEUE - {here}\n");
+        spool::append(&state, &line, spool::LOCK_WAIT).unwrap();
+        let s = shared(&store, &state);
+        worker::drain_spool(&s);
+        assert_eq!(s.lock_queue().state_of(&here).unwrap(), None);
+        // The store can be looked at again: the kept hand-off is queued now.
+        std::fs::remove_file(&store).unwrap();
+        std::fs::create_dir(&store).unwrap();
+        std::fs::write(&here, "x").unwrap();
+        let line = format!("ENQUEUE - {gone}\n");
+        spool::append(&state, &line, spool::LOCK_WAIT).unwrap();
+        worker::drain_spool(&s);
+        let q = s.lock_queue();
+        assert_eq!(q.state_of(&here).unwrap(), Some("pending"));
+        // A spooled path that does not exist is recorded, as dropped, with why.
+        assert_eq!(q.state_of(&gone).unwrap(), Some("dropped"));
+        assert!(q.dropped(5).unwrap()[0].1.contains("no such store path"));
+        assert!(spool::take(&state).unwrap().is_none());
+    }
+
+    #[test]
+    fn unsafe_directories_are_refused_in_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o775)).unwrap();
+        let e = check_private_dir("state directory", &open).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("writable by group or others (mode 775)"),
+            "{msg}"
+        );
+        assert_eq!(msg.lines().count(), 1);
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_private_dir("state directory", &open).is_ok());
+    }
 
     #[test]
     fn recent_throughput_counts_only_the_window() {

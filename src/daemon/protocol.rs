@@ -1,7 +1,7 @@
 //! The line protocol between `narflow hook` / `narflow status` and the daemon, and the
 //! format of the hook's spool file (one request line per hand-off).
 //!
-//! std only: the hook links this and must not start a runtime. One request per
+//! No runtime: the hook links this (std and plain system calls only). One request per
 //! connection, one line each way (an enqueue reply may be preceded by `REJECT` lines):
 //!
 //! ```text
@@ -89,12 +89,13 @@ impl Request {
 
 /// Sends one request line (see [`Request::to_line`]) to the daemon at `socket` and
 /// returns its reply: everything it writes before closing the connection (it closes
-/// after each reply), at most [`MAX_REQUEST`] bytes, all within `timeout`. The client side of `narflow hook` and `narflow status`.
+/// after each reply), at most [`MAX_REQUEST`] bytes. Connecting, sending and waiting all
+/// fit in `timeout` together. The client side of `narflow hook` and `narflow status`.
 ///
 /// # Errors
-/// The connection's error, `TimedOut` past the deadline, or a reply that is too long. A
-/// daemon that refuses a request may close before reading it: the write then fails, but
-/// its answer is still returned.
+/// The connection's error, `TimedOut` past the deadline (also when the daemon is stopped
+/// and its backlog is full), or a reply that is too long. A daemon that refuses a request
+/// may close before reading it: the write then fails, but its answer is still returned.
 pub fn exchange(
     socket: &std::path::Path,
     line: &str,
@@ -108,9 +109,7 @@ pub fn exchange(
             .filter(|d| !d.is_zero())
             .ok_or_else(|| Error::new(ErrorKind::TimedOut, "timed out"))
     };
-    // connect() on a Unix socket does not block for long: a listening socket with a full
-    // backlog answers EAGAIN at once.
-    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    let mut s = connect_within(socket, left()?)?;
     s.set_write_timeout(Some(left()?))?;
     let wrote = s.write_all(line.as_bytes());
     let mut reply = Vec::new();
@@ -137,6 +136,60 @@ pub fn exchange(
         wrote?;
     }
     String::from_utf8(reply).map_err(|_| Error::other("the daemon's reply is not UTF-8"))
+}
+
+/// Connects to `socket`, waiting at most `timeout`. A blocking connect to a Unix socket
+/// whose listener does not accept (a stopped daemon) waits for room in its backlog with
+/// no limit; the send timeout bounds that wait (Linux then answers EAGAIN).
+fn connect_within(
+    socket: &std::path::Path,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType, sockopt};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, Some(timeout))?;
+    let addr = SocketAddrUnix::new(socket)?;
+    loop {
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => break,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the daemon accepts no connections (backlog full for {timeout:?})"),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    sockopt::set_socket_timeout(&fd, sockopt::Timeout::Send, None)?;
+    Ok(std::os::unix::net::UnixStream::from(fd))
+}
+
+/// Whether a daemon is listening at `socket`, asked without waiting: `Ok(true)` when a
+/// connection is accepted or the backlog is full (a live daemon that is busy or stopped),
+/// `Ok(false)` when nothing listens there (a stale socket file, or none).
+///
+/// # Errors
+/// Any other error, which says neither.
+pub fn is_listening(socket: &std::path::Path) -> std::io::Result<bool> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    match rustix::net::connect(&fd, &SocketAddrUnix::new(socket)?) {
+        Ok(()) | Err(rustix::io::Errno::AGAIN) => Ok(true),
+        Err(rustix::io::Errno::CONNREFUSED | rustix::io::Errno::NOENT) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A refused token and why, in one phrase: the reason alone when it names the token
@@ -274,6 +327,54 @@ mod tests {
         );
         let long = "X".repeat(1000);
         assert!(Request::parse(&long).unwrap_err().len() < 100);
+    }
+
+    /// Connects to `sock` without accepting until its backlog is full; returns the
+    /// connections (they hold the backlog).
+    fn fill_backlog(sock: &std::path::Path) -> Vec<rustix::fd::OwnedFd> {
+        use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+        let addr = SocketAddrUnix::new(sock).unwrap();
+        let mut held = Vec::new();
+        loop {
+            let fd = rustix::net::socket_with(
+                AddressFamily::UNIX,
+                SocketType::STREAM,
+                SocketFlags::NONBLOCK,
+                None,
+            )
+            .unwrap();
+            match rustix::net::connect(&fd, &addr) {
+                Ok(()) => held.push(fd),
+                Err(rustix::io::Errno::AGAIN) => return held,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_daemon_that_does_not_accept_costs_at_most_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let _held = fill_backlog(&sock);
+        assert!(
+            is_listening(&sock).unwrap(),
+            "a full backlog is a live daemon"
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = sock.clone();
+        std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            let r = exchange(&s, "STATUS\n", std::time::Duration::from_millis(200));
+            let _ = tx.send((r, t.elapsed()));
+        });
+        let (r, took) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("exchange waits without bound for a full backlog");
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+        assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+        drop(_listener);
+        assert!(!is_listening(&sock).unwrap(), "nobody listens any more");
     }
 
     #[test]

@@ -6,6 +6,15 @@
 //! be uploaded). An enqueue returns only after its transaction is committed and synced,
 //! so an acknowledged path survives a crash. Nothing here knows about caches or the
 //! pipeline; the worker decides what happened to a path and records it here.
+//!
+//! Every enqueue bumps the row's generation, and a result is recorded only for the
+//! generation it was computed for ([`Due`]): a path queued again while its upload was
+//! running (a rebuild after a garbage collection) is never marked done or dropped by the
+//! old attempt.
+//!
+//! Retry times are wall-clock (they must survive a restart), so each row also keeps when
+//! its retry was scheduled: a row scheduled "after" now means the clock went back, and it
+//! is due at once instead of waiting for the old clock to come back.
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,12 +38,27 @@ pub struct QueueError {
     pub source: rusqlite::Error,
 }
 
+/// How long a path whose last failure needs someone to act (a corrupt store path, access
+/// denied, a missing bucket) waits before the next try: retrying sooner cannot help, and
+/// an hour keeps the cost of a stuck path to one attempt per hour until it is fixed (a
+/// new enqueue of the path tries it at once).
+pub const ATTENTION_RETRY: Duration = Duration::from_secs(3600);
+
+/// A pending path as taken for an attempt: its result is recorded for this generation only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    pub path: String,
+    pub generation: i64,
+}
+
 /// A pending path that has failed at least once.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Failing {
     pub path: String,
     pub attempts: u32,
     pub last_error: String,
+    /// The last failure cannot go away by retrying: someone must act.
+    pub needs_attention: bool,
     /// When the next attempt is due (Unix milliseconds).
     pub next_attempt_ms: i64,
 }
@@ -46,20 +70,30 @@ pub struct Counts {
     pub pending: u64,
     /// Pending and failed at least once.
     pub failing: u64,
+    /// Failing, and the last failure needs someone to act.
+    pub needs_attention: u64,
     /// Uploaded (or found in the cache) within the last [`KEEP_FINISHED`].
     pub done: u64,
     /// Gone from the store before they could be uploaded, within [`KEEP_FINISHED`].
     pub dropped: u64,
 }
 
-/// What one upload attempt decided for each of its paths.
+/// What one upload attempt decided for each of its paths. A path it has no outcome for
+/// (an upload cancelled by a shutdown) stays as it was: that was not a failed attempt.
 #[derive(Debug, Default)]
 pub struct Outcomes {
-    pub done: Vec<String>,
-    /// Path and error: retried after [`backoff`].
-    pub retry: Vec<(String, String)>,
+    pub done: Vec<Due>,
+    /// Path and error: transient, retried after [`backoff`].
+    pub retry: Vec<(Due, String)>,
+    /// Path and error: retrying cannot help until someone acts; shown as needing
+    /// attention and retried after [`ATTENTION_RETRY`].
+    pub attention: Vec<(Due, String)>,
+    /// Path and error: the cache itself refused (credentials, bucket, endpoint), so the
+    /// path needs attention, but one check of the cache retries every such path at once:
+    /// retried after [`backoff`], to go on as soon as the cache is fixed.
+    pub cache_refused: Vec<(Due, String)>,
     /// Path and reason: not retried.
-    pub dropped: Vec<(String, String)>,
+    pub dropped: Vec<(Due, String)>,
 }
 
 /// The wait before retry number `attempts` (1-based): 5 s, doubling, at most an hour.
@@ -86,7 +120,15 @@ impl Queue {
             path: path.clone(),
             source,
         };
-        let conn = Connection::open(&path).map_err(err)?;
+        // NOFOLLOW: the daemon runs as root; a queue file planted as a symlink is refused.
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_NOFOLLOW,
+        )
+        .map_err(err)?;
         // WAL: enqueues do not wait for the worker's reads; FULL: a commit is fsynced
         // before it returns, so an acknowledged path is on disk.
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -108,6 +150,21 @@ impl Queue {
              CREATE INDEX IF NOT EXISTS paths_due ON paths (state, next_attempt);",
         )
         .map_err(err)?;
+        // Columns added since the first version; a queue from before gets them here.
+        let have: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('paths')")
+            .and_then(|mut q| q.query_map([], |r| r.get(0))?.collect())
+            .map_err(err)?;
+        for (name, decl) in [
+            ("generation", "INTEGER NOT NULL DEFAULT 0"),
+            ("scheduled", "INTEGER NOT NULL DEFAULT 0"),
+            ("attention", "INTEGER NOT NULL DEFAULT 0"),
+        ] {
+            if !have.iter().any(|h| h == name) {
+                conn.execute_batch(&format!("ALTER TABLE paths ADD COLUMN {name} {decl}"))
+                    .map_err(err)?;
+            }
+        }
         Ok(Queue { conn, path })
     }
 
@@ -148,13 +205,16 @@ impl Queue {
         {
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT INTO paths (path, drv, state, attempts, next_attempt, queued)
-                     VALUES (?1, ?2, 0, 0, ?3, ?3)
+                    "INSERT INTO paths (path, drv, state, attempts, next_attempt, queued,
+                                        scheduled, generation)
+                     VALUES (?1, ?2, 0, 0, ?3, ?3, ?3, 1)
                      ON CONFLICT (path) DO UPDATE SET
                          drv = COALESCE(excluded.drv, drv),
                          attempts = CASE WHEN state = 0 THEN attempts ELSE 0 END,
                          last_error = CASE WHEN state = 0 THEN last_error ELSE NULL END,
-                         state = 0, next_attempt = ?3, finished = NULL",
+                         attention = CASE WHEN state = 0 THEN attention ELSE 0 END,
+                         generation = generation + 1,
+                         state = 0, next_attempt = ?3, scheduled = ?3, finished = NULL",
                 )
                 .map_err(&err)?;
             for p in paths {
@@ -165,33 +225,71 @@ impl Queue {
         Ok(paths.len())
     }
 
-    /// Up to `limit` pending paths due at `now_ms`, oldest first.
+    /// Records paths that were never queued because they do not exist (a spooled
+    /// hand-off of a path collected since) as dropped, with why, so they do not vanish
+    /// without a trace. A path that has a row already keeps it.
+    ///
+    /// # Errors
+    /// [`QueueError`]; then nothing was recorded.
+    pub fn record_dropped(
+        &mut self,
+        paths: &[(String, String)],
+        now_ms: i64,
+    ) -> Result<(), QueueError> {
+        let err = error_for(&self.path);
+        let tx = self.conn.transaction().map_err(&err)?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO paths (path, state, attempts, next_attempt, queued, scheduled,
+                                        finished, last_error)
+                     VALUES (?1, 2, 0, ?2, ?2, ?2, ?2, ?3)
+                     ON CONFLICT (path) DO NOTHING",
+                )
+                .map_err(&err)?;
+            for (p, why) in paths {
+                insert.execute(params![p, now_ms, why]).map_err(&err)?;
+            }
+        }
+        tx.commit().map_err(&err)
+    }
+
+    /// Up to `limit` pending paths due at `now_ms`, oldest first. A row scheduled after
+    /// `now_ms` (the clock went back) is due.
     ///
     /// # Errors
     /// [`QueueError`].
-    pub fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<String>, QueueError> {
+    pub fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<Due>, QueueError> {
         let mut q = self
             .conn
             .prepare_cached(
-                "SELECT path FROM paths WHERE state = 0 AND next_attempt <= ?1
+                "SELECT path, generation FROM paths
+                 WHERE state = 0 AND (next_attempt <= ?1 OR scheduled > ?1)
                  ORDER BY queued, path LIMIT ?2",
             )
             .map_err(self.err())?;
-        q.query_map(params![now_ms, limit as i64], |r| r.get(0))
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())
+        q.query_map(params![now_ms, limit as i64], |r| {
+            Ok(Due {
+                path: r.get(0)?,
+                generation: r.get(1)?,
+            })
+        })
+        .map_err(self.err())?
+        .collect::<Result<_, _>>()
+        .map_err(self.err())
     }
 
-    /// When the earliest pending path is due (Unix ms), if any is pending.
+    /// When the earliest pending path is due (Unix ms), if any is pending; `now_ms` for a
+    /// row scheduled after `now_ms` (see [`Queue::due`]).
     ///
     /// # Errors
     /// [`QueueError`].
-    pub fn next_due(&self) -> Result<Option<i64>, QueueError> {
+    pub fn next_due(&self, now_ms: i64) -> Result<Option<i64>, QueueError> {
         self.conn
             .query_row(
-                "SELECT MIN(next_attempt) FROM paths WHERE state = 0",
-                [],
+                "SELECT MIN(CASE WHEN scheduled > ?1 THEN ?1 ELSE next_attempt END)
+                 FROM paths WHERE state = 0",
+                [now_ms],
                 |r| r.get::<_, Option<i64>>(0),
             )
             .optional()
@@ -199,8 +297,9 @@ impl Queue {
             .map_err(self.err())
     }
 
-    /// Records an attempt's outcomes in one transaction; a retried path waits
-    /// [`backoff`] of its failed attempts so far, this one included.
+    /// Records an attempt's outcomes in one transaction, each only if its row is still
+    /// pending at the generation the attempt took; a retried path waits [`backoff`] of
+    /// its failed attempts so far, this one included, or [`ATTENTION_RETRY`].
     ///
     /// # Errors
     /// [`QueueError`]; the paths then stay pending and are attempted again.
@@ -210,40 +309,60 @@ impl Queue {
         {
             let mut done = tx
                 .prepare_cached(
-                    "UPDATE paths SET state = 1, finished = ?2, last_error = NULL
-                     WHERE path = ?1 AND state = 0",
+                    "UPDATE paths SET state = 1, finished = ?3, last_error = NULL, attention = 0
+                     WHERE path = ?1 AND generation = ?2 AND state = 0",
                 )
                 .map_err(&err)?;
-            for p in &outcomes.done {
-                done.execute(params![p, now_ms]).map_err(&err)?;
+            for d in &outcomes.done {
+                done.execute(params![d.path, d.generation, now_ms])
+                    .map_err(&err)?;
             }
             let mut retry = tx
                 .prepare_cached(
-                    "UPDATE paths SET attempts = attempts + 1, last_error = ?2,
-                         next_attempt = ?3 + 1000 * ?4
-                     WHERE path = ?1 AND state = 0",
+                    "UPDATE paths SET attempts = attempts + 1, last_error = ?3,
+                         next_attempt = ?4 + 1000 * ?5, scheduled = ?4, attention = ?6
+                     WHERE path = ?1 AND generation = ?2 AND state = 0",
                 )
                 .map_err(&err)?;
             let mut attempts = tx
                 .prepare_cached("SELECT attempts FROM paths WHERE path = ?1")
                 .map_err(&err)?;
-            for (p, why) in &outcomes.retry {
+            // (outcome, needs attention, waits ATTENTION_RETRY)
+            let failed = (outcomes.retry.iter().map(|r| (r, false, false)))
+                .chain(outcomes.attention.iter().map(|r| (r, true, true)))
+                .chain(outcomes.cache_refused.iter().map(|r| (r, true, false)));
+            for ((d, why), attention, slow) in failed {
                 let n: u32 = attempts
-                    .query_row([p], |r| r.get(0))
+                    .query_row([&d.path], |r| r.get(0))
                     .optional()
                     .map_err(&err)?
                     .unwrap_or(0);
-                let wait = backoff(n + 1).as_secs() as i64;
-                retry.execute(params![p, why, now_ms, wait]).map_err(&err)?;
+                let wait = if slow {
+                    ATTENTION_RETRY
+                } else {
+                    backoff(n + 1)
+                };
+                retry
+                    .execute(params![
+                        d.path,
+                        d.generation,
+                        why,
+                        now_ms,
+                        wait.as_secs() as i64,
+                        attention
+                    ])
+                    .map_err(&err)?;
             }
             let mut dropped = tx
                 .prepare_cached(
-                    "UPDATE paths SET state = 2, finished = ?3, last_error = ?2
-                     WHERE path = ?1 AND state = 0",
+                    "UPDATE paths SET state = 2, finished = ?4, last_error = ?3, attention = 0
+                     WHERE path = ?1 AND generation = ?2 AND state = 0",
                 )
                 .map_err(&err)?;
-            for (p, why) in &outcomes.dropped {
-                dropped.execute(params![p, why, now_ms]).map_err(&err)?;
+            for (d, why) in &outcomes.dropped {
+                dropped
+                    .execute(params![d.path, d.generation, why, now_ms])
+                    .map_err(&err)?;
             }
         }
         tx.commit().map_err(&err)
@@ -259,6 +378,7 @@ impl Queue {
                 "SELECT
                      COALESCE(SUM(state = 0), 0),
                      COALESCE(SUM(state = 0 AND attempts > 0), 0),
+                     COALESCE(SUM(state = 0 AND attempts > 0 AND attention), 0),
                      COALESCE(SUM(state = 1), 0),
                      COALESCE(SUM(state = 2), 0)
                  FROM paths",
@@ -267,15 +387,17 @@ impl Queue {
                     Ok(Counts {
                         pending: r.get(0)?,
                         failing: r.get(1)?,
-                        done: r.get(2)?,
-                        dropped: r.get(3)?,
+                        needs_attention: r.get(2)?,
+                        done: r.get(3)?,
+                        dropped: r.get(4)?,
                     })
                 },
             )
             .map_err(self.err())
     }
 
-    /// Up to `limit` pending paths that have failed, most attempts first.
+    /// Up to `limit` pending paths that have failed, those that need attention first,
+    /// then most attempts first.
     ///
     /// # Errors
     /// [`QueueError`].
@@ -283,8 +405,9 @@ impl Queue {
         let mut q = self
             .conn
             .prepare_cached(
-                "SELECT path, attempts, COALESCE(last_error, ''), next_attempt FROM paths
-                 WHERE state = 0 AND attempts > 0 ORDER BY attempts DESC, path LIMIT ?1",
+                "SELECT path, attempts, COALESCE(last_error, ''), next_attempt, attention
+                 FROM paths WHERE state = 0 AND attempts > 0
+                 ORDER BY attention DESC, attempts DESC, path LIMIT ?1",
             )
             .map_err(self.err())?;
         q.query_map([limit as i64], |r| {
@@ -293,6 +416,7 @@ impl Queue {
                 attempts: r.get(1)?,
                 last_error: r.get(2)?,
                 next_attempt_ms: r.get(3)?,
+                needs_attention: r.get(4)?,
             })
         })
         .map_err(self.err())?
@@ -377,6 +501,19 @@ mod tests {
         format!("/nix/store/{s}")
     }
 
+    fn paths(due: &[Due]) -> Vec<String> {
+        due.iter().map(|d| d.path.clone()).collect()
+    }
+
+    /// The row of `path` as due now.
+    fn due_row(q: &Queue, path: &str) -> Due {
+        q.due(i64::MAX / 2, 1000)
+            .unwrap()
+            .into_iter()
+            .find(|d| d.path == path)
+            .unwrap()
+    }
+
     #[test]
     fn duplicates_collapse_and_queued_paths_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
@@ -388,7 +525,7 @@ mod tests {
         let q = Queue::open(dir.path()).unwrap();
         let due = q.due(5000, 10).unwrap();
         // b was re-queued at 2000, so a (1000) comes first.
-        assert_eq!(due, [p("a"), p("b"), p("c")]);
+        assert_eq!(paths(&due), [p("a"), p("b"), p("c")]);
         assert_eq!(q.counts().unwrap().pending, 3);
         // The read-only view sees the same.
         let ro = Queue::open_read_only(dir.path()).unwrap();
@@ -401,24 +538,26 @@ mod tests {
         let mut q = Queue::open(dir.path()).unwrap();
         q.enqueue(&[p("a"), p("b"), p("c")], None, 0).unwrap();
         let out = Outcomes {
-            done: vec![p("a")],
-            retry: vec![(p("b"), "HTTP 503".into())],
-            dropped: vec![(p("c"), "garbage-collected".into())],
+            done: vec![due_row(&q, &p("a"))],
+            retry: vec![(due_row(&q, &p("b")), "HTTP 503".into())],
+            dropped: vec![(due_row(&q, &p("c")), "garbage-collected".into())],
+            ..Outcomes::default()
         };
         q.record(&out, 10_000).unwrap();
         assert!(q.due(10_000, 10).unwrap().is_empty());
-        assert_eq!(q.next_due().unwrap(), Some(15_000));
+        assert_eq!(q.next_due(10_000).unwrap(), Some(15_000));
         let f = q.failing(10).unwrap();
         assert_eq!(f.len(), 1);
         assert_eq!((f[0].attempts, f[0].last_error.as_str()), (1, "HTTP 503"));
+        assert!(!f[0].needs_attention);
         // Second failure: twice the wait.
         let retry = Outcomes {
-            retry: vec![(p("b"), "HTTP 503 again".into())],
+            retry: vec![(due_row(&q, &p("b")), "HTTP 503 again".into())],
             ..Outcomes::default()
         };
         q.record(&retry, 15_000).unwrap();
-        assert_eq!(q.next_due().unwrap(), Some(25_000));
-        assert_eq!(q.due(25_000, 10).unwrap(), [p("b")]);
+        assert_eq!(q.next_due(15_000).unwrap(), Some(25_000));
+        assert_eq!(paths(&q.due(25_000, 10).unwrap()), [p("b")]);
         assert_eq!(q.failing(10).unwrap()[0].attempts, 2);
         let c = q.counts().unwrap();
         assert_eq!((c.pending, c.failing, c.done, c.dropped), (1, 1, 1, 1));
@@ -429,8 +568,129 @@ mod tests {
         assert_eq!(q.state_of(&p("a")).unwrap(), Some("pending"));
         // Re-queueing a failing path keeps its count but makes it due now.
         q.enqueue(&[p("b")], None, 16_000).unwrap();
-        assert_eq!(q.due(16_000, 10).unwrap(), [p("b")]);
+        assert!(paths(&q.due(16_000, 10).unwrap()).contains(&p("b")));
         assert_eq!(q.failing(10).unwrap()[0].attempts, 2);
+    }
+
+    #[test]
+    fn a_result_changes_only_the_generation_it_was_computed_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path()).unwrap();
+        q.enqueue(&[p("a"), p("b")], None, 0).unwrap();
+        // The worker takes both; meanwhile the hook queues them again (a rebuild).
+        let taken = q.due(0, 10).unwrap();
+        q.enqueue(&[p("a"), p("b")], None, 1).unwrap();
+        let out = Outcomes {
+            dropped: vec![(taken[0].clone(), "garbage-collected".into())],
+            done: vec![taken[1].clone()],
+            ..Outcomes::default()
+        };
+        q.record(&out, 2).unwrap();
+        // The acknowledged re-enqueue stands: both still pending, neither failing.
+        assert_eq!(q.state_of(&p("a")).unwrap(), Some("pending"));
+        assert_eq!(q.state_of(&p("b")).unwrap(), Some("pending"));
+        // A result for the current generation is recorded.
+        let now = q.due(2, 10).unwrap();
+        let out = Outcomes {
+            done: now.clone(),
+            ..Outcomes::default()
+        };
+        q.record(&out, 3).unwrap();
+        assert_eq!(q.counts().unwrap().done, 2);
+    }
+
+    #[test]
+    fn a_backward_clock_step_does_not_stall_pending_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path()).unwrap();
+        let day = 24 * 3600 * 1000;
+        // Queued and failed once while the clock was a day ahead.
+        q.enqueue(&[p("a")], None, 10 * day).unwrap();
+        let out = Outcomes {
+            retry: vec![(due_row(&q, &p("a")), "HTTP 503".into())],
+            ..Outcomes::default()
+        };
+        q.record(&out, 10 * day).unwrap();
+        assert!(q.due(10 * day, 10).unwrap().is_empty());
+        // The clock is corrected: the retry, due "in a day and 5 s", is due now.
+        let now = 9 * day;
+        assert_eq!(paths(&q.due(now, 10).unwrap()), [p("a")]);
+        assert_eq!(q.next_due(now).unwrap(), Some(now));
+        // Rescheduled on the corrected clock, it waits its backoff from there.
+        let out = Outcomes {
+            retry: vec![(due_row(&q, &p("a")), "HTTP 503".into())],
+            ..Outcomes::default()
+        };
+        q.record(&out, now).unwrap();
+        assert!(q.due(now, 10).unwrap().is_empty());
+        assert_eq!(q.next_due(now).unwrap(), Some(now + 10_000));
+    }
+
+    #[test]
+    fn permanent_failures_need_attention_and_retry_slowly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path()).unwrap();
+        q.enqueue(&[p("a"), p("b")], None, 0).unwrap();
+        q.enqueue(&[p("c")], None, 0).unwrap();
+        let out = Outcomes {
+            attention: vec![(due_row(&q, &p("a")), "NarHash mismatch".into())],
+            retry: vec![(due_row(&q, &p("b")), "HTTP 503".into())],
+            cache_refused: vec![(due_row(&q, &p("c")), "no such bucket".into())],
+            ..Outcomes::default()
+        };
+        q.record(&out, 0).unwrap();
+        let c = q.counts().unwrap();
+        assert_eq!((c.failing, c.needs_attention), (3, 2));
+        // A refusing cache is checked again soon: one check retries every path.
+        assert_eq!(q.next_due(0).unwrap(), Some(5000));
+        let f = q.failing(10).unwrap();
+        assert_eq!(
+            (f[0].path.as_str(), f[0].needs_attention),
+            (p("a").as_str(), true)
+        );
+        assert_eq!(f[0].next_attempt_ms, ATTENTION_RETRY.as_millis() as i64);
+        assert_eq!(
+            (f[1].path.as_str(), f[1].needs_attention),
+            (p("c").as_str(), true)
+        );
+        assert!(!f[2].needs_attention);
+    }
+
+    #[test]
+    fn dropped_spool_paths_are_recorded_without_touching_queued_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path()).unwrap();
+        q.enqueue(&[p("a")], None, 0).unwrap();
+        q.record_dropped(&[(p("a"), "gone".into()), (p("b"), "gone".into())], 1)
+            .unwrap();
+        assert_eq!(q.state_of(&p("a")).unwrap(), Some("pending"));
+        assert_eq!(q.state_of(&p("b")).unwrap(), Some("dropped"));
+        assert_eq!(q.dropped(5).unwrap(), [(p("b"), "gone".to_owned())]);
+    }
+
+    #[test]
+    fn a_queue_from_before_generations_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Connection::open(dir.path().join(FILE)).unwrap();
+        c.execute_batch(
+            "CREATE TABLE paths (path TEXT PRIMARY KEY NOT NULL, drv TEXT,
+                 state INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+                 next_attempt INTEGER NOT NULL, last_error TEXT, queued INTEGER NOT NULL,
+                 finished INTEGER);
+             INSERT INTO paths (path, state, next_attempt, queued)
+                 VALUES ('/nix/store/a', 0, 5, 5);",
+        )
+        .unwrap();
+        drop(c);
+        let mut q = Queue::open(dir.path()).unwrap();
+        let due = q.due(5, 10).unwrap();
+        assert_eq!(paths(&due), [p("a")]);
+        let out = Outcomes {
+            done: due,
+            ..Outcomes::default()
+        };
+        q.record(&out, 6).unwrap();
+        assert_eq!(q.state_of(&p("a")).unwrap(), Some("done"));
     }
 
     #[test]
@@ -448,7 +708,7 @@ mod tests {
         let mut q = Queue::open(dir.path()).unwrap();
         q.enqueue(&[p("a"), p("b")], None, 0).unwrap();
         let out = Outcomes {
-            done: vec![p("a")],
+            done: vec![due_row(&q, &p("a"))],
             ..Outcomes::default()
         };
         q.record(&out, 1).unwrap();

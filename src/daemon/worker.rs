@@ -1,27 +1,36 @@
-//! The upload worker: one thread that drains the hook's spool into the queue, takes the
-//! due paths in batches, pushes each batch (closures, skipping what the cache has) with
-//! [`crate::pipeline::push`], and records per path what happened.
-use super::queue::{self, Outcomes};
-use super::{BatchSummary, Shared, spool};
+//! The upload worker: one thread that takes the due paths in batches, pushes each batch
+//! (closures, skipping what the cache has) with [`crate::pipeline::push`], and records per
+//! path what happened; the spool drain, which runs on its own thread every second so a
+//! long batch never holds up the hook's spooled hand-offs; and the orphan sweep.
+//!
+//! One bad path never holds others back: a batch that fails as a whole is split in
+//! halves and each half tried again, down to single paths, unless the cache itself is
+//! unusable (then every path gets the cache's error). Each failure keeps its retry class:
+//! transient ones back off, permanent ones are shown as needing attention.
+use super::protocol::{self, Request};
+use super::queue::{self, Due, Outcomes};
+use super::{BatchSummary, Rejection, Shared, spool};
 use crate::cache::BinaryCache;
 use crate::format::store_path::StorePath;
-use crate::pipeline::{self, Outcome, PathResult, Progress, PushOptions};
+use crate::pipeline::{self, Failure, Outcome, PathResult, Progress, PushOptions};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// How often the spool is checked while the daemon runs (a hook spools when the daemon is
 /// busy or restarting, so it must not wait for the next start).
-const SPOOL_CHECK: Duration = Duration::from_secs(1);
+pub(super) const SPOOL_CHECK: Duration = Duration::from_secs(1);
 /// How often finished rows are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// How often orphaned uploads are swept (and once at start).
+pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 /// The wait after the queue itself failed (e.g. a full disk), before trying again.
 const QUEUE_ERROR_WAIT: Duration = Duration::from_secs(5);
 
 /// What the queue has for the worker.
 enum Work {
     /// Paths due now.
-    Batch(Vec<String>),
+    Batch(Vec<Due>),
     /// Nothing due now; the earliest pending path is due then (Unix ms), if any.
     IdleUntil(Option<i64>),
 }
@@ -33,13 +42,8 @@ pub(super) fn run(
     batch: usize,
     bell: &crossbeam_channel::Receiver<()>,
 ) {
-    let mut last_spool_check: Option<Instant> = None;
     let mut last_prune: Option<Instant> = None;
     while !shared.stopping.load(Ordering::SeqCst) {
-        if last_spool_check.is_none_or(|t| t.elapsed() >= SPOOL_CHECK) {
-            drain_spool(shared);
-            last_spool_check = Some(Instant::now());
-        }
         if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
             match shared.lock_queue().prune(queue::now_ms()) {
                 Ok(0) => {}
@@ -53,19 +57,19 @@ pub(super) fn run(
         let work = {
             let q = shared.lock_queue();
             match q.due(now, batch) {
-                Ok(d) if d.is_empty() => q.next_due().map(Work::IdleUntil),
+                Ok(d) if d.is_empty() => q.next_due(now).map(Work::IdleUntil),
                 r => r.map(Work::Batch),
             }
         };
         let due = match work {
             Ok(Work::Batch(d)) => d,
             Ok(Work::IdleUntil(next)) => {
-                // Sleep until the next retry is due, new work arrives, or the spool needs
-                // a look.
-                let until_next = next.map_or(SPOOL_CHECK, |t| {
-                    Duration::from_millis((t - now).max(1) as u64)
+                // Sleep (on the monotonic clock) until the next retry is due or new work
+                // arrives; at most a minute, so a clock step is noticed.
+                let until_next = next.map_or(Duration::from_secs(60), |t| {
+                    Duration::from_millis((t - now).clamp(1, 60_000) as u64)
                 });
-                let _ = bell.recv_timeout(until_next.min(SPOOL_CHECK));
+                let _ = bell.recv_timeout(until_next);
                 continue;
             }
             Err(e) => {
@@ -92,8 +96,43 @@ pub(super) fn run(
     }
 }
 
+/// Drains the spool every [`SPOOL_CHECK`] until `stop` is dropped.
+pub(super) fn drain_spool_every_second(shared: &Shared, stop: &crossbeam_channel::Receiver<()>) {
+    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop.recv_timeout(SPOOL_CHECK) {
+        drain_spool(shared);
+    }
+}
+
+/// Sweeps the cache's orphaned uploads older than `grace` now and every `every`, until
+/// `stop` is dropped. Off the request path and off the upload worker: a listing of a
+/// large bucket may take a while.
+pub(super) fn sweep_orphans(
+    cache: &dyn BinaryCache,
+    grace: Duration,
+    every: Duration,
+    stop: &crossbeam_channel::Receiver<()>,
+) {
+    loop {
+        match cache.sweep_orphans(grace) {
+            Ok(0) => tracing::debug!("orphan sweep: nothing older than {grace:?} to remove"),
+            Ok(n) => tracing::info!(
+                "orphan sweep: removed {n} leftovers of interrupted uploads (older than {grace:?})"
+            ),
+            Err(e) => tracing::warn!("orphan sweep: {e}"),
+        }
+        if !matches!(
+            stop.recv_timeout(every),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout)
+        ) {
+            return;
+        }
+    }
+}
+
 /// Queues what the hook spooled. The spool file is removed only after everything in it is
-/// committed to the queue.
+/// committed to the queue: queued, recorded as dropped (the path does not exist, or the
+/// token is not a store path), or written back to the spool (a transient error, e.g. the
+/// store could not be looked at), for the next check.
 pub(super) fn drain_spool(shared: &Shared) {
     loop {
         let taken = match spool::take(&shared.state_dir) {
@@ -106,39 +145,72 @@ pub(super) fn drain_spool(shared: &Shared) {
         };
         if taken.skipped_bytes > 0 {
             tracing::warn!(
-                "spool: skipped {} bytes that were not complete request lines",
+                "spool: skipped {} bytes of torn or damaged records",
                 taken.skipped_bytes
             );
         }
-        let mut queued = 0;
+        let (mut queued, mut dropped, mut kept) = (0, Vec::new(), Vec::new());
         for line in &taken.lines {
-            match super::protocol::Request::parse(line) {
-                Ok(super::protocol::Request::Enqueue { drv, paths }) => {
-                    match shared.enqueue(drv.as_deref(), &paths) {
-                        super::protocol::EnqueueReply::Ok {
-                            queued: n,
-                            rejected,
-                        } => {
-                            queued += n;
-                            for (token, why) in rejected {
-                                tracing::warn!(
-                                    "spool: not queued: {}",
-                                    super::protocol::rejection(&token, &why)
-                                );
+            let (drv, paths) = match Request::parse(line) {
+                Ok(Request::Enqueue { drv, paths }) => (drv, paths),
+                Ok(other) => {
+                    tracing::warn!("spool: ignored {other:?}");
+                    continue;
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        "spool: ignored a bad line ({why}): {:?}",
+                        protocol::truncate(line, 200)
+                    );
+                    continue;
+                }
+            };
+            match shared.enqueue_classified(drv.as_deref(), &paths) {
+                Ok((n, rejected)) => {
+                    queued += n;
+                    let mut again = Vec::new();
+                    for (token, r) in rejected {
+                        let why = protocol::rejection(&token, r.why());
+                        match r {
+                            Rejection::Transient(_) => {
+                                tracing::warn!("spool: kept for the next check: {why}");
+                                again.push(token);
+                            }
+                            Rejection::NoSuchPath(_) | Rejection::Invalid(_) => {
+                                tracing::warn!("spool: not queued, recorded as dropped: {why}");
+                                dropped.push((token, why));
                             }
                         }
-                        super::protocol::EnqueueReply::Err(why) => {
-                            // Keep the spool for the next check.
-                            tracing::error!("spool: cannot queue: {why}");
-                            return;
-                        }
+                    }
+                    if !again.is_empty() {
+                        // A derivation whose outputs could not be looked up comes back as
+                        // the derivation alone.
+                        let is_drv = drv.as_deref() == Some(again[0].as_str()) && paths.is_empty();
+                        kept.push(Request::Enqueue {
+                            drv: drv.clone(),
+                            paths: if is_drv { Vec::new() } else { again },
+                        });
                     }
                 }
-                Ok(other) => tracing::warn!("spool: ignored {other:?}"),
-                Err(why) => tracing::warn!(
-                    "spool: ignored a bad line ({why}): {:?}",
-                    super::protocol::truncate(line, 200)
-                ),
+                Err(why) => {
+                    // The queue cannot commit: keep the whole spool for the next check.
+                    tracing::error!("spool: cannot queue: {why}");
+                    return;
+                }
+            }
+        }
+        if !dropped.is_empty()
+            && let Err(e) = shared
+                .lock_queue()
+                .record_dropped(&dropped, queue::now_ms())
+        {
+            tracing::error!("spool: cannot record dropped paths: {e}");
+            return;
+        }
+        for r in &kept {
+            if let Err(e) = spool::append(&shared.state_dir, &r.to_line(), spool::LOCK_WAIT) {
+                tracing::error!("spool: cannot keep a hand-off for the next check: {e}");
+                return;
             }
         }
         tracing::info!("spool: queued {queued} paths the hook spooled");
@@ -146,83 +218,45 @@ pub(super) fn drain_spool(shared: &Shared) {
             tracing::warn!("spool: cannot remove the drained spool (it will be read again): {e}");
             return;
         }
+        if !kept.is_empty() {
+            // What was kept is for the next check, not this loop.
+            return;
+        }
     }
 }
 
+/// Counts of one batch, summed over its split parts.
+#[derive(Default)]
+struct Tally {
+    uploaded: usize,
+    present: usize,
+    failed: usize,
+    nar_bytes: u64,
+    /// Set once the cache itself failed: the rest of the batch is not tried.
+    cache_down: Option<Failure>,
+}
+
 /// Pushes one batch; says per path what happened.
-fn attempt(
-    shared: &Shared,
-    cache: &dyn BinaryCache,
-    opts: &PushOptions,
-    due: &[String],
-) -> Outcomes {
+fn attempt(shared: &Shared, cache: &dyn BinaryCache, opts: &PushOptions, due: &[Due]) -> Outcomes {
     let started = Instant::now();
-    let store = &shared.store;
     let mut out = Outcomes::default();
-    let mut paths = Vec::with_capacity(due.len());
+    let mut items = Vec::with_capacity(due.len());
     for d in due {
-        match StorePath::from_absolute_path(d, shared.store_dir()) {
-            Ok(p) => paths.push(p),
+        match StorePath::from_absolute_path(&d.path, shared.store_dir()) {
+            Ok(p) => items.push((p, d.clone())),
             Err(e) => out.dropped.push((d.clone(), e.to_string())),
         }
     }
-    let all_retry = |out: &mut Outcomes, paths: &[StorePath], why: String| {
-        tracing::warn!("{} paths: {why}; retrying later", paths.len());
-        for p in paths {
-            out.retry
-                .push((p.to_absolute(shared.store_dir()), why.clone()));
-        }
-    };
-    let progress = DaemonProgress { shared };
-    let report = match pipeline::push(store, cache, &paths, opts, &progress) {
-        Ok(r) => r,
-        Err(e) => {
-            // Nothing went up (e.g. the cache is unreachable). Paths that left the store
-            // meanwhile are dropped rather than retried forever.
-            let valid = match pipeline::split_valid(store, &paths) {
-                Ok((valid, invalid)) => {
-                    for (path, _) in invalid {
-                        drop_collected(&mut out, path);
-                    }
-                    valid
-                }
-                Err(_) => paths,
-            };
-            all_retry(&mut out, &valid, format!("{e:#}"));
-            return out;
-        }
-    };
-    let not_valid: HashSet<&str> = report.not_valid.iter().map(String::as_str).collect();
-    for path in &report.not_valid {
-        drop_collected(&mut out, path.clone());
-    }
-    let by_path: HashMap<&str, &Outcome> = report
-        .results
-        .iter()
-        .map(|r| (r.path.as_str(), &r.outcome))
-        .collect();
-    for p in &paths {
-        let full = p.to_absolute(shared.store_dir());
-        if not_valid.contains(full.as_str()) {
-            continue;
-        }
-        match by_path.get(full.as_str()) {
-            Some(Outcome::Uploaded { .. } | Outcome::AlreadyPresent) => out.done.push(full),
-            Some(Outcome::Failed(why)) => {
-                tracing::warn!("{full}: {why}; retrying later");
-                out.retry.push((full, why.message.clone()));
-            }
-            None => out.retry.push((full, "no result from the upload".into())),
-        }
-    }
+    let mut tally = Tally::default();
+    push_isolating(shared, cache, opts, &items, &mut out, &mut tally);
     let summary = BatchSummary {
         at: Instant::now(),
         paths: due.len(),
-        uploaded: report.count(|o| matches!(o, Outcome::Uploaded { .. })),
-        present: report.count(|o| matches!(o, Outcome::AlreadyPresent)),
-        failed: report.failed().count() - report.not_valid.len(),
+        uploaded: tally.uploaded,
+        present: tally.present,
+        failed: tally.failed,
         dropped: out.dropped.len(),
-        nar_bytes: report.nar_bytes,
+        nar_bytes: tally.nar_bytes,
         seconds: started.elapsed().as_secs_f64(),
     };
     tracing::info!(
@@ -243,11 +277,162 @@ fn attempt(
     out
 }
 
-/// Records that `path` left the store before it could be uploaded.
-fn drop_collected(out: &mut Outcomes, path: String) {
-    tracing::warn!("{path} is no longer in the store (garbage-collected?); dropped");
+/// Pushes `items`; when the push fails as a whole, tries each half again, down to single
+/// paths, so that the failure ends up on the path that causes it.
+fn push_isolating(
+    shared: &Shared,
+    cache: &dyn BinaryCache,
+    opts: &PushOptions,
+    items: &[(StorePath, Due)],
+    out: &mut Outcomes,
+    tally: &mut Tally,
+) {
+    if items.is_empty() || opts.cancel.is_cancelled() {
+        // Cancelled (shutdown): no outcome, so the paths stay pending as they were.
+        return;
+    }
+    if let Some(f) = &tally.cache_down {
+        for (_, d) in items {
+            if f.is_transient() {
+                fail(out, d.clone(), f.clone());
+            } else {
+                out.cache_refused.push((d.clone(), f.message.clone()));
+            }
+        }
+        if !f.is_transient() {
+            tracing::error!(
+                "{} paths wait for the cache, which needs attention: {f}",
+                items.len()
+            );
+        }
+        tally.failed += items.len();
+        return;
+    }
+    let paths: Vec<StorePath> = items.iter().map(|(p, _)| p.clone()).collect();
+    let progress = DaemonProgress { shared };
+    let e = match pipeline::push(&shared.store, cache, &paths, opts, &progress) {
+        Ok(report) => return classify(shared, opts, items, &report, out, tally),
+        Err(e) => e,
+    };
+    if opts.cancel.is_cancelled() {
+        return;
+    }
+    let failure = Failure {
+        message: format!("{e:#}"),
+        retry: if e.is_transient() {
+            pipeline::Retry::Transient
+        } else {
+            pipeline::Retry::Permanent
+        },
+    };
+    // Paths that left the store meanwhile are dropped rather than retried forever.
+    let mut items = items.to_vec();
+    if let Ok((_, invalid)) = pipeline::split_valid(&shared.store, &paths)
+        && !invalid.is_empty()
+    {
+        let gone: HashSet<String> = invalid.into_iter().map(|(p, _)| p).collect();
+        items.retain(|(p, d)| {
+            let collected = gone.contains(&p.to_absolute(shared.store_dir()));
+            if collected {
+                drop_collected(out, d.clone());
+            }
+            !collected
+        });
+        return push_isolating(shared, cache, opts, &items, out, tally);
+    }
+    // Is it the cache, or something about these paths? A cache that cannot even be
+    // checked fails every path the same way: splitting would only repeat that.
+    if let Err(c) = cache.ensure_cache_info(shared.store_dir()) {
+        tracing::warn!("{}: {c}; {} paths wait for it", cache.url(), items.len());
+        tally.cache_down = Some(Failure::from_cache(&c));
+        return push_isolating(shared, cache, opts, &items, out, tally);
+    }
+    if items.len() > 1 {
+        tracing::info!(
+            "{} paths failed together ({e:#}); trying them in halves to find the cause",
+            items.len()
+        );
+        let (a, b) = items.split_at(items.len() / 2);
+        push_isolating(shared, cache, opts, a, out, tally);
+        push_isolating(shared, cache, opts, b, out, tally);
+        return;
+    }
+    tally.failed += 1;
+    fail(out, items[0].1.clone(), failure);
+}
+
+/// Files the per-path results of a push that ran.
+fn classify(
+    shared: &Shared,
+    opts: &PushOptions,
+    items: &[(StorePath, Due)],
+    report: &pipeline::PushReport,
+    out: &mut Outcomes,
+    tally: &mut Tally,
+) {
+    tally.nar_bytes += report.nar_bytes;
+    let by_path: HashMap<&str, &Outcome> = report
+        .results
+        .iter()
+        .map(|r| (r.path.as_str(), &r.outcome))
+        .collect();
+    for (p, due) in items {
+        let full = p.to_absolute(shared.store_dir());
+        if report.not_valid.contains(&full) {
+            drop_collected(out, due.clone());
+            continue;
+        }
+        match by_path.get(full.as_str()) {
+            Some(Outcome::Uploaded { .. }) => {
+                tally.uploaded += 1;
+                out.done.push(due.clone());
+            }
+            Some(Outcome::AlreadyPresent) => {
+                tally.present += 1;
+                out.done.push(due.clone());
+            }
+            // Not a failed attempt: the shutdown stopped it. It stays as it was.
+            Some(Outcome::Failed(f)) if opts.cancel.is_cancelled() && f.is_transient() => {}
+            Some(Outcome::Failed(f)) => {
+                tally.failed += 1;
+                fail(out, due.clone(), f.clone());
+            }
+            None if opts.cancel.is_cancelled() => {}
+            None => {
+                tally.failed += 1;
+                fail(
+                    out,
+                    due.clone(),
+                    Failure::transient("no result from the upload"),
+                );
+            }
+        }
+    }
+}
+
+/// Files a failure by its retry class.
+fn fail(out: &mut Outcomes, due: Due, f: Failure) {
+    if f.is_transient() {
+        tracing::warn!("{}: {f}; retrying later", due.path);
+        out.retry.push((due, f.message));
+    } else {
+        tracing::error!(
+            "{}: {f}; needs attention (retried in {:?})",
+            due.path,
+            queue::ATTENTION_RETRY
+        );
+        out.attention.push((due, f.message));
+    }
+}
+
+/// Records that a path left the store before it could be uploaded.
+fn drop_collected(out: &mut Outcomes, due: Due) {
+    tracing::warn!(
+        "{} is no longer in the store (garbage-collected?); dropped",
+        due.path
+    );
     out.dropped.push((
-        path,
+        due,
         "no longer a valid store path (garbage-collected before it was uploaded)".into(),
     ));
 }

@@ -1,5 +1,7 @@
 //! `narflow daemon` and `narflow hook` against real Nix: post-build-hook builds, kill -9
-//! at random moments, a daemon that is down, bad input, garbage-collected paths, SIGTERM.
+//! at random moments, a daemon that is down or stopped, bad input, garbage-collected
+//! paths, SIGTERM mid-upload, unsafe state directories, a socket path taken over, one bad
+//! path in a batch.
 use crate::helpers::*;
 use narflow::daemon::protocol::exchange;
 use narflow::format::hash::Sha256;
@@ -91,6 +93,17 @@ impl Daemon {
         let mut c = self.child.take().expect("running");
         run(Command::new("kill").arg("-TERM").arg(c.id().to_string()));
         c.wait().unwrap()
+    }
+
+    fn pid(&self) -> String {
+        self.child.as_ref().expect("running").id().to_string()
+    }
+
+    /// Sends `signal` (e.g. `STOP`, `CONT`) to the process.
+    fn signal(&self, signal: &str) {
+        run(Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid()));
     }
 
     fn try_status(&self) -> Result<serde_json::Value, String> {
@@ -581,7 +594,13 @@ impl Tmpfs {
     fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
         std::fs::create_dir_all(dir).unwrap();
         let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(dir)
             .output()
             .is_ok_and(|o| o.status.success());
@@ -727,10 +746,21 @@ fn failures_stay_visible_and_sigterm_stops_cleanly_keeping_pending_work() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("1 pending (1 failing)"), "{text}");
+    // The S3 client calls an unreachable endpoint a configuration error: someone must
+    // act. It is retried with the usual backoff all the same (the cache, not the path,
+    // is at fault).
     assert!(
-        text.contains(&format!("failing: {} (1 attempts", p.path)),
+        text.contains("1 pending (1 failing, 1 needing attention)"),
         "{text}"
+    );
+    assert!(
+        text.contains(&format!("needs attention: {} (1 attempts", p.path)),
+        "{text}"
+    );
+    let next = f["next_attempt_ms"].as_i64().unwrap() - narflow::daemon::queue::now_ms();
+    assert!(
+        next <= 5000,
+        "next attempt in {next} ms, not after the first backoff"
     );
 
     assert!(daemon.terminate().success(), "{}", daemon.log_text());
@@ -761,4 +791,633 @@ fn failures_stay_visible_and_sigterm_stops_cleanly_keeping_pending_work() {
         "{}",
         stderr(&out)
     );
+}
+
+/// Connects to `socket` without waiting until its backlog is full (its daemon must not be
+/// accepting: stopped); the returned connections hold the backlog full.
+fn fill_backlog(socket: &Path) -> Vec<rustix::fd::OwnedFd> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let addr = SocketAddrUnix::new(socket).unwrap();
+    let mut held = Vec::new();
+    loop {
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => held.push(fd),
+            Err(rustix::io::Errno::AGAIN) => return held,
+            Err(e) => panic!("connect {}: {e}", socket.display()),
+        }
+    }
+}
+
+/// Runs `cmd`, killing it if it has not exited after `limit`; returns its output and how
+/// long it ran, or `None` when it had to be killed.
+fn run_within(cmd: &mut Command, limit: Duration) -> Option<(Output, Duration)> {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = started.elapsed();
+    Some((child.wait_with_output().unwrap(), took))
+}
+
+#[test]
+fn a_stopped_daemon_with_a_full_backlog_never_holds_up_the_hook() {
+    let dir = tempdir();
+    let key = nix_generate_key("stopped");
+    let url = format!("file://{}", dir.path().join("cache").display());
+    let daemon = Daemon::signed(dir.path(), &url, &key);
+    let p = BigPath::new("stopped-daemon", 100);
+    daemon.signal("STOP");
+    let held = fill_backlog(&daemon.socket);
+    let timeout = Duration::from_millis(300);
+    let mut slowest = Duration::ZERO;
+    for i in 0..100 {
+        let ran = run_within(
+            Command::new(env!("CARGO_BIN_EXE_narflow-hook"))
+                .arg("--socket")
+                .arg(&daemon.socket)
+                .arg("--state-dir")
+                .arg(&daemon.state)
+                .arg("--timeout")
+                .arg(timeout.as_secs_f64().to_string())
+                .env("OUT_PATHS", &p.path),
+            Duration::from_secs(20),
+        );
+        let Some((out, took)) = ran else {
+            daemon.signal("CONT");
+            panic!("hook {i} still waits for the stopped daemon after 20 s");
+        };
+        assert!(out.status.success());
+        assert!(stderr(&out).contains("spooled 1 paths"), "{}", stderr(&out));
+        // The bound the hook promises: the daemon's timeout, plus the spool append.
+        assert!(
+            took < timeout + Duration::from_millis(500),
+            "hook {i} took {took:?}"
+        );
+        slowest = slowest.max(took);
+    }
+    println!("slowest of 100 hooks against a stopped daemon: {slowest:?}");
+    let spool = std::fs::read_to_string(daemon.state.join("spool")).unwrap();
+    assert_eq!(spool.lines().count(), 100);
+    drop(held);
+    daemon.signal("CONT");
+    let status = daemon.wait_idle();
+    assert_eq!(status["done"], 1, "{status}");
+    assert!(!daemon.state.join("spool").exists());
+}
+
+#[test]
+fn while_a_large_upload_runs_the_spool_is_drained_and_sigterm_cancels_it_in_time() {
+    let dir = tempdir();
+    let key = nix_generate_key("sigterm-big");
+    let cache = dir.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    // Incompressible, through xz on one thread: minutes of upload.
+    let big = BigPath::new("sigterm-big", 200 << 20);
+    let small = BigPath::new("spooled-mid-batch", 100);
+    let shutdown = Duration::from_secs(4);
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &url,
+        &[
+            "--key-file",
+            key.secret.to_str().unwrap(),
+            "--compression",
+            "xz",
+            "--jobs",
+            "1",
+            "--shutdown-timeout",
+            &shutdown.as_secs().to_string(),
+        ],
+    );
+    assert!(stderr(&daemon.hook(std::slice::from_ref(&big.path))).is_empty());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = daemon.status();
+        if s["in_flight"] == 1 && s["since_start"]["nar_bytes"].as_u64().unwrap() > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no upload under way: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A hand-off spooled while the batch runs (by a hook that cannot reach the daemon)
+    // is queued while the batch still runs.
+    let out = hook_at(
+        &dir.path().join("elsewhere.sock"),
+        &daemon.state,
+        std::slice::from_ref(&small.path),
+    );
+    assert!(stderr(&out).contains("spooled"), "{}", stderr(&out));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = daemon.status();
+        assert_eq!(s["in_flight"], 1, "the large upload ended first: {s}");
+        if s["pending"] == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the spool was not drained during the batch: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // SIGTERM mid-upload: the process exits 0 within the shutdown timeout.
+    let started = Instant::now();
+    let pid = daemon.pid();
+    let mut child = daemon.child.take().unwrap();
+    run(Command::new("kill").arg("-TERM").arg(&pid));
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("still running 60 s after SIGTERM:\n{}", daemon.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = started.elapsed();
+    println!("SIGTERM to exit with a 200 MiB upload in flight: {took:?}");
+    assert!(status.success(), "{status}\n{}", daemon.log_text());
+    assert!(
+        took < shutdown + Duration::from_secs(1),
+        "took {took:?}\n{}",
+        daemon.log_text()
+    );
+    // Nothing was published for it; both paths are still pending, and the cancelled
+    // upload is not counted as a failed attempt.
+    assert!(!cache.join(narinfo_key(&big.path)).exists());
+    let out = narflow()
+        .args(["status", "--json", "--socket"])
+        .arg(&daemon.socket)
+        .arg("--state-dir")
+        .arg(&daemon.state)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["daemon"], false, "{v}");
+    assert_eq!(
+        (v["pending"].as_u64(), v["failing"].as_u64()),
+        (Some(2), Some(0)),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_live_daemon_keeps_its_socket_and_a_stopping_one_removes_only_its_own() {
+    let dir = tempdir();
+    let url = format!("file://{}", dir.path().join("cache").display());
+    let a = Daemon::start(dir.path(), &url, &["--unsigned"]);
+    // A stopped daemon with a full backlog is alive: a second one must not take over.
+    a.signal("STOP");
+    let held = fill_backlog(&a.socket);
+    let other_state = dir.path().join("state-b");
+    let second = run_within(
+        narflow()
+            .args(["daemon", "--unsigned", "--to", &url, "--socket"])
+            .arg(&a.socket)
+            .arg("--state-dir")
+            .arg(&other_state),
+        Duration::from_secs(20),
+    );
+    drop(held);
+    a.signal("CONT");
+    let (out, _) = second.expect("the second daemon hangs on the live socket");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("another daemon is listening there"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(a.try_status().is_ok(), "the first daemon lost its socket");
+
+    // The socket path is taken over (the file was removed, another daemon bound it):
+    // the first daemon's shutdown leaves the new socket alone.
+    let mut a = a;
+    std::fs::remove_file(&a.socket).unwrap();
+    let b_dir = dir.path().join("b");
+    std::fs::create_dir(&b_dir).unwrap();
+    let mut b = Daemon {
+        child: None,
+        socket: a.socket.clone(),
+        state: other_state,
+        log: b_dir.join("daemon.log"),
+        args: ["daemon", "--unsigned", "--to", &url]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    };
+    b.restart();
+    assert!(a.terminate().success());
+    assert!(
+        b.try_status().is_ok(),
+        "the stopping daemon removed another's socket"
+    );
+    assert!(b.terminate().success());
+    assert!(!b.socket.exists());
+}
+
+#[test]
+fn a_state_or_socket_directory_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    let url = format!("file://{}", dir.path().join("cache").display());
+    let start = |state: &Path, socket: &Path| {
+        run_within(
+            narflow()
+                .args(["daemon", "--unsigned", "--to", &url, "--socket"])
+                .arg(socket)
+                .arg("--state-dir")
+                .arg(state),
+            Duration::from_secs(20),
+        )
+        .expect("the daemon started on an unsafe directory")
+        .0
+    };
+    let socket = dir.path().join("daemon.sock");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = start(&state, &socket);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "state directory {}: refused: writable by group or others (mode 777)",
+            state.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(!socket.exists());
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    if running_as_root() {
+        run(Command::new("chown").arg("65534").arg(&state));
+        let out = start(&state, &socket);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            stderr(&out).contains("refused: owned by uid 65534, not by the daemon's uid 0"),
+            "{}",
+            stderr(&out)
+        );
+        run(Command::new("chown").arg("0").arg(&state));
+    }
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let out = start(&state, &open.join("daemon.sock"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains(&format!(
+            "socket directory {}: refused: writable",
+            open.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A cache that refuses the narinfo of one path (access denied: permanent) and counts
+/// orphan sweeps; everything else goes to a file:// cache.
+#[derive(Debug)]
+struct RefusingCache {
+    inner: Box<dyn narflow::cache::BinaryCache>,
+    refuse: Option<narflow::format::store_path::StorePath>,
+    sweeps: std::sync::Arc<std::sync::Mutex<Vec<Duration>>>,
+}
+
+impl RefusingCache {
+    fn check(
+        &self,
+        narinfos: &[(narflow::format::store_path::StorePath, String)],
+    ) -> Result<(), narflow::cache::CacheError> {
+        match &self.refuse {
+            Some(bad) if narinfos.iter().any(|(p, _)| p == bad) => {
+                Err(narflow::cache::CacheError::Remote {
+                    cache: "test".into(),
+                    key: format!("{}.narinfo", bad.hash_part()),
+                    message: "access denied".into(),
+                    transient: false,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl narflow::cache::BinaryCache for RefusingCache {
+    fn url(&self) -> &str {
+        self.inner.url()
+    }
+    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), narflow::cache::CacheError> {
+        self.inner.ensure_cache_info(store_dir)
+    }
+    fn has_narinfo(
+        &self,
+        path: &narflow::format::store_path::StorePath,
+    ) -> Result<bool, narflow::cache::CacheError> {
+        self.inner.has_narinfo(path)
+    }
+    fn has_object(&self, key: &str) -> Result<bool, narflow::cache::CacheError> {
+        self.inner.has_object(key)
+    }
+    fn begin_nar(
+        &self,
+        nar_size: u64,
+    ) -> Result<Box<dyn narflow::cache::NarUpload>, narflow::cache::CacheError> {
+        self.inner.begin_nar(nar_size)
+    }
+    fn put_narinfo(
+        &self,
+        path: &narflow::format::store_path::StorePath,
+        text: &str,
+    ) -> Result<(), narflow::cache::CacheError> {
+        self.check(&[(path.clone(), String::new())])?;
+        self.inner.put_narinfo(path, text)
+    }
+    fn put_narinfos(
+        &self,
+        narinfos: &[(narflow::format::store_path::StorePath, String)],
+    ) -> Result<(), narflow::cache::CacheError> {
+        self.check(narinfos)?;
+        self.inner.put_narinfos(narinfos)
+    }
+    fn sync(&self) -> Result<(), narflow::cache::CacheError> {
+        self.inner.sync()
+    }
+    fn sweep_orphans(&self, grace: Duration) -> Result<u64, narflow::cache::CacheError> {
+        self.sweeps.lock().unwrap().push(grace);
+        self.inner.sweep_orphans(grace)
+    }
+}
+
+/// A daemon running in this process (so it can be given a test cache); stopped on drop.
+struct InProcessDaemon {
+    socket: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProcessDaemon {
+    fn start(dir: &Path, cache: RefusingCache) -> InProcessDaemon {
+        use narflow::pipeline::compress::{Compression, CompressionSettings};
+        let socket = dir.join("daemon.sock");
+        let opts = narflow::pipeline::PushOptions::new(
+            CompressionSettings::new(Compression::Zstd, None).unwrap(),
+            Vec::new(),
+        );
+        let daemon = narflow::daemon::Daemon::bind(narflow::daemon::DaemonConfig {
+            socket: socket.clone(),
+            state_dir: dir.join("state"),
+            socket_group: None,
+            opts,
+            batch: narflow::daemon::DEFAULT_BATCH,
+            shutdown_timeout: Duration::from_secs(10),
+        })
+        .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let store = narflow::store::LocalStore::open(
+                "/nix/store",
+                Path::new("/nix/var/nix/db/db.sqlite"),
+            );
+            rt.block_on(daemon.run(store, Box::new(cache), async {
+                let _ = stopped.await;
+            }))
+            .unwrap();
+        });
+        InProcessDaemon {
+            socket,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let reply = exchange(&self.socket, "STATUS\n", Duration::from_secs(10)).unwrap();
+        serde_json::from_str(reply.strip_prefix("OK ").unwrap().trim_end()).unwrap()
+    }
+}
+
+impl Drop for InProcessDaemon {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn file_cache(dir: &Path) -> Box<dyn narflow::cache::BinaryCache> {
+    let url = format!("file://{}", dir.display());
+    narflow::cache::open(&narflow::cache::url::CacheUrl::parse(&url).unwrap()).unwrap()
+}
+
+#[test]
+fn one_bad_path_does_not_hold_back_its_batch_and_needs_attention() {
+    let dir = tempdir();
+    let good: Vec<BigPath> = (0..6)
+        .map(|i| BigPath::new(&format!("batch-good-{i}"), 1000))
+        .collect();
+    let bad = BigPath::new("batch-bad", 1000);
+    let bad_path =
+        narflow::format::store_path::StorePath::from_absolute_path(&bad.path, "/nix/store")
+            .unwrap();
+    let cache_dir = dir.path().join("cache");
+    let daemon = InProcessDaemon::start(
+        dir.path(),
+        RefusingCache {
+            inner: file_cache(&cache_dir),
+            refuse: Some(bad_path),
+            sweeps: Default::default(),
+        },
+    );
+    // One hand-off: one batch, with the bad path in the middle.
+    let mut paths: Vec<String> = good.iter().map(|p| p.path.clone()).collect();
+    paths.insert(3, bad.path.clone());
+    hook_at(&daemon.socket, &dir.path().join("state"), &paths);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let s = daemon.status();
+        if s["done"] == 6 && s["needs_attention"] == 1 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let f = &status["failures"][0];
+    assert_eq!(f["path"], bad.path.as_str(), "{status}");
+    assert_eq!(f["needs_attention"], true, "{status}");
+    assert!(
+        f["last_error"].as_str().unwrap().contains("access denied"),
+        "{status}"
+    );
+    // Retried slowly: not before an hour.
+    let next = f["next_attempt_ms"].as_i64().unwrap() - narflow::daemon::queue::now_ms();
+    assert!(next > 3_000_000, "next attempt in {next} ms");
+    for p in &good {
+        assert!(cache_dir.join(narinfo_key(&p.path)).exists(), "{}", p.path);
+    }
+    assert!(!cache_dir.join(narinfo_key(&bad.path)).exists());
+    // `narflow status` shows it, with the cause, and exits 1.
+    let out = narflow()
+        .args(["status", "--socket"])
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("needs attention: {} (1 attempts", bad.path)),
+        "{text}"
+    );
+    assert!(text.contains("access denied"), "{text}");
+}
+
+#[test]
+fn the_daemon_sweeps_orphaned_uploads_at_start_with_a_day_of_grace() {
+    let dir = tempdir();
+    let sweeps = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _daemon = InProcessDaemon::start(
+        dir.path(),
+        RefusingCache {
+            inner: file_cache(&dir.path().join("cache")),
+            refuse: None,
+            sweeps: sweeps.clone(),
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sweeps.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no sweep at start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        sweeps.lock().unwrap()[0],
+        Duration::from_secs(24 * 3600),
+        "grace"
+    );
+}
+
+/// The systemd unit makes the Nix database file read-only and leaves its directory
+/// writable (for SQLite's `-wal` and `-shm`): the daemon's read-only connection must see a
+/// path whose row is only in the WAL (Nix has the database open, not checkpointed), and
+/// open the database when Nix has it closed (no `-wal`, no `-shm`).
+#[test]
+fn the_nix_database_is_read_with_the_database_file_read_only() {
+    if !running_as_root() {
+        println!("read-only database test skipped: needs root (mount namespace)");
+        return;
+    }
+    let dir = tempdir();
+    let db_dir = dir.path().join("db");
+    std::fs::create_dir(&db_dir).unwrap();
+    let p = BigPath::new("ro-db", 1000);
+    // A consistent copy of the Nix database, to play Nix's part on.
+    let copy = db_dir.join("db.sqlite");
+    rusqlite::Connection::open_with_flags(
+        "/nix/var/nix/db/db.sqlite",
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap()
+    .execute("VACUUM INTO ?1", [copy.to_str().unwrap()])
+    .unwrap();
+    std::fs::copy("/nix/var/nix/db/schema", db_dir.join("schema")).unwrap();
+    let writer = rusqlite::Connection::open(&copy).unwrap();
+    writer
+        .execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;
+             CREATE TEMP TABLE keep AS SELECT * FROM ValidPaths WHERE path = '{p}';
+             DELETE FROM ValidPaths WHERE path = '{p}';
+             PRAGMA wal_checkpoint(TRUNCATE);
+             INSERT INTO ValidPaths SELECT * FROM keep;",
+            p = p.path
+        ))
+        .unwrap();
+    assert!(db_dir.join("db.sqlite-shm").exists());
+    let push = |cache: &Path| {
+        let script = format!(
+            "mount --bind {db} /nix/var/nix/db \
+             && for f in db.sqlite schema; do mount --bind /nix/var/nix/db/$f /nix/var/nix/db/$f \
+                && mount -o remount,ro,bind /nix/var/nix/db/$f || exit 1; done \
+             && ! (echo >> /nix/var/nix/db/db.sqlite) 2>/dev/null \
+             && exec {narflow} push --unsigned --to file://{cache} {path}",
+            db = db_dir.display(),
+            narflow = env!("CARGO_BIN_EXE_narflow"),
+            cache = cache.display(),
+            path = p.path
+        );
+        let out = Command::new("unshare")
+            .args(["-m", "sh", "-c", &script])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            cache.join(narinfo_key(&p.path)).exists(),
+            "{}",
+            stderr(&out)
+        );
+    };
+    // The row is only in the WAL; the -shm is Nix's (here: the writer's).
+    push(&dir.path().join("cache-wal"));
+    // Nix closed the database: no WAL, no -shm.
+    drop(writer);
+    assert!(!db_dir.join("db.sqlite-wal").exists());
+    assert!(!db_dir.join("db.sqlite-shm").exists());
+    push(&dir.path().join("cache-no-wal"));
+}
+
+#[test]
+fn push_sweep_orphans_sweeps_with_a_day_of_grace_after_the_push() {
+    let dir = tempdir();
+    let cache = dir.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    let p = BigPath::new("push-sweep", 100);
+    // A leftover younger than the grace period: an upload that may still be running.
+    std::fs::create_dir_all(cache.join("nar")).unwrap();
+    let young = cache.join("nar").join(".narflow-tmp-young");
+    std::fs::write(&young, "x").unwrap();
+    let out = narflow()
+        .args([
+            "push",
+            "--unsigned",
+            "--sweep-orphans",
+            "--to",
+            &url,
+            &p.path,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("leftovers of interrupted uploads older than 24 h"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(cache.join(narinfo_key(&p.path)).exists());
+    assert!(young.exists(), "a leftover younger than a day was swept");
 }
