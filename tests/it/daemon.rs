@@ -1140,6 +1140,15 @@ impl narflow::cache::BinaryCache for RefusingCache {
     fn has_object(&self, key: &str) -> Result<bool, narflow::cache::CacheError> {
         self.inner.has_object(key)
     }
+    fn object_size(&self, key: &str) -> Result<Option<u64>, narflow::cache::CacheError> {
+        self.inner.object_size(key)
+    }
+    fn get_narinfo(
+        &self,
+        path: &narflow::format::store_path::StorePath,
+    ) -> Result<Option<String>, narflow::cache::CacheError> {
+        self.inner.get_narinfo(path)
+    }
     fn begin_nar(
         &self,
         nar_size: u64,
@@ -1235,7 +1244,8 @@ impl Drop for InProcessDaemon {
 
 fn file_cache(dir: &Path) -> Box<dyn narflow::cache::BinaryCache> {
     let url = format!("file://{}", dir.display());
-    narflow::cache::open(&narflow::cache::url::CacheUrl::parse(&url).unwrap()).unwrap()
+    let url = narflow::cache::url::CacheUrl::parse(&url).unwrap();
+    narflow::cache::open(&url, narflow::pipeline::DEFAULT_MEMORY).unwrap()
 }
 
 #[test]
