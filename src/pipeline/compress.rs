@@ -272,6 +272,7 @@ pub struct CompressStage<'a> {
     pub pool: &'a rayon::ThreadPool,
     pub settings: CompressionSettings,
     pub buffers: super::buffers::BufferPool,
+    pub cancel: super::Cancel,
 }
 
 impl CompressStage<'_> {
@@ -289,12 +290,19 @@ impl CompressStage<'_> {
         });
         let settings = self.settings;
         let buffers = &self.buffers;
+        let cancel = &self.cancel;
         self.pool.in_place_scope(|scope| {
             for mut chunk in chunks.iter() {
                 let (out, totals) = (out.clone(), &totals);
                 scope.spawn(move |_| {
                     let started = std::time::Instant::now();
-                    let passthrough = settings.kind == Compression::None
+                    // A cancelled push compresses nothing more: the chunk goes on empty,
+                    // and the sink, seeing the cancel, commits none of its job.
+                    if cancel.is_cancelled() {
+                        chunk.data.clear();
+                    }
+                    let passthrough = cancel.is_cancelled()
+                        || settings.kind == Compression::None
                         || matches!(chunk.end, Some(super::walk::NarEnd::Failed(_)));
                     if !passthrough {
                         // The permit stays as it is: the compressed bytes live in a buffer of

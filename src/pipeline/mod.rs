@@ -520,6 +520,7 @@ pub fn upload_after(
         pool: &pool,
         settings: opts.compression,
         buffers: buffers.clone(),
+        cancel: opts.cancel.clone(),
     };
     // Finishing threads: as many uploads committing at once as the cache says hide its
     // per-request latency (1 for a local directory, where a commit is a rename).

@@ -163,6 +163,11 @@ impl SinkStage<'_> {
         if let Some(e) = state.error {
             return Err(e);
         }
+        // Once cancelled, the compress stage may have passed this job's chunks on empty:
+        // nothing of it is committed (the cancel flag never goes back).
+        if self.opts.cancel.is_cancelled() {
+            return Err(Failure::transient(super::CANCELLED));
+        }
         if nar_hash != info.nar_hash || nar_size != info.nar_size {
             return Err(Failure::permanent(format!(
                 "{full} is corrupt: its contents hash to {nar_hash} ({nar_size} bytes) but the Nix \
