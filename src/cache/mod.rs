@@ -25,6 +25,11 @@ pub enum CacheError {
     /// refused, bucket missing, ...). Not retryable.
     #[error("{0}")]
     Config(String),
+    /// The cache could not be reached at all, even after retries (its first request of a
+    /// run failed): nothing can go up now, but it may come back. `narflow push` treats it
+    /// like a configuration error (exit 2); the daemon retries with its usual backoff.
+    #[error("{0}")]
+    Unreachable(String),
     /// A request to a remote cache failed (after retries when `transient`).
     #[error("{cache}: {key}: {message}")]
     Remote {
@@ -44,6 +49,7 @@ impl CacheError {
                 matches!(source.kind(), Interrupted | TimedOut | WouldBlock)
             }
             CacheError::Config(_) => false,
+            CacheError::Unreachable(_) => true,
             CacheError::Remote { transient, .. } => *transient,
         }
     }

@@ -934,14 +934,14 @@ impl BinaryCache for S3Cache {
     fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError> {
         let s = &self.shared;
         // The first request of a run: if the endpoint cannot be reached even after the
-        // retries, no path can go up, so it is a configuration error (exit 2), not a
-        // per-path failure.
+        // retries, no path can go up, so it fails the run (exit 2), not each path; the
+        // daemon retries it as the transient error it is.
         let unreachable = |e: CacheError| match e {
             CacheError::Remote {
                 transient: true,
                 message,
                 ..
-            } => CacheError::Config(format!(
+            } => CacheError::Unreachable(format!(
                 "{}: cannot reach the S3 endpoint: {message}",
                 s.url
             )),

@@ -181,7 +181,9 @@ pub fn run(args: PushArgs) -> Result<u8, CliError> {
     let progress = super::progress::CliProgress::new();
     let report =
         pipeline::push(&store, cache.as_ref(), &paths, &opts, &progress).map_err(|e| match e {
-            pipeline::PushError::Cache(cache::CacheError::Config(_)) => CliError::usage(e),
+            pipeline::PushError::Cache(
+                cache::CacheError::Config(_) | cache::CacheError::Unreachable(_),
+            ) => CliError::usage(e),
             e => CliError::failed(e),
         })?;
     progress.done();
