@@ -1407,6 +1407,16 @@ fn push_sweep_orphans_sweeps_with_a_day_of_grace_after_the_push() {
     std::fs::create_dir_all(cache.join("nar")).unwrap();
     let young = cache.join("nar").join(".narflow-tmp-young");
     std::fs::write(&young, "x").unwrap();
+    // And one two days old: what a killed push left.
+    let old = cache.join("nar").join(".narflow-tmp-old");
+    std::fs::write(&old, "x").unwrap();
+    let two_days = std::time::SystemTime::now() - Duration::from_secs(2 * 86400);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(two_days)
+        .unwrap();
     let out = narflow()
         .args([
             "push",
@@ -1426,4 +1436,5 @@ fn push_sweep_orphans_sweeps_with_a_day_of_grace_after_the_push() {
     );
     assert!(cache.join(narinfo_key(&p.path)).exists());
     assert!(young.exists(), "a leftover younger than a day was swept");
+    assert!(!old.exists(), "a leftover two days old was not swept");
 }
