@@ -607,23 +607,7 @@ impl Shared {
     }
 
     async fn exists(&self, key: &str) -> Result<bool, CacheError> {
-        let r = self
-            .retry("HeadObject", key, || async {
-                match self
-                    .client
-                    .head_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .send()
-                    .await
-                {
-                    Ok(_) => Ok(true),
-                    Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(false),
-                    Err(e) => Err(e),
-                }
-            })
-            .await?;
-        Ok(r)
+        Ok(self.size(key).await?.is_some())
     }
 
     /// Checks, after an answer that left the outcome of `what` unknown, that `key` exists
@@ -830,30 +814,10 @@ impl Shared {
     }
 
     async fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
-        let out = self
-            .retry("GetObject", key, || async {
-                match self
-                    .client
-                    .get_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .send()
-                    .await
-                {
-                    Ok(o) => Ok(Some(o)),
-                    Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => Ok(None),
-                    Err(e) => Err(e),
-                }
-            })
-            .await?;
-        let Some(out) = out else { return Ok(None) };
-        let body = out.body.collect().await.map_err(|e| CacheError::Remote {
-            cache: self.url.clone(),
-            key: key.to_owned(),
-            message: format!("reading the body: {e}"),
-            transient: true,
-        })?;
-        String::from_utf8(body.to_vec())
+        let Some(bytes) = self.get_bytes(key).await? else {
+            return Ok(None);
+        };
+        String::from_utf8(bytes)
             .map(Some)
             .map_err(|_| CacheError::Config(format!("{}: {key} is not UTF-8 text", self.url)))
     }
