@@ -379,6 +379,10 @@ enum Rejection {
 }
 
 impl Rejection {
+    fn is_transient(&self) -> bool {
+        matches!(self, Rejection::Transient(_))
+    }
+
     fn why(&self) -> &str {
         match self {
             Rejection::Invalid(w) | Rejection::NoSuchPath(w) | Rejection::Transient(w) => w,
@@ -419,8 +423,22 @@ impl Shared {
     /// Validates `tokens` and queues the store paths among them, durably. With no tokens,
     /// queues the outputs of `drv`: Nix 2.8.0 runs the post-build-hook with `$OUT_PATHS`
     /// empty and only `$DRV_PATH` set.
+    ///
+    /// A token that could not be checked for a passing reason (the store could not be
+    /// looked at) makes the whole reply an `ERR`, so the hook spools the hand-off and the
+    /// drain tries again later; paths of it queued already are queued twice, harmlessly.
     fn enqueue(&self, drv: Option<&str>, tokens: &[String]) -> EnqueueReply {
         match self.enqueue_classified(drv, tokens) {
+            Ok((_, rejected)) if rejected.iter().any(|(_, r)| r.is_transient()) => {
+                let (token, why) = rejected
+                    .iter()
+                    .find(|(_, r)| r.is_transient())
+                    .expect("checked above");
+                EnqueueReply::Err(format!(
+                    "cannot check {token} now: {}",
+                    protocol::one_line(why.why())
+                ))
+            }
             Ok((queued, rejected)) => EnqueueReply::Ok {
                 queued,
                 rejected: rejected
@@ -483,12 +501,13 @@ impl Shared {
     fn outputs_of(&self, drv: &str) -> Result<Vec<String>, Rejection> {
         let d = StorePath::from_absolute_path(drv, self.store_dir())
             .map_err(|e| Rejection::Invalid(e.to_string()))?;
+        // Only a derivation the store says is not valid is gone; any other error (the
+        // database busy, unreadable or odd) may pass, and the hand-off is kept.
         let outs = self.store.derivation_outputs(&d).map_err(|e| {
             let why = format!("cannot find the outputs of the derivation: {e}");
-            if e.is_transient() {
-                Rejection::Transient(why)
-            } else {
-                Rejection::NoSuchPath(why)
+            match e {
+                crate::store::StoreError::NotValid(_) => Rejection::NoSuchPath(why),
+                _ => Rejection::Transient(why),
             }
         })?;
         if outs.is_empty() {
@@ -696,6 +715,34 @@ mod tests {
         assert_eq!(q.state_of(&gone).unwrap(), Some("dropped"));
         assert!(q.dropped(5).unwrap()[0].1.contains("no such store path"));
         assert!(spool::take(&state).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_hand_off_that_cannot_be_checked_now_is_refused_so_the_hook_spools_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let store = dir.path().join("store");
+        // A store that cannot be looked at (ELOOP), as a passing failure would.
+        std::os::unix::fs::symlink(&store, &store).unwrap();
+        let here = format!("{}/00000000000000000000000000000000-here", store.display());
+        let s = shared(&store, &state);
+        // Not "OK 0 with a REJECT line", which the hook takes as handled: an ERR, so the
+        // hook spools the hand-off and the drain tries it again.
+        match s.enqueue(None, std::slice::from_ref(&here)) {
+            protocol::EnqueueReply::Err(why) => assert!(why.contains(&here), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // A token that is no store path at all is still refused by name, not spooled.
+        match s.enqueue(None, &["/etc/passwd".to_owned()]) {
+            protocol::EnqueueReply::Ok {
+                queued: 0,
+                rejected,
+            } => {
+                assert_eq!(rejected[0].0, "/etc/passwd")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

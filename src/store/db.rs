@@ -12,7 +12,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, OpenFlags, Row};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row};
 
 use super::{PathInfo, StoreError};
 use crate::format::hash::Sha256;
@@ -179,11 +179,14 @@ impl StoreDb {
             .collect::<Result<_, _>>()
             .map_err(|e| self.db_err(e))?;
         if rows.is_empty() {
-            let valid: bool = conn
+            // An error here (the database busy) is an error, not "not valid".
+            let valid = conn
                 .query_row("SELECT 1 FROM ValidPaths WHERE path = ?1", [&full], |_| {
                     Ok(())
                 })
-                .is_ok();
+                .optional()
+                .map_err(|e| self.db_err(e))?
+                .is_some();
             if !valid {
                 return Err(StoreError::NotValid(full));
             }
