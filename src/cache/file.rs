@@ -31,6 +31,11 @@ const NAR_WRITE_BUFFER: usize = 256 * 1024;
 /// How much of a NAR file gathers in the page cache before its writeback is started.
 const WRITEBACK_STEP: u64 = 8 << 20;
 
+/// Longest a writer waits for another's publishing lock. A wave holds it for one
+/// `syncfs` and some renames (well under a second even on a slow disk); a minute means
+/// the holder is stopped or stuck.
+const PUBLISH_LOCK_WAIT: Duration = Duration::from_secs(60);
+
 /// Prefix of temporary files; Nix ignores them and [`BinaryCache::sweep_orphans`] removes
 /// stale ones.
 pub const TEMP_PREFIX: &str = ".narflow-tmp-";
@@ -67,6 +72,35 @@ impl FileCache {
         };
         std::fs::create_dir_all(root.join("nar")).map_err(|e| cache.io("nar/", e))?;
         Ok(cache)
+    }
+
+    /// Takes the lock that orders the publishing of concurrent writers, waiting at most
+    /// `wait`: a writer that holds it longer is stopped or stuck, and waiting for it
+    /// forever would wedge this one (a daemon would upload nothing more).
+    ///
+    /// # Errors
+    /// [`CacheError::Io`] with [`io::ErrorKind::TimedOut`] (transient) past `wait`.
+    fn lock_publishing(&self, wait: Duration) -> Result<File, CacheError> {
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join(LOCK_FILE))
+            .map_err(|e| self.io(LOCK_FILE, e))?;
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => return Ok(lock),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    let why = format!("held by another writer for more than {wait:?}");
+                    return Err(self.io(LOCK_FILE, io::Error::new(io::ErrorKind::TimedOut, why)));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(self.io(LOCK_FILE, e)),
+            }
+        }
     }
 
     fn io(&self, key: &str, source: io::Error) -> CacheError {
@@ -274,14 +308,8 @@ impl BinaryCache for FileCache {
         if narinfos.is_empty() {
             return Ok(Vec::new());
         }
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join(LOCK_FILE))
-            .map_err(|e| self.io(LOCK_FILE, e))?;
-        lock.lock().map_err(|e| self.io(LOCK_FILE, e))?;
-        // Unlocked when `lock` is closed, after the renames are durable.
+        // Unlocked when `_lock` is closed, after the renames are durable.
+        let _lock = self.lock_publishing(PUBLISH_LOCK_WAIT)?;
         super::publish_merged(self, store_dir, narinfos)
     }
 
@@ -532,6 +560,18 @@ mod tests {
         std::fs::remove_file(dir.path().join("nar/x.nar")).unwrap();
         c.put_narinfo(&p, &narinfo_text(&p, 10)).unwrap();
         assert!(!c.has_narinfo(&p).unwrap(), "missing NAR: trusted");
+    }
+
+    #[test]
+    fn a_publishing_lock_held_elsewhere_is_waited_for_a_bounded_time() {
+        let (dir, c) = cache();
+        let held = File::create(dir.path().join(LOCK_FILE)).unwrap();
+        held.lock().unwrap();
+        let e = c.lock_publishing(Duration::from_millis(50)).unwrap_err();
+        assert!(e.is_transient(), "{e}");
+        assert!(e.to_string().contains("held by another writer"), "{e}");
+        drop(held);
+        assert!(c.lock_publishing(Duration::from_millis(50)).is_ok());
     }
 
     #[test]
