@@ -105,7 +105,7 @@ impl SinkStage<'_> {
                 if let (Some(upload), None) = (state.upload.as_mut(), &state.error)
                     && let Err(e) = upload.write_all(&chunk.data)
                 {
-                    state.error = Some(Failure::transient(format!("writing the NAR: {e}")));
+                    state.error = Some(write_failure(&e));
                 }
                 self.buffers.give(chunk.data);
                 if let Some(end) = chunk.end {
@@ -214,5 +214,45 @@ impl SinkStage<'_> {
             narinfo.sign(key, self.store_dir);
         }
         Ok((Box::new(narinfo), file_size))
+    }
+}
+
+/// Why writing a NAR's bytes failed. A remote cache sends parts from inside `write` and
+/// returns its [`crate::cache::CacheError`] wrapped in the `io::Error`: that error keeps
+/// its class (access denied is permanent for a large NAR as for a small one, which fails
+/// in `commit`); any other I/O error may pass.
+fn write_failure(e: &std::io::Error) -> Failure {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<crate::cache::CacheError>())
+    {
+        Some(c) => Failure {
+            message: format!("writing the NAR: {c}"),
+            ..Failure::from_cache(c)
+        },
+        None => Failure::transient(format!("writing the NAR: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheError;
+
+    #[test]
+    fn a_cache_error_inside_a_write_error_keeps_its_retry_class() {
+        let denied = std::io::Error::other(CacheError::Config("access denied to bucket".into()));
+        let f = write_failure(&denied);
+        assert_eq!(f.retry, super::super::Retry::Permanent, "{f}");
+        assert!(f.message.contains("access denied to bucket"), "{f}");
+        let reset = std::io::Error::other(CacheError::Remote {
+            cache: "s3://b".into(),
+            key: "k".into(),
+            message: "connection reset".into(),
+            transient: true,
+        });
+        assert!(write_failure(&reset).is_transient());
+        let disk = std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left");
+        assert!(write_failure(&disk).is_transient());
     }
 }
