@@ -936,21 +936,7 @@ impl BinaryCache for S3Cache {
                     return Ok(keys.iter().map(|k| present.contains(k)).collect());
                 }
             }
-            let mut out = vec![false; keys.len()];
-            let mut set = JoinSet::new();
-            let mut next = 0;
-            while next < keys.len() || !set.is_empty() {
-                while next < keys.len() && set.len() < BATCH_CONCURRENCY {
-                    let (s, key, i) = (s.clone(), keys[next].clone(), next);
-                    set.spawn(async move { (i, s.exists(&key).await) });
-                    next += 1;
-                }
-                if let Some(done) = set.join_next().await {
-                    let (i, r) = done.map_err(|e| join_error(&s.url, e))?;
-                    out[i] = r?;
-                }
-            }
-            Ok(out)
+            concurrently(&s, keys, |s, key| async move { s.exists(&key).await }).await
         })
     }
 
@@ -1048,21 +1034,12 @@ impl BinaryCache for S3Cache {
         let s = self.shared.clone();
         let keys: Vec<String> = paths.iter().map(super::narinfo_key).collect();
         self.block_on(async move {
-            let mut out = vec![None; keys.len()];
-            let mut set = JoinSet::new();
-            let mut next = 0;
-            while next < keys.len() || !set.is_empty() {
-                while next < keys.len() && set.len() < BATCH_CONCURRENCY {
-                    let (s, key, i) = (s.clone(), keys[next].clone(), next);
-                    set.spawn(async move { (i, s.get_text_lossy(&key).await) });
-                    next += 1;
-                }
-                if let Some(done) = set.join_next().await {
-                    let (i, r) = done.map_err(|e| join_error(&s.url, e))?;
-                    out[i] = r?;
-                }
-            }
-            Ok(out)
+            concurrently(
+                &s,
+                keys,
+                |s, key| async move { s.get_text_lossy(&key).await },
+            )
+            .await
         })
     }
 
@@ -1176,6 +1153,38 @@ async fn abort_others(s: &Shared, key: &str, keep: &str) {
             tracing::warn!("could not abort the orphaned multipart upload {id} of {key}: {e}");
         }
     }
+}
+
+/// Runs `op` on every key, [`BATCH_CONCURRENCY`] at a time; the answers in the keys'
+/// order. The first error is returned (the requests still running are dropped).
+async fn concurrently<T, Fut>(
+    s: &Arc<Shared>,
+    keys: Vec<String>,
+    op: impl Fn(Arc<Shared>, String) -> Fut,
+) -> Result<Vec<T>, CacheError>
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = Result<T, CacheError>> + Send + 'static,
+{
+    let mut out: Vec<Option<T>> = (0..keys.len()).map(|_| None).collect();
+    let mut keys = keys.into_iter().enumerate();
+    let mut set = JoinSet::new();
+    loop {
+        while set.len() < BATCH_CONCURRENCY {
+            let Some((i, key)) = keys.next() else { break };
+            let request = op(s.clone(), key);
+            set.spawn(async move { (i, request.await) });
+        }
+        let Some(done) = set.join_next().await else {
+            break;
+        };
+        let (i, answer) = done.map_err(|e| join_error(&s.url, e))?;
+        out[i] = Some(answer?);
+    }
+    Ok(out
+        .into_iter()
+        .map(|a| a.expect("every request was answered"))
+        .collect())
 }
 
 fn join_error(url: &str, e: tokio::task::JoinError) -> CacheError {
