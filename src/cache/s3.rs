@@ -279,16 +279,7 @@ impl S3Cache {
                         if !key.starts_with(prefix) || !older(u.initiated()) {
                             continue;
                         }
-                        let r = s
-                            .retry("AbortMultipartUpload", key, || {
-                                s.client
-                                    .abort_multipart_upload()
-                                    .bucket(&s.bucket)
-                                    .key(key)
-                                    .upload_id(id)
-                                    .send()
-                            })
-                            .await;
+                        let r = s.abort(key, id).await;
                         match r {
                             Ok(_) => removed += 1,
                             Err(e) => {
@@ -606,6 +597,26 @@ impl Shared {
         .map(drop)
     }
 
+    /// Aborts the multipart upload `id` on `key`. One that is gone already (completed or
+    /// aborted: NoSuchUpload) counts as aborted.
+    async fn abort(&self, key: &str, id: &str) -> Result<(), CacheError> {
+        self.retry("AbortMultipartUpload", key, || async {
+            match self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(id)
+                .send()
+                .await
+            {
+                Err(e) if e.code() == Some("NoSuchUpload") => Ok(()),
+                r => r.map(drop),
+            }
+        })
+        .await
+    }
+
     async fn exists(&self, key: &str) -> Result<bool, CacheError> {
         Ok(self.size(key).await?.is_some())
     }
@@ -703,22 +714,7 @@ impl Shared {
         let id = created.upload_id().unwrap_or_default().to_owned();
         let r = self.copy_parts(staging, key, &id, size, part).await;
         if r.is_err() {
-            let abort = self
-                .retry("AbortMultipartUpload", key, || async {
-                    match self
-                        .client
-                        .abort_multipart_upload()
-                        .bucket(&self.bucket)
-                        .key(key)
-                        .upload_id(&id)
-                        .send()
-                        .await
-                    {
-                        Err(e) if e.code() == Some("NoSuchUpload") => Ok(()),
-                        r => r.map(drop),
-                    }
-                })
-                .await;
+            let abort = self.abort(key, &id).await;
             if let Err(e) = abort {
                 tracing::warn!("could not abort the multi-part copy {id} to {key}: {e}");
             }
@@ -1139,16 +1135,7 @@ async fn abort_others(s: &Shared, key: &str, keep: &str) {
         if k != key || id == keep {
             continue;
         }
-        let r = s
-            .retry("AbortMultipartUpload", key, || {
-                s.client
-                    .abort_multipart_upload()
-                    .bucket(&s.bucket)
-                    .key(key)
-                    .upload_id(id)
-                    .send()
-            })
-            .await;
+        let r = s.abort(key, id).await;
         if let Err(e) = r {
             tracing::warn!("could not abort the orphaned multipart upload {id} of {key}: {e}");
         }
@@ -1465,24 +1452,9 @@ impl Drop for S3NarUpload {
         s.rt.block_on(async {
             in_flight.shutdown().await;
             if !m.upload_id.is_empty() {
-                let r = s
-                    .retry("AbortMultipartUpload", &m.staging, || async {
-                        match s
-                            .client
-                            .abort_multipart_upload()
-                            .bucket(&s.bucket)
-                            .key(&m.staging)
-                            .upload_id(&m.upload_id)
-                            .send()
-                            .await
-                        {
-                            // Completed (or aborted) already: the staging object below
-                            // is what may be left.
-                            Err(e) if e.code() == Some("NoSuchUpload") => Ok(()),
-                            r => r.map(drop),
-                        }
-                    })
-                    .await;
+                // Completed (or aborted) already counts as aborted: the staging object
+                // below is what may be left.
+                let r = s.abort(&m.staging, &m.upload_id).await;
                 if let Err(e) = r {
                     tracing::warn!("could not abort the multipart upload of {}: {e}", m.staging);
                 }
