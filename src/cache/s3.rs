@@ -628,24 +628,10 @@ impl Shared {
     /// A transient [`CacheError::Remote`] when it does not (the caller's cleanup removes
     /// whatever was made).
     async fn check_size(&self, key: &str, size: u64, what: &str) -> Result<(), CacheError> {
-        let found = self
-            .retry("HeadObject", key, || async {
-                match self
-                    .client
-                    .head_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .send()
-                    .await
-                {
-                    Ok(h) => Ok(Some(h.content_length().unwrap_or(-1))),
-                    Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(None),
-                    Err(e) => Err(e),
-                }
-            })
-            .await?;
+        // A missing Content-Length reads as 0: never the size of a multipart upload.
+        let found = self.size(key).await?;
         let problem = match found {
-            Some(n) if u64::try_from(n) == Ok(size) => return Ok(()),
+            Some(n) if n == size => return Ok(()),
             Some(n) => format!("it has {n} bytes, not {size}"),
             None => "it does not exist".to_owned(),
         };
