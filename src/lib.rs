@@ -12,7 +12,8 @@
 //! ```text
 //! // Public API:
 //! let store = store::LocalStore::open("/nix/store", Path::new("/nix/var/nix/db/db.sqlite"));
-//! let cache = cache::open(&cache::url::CacheUrl::parse("file:///var/cache/nix")?, opts.memory)?;
+//! let url = cache::url::CacheUrl::parse("file:///var/cache/nix")?;
+//! let cache = cache::open(&url, &opts.cache_options(cache::S3Tuning::from_url(&url)?))?;
 //! let report = pipeline::push(&store, cache.as_ref(), &paths, &opts, &pipeline::NoProgress)?;
 //! ```
 

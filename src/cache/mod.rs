@@ -158,6 +158,11 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     fn sweep_orphans(&self, _grace: std::time::Duration) -> Result<u64, CacheError> {
         Ok(0)
     }
+    /// Requests sent so far, by operation (for metrics). A cache that sends no requests
+    /// (a local directory) has none.
+    fn request_counts(&self) -> Vec<RequestCount> {
+        Vec::new()
+    }
 }
 
 /// What publishing one narinfo did.
@@ -280,11 +285,117 @@ pub fn publish_merged<C: BinaryCache + ?Sized>(
 ///
 /// # Errors
 /// [`CacheError::Config`] for a URL narflow cannot serve.
-pub fn open(url: &url::CacheUrl, memory: u64) -> Result<Box<dyn BinaryCache>, CacheError> {
+pub fn open(url: &url::CacheUrl, opts: &OpenOptions) -> Result<Box<dyn BinaryCache>, CacheError> {
     match &url.location {
         url::CacheLocation::File(dir) => Ok(Box::new(file::FileCache::open(dir, &url.original)?)),
-        url::CacheLocation::S3 { bucket } => Ok(Box::new(s3::S3Cache::open(bucket, url, memory)?)),
+        url::CacheLocation::S3 { bucket } => Ok(Box::new(s3::S3Cache::open(bucket, url, opts)?)),
     }
+}
+
+/// What a cache's constructor is given: its share of the one memory budget, derived by
+/// the pipeline ([`crate::pipeline::PushOptions::cache_options`]), and the S3 tuning.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenOptions {
+    /// Bytes of NAR data the cache may buffer on their way out (S3: small NARs whole
+    /// until their PUT, large ones part by part). A local directory buffers nothing.
+    pub upload_memory: u64,
+    pub s3: S3Tuning,
+}
+
+/// How an S3 cache talks to its server. Ignored by other caches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct S3Tuning {
+    /// Requests in flight at once over all uploads (URL parameter `concurrency=`).
+    pub concurrency: usize,
+    /// Retries of a request that failed transiently (URL parameter `retries=`).
+    pub retries: u32,
+    /// How long to wait for a connection.
+    pub connect_timeout: std::time::Duration,
+    /// How long a response may be silent (URL parameter `read-timeout=`, seconds).
+    pub read_timeout: std::time::Duration,
+    /// Smallest multipart part (larger NARs get larger parts, to stay in S3's 10,000).
+    pub min_part_size: u64,
+}
+
+impl Default for S3Tuning {
+    fn default() -> Self {
+        S3Tuning {
+            concurrency: 32,
+            retries: 6,
+            connect_timeout: std::time::Duration::from_secs(5),
+            read_timeout: std::time::Duration::from_secs(30),
+            min_part_size: s3::MIN_PART,
+        }
+    }
+}
+
+impl S3Tuning {
+    /// The defaults, with the URL's `concurrency=`, `retries=` and `read-timeout=` applied
+    /// (narflow's own parameters, kept for URLs written for earlier versions).
+    ///
+    /// # Errors
+    /// [`CacheError::Config`] naming the URL and the parameter with a bad value.
+    pub fn from_url(url: &url::CacheUrl) -> Result<Self, CacheError> {
+        fn param<T: std::str::FromStr>(
+            url: &url::CacheUrl,
+            key: &str,
+        ) -> Result<Option<T>, CacheError> {
+            url.param(key)
+                .map(|v| {
+                    v.parse().map_err(|_| {
+                        CacheError::Config(format!("{}: bad value {v:?} for {key}", url.original))
+                    })
+                })
+                .transpose()
+        }
+        let mut t = S3Tuning::default();
+        if let Some(c) = param::<usize>(url, "concurrency")? {
+            t.concurrency = c.max(1);
+        }
+        if let Some(r) = param(url, "retries")? {
+            t.retries = r;
+        }
+        if let Some(secs) = param::<f64>(url, "read-timeout")? {
+            t.read_timeout = std::time::Duration::try_from_secs_f64(secs).map_err(|_| {
+                CacheError::Config(format!(
+                    "{}: bad value {secs:?} for read-timeout",
+                    url.original
+                ))
+            })?;
+        }
+        t.check()
+            .map_err(|e| CacheError::Config(format!("{}: {e}", url.original)))?;
+        Ok(t)
+    }
+
+    /// Checks the values are usable.
+    ///
+    /// # Errors
+    /// A message naming the setting that is out of range.
+    pub fn check(&self) -> Result<(), String> {
+        if self.concurrency == 0 {
+            return Err("concurrency must be at least 1".into());
+        }
+        if self.min_part_size < s3::MIN_S3_PART {
+            return Err(format!(
+                "part size {} is below S3's smallest part ({} bytes)",
+                self.min_part_size,
+                s3::MIN_S3_PART
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One kind of request a cache sent, for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestCount {
+    /// The operation, e.g. `PutObject`, `HeadObject`, `UploadPart`.
+    pub operation: &'static str,
+    /// Requests sent, retries included.
+    pub requests: u64,
+    /// Of those, retries of a request that had failed transiently.
+    pub retries: u64,
 }
 
 /// What to write as `nix-cache-info`, given what the cache has (`existing`; `None` when it

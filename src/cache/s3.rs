@@ -14,8 +14,8 @@
 //! object under a final name. An answer that is lost or cannot be read leaves the outcome
 //! unknown, so it is checked (the object exists with the bytes sent), never assumed.
 //!
-//! Memory: uploads buffer at most `UPLOAD_MEMORY_FACTOR` times the push's memory budget;
-//! each buffer reserves its whole part before it is filled (see `UploadMemory`).
+//! Memory: uploads buffer at most `OpenOptions::upload_memory`, the share of the memory
+//! budget the pipeline gives this cache; each buffer reserves its whole part before it is filled (see `UploadMemory`).
 //! Orphans that a killed push left under the staging prefix are swept by age.
 //!
 //! Every request is retried with jittered exponential backoff on 5xx, 503 SlowDown,
@@ -27,7 +27,7 @@
 //! from the pipeline's finishing threads and from the batch methods, which run their
 //! requests concurrently on the runtime.
 use super::url::CacheUrl;
-use super::{BinaryCache, CacheError, NarUpload};
+use super::{BinaryCache, CacheError, NarUpload, OpenOptions};
 use crate::format::store_path::StorePath;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -43,21 +43,17 @@ pub const CACHE_INFO_TYPE: &str = "text/x-nix-cache-info";
 
 /// Smallest part we upload: S3 requires 5 MiB for every part but the last; a little more
 /// keeps the request count down at no memory cost worth counting.
-const MIN_PART: u64 = 8 << 20;
+pub(crate) const MIN_PART: u64 = 8 << 20;
 /// S3 allows 10,000 parts; leave room for compressed data a little larger than the NAR.
 const MAX_PARTS: u64 = 9_000;
 /// Most parts of one NAR uploading at once: enough to fill a fast link. Fewer when parts
 /// are large next to the upload memory (see [`parts_in_flight`]).
 const PARTS_IN_FLIGHT: usize = 4;
-/// The S3 upload memory is this many times the push's `--memory` budget (so the default
-/// 64 MiB gives 128 MiB): NAR bytes buffered on their way to S3, small NARs whole until
-/// their PUT, large ones part by part.
-const UPLOAD_MEMORY_FACTOR: u64 = 2;
 /// A part may take at most this share of the upload memory, so that the parts being
 /// filled of several NARs assembled at once fit beside each other.
 const PART_SHARE: u64 = 4;
 /// The smallest part S3 takes (all but the last part of an upload).
-const MIN_S3_PART: u64 = 5 << 20;
+pub(crate) const MIN_S3_PART: u64 = 5 << 20;
 /// The largest object one CopyObject may copy on AWS (5 GiB); larger staging objects are
 /// copied in parts with UploadPartCopy.
 const COPY_LIMIT: u64 = 5 << 30;
@@ -86,6 +82,8 @@ struct Shared {
     retries: u32,
     /// Staging objects larger than this are copied in parts (UploadPartCopy) of this size.
     copy_part: u64,
+    /// Smallest multipart part (`S3Tuning::min_part_size`).
+    min_part: u64,
     rt: tokio::runtime::Runtime,
     memory: Arc<UploadMemory>,
 }
@@ -96,32 +94,22 @@ pub struct S3Cache {
     concurrency: usize,
 }
 
-/// Parses a numeric URL parameter.
-fn param<T: std::str::FromStr>(url: &CacheUrl, key: &str, default: T) -> Result<T, CacheError> {
-    match url.param(key) {
-        None => Ok(default),
-        Some(v) => v.parse().map_err(|_| {
-            CacheError::Config(format!("{}: bad value {v:?} for {key}", url.original))
-        }),
-    }
-}
-
 impl S3Cache {
     /// Builds the client for `s3://bucket?...`. Nothing is sent yet.
     ///
     /// # Errors
     /// [`CacheError::Config`] for bad parameters.
-    /// `memory` is the push's memory budget (`PushOptions::memory`); uploads buffer at
-    /// most `UPLOAD_MEMORY_FACTOR` times that.
-    pub fn open(bucket: &str, url: &CacheUrl, memory: u64) -> Result<Self, CacheError> {
-        Self::build(bucket, url, memory, None)
+    /// Uploads buffer at most `opts.upload_memory` bytes; `opts.s3` says how to talk to
+    /// the server.
+    pub fn open(bucket: &str, url: &CacheUrl, opts: &OpenOptions) -> Result<Self, CacheError> {
+        Self::build(bucket, url, opts, None)
     }
 
     /// [`S3Cache::open`], with fixed credentials instead of the AWS chain when given.
     fn build(
         bucket: &str,
         url: &CacheUrl,
-        memory: u64,
+        opts: &OpenOptions,
         credentials: Option<aws_sdk_s3::config::Credentials>,
     ) -> Result<Self, CacheError> {
         let config_err = |why: String| CacheError::Config(format!("{}: {why}", url.original));
@@ -150,9 +138,10 @@ impl S3Cache {
                 )));
             }
         };
-        let read_timeout = Duration::from_secs_f64(param(url, "read-timeout", 30.0)?);
-        let retries = param(url, "retries", 6u32)?;
-        let concurrency = param(url, "concurrency", 32usize)?.max(1);
+        let tuning = &opts.s3;
+        tuning.check().map_err(config_err)?;
+        let retries = tuning.retries;
+        let concurrency = tuning.concurrency;
         let storage_class = url.param("storage-class").map(StorageClass::from);
         // Undocumented, for tests: exercise the multi-part copy with small objects.
         let copy_part = match std::env::var(COPY_PART_ENV) {
@@ -183,8 +172,8 @@ impl S3Cache {
             loader.load().await
         });
         let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .read_timeout(read_timeout)
+            .connect_timeout(tuning.connect_timeout)
+            .read_timeout(tuning.read_timeout)
             .build();
         let mut conf = aws_sdk_s3::config::Builder::from(&sdk)
             .force_path_style(path_style)
@@ -217,8 +206,9 @@ impl S3Cache {
                 copy_part,
                 rt,
                 memory: Arc::new(UploadMemory::new(
-                    memory.saturating_mul(UPLOAD_MEMORY_FACTOR).max(MIN_PART),
+                    opts.upload_memory.max(tuning.min_part_size),
                 )),
+                min_part: tuning.min_part_size,
             }),
             concurrency,
         })
@@ -927,14 +917,14 @@ impl BinaryCache for S3Cache {
     }
 
     fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
-        let part = part_size(nar_size);
+        let part = part_size(nar_size).max(self.shared.min_part);
         let capacity = self.shared.memory.capacity;
         if part > capacity / PART_SHARE {
-            let memory = (part * PART_SHARE).div_ceil(UPLOAD_MEMORY_FACTOR);
+            let memory = part * PART_SHARE;
             return Err(CacheError::Config(format!(
                 "{}: a NAR of {nar_size} bytes goes up in parts of {part} bytes, more than \
-                 1/{PART_SHARE} of the S3 upload memory ({capacity} bytes, {UPLOAD_MEMORY_FACTOR} \
-                 times --memory); it needs --memory {} or more",
+                 1/{PART_SHARE} of the S3 upload memory ({capacity} bytes); it needs an upload \
+                 memory of {} or more (raise --memory)",
                 self.shared.url,
                 human_size(memory)
             )));
@@ -1460,6 +1450,7 @@ impl Drop for S3NarUpload {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::S3Tuning;
 
     #[test]
     fn part_sizes_fit_any_nar_in_the_part_limit() {
@@ -1488,10 +1479,14 @@ mod tests {
     #[test]
     fn bad_parameters_are_config_errors() {
         let url = CacheUrl::parse("s3://b?addressing-style=sideways").unwrap();
-        let e = S3Cache::open("b", &url, 64 << 20).unwrap_err().to_string();
+        let opts = OpenOptions {
+            upload_memory: 128 << 20,
+            s3: S3Tuning::default(),
+        };
+        let e = S3Cache::open("b", &url, &opts).unwrap_err().to_string();
         assert!(e.contains("addressing-style \"sideways\""), "{e}");
         let url = CacheUrl::parse("s3://b?retries=many").unwrap();
-        let e = S3Cache::open("b", &url, 64 << 20).unwrap_err().to_string();
+        let e = S3Tuning::from_url(&url).unwrap_err().to_string();
         assert!(e.contains("bad value \"many\" for retries"), "{e}");
     }
 
@@ -1560,7 +1555,11 @@ mod tests {
         ))
         .unwrap();
         let creds = aws_sdk_s3::config::Credentials::new("test", "test", None, None, "tests");
-        S3Cache::build("b", &url, memory, Some(creds)).unwrap()
+        let opts = OpenOptions {
+            upload_memory: memory,
+            s3: S3Tuning::from_url(&url).unwrap(),
+        };
+        S3Cache::build("b", &url, &opts, Some(creds)).unwrap()
     }
 
     /// Two NARs of about 560 GiB (parts of 65 MiB) assembled at once by one thread, as
@@ -1570,7 +1569,7 @@ mod tests {
     fn two_huge_nars_assembled_together_do_not_deadlock() {
         let endpoint = accepting_server();
         let nar: u64 = 560 << 30;
-        let memory = 160 << 20;
+        let memory = 320 << 20;
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = done.clone();
         let worker = std::thread::spawn(move || {
@@ -1611,9 +1610,9 @@ mod tests {
             Err(e) => e.to_string(),
         };
         let part = part_size(nar);
-        let needed = (part * PART_SHARE).div_ceil(UPLOAD_MEMORY_FACTOR);
+        let needed = part * PART_SHARE;
         assert!(
-            e.contains(&format!("--memory {}", human_size(needed))),
+            e.contains(&format!("upload memory of {} or more", human_size(needed))),
             "{e}"
         );
         assert!(e.contains(&format!("{nar} bytes")), "{e}");

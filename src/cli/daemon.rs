@@ -26,6 +26,9 @@ pub struct DaemonArgs {
     /// is cancelled (what is unfinished stays queued).
     #[arg(long, default_value_t = 60)]
     pub shutdown_timeout: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, env = "NARFLOW_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Most paths taken from the queue per upload batch.
     #[arg(long, default_value_t = DEFAULT_BATCH, hide = true)]
     pub batch: usize,
@@ -33,7 +36,7 @@ pub struct DaemonArgs {
 
 pub fn run(args: DaemonArgs) -> Result<u8, CliError> {
     let (url, opts) = args.upload.resolve()?;
-    let memory = opts.memory;
+    let open_opts = opts.cache_options(cache::S3Tuning::from_url(&url).map_err(CliError::usage)?);
     let socket_group = args
         .socket_group
         .as_deref()
@@ -47,9 +50,10 @@ pub fn run(args: DaemonArgs) -> Result<u8, CliError> {
         opts,
         batch: args.batch,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        metrics_listen: args.metrics_listen,
     };
     let daemon = Daemon::bind(cfg).map_err(CliError::usage)?;
-    let cache = match cache::open(&url, memory) {
+    let cache = match cache::open(&url, &open_opts) {
         Ok(c) => c,
         Err(e) => {
             daemon.release();

@@ -166,7 +166,8 @@ pub fn run(args: PushArgs) -> Result<u8, CliError> {
 
     opts.closure = !args.no_closure;
     let store = LocalStore::open(DEFAULT_STORE_DIR, Path::new("/nix/var/nix/db/db.sqlite"));
-    let cache = cache::open(&url, opts.memory).map_err(CliError::usage)?;
+    let tuning = cache::S3Tuning::from_url(&url).map_err(CliError::usage)?;
+    let cache = cache::open(&url, &opts.cache_options(tuning)).map_err(CliError::usage)?;
     let mut bad_inputs = Vec::new();
     let mut paths = Vec::new();
     for arg in &inputs {

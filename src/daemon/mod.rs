@@ -59,6 +59,8 @@ pub struct DaemonConfig {
     pub batch: usize,
     /// How long a shutdown waits for the batch in flight before leaving it queued.
     pub shutdown_timeout: Duration,
+    /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Why the daemon cannot start or had to stop.

@@ -324,6 +324,7 @@ fn push_isolating(
         } else {
             pipeline::Retry::Permanent
         },
+        kind: e.kind(),
     };
     // Paths that left the store meanwhile are dropped rather than retried forever.
     let mut items = items.to_vec();
@@ -403,7 +404,7 @@ fn classify(
                 fail(
                     out,
                     due.clone(),
-                    Failure::transient("no result from the upload"),
+                    Failure::transient(pipeline::FailureKind::Other, "no result from the upload"),
                 );
             }
         }

@@ -114,6 +114,15 @@ impl PushOptions {
             nar_listing: false,
         }
     }
+    /// What the cache's constructor is given: its share of the memory budget (S3 buffers
+    /// up to twice `memory` on the way out, so the default 64 MiB gives 128 MiB) and
+    /// `s3`, the S3 tuning.
+    pub fn cache_options(&self, s3: crate::cache::S3Tuning) -> crate::cache::OpenOptions {
+        crate::cache::OpenOptions {
+            upload_memory: self.memory.saturating_mul(2),
+            s3,
+        }
+    }
 }
 
 /// What happened to one path.
@@ -139,24 +148,58 @@ pub enum Retry {
     Permanent,
 }
 
+/// What kind of thing went wrong with one path (a stable label for metrics and logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FailureKind {
+    /// The path could not be read from the store, or is not (or no longer) valid there.
+    Store,
+    /// The store's copy does not match its registration (NarHash, NarSize).
+    Corrupt,
+    /// The cache refused or failed a request.
+    Cache,
+    /// A path it references failed or is missing from the cache.
+    Reference,
+    /// The push was cancelled (a shutdown) before the path was finished.
+    Cancelled,
+    /// Anything else (an upload that returned no result).
+    Other,
+}
+
+impl FailureKind {
+    /// The label: `store`, `corrupt`, `cache`, `reference`, `cancelled`, `other`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Store => "store",
+            FailureKind::Corrupt => "corrupt",
+            FailureKind::Cache => "cache",
+            FailureKind::Reference => "reference",
+            FailureKind::Cancelled => "cancelled",
+            FailureKind::Other => "other",
+        }
+    }
+}
+
 /// Why one path failed, and whether retrying can help.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     pub message: String,
     pub retry: Retry,
+    pub kind: FailureKind,
 }
 
 impl Failure {
-    pub fn transient(message: impl Into<String>) -> Self {
+    pub fn transient(kind: FailureKind, message: impl Into<String>) -> Self {
         Failure {
             message: message.into(),
             retry: Retry::Transient,
+            kind,
         }
     }
-    pub fn permanent(message: impl Into<String>) -> Self {
+    pub fn permanent(kind: FailureKind, message: impl Into<String>) -> Self {
         Failure {
             message: message.into(),
             retry: Retry::Permanent,
+            kind,
         }
     }
     /// A cache error, classed by [`crate::cache::CacheError::is_transient`].
@@ -168,10 +211,17 @@ impl Failure {
             } else {
                 Retry::Permanent
             },
+            kind: FailureKind::Cache,
         }
     }
     pub fn is_transient(&self) -> bool {
         self.retry == Retry::Transient
+    }
+    pub fn retry(&self) -> Retry {
+        self.retry
+    }
+    pub fn kind(&self) -> FailureKind {
+        self.kind
     }
 }
 
@@ -259,6 +309,13 @@ pub enum PushError {
 }
 
 impl PushError {
+    /// What kind of failure this is for each path of the push.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            PushError::Cache(_) => FailureKind::Cache,
+            PushError::Store(_) => FailureKind::Store,
+        }
+    }
     /// True when the same push may succeed later (the cache or store was unreachable or
     /// busy); false when someone must act first (bad credentials, missing bucket, wrong
     /// StoreDir, a corrupt store database).
@@ -332,7 +389,11 @@ pub fn push(
     let (valid, invalid) = split_valid(store, paths)?;
     for (path, why) in invalid {
         report.not_valid.push(path.clone());
-        record(&mut report, path, Outcome::Failed(Failure::permanent(why)));
+        record(
+            &mut report,
+            path,
+            Outcome::Failed(Failure::permanent(FailureKind::Store, why)),
+        );
     }
     let infos = if opts.closure {
         store.closure(&valid)?
@@ -667,7 +728,10 @@ pub fn upload_after(
                 if !settled.contains(&path) {
                     let r = PathResult {
                         path,
-                        outcome: Outcome::Failed(Failure::transient(CANCELLED)),
+                        outcome: Outcome::Failed(Failure::transient(
+                            FailureKind::Cancelled,
+                            CANCELLED,
+                        )),
                     };
                     progress.finished(&r);
                     report.results.push(r);
@@ -715,12 +779,16 @@ fn refuse_unreachable(
                             r.to_absolute(store_dir)
                         ),
                         retry: f.retry,
+                        kind: FailureKind::Reference,
                     }),
                     None if seen.contains(r) => None,
-                    None => Some(Failure::permanent(format!(
-                        "its reference {} is not in the cache (push without --no-closure)",
-                        r.to_absolute(store_dir)
-                    ))),
+                    None => Some(Failure::permanent(
+                        FailureKind::Reference,
+                        format!(
+                            "its reference {} is not in the cache (push without --no-closure)",
+                            r.to_absolute(store_dir)
+                        ),
+                    )),
                 });
             if let Some(why) = why {
                 refused.insert(i, why);

@@ -95,6 +95,7 @@ impl<'a> Publisher<'a> {
                         bad.to_absolute(&self.store_dir)
                     ),
                     retry,
+                    kind: super::FailureKind::Reference,
                 };
                 self.failed.insert(n.store_path.clone(), retry);
                 decided.push(Published::Failed(n.store_path, why));
@@ -143,6 +144,7 @@ impl<'a> Publisher<'a> {
                 // cycle (impossible in a valid store) or a path the run lost.
                 for n in std::mem::take(&mut self.pending) {
                     let why = super::Failure::transient(
+                        super::FailureKind::Reference,
                         "not published: its references never became durable",
                     );
                     decided.push(Published::Failed(n.store_path, why));

@@ -7,7 +7,7 @@
 //! still holds its permit.
 use super::stats::StageClock;
 use super::walk::{Chunk, NarEnd};
-use super::{Failure, PushOptions};
+use super::{Failure, FailureKind, PushOptions};
 use crate::cache::{BinaryCache, NarUpload};
 use crate::format::hash::HashingWriter;
 use crate::format::narinfo::NarInfo;
@@ -148,11 +148,12 @@ impl SinkStage<'_> {
         let full = info.path.to_absolute(self.store_dir);
         let (nar_hash, nar_size, listing) = match end {
             // Reading the store path failed: an I/O error, or the path changed under us.
-            NarEnd::Failed(why) => return Err(Failure::transient(why)),
+            NarEnd::Failed(why) => return Err(Failure::transient(FailureKind::Store, why)),
             NarEnd::Walked { .. } => {
-                return Err(Failure::permanent(format!(
-                    "{full}: internal error: NAR ended without a NarHash"
-                )));
+                return Err(Failure::permanent(
+                    FailureKind::Other,
+                    format!("{full}: internal error: NAR ended without a NarHash"),
+                ));
             }
             NarEnd::Complete {
                 nar_hash,
@@ -166,14 +167,17 @@ impl SinkStage<'_> {
         // Once cancelled, the compress stage may have passed this job's chunks on empty:
         // nothing of it is committed (the cancel flag never goes back).
         if self.opts.cancel.is_cancelled() {
-            return Err(Failure::transient(super::CANCELLED));
+            return Err(Failure::transient(FailureKind::Cancelled, super::CANCELLED));
         }
         if nar_hash != info.nar_hash || nar_size != info.nar_size {
-            return Err(Failure::permanent(format!(
-                "{full} is corrupt: its contents hash to {nar_hash} ({nar_size} bytes) but the Nix \
+            return Err(Failure::permanent(
+                FailureKind::Corrupt,
+                format!(
+                    "{full} is corrupt: its contents hash to {nar_hash} ({nar_size} bytes) but the Nix \
                  database records {} ({} bytes); not uploaded (repair it with `nix-store --repair-path {full}`)",
-                info.nar_hash, info.nar_size
-            )));
+                    info.nar_hash, info.nar_size
+                ),
+            ));
         }
         let (upload, file_hash, file_size) =
             state.upload.expect("no error means an upload").finish();
@@ -230,7 +234,7 @@ fn write_failure(e: &std::io::Error) -> Failure {
             message: format!("writing the NAR: {c}"),
             ..Failure::from_cache(c)
         },
-        None => Failure::transient(format!("writing the NAR: {e}")),
+        None => Failure::transient(FailureKind::Store, format!("writing the NAR: {e}")),
     }
 }
 

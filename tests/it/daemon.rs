@@ -1197,6 +1197,7 @@ impl InProcessDaemon {
             opts,
             batch: narflow::daemon::DEFAULT_BATCH,
             shutdown_timeout: Duration::from_secs(10),
+            metrics_listen: None,
         })
         .unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1241,7 +1242,7 @@ impl Drop for InProcessDaemon {
 fn file_cache(dir: &Path) -> Box<dyn narflow::cache::BinaryCache> {
     let url = format!("file://{}", dir.display());
     let url = narflow::cache::url::CacheUrl::parse(&url).unwrap();
-    narflow::cache::open(&url, narflow::pipeline::DEFAULT_MEMORY).unwrap()
+    narflow::cache::open(&url, &open_options(&url)).unwrap()
 }
 
 #[test]

@@ -597,3 +597,16 @@ impl S3Client {
         );
     }
 }
+
+/// What `narflow push` opens a cache with at the default settings, for `url`.
+pub fn open_options(url: &narflow::cache::url::CacheUrl) -> narflow::cache::OpenOptions {
+    let opts = narflow::pipeline::PushOptions::new(
+        narflow::pipeline::compress::CompressionSettings::new(
+            narflow::pipeline::compress::Compression::Zstd,
+            None,
+        )
+        .unwrap(),
+        Vec::new(),
+    );
+    opts.cache_options(narflow::cache::S3Tuning::from_url(url).unwrap())
+}

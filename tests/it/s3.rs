@@ -867,7 +867,7 @@ fn sweeping_orphans_removes_old_staging_leftovers_and_keeps_young_ones() {
 
     let url = narflow::cache::url::CacheUrl::parse(&s3.url("")).unwrap();
     let cache =
-        narflow::cache::s3::S3Cache::open(&s3.bucket, &url, narflow::pipeline::DEFAULT_MEMORY)
+        narflow::cache::s3::S3Cache::open(&s3.bucket, &url, &crate::helpers::open_options(&url))
             .unwrap();
     if real_initiated {
         // The public sweep with an hour's grace touches none of this (on a server with
