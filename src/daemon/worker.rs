@@ -1,15 +1,14 @@
 //! The upload worker: one thread that takes the due paths in batches, pushes each batch
 //! (closures, skipping what the cache has) with [`crate::pipeline::push`], and records per
-//! path what happened; the spool drain, which runs on its own thread every second so a
-//! long batch never holds up the hook's spooled hand-offs; and the orphan sweep.
+//! path what happened; and the orphan sweep.
 //!
 //! One bad path never holds others back: a batch that fails as a whole is split in
 //! halves and each half tried again, down to single paths, unless the cache itself is
 //! unusable (then every path gets the cache's error). Each failure keeps its retry class:
 //! transient ones back off, permanent ones are shown as needing attention.
-use super::protocol::{self, Request};
+use super::Shared;
 use super::queue::{self, Due, Outcomes};
-use super::{BatchSummary, Rejection, Shared, spool};
+use super::status::BatchSummary;
 use crate::cache::BinaryCache;
 use crate::format::store_path::StorePath;
 use crate::pipeline::{self, Failure, Outcome, PathResult, Progress, PushOptions};
@@ -17,9 +16,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// How often the spool is checked while the daemon runs (a hook spools when the daemon is
-/// busy or restarting, so it must not wait for the next start).
-pub(super) const SPOOL_CHECK: Duration = Duration::from_secs(1);
 /// How often finished rows are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// How often orphaned uploads are swept (and once at start).
@@ -96,13 +92,6 @@ pub(super) fn run(
     }
 }
 
-/// Drains the spool every [`SPOOL_CHECK`] until `stop` is dropped.
-pub(super) fn drain_spool_every_second(shared: &Shared, stop: &crossbeam_channel::Receiver<()>) {
-    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop.recv_timeout(SPOOL_CHECK) {
-        drain_spool(shared);
-    }
-}
-
 /// Sweeps the cache's orphaned uploads older than `grace` now and every `every`, until
 /// `stop` is dropped. Off the request path and off the upload worker: a listing of a
 /// large bucket may take a while.
@@ -124,102 +113,6 @@ pub(super) fn sweep_orphans(
             stop.recv_timeout(every),
             Err(crossbeam_channel::RecvTimeoutError::Timeout)
         ) {
-            return;
-        }
-    }
-}
-
-/// Queues what the hook spooled. The spool file is removed only after everything in it is
-/// committed to the queue: queued, recorded as dropped (the path does not exist, or the
-/// token is not a store path), or written back to the spool (a transient error, e.g. the
-/// store could not be looked at), for the next check.
-pub(super) fn drain_spool(shared: &Shared) {
-    loop {
-        let taken = match spool::take(&shared.state_dir) {
-            Ok(Some(t)) => t,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::error!("spool in {}: {e}", shared.state_dir.display());
-                return;
-            }
-        };
-        if taken.skipped_bytes > 0 {
-            tracing::warn!(
-                "spool: skipped {} bytes of torn or damaged records",
-                taken.skipped_bytes
-            );
-        }
-        let (mut queued, mut dropped, mut kept) = (0, Vec::new(), Vec::new());
-        for line in &taken.lines {
-            let (drv, paths) = match Request::parse(line) {
-                Ok(Request::Enqueue { drv, paths }) => (drv, paths),
-                Ok(other) => {
-                    tracing::warn!("spool: ignored {other:?}");
-                    continue;
-                }
-                Err(why) => {
-                    tracing::warn!(
-                        "spool: ignored a bad line ({why}): {:?}",
-                        protocol::truncate(line, 200)
-                    );
-                    continue;
-                }
-            };
-            match shared.enqueue_classified(drv.as_deref(), &paths) {
-                Ok((n, rejected)) => {
-                    queued += n;
-                    let mut again = Vec::new();
-                    for (token, r) in rejected {
-                        let why = protocol::rejection(&token, r.why());
-                        match r {
-                            Rejection::Transient(_) => {
-                                tracing::warn!("spool: kept for the next check: {why}");
-                                again.push(token);
-                            }
-                            Rejection::NoSuchPath(_) | Rejection::Invalid(_) => {
-                                tracing::warn!("spool: not queued, recorded as dropped: {why}");
-                                dropped.push((token, why));
-                            }
-                        }
-                    }
-                    if !again.is_empty() {
-                        // A derivation whose outputs could not be looked up comes back as
-                        // the derivation alone.
-                        let is_drv = drv.as_deref() == Some(again[0].as_str()) && paths.is_empty();
-                        kept.push(Request::Enqueue {
-                            drv: drv.clone(),
-                            paths: if is_drv { Vec::new() } else { again },
-                        });
-                    }
-                }
-                Err(why) => {
-                    // The queue cannot commit: keep the whole spool for the next check.
-                    tracing::error!("spool: cannot queue: {why}");
-                    return;
-                }
-            }
-        }
-        if !dropped.is_empty()
-            && let Err(e) = shared
-                .lock_queue()
-                .record_dropped(&dropped, queue::now_ms())
-        {
-            tracing::error!("spool: cannot record dropped paths: {e}");
-            return;
-        }
-        for r in &kept {
-            if let Err(e) = spool::append(&shared.state_dir, &r.to_line(), spool::LOCK_WAIT) {
-                tracing::error!("spool: cannot keep a hand-off for the next check: {e}");
-                return;
-            }
-        }
-        tracing::info!("spool: queued {queued} paths the hook spooled");
-        if let Err(e) = taken.done() {
-            tracing::warn!("spool: cannot remove the drained spool (it will be read again): {e}");
-            return;
-        }
-        if !kept.is_empty() {
-            // What was kept is for the next check, not this loop.
             return;
         }
     }

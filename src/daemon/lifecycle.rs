@@ -1,0 +1,207 @@
+//! The daemon's life: [`Daemon::bind`] takes the state directory, the queue and the socket
+//! before any thread starts; [`Daemon::run`] starts the threads, serves until the shutdown
+//! future resolves, and stops in order (socket first, then the helpers, then the batch in
+//! flight, cancelled after half the shutdown timeout).
+use super::queue::Queue;
+use super::socket::{bind_socket, check_private_dir, remove_socket_if_ours};
+use super::status::Stats;
+use super::{DaemonConfig, DaemonError, ORPHAN_GRACE, Shared, intake, server, worker};
+use crate::cache::BinaryCache;
+use crate::store::LocalStore;
+use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// A daemon with its state directory locked, its queue open and its socket bound, ready
+/// to [`Daemon::run`].
+#[derive(Debug)]
+pub struct Daemon {
+    cfg: DaemonConfig,
+    listener: std::os::unix::net::UnixListener,
+    /// (device, inode) of the socket we bound: shutdown removes the path only if it is
+    /// still ours.
+    socket_id: (u64, u64),
+    queue: Queue,
+    _lock: File,
+}
+
+impl Daemon {
+    /// Locks the state directory, opens the queue and binds the socket. Call it before
+    /// anything starts threads: the socket is created under a umask that keeps it private.
+    ///
+    /// # Errors
+    /// [`DaemonError`] naming the directory, queue or socket that is unusable.
+    pub fn bind(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
+        let dir = &cfg.state_dir;
+        let dir_err = |source| DaemonError::StateDir {
+            path: dir.clone(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(dir_err)?;
+        check_private_dir("state directory", dir)?;
+        let lock = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(dir.join("lock"))
+            .map_err(dir_err)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(DaemonError::Locked(dir.clone())),
+            Err(std::fs::TryLockError::Error(e)) => return Err(dir_err(e)),
+        }
+        let queue = Queue::open(dir)?;
+        let (listener, socket_id) = bind_socket(&cfg.socket, cfg.socket_group)?;
+        Ok(Daemon {
+            cfg,
+            listener,
+            socket_id,
+            queue,
+            _lock: lock,
+        })
+    }
+
+    /// Gives up a daemon that will not run: removes its socket (if it is still ours).
+    pub fn release(self) {
+        remove_socket_if_ours(&self.cfg.socket, self.socket_id);
+    }
+
+    /// Serves until `shutdown` resolves, then stops taking requests, removes the socket
+    /// (if it is still ours), and waits for the batch in flight: up to half the shutdown
+    /// timeout for it to finish, then cancels it (the upload is aborted mid-NAR) and waits
+    /// up to the rest. Whatever is not done stays queued for the next start, and a
+    /// cancelled path does not count as a failed attempt. Must be called within a tokio
+    /// runtime; the worker is a thread of its own, so returning never waits for it.
+    ///
+    /// # Errors
+    /// [`DaemonError::WorkerDied`] when the upload worker stopped on its own.
+    pub async fn run(
+        self,
+        store: LocalStore,
+        cache: Box<dyn BinaryCache>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), DaemonError> {
+        let Daemon {
+            cfg,
+            listener,
+            socket_id,
+            queue,
+            _lock,
+        } = self;
+        let sock_err = |source| DaemonError::Socket {
+            path: cfg.socket.clone(),
+            source,
+        };
+        listener.set_nonblocking(true).map_err(sock_err)?;
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(sock_err)?;
+        let cache: Arc<dyn BinaryCache> = Arc::from(cache);
+        // Capacity 1: a doorbell. One pending ring is enough, because the worker takes
+        // everything due when it wakes.
+        let (bell_tx, bell_rx) = crossbeam_channel::bounded(1);
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(queue),
+            store,
+            state_dir: cfg.state_dir.clone(),
+            bell: bell_tx,
+            stopping: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            stats: Stats::default(),
+            started: Instant::now(),
+        });
+        tracing::info!(
+            "narflow daemon: listening on {}, uploading to {}, state in {}",
+            cfg.socket.display(),
+            cache.url(),
+            cfg.state_dir.display()
+        );
+
+        // The spool first: once the socket answers, what the hook spooled while the
+        // daemon was down is in the queue (and in `narflow status`).
+        {
+            let shared = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || intake::drain_spool(&shared)).await;
+        }
+        let spawn_err = |e| DaemonError::StateDir {
+            path: cfg.state_dir.clone(),
+            source: e,
+        };
+        // Capacity 0: nothing is ever sent; dropping the sender stops the helper threads.
+        let (stop_helpers, helpers_stop) = crossbeam_channel::bounded::<()>(0);
+        {
+            let (shared, stop) = (shared.clone(), helpers_stop.clone());
+            std::thread::Builder::new()
+                .name("narflow-spool".into())
+                .spawn(move || intake::drain_spool_every_second(&shared, &stop))
+                .map_err(spawn_err)?;
+        }
+        {
+            let (cache, stop) = (cache.clone(), helpers_stop);
+            std::thread::Builder::new()
+                .name("narflow-sweep".into())
+                .spawn(move || {
+                    worker::sweep_orphans(cache.as_ref(), ORPHAN_GRACE, worker::SWEEP_EVERY, &stop)
+                })
+                .map_err(spawn_err)?;
+        }
+        let cancel = cfg.opts.cancel.clone();
+        let (dead_tx, mut dead_rx) = tokio::sync::oneshot::channel::<()>();
+        {
+            let shared = shared.clone();
+            let (opts, batch) = (cfg.opts, cfg.batch.max(1));
+            std::thread::Builder::new()
+                .name("narflow-worker".into())
+                .spawn(move || {
+                    // Dropped when the worker returns or panics: the server then stops.
+                    let _dead = dead_tx;
+                    worker::run(&shared, cache.as_ref(), &opts, batch, &bell_rx);
+                })
+                .map_err(spawn_err)?;
+        }
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let policy = server::PeerPolicy::new(cfg.socket_group);
+        let server = tokio::spawn(server::serve(listener, shared.clone(), policy, stop_rx));
+        let worker_died = tokio::select! {
+            () = shutdown => false,
+            _ = &mut dead_rx => true,
+        };
+        let _ = stop_tx.send(true);
+        let _ = server.await;
+        remove_socket_if_ours(&cfg.socket, socket_id);
+        drop(stop_helpers);
+        shared.stopping.store(true, Ordering::SeqCst);
+        let _ = shared.bell.try_send(());
+        if worker_died {
+            return Err(DaemonError::WorkerDied);
+        }
+        tracing::info!("narflow daemon: stopping; no new requests, finishing the batch in flight");
+        let half = cfg.shutdown_timeout / 2;
+        if tokio::time::timeout(half, &mut dead_rx).await.is_err() {
+            tracing::info!(
+                "narflow daemon: the batch in flight is not done after {half:?}; cancelling it (its unfinished paths stay queued)"
+            );
+            cancel.cancel();
+            if tokio::time::timeout(cfg.shutdown_timeout - half, &mut dead_rx)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "narflow daemon: {} paths still uploading after {:?}; they stay queued and are uploaded on the next start",
+                    shared.in_flight.load(Ordering::SeqCst),
+                    cfg.shutdown_timeout
+                );
+                return Ok(());
+            }
+        }
+        tracing::info!("narflow daemon: stopped");
+        Ok(())
+    }
+}
