@@ -35,7 +35,9 @@ mod status;
 mod worker;
 
 pub use lifecycle::Daemon;
-pub use status::status_from_queue;
+pub use status::{
+    DroppedPath, LastBatch, Recent, SinceStart, Status, StatusParseError, status_from_queue,
+};
 
 use crate::pipeline::PushOptions;
 use crate::store::LocalStore;

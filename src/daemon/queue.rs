@@ -52,15 +52,45 @@ pub struct Due {
 }
 
 /// A pending path that has failed at least once.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Failing {
     pub path: String,
     pub attempts: u32,
     pub last_error: String,
+    /// What kind of thing went wrong last: a [`crate::pipeline::FailureKind`] label.
+    pub kind: String,
+    /// Whether retrying the last failure can help.
+    pub retry: RetryClass,
     /// The last failure cannot go away by retrying: someone must act.
     pub needs_attention: bool,
     /// When the next attempt is due (Unix milliseconds).
     pub next_attempt_ms: i64,
+}
+
+/// Whether retrying a failure can help, as the queue records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetryClass {
+    Transient,
+    Permanent,
+}
+
+impl RetryClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryClass::Transient => "transient",
+            RetryClass::Permanent => "permanent",
+        }
+    }
+}
+
+/// Why an attempt failed, as the queue records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failed {
+    /// A [`crate::pipeline::FailureKind`] label (the queue stores it as given).
+    pub kind: &'static str,
+    pub message: String,
 }
 
 /// Row counts by state.
@@ -84,14 +114,14 @@ pub struct Counts {
 pub struct Outcomes {
     pub done: Vec<Due>,
     /// Path and error: transient, retried after [`backoff`].
-    pub retry: Vec<(Due, String)>,
+    pub retry: Vec<(Due, Failed)>,
     /// Path and error: retrying cannot help until someone acts; shown as needing
     /// attention and retried after [`ATTENTION_RETRY`].
-    pub attention: Vec<(Due, String)>,
+    pub attention: Vec<(Due, Failed)>,
     /// Path and error: the cache itself refused (credentials, bucket, endpoint), so the
     /// path needs attention, but one check of the cache retries every such path at once:
     /// retried after [`backoff`], to go on as soon as the cache is fixed.
-    pub cache_refused: Vec<(Due, String)>,
+    pub cache_refused: Vec<(Due, Failed)>,
     /// Path and reason: not retried.
     pub dropped: Vec<(Due, String)>,
 }
@@ -159,6 +189,8 @@ impl Queue {
             ("generation", "INTEGER NOT NULL DEFAULT 0"),
             ("scheduled", "INTEGER NOT NULL DEFAULT 0"),
             ("attention", "INTEGER NOT NULL DEFAULT 0"),
+            // A failure recorded before kinds were: nothing tells what it was.
+            ("kind", "TEXT NOT NULL DEFAULT 'other'"),
         ] {
             if !have.iter().any(|h| h == name) {
                 conn.execute_batch(&format!("ALTER TABLE paths ADD COLUMN {name} {decl}"))
@@ -320,7 +352,8 @@ impl Queue {
             let mut retry = tx
                 .prepare_cached(
                     "UPDATE paths SET attempts = attempts + 1, last_error = ?3,
-                         next_attempt = ?4 + 1000 * ?5, scheduled = ?4, attention = ?6
+                         next_attempt = ?4 + 1000 * ?5, scheduled = ?4, attention = ?6,
+                         kind = ?7
                      WHERE path = ?1 AND generation = ?2 AND state = 0",
                 )
                 .map_err(&err)?;
@@ -346,10 +379,11 @@ impl Queue {
                     .execute(params![
                         d.path,
                         d.generation,
-                        why,
+                        why.message,
                         now_ms,
                         wait.as_secs() as i64,
-                        attention
+                        attention,
+                        why.kind
                     ])
                     .map_err(&err)?;
             }
@@ -405,18 +439,27 @@ impl Queue {
         let mut q = self
             .conn
             .prepare_cached(
-                "SELECT path, attempts, COALESCE(last_error, ''), next_attempt, attention
+                "SELECT path, attempts, COALESCE(last_error, ''), next_attempt, attention, kind
                  FROM paths WHERE state = 0 AND attempts > 0
                  ORDER BY attention DESC, attempts DESC, path LIMIT ?1",
             )
             .map_err(self.err())?;
         q.query_map([limit as i64], |r| {
+            let needs_attention: bool = r.get(4)?;
             Ok(Failing {
                 path: r.get(0)?,
                 attempts: r.get(1)?,
                 last_error: r.get(2)?,
                 next_attempt_ms: r.get(3)?,
-                needs_attention: r.get(4)?,
+                needs_attention,
+                kind: r.get(5)?,
+                // Only a failure retrying cannot fix needs attention (a refusing cache's
+                // included), so the attention flag is the retry class.
+                retry: if needs_attention {
+                    RetryClass::Permanent
+                } else {
+                    RetryClass::Transient
+                },
             })
         })
         .map_err(self.err())?
@@ -505,6 +548,13 @@ mod tests {
         due.iter().map(|d| d.path.clone()).collect()
     }
 
+    fn failed(kind: &'static str, message: &str) -> Failed {
+        Failed {
+            kind,
+            message: message.into(),
+        }
+    }
+
     /// The row of `path` as due now.
     fn due_row(q: &Queue, path: &str) -> Due {
         q.due(i64::MAX / 2, 1000)
@@ -539,7 +589,7 @@ mod tests {
         q.enqueue(&[p("a"), p("b"), p("c")], None, 0).unwrap();
         let out = Outcomes {
             done: vec![due_row(&q, &p("a"))],
-            retry: vec![(due_row(&q, &p("b")), "HTTP 503".into())],
+            retry: vec![(due_row(&q, &p("b")), failed("cache", "HTTP 503"))],
             dropped: vec![(due_row(&q, &p("c")), "garbage-collected".into())],
             ..Outcomes::default()
         };
@@ -552,7 +602,7 @@ mod tests {
         assert!(!f[0].needs_attention);
         // Second failure: twice the wait.
         let retry = Outcomes {
-            retry: vec![(due_row(&q, &p("b")), "HTTP 503 again".into())],
+            retry: vec![(due_row(&q, &p("b")), failed("cache", "HTTP 503 again"))],
             ..Outcomes::default()
         };
         q.record(&retry, 15_000).unwrap();
@@ -607,7 +657,7 @@ mod tests {
         // Queued and failed once while the clock was a day ahead.
         q.enqueue(&[p("a")], None, 10 * day).unwrap();
         let out = Outcomes {
-            retry: vec![(due_row(&q, &p("a")), "HTTP 503".into())],
+            retry: vec![(due_row(&q, &p("a")), failed("cache", "HTTP 503"))],
             ..Outcomes::default()
         };
         q.record(&out, 10 * day).unwrap();
@@ -618,7 +668,7 @@ mod tests {
         assert_eq!(q.next_due(now).unwrap(), Some(now));
         // Rescheduled on the corrected clock, it waits its backoff from there.
         let out = Outcomes {
-            retry: vec![(due_row(&q, &p("a")), "HTTP 503".into())],
+            retry: vec![(due_row(&q, &p("a")), failed("cache", "HTTP 503"))],
             ..Outcomes::default()
         };
         q.record(&out, now).unwrap();
@@ -633,9 +683,9 @@ mod tests {
         q.enqueue(&[p("a"), p("b")], None, 0).unwrap();
         q.enqueue(&[p("c")], None, 0).unwrap();
         let out = Outcomes {
-            attention: vec![(due_row(&q, &p("a")), "NarHash mismatch".into())],
-            retry: vec![(due_row(&q, &p("b")), "HTTP 503".into())],
-            cache_refused: vec![(due_row(&q, &p("c")), "no such bucket".into())],
+            attention: vec![(due_row(&q, &p("a")), failed("corrupt", "NarHash mismatch"))],
+            retry: vec![(due_row(&q, &p("b")), failed("cache", "HTTP 503"))],
+            cache_refused: vec![(due_row(&q, &p("c")), failed("cache", "no such bucket"))],
             ..Outcomes::default()
         };
         q.record(&out, 0).unwrap();
@@ -648,6 +698,16 @@ mod tests {
             (f[0].path.as_str(), f[0].needs_attention),
             (p("a").as_str(), true)
         );
+        // Each keeps its kind and retry class.
+        assert_eq!(
+            (f[0].kind.as_str(), f[0].retry),
+            ("corrupt", RetryClass::Permanent)
+        );
+        assert_eq!(
+            (f[1].kind.as_str(), f[1].retry),
+            ("cache", RetryClass::Permanent)
+        );
+        assert_eq!(f[2].retry, RetryClass::Transient);
         assert_eq!(f[0].next_attempt_ms, ATTENTION_RETRY.as_millis() as i64);
         assert_eq!(
             (f[1].path.as_str(), f[1].needs_attention),
@@ -669,7 +729,7 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_from_before_generations_is_upgraded() {
+    fn a_queue_from_before_generations_and_kinds_is_upgraded() {
         let dir = tempfile::tempdir().unwrap();
         let c = Connection::open(dir.path().join(FILE)).unwrap();
         c.execute_batch(
@@ -678,11 +738,19 @@ mod tests {
                  next_attempt INTEGER NOT NULL, last_error TEXT, queued INTEGER NOT NULL,
                  finished INTEGER);
              INSERT INTO paths (path, state, next_attempt, queued)
-                 VALUES ('/nix/store/a', 0, 5, 5);",
+                 VALUES ('/nix/store/a', 0, 5, 5);
+             INSERT INTO paths (path, state, attempts, next_attempt, queued, last_error)
+                 VALUES ('/nix/store/b', 0, 1, 99, 5, 'HTTP 503');",
         )
         .unwrap();
         drop(c);
         let mut q = Queue::open(dir.path()).unwrap();
+        // A failure from before kinds were recorded reads as `other`, and transient.
+        let f = q.failing(10).unwrap();
+        assert_eq!(
+            (f[0].path.as_str(), f[0].kind.as_str(), f[0].retry),
+            (p("b").as_str(), "other", RetryClass::Transient)
+        );
         let due = q.due(5, 10).unwrap();
         assert_eq!(paths(&due), [p("a")]);
         let out = Outcomes {

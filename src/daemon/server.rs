@@ -121,7 +121,8 @@ async fn answer(line: Vec<u8>, shared: &Arc<Shared>, uid: u32) -> String {
         Ok(Request::Status) => {
             let shared = shared.clone();
             match tokio::task::spawn_blocking(move || shared.status()).await {
-                Ok(v) => format!("OK {v}\n"),
+                Ok(Ok(status)) => format!("OK {}\n", status.to_json()),
+                Ok(Err(e)) => format!("ERR {}\n", one_line(&e.to_string())),
                 Err(e) => format!("ERR {}\n", one_line(&e.to_string())),
             }
         }

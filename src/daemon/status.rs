@@ -2,18 +2,152 @@
 //! queue file (also when no daemon runs); the rest (the batch in flight, throughput, the
 //! last batch) lives in the running daemon.
 use super::Shared;
-use super::queue::Queue;
+use super::queue::{Failing, Queue, QueueError};
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+/// The daemon's status, as the daemon sends it and `narflow status` reads and prints it
+/// (`--json` prints it as it is). Every field is always there, `null` where it does not
+/// apply (the running daemon's parts when only the queue file was read), so a reader
+/// tells a missing field (another version of narflow) from a zero: reading one that is
+/// missing, unknown or of the wrong type fails, naming the field.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    /// A daemon answered (false: this was read from its queue file).
+    pub daemon: bool,
+    /// Why no daemon answered.
+    #[serde(deserialize_with = "required")]
+    pub daemon_error: Option<String>,
+    /// Pending, whether due now or waiting for a retry.
+    pub pending: u64,
+    /// Pending and failed at least once.
+    pub failing: u64,
+    /// Failing, and the last failure needs someone to act.
+    pub needs_attention: u64,
+    /// Uploaded (or found in the cache) within the queue's keeping time.
+    pub done: u64,
+    /// Gone from the store before they could be uploaded.
+    pub dropped: u64,
+    /// Up to [`STATUS_LIST`] failing paths, those that need attention first.
+    pub failures: Vec<Failing>,
+    /// Up to [`STATUS_LIST`] dropped paths, most recent first.
+    pub dropped_paths: Vec<DroppedPath>,
+    /// Paths in the batch being uploaded (the paths asked for, not their closures).
+    #[serde(deserialize_with = "required")]
+    pub in_flight: Option<u64>,
+    #[serde(deserialize_with = "required")]
+    pub uptime_seconds: Option<u64>,
+    /// When the worker last committed a batch's results to the queue (Unix ms; 0: never).
+    #[serde(deserialize_with = "required")]
+    pub last_recorded_unix_ms: Option<i64>,
+    #[serde(deserialize_with = "required")]
+    pub since_start: Option<SinceStart>,
+    #[serde(deserialize_with = "required")]
+    pub recent: Option<Recent>,
+    /// `null` also while the daemon has finished no batch yet.
+    #[serde(deserialize_with = "required")]
+    pub last_batch: Option<LastBatch>,
+}
+
+/// A dropped path and why it was dropped.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DroppedPath {
+    pub path: String,
+    pub why: String,
+}
+
+/// Totals since the daemon started.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinceStart {
+    pub uploaded: u64,
+    pub nar_bytes: u64,
+}
+
+/// Throughput over the last `window_seconds`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recent {
+    pub window_seconds: u64,
+    pub uploaded_per_second: f64,
+    pub nar_mb_per_second: f64,
+}
+
+/// The last finished batch.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LastBatch {
+    pub seconds_ago: u64,
+    /// Paths asked for (not their closures).
+    pub paths: u64,
+    pub uploaded: u64,
+    pub already_present: u64,
+    pub failed: u64,
+    pub dropped: u64,
+    pub nar_bytes: u64,
+    pub seconds: f64,
+}
+
+/// An `Option` field that must be present (`null` for `None`): serde takes a missing
+/// `Option` for `None` unless its deserializer is given.
+fn required<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(d)
+}
+
+/// Why a status text could not be read: the field (a path like `failures[0].kind`) and
+/// what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("status field {field}: {source}")]
+pub struct StatusParseError {
+    pub field: String,
+    #[source]
+    pub source: serde_json::Error,
+}
+
+impl Status {
+    /// Reads a status as the daemon sends it.
+    ///
+    /// # Errors
+    /// [`StatusParseError`] naming the field that is missing, unknown or of the wrong
+    /// type.
+    pub fn from_json(text: &str) -> Result<Status, StatusParseError> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let status: Status =
+            serde_path_to_error::deserialize(&mut de).map_err(|e| StatusParseError {
+                field: match e.path().to_string() {
+                    p if p == "." => "(the whole status)".to_owned(),
+                    p => p,
+                },
+                source: e.into_inner(),
+            })?;
+        de.end().map_err(|source| StatusParseError {
+            field: "(after the status)".to_owned(),
+            source,
+        })?;
+        Ok(status)
+    }
+
+    /// The status text: one line of JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a status always serialises")
+    }
+}
+
 impl Shared {
     /// The status report: queue counts, the batch in flight, failures, throughput.
-    pub(super) fn status(&self) -> serde_json::Value {
-        let q = self.lock_queue();
-        let mut v = status_from_queue(&q);
-        drop(q);
+    ///
+    /// # Errors
+    /// [`QueueError`] when the queue cannot be read.
+    pub(super) fn status(&self) -> Result<Status, QueueError> {
+        let mut s = status_from_queue(&self.lock_queue())?;
         let (paths_per_s, bytes_per_s) = self.stats.recent(RECENT_WINDOW);
         let last = self
             .stats
@@ -21,61 +155,66 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        v["daemon"] = serde_json::json!(true);
-        v["in_flight"] = serde_json::json!(self.in_flight.load(Ordering::SeqCst));
-        v["uptime_seconds"] = serde_json::json!(self.started.elapsed().as_secs());
-        v["last_recorded_unix_ms"] =
-            serde_json::json!(self.stats.last_recorded_ms.load(Ordering::SeqCst));
-        v["since_start"] = serde_json::json!({
-            "uploaded": self.stats.uploaded.load(Ordering::Relaxed),
-            "nar_bytes": self.stats.nar_bytes.load(Ordering::Relaxed),
+        s.daemon = true;
+        s.in_flight = Some(self.in_flight.load(Ordering::SeqCst) as u64);
+        s.uptime_seconds = Some(self.started.elapsed().as_secs());
+        s.last_recorded_unix_ms = Some(self.stats.last_recorded_ms.load(Ordering::SeqCst));
+        s.since_start = Some(SinceStart {
+            uploaded: self.stats.uploaded.load(Ordering::Relaxed),
+            nar_bytes: self.stats.nar_bytes.load(Ordering::Relaxed),
         });
-        v["recent"] = serde_json::json!({
-            "window_seconds": RECENT_WINDOW,
-            "uploaded_per_second": paths_per_s,
-            "nar_mb_per_second": bytes_per_s / 1e6,
+        s.recent = Some(Recent {
+            window_seconds: RECENT_WINDOW,
+            uploaded_per_second: paths_per_s,
+            nar_mb_per_second: bytes_per_s / 1e6,
         });
-        v["last_batch"] = last.map_or(serde_json::Value::Null, |b| {
-            serde_json::json!({
-                "seconds_ago": b.at.elapsed().as_secs(),
-                "paths": b.paths,
-                "uploaded": b.uploaded,
-                "already_present": b.present,
-                "failed": b.failed,
-                "dropped": b.dropped,
-                "nar_bytes": b.nar_bytes,
-                "seconds": b.seconds,
-            })
+        s.last_batch = last.map(|b| LastBatch {
+            seconds_ago: b.at.elapsed().as_secs(),
+            paths: b.paths as u64,
+            uploaded: b.uploaded as u64,
+            already_present: b.present as u64,
+            failed: b.failed as u64,
+            dropped: b.dropped as u64,
+            nar_bytes: b.nar_bytes,
+            seconds: b.seconds,
         });
-        v
+        Ok(s)
     }
 }
 
 /// How many failing and dropped paths a status report lists (the counts are complete).
-const STATUS_LIST: usize = 20;
+pub const STATUS_LIST: usize = 20;
 /// The throughput window of `narflow status`, in seconds.
 const RECENT_WINDOW: u64 = 60;
 
-/// The part of the status that the queue alone knows; `narflow status` uses it directly
-/// when no daemon is running.
-pub fn status_from_queue(q: &Queue) -> serde_json::Value {
-    let counts = q.counts();
-    let failing = q.failing(STATUS_LIST);
-    let dropped = q.dropped(STATUS_LIST);
-    match (counts, failing, dropped) {
-        (Ok(c), Ok(f), Ok(d)) => serde_json::json!({
-            "pending": c.pending,
-            "failing": c.failing,
-            "needs_attention": c.needs_attention,
-            "done": c.done,
-            "dropped": c.dropped,
-            "failures": f,
-            "dropped_paths": d.into_iter().map(|(path, why)| serde_json::json!({"path": path, "why": why})).collect::<Vec<_>>(),
-        }),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-            serde_json::json!({ "error": e.to_string() })
-        }
-    }
+/// The part of the status that the queue alone knows, with `daemon` false and the running
+/// daemon's parts `null`; `narflow status` uses it directly when no daemon is running.
+///
+/// # Errors
+/// [`QueueError`] when the queue cannot be read.
+pub fn status_from_queue(q: &Queue) -> Result<Status, QueueError> {
+    let c = q.counts()?;
+    Ok(Status {
+        daemon: false,
+        daemon_error: None,
+        pending: c.pending,
+        failing: c.failing,
+        needs_attention: c.needs_attention,
+        done: c.done,
+        dropped: c.dropped,
+        failures: q.failing(STATUS_LIST)?,
+        dropped_paths: q
+            .dropped(STATUS_LIST)?
+            .into_iter()
+            .map(|(path, why)| DroppedPath { path, why })
+            .collect(),
+        in_flight: None,
+        uptime_seconds: None,
+        last_recorded_unix_ms: None,
+        since_start: None,
+        recent: None,
+        last_batch: None,
+    })
 }
 
 /// A finished batch, for `narflow status`.
@@ -141,6 +280,94 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::queue::RetryClass;
+
+    fn sample() -> Status {
+        Status {
+            daemon: true,
+            daemon_error: None,
+            pending: 3,
+            failing: 1,
+            needs_attention: 0,
+            done: 7,
+            dropped: 0,
+            failures: vec![Failing {
+                path: "/nix/store/a".into(),
+                attempts: 2,
+                last_error: "HTTP 503".into(),
+                kind: "cache".into(),
+                retry: RetryClass::Transient,
+                needs_attention: false,
+                next_attempt_ms: 5,
+            }],
+            dropped_paths: Vec::new(),
+            in_flight: Some(2),
+            uptime_seconds: Some(9),
+            last_recorded_unix_ms: Some(0),
+            since_start: Some(SinceStart {
+                uploaded: 7,
+                nar_bytes: 700,
+            }),
+            recent: Some(Recent {
+                window_seconds: 60,
+                uploaded_per_second: 0.5,
+                nar_mb_per_second: 0.0,
+            }),
+            last_batch: None,
+        }
+    }
+
+    /// The sample's JSON with `edit` applied to its object.
+    fn edited(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(&sample().to_json()).unwrap();
+        edit(&mut v);
+        v.to_string()
+    }
+
+    #[test]
+    fn a_status_reads_back_as_it_was_sent() {
+        let s = sample();
+        assert_eq!(Status::from_json(&s.to_json()).unwrap(), s);
+        // Without a daemon the daemon's parts are null, and still there.
+        let v: serde_json::Value = serde_json::from_str(
+            &Status {
+                in_flight: None,
+                ..s
+            }
+            .to_json(),
+        )
+        .unwrap();
+        assert!(
+            v["in_flight"].is_null() && v.get("in_flight").is_some(),
+            "{v}"
+        );
+        assert_eq!(v["failures"][0]["kind"], "cache");
+        assert_eq!(v["failures"][0]["retry"], "transient");
+    }
+
+    #[test]
+    fn a_missing_unknown_or_mistyped_field_is_an_error_naming_it_not_a_zero() {
+        let missing = edited(|v| {
+            v.as_object_mut().unwrap().remove("failing");
+        });
+        let e = Status::from_json(&missing).unwrap_err().to_string();
+        assert!(e.contains("missing field `failing`"), "{e}");
+        // A daemon-only part may be null, but not absent.
+        let absent = edited(|v| {
+            v.as_object_mut().unwrap().remove("in_flight");
+        });
+        let e = Status::from_json(&absent).unwrap_err().to_string();
+        assert!(e.contains("`in_flight`"), "{e}");
+        let unknown = edited(|v| v["queue_depth"] = 4.into());
+        let e = Status::from_json(&unknown).unwrap_err().to_string();
+        assert!(e.contains("unknown field `queue_depth`"), "{e}");
+        let mistyped = edited(|v| v["failures"][0]["attempts"] = "two".into());
+        let e = Status::from_json(&mistyped).unwrap_err().to_string();
+        assert!(e.contains("status field failures[0].attempts: "), "{e}");
+        let kind = edited(|v| v["failures"][0]["retry"] = "sometimes".into());
+        let e = Status::from_json(&kind).unwrap_err().to_string();
+        assert!(e.contains("failures[0].retry"), "{e}");
+    }
 
     #[test]
     fn recent_throughput_counts_only_the_window() {

@@ -189,7 +189,7 @@ fn push_isolating(
             if f.is_transient() {
                 fail(out, d.clone(), f.clone());
             } else {
-                out.cache_refused.push((d.clone(), f.message.clone()));
+                out.cache_refused.push((d.clone(), failed(f)));
             }
         }
         if !f.is_transient() {
@@ -210,14 +210,10 @@ fn push_isolating(
     if opts.cancel.is_cancelled() {
         return;
     }
-    let failure = Failure {
-        message: format!("{e:#}"),
-        retry: if e.is_transient() {
-            pipeline::Retry::Transient
-        } else {
-            pipeline::Retry::Permanent
-        },
-        kind: e.kind(),
+    let failure = if e.is_transient() {
+        Failure::transient(e.kind(), format!("{e:#}"))
+    } else {
+        Failure::permanent(e.kind(), format!("{e:#}"))
     };
     // Paths that left the store meanwhile are dropped rather than retried forever.
     let mut items = items.to_vec();
@@ -308,14 +304,22 @@ fn classify(
 fn fail(out: &mut Outcomes, due: Due, f: Failure) {
     if f.is_transient() {
         tracing::warn!("{}: {f}; retrying later", due.path);
-        out.retry.push((due, f.message));
+        out.retry.push((due, failed(&f)));
     } else {
         tracing::error!(
             "{}: {f}; needs attention (retried in {:?})",
             due.path,
             queue::ATTENTION_RETRY
         );
-        out.attention.push((due, f.message));
+        out.attention.push((due, failed(&f)));
+    }
+}
+
+/// A failure as the queue records it: its kind's label and its message.
+fn failed(f: &Failure) -> queue::Failed {
+    queue::Failed {
+        kind: f.kind().as_str(),
+        message: f.to_string(),
     }
 }
 

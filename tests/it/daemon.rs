@@ -734,6 +734,11 @@ fn failures_stay_visible_and_sigterm_stops_cleanly_keeping_pending_work() {
     let f = &status["failures"][0];
     assert_eq!(f["path"], p.path.as_str());
     assert_eq!(f["attempts"], 1);
+    assert_eq!(
+        (&f["kind"], &f["retry"]),
+        (&"cache".into(), &"transient".into()),
+        "{f}"
+    );
     assert!(
         f["last_error"].as_str().unwrap().contains("127.0.0.1:9"),
         "{f}"
@@ -1280,6 +1285,11 @@ fn one_bad_path_does_not_hold_back_its_batch_and_needs_attention() {
     let f = &status["failures"][0];
     assert_eq!(f["path"], bad.path.as_str(), "{status}");
     assert_eq!(f["needs_attention"], true, "{status}");
+    assert_eq!(
+        (&f["kind"], &f["retry"]),
+        (&"cache".into(), &"permanent".into()),
+        "{f}"
+    );
     assert!(
         f["last_error"].as_str().unwrap().contains("access denied"),
         "{status}"
@@ -1304,6 +1314,61 @@ fn one_bad_path_does_not_hold_back_its_batch_and_needs_attention() {
         "{text}"
     );
     assert!(text.contains("access denied"), "{text}");
+    assert!(text.contains("cache error, retrying cannot help"), "{text}");
+}
+
+/// Serves one connection on `socket` with `reply`, as a daemon of another version would.
+fn answer_once(socket: &Path, reply: String) -> std::thread::JoinHandle<()> {
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8];
+        while s.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        assert_eq!(line, b"STATUS");
+        s.write_all(reply.as_bytes()).unwrap();
+    })
+}
+
+#[test]
+fn a_status_with_a_missing_field_is_an_error_naming_it_not_a_zero() {
+    let dir = tempdir();
+    let socket = dir.path().join("daemon.sock");
+    // What a daemon sends, less `failing`: read with a default of 0, it would say
+    // nothing fails and exit 0.
+    let mut status = serde_json::json!({
+        "daemon": true, "daemon_error": null, "pending": 1, "failing": 1,
+        "needs_attention": 0, "done": 0, "dropped": 0, "failures": [], "dropped_paths": [],
+        "in_flight": 0, "uptime_seconds": 1, "last_recorded_unix_ms": 0,
+        "since_start": {"uploaded": 0, "nar_bytes": 0},
+        "recent": {"window_seconds": 60, "uploaded_per_second": 0.0, "nar_mb_per_second": 0.0},
+        "last_batch": null,
+    });
+    let full = answer_once(&socket, format!("OK {status}\n"));
+    let out = narflow()
+        .args(["status", "--json", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    full.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    std::fs::remove_file(&socket).unwrap();
+    status.as_object_mut().unwrap().remove("failing");
+    let short = answer_once(&socket, format!("OK {status}\n"));
+    let out = narflow()
+        .args(["status", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    short.join().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("missing field `failing`"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
