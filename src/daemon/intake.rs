@@ -279,6 +279,7 @@ mod tests {
             stopping: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             stats: Stats::default(),
+            metrics: Default::default(),
             started: Instant::now(),
         }
     }

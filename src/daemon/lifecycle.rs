@@ -5,7 +5,7 @@
 use super::queue::Queue;
 use super::socket::{bind_socket, check_private_dir, remove_socket_if_ours};
 use super::status::Stats;
-use super::{DaemonConfig, DaemonError, ORPHAN_GRACE, Shared, intake, server, worker};
+use super::{DaemonConfig, DaemonError, ORPHAN_GRACE, Shared, intake, metrics, server, worker};
 use crate::cache::BinaryCache;
 use crate::store::LocalStore;
 use std::fs::File;
@@ -23,16 +23,19 @@ pub struct Daemon {
     /// (device, inode) of the socket we bound: shutdown removes the path only if it is
     /// still ours.
     socket_id: (u64, u64),
+    /// Bound to `cfg.metrics_listen`, when given.
+    metrics: Option<std::net::TcpListener>,
     queue: Queue,
     _lock: File,
 }
 
 impl Daemon {
-    /// Locks the state directory, opens the queue and binds the socket. Call it before
-    /// anything starts threads: the socket is created under a umask that keeps it private.
+    /// Locks the state directory, opens the queue, binds the metrics address (if any) and
+    /// the socket. Call it before anything starts threads: the socket is created under a
+    /// umask that keeps it private.
     ///
     /// # Errors
-    /// [`DaemonError`] naming the directory, queue or socket that is unusable.
+    /// [`DaemonError`] naming the directory, queue, address or socket that is unusable.
     pub fn bind(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
         let dir = &cfg.state_dir;
         let dir_err = |source| DaemonError::StateDir {
@@ -59,11 +62,14 @@ impl Daemon {
             Err(std::fs::TryLockError::Error(e)) => return Err(dir_err(e)),
         }
         let queue = Queue::open(dir)?;
+        // Before the socket: a taken address then leaves no socket behind.
+        let metrics = cfg.metrics_listen.map(metrics::bind).transpose()?;
         let (listener, socket_id) = bind_socket(&cfg.socket, cfg.socket_group)?;
         Ok(Daemon {
             cfg,
             listener,
             socket_id,
+            metrics,
             queue,
             _lock: lock,
         })
@@ -93,6 +99,7 @@ impl Daemon {
             cfg,
             listener,
             socket_id,
+            metrics,
             queue,
             _lock,
         } = self;
@@ -114,6 +121,7 @@ impl Daemon {
             stopping: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             stats: Stats::default(),
+            metrics: metrics::Metrics::default(),
             started: Instant::now(),
         });
         tracing::info!(
@@ -129,6 +137,12 @@ impl Daemon {
             let shared = shared.clone();
             let _ = tokio::task::spawn_blocking(move || intake::drain_spool(&shared)).await;
         }
+        let metrics_err = |source| {
+            DaemonError::Metrics(metrics::MetricsBindError {
+                addr: cfg.metrics_listen.expect("bound, so given"),
+                source,
+            })
+        };
         let spawn_err = |e| DaemonError::StateDir {
             path: cfg.state_dir.clone(),
             source: e,
@@ -151,6 +165,22 @@ impl Daemon {
                 })
                 .map_err(spawn_err)?;
         }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let metrics_server = match metrics {
+            Some(l) => {
+                let addr = l.local_addr().map_err(metrics_err)?;
+                let l = tokio::net::TcpListener::from_std(l).map_err(metrics_err)?;
+                // The address as bound: with port 0 the kernel picked the port.
+                tracing::info!("narflow daemon: serving metrics on http://{addr}/metrics");
+                Some(tokio::spawn(metrics::serve(
+                    l,
+                    shared.clone(),
+                    cache.clone(),
+                    stop_rx.clone(),
+                )))
+            }
+            None => None,
+        };
         let cancel = cfg.opts.cancel.clone();
         let (dead_tx, mut dead_rx) = tokio::sync::oneshot::channel::<()>();
         {
@@ -166,7 +196,6 @@ impl Daemon {
                 .map_err(spawn_err)?;
         }
 
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let policy = server::PeerPolicy::new(cfg.socket_group);
         let server = tokio::spawn(server::serve(listener, shared.clone(), policy, stop_rx));
         let worker_died = tokio::select! {
@@ -175,6 +204,9 @@ impl Daemon {
         };
         let _ = stop_tx.send(true);
         let _ = server.await;
+        if let Some(m) = metrics_server {
+            let _ = m.await;
+        }
         remove_socket_if_ours(&cfg.socket, socket_id);
         drop(stop_helpers);
         shared.stopping.store(true, Ordering::SeqCst);

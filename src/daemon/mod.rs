@@ -14,6 +14,7 @@
 //! - `worker`: one thread that takes due paths in batches and runs [`crate::pipeline::push`];
 //!   one that sweeps orphaned uploads hourly.
 //! - `status`: what `narflow status` shows.
+//! - `metrics`: Prometheus metrics, served at `/metrics` with `--metrics-listen`.
 //!
 //! A path is acknowledged only after it is committed to the queue, and marked done only
 //! after its narinfo is in the cache; a crash anywhere leaves it pending, and the next
@@ -26,6 +27,7 @@
 //! following symlinks.
 mod intake;
 mod lifecycle;
+mod metrics;
 pub mod protocol;
 pub mod queue;
 mod server;
@@ -35,6 +37,7 @@ mod status;
 mod worker;
 
 pub use lifecycle::Daemon;
+pub use metrics::MetricsBindError;
 pub use status::{
     DroppedPath, LastBatch, Recent, SinceStart, Status, StatusParseError, status_from_queue,
 };
@@ -99,6 +102,8 @@ pub enum DaemonError {
         path: PathBuf,
         why: String,
     },
+    #[error(transparent)]
+    Metrics(#[from] MetricsBindError),
     #[error("the upload worker stopped unexpectedly")]
     WorkerDied,
 }
@@ -117,6 +122,7 @@ struct Shared {
     /// Paths in the batch being uploaded (the paths asked for, not their closures).
     in_flight: AtomicUsize,
     stats: Stats,
+    metrics: metrics::Metrics,
     started: Instant,
 }
 

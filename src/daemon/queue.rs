@@ -49,6 +49,8 @@ pub const ATTENTION_RETRY: Duration = Duration::from_secs(3600);
 pub struct Due {
     pub path: String,
     pub generation: i64,
+    /// When the path was handed off (Unix ms): its first enqueue since it last finished.
+    pub queued: i64,
 }
 
 /// A pending path that has failed at least once.
@@ -246,6 +248,7 @@ impl Queue {
                          last_error = CASE WHEN state = 0 THEN last_error ELSE NULL END,
                          attention = CASE WHEN state = 0 THEN attention ELSE 0 END,
                          generation = generation + 1,
+                         queued = CASE WHEN state = 0 THEN queued ELSE excluded.queued END,
                          state = 0, next_attempt = ?3, scheduled = ?3, finished = NULL",
                 )
                 .map_err(&err)?;
@@ -295,7 +298,7 @@ impl Queue {
         let mut q = self
             .conn
             .prepare_cached(
-                "SELECT path, generation FROM paths
+                "SELECT path, generation, queued FROM paths
                  WHERE state = 0 AND (next_attempt <= ?1 OR scheduled > ?1)
                  ORDER BY queued, path LIMIT ?2",
             )
@@ -304,6 +307,7 @@ impl Queue {
             Ok(Due {
                 path: r.get(0)?,
                 generation: r.get(1)?,
+                queued: r.get(2)?,
             })
         })
         .map_err(self.err())?
@@ -613,11 +617,15 @@ mod tests {
         assert_eq!((c.pending, c.failing, c.done, c.dropped), (1, 1, 1, 1));
         assert_eq!(q.state_of(&p("c")).unwrap(), Some("dropped"));
         assert_eq!(q.dropped(5).unwrap()[0].1, "garbage-collected");
-        // Re-queueing a done path makes it pending again, with a clean slate.
+        // Re-queueing a done path makes it pending again, with a clean slate: handed off
+        // anew.
         q.enqueue(&[p("a")], None, 30_000).unwrap();
         assert_eq!(q.state_of(&p("a")).unwrap(), Some("pending"));
-        // Re-queueing a failing path keeps its count but makes it due now.
+        assert_eq!(due_row(&q, &p("a")).queued, 30_000);
+        // Re-queueing a failing path keeps its count (and its hand-off time) but makes it
+        // due now.
         q.enqueue(&[p("b")], None, 16_000).unwrap();
+        assert_eq!(due_row(&q, &p("b")).queued, 0);
         assert!(paths(&q.due(16_000, 10).unwrap()).contains(&p("b")));
         assert_eq!(q.failing(10).unwrap()[0].attempts, 2);
     }

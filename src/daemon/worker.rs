@@ -76,13 +76,17 @@ pub(super) fn run(
         };
         shared.in_flight.store(due.len(), Ordering::SeqCst);
         let outcomes = attempt(shared, cache, opts, &due);
-        let recorded = shared.lock_queue().record(&outcomes, queue::now_ms());
+        shared.metrics.failed(&outcomes);
+        let now = queue::now_ms();
+        let recorded = shared.lock_queue().record(&outcomes, now);
         shared.in_flight.store(0, Ordering::SeqCst);
         match recorded {
-            Ok(()) => shared
-                .stats
-                .last_recorded_ms
-                .store(queue::now_ms(), Ordering::SeqCst),
+            Ok(()) => {
+                for d in &outcomes.done {
+                    shared.metrics.published(d.queued, now);
+                }
+                shared.stats.last_recorded_ms.store(now, Ordering::SeqCst);
+            }
             Err(e) => {
                 // The paths stay pending; they are attempted again (and found in the cache).
                 tracing::error!("cannot record upload results: {e}");
@@ -261,6 +265,7 @@ fn classify(
     tally: &mut Tally,
 ) {
     tally.nar_bytes += report.nar_bytes;
+    shared.metrics.ran(report.file_bytes, &report.stages);
     let by_path: HashMap<&str, &Outcome> = report
         .results
         .iter()

@@ -719,7 +719,16 @@ fn failures_stay_visible_and_sigterm_stops_cleanly_keeping_pending_work() {
     let dir = tempdir();
     let key = nix_generate_key("sigterm");
     let url = "s3://narflow-none?endpoint=http://127.0.0.1:9&region=x&retries=0";
-    let mut daemon = Daemon::signed(dir.path(), url, &key);
+    let mut daemon = Daemon::start(
+        dir.path(),
+        url,
+        &[
+            "--key-file",
+            key.secret.to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
     let p = BigPath::new("sigterm", 100);
     daemon.hook(std::slice::from_ref(&p.path));
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -738,6 +747,14 @@ fn failures_stay_visible_and_sigterm_stops_cleanly_keeping_pending_work() {
         (&f["kind"], &f["retry"]),
         (&"cache".into(), &"transient".into()),
         "{f}"
+    );
+    // The metrics count the failed attempt by kind and retry class.
+    let failures = scrape(&metrics_addr(&daemon));
+    let n = failures[r#"narflow_path_failures_total{kind="cache",retry="transient"}"#];
+    let attempts = daemon.status()["failures"][0]["attempts"].as_u64().unwrap();
+    assert!(
+        n >= 1.0 && n <= attempts as f64,
+        "{n} failures, {attempts} attempts"
     );
     assert!(
         f["last_error"].as_str().unwrap().contains("127.0.0.1:9"),
@@ -1503,4 +1520,140 @@ fn push_sweep_orphans_sweeps_with_a_day_of_grace_after_the_push() {
     assert!(cache.join(narinfo_key(&p.path)).exists());
     assert!(young.exists(), "a leftover younger than a day was swept");
     assert!(!old.exists(), "a leftover two days old was not swept");
+}
+
+/// The metrics address a daemon logged (with port 0 the kernel picks the port).
+fn metrics_addr(daemon: &Daemon) -> String {
+    let log = daemon.log_text();
+    log.lines()
+        .find_map(|l| {
+            let rest = l.split("serving metrics on http://").nth(1)?;
+            rest.strip_suffix("/metrics").map(str::to_owned)
+        })
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
+}
+
+/// `GET path` from `addr`: the status line, the headers and the body.
+fn http_get(addr: &str, path: &str) -> (String, String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (status.to_owned(), headers.to_owned(), body.to_owned())
+}
+
+/// The samples of a scrape: `name{labels}` as written → value.
+fn scrape(addr: &str) -> std::collections::HashMap<String, f64> {
+    let (status, headers, body) = http_get(addr, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    assert!(
+        headers.contains("Content-Type: application/openmetrics-text"),
+        "{headers}"
+    );
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            assert!(l.starts_with("narflow_"), "{l}");
+            let (name, value) = l.rsplit_once(' ').unwrap();
+            (name.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_are_served_and_count_the_paths_handed_off() {
+    let dir = tempdir();
+    let cache = dir.path().join("cache");
+    let url = format!("file://{}", cache.display());
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &url,
+        &["--unsigned", "--metrics-listen", "127.0.0.1:0"],
+    );
+    let addr = metrics_addr(&daemon);
+    let before = scrape(&addr);
+    let v = |m: &std::collections::HashMap<String, f64>, k: &str| {
+        *m.get(k).unwrap_or_else(|| panic!("no {k} in {m:?}"))
+    };
+    let paths: Vec<BigPath> = (0..5)
+        .map(|i| BigPath::new(&format!("metrics-{i}"), 3000 + i * 1000))
+        .collect();
+    let names: Vec<String> = paths.iter().map(|p| p.path.clone()).collect();
+    daemon.hook(&names[..2]);
+    daemon.hook(&names[2..]);
+    let status = daemon.wait_idle();
+    assert_eq!(status["done"], 5, "{status}");
+    let after = scrape(&addr);
+    let nar_bytes: u64 = names
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(cache.join(narinfo_key(p))).unwrap();
+            narinfo_field(&text, "NarSize")
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    let moved = |k: &str| v(&after, k) - v(&before, k);
+    assert_eq!(moved("narflow_uploaded_paths_total"), 5.0);
+    assert_eq!(moved("narflow_uploaded_nar_bytes_total"), nar_bytes as f64);
+    assert_eq!(moved("narflow_handoff_to_published_seconds_count"), 5.0);
+    assert_eq!(v(&after, r#"narflow_queue_paths{state="pending"}"#), 0.0);
+    assert_eq!(v(&after, r#"narflow_queue_paths{state="in_flight"}"#), 0.0);
+    assert_eq!(v(&after, r#"narflow_queue_paths{state="done"}"#), 5.0);
+    // Every stage that ran says how long it worked, and with how many threads.
+    for stage in ["walk", "hash", "sink"] {
+        assert!(
+            v(
+                &after,
+                &format!(r#"narflow_stage_busy_seconds_total{{stage="{stage}"}}"#)
+            ) > 0.0,
+            "{after:?}"
+        );
+        assert!(
+            v(
+                &after,
+                &format!(r#"narflow_stage_threads{{stage="{stage}"}}"#)
+            ) >= 1.0
+        );
+    }
+    // Nothing failed, and a local directory sends no requests.
+    assert!(
+        !after
+            .keys()
+            .any(|k| k.starts_with("narflow_path_failures") || k.starts_with("narflow_cache_req")),
+        "{after:?}"
+    );
+    let (status, _, _) = http_get(&addr, "/");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+
+    // A taken address is a startup error naming it, and leaves no socket behind.
+    let other = dir.path().join("other.sock");
+    let out = narflow()
+        .args([
+            "daemon",
+            "--to",
+            &url,
+            "--unsigned",
+            "--metrics-listen",
+            &addr,
+        ])
+        .arg("--socket")
+        .arg(&other)
+        .arg("--state-dir")
+        .arg(dir.path().join("other-state"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("metrics address {addr}")),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!other.exists());
+    assert!(daemon.terminate().success(), "{}", daemon.log_text());
 }
