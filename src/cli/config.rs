@@ -26,13 +26,13 @@ pub fn run(args: &ConfigArgs, merged: &Merged) -> Result<u8, CliError> {
             "config_file": { "path": path, "source": source, "read": merged.config_read },
             "settings": entries,
         });
-        println!("{out}");
+        print_out(&format!("{out}\n"));
         return Ok(exit::OK);
     }
     // TOML (dotted keys for the tables), so a line can be copied into the file; each
     // value's source in a comment.
-    println!(
-        "# config file: {path} ({source}; {})",
+    let mut text = format!(
+        "# config file: {path} ({source}; {})\n",
         if merged.config_read {
             "read"
         } else {
@@ -45,10 +45,17 @@ pub fn run(args: &ConfigArgs, merged: &Merged) -> Result<u8, CliError> {
             _ => String::new(),
         };
         if e.value.is_null() {
-            println!("# {} is not set  # {}", e.key, e.source);
+            text.push_str(&format!("# {} is not set  # {}\n", e.key, e.source));
         } else {
-            println!("{} = {}  # {}{note}", e.key, e.value, e.source);
+            text.push_str(&format!("{} = {}  # {}{note}\n", e.key, e.value, e.source));
         }
     }
+    print_out(&text);
     Ok(exit::OK)
+}
+
+/// Writes to stdout; a reader that went away (`narflow config | head`) is not an error.
+fn print_out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
