@@ -373,3 +373,55 @@ fn a_missing_default_file_is_fine_and_a_missing_named_one_is_an_error() {
         Path::new(DEFAULT_CONFIG)
     );
 }
+
+#[test]
+fn the_example_file_names_every_key_with_its_default() {
+    let text = include_str!("../../contrib/narflow.toml");
+    // Each key's first `# key = value` line is its default; later ones are examples.
+    let mut seen = Vec::new();
+    let mut table = String::new();
+    let mut uncommented = String::new();
+    for line in text.lines() {
+        let body = line.strip_prefix("# ").unwrap_or(line);
+        if let Some(t) = line.strip_prefix('[') {
+            table = t.trim_end_matches(']').to_owned();
+            uncommented.push_str(line);
+        } else if let Some((k, _)) = body.split_once(" = ") {
+            let key = if table.is_empty() {
+                k.to_owned()
+            } else {
+                format!("{table}.{k}")
+            };
+            if !seen.contains(&key) {
+                seen.push(key);
+                uncommented.push_str(body);
+            }
+        }
+        uncommented.push('\n');
+    }
+    for (key, _) in KEYS {
+        assert!(
+            seen.iter().any(|k| k == key),
+            "{key} is not in contrib/narflow.toml"
+        );
+    }
+    let file = ConfigFile::parse(Path::new("narflow.toml"), &uncommented).unwrap();
+    let example = Merged::new(Settings::default(), |_| None, None, Some(file));
+    let defaults = Merged::new(Settings::default(), |_| None, None, None);
+    let (example, defaults) = (example.resolve().unwrap(), defaults.resolve().unwrap());
+    // Keys with no default (or one that depends on the machine) show an example.
+    let no_default = ["to", "jobs", "daemon.socket-group", "daemon.metrics-listen"];
+    for (e, d) in example.entries().iter().zip(defaults.entries()) {
+        if !no_default.contains(&e.key) {
+            assert_eq!(
+                e.value, d.value,
+                "{}: the example's value is not the default",
+                e.key
+            );
+        }
+    }
+    assert_eq!(
+        example.metrics_listen,
+        Some("127.0.0.1:9464".parse().unwrap())
+    );
+}
