@@ -956,11 +956,16 @@ impl Resolved {
                     "hook.timeout" => secs(self.hook_timeout),
                     other => unreachable!("no value for key {other}"),
                 };
-                Entry {
-                    key,
-                    value,
-                    source: self.source(key).to_string(),
+                let mut source = self.source(key).to_string();
+                let url_key = self
+                    .url
+                    .as_ref()
+                    .is_some_and(|u| u.param("secret-key").is_some());
+                if *key == "key-file" && url_key && !source.starts_with("url:") {
+                    // Both give keys: the setting's, then the URL's.
+                    source.push_str(" + url:secret-key=");
                 }
+                Entry { key, value, source }
             })
             .collect()
     }

@@ -164,6 +164,21 @@ fn the_urls_secret_key_adds_to_the_key_files() {
     );
     let m = merged(&["--to", "file:///c?secret-key=/k/url"], &[], None);
     assert_eq!(source(&m, "key-file"), "url:secret-key=");
+    let entry = |m: &Merged| {
+        let r = m.resolve().unwrap();
+        r.entries()
+            .into_iter()
+            .find(|e| e.key == "key-file")
+            .unwrap()
+            .source
+    };
+    assert_eq!(entry(&m), "url:secret-key=");
+    let m = merged(
+        &["--to", "file:///c?secret-key=/k/url", "--key-file", "/k/a"],
+        &[],
+        None,
+    );
+    assert_eq!(entry(&m), "flag:--key-file + url:secret-key=");
 }
 
 #[test]
