@@ -169,6 +169,27 @@ fn an_unknown_key_or_a_bad_value_in_the_file_is_named_with_its_line() {
             assert!(err.contains(&format!("{file}{needle}")), "{cmd}: {err}");
         }
     }
+    // A daemon's setting on push's command line is refused by name.
+    let out = isolated(
+        narflow().args([
+            "push",
+            "--unsigned",
+            "--socket-group",
+            "nixbld",
+            "--to",
+            &format!("file://{}", cache.path().display()),
+            "/nix/store/00000000000000000000000000000000-x",
+        ]),
+        &[],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr_of(&out).contains("--socket-group is a setting of narflow daemon"),
+        "{}",
+        stderr_of(&out)
+    );
     // A named file that is missing is an error too.
     let missing = dir.path().join("missing.toml");
     let out = isolated(
@@ -254,6 +275,13 @@ fn a_daemon_started_with_only_its_config_file_uploads_where_the_file_says() {
     }
     let text = std::fs::read_to_string(&narinfo).unwrap();
     assert!(text.contains("Sig: narflow-config-1:"), "{text}");
+    // narflow status finds the daemon through the file's socket.
+    let out = isolated(narflow().args(["status", "--json", "--config", &file]), &[])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["daemon"], true, "{status}");
     run(Command::new("kill")
         .arg("-TERM")
         .arg(daemon.id().to_string()));
