@@ -13,7 +13,7 @@
 //! Store-URL parameters (`compression=`, `compression-level=`, `secret-key=`,
 //! `concurrency=`, `retries=`, `read-timeout=`) sit between the defaults and the file:
 //! a setting given by flag, environment or file wins over the URL's.
-use crate::cache::url::{CacheUrl, UrlError};
+use crate::cache::url::CacheUrl;
 use crate::cache::{CacheError, S3Tuning};
 use crate::format::signing::SigningKey;
 use crate::pipeline::PushOptions;
@@ -374,8 +374,6 @@ pub enum SettingsError {
     #[error("{0}")]
     KeyFile(String),
     #[error(transparent)]
-    Url(#[from] UrlError),
-    #[error(transparent)]
     Cache(#[from] CacheError),
 }
 
@@ -698,7 +696,15 @@ impl Merged {
     /// [`SettingsError`] naming the bad URL, URL parameter or setting and its source.
     pub fn resolve(&self) -> Result<Resolved, SettingsError> {
         let s = &self.settings;
-        let url = s.to.as_deref().map(CacheUrl::parse).transpose()?;
+        let url =
+            s.to.as_deref()
+                .map(CacheUrl::parse)
+                .transpose()
+                .map_err(|e| SettingsError::Invalid {
+                    key: "to",
+                    from: self.given("to").unwrap_or(Source::Default),
+                    message: e.to_string(),
+                })?;
         let param = |k: &str| url.as_ref().and_then(|u| u.param(k));
         // The source of `key`: a layer that gives it, else the URL parameter `url_param`
         // when the URL has it, else the default.

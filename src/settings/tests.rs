@@ -297,6 +297,12 @@ fn values_that_parse_but_cannot_be_used_name_the_key_and_source() {
         e.starts_with("level (from url:compression-level=): compression level 99"),
         "{e}"
     );
+    let m = merged(&[], &[], Some("\n\nto = \"http://cache\"\n"));
+    let e = m.resolve().unwrap_err().to_string();
+    assert!(
+        e.starts_with("to (from file:/etc/narflow/narflow.toml:3): cache URL \"http://cache\": unsupported scheme"),
+        "{e}"
+    );
     let m = merged(&["--s3-concurrency", "0"], &[], None);
     let e = m.resolve().unwrap_err().to_string();
     assert!(
