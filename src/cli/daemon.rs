@@ -88,3 +88,15 @@ fn group_id(name: &str) -> Result<u32, String> {
         .map(|g| g.gid())
         .ok_or_else(|| format!("no such group {name:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn groups_by_number_or_by_name() {
+        assert_eq!(super::group_id("4242"), Ok(4242));
+        // Every Unix system has group 0, named root (wheel on some BSDs).
+        assert_eq!(super::group_id("root"), Ok(0));
+        let e = super::group_id("no-such-group-narflow").unwrap_err();
+        assert!(e.contains("no such group \"no-such-group-narflow\""), "{e}");
+    }
+}
