@@ -7,6 +7,7 @@
 //! - `pipeline`: pushing a set of paths to a cache (plan, upload, publish).
 //! - `daemon`: `narflow daemon`: the durable queue, the socket and the upload worker.
 //! - `hook`: `narflow hook`: hands `$OUT_PATHS` to the daemon, or spools them (std only).
+//! - `settings`: one `Settings` type for every command: defaults < config file < env < flags.
 //! - `bench`: synthetic store-shaped workloads and the `narflow bench` measurements.
 //!
 //! ```text
@@ -28,5 +29,7 @@ pub mod format;
 pub mod hook;
 #[cfg(feature = "full")]
 pub mod pipeline;
+#[cfg(feature = "full")]
+pub mod settings;
 #[cfg(feature = "full")]
 pub mod store;

@@ -3,7 +3,7 @@
 //!
 //! `narflow hook` exits 0 whatever happens, even on a bad command line, because a failing
 //! hook stops Nix's build loop. (The `narflow-hook` binary is the same hook, smaller.)
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use std::process::ExitCode;
 
 mod cli;
@@ -11,8 +11,13 @@ mod cli;
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let hook = args.get(1).is_some_and(|a| a == "hook");
-    let cli = match cli::Cli::try_parse_from(&args) {
-        Ok(cli) => cli,
+    // The matches are kept: they say whether each setting came from a flag or from the
+    // environment (`narflow config` shows it).
+    let parsed = cli::Cli::command()
+        .try_get_matches_from(&args)
+        .and_then(|m| cli::Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) if hook && e.use_stderr() => {
             eprintln!("narflow hook: {e}");
             eprintln!("narflow hook: bad command line; nothing queued");
@@ -24,7 +29,7 @@ fn main() -> ExitCode {
     if !matches!(cli.command, cli::Command::Hook(_)) {
         init_logging(&cli);
     }
-    match cli::run(cli) {
+    match cli::run(cli, &matches) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("narflow: {:#}", e.error);

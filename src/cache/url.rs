@@ -177,25 +177,24 @@ impl CacheUrl {
     }
 }
 
+/// Decodes `%XX` escapes. Unlike `percent_encoding`, which keeps a malformed escape as it
+/// is, a `%` not followed by two hex digits is refused: in a URL it is a typo, and the
+/// value meant is unknown.
 fn percent_decode(s: &str) -> Result<String, String> {
     let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
+    let malformed = bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !bytes
                 .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad percent escape in {s:?}"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if malformed {
+        return Err(format!("bad percent escape in {s:?}"));
     }
-    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
 }
 
 #[cfg(test)]
@@ -222,6 +221,9 @@ mod tests {
             }
         );
         assert_eq!(u.param("endpoint"), Some("http://127.0.0.1:3900"));
+        let u = CacheUrl::parse("file:///a%20b%2Fc?secret-key=%2Fk%C3%A9y").unwrap();
+        assert_eq!(u.location, CacheLocation::File("/a b/c".into()));
+        assert_eq!(u.param("secret-key"), Some("/kéy"));
     }
 
     #[test]
@@ -238,6 +240,8 @@ mod tests {
             ("file:///x?compression=xz&compression=zstd", "given twice"),
             ("s3://", "expected s3://BUCKET"),
             ("file:///x%zz", "bad percent escape"),
+            ("file:///x%4", "bad percent escape"),
+            ("file:///x%ff", "is not UTF-8 once decoded"),
             (
                 "file:///x?parallel-compression=true",
                 "\"parallel-compression\" is not supported: narflow always compresses in parallel",

@@ -13,6 +13,7 @@ use narflow::bench::{
 use narflow::cache::url::{CacheLocation, CacheUrl};
 use narflow::pipeline::PushOptions;
 use narflow::pipeline::compress::{Compression, CompressionSettings};
+use narflow::settings::{self, Merged, Size, Source};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -42,7 +43,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
     /// Size of the large workload's one path, e.g. 256M, 4G [default: 1G].
-    #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = settings::parse_size)]
     pub size: Option<u64>,
     /// Seed of the generated workloads (compare only reports made with the same one).
     #[arg(long, value_name = "N", default_value_t = bench::DEFAULT_SEED)]
@@ -57,10 +58,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub jobs: Option<usize>,
     /// Memory budget for NAR data in flight, e.g. 64M [default: 64M].
-    #[arg(long, value_parser = super::parse_size)]
+    #[arg(long, value_parser = settings::parse_size)]
     pub memory: Option<u64>,
     /// Chunk size: each chunk is compressed as an independent frame [default: 4M].
-    #[arg(long, value_parser = super::parse_size, hide = true)]
+    #[arg(long, value_parser = settings::parse_size, hide = true)]
     pub chunk_size: Option<u64>,
     /// Runs per workload and sink; the median run is reported
     /// [default: 3; 1 for a large workload of 1 GiB or more].
@@ -132,21 +133,36 @@ fn plan(args: &BenchArgs) -> Result<Plan, CliError> {
             }
         },
     };
-    let param = |k: &str| to.as_ref().and_then(|u| u.param(k));
-    let kind = match (args.compression, param("compression")) {
-        (Some(c), _) => c,
-        (None, Some(c)) => Compression::parse(c).map_err(|e| usage(format!("--to: {e}")))?,
-        (None, None) => Compression::Zstd,
+    // Compression and pipeline settings as push resolves them (the --to URL's
+    // compression= and compression-level= fill in what the flags leave out), from the
+    // flags alone: a benchmark measures what it is told, not this machine's config file.
+    let flags = settings::Settings {
+        to: args.to.clone(),
+        compression: args.compression,
+        level: args.level,
+        jobs: args.jobs,
+        memory: args.memory.map(Size),
+        chunk_size: args.chunk_size.map(Size),
+        ..settings::Settings::default()
     };
-    let level = match (args.level, param("compression-level")) {
-        (Some(l), _) => Some(l),
-        (None, Some(l)) => Some(
-            l.parse()
-                .map_err(|_| usage(format!("--to: bad compression-level {l:?}")))?,
-        ),
-        (None, None) => None,
+    let given = |id: &str| match id {
+        "to" => args.to.is_some(),
+        "compression" => args.compression.is_some(),
+        "level" => args.level.is_some(),
+        "jobs" => args.jobs.is_some(),
+        "memory" => args.memory.is_some(),
+        "chunk_size" => args.chunk_size.is_some(),
+        _ => false,
     };
-    let compression = CompressionSettings::new(kind, level).map_err(usage)?;
+    let resolved = Merged::new(
+        flags,
+        |id| given(id).then(|| Source::Flag(format!("--{}", id.replace('_', "-")))),
+        None,
+        None,
+    )
+    .resolve()
+    .map_err(CliError::usage)?;
+    let compression = resolved.compression;
 
     let dir = args.dir.clone().unwrap_or_else(default_dir);
     let dir =
@@ -182,9 +198,7 @@ fn plan(args: &BenchArgs) -> Result<Plan, CliError> {
         return Err(usage("--repeat 0: at least one run is needed".into()));
     }
 
-    let mut opts = PushOptions::new(compression, vec![bench::bench_key()]);
-    super::apply_pipeline_args(&mut opts, args.jobs, args.memory, args.chunk_size)
-        .map_err(usage)?;
+    let opts = resolved.push_options_with_keys(vec![bench::bench_key()]);
     let file_parent = to_dir.unwrap_or_else(|| dir.join("caches"));
     Ok(Plan {
         kinds,

@@ -1,59 +1,50 @@
 //! `narflow daemon`: the long-running uploader behind `narflow hook`.
 use super::CliError;
-use super::push::UploadArgs;
 use narflow::cache;
 use narflow::daemon::{DEFAULT_BATCH, Daemon, DaemonConfig, DaemonError};
 use narflow::format::store_path::DEFAULT_STORE_DIR;
-use narflow::hook::{DEFAULT_SOCKET, DEFAULT_STATE_DIR};
+use narflow::settings::{Merged, Settings, SettingsError};
 use narflow::store::LocalStore;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {
     #[command(flatten)]
-    pub upload: UploadArgs,
-    /// The Unix socket to listen on (created 0600, or 0660 with --socket-group).
-    #[arg(long, env = "NARFLOW_SOCKET", default_value = DEFAULT_SOCKET)]
-    pub socket: PathBuf,
-    /// Where the queue and the hook's spool live.
-    #[arg(long, env = "NARFLOW_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
-    /// Let this group (name or number) use the socket too.
-    #[arg(long, env = "NARFLOW_SOCKET_GROUP")]
-    pub socket_group: Option<String>,
-    /// Seconds a shutdown may take: the batch in flight gets half of it to finish, then
-    /// is cancelled (what is unfinished stays queued).
-    #[arg(long, default_value_t = 60)]
-    pub shutdown_timeout: u64,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
-    #[arg(long, env = "NARFLOW_METRICS_LISTEN")]
-    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub settings: Settings,
     /// Most paths taken from the queue per upload batch.
     #[arg(long, default_value_t = DEFAULT_BATCH, hide = true)]
     pub batch: usize,
 }
 
-pub fn run(args: DaemonArgs) -> Result<u8, CliError> {
-    let (url, opts) = args.upload.resolve()?;
-    let open_opts = opts.cache_options(cache::S3Tuning::from_url(&url).map_err(CliError::usage)?);
-    let socket_group = args
+pub fn run(args: &DaemonArgs, merged: &Merged) -> Result<u8, CliError> {
+    let resolved = merged.resolve().map_err(CliError::usage)?;
+    let url = resolved.cache_url().map_err(CliError::usage)?;
+    let opts = resolved.push_options().map_err(CliError::usage)?;
+    let open_opts = opts.cache_options(resolved.s3.clone());
+    let socket_group = resolved
         .socket_group
         .as_deref()
-        .map(group_id)
+        .map(|g| {
+            group_id(g).map_err(|message| SettingsError::Invalid {
+                key: "daemon.socket-group",
+                from: resolved.source("daemon.socket-group"),
+                message,
+            })
+        })
         .transpose()
-        .map_err(|e| CliError::usage(anyhow::anyhow!(e)))?;
+        .map_err(CliError::usage)?;
     let cfg = DaemonConfig {
-        socket: args.socket.clone(),
-        state_dir: args.state_dir,
+        socket: resolved.socket.clone(),
+        state_dir: resolved.state_dir.clone(),
         socket_group,
         opts,
         batch: args.batch,
-        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
-        metrics_listen: args.metrics_listen,
+        shutdown_timeout: resolved.shutdown_timeout,
+        metrics_listen: resolved.metrics_listen,
     };
     let daemon = Daemon::bind(cfg).map_err(CliError::usage)?;
-    let cache = match cache::open(&url, &open_opts) {
+    let cache = match cache::open(url, &open_opts) {
         Ok(c) => c,
         Err(e) => {
             daemon.release();
@@ -88,20 +79,24 @@ pub fn run(args: DaemonArgs) -> Result<u8, CliError> {
     }
 }
 
-/// A group's id, from a number or a name in /etc/group.
+/// A group's id, from a number or a name in the system's group database.
 fn group_id(name: &str) -> Result<u32, String> {
     if let Ok(n) = name.parse() {
         return Ok(n);
     }
-    let groups = std::fs::read_to_string("/etc/group")
-        .map_err(|e| format!("--socket-group {name}: cannot read /etc/group: {e}"))?;
-    groups
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(':');
-            Some((f.next()?, f.nth(1)?))
-        })
-        .find(|(n, _)| *n == name)
-        .and_then(|(_, gid)| gid.parse().ok())
-        .ok_or_else(|| format!("--socket-group {name}: no such group in /etc/group"))
+    uzers::get_group_by_name(name)
+        .map(|g| g.gid())
+        .ok_or_else(|| format!("no such group {name:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn groups_by_number_or_by_name() {
+        assert_eq!(super::group_id("4242"), Ok(4242));
+        // Every Unix system has group 0, named root (wheel on some BSDs).
+        assert_eq!(super::group_id("root"), Ok(0));
+        let e = super::group_id("no-such-group-narflow").unwrap_err();
+        assert!(e.contains("no such group \"no-such-group-narflow\""), "{e}");
+    }
 }

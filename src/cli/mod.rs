@@ -2,13 +2,17 @@
 //! One file per command. Nothing here does work the library could do.
 
 pub mod bench;
+pub mod config;
 pub mod daemon;
 pub mod hook;
 pub mod progress;
 pub mod push;
 pub mod status;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, Parser, Subcommand};
+use narflow::settings::{CONFIG_ENV, ConfigChoice, Merged, Settings, clap_source};
+use std::path::PathBuf;
 
 /// Exit codes (documented in the README).
 pub mod exit {
@@ -52,6 +56,9 @@ pub struct Cli {
     /// More log output (-v: each path; -vv: debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Config file (TOML) [default: /etc/narflow/narflow.toml, when it exists].
+    #[arg(long, global = true, env = CONFIG_ENV, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -66,85 +73,70 @@ pub enum Command {
     Hook(hook::HookArgs),
     /// Show the daemon's queue: pending, in flight, done, failing with the last error.
     Status(status::StatusArgs),
+    /// Print the merged settings (the daemon's view, with the same flags) and where each
+    /// value came from.
+    Config(config::ConfigArgs),
     /// Measure the pipeline on synthetic store paths; compare with a saved baseline.
     Bench(bench::BenchArgs),
 }
 
-/// Runs the parsed command; returns the exit code.
-pub fn run(cli: Cli) -> Result<u8, CliError> {
+/// Runs the parsed command (`matches` is what clap parsed it from); returns the exit code.
+pub fn run(cli: Cli, matches: &ArgMatches) -> Result<u8, CliError> {
+    let choice = || {
+        let from_env = matches.value_source("config") == Some(ValueSource::EnvVariable);
+        ConfigChoice::new(cli.config.clone(), from_env)
+    };
+    let sub = |name: &str| matches.subcommand_matches(name).unwrap_or(matches);
     match cli.command {
-        Command::Push(args) => push::run(args),
+        Command::Push(ref args) => push::run(args, &merge(&args.settings, sub("push"), choice())?),
         Command::Bench(args) => bench::run(args),
-        Command::Daemon(args) => daemon::run(args),
+        Command::Daemon(ref args) => {
+            daemon::run(args, &merge(&args.settings, sub("daemon"), choice())?)
+        }
+        Command::Config(ref args) => {
+            config::run(args, &merge(&args.settings, sub("config"), choice())?)
+        }
         Command::Hook(args) => Ok(hook::run(args, cli.verbose > 0)),
-        Command::Status(args) => status::run(args),
+        Command::Status(mut args) => {
+            // The socket and state directory of the file, unless given by flag or
+            // environment.
+            let sub = sub("status");
+            if let Some(file) = choice().load().map_err(CliError::usage)? {
+                let given = |id: &str| sub.value_source(id) != Some(ValueSource::DefaultValue);
+                if let (false, Some(s)) = (given("socket"), file.settings.socket) {
+                    args.socket = s;
+                }
+                if let (false, Some(d)) = (given("state_dir"), file.settings.state_dir) {
+                    args.state_dir = d;
+                }
+            }
+            status::run(args)
+        }
     }
 }
 
-/// Applies `--jobs`, `--memory` and `--chunk-size` (as given to push or bench) to `opts`.
+/// The command's settings: its flags and `NARFLOW_*` variables (`flags`, parsed from
+/// `matches`) over the config file.
 ///
 /// # Errors
-/// A message when the budget cannot hold one chunk.
-pub fn apply_pipeline_args(
-    opts: &mut narflow::pipeline::PushOptions,
-    jobs: Option<usize>,
-    memory: Option<u64>,
-    chunk_size: Option<u64>,
-) -> Result<(), String> {
-    if let Some(j) = jobs {
-        opts.jobs = j.max(1);
-    }
-    if let Some(m) = memory {
-        opts.memory = m;
-    }
-    if let Some(c) = chunk_size {
-        // One chunk is one compressed frame: below 64 KiB frames cost ratio, above
-        // 256 MiB one chunk would be most of any sensible budget.
-        opts.chunk_size = usize::try_from(c)
-            .unwrap_or(usize::MAX)
-            .clamp(64 << 10, 256 << 20);
-    }
-    if opts.memory < opts.chunk_size as u64 {
-        return Err(format!(
-            "--memory {} is less than one chunk ({} bytes)",
-            opts.memory, opts.chunk_size
-        ));
-    }
-    Ok(())
-}
-
-/// Parses a size: bytes, or a number with K, M, G (powers of 1024; `MiB`, `MB` also read
-/// as powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 64M, 1G)"))?;
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (K, M or G)")),
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))
+/// A usage error for a config file that cannot be read or used.
+fn merge(flags: &Settings, matches: &ArgMatches, choice: ConfigChoice) -> Result<Merged, CliError> {
+    let file = choice.load().map_err(CliError::usage)?;
+    let cmd = Settings::augment_args(clap::Command::new("settings"));
+    Ok(Merged::new(
+        flags.clone(),
+        |id| clap_source(matches, id, &cmd),
+        Some(choice),
+        file,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     #[test]
-    fn sizes() {
-        assert_eq!(super::parse_size("64M"), Ok(64 << 20));
-        assert_eq!(super::parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(super::parse_size("4096"), Ok(4096));
-        assert!(
-            super::parse_size("12X")
-                .unwrap_err()
-                .contains("unknown unit")
-        );
-        assert!(super::parse_size("M").is_err());
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }

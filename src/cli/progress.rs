@@ -34,8 +34,8 @@ impl CliProgress {
 impl Progress for CliProgress {
     fn planned(&self, paths: usize, nar_bytes: u64) {
         tracing::info!(
-            "{paths} paths to upload ({:.1} MiB of NAR)",
-            nar_bytes as f64 / 1048576.0
+            "{paths} paths to upload ({} of NAR)",
+            narflow::settings::format_size(nar_bytes)
         );
         if let Some(bar) = &self.bar {
             bar.set_length(nar_bytes);
