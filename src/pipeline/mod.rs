@@ -6,6 +6,12 @@
 //!         skip present   chunks                     per chunk                           FileHash, upload  (closure order)
 //! ```
 //!
+//! Each stage (`walk.rs`, `compress.rs`, `sink.rs`, `publish.rs`) owns its threads and
+//! statistics and is started with its input and output channels; [`stage::Running::finish`]
+//! waits for it to drain and returns its [`StageStats`]. One [`stage::Stop`] is checked by
+//! every stage: a cancel or a failed publish stops them all mid-NAR, and a job the cache
+//! fails is dropped by every stage at once.
+//!
 //! This file is the one place that wires the stages and sets every capacity. Memory is
 //! bounded by [`PushOptions::memory`]: each chunk of NAR data holds a permit of that budget
 //! from the moment the walker starts filling it until the sink has written it, so peak
@@ -27,6 +33,7 @@ pub mod buffers;
 pub mod compress;
 pub mod publish;
 pub mod sink;
+pub mod stage;
 pub mod stats;
 pub mod walk;
 
@@ -35,7 +42,6 @@ use crate::format::signing::SigningKey;
 use crate::format::store_path::StorePath;
 use crate::store::{LocalStore, PathInfo, StoreError};
 use compress::CompressionSettings;
-use publish::{Published, Publisher};
 use stats::StageStats;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -549,203 +555,127 @@ pub fn upload_after(
         progress.finished(&r);
         report.results.push(r);
     }
-    let skip = &skip;
-    let budget = budget::ByteBudget::new(opts.memory.max(opts.chunk_size as u64));
-    // Free buffers kept for reuse: as many as the budget admits chunks, plus one output
-    // buffer per compressing thread, which is every large buffer alive at once, so none
-    // is ever freed to the allocator mid-run.
-    let buffers = buffers::BufferPool::new(
-        (budget.capacity() / opts.chunk_size as u64) as usize + opts.jobs.max(1),
-    );
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.jobs.max(1))
-        .thread_name(|i| format!("narflow-compress-{i}"))
-        .build()
-        .map_err(|e| {
-            PushError::Cache(crate::cache::CacheError::Config(format!(
-                "starting threads: {e}"
-            )))
-        })?;
-    let stop = AtomicBool::new(false);
-
+    let todo: Vec<usize> = (0..infos.len()).filter(|&j| !skip[j]).collect();
+    let caps = Capacities::new(opts, cache.upload_concurrency());
+    let stop = stage::Stop::new(opts.cancel.clone(), infos.len());
+    let budget = budget::ByteBudget::new(caps.chunk_memory);
+    let buffers = buffers::BufferPool::new(caps.free_buffers);
+    let compress = compress::CompressStage::new(
+        caps.compress_jobs,
+        opts.compression,
+        buffers.clone(),
+        stop.clone(),
+    )
+    .map_err(|e| {
+        PushError::Cache(crate::cache::CacheError::Config(format!(
+            "starting threads: {e}"
+        )))
+    })?;
     let walk = walk::WalkStage {
         infos,
         store_dir,
         chunk_size: opts.chunk_size,
         budget,
         pool: buffers.clone(),
-        cancel: opts.cancel.clone(),
+        stop: stop.clone(),
         nar_listing: opts.nar_listing,
+        walkers: caps.walkers,
     };
-    let compress = compress::CompressStage {
-        pool: &pool,
-        settings: opts.compression,
-        buffers: buffers.clone(),
-        cancel: opts.cancel.clone(),
-    };
-    // Finishing threads: as many uploads committing at once as the cache says hide its
-    // per-request latency (1 for a local directory, where a commit is a rename).
-    let finishers = cache.upload_concurrency();
     let sink = sink::SinkStage {
         cache,
         infos,
         store_dir,
         opts,
         progress,
-        finishers,
+        finishers: caps.finishers,
         buffers,
+        stop: stop.clone(),
     };
+    let mut publish = publish::PublishStage::new(
+        cache,
+        infos,
+        store_dir,
+        seen.clone(),
+        &refused,
+        progress,
+        stop.clone(),
+        publish::WavePolicy {
+            batch: PUBLISH_BATCH,
+            interval: PUBLISH_INTERVAL,
+        },
+    );
 
-    let (job_tx, job_rx) = crossbeam_channel::bounded::<usize>(JOB_QUEUE);
-    let (chunk_tx, chunk_rx) = crossbeam_channel::bounded(CHUNK_QUEUE);
-    let (hashed_tx, hashed_rx) = crossbeam_channel::bounded(CHUNK_QUEUE);
-    let (comp_tx, comp_rx) = crossbeam_channel::bounded(COMPRESSED_QUEUE);
-    let (res_tx, res_rx) = crossbeam_channel::bounded(RESULT_QUEUE);
+    let jobs = crossbeam_channel::bounded::<usize>(caps.job_queue);
+    let (chunk_tx, chunk_rx) = crossbeam_channel::bounded(caps.chunk_queue);
+    let (hashed_tx, hashed_rx) = crossbeam_channel::bounded(caps.chunk_queue);
+    let (comp_tx, comp_rx) = crossbeam_channel::bounded(caps.compressed_queue);
+    let handoff = crossbeam_channel::bounded(caps.finishers);
+    let (res_tx, res_rx) = crossbeam_channel::bounded(caps.result_queue);
 
-    let outcome = std::thread::scope(|s| -> Result<Vec<StageStats>, PushError> {
-        let stop = &stop;
-        s.spawn(move || {
-            for job in (0..infos.len()).filter(|&j| !skip[j]) {
-                if stop.load(Ordering::Relaxed)
-                    || opts.cancel.is_cancelled()
-                    || job_tx.send(job).is_err()
-                {
-                    break;
-                }
-            }
-        });
-        let walkers: Vec<_> = (0..WALKERS)
-            .map(|_| {
-                let (jobs, out, walk) = (job_rx.clone(), chunk_tx.clone(), &walk);
-                s.spawn(move || walk.run(jobs, out))
-            })
-            .collect();
-        drop((job_rx, chunk_tx));
-        let hasher = s.spawn(|| walk::hash_stage(chunk_rx, hashed_tx));
-        let compressor = s.spawn(|| compress.run(hashed_rx, comp_tx));
-        let sinker = s.spawn(|| sink.run(comp_rx, res_tx));
-
-        let mut publisher = Publisher::new(cache, store_dir, seen.clone());
-        for (i, why) in &refused {
-            publisher.fail(infos[*i].path.clone(), why.retry);
-        }
-        let mut file_sizes: HashMap<StorePath, u64> = HashMap::new();
-        let mut last_wave = Instant::now();
-        let mut publish_error = None;
-        let settle = |report: &mut PushReport,
-                      decided: Vec<Published>,
-                      file_sizes: &HashMap<StorePath, u64>| {
-            for d in decided {
-                let (path, outcome) = match d {
-                    Published::Written(n) => {
-                        let file_size = file_sizes.get(&n.store_path).copied().unwrap_or_default();
-                        report.nar_bytes += n.nar_size;
-                        report.file_bytes += file_size;
-                        (
-                            n.store_path,
-                            Outcome::Uploaded {
-                                nar_size: n.nar_size,
-                                file_size,
-                            },
-                        )
-                    }
-                    Published::Present(p) => (p, Outcome::AlreadyPresent),
-                    Published::Failed(p, why) => (p, Outcome::Failed(why)),
-                };
-                let r = PathResult {
-                    path: path.to_absolute(store_dir),
-                    outcome,
-                };
-                progress.finished(&r);
-                report.results.push(r);
-            }
-        };
-        for r in res_rx.iter() {
-            let path = &infos[r.job].path;
-            match r.outcome {
-                Ok((narinfo, file_size)) => {
-                    file_sizes.insert(path.clone(), file_size);
-                    publisher.add(*narinfo);
-                }
-                Err(why) => {
-                    publisher.fail(path.clone(), why.retry);
-                    let r = PathResult {
-                        path: path.to_absolute(store_dir),
-                        outcome: Outcome::Failed(why),
-                    };
-                    progress.finished(&r);
-                    report.results.push(r);
-                }
-            }
-            if opts.cancel.is_cancelled() {
-                // Stop feeding; the stages drain and exit once the results go unread.
-                stop.store(true, Ordering::Relaxed);
-                break;
-            }
-            let due = publisher.pending() >= PUBLISH_BATCH
-                || (publisher.pending() > 0 && last_wave.elapsed() >= PUBLISH_INTERVAL);
-            if due {
-                match publisher.wave() {
-                    Ok(decided) => settle(&mut report, decided, &file_sizes),
-                    Err(e) => {
-                        // Stop feeding; the stages drain and exit once the results go unread.
-                        stop.store(true, Ordering::Relaxed);
-                        publish_error = Some(e);
-                        break;
-                    }
-                }
-                last_wave = Instant::now();
-            }
-        }
-        drop(res_rx);
-        let mut walk_stats = StageStats {
-            name: "walk",
-            ..Default::default()
-        };
-        for w in walkers {
-            walk_stats.absorb(&w.join().expect("walker thread panicked"));
-        }
-        let mut hash_stats = StageStats {
-            name: "hash",
-            ..Default::default()
-        };
-        hash_stats.absorb(&hasher.join().expect("hash thread panicked"));
-        let compress_stats = compressor.join().expect("compress thread panicked");
-        let mut sink_stats = StageStats {
-            name: "sink",
-            ..Default::default()
-        };
-        sink_stats.absorb(&sinker.join().expect("sink thread panicked"));
-        if let Some(e) = publish_error {
-            return Err(e.into());
-        }
-        if opts.cancel.is_cancelled() {
-            // What was written stays (each narinfo's NAR and references were durable);
-            // the rest is reported unfinished, for the caller to retry.
-            let settled: HashSet<String> = report.results.iter().map(|r| r.path.clone()).collect();
-            for info in infos {
-                let path = info.path.to_absolute(store_dir);
-                if !settled.contains(&path) {
-                    let r = PathResult {
-                        path,
-                        outcome: Outcome::Failed(Failure::transient(
-                            FailureKind::Cancelled,
-                            CANCELLED,
-                        )),
-                    };
-                    progress.finished(&r);
-                    report.results.push(r);
-                }
-            }
-            cache.sync()?;
-        } else {
-            settle(&mut report, publisher.finish()?, &file_sizes);
-        }
-        Ok(vec![walk_stats, hash_stats, compress_stats, sink_stats])
+    let stages = std::thread::scope(|s| {
+        let walking = walk.spawn(s, todo, jobs, chunk_tx);
+        let hashing = walk::spawn_hash(s, &walk.stop, chunk_rx, hashed_tx);
+        let compressing = compress.spawn(s, hashed_rx, comp_tx);
+        let sinking = sink.spawn(s, comp_rx, handoff, res_tx);
+        publish.run(res_rx, &mut report);
+        // The results are closed (or no longer read, after a stop): each stage drains in
+        // turn, upstream first.
+        vec![
+            walking.finish(),
+            hashing.finish(),
+            compressing.finish(),
+            sinking.finish(),
+        ]
     });
-    report.stages = outcome?;
+    publish.finish(&mut report)?;
+    report.stages = stages;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Every capacity of one run, derived in one place from the options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capacities {
+    /// Bytes of NAR data in flight between the walkers and the sink (the chunk budget).
+    pub chunk_memory: u64,
+    /// Free chunk buffers kept for reuse.
+    pub free_buffers: usize,
+    /// Compression threads.
+    pub compress_jobs: usize,
+    /// Walker threads.
+    pub walkers: usize,
+    /// Threads committing finished uploads (and the hand-off queue to them).
+    pub finishers: usize,
+    /// Jobs queued ahead of the walkers.
+    pub job_queue: usize,
+    /// Chunks queued walker → hash and hash → compress.
+    pub chunk_queue: usize,
+    /// Compressed chunks queued for the sink.
+    pub compressed_queue: usize,
+    /// Finished jobs queued for the publisher.
+    pub result_queue: usize,
+}
+
+impl Capacities {
+    /// The capacities for `opts`, with a cache that hides its latency with
+    /// `cache_concurrency` requests at once.
+    pub fn new(opts: &PushOptions, cache_concurrency: usize) -> Self {
+        let chunk_memory = opts.memory.max(opts.chunk_size as u64);
+        let compress_jobs = opts.jobs.max(1);
+        Capacities {
+            chunk_memory,
+            // As many as the budget admits chunks, plus one output buffer per compressing
+            // thread: every large buffer alive at once, so none is freed mid-run.
+            free_buffers: (chunk_memory / opts.chunk_size as u64) as usize + compress_jobs,
+            compress_jobs,
+            walkers: WALKERS,
+            finishers: cache_concurrency.max(1),
+            job_queue: JOB_QUEUE,
+            chunk_queue: CHUNK_QUEUE,
+            compressed_queue: COMPRESSED_QUEUE,
+            result_queue: RESULT_QUEUE,
+        }
+    }
 }
 
 /// The paths of `infos` that cannot be published, with why: a reference neither in

@@ -220,9 +220,34 @@ fn a_path_that_vanished_fails_with_its_name() {
     assert_eq!(cache.narinfos(), 0);
 }
 
-/// A directory cache that claims to want concurrent commits, to run the finisher threads.
+/// A directory cache that claims to want concurrent commits, to run the finisher threads;
+/// with `.1` set, it refuses every NAR byte written to it (as S3 does a part upload when
+/// access is denied).
 #[derive(Debug)]
-struct Concurrent(FileCache);
+struct Concurrent(FileCache, bool);
+
+/// An upload whose every write fails with a permanent cache error.
+struct Refused;
+
+impl std::io::Write for Refused {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::other(crate::cache::CacheError::Remote {
+            cache: "test://refusing".into(),
+            key: "nar".into(),
+            message: "access denied".into(),
+            transient: false,
+        }))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl crate::cache::NarUpload for Refused {
+    fn commit(self: Box<Self>, _: &str) -> Result<(), crate::cache::CacheError> {
+        unreachable!("a refused upload is never committed")
+    }
+}
 
 impl BinaryCache for Concurrent {
     fn url(&self) -> &str {
@@ -241,6 +266,9 @@ impl BinaryCache for Concurrent {
         &self,
         nar_size: u64,
     ) -> Result<Box<dyn crate::cache::NarUpload>, crate::cache::CacheError> {
+        if self.1 {
+            return Ok(Box::new(Refused));
+        }
         self.0.begin_nar(nar_size)
     }
     fn object_size(&self, key: &str) -> Result<Option<u64>, crate::cache::CacheError> {
@@ -287,7 +315,10 @@ fn concurrent_commits_publish_every_path_in_closure_order() {
         .map(|(i, (n, r))| (n.as_str(), 100 + i * 5000, r.as_slice()))
         .collect();
     let infos = make_store(store.path(), &specs);
-    let cache = Concurrent(FileCache::open(cache_dir.path(), "file:///t").unwrap());
+    let cache = Concurrent(
+        FileCache::open(cache_dir.path(), "file:///t").unwrap(),
+        false,
+    );
     let report = upload(
         &cache,
         sd,
@@ -620,4 +651,41 @@ fn a_cancelled_push_compresses_nothing_more() {
         "{} compressed bytes after the cancel",
         compress.bytes_out
     );
+}
+
+#[test]
+fn a_path_the_cache_refuses_is_not_read_any_further() {
+    let store = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    let infos = make_store(store.path(), &[("big", 32 << 20, &[])]);
+    let cache = Concurrent(
+        FileCache::open(cache_dir.path(), "file:///t").unwrap(),
+        true,
+    );
+    let o = opts(Compression::Zstd, 64 << 10, 512 << 10);
+    let report = upload(&cache, sd, &infos, &o, &NoProgress).unwrap();
+    match &report.results[..] {
+        [r] => match &r.outcome {
+            Outcome::Failed(f) => {
+                assert_eq!(
+                    (f.kind(), f.retry()),
+                    (FailureKind::Cache, Retry::Permanent)
+                );
+                assert!(f.to_string().contains("access denied"), "{f}");
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    // The first chunk failed: the walker, hasher and compressors stop on that job instead
+    // of reading, hashing and compressing the other 31 MiB of it.
+    for stage in ["hash", "compress"] {
+        let s = report.stages.iter().find(|s| s.name == stage).unwrap();
+        assert!(
+            s.bytes_in < 4 << 20,
+            "{stage}: {} NAR bytes after the job failed",
+            s.bytes_in
+        );
+    }
 }
