@@ -47,10 +47,20 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// Default memory budget for NAR data in flight. With the default chunk size that is 16
-/// chunks: enough for both walkers, every compressor and the sink's reorder buffer to
-/// have work, while the whole process stays far below 128 MiB.
-pub const DEFAULT_MEMORY: u64 = 64 << 20;
+/// Default memory budget: the whole run's NAR data in flight, the cache's upload buffers
+/// included (see [`Capacities`]). Half goes to the pipeline's chunks (14 chunks of the
+/// default size beside two compression outputs: work for both walkers, every compressor and
+/// the sink's reorder buffer), half to the cache (S3: 64 MiB of parts on their way out).
+pub const DEFAULT_MEMORY: u64 = 128 << 20;
+
+/// What the process needs besides its `--memory` budget, at most: code, the tokio runtime
+/// and HTTP client of S3, one zstd or xz context per compressing thread, SQLite's page
+/// cache, thread stacks and the allocator's slack. Peak RSS stays under `--memory` plus
+/// this, for every cache (`tests/it/memory.rs` measures it).
+pub const MEMORY_OVERHEAD: u64 = 64 << 20;
+
+/// The share of the budget the cache's constructor is given, as a fraction: half.
+const CACHE_SHARE_DIVISOR: u64 = 2;
 
 /// Default chunk size: each chunk becomes one independent zstd frame (or xz stream).
 /// Larger chunks compress slightly better; smaller ones spread a large path over more
@@ -120,12 +130,11 @@ impl PushOptions {
             nar_listing: false,
         }
     }
-    /// What the cache's constructor is given: its share of the memory budget (S3 buffers
-    /// up to twice `memory` on the way out, so the default 64 MiB gives 128 MiB) and
-    /// `s3`, the S3 tuning.
+    /// What the cache's constructor is given: its share of the memory budget
+    /// ([`Capacities::cache_memory`]; half of `memory`) and `s3`, the S3 tuning.
     pub fn cache_options(&self, s3: crate::cache::S3Tuning) -> crate::cache::OpenOptions {
         crate::cache::OpenOptions {
-            upload_memory: self.memory.saturating_mul(2),
+            upload_memory: Capacities::cache_memory(self.memory),
             s3,
         }
     }
@@ -556,7 +565,8 @@ pub fn upload_after(
         report.results.push(r);
     }
     let todo: Vec<usize> = (0..infos.len()).filter(|&j| !skip[j]).collect();
-    let caps = Capacities::new(opts, cache.upload_concurrency());
+    let caps = Capacities::new(opts, cache.upload_concurrency())
+        .map_err(|e| PushError::Cache(crate::cache::CacheError::Config(e)))?;
     let stop = stage::Stop::new(opts.cancel.clone(), infos.len());
     let budget = budget::ByteBudget::new(caps.chunk_memory);
     let buffers = buffers::BufferPool::new(caps.free_buffers);
@@ -633,7 +643,17 @@ pub fn upload_after(
     Ok(report)
 }
 
-/// Every capacity of one run, derived in one place from the options.
+/// Every capacity of one run, derived in one place from the options: the `--memory`
+/// budget is split between
+/// - the cache ([`Capacities::cache_memory`], half: S3's part buffers; a local directory
+///   buffers nothing and leaves it unused),
+/// - one compression output buffer per compressing thread (a chunk is compressed into a
+///   buffer of its own size, beside the chunk), and
+/// - the chunk budget: NAR chunks held from the walker to the sink.
+///
+/// Every queue between stages is bounded by its length here, and the bytes in it by the
+/// chunk budget, so peak memory is the budget plus [`MEMORY_OVERHEAD`], whatever the NAR
+/// sizes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Capacities {
     /// Bytes of NAR data in flight between the walkers and the sink (the chunk budget).
@@ -657,24 +677,63 @@ pub struct Capacities {
 }
 
 impl Capacities {
+    /// The cache's share of a `memory` budget (given to it by
+    /// [`PushOptions::cache_options`]).
+    pub fn cache_memory(memory: u64) -> u64 {
+        memory / CACHE_SHARE_DIVISOR
+    }
+
+    /// The smallest budget that admits one chunk and one compression output beside the
+    /// cache's share.
+    pub fn min_memory(chunk_size: usize) -> u64 {
+        2 * Self::output_buffer(chunk_size) * CACHE_SHARE_DIVISOR
+    }
+
+    /// The buffer a chunk is compressed into: compressed data can be slightly larger than
+    /// the input.
+    fn output_buffer(chunk_size: usize) -> u64 {
+        let c = chunk_size as u64;
+        c + c / 128 + 1024
+    }
+
     /// The capacities for `opts`, with a cache that hides its latency with
     /// `cache_concurrency` requests at once.
-    pub fn new(opts: &PushOptions, cache_concurrency: usize) -> Self {
-        let chunk_memory = opts.memory.max(opts.chunk_size as u64);
-        let compress_jobs = opts.jobs.max(1);
-        Capacities {
+    ///
+    /// # Errors
+    /// A message naming `--memory` when it cannot hold one chunk and one compression
+    /// output beside the cache's share.
+    pub fn new(opts: &PushOptions, cache_concurrency: usize) -> Result<Self, String> {
+        let min = Self::min_memory(opts.chunk_size);
+        if opts.memory < min {
+            return Err(format!(
+                "--memory {} is too small for chunks of {} bytes: it needs at least {min} \
+                 bytes (half for the cache, and one chunk and its compression output)",
+                opts.memory, opts.chunk_size
+            ));
+        }
+        let pipeline = opts.memory - Self::cache_memory(opts.memory);
+        let out = Self::output_buffer(opts.chunk_size);
+        // Compression outputs take at most half of the pipeline's share, so a small budget
+        // runs fewer compressors instead of starving the walkers of chunks.
+        let compress_jobs = opts.jobs.clamp(1, ((pipeline / 2) / out).max(1) as usize);
+        let chunk_memory = pipeline - compress_jobs as u64 * out;
+        debug_assert!(chunk_memory >= opts.chunk_size as u64);
+        Ok(Capacities {
             chunk_memory,
             // As many as the budget admits chunks, plus one output buffer per compressing
             // thread: every large buffer alive at once, so none is freed mid-run.
             free_buffers: (chunk_memory / opts.chunk_size as u64) as usize + compress_jobs,
             compress_jobs,
             walkers: WALKERS,
+            // As many uploads committing at once as the cache says hide its per-request
+            // latency (1 for a local directory, where a commit is a rename); each holds
+            // only its upload's buffers, which the cache's share bounds.
             finishers: cache_concurrency.max(1),
             job_queue: JOB_QUEUE,
             chunk_queue: CHUNK_QUEUE,
             compressed_queue: COMPRESSED_QUEUE,
             result_queue: RESULT_QUEUE,
-        }
+        })
     }
 }
 

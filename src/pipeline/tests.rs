@@ -33,11 +33,13 @@ fn make_store(dir: &Path, specs: &[(&str, usize, &[usize])]) -> Vec<PathInfo> {
     infos
 }
 
+/// Options whose pipeline share of the budget is `memory` (the cache's half, which a
+/// local directory leaves unused, comes on top).
 fn opts(kind: Compression, chunk: usize, memory: u64) -> PushOptions {
     let key = crate::format::signing::SigningKey::from_seed("test-1", [7; 32]);
     let mut o = PushOptions::new(CompressionSettings::new(kind, None).unwrap(), vec![key]);
     o.chunk_size = chunk;
-    o.memory = memory;
+    o.memory = 2 * memory;
     o
 }
 
@@ -123,8 +125,9 @@ fn output_is_deterministic_across_thread_counts() {
         let cache = crate::cache::null::NullCache::new();
         let dir = tempfile::tempdir().unwrap();
         let file = FileCache::open(dir.path(), "file:///t").unwrap();
-        let mut o = opts(Compression::Zstd, 256 << 10, 1 << 20);
+        let mut o = opts(Compression::Zstd, 256 << 10, 4 << 20);
         o.jobs = jobs;
+        assert_eq!(Capacities::new(&o, 1).unwrap().compress_jobs, jobs);
         upload(&cache, sd, &infos, &o, &NoProgress).unwrap();
         upload(&file, sd, &infos, &o, &NoProgress).unwrap();
         let text = std::fs::read_to_string(
@@ -688,4 +691,34 @@ fn a_path_the_cache_refuses_is_not_read_any_further() {
             s.bytes_in
         );
     }
+}
+
+#[test]
+fn the_budget_is_split_between_cache_chunks_and_compressors() {
+    let mut o = opts(Compression::Zstd, 4 << 20, 0);
+    o.memory = 128 << 20;
+    o.jobs = 2;
+    let c = Capacities::new(&o, 32).unwrap();
+    let out = (4 << 20) + (4 << 20) / 128 + 1024;
+    assert_eq!(o.cache_options(Default::default()).upload_memory, 64 << 20);
+    assert_eq!(c.chunk_memory, (64 << 20) - 2 * out);
+    assert_eq!((c.compress_jobs, c.finishers), (2, 32));
+    // Everything the run may hold of NAR data adds up to the budget.
+    assert!(
+        Capacities::cache_memory(o.memory) + c.chunk_memory + c.compress_jobs as u64 * out
+            <= o.memory
+    );
+    // A small budget runs fewer compressors rather than holding more than it was given.
+    o.memory = 32 << 20;
+    o.jobs = 16;
+    let c = Capacities::new(&o, 1).unwrap();
+    assert_eq!(c.compress_jobs, 1);
+    assert_eq!(c.chunk_memory, (16 << 20) - out);
+    // Too small for one chunk and its compression output beside the cache's half.
+    o.memory = 12 << 20;
+    let e = Capacities::new(&o, 1).unwrap_err();
+    assert!(
+        e.starts_with("--memory 12582912 is too small for chunks of 4194304 bytes"),
+        "{e}"
+    );
 }
