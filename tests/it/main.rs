@@ -4,6 +4,7 @@
 mod daemon;
 mod durability;
 mod helpers;
+mod memory;
 mod nar_golden;
 mod narinfo_nix;
 mod params;
