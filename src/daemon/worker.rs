@@ -296,7 +296,7 @@ fn push_isolating(
             if f.is_transient() {
                 fail(out, d.clone(), f.clone());
             } else {
-                out.cache_refused.push((d.clone(), f.message.clone()));
+                out.cache_refused.push((d.clone(), f.to_string()));
             }
         }
         if !f.is_transient() {
@@ -317,15 +317,7 @@ fn push_isolating(
     if opts.cancel.is_cancelled() {
         return;
     }
-    let failure = Failure {
-        message: format!("{e:#}"),
-        retry: if e.is_transient() {
-            pipeline::Retry::Transient
-        } else {
-            pipeline::Retry::Permanent
-        },
-        kind: e.kind(),
-    };
+    let failure = Failure::from_push(&e);
     // Paths that left the store meanwhile are dropped rather than retried forever.
     let mut items = items.to_vec();
     if let Ok((_, invalid)) = pipeline::split_valid(&shared.store, &paths)
@@ -415,14 +407,14 @@ fn classify(
 fn fail(out: &mut Outcomes, due: Due, f: Failure) {
     if f.is_transient() {
         tracing::warn!("{}: {f}; retrying later", due.path);
-        out.retry.push((due, f.message));
+        out.retry.push((due, f.to_string()));
     } else {
         tracing::error!(
             "{}: {f}; needs attention (retried in {:?})",
             due.path,
             queue::ATTENTION_RETRY
         );
-        out.attention.push((due, f.message));
+        out.attention.push((due, f.to_string()));
     }
 }
 

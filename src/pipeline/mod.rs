@@ -38,6 +38,7 @@ pub mod stats;
 pub mod walk;
 
 use crate::cache::BinaryCache;
+use crate::format::hash::Sha256;
 use crate::format::signing::SigningKey;
 use crate::format::store_path::StorePath;
 use crate::store::{LocalStore, PathInfo, StoreError};
@@ -194,55 +195,132 @@ impl FailureKind {
     }
 }
 
-/// Why one path failed, and whether retrying can help.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    pub message: String,
-    pub retry: Retry,
-    pub kind: FailureKind,
+/// Why one path failed: what went wrong, with the values involved, and whether retrying
+/// can help ([`Failure::retry`]). The `Display` text is the message users see.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// The path is not valid in the store (never built, or garbage-collected).
+    #[error("{path} is not a valid path in the Nix store")]
+    NotValid { path: String },
+    /// Reading the path from the store failed (an I/O error, or it changed under us).
+    #[error("{message}")]
+    Read { message: String },
+    /// The store's copy does not match its registration in the Nix database.
+    #[error(
+        "{path} is corrupt: its contents hash to {actual_hash} ({actual_size} bytes) but the \
+         Nix database records {expected_hash} ({expected_size} bytes); not uploaded (repair \
+         it with `nix-store --repair-path {path}`)"
+    )]
+    Corrupt {
+        path: String,
+        expected_hash: Sha256,
+        expected_size: u64,
+        actual_hash: Sha256,
+        actual_size: u64,
+    },
+    /// The cache refused or failed a request: its error's text and retry class (a
+    /// [`crate::cache::CacheError`] is not `Clone`). `context` says what was being done
+    /// (`"writing the NAR: "`, or empty).
+    #[error("{context}{message}")]
+    Cache {
+        context: &'static str,
+        message: String,
+        transient: bool,
+    },
+    /// A reference failed in this run; the path inherits its retry class.
+    #[error("not published: its reference {reference} failed")]
+    ReferenceFailed { reference: String, retry: Retry },
+    /// A reference is neither in this run nor in the cache.
+    #[error("its reference {reference} is not in the cache (push without --no-closure)")]
+    ReferenceMissing { reference: String },
+    /// Its references never became durable (a path the run lost).
+    #[error("not published: its references never became durable")]
+    ReferencesNotDurable,
+    /// The push was cancelled (a shutdown) before the path was finished.
+    #[error("{}", CANCELLED)]
+    Cancelled,
+    /// Anything else, described by its message, kind and retry class.
+    #[error("{message}")]
+    Other {
+        message: String,
+        kind: FailureKind,
+        retry: Retry,
+    },
 }
 
 impl Failure {
+    /// A failure described only by a message, that may pass on a retry.
     pub fn transient(kind: FailureKind, message: impl Into<String>) -> Self {
-        Failure {
+        Failure::Other {
             message: message.into(),
-            retry: Retry::Transient,
             kind,
+            retry: Retry::Transient,
         }
     }
+    /// A failure described only by a message, that needs someone to act.
     pub fn permanent(kind: FailureKind, message: impl Into<String>) -> Self {
-        Failure {
+        Failure::Other {
             message: message.into(),
-            retry: Retry::Permanent,
             kind,
+            retry: Retry::Permanent,
         }
     }
     /// A cache error, classed by [`crate::cache::CacheError::is_transient`].
     pub fn from_cache(e: &crate::cache::CacheError) -> Self {
-        Failure {
+        Failure::Cache {
+            context: "",
             message: e.to_string(),
+            transient: e.is_transient(),
+        }
+    }
+    /// What each path of a push that stopped with `e` failed of.
+    pub fn from_push(e: &PushError) -> Self {
+        Failure::Other {
+            message: format!("{e:#}"),
+            kind: e.kind(),
             retry: if e.is_transient() {
                 Retry::Transient
             } else {
                 Retry::Permanent
             },
-            kind: FailureKind::Cache,
         }
     }
     pub fn is_transient(&self) -> bool {
-        self.retry == Retry::Transient
+        self.retry() == Retry::Transient
     }
+    /// Whether retrying can help.
     pub fn retry(&self) -> Retry {
-        self.retry
+        match self {
+            // The path changed or vanished under us, or the disk hiccuped: the next look
+            // may find it readable (a path that is gone for good is dropped by its caller).
+            Failure::Read { .. } | Failure::Cancelled | Failure::ReferencesNotDurable => {
+                Retry::Transient
+            }
+            Failure::NotValid { .. }
+            | Failure::Corrupt { .. }
+            | Failure::ReferenceMissing { .. } => Retry::Permanent,
+            Failure::Cache { transient, .. } => {
+                if *transient {
+                    Retry::Transient
+                } else {
+                    Retry::Permanent
+                }
+            }
+            Failure::ReferenceFailed { retry, .. } | Failure::Other { retry, .. } => *retry,
+        }
     }
+    /// The kind, for metrics and logs.
     pub fn kind(&self) -> FailureKind {
-        self.kind
-    }
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
+        match self {
+            Failure::NotValid { .. } | Failure::Read { .. } => FailureKind::Store,
+            Failure::Corrupt { .. } => FailureKind::Corrupt,
+            Failure::Cache { .. } => FailureKind::Cache,
+            Failure::ReferenceFailed { .. }
+            | Failure::ReferenceMissing { .. }
+            | Failure::ReferencesNotDurable => FailureKind::Reference,
+            Failure::Cancelled => FailureKind::Cancelled,
+            Failure::Other { kind, .. } => *kind,
+        }
     }
 }
 
@@ -402,13 +480,10 @@ pub fn push(
 
     cache.ensure_cache_info(&store_dir)?;
     let (valid, invalid) = split_valid(store, paths)?;
-    for (path, why) in invalid {
+    for (path, _) in invalid {
         report.not_valid.push(path.clone());
-        record(
-            &mut report,
-            path,
-            Outcome::Failed(Failure::permanent(FailureKind::Store, why)),
-        );
+        let why = Failure::NotValid { path: path.clone() };
+        record(&mut report, path, Outcome::Failed(why));
     }
     let infos = if opts.closure {
         store.closure(&valid)?
@@ -762,22 +837,14 @@ fn refuse_unreachable(
                 .iter()
                 .filter(|r| **r != info.path)
                 .find_map(|r| match index.get(r) {
-                    Some(j) => refused.get(j).map(|f| Failure {
-                        message: format!(
-                            "not published: its reference {} failed",
-                            r.to_absolute(store_dir)
-                        ),
-                        retry: f.retry,
-                        kind: FailureKind::Reference,
+                    Some(j) => refused.get(j).map(|f| Failure::ReferenceFailed {
+                        reference: r.to_absolute(store_dir),
+                        retry: f.retry(),
                     }),
                     None if seen.contains(r) => None,
-                    None => Some(Failure::permanent(
-                        FailureKind::Reference,
-                        format!(
-                            "its reference {} is not in the cache (push without --no-closure)",
-                            r.to_absolute(store_dir)
-                        ),
-                    )),
+                    None => Some(Failure::ReferenceMissing {
+                        reference: r.to_absolute(store_dir),
+                    }),
                 });
             if let Some(why) = why {
                 refused.insert(i, why);

@@ -10,7 +10,7 @@
 //! merges them with what the cache holds, and returns once they are durable.
 use super::sink::SinkResult;
 use super::stage::Stop;
-use super::{Failure, FailureKind, Outcome, PathResult, Progress, PushReport};
+use super::{Failure, Outcome, PathResult, Progress, PushReport};
 use crate::cache::{BinaryCache, CacheError, Merged};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
@@ -162,7 +162,7 @@ impl<'a> PublishStage<'a> {
             let settled: HashSet<String> = report.results.iter().map(|r| r.path.clone()).collect();
             for info in self.infos {
                 if !settled.contains(&info.path.to_absolute(self.store_dir)) {
-                    let why = Failure::transient(FailureKind::Cancelled, super::CANCELLED);
+                    let why = Failure::Cancelled;
                     self.record(report, &info.path, Outcome::Failed(why));
                 }
             }
@@ -251,13 +251,9 @@ impl<'a> Publisher<'a> {
                     .iter()
                     .find_map(|r| self.failed.get(r).map(|c| (r, *c)))
                     .expect("partitioned on it");
-                let why = super::Failure {
-                    message: format!(
-                        "not published: its reference {} failed",
-                        bad.to_absolute(&self.store_dir)
-                    ),
+                let why = super::Failure::ReferenceFailed {
+                    reference: bad.to_absolute(&self.store_dir),
                     retry,
-                    kind: super::FailureKind::Reference,
                 };
                 self.failed.insert(n.store_path.clone(), retry);
                 decided.push(Published::Failed(n.store_path, why));
@@ -305,10 +301,7 @@ impl<'a> Publisher<'a> {
                 // Only references to paths that never finished get here: a reference
                 // cycle (impossible in a valid store) or a path the run lost.
                 for n in std::mem::take(&mut self.pending) {
-                    let why = super::Failure::transient(
-                        super::FailureKind::Reference,
-                        "not published: its references never became durable",
-                    );
+                    let why = super::Failure::ReferencesNotDurable;
                     decided.push(Published::Failed(n.store_path, why));
                 }
             }

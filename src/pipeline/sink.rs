@@ -207,7 +207,7 @@ impl<'env> SinkStage<'env> {
         let full = info.path.to_absolute(self.store_dir);
         let (nar_hash, nar_size, listing) = match end {
             // Reading the store path failed: an I/O error, or the path changed under us.
-            NarEnd::Failed(why) => return Err(Failure::transient(FailureKind::Store, why)),
+            NarEnd::Failed(message) => return Err(Failure::Read { message }),
             NarEnd::Walked { .. } => {
                 return Err(Failure::permanent(
                     FailureKind::Other,
@@ -227,17 +227,16 @@ impl<'env> SinkStage<'env> {
         // Once stopped, the stages before may have dropped chunks of this job: nothing of
         // it is committed (a stop is never undone).
         if self.stop.is_stopped() {
-            return Err(Failure::transient(FailureKind::Cancelled, super::CANCELLED));
+            return Err(Failure::Cancelled);
         }
         if nar_hash != info.nar_hash || nar_size != info.nar_size {
-            return Err(Failure::permanent(
-                FailureKind::Corrupt,
-                format!(
-                    "{full} is corrupt: its contents hash to {nar_hash} ({nar_size} bytes) but the Nix \
-                 database records {} ({} bytes); not uploaded (repair it with `nix-store --repair-path {full}`)",
-                    info.nar_hash, info.nar_size
-                ),
-            ));
+            return Err(Failure::Corrupt {
+                path: full,
+                expected_hash: info.nar_hash,
+                expected_size: info.nar_size,
+                actual_hash: nar_hash,
+                actual_size: nar_size,
+            });
         }
         let (upload, file_hash, file_size) =
             state.upload.expect("no error means an upload").finish();
@@ -290,11 +289,14 @@ fn write_failure(e: &std::io::Error) -> Failure {
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<crate::cache::CacheError>())
     {
-        Some(c) => Failure {
-            message: format!("writing the NAR: {c}"),
-            ..Failure::from_cache(c)
+        Some(c) => Failure::Cache {
+            context: "writing the NAR: ",
+            message: c.to_string(),
+            transient: c.is_transient(),
         },
-        None => Failure::transient(FailureKind::Store, format!("writing the NAR: {e}")),
+        None => Failure::Read {
+            message: format!("writing the NAR: {e}"),
+        },
     }
 }
 
@@ -307,8 +309,8 @@ mod tests {
     fn a_cache_error_inside_a_write_error_keeps_its_retry_class() {
         let denied = std::io::Error::other(CacheError::Config("access denied to bucket".into()));
         let f = write_failure(&denied);
-        assert_eq!(f.retry, super::super::Retry::Permanent, "{f}");
-        assert!(f.message.contains("access denied to bucket"), "{f}");
+        assert_eq!(f.retry(), super::super::Retry::Permanent, "{f}");
+        assert_eq!(f.to_string(), "writing the NAR: access denied to bucket");
         let reset = std::io::Error::other(CacheError::Remote {
             cache: "s3://b".into(),
             key: "k".into(),

@@ -177,10 +177,48 @@ fn a_corrupt_path_and_its_referrers_are_not_published() {
         .unwrap()
         .outcome
     {
-        Outcome::Failed(w) => w.message.clone(),
+        Outcome::Failed(w) => w.to_string(),
         o => panic!("{o:?}"),
     };
     assert!(why("-bad").contains("is corrupt"), "{}", why("-bad"));
+    // The failures carry what went wrong, not only a message.
+    let failure = |n: &str| match &report
+        .results
+        .iter()
+        .find(|r| r.path.ends_with(n))
+        .unwrap()
+        .outcome
+    {
+        Outcome::Failed(w) => w.clone(),
+        o => panic!("{o:?}"),
+    };
+    let bad_path = infos[1].path.to_absolute(sd);
+    assert_eq!(
+        failure("-bad"),
+        Failure::Corrupt {
+            path: bad_path.clone(),
+            expected_hash: Sha256([0; 32]),
+            expected_size: infos[1].nar_size,
+            actual_hash: make_store(
+                tempfile::tempdir().unwrap().path(),
+                &[("ok", 100, &[]), ("bad", 200_000, &[0])]
+            )[1]
+            .nar_hash,
+            actual_size: infos[1].nar_size,
+        }
+    );
+    assert_eq!(
+        (failure("-bad").kind(), failure("-bad").retry()),
+        (FailureKind::Corrupt, Retry::Permanent)
+    );
+    assert_eq!(
+        failure("-user"),
+        Failure::ReferenceFailed {
+            reference: bad_path,
+            retry: Retry::Permanent
+        }
+    );
+    assert_eq!(failure("-user").kind(), FailureKind::Reference);
     assert!(
         why("-user").contains("its reference") && why("-user").contains("-bad failed"),
         "{}",
@@ -217,7 +255,9 @@ fn a_path_that_vanished_fails_with_its_name() {
     )
     .unwrap();
     match &report.results[0].outcome {
-        Outcome::Failed(why) => assert!(why.message.contains(infos[0].path.base_name()), "{why}"),
+        Outcome::Failed(why) => {
+            assert!(why.to_string().contains(infos[0].path.base_name()), "{why}")
+        }
         o => panic!("{o:?}"),
     }
     assert_eq!(cache.narinfos(), 0);
@@ -454,12 +494,12 @@ fn a_refused_path_fails_every_referrer_and_nothing_of_them_goes_up() {
             .unwrap()
     };
     match outcome("m") {
-        Outcome::Failed(f) => assert!(f.message.contains("-r is not in the cache"), "{f}"),
+        Outcome::Failed(f) => assert!(f.to_string().contains("-r is not in the cache"), "{f}"),
         other => panic!("{other:?}"),
     }
     for (name, cause) in [("q", "-m failed"), ("top", "-q failed")] {
         match outcome(name) {
-            Outcome::Failed(f) => assert!(f.message.contains(cause), "{name}: {f}"),
+            Outcome::Failed(f) => assert!(f.to_string().contains(cause), "{name}: {f}"),
             other => panic!("{name}: {other:?}"),
         }
     }
