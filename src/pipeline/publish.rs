@@ -295,8 +295,14 @@ impl<'a> Publisher<'a> {
     /// The first cache error.
     pub fn finish(&mut self) -> Result<Vec<Published>, CacheError> {
         let mut decided = Vec::new();
+        // Every upload was committed before this is called, so a narinfo written now went
+        // through `put_narinfos`, which publishes every NAR committed before it
+        // ([`crate::cache::NarUpload::commit`]): the closing sync would only wait on the
+        // disk again for nothing.
+        let mut wrote = false;
         while !self.pending.is_empty() {
             let wave = self.wave()?;
+            wrote |= wave.iter().any(|d| matches!(d, Published::Written(_)));
             if wave.is_empty() {
                 // Only references to paths that never finished get here: a reference
                 // cycle (impossible in a valid store) or a path the run lost.
@@ -307,7 +313,9 @@ impl<'a> Publisher<'a> {
             }
             decided.extend(wave);
         }
-        self.cache.sync()?;
+        if !wrote {
+            self.cache.sync()?;
+        }
         Ok(decided)
     }
 }

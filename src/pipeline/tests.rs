@@ -267,7 +267,7 @@ fn a_path_that_vanished_fails_with_its_name() {
 /// with `.1` set, it refuses every NAR byte written to it (as S3 does a part upload when
 /// access is denied).
 #[derive(Debug)]
-struct Concurrent(FileCache, bool);
+struct Concurrent(FileCache, bool, std::sync::atomic::AtomicUsize);
 
 /// An upload whose every write fails with a permanent cache error.
 struct Refused;
@@ -334,6 +334,7 @@ impl BinaryCache for Concurrent {
         self.0.publish_narinfos(store_dir, narinfos)
     }
     fn sync(&self) -> Result<(), crate::cache::CacheError> {
+        self.2.fetch_add(1, Ordering::SeqCst);
         self.0.sync()
     }
     fn upload_concurrency(&self) -> usize {
@@ -361,6 +362,7 @@ fn concurrent_commits_publish_every_path_in_closure_order() {
     let cache = Concurrent(
         FileCache::open(cache_dir.path(), "file:///t").unwrap(),
         false,
+        Default::default(),
     );
     let report = upload(
         &cache,
@@ -705,6 +707,7 @@ fn a_path_the_cache_refuses_is_not_read_any_further() {
     let cache = Concurrent(
         FileCache::open(cache_dir.path(), "file:///t").unwrap(),
         true,
+        Default::default(),
     );
     let o = opts(Compression::Zstd, 64 << 10, 512 << 10);
     let report = upload(&cache, sd, &infos, &o, &NoProgress).unwrap();
@@ -761,4 +764,40 @@ fn the_budget_is_split_between_cache_chunks_and_compressors() {
         e.starts_with("--memory 12582912 is too small for chunks of 4194304 bytes"),
         "{e}"
     );
+}
+
+#[test]
+fn the_last_wave_makes_the_nars_durable_without_another_sync() {
+    let store = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    let infos = make_store(store.path(), &[("a", 300_000, &[]), ("b", 100, &[0])]);
+    let cache = Concurrent(
+        FileCache::open(cache_dir.path(), "file:///t").unwrap(),
+        false,
+        Default::default(),
+    );
+    let o = opts(Compression::Zstd, 64 << 10, 256 << 10);
+    let report = upload(&cache, sd, &infos, &o, &NoProgress).unwrap();
+    assert_eq!(report.failed().count(), 0, "{:?}", report.results);
+    // Each sync waits on the disk: the narinfos' own wave made every NAR durable.
+    assert_eq!(
+        cache.2.load(Ordering::SeqCst),
+        0,
+        "syncs after the last wave"
+    );
+    let files = walkdir(cache_dir.path());
+    let temps: Vec<_> = files
+        .iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with(crate::cache::file::TEMP_PREFIX)
+        })
+        .collect();
+    assert!(temps.is_empty(), "{temps:?}");
+    let nars = files
+        .iter()
+        .filter(|p| p.to_string_lossy().contains("/nar/"))
+        .count();
+    assert_eq!(nars, 2, "{files:?}");
 }
