@@ -94,7 +94,7 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
             .failed()
             .map(|r| match &r.outcome {
                 Outcome::Failed(why) => serde_json::json!({
-                    "path": r.path, "error": why.message, "transient": why.is_transient()
+                    "path": r.path, "error": why.to_string(), "transient": why.is_transient()
                 }),
                 _ => unreachable!(),
             })

@@ -214,11 +214,7 @@ fn push_isolating(
     if opts.cancel.is_cancelled() {
         return;
     }
-    let failure = if e.is_transient() {
-        Failure::transient(e.kind(), format!("{e:#}"))
-    } else {
-        Failure::permanent(e.kind(), format!("{e:#}"))
-    };
+    let failure = Failure::from_push(&e);
     // Paths that left the store meanwhile are dropped rather than retried forever.
     let mut items = items.to_vec();
     if let Ok((_, invalid)) = pipeline::split_valid(&shared.store, &paths)

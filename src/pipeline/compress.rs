@@ -264,21 +264,55 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// The compress stage: a dispatcher that hands each chunk to the rayon pool and forwards
-/// the compressed chunk to the sink. In-flight work is bounded by the memory budget each
-/// chunk holds a permit of.
+/// The compress stage: a dispatcher thread that hands each chunk to the stage's rayon
+/// pool and forwards the compressed chunk to the sink. In-flight work is bounded by the
+/// memory budget each chunk holds a permit of, and by the pool's size.
 #[derive(Debug)]
-pub struct CompressStage<'a> {
-    pub pool: &'a rayon::ThreadPool,
-    pub settings: CompressionSettings,
-    pub buffers: super::buffers::BufferPool,
-    pub cancel: super::Cancel,
+pub struct CompressStage {
+    pool: rayon::ThreadPool,
+    settings: CompressionSettings,
+    buffers: super::buffers::BufferPool,
+    stop: super::stage::Stop,
 }
 
-impl CompressStage<'_> {
-    /// Runs until `chunks` closes and every spawned compression has been sent on. Returns
-    /// the dispatcher's clock and the pool's summed busy time and bytes.
-    pub fn run(
+impl CompressStage {
+    /// A stage compressing with `settings` on `jobs` threads.
+    ///
+    /// # Errors
+    /// When the threads cannot be started.
+    pub fn new(
+        jobs: usize,
+        settings: CompressionSettings,
+        buffers: super::buffers::BufferPool,
+        stop: super::stage::Stop,
+    ) -> io::Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(jobs.max(1))
+            .thread_name(|i| format!("narflow-compress-{i}"))
+            .build()
+            .map_err(io::Error::other)?;
+        Ok(CompressStage {
+            pool,
+            settings,
+            buffers,
+            stop,
+        })
+    }
+
+    /// Starts the dispatcher; the stage ends once `chunks` closes and every chunk taken
+    /// has been compressed and sent on (or dropped, once the run stopped).
+    pub fn spawn<'scope>(
+        &'scope self,
+        s: &'scope std::thread::Scope<'scope, '_>,
+        chunks: crossbeam_channel::Receiver<super::walk::Chunk>,
+        out: crossbeam_channel::Sender<super::walk::Chunk>,
+    ) -> super::stage::Running<'scope> {
+        let t = s.spawn(move || self.run(chunks, out));
+        super::stage::Running::new("compress", vec![t])
+    }
+
+    /// Returns the pool's summed busy time and bytes.
+    fn run(
         &self,
         chunks: crossbeam_channel::Receiver<super::walk::Chunk>,
         out: crossbeam_channel::Sender<super::walk::Chunk>,
@@ -290,19 +324,21 @@ impl CompressStage<'_> {
         });
         let settings = self.settings;
         let buffers = &self.buffers;
-        let cancel = &self.cancel;
+        let stop = &self.stop;
         self.pool.in_place_scope(|scope| {
             for mut chunk in chunks.iter() {
+                // A stopped run (or job) compresses nothing more: the chunk (and its
+                // permit) is dropped, and the sink, seeing the stop, commits none of it.
+                if stop.is_job_stopped(chunk.job) {
+                    continue;
+                }
                 let (out, totals) = (out.clone(), &totals);
                 scope.spawn(move |_| {
-                    let started = std::time::Instant::now();
-                    // A cancelled push compresses nothing more: the chunk goes on empty,
-                    // and the sink, seeing the cancel, commits none of its job.
-                    if cancel.is_cancelled() {
-                        chunk.data.clear();
+                    if stop.is_job_stopped(chunk.job) {
+                        return;
                     }
-                    let passthrough = cancel.is_cancelled()
-                        || settings.kind == Compression::None
+                    let started = std::time::Instant::now();
+                    let passthrough = settings.kind == Compression::None
                         || matches!(chunk.end, Some(super::walk::NarEnd::Failed(_)));
                     if !passthrough {
                         // The permit stays as it is: the compressed bytes live in a buffer of

@@ -6,6 +6,12 @@
 //!         skip present   chunks                     per chunk                           FileHash, upload  (closure order)
 //! ```
 //!
+//! Each stage (`walk.rs`, `compress.rs`, `sink.rs`, `publish.rs`) owns its threads and
+//! statistics and is started with its input and output channels; [`stage::Running::finish`]
+//! waits for it to drain and returns its [`StageStats`]. One [`stage::Stop`] is checked by
+//! every stage: a cancel or a failed publish stops them all mid-NAR, and a job the cache
+//! fails is dropped by every stage at once.
+//!
 //! This file is the one place that wires the stages and sets every capacity. Memory is
 //! bounded by [`PushOptions::memory`]: each chunk of NAR data holds a permit of that budget
 //! from the moment the walker starts filling it until the sink has written it, so peak
@@ -27,24 +33,35 @@ pub mod buffers;
 pub mod compress;
 pub mod publish;
 pub mod sink;
+pub mod stage;
 pub mod stats;
 pub mod walk;
 
 use crate::cache::BinaryCache;
+use crate::format::hash::Sha256;
 use crate::format::signing::SigningKey;
 use crate::format::store_path::StorePath;
 use crate::store::{LocalStore, PathInfo, StoreError};
 use compress::CompressionSettings;
-use publish::{Published, Publisher};
 use stats::StageStats;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// Default memory budget for NAR data in flight. With the default chunk size that is 16
-/// chunks: enough for both walkers, every compressor and the sink's reorder buffer to
-/// have work, while the whole process stays far below 128 MiB.
-pub const DEFAULT_MEMORY: u64 = 64 << 20;
+/// Default memory budget: the whole run's NAR data in flight, the cache's upload buffers
+/// included (see [`Capacities`]). Half goes to the pipeline's chunks (14 chunks of the
+/// default size beside two compression outputs: work for both walkers, every compressor and
+/// the sink's reorder buffer), half to the cache (S3: 64 MiB of parts on their way out).
+pub const DEFAULT_MEMORY: u64 = 128 << 20;
+
+/// What the process needs besides its `--memory` budget, at most: code, the tokio runtime
+/// and HTTP client of S3, one zstd or xz context per compressing thread, SQLite's page
+/// cache, thread stacks and the allocator's slack. Peak RSS stays under `--memory` plus
+/// this, for every cache (`tests/it/memory.rs` measures it).
+pub const MEMORY_OVERHEAD: u64 = 64 << 20;
+
+/// The share of the budget the cache's constructor is given, as a fraction: half.
+const CACHE_SHARE_DIVISOR: u64 = 2;
 
 /// Default chunk size: each chunk becomes one independent zstd frame (or xz stream).
 /// Larger chunks compress slightly better; smaller ones spread a large path over more
@@ -114,12 +131,11 @@ impl PushOptions {
             nar_listing: false,
         }
     }
-    /// What the cache's constructor is given: its share of the memory budget (S3 buffers
-    /// up to twice `memory` on the way out, so the default 64 MiB gives 128 MiB) and
-    /// `s3`, the S3 tuning.
+    /// What the cache's constructor is given: its share of the memory budget
+    /// ([`Capacities::cache_memory`]; half of `memory`) and `s3`, the S3 tuning.
     pub fn cache_options(&self, s3: crate::cache::S3Tuning) -> crate::cache::OpenOptions {
         crate::cache::OpenOptions {
-            upload_memory: self.memory.saturating_mul(2),
+            upload_memory: Capacities::cache_memory(self.memory),
             s3,
         }
     }
@@ -179,55 +195,132 @@ impl FailureKind {
     }
 }
 
-/// Why one path failed, and whether retrying can help.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    pub message: String,
-    pub retry: Retry,
-    pub kind: FailureKind,
+/// Why one path failed: what went wrong, with the values involved, and whether retrying
+/// can help ([`Failure::retry`]). The `Display` text is the message users see.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// The path is not valid in the store (never built, or garbage-collected).
+    #[error("{path} is not a valid path in the Nix store")]
+    NotValid { path: String },
+    /// Reading the path from the store failed (an I/O error, or it changed under us).
+    #[error("{message}")]
+    Read { message: String },
+    /// The store's copy does not match its registration in the Nix database.
+    #[error(
+        "{path} is corrupt: its contents hash to {actual_hash} ({actual_size} bytes) but the \
+         Nix database records {expected_hash} ({expected_size} bytes); not uploaded (repair \
+         it with `nix-store --repair-path {path}`)"
+    )]
+    Corrupt {
+        path: String,
+        expected_hash: Sha256,
+        expected_size: u64,
+        actual_hash: Sha256,
+        actual_size: u64,
+    },
+    /// The cache refused or failed a request: its error's text and retry class (a
+    /// [`crate::cache::CacheError`] is not `Clone`). `context` says what was being done
+    /// (`"writing the NAR: "`, or empty).
+    #[error("{context}{message}")]
+    Cache {
+        context: &'static str,
+        message: String,
+        transient: bool,
+    },
+    /// A reference failed in this run; the path inherits its retry class.
+    #[error("not published: its reference {reference} failed")]
+    ReferenceFailed { reference: String, retry: Retry },
+    /// A reference is neither in this run nor in the cache.
+    #[error("its reference {reference} is not in the cache (push without --no-closure)")]
+    ReferenceMissing { reference: String },
+    /// Its references never became durable (a path the run lost).
+    #[error("not published: its references never became durable")]
+    ReferencesNotDurable,
+    /// The push was cancelled (a shutdown) before the path was finished.
+    #[error("{}", CANCELLED)]
+    Cancelled,
+    /// Anything else, described by its message, kind and retry class.
+    #[error("{message}")]
+    Other {
+        message: String,
+        kind: FailureKind,
+        retry: Retry,
+    },
 }
 
 impl Failure {
+    /// A failure described only by a message, that may pass on a retry.
     pub fn transient(kind: FailureKind, message: impl Into<String>) -> Self {
-        Failure {
+        Failure::Other {
             message: message.into(),
-            retry: Retry::Transient,
             kind,
+            retry: Retry::Transient,
         }
     }
+    /// A failure described only by a message, that needs someone to act.
     pub fn permanent(kind: FailureKind, message: impl Into<String>) -> Self {
-        Failure {
+        Failure::Other {
             message: message.into(),
-            retry: Retry::Permanent,
             kind,
+            retry: Retry::Permanent,
         }
     }
     /// A cache error, classed by [`crate::cache::CacheError::is_transient`].
     pub fn from_cache(e: &crate::cache::CacheError) -> Self {
-        Failure {
+        Failure::Cache {
+            context: "",
             message: e.to_string(),
+            transient: e.is_transient(),
+        }
+    }
+    /// What each path of a push that stopped with `e` failed of.
+    pub fn from_push(e: &PushError) -> Self {
+        Failure::Other {
+            message: format!("{e:#}"),
+            kind: e.kind(),
             retry: if e.is_transient() {
                 Retry::Transient
             } else {
                 Retry::Permanent
             },
-            kind: FailureKind::Cache,
         }
     }
     pub fn is_transient(&self) -> bool {
-        self.retry == Retry::Transient
+        self.retry() == Retry::Transient
     }
+    /// Whether retrying can help.
     pub fn retry(&self) -> Retry {
-        self.retry
+        match self {
+            // The path changed or vanished under us, or the disk hiccuped: the next look
+            // may find it readable (a path that is gone for good is dropped by its caller).
+            Failure::Read { .. } | Failure::Cancelled | Failure::ReferencesNotDurable => {
+                Retry::Transient
+            }
+            Failure::NotValid { .. }
+            | Failure::Corrupt { .. }
+            | Failure::ReferenceMissing { .. } => Retry::Permanent,
+            Failure::Cache { transient, .. } => {
+                if *transient {
+                    Retry::Transient
+                } else {
+                    Retry::Permanent
+                }
+            }
+            Failure::ReferenceFailed { retry, .. } | Failure::Other { retry, .. } => *retry,
+        }
     }
+    /// The kind, for metrics and logs.
     pub fn kind(&self) -> FailureKind {
-        self.kind
-    }
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
+        match self {
+            Failure::NotValid { .. } | Failure::Read { .. } => FailureKind::Store,
+            Failure::Corrupt { .. } => FailureKind::Corrupt,
+            Failure::Cache { .. } => FailureKind::Cache,
+            Failure::ReferenceFailed { .. }
+            | Failure::ReferenceMissing { .. }
+            | Failure::ReferencesNotDurable => FailureKind::Reference,
+            Failure::Cancelled => FailureKind::Cancelled,
+            Failure::Other { kind, .. } => *kind,
+        }
     }
 }
 
@@ -387,13 +480,10 @@ pub fn push(
 
     cache.ensure_cache_info(&store_dir)?;
     let (valid, invalid) = split_valid(store, paths)?;
-    for (path, why) in invalid {
+    for (path, _) in invalid {
         report.not_valid.push(path.clone());
-        record(
-            &mut report,
-            path,
-            Outcome::Failed(Failure::permanent(FailureKind::Store, why)),
-        );
+        let why = Failure::NotValid { path: path.clone() };
+        record(&mut report, path, Outcome::Failed(why));
     }
     let infos = if opts.closure {
         store.closure(&valid)?
@@ -549,203 +639,177 @@ pub fn upload_after(
         progress.finished(&r);
         report.results.push(r);
     }
-    let skip = &skip;
-    let budget = budget::ByteBudget::new(opts.memory.max(opts.chunk_size as u64));
-    // Free buffers kept for reuse: as many as the budget admits chunks, plus one output
-    // buffer per compressing thread, which is every large buffer alive at once, so none
-    // is ever freed to the allocator mid-run.
-    let buffers = buffers::BufferPool::new(
-        (budget.capacity() / opts.chunk_size as u64) as usize + opts.jobs.max(1),
-    );
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.jobs.max(1))
-        .thread_name(|i| format!("narflow-compress-{i}"))
-        .build()
-        .map_err(|e| {
-            PushError::Cache(crate::cache::CacheError::Config(format!(
-                "starting threads: {e}"
-            )))
-        })?;
-    let stop = AtomicBool::new(false);
-
+    let todo: Vec<usize> = (0..infos.len()).filter(|&j| !skip[j]).collect();
+    let caps = Capacities::new(opts, cache.upload_concurrency())
+        .map_err(|e| PushError::Cache(crate::cache::CacheError::Config(e)))?;
+    let stop = stage::Stop::new(opts.cancel.clone(), infos.len());
+    let budget = budget::ByteBudget::new(caps.chunk_memory);
+    let buffers = buffers::BufferPool::new(caps.free_buffers);
+    let compress = compress::CompressStage::new(
+        caps.compress_jobs,
+        opts.compression,
+        buffers.clone(),
+        stop.clone(),
+    )
+    .map_err(|e| {
+        PushError::Cache(crate::cache::CacheError::Config(format!(
+            "starting threads: {e}"
+        )))
+    })?;
     let walk = walk::WalkStage {
         infos,
         store_dir,
         chunk_size: opts.chunk_size,
         budget,
         pool: buffers.clone(),
-        cancel: opts.cancel.clone(),
+        stop: stop.clone(),
         nar_listing: opts.nar_listing,
+        walkers: caps.walkers,
     };
-    let compress = compress::CompressStage {
-        pool: &pool,
-        settings: opts.compression,
-        buffers: buffers.clone(),
-        cancel: opts.cancel.clone(),
-    };
-    // Finishing threads: as many uploads committing at once as the cache says hide its
-    // per-request latency (1 for a local directory, where a commit is a rename).
-    let finishers = cache.upload_concurrency();
     let sink = sink::SinkStage {
         cache,
         infos,
         store_dir,
         opts,
         progress,
-        finishers,
+        finishers: caps.finishers,
         buffers,
+        stop: stop.clone(),
     };
+    let mut publish = publish::PublishStage::new(
+        cache,
+        infos,
+        store_dir,
+        seen.clone(),
+        &refused,
+        progress,
+        stop.clone(),
+        publish::WavePolicy {
+            batch: PUBLISH_BATCH,
+            interval: PUBLISH_INTERVAL,
+        },
+    );
 
-    let (job_tx, job_rx) = crossbeam_channel::bounded::<usize>(JOB_QUEUE);
-    let (chunk_tx, chunk_rx) = crossbeam_channel::bounded(CHUNK_QUEUE);
-    let (hashed_tx, hashed_rx) = crossbeam_channel::bounded(CHUNK_QUEUE);
-    let (comp_tx, comp_rx) = crossbeam_channel::bounded(COMPRESSED_QUEUE);
-    let (res_tx, res_rx) = crossbeam_channel::bounded(RESULT_QUEUE);
+    let jobs = crossbeam_channel::bounded::<usize>(caps.job_queue);
+    let (chunk_tx, chunk_rx) = crossbeam_channel::bounded(caps.chunk_queue);
+    let (hashed_tx, hashed_rx) = crossbeam_channel::bounded(caps.chunk_queue);
+    let (comp_tx, comp_rx) = crossbeam_channel::bounded(caps.compressed_queue);
+    let handoff = crossbeam_channel::bounded(caps.finishers);
+    let (res_tx, res_rx) = crossbeam_channel::bounded(caps.result_queue);
 
-    let outcome = std::thread::scope(|s| -> Result<Vec<StageStats>, PushError> {
-        let stop = &stop;
-        s.spawn(move || {
-            for job in (0..infos.len()).filter(|&j| !skip[j]) {
-                if stop.load(Ordering::Relaxed)
-                    || opts.cancel.is_cancelled()
-                    || job_tx.send(job).is_err()
-                {
-                    break;
-                }
-            }
-        });
-        let walkers: Vec<_> = (0..WALKERS)
-            .map(|_| {
-                let (jobs, out, walk) = (job_rx.clone(), chunk_tx.clone(), &walk);
-                s.spawn(move || walk.run(jobs, out))
-            })
-            .collect();
-        drop((job_rx, chunk_tx));
-        let hasher = s.spawn(|| walk::hash_stage(chunk_rx, hashed_tx));
-        let compressor = s.spawn(|| compress.run(hashed_rx, comp_tx));
-        let sinker = s.spawn(|| sink.run(comp_rx, res_tx));
-
-        let mut publisher = Publisher::new(cache, store_dir, seen.clone());
-        for (i, why) in &refused {
-            publisher.fail(infos[*i].path.clone(), why.retry);
-        }
-        let mut file_sizes: HashMap<StorePath, u64> = HashMap::new();
-        let mut last_wave = Instant::now();
-        let mut publish_error = None;
-        let settle = |report: &mut PushReport,
-                      decided: Vec<Published>,
-                      file_sizes: &HashMap<StorePath, u64>| {
-            for d in decided {
-                let (path, outcome) = match d {
-                    Published::Written(n) => {
-                        let file_size = file_sizes.get(&n.store_path).copied().unwrap_or_default();
-                        report.nar_bytes += n.nar_size;
-                        report.file_bytes += file_size;
-                        (
-                            n.store_path,
-                            Outcome::Uploaded {
-                                nar_size: n.nar_size,
-                                file_size,
-                            },
-                        )
-                    }
-                    Published::Present(p) => (p, Outcome::AlreadyPresent),
-                    Published::Failed(p, why) => (p, Outcome::Failed(why)),
-                };
-                let r = PathResult {
-                    path: path.to_absolute(store_dir),
-                    outcome,
-                };
-                progress.finished(&r);
-                report.results.push(r);
-            }
-        };
-        for r in res_rx.iter() {
-            let path = &infos[r.job].path;
-            match r.outcome {
-                Ok((narinfo, file_size)) => {
-                    file_sizes.insert(path.clone(), file_size);
-                    publisher.add(*narinfo);
-                }
-                Err(why) => {
-                    publisher.fail(path.clone(), why.retry);
-                    let r = PathResult {
-                        path: path.to_absolute(store_dir),
-                        outcome: Outcome::Failed(why),
-                    };
-                    progress.finished(&r);
-                    report.results.push(r);
-                }
-            }
-            if opts.cancel.is_cancelled() {
-                // Stop feeding; the stages drain and exit once the results go unread.
-                stop.store(true, Ordering::Relaxed);
-                break;
-            }
-            let due = publisher.pending() >= PUBLISH_BATCH
-                || (publisher.pending() > 0 && last_wave.elapsed() >= PUBLISH_INTERVAL);
-            if due {
-                match publisher.wave() {
-                    Ok(decided) => settle(&mut report, decided, &file_sizes),
-                    Err(e) => {
-                        // Stop feeding; the stages drain and exit once the results go unread.
-                        stop.store(true, Ordering::Relaxed);
-                        publish_error = Some(e);
-                        break;
-                    }
-                }
-                last_wave = Instant::now();
-            }
-        }
-        drop(res_rx);
-        let mut walk_stats = StageStats {
-            name: "walk",
-            ..Default::default()
-        };
-        for w in walkers {
-            walk_stats.absorb(&w.join().expect("walker thread panicked"));
-        }
-        let mut hash_stats = StageStats {
-            name: "hash",
-            ..Default::default()
-        };
-        hash_stats.absorb(&hasher.join().expect("hash thread panicked"));
-        let compress_stats = compressor.join().expect("compress thread panicked");
-        let mut sink_stats = StageStats {
-            name: "sink",
-            ..Default::default()
-        };
-        sink_stats.absorb(&sinker.join().expect("sink thread panicked"));
-        if let Some(e) = publish_error {
-            return Err(e.into());
-        }
-        if opts.cancel.is_cancelled() {
-            // What was written stays (each narinfo's NAR and references were durable);
-            // the rest is reported unfinished, for the caller to retry.
-            let settled: HashSet<String> = report.results.iter().map(|r| r.path.clone()).collect();
-            for info in infos {
-                let path = info.path.to_absolute(store_dir);
-                if !settled.contains(&path) {
-                    let r = PathResult {
-                        path,
-                        outcome: Outcome::Failed(Failure::transient(
-                            FailureKind::Cancelled,
-                            CANCELLED,
-                        )),
-                    };
-                    progress.finished(&r);
-                    report.results.push(r);
-                }
-            }
-            cache.sync()?;
-        } else {
-            settle(&mut report, publisher.finish()?, &file_sizes);
-        }
-        Ok(vec![walk_stats, hash_stats, compress_stats, sink_stats])
+    let stages = std::thread::scope(|s| {
+        let walking = walk.spawn(s, todo, jobs, chunk_tx);
+        let hashing = walk::spawn_hash(s, &walk.stop, chunk_rx, hashed_tx);
+        let compressing = compress.spawn(s, hashed_rx, comp_tx);
+        let sinking = sink.spawn(s, comp_rx, handoff, res_tx);
+        publish.run(res_rx, &mut report);
+        // The results are closed (or no longer read, after a stop): each stage drains in
+        // turn, upstream first.
+        vec![
+            walking.finish(),
+            hashing.finish(),
+            compressing.finish(),
+            sinking.finish(),
+        ]
     });
-    report.stages = outcome?;
+    publish.finish(&mut report)?;
+    report.stages = stages;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Every capacity of one run, derived in one place from the options: the `--memory`
+/// budget is split between
+/// - the cache ([`Capacities::cache_memory`], half: S3's part buffers; a local directory
+///   buffers nothing and leaves it unused),
+/// - one compression output buffer per compressing thread (a chunk is compressed into a
+///   buffer of its own size, beside the chunk), and
+/// - the chunk budget: NAR chunks held from the walker to the sink.
+///
+/// Every queue between stages is bounded by its length here, and the bytes in it by the
+/// chunk budget, so peak memory is the budget plus [`MEMORY_OVERHEAD`], whatever the NAR
+/// sizes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capacities {
+    /// Bytes of NAR data in flight between the walkers and the sink (the chunk budget).
+    pub chunk_memory: u64,
+    /// Free chunk buffers kept for reuse.
+    pub free_buffers: usize,
+    /// Compression threads.
+    pub compress_jobs: usize,
+    /// Walker threads.
+    pub walkers: usize,
+    /// Threads committing finished uploads (and the hand-off queue to them).
+    pub finishers: usize,
+    /// Jobs queued ahead of the walkers.
+    pub job_queue: usize,
+    /// Chunks queued walker → hash and hash → compress.
+    pub chunk_queue: usize,
+    /// Compressed chunks queued for the sink.
+    pub compressed_queue: usize,
+    /// Finished jobs queued for the publisher.
+    pub result_queue: usize,
+}
+
+impl Capacities {
+    /// The cache's share of a `memory` budget (given to it by
+    /// [`PushOptions::cache_options`]).
+    pub fn cache_memory(memory: u64) -> u64 {
+        memory / CACHE_SHARE_DIVISOR
+    }
+
+    /// The smallest budget that admits one chunk and one compression output beside the
+    /// cache's share.
+    pub fn min_memory(chunk_size: usize) -> u64 {
+        2 * Self::output_buffer(chunk_size) * CACHE_SHARE_DIVISOR
+    }
+
+    /// The buffer a chunk is compressed into: compressed data can be slightly larger than
+    /// the input.
+    fn output_buffer(chunk_size: usize) -> u64 {
+        let c = chunk_size as u64;
+        c + c / 128 + 1024
+    }
+
+    /// The capacities for `opts`, with a cache that hides its latency with
+    /// `cache_concurrency` requests at once.
+    ///
+    /// # Errors
+    /// A message naming `--memory` when it cannot hold one chunk and one compression
+    /// output beside the cache's share.
+    pub fn new(opts: &PushOptions, cache_concurrency: usize) -> Result<Self, String> {
+        let min = Self::min_memory(opts.chunk_size);
+        if opts.memory < min {
+            return Err(format!(
+                "--memory {} is too small for chunks of {} bytes: it needs at least {min} \
+                 bytes (half for the cache, and one chunk and its compression output)",
+                opts.memory, opts.chunk_size
+            ));
+        }
+        let pipeline = opts.memory - Self::cache_memory(opts.memory);
+        let out = Self::output_buffer(opts.chunk_size);
+        // Compression outputs take at most half of the pipeline's share, so a small budget
+        // runs fewer compressors instead of starving the walkers of chunks.
+        let compress_jobs = opts.jobs.clamp(1, ((pipeline / 2) / out).max(1) as usize);
+        let chunk_memory = pipeline - compress_jobs as u64 * out;
+        debug_assert!(chunk_memory >= opts.chunk_size as u64);
+        Ok(Capacities {
+            chunk_memory,
+            // As many as the budget admits chunks, plus one output buffer per compressing
+            // thread: every large buffer alive at once, so none is freed mid-run.
+            free_buffers: (chunk_memory / opts.chunk_size as u64) as usize + compress_jobs,
+            compress_jobs,
+            walkers: WALKERS,
+            // As many uploads committing at once as the cache says hide its per-request
+            // latency (1 for a local directory, where a commit is a rename); each holds
+            // only its upload's buffers, which the cache's share bounds.
+            finishers: cache_concurrency.max(1),
+            job_queue: JOB_QUEUE,
+            chunk_queue: CHUNK_QUEUE,
+            compressed_queue: COMPRESSED_QUEUE,
+            result_queue: RESULT_QUEUE,
+        })
+    }
 }
 
 /// The paths of `infos` that cannot be published, with why: a reference neither in
@@ -773,22 +837,14 @@ fn refuse_unreachable(
                 .iter()
                 .filter(|r| **r != info.path)
                 .find_map(|r| match index.get(r) {
-                    Some(j) => refused.get(j).map(|f| Failure {
-                        message: format!(
-                            "not published: its reference {} failed",
-                            r.to_absolute(store_dir)
-                        ),
-                        retry: f.retry,
-                        kind: FailureKind::Reference,
+                    Some(j) => refused.get(j).map(|f| Failure::ReferenceFailed {
+                        reference: r.to_absolute(store_dir),
+                        retry: f.retry(),
                     }),
                     None if seen.contains(r) => None,
-                    None => Some(Failure::permanent(
-                        FailureKind::Reference,
-                        format!(
-                            "its reference {} is not in the cache (push without --no-closure)",
-                            r.to_absolute(store_dir)
-                        ),
-                    )),
+                    None => Some(Failure::ReferenceMissing {
+                        reference: r.to_absolute(store_dir),
+                    }),
                 });
             if let Some(why) = why {
                 refused.insert(i, why);

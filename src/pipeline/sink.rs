@@ -5,7 +5,8 @@
 //! Chunks of many jobs arrive interleaved and out of order; each job's are buffered until
 //! their turn. The buffer is bounded by the memory budget, since every buffered chunk
 //! still holds its permit.
-use super::stats::StageClock;
+use super::stage::{Running, Stop};
+use super::stats::{StageClock, StageStats};
 use super::walk::{Chunk, NarEnd};
 use super::{Failure, FailureKind, PushOptions};
 use crate::cache::{BinaryCache, NarUpload};
@@ -15,6 +16,7 @@ use crate::store::PathInfo;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
+use std::thread::Scope;
 
 /// What the sink reports for one job.
 #[derive(Debug)]
@@ -24,8 +26,11 @@ pub struct SinkResult {
     pub outcome: Result<(Box<NarInfo>, u64), Failure>,
 }
 
+/// A job whose last chunk is written, on its way to a finisher.
+pub type Handoff = (usize, JobState, NarEnd);
+
 /// A job the sink has seen chunks of.
-struct JobState {
+pub struct JobState {
     next_seq: u32,
     waiting: BTreeMap<u32, Chunk>,
     /// `None` once the job has failed: its remaining chunks are only drained.
@@ -43,6 +48,17 @@ pub struct SinkStage<'a> {
     pub finishers: usize,
     /// Where written chunk buffers go back to.
     pub buffers: super::buffers::BufferPool,
+    pub stop: Stop,
+}
+
+impl std::fmt::Debug for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobState")
+            .field("next_seq", &self.next_seq)
+            .field("waiting", &self.waiting.len())
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for SinkStage<'_> {
@@ -51,50 +67,80 @@ impl std::fmt::Debug for SinkStage<'_> {
     }
 }
 
-impl SinkStage<'_> {
-    /// Runs until `chunks` closes. With more than one finisher, jobs whose last chunk has
-    /// been written are committed on finisher threads, so a remote cache's per-request
-    /// latency overlaps with assembling the next jobs.
-    pub fn run(&self, chunks: Receiver<Chunk>, results: Sender<SinkResult>) -> StageClock {
+impl<'env> SinkStage<'env> {
+    /// Starts the assembler and, with more than one finisher, the finisher threads: jobs
+    /// whose last chunk has been written are committed there, so a remote cache's
+    /// per-request latency overlaps with assembling the next jobs. `handoff` is the queue
+    /// between them. The stage ends once `chunks` closes and every job taken is reported
+    /// (or dropped, aborting its upload, once the run stopped).
+    pub fn spawn<'scope>(
+        &'scope self,
+        s: &'scope Scope<'scope, 'env>,
+        chunks: Receiver<Chunk>,
+        (handoff_tx, handoff_rx): (Sender<Handoff>, Receiver<Handoff>),
+        results: Sender<SinkResult>,
+    ) -> Running<'scope> {
         if self.finishers <= 1 {
-            return self.assemble(chunks, |job, state, end| {
-                let outcome = self.finish(job, state, end);
-                results.send(SinkResult { job, outcome }).is_ok()
+            let t = s.spawn(move || {
+                self.assemble(chunks, &results, |job, state, end| {
+                    let outcome = self.finish(job, state, end);
+                    results.send(SinkResult { job, outcome }).is_ok()
+                })
+                .into_stats("sink")
             });
+            return Running::new("sink", vec![t]);
         }
-        std::thread::scope(|s| {
-            // One queued job per finisher: a full queue pauses assembling, and each queued
-            // job holds at most its upload's buffer, which the cache bounds.
-            let (tx, rx) = crossbeam_channel::bounded::<(usize, JobState, NarEnd)>(self.finishers);
-            for _ in 0..self.finishers {
-                let (rx, results) = (rx.clone(), results.clone());
-                s.spawn(move || {
-                    for (job, state, end) in rx {
-                        let outcome = self.finish(job, state, end);
-                        if results.send(SinkResult { job, outcome }).is_err() {
-                            break;
-                        }
+        let mut threads = Vec::with_capacity(self.finishers + 1);
+        for _ in 0..self.finishers {
+            let (rx, results) = (handoff_rx.clone(), results.clone());
+            // Finishers mostly wait on the cache; their time is counted by the cache's
+            // own request statistics, not as the sink's work.
+            threads.push(s.spawn(move || {
+                for (job, state, end) in rx {
+                    if self.stop.is_stopped() {
+                        continue; // dropping the state aborts its upload
                     }
-                });
-            }
-            drop(rx);
-            self.assemble(chunks, move |job, state, end| {
-                tx.send((job, state, end)).is_ok()
+                    let outcome = self.finish(job, state, end);
+                    if results.send(SinkResult { job, outcome }).is_err() {
+                        break;
+                    }
+                }
+                StageStats::default()
+            }));
+        }
+        drop(handoff_rx);
+        threads.push(s.spawn(move || {
+            self.assemble(chunks, &results, move |job, state, end| {
+                handoff_tx.send((job, state, end)).is_ok()
             })
-        })
+            .into_stats("sink")
+        }));
+        Running::new("sink", threads)
     }
 
     /// Puts chunks in order and writes them; hands each completed job to `done`, which
-    /// returns false when the run is being torn down.
+    /// returns false when the run is being torn down. A job the cache fails is reported
+    /// into `results` at once and aborted: no stage works on it any more.
     fn assemble(
         &self,
         chunks: Receiver<Chunk>,
+        results: &Sender<SinkResult>,
         mut done: impl FnMut(usize, JobState, NarEnd) -> bool,
     ) -> StageClock {
         let mut clock = StageClock::start();
         let mut jobs: HashMap<usize, JobState> = HashMap::new();
         while let Some(chunk) = clock.wait(|| chunks.recv().ok()) {
+            if self.stop.is_stopped() {
+                // Unfinished uploads are aborted (dropped) and their buffered chunks
+                // freed at once, so no stage upstream waits on the budget; the rest of
+                // the input is drained and dropped.
+                jobs.clear();
+                continue;
+            }
             let job = chunk.job;
+            if self.stop.is_job_stopped(job) {
+                continue; // failed and reported already
+            }
             let state = jobs.entry(job).or_insert_with(|| self.begin(job));
             state.waiting.insert(chunk.seq, chunk);
             let mut finished = None;
@@ -113,6 +159,19 @@ impl SinkStage<'_> {
                     break;
                 }
             }
+            if let Some(why) = state.error.take() {
+                // Dropping the state aborts the upload and frees the chunks waiting.
+                jobs.remove(&job);
+                self.stop.abort(job);
+                let result = SinkResult {
+                    job,
+                    outcome: Err(why),
+                };
+                if clock.wait(|| results.send(result)).is_err() {
+                    break;
+                }
+                continue;
+            }
             if let Some(end) = finished {
                 let state = jobs.remove(&job).expect("present");
                 if !clock.wait(|| done(job, state, end)) {
@@ -120,7 +179,7 @@ impl SinkStage<'_> {
                 }
             }
         }
-        clock.stop()
+        clock
     }
 
     fn begin(&self, job: usize) -> JobState {
@@ -148,7 +207,7 @@ impl SinkStage<'_> {
         let full = info.path.to_absolute(self.store_dir);
         let (nar_hash, nar_size, listing) = match end {
             // Reading the store path failed: an I/O error, or the path changed under us.
-            NarEnd::Failed(why) => return Err(Failure::transient(FailureKind::Store, why)),
+            NarEnd::Failed(message) => return Err(Failure::Read { message }),
             NarEnd::Walked { .. } => {
                 return Err(Failure::permanent(
                     FailureKind::Other,
@@ -161,23 +220,23 @@ impl SinkStage<'_> {
                 listing,
             } => (nar_hash, nar_size, listing),
         };
-        if let Some(e) = state.error {
-            return Err(e);
-        }
-        // Once cancelled, the compress stage may have passed this job's chunks on empty:
-        // nothing of it is committed (the cancel flag never goes back).
-        if self.opts.cancel.is_cancelled() {
-            return Err(Failure::transient(FailureKind::Cancelled, super::CANCELLED));
+        debug_assert!(
+            state.error.is_none(),
+            "a failed job is reported when it fails"
+        );
+        // Once stopped, the stages before may have dropped chunks of this job: nothing of
+        // it is committed (a stop is never undone).
+        if self.stop.is_stopped() {
+            return Err(Failure::Cancelled);
         }
         if nar_hash != info.nar_hash || nar_size != info.nar_size {
-            return Err(Failure::permanent(
-                FailureKind::Corrupt,
-                format!(
-                    "{full} is corrupt: its contents hash to {nar_hash} ({nar_size} bytes) but the Nix \
-                 database records {} ({} bytes); not uploaded (repair it with `nix-store --repair-path {full}`)",
-                    info.nar_hash, info.nar_size
-                ),
-            ));
+            return Err(Failure::Corrupt {
+                path: full,
+                expected_hash: info.nar_hash,
+                expected_size: info.nar_size,
+                actual_hash: nar_hash,
+                actual_size: nar_size,
+            });
         }
         let (upload, file_hash, file_size) =
             state.upload.expect("no error means an upload").finish();
@@ -230,11 +289,14 @@ fn write_failure(e: &std::io::Error) -> Failure {
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<crate::cache::CacheError>())
     {
-        Some(c) => Failure {
-            message: format!("writing the NAR: {c}"),
-            ..Failure::from_cache(c)
+        Some(c) => Failure::Cache {
+            context: "writing the NAR: ",
+            message: c.to_string(),
+            transient: c.is_transient(),
         },
-        None => Failure::transient(FailureKind::Store, format!("writing the NAR: {e}")),
+        None => Failure::Read {
+            message: format!("writing the NAR: {e}"),
+        },
     }
 }
 
@@ -247,8 +309,8 @@ mod tests {
     fn a_cache_error_inside_a_write_error_keeps_its_retry_class() {
         let denied = std::io::Error::other(CacheError::Config("access denied to bucket".into()));
         let f = write_failure(&denied);
-        assert_eq!(f.retry, super::super::Retry::Permanent, "{f}");
-        assert!(f.message.contains("access denied to bucket"), "{f}");
+        assert_eq!(f.retry(), super::super::Retry::Permanent, "{f}");
+        assert_eq!(f.to_string(), "writing the NAR: access denied to bucket");
         let reset = std::io::Error::other(CacheError::Remote {
             cache: "s3://b".into(),
             key: "k".into(),

@@ -70,6 +70,17 @@ impl StageClock {
         self.stopped.get_or_insert_with(Instant::now);
         self
     }
+    /// This thread's share of its stage's statistics (stopping the clock).
+    pub fn into_stats(self, name: &'static str) -> StageStats {
+        let c = self.stop();
+        StageStats {
+            name,
+            threads: 1,
+            busy: c.busy(),
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
+        }
+    }
     pub fn busy(&self) -> Duration {
         let end = self.stopped.unwrap_or_else(Instant::now);
         end.saturating_duration_since(self.started)

@@ -33,11 +33,13 @@ fn make_store(dir: &Path, specs: &[(&str, usize, &[usize])]) -> Vec<PathInfo> {
     infos
 }
 
+/// Options whose pipeline share of the budget is `memory` (the cache's half, which a
+/// local directory leaves unused, comes on top).
 fn opts(kind: Compression, chunk: usize, memory: u64) -> PushOptions {
     let key = crate::format::signing::SigningKey::from_seed("test-1", [7; 32]);
     let mut o = PushOptions::new(CompressionSettings::new(kind, None).unwrap(), vec![key]);
     o.chunk_size = chunk;
-    o.memory = memory;
+    o.memory = 2 * memory;
     o
 }
 
@@ -123,8 +125,9 @@ fn output_is_deterministic_across_thread_counts() {
         let cache = crate::cache::null::NullCache::new();
         let dir = tempfile::tempdir().unwrap();
         let file = FileCache::open(dir.path(), "file:///t").unwrap();
-        let mut o = opts(Compression::Zstd, 256 << 10, 1 << 20);
+        let mut o = opts(Compression::Zstd, 256 << 10, 4 << 20);
         o.jobs = jobs;
+        assert_eq!(Capacities::new(&o, 1).unwrap().compress_jobs, jobs);
         upload(&cache, sd, &infos, &o, &NoProgress).unwrap();
         upload(&file, sd, &infos, &o, &NoProgress).unwrap();
         let text = std::fs::read_to_string(
@@ -174,10 +177,48 @@ fn a_corrupt_path_and_its_referrers_are_not_published() {
         .unwrap()
         .outcome
     {
-        Outcome::Failed(w) => w.message.clone(),
+        Outcome::Failed(w) => w.to_string(),
         o => panic!("{o:?}"),
     };
     assert!(why("-bad").contains("is corrupt"), "{}", why("-bad"));
+    // The failures carry what went wrong, not only a message.
+    let failure = |n: &str| match &report
+        .results
+        .iter()
+        .find(|r| r.path.ends_with(n))
+        .unwrap()
+        .outcome
+    {
+        Outcome::Failed(w) => w.clone(),
+        o => panic!("{o:?}"),
+    };
+    let bad_path = infos[1].path.to_absolute(sd);
+    assert_eq!(
+        failure("-bad"),
+        Failure::Corrupt {
+            path: bad_path.clone(),
+            expected_hash: Sha256([0; 32]),
+            expected_size: infos[1].nar_size,
+            actual_hash: make_store(
+                tempfile::tempdir().unwrap().path(),
+                &[("ok", 100, &[]), ("bad", 200_000, &[0])]
+            )[1]
+            .nar_hash,
+            actual_size: infos[1].nar_size,
+        }
+    );
+    assert_eq!(
+        (failure("-bad").kind(), failure("-bad").retry()),
+        (FailureKind::Corrupt, Retry::Permanent)
+    );
+    assert_eq!(
+        failure("-user"),
+        Failure::ReferenceFailed {
+            reference: bad_path,
+            retry: Retry::Permanent
+        }
+    );
+    assert_eq!(failure("-user").kind(), FailureKind::Reference);
     assert!(
         why("-user").contains("its reference") && why("-user").contains("-bad failed"),
         "{}",
@@ -214,15 +255,42 @@ fn a_path_that_vanished_fails_with_its_name() {
     )
     .unwrap();
     match &report.results[0].outcome {
-        Outcome::Failed(why) => assert!(why.message.contains(infos[0].path.base_name()), "{why}"),
+        Outcome::Failed(why) => {
+            assert!(why.to_string().contains(infos[0].path.base_name()), "{why}")
+        }
         o => panic!("{o:?}"),
     }
     assert_eq!(cache.narinfos(), 0);
 }
 
-/// A directory cache that claims to want concurrent commits, to run the finisher threads.
+/// A directory cache that claims to want concurrent commits, to run the finisher threads;
+/// with `.1` set, it refuses every NAR byte written to it (as S3 does a part upload when
+/// access is denied).
 #[derive(Debug)]
-struct Concurrent(FileCache);
+struct Concurrent(FileCache, bool, std::sync::atomic::AtomicUsize);
+
+/// An upload whose every write fails with a permanent cache error.
+struct Refused;
+
+impl std::io::Write for Refused {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::other(crate::cache::CacheError::Remote {
+            cache: "test://refusing".into(),
+            key: "nar".into(),
+            message: "access denied".into(),
+            transient: false,
+        }))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl crate::cache::NarUpload for Refused {
+    fn commit(self: Box<Self>, _: &str) -> Result<(), crate::cache::CacheError> {
+        unreachable!("a refused upload is never committed")
+    }
+}
 
 impl BinaryCache for Concurrent {
     fn url(&self) -> &str {
@@ -241,6 +309,9 @@ impl BinaryCache for Concurrent {
         &self,
         nar_size: u64,
     ) -> Result<Box<dyn crate::cache::NarUpload>, crate::cache::CacheError> {
+        if self.1 {
+            return Ok(Box::new(Refused));
+        }
         self.0.begin_nar(nar_size)
     }
     fn object_size(&self, key: &str) -> Result<Option<u64>, crate::cache::CacheError> {
@@ -263,6 +334,7 @@ impl BinaryCache for Concurrent {
         self.0.publish_narinfos(store_dir, narinfos)
     }
     fn sync(&self) -> Result<(), crate::cache::CacheError> {
+        self.2.fetch_add(1, Ordering::SeqCst);
         self.0.sync()
     }
     fn upload_concurrency(&self) -> usize {
@@ -287,7 +359,11 @@ fn concurrent_commits_publish_every_path_in_closure_order() {
         .map(|(i, (n, r))| (n.as_str(), 100 + i * 5000, r.as_slice()))
         .collect();
     let infos = make_store(store.path(), &specs);
-    let cache = Concurrent(FileCache::open(cache_dir.path(), "file:///t").unwrap());
+    let cache = Concurrent(
+        FileCache::open(cache_dir.path(), "file:///t").unwrap(),
+        false,
+        Default::default(),
+    );
     let report = upload(
         &cache,
         sd,
@@ -420,12 +496,12 @@ fn a_refused_path_fails_every_referrer_and_nothing_of_them_goes_up() {
             .unwrap()
     };
     match outcome("m") {
-        Outcome::Failed(f) => assert!(f.message.contains("-r is not in the cache"), "{f}"),
+        Outcome::Failed(f) => assert!(f.to_string().contains("-r is not in the cache"), "{f}"),
         other => panic!("{other:?}"),
     }
     for (name, cause) in [("q", "-m failed"), ("top", "-q failed")] {
         match outcome(name) {
-            Outcome::Failed(f) => assert!(f.message.contains(cause), "{name}: {f}"),
+            Outcome::Failed(f) => assert!(f.to_string().contains(cause), "{name}: {f}"),
             other => panic!("{name}: {other:?}"),
         }
     }
@@ -620,4 +696,108 @@ fn a_cancelled_push_compresses_nothing_more() {
         "{} compressed bytes after the cancel",
         compress.bytes_out
     );
+}
+
+#[test]
+fn a_path_the_cache_refuses_is_not_read_any_further() {
+    let store = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    let infos = make_store(store.path(), &[("big", 32 << 20, &[])]);
+    let cache = Concurrent(
+        FileCache::open(cache_dir.path(), "file:///t").unwrap(),
+        true,
+        Default::default(),
+    );
+    let o = opts(Compression::Zstd, 64 << 10, 512 << 10);
+    let report = upload(&cache, sd, &infos, &o, &NoProgress).unwrap();
+    match &report.results[..] {
+        [r] => match &r.outcome {
+            Outcome::Failed(f) => {
+                assert_eq!(
+                    (f.kind(), f.retry()),
+                    (FailureKind::Cache, Retry::Permanent)
+                );
+                assert!(f.to_string().contains("access denied"), "{f}");
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    // The first chunk failed: the walker, hasher and compressors stop on that job instead
+    // of reading, hashing and compressing the other 31 MiB of it.
+    for stage in ["hash", "compress"] {
+        let s = report.stages.iter().find(|s| s.name == stage).unwrap();
+        assert!(
+            s.bytes_in < 4 << 20,
+            "{stage}: {} NAR bytes after the job failed",
+            s.bytes_in
+        );
+    }
+}
+
+#[test]
+fn the_budget_is_split_between_cache_chunks_and_compressors() {
+    let mut o = opts(Compression::Zstd, 4 << 20, 0);
+    o.memory = 128 << 20;
+    o.jobs = 2;
+    let c = Capacities::new(&o, 32).unwrap();
+    let out = (4 << 20) + (4 << 20) / 128 + 1024;
+    assert_eq!(o.cache_options(Default::default()).upload_memory, 64 << 20);
+    assert_eq!(c.chunk_memory, (64 << 20) - 2 * out);
+    assert_eq!((c.compress_jobs, c.finishers), (2, 32));
+    // Everything the run may hold of NAR data adds up to the budget.
+    assert!(
+        Capacities::cache_memory(o.memory) + c.chunk_memory + c.compress_jobs as u64 * out
+            <= o.memory
+    );
+    // A small budget runs fewer compressors rather than holding more than it was given.
+    o.memory = 32 << 20;
+    o.jobs = 16;
+    let c = Capacities::new(&o, 1).unwrap();
+    assert_eq!(c.compress_jobs, 1);
+    assert_eq!(c.chunk_memory, (16 << 20) - out);
+    // Too small for one chunk and its compression output beside the cache's half.
+    o.memory = 12 << 20;
+    let e = Capacities::new(&o, 1).unwrap_err();
+    assert!(
+        e.starts_with("--memory 12582912 is too small for chunks of 4194304 bytes"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_last_wave_makes_the_nars_durable_without_another_sync() {
+    let store = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    let infos = make_store(store.path(), &[("a", 300_000, &[]), ("b", 100, &[0])]);
+    let cache = Concurrent(
+        FileCache::open(cache_dir.path(), "file:///t").unwrap(),
+        false,
+        Default::default(),
+    );
+    let o = opts(Compression::Zstd, 64 << 10, 256 << 10);
+    let report = upload(&cache, sd, &infos, &o, &NoProgress).unwrap();
+    assert_eq!(report.failed().count(), 0, "{:?}", report.results);
+    // Each sync waits on the disk: the narinfos' own wave made every NAR durable.
+    assert_eq!(
+        cache.2.load(Ordering::SeqCst),
+        0,
+        "syncs after the last wave"
+    );
+    let files = walkdir(cache_dir.path());
+    let temps: Vec<_> = files
+        .iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with(crate::cache::file::TEMP_PREFIX)
+        })
+        .collect();
+    assert!(temps.is_empty(), "{temps:?}");
+    let nars = files
+        .iter()
+        .filter(|p| p.to_string_lossy().contains("/nar/"))
+        .count();
+    assert_eq!(nars, 2, "{files:?}");
 }

@@ -1,12 +1,15 @@
-//! The walk stage: turns a store path into a stream of fixed-size NAR chunks; and the hash
-//! stage after it, which computes NarHash over each job's chunks in order. Each chunk holds a permit of the memory budget from the moment it
-//! starts filling until the sink has written it.
+//! The walk stage: a feeder thread handing out jobs in plan order and walker threads
+//! turning each store path into a stream of fixed-size NAR chunks; and the hash stage
+//! after it, which computes NarHash over each job's chunks in order. Each chunk holds a
+//! permit of the memory budget from the moment it starts filling until the sink has
+//! written it. Neither stage reads another byte once the run stops.
 //!
 //! Chunk boundaries are at multiples of the chunk size whatever the file layout, so the
 //! compressed output is deterministic for given settings.
 use super::budget::{ByteBudget, Permit};
 use super::buffers::BufferPool;
-use super::stats::StageClock;
+use super::stage::{Running, Stop};
+use super::stats::{StageClock, StageStats};
 use crate::format::hash::Sha256;
 use crate::format::nar::listing::{ListingBuilder, NarListing};
 use crate::format::nar::writer::{NarBuffer, dump_path_listed_into};
@@ -14,6 +17,7 @@ use crate::store::PathInfo;
 use crossbeam_channel::{Receiver, Sender};
 use std::io;
 use std::path::Path;
+use std::thread::Scope;
 
 /// How a job's NAR stream ended; carried by its last chunk.
 #[derive(Debug)]
@@ -67,7 +71,7 @@ struct Chunker<'a> {
     pool: &'a BufferPool,
     out: &'a Sender<Chunk>,
     clock: &'a mut StageClock,
-    cancel: &'a super::Cancel,
+    stop: &'a Stop,
 }
 
 impl Chunker<'_> {
@@ -128,8 +132,8 @@ impl Chunker<'_> {
 
 impl NarBuffer for Chunker<'_> {
     fn spare(&mut self) -> io::Result<&mut [u8]> {
-        // A cancelled push stops mid-NAR: the job fails and its upload is aborted.
-        if self.cancel.is_cancelled() {
+        // A stopped run, or a job the sink has failed, stops mid-NAR.
+        if self.stop.is_job_stopped(self.job) {
             return Err(io::Error::new(io::ErrorKind::Interrupted, super::CANCELLED));
         }
         if self.permit.is_none() {
@@ -157,16 +161,50 @@ pub struct WalkStage<'a> {
     pub chunk_size: usize,
     pub budget: ByteBudget,
     pub pool: BufferPool,
-    pub cancel: super::Cancel,
+    pub stop: Stop,
     /// Build each NAR's listing while writing it.
     pub nar_listing: bool,
+    /// Walker threads.
+    pub walkers: usize,
 }
 
-impl WalkStage<'_> {
-    /// Runs one walker until `jobs` closes. Returns its clock for statistics.
-    pub fn run(&self, jobs: Receiver<usize>, out: Sender<Chunk>) -> StageClock {
+impl<'env> WalkStage<'env> {
+    /// Starts the feeder, which sends `todo` (indices into `infos`, in plan order) into
+    /// `jobs_tx` until the run stops, and the walkers, which take jobs from `jobs_rx` and
+    /// send their chunks into `out`. The stage ends once every job is walked or the run
+    /// stopped.
+    pub fn spawn<'scope>(
+        &'scope self,
+        s: &'scope Scope<'scope, 'env>,
+        todo: Vec<usize>,
+        (jobs_tx, jobs_rx): (Sender<usize>, Receiver<usize>),
+        out: Sender<Chunk>,
+    ) -> Running<'scope> {
+        let stop = &self.stop;
+        // The feeder only waits; its time is not the stage's work, so it reports nothing.
+        let feeder = s.spawn(move || {
+            for job in todo {
+                if stop.is_stopped() || jobs_tx.send(job).is_err() {
+                    break;
+                }
+            }
+            StageStats::default()
+        });
+        let mut threads = vec![feeder];
+        for _ in 0..self.walkers.max(1) {
+            let (jobs, out) = (jobs_rx.clone(), out.clone());
+            threads.push(s.spawn(move || self.run(jobs, out).into_stats("walk")));
+        }
+        Running::new("walk", threads)
+    }
+
+    /// Runs one walker until `jobs` closes or the run stops. Returns its clock.
+    fn run(&self, jobs: Receiver<usize>, out: Sender<Chunk>) -> StageClock {
         let mut clock = StageClock::start();
         while let Some(job) = clock.wait(|| jobs.recv().ok()) {
+            if self.stop.is_stopped() {
+                break;
+            }
             let info = &self.infos[job];
             let full = info.path.to_absolute(self.store_dir);
             let mut chunker = Chunker {
@@ -182,12 +220,16 @@ impl WalkStage<'_> {
                 pool: &self.pool,
                 out: &out,
                 clock: &mut clock,
-                cancel: &self.cancel,
+                stop: &self.stop,
             };
             let mut listing = self.nar_listing.then(ListingBuilder::new);
             let sent = match dump_path_listed_into(Path::new(&full), &mut chunker, listing.as_mut())
             {
                 Ok(_) => chunker.finish(listing.map(|l| Box::new(l.finish()))),
+                // Stopped mid-NAR: nothing more of this job is worth sending (its failure
+                // is reported by the sink, or the run is over).
+                Err(_) if self.stop.is_stopped() => break,
+                Err(_) if self.stop.is_job_stopped(job) => continue,
                 Err(e) => chunker.fail(e.to_string()),
             };
             if sent.is_err() {
@@ -202,12 +244,28 @@ impl WalkStage<'_> {
 /// The hash stage: NarHash over each job's chunks, which arrive in order (each job is
 /// walked by one walker, and a channel keeps each sender's order). It runs on its own
 /// thread so that hashing overlaps with reading files instead of adding to it.
-pub fn hash_stage(chunks: Receiver<Chunk>, out: Sender<Chunk>) -> StageClock {
+pub fn spawn_hash<'scope>(
+    s: &'scope Scope<'scope, '_>,
+    stop: &'scope Stop,
+    chunks: Receiver<Chunk>,
+    out: Sender<Chunk>,
+) -> Running<'scope> {
+    let t = s.spawn(move || hash(stop, chunks, out).into_stats("hash"));
+    Running::new("hash", vec![t])
+}
+
+fn hash(stop: &Stop, chunks: Receiver<Chunk>, out: Sender<Chunk>) -> StageClock {
     use sha2::Digest;
     let mut clock = StageClock::start();
     let mut hashers: std::collections::HashMap<usize, sha2::Sha256> =
         std::collections::HashMap::new();
     while let Some(mut chunk) = clock.wait(|| chunks.recv().ok()) {
+        if stop.is_job_stopped(chunk.job) {
+            // Dropping the chunk frees its permit, so a walker waiting on the budget
+            // wakes up and sees the stop too; the stage drains its input and ends.
+            hashers.remove(&chunk.job);
+            continue;
+        }
         let hasher = hashers.entry(chunk.job).or_default();
         hasher.update(&chunk.data);
         clock.add_bytes(chunk.nar_len, chunk.nar_len);

@@ -1,0 +1,91 @@
+//! What every stage of the pipeline shares: [`Running`], the handle of a stage whose
+//! threads are at work, with the explicit [`Running::finish`] that waits for them to
+//! drain their input and returns the stage's statistics; and [`Stop`], the one flag every
+//! stage checks so that an error or a cancel stops all of them early, mid-NAR.
+//!
+//! A stage never decides its own capacities: `pipeline/mod.rs` creates every channel and
+//! hands each stage its receiver and sender.
+use super::Cancel;
+use super::stats::StageStats;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::ScopedJoinHandle;
+
+/// Why a run stops early: the caller's cancel (a shutdown), or the run's own halt (the
+/// publisher failed: nothing more can be published, so nothing more is worth reading,
+/// hashing, compressing or uploading).
+///
+/// It also stops single jobs: once the sink has failed a job (the cache refused its
+/// upload), no stage spends another byte of work on it.
+#[derive(Debug, Clone)]
+pub struct Stop {
+    cancel: Cancel,
+    halt: Cancel,
+    /// One flag per job of the run.
+    aborted: Arc<[AtomicBool]>,
+}
+
+impl Stop {
+    /// A stop for a run of `jobs` jobs that follows `cancel` and the run's own halt.
+    pub fn new(cancel: Cancel, jobs: usize) -> Self {
+        Stop {
+            cancel,
+            halt: Cancel::new(),
+            aborted: (0..jobs).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+    /// Stops work on `job` (its failure is reported already).
+    pub fn abort(&self, job: usize) {
+        self.aborted[job].store(true, Ordering::Relaxed);
+    }
+    /// True once the run stopped or `job` was aborted: its chunks are dropped.
+    pub fn is_job_stopped(&self, job: usize) -> bool {
+        self.aborted[job].load(Ordering::Relaxed) || self.is_stopped()
+    }
+    /// Stops every stage (the run failed).
+    pub fn halt(&self) {
+        self.halt.cancel();
+    }
+    /// True once the run was cancelled or halted: stages drop what they hold and drain.
+    pub fn is_stopped(&self) -> bool {
+        self.cancel.is_cancelled() || self.halt.is_cancelled()
+    }
+    /// True when the caller cancelled (as opposed to a halt after an error).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}
+
+/// A stage at work: its threads, each returning its share of the statistics.
+#[must_use = "a stage must be finished: that is where its threads are joined"]
+#[derive(Debug)]
+pub struct Running<'scope> {
+    name: &'static str,
+    threads: Vec<ScopedJoinHandle<'scope, StageStats>>,
+}
+
+impl<'scope> Running<'scope> {
+    pub fn new(name: &'static str, threads: Vec<ScopedJoinHandle<'scope, StageStats>>) -> Self {
+        Running { name, threads }
+    }
+
+    /// Waits until the stage has drained its input (its upstream has closed it, or the run
+    /// stopped) and returns its statistics, summed over its threads.
+    ///
+    /// # Panics
+    /// When one of its threads panicked (a bug): the panic goes on to the caller.
+    pub fn finish(self) -> StageStats {
+        let mut total = StageStats {
+            name: self.name,
+            ..Default::default()
+        };
+        for t in self.threads {
+            let s = t.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            total.threads += s.threads;
+            total.busy += s.busy;
+            total.bytes_in += s.bytes_in;
+            total.bytes_out += s.bytes_out;
+        }
+        total
+    }
+}
