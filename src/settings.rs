@@ -62,7 +62,7 @@ pub struct Settings {
     #[arg(long, env = "NARFLOW_JOBS", value_name = "N")]
     pub jobs: Option<usize>,
     /// Memory budget for NAR data in flight, e.g. 64M, 1G (K, M, G: powers of 1024)
-    /// [default: 64M].
+    /// [default: 128M].
     #[arg(long, env = "NARFLOW_MEMORY", value_name = "SIZE")]
     pub memory: Option<Size>,
     /// Chunk size: each chunk is compressed as an independent frame [default: 4M].

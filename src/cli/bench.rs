@@ -57,7 +57,7 @@ pub struct BenchArgs {
     /// Compression threads, for the pipeline and the ceiling [default: one per core].
     #[arg(long)]
     pub jobs: Option<usize>,
-    /// Memory budget for NAR data in flight, e.g. 64M [default: 64M].
+    /// Memory budget for NAR data in flight, e.g. 64M [default: 128M].
     #[arg(long, value_parser = settings::parse_size)]
     pub memory: Option<u64>,
     /// Chunk size: each chunk is compressed as an independent frame [default: 4M].
