@@ -1,4 +1,10 @@
-//! Peak RSS and CPU time of this process, read from `/proc`.
+//! Peak RSS and CPU time of this process.
+//!
+//! CPU time comes from the kernel's process clock (rustix). Peak RSS is `VmHWM` of
+//! `/proc/self/status`, reset through `/proc/self/clear_refs`; these two stay hand-written:
+//! the `procfs` crate (default features off) would add procfs-core, hex and about 25 CPU
+//! seconds to a release build for two one-line reads, and neither std nor rustix has them
+//! (`getrusage`'s `ru_maxrss` is the whole life's peak and cannot be reset).
 
 use super::*;
 
@@ -71,17 +77,12 @@ pub fn status_bytes(field: &str) -> Option<u64> {
     })
 }
 
-/// User + system CPU time of this process so far, all threads, from `/proc/self/stat`
-/// (in clock ticks of 1/100 s, the value of `USER_HZ` on every Linux architecture narflow
-/// builds for).
+/// User + system CPU time of this process so far, all threads: the kernel's
+/// `CLOCK_PROCESS_CPUTIME_ID`, in nanoseconds, with no clock-tick unit to assume. Always
+/// `Some` on Linux; an `Option` for the reports, which leave the figure out without it.
 pub fn process_cpu_seconds() -> Option<f64> {
-    let stat = fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name may contain spaces and parentheses: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
-    // Fields 14 (utime) and 15 (stime) of proc(5); `rest` starts at field 3.
-    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Some(t.tv_sec as f64 + t.tv_nsec as f64 / 1e9)
 }
 
 /// Resets this process's peak RSS (`VmHWM`) to its current RSS (Linux ≥ 4.0).
