@@ -6,7 +6,9 @@
 //! - `cache`: binary cache destinations (`file://`, `s3://`, a null sink).
 //! - `pipeline`: pushing a set of paths to a cache (plan, upload, publish).
 //! - `daemon`: `narflow daemon`: the durable queue, the socket and the upload worker.
-//! - `hook`: `narflow hook`: hands `$OUT_PATHS` to the daemon, or spools them (std only).
+//! - [`handoff`]: what `narflow hook` and `narflow-hook` need to hand `$OUT_PATHS` to the
+//!   daemon, or spool them: the hook, the line protocol, the spool (std only, built
+//!   without `full`; `hook` is re-exported at the top).
 //! - `bench`: synthetic store-shaped workloads and the `narflow bench` measurements.
 //!
 //! ```text
@@ -24,8 +26,9 @@ pub mod cache;
 #[cfg(feature = "full")]
 pub mod daemon;
 pub mod format;
-#[cfg(feature = "full")]
-pub mod hook;
+pub mod handoff;
+/// The post-build-hook client, at its old path.
+pub use handoff::hook;
 #[cfg(feature = "full")]
 pub mod pipeline;
 #[cfg(feature = "full")]

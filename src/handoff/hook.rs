@@ -8,8 +8,8 @@
 //! [`spool::LOCK_WAIT`], so a stuck daemon never holds up a build. It never fails the
 //! build: every outcome, including losing the paths, is a value the caller reports on
 //! stderr before exiting 0.
-use crate::daemon::protocol::{EnqueueReply, MAX_REQUEST, Request, exchange, rejection};
-use crate::daemon::spool;
+use super::protocol::{EnqueueReply, MAX_REQUEST, Request, exchange, rejection};
+use super::spool;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
