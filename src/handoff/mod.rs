@@ -8,6 +8,7 @@
 //! (`cargo build --bin narflow-hook --no-default-features` checks it). The daemon uses
 //! `protocol` and `spool` through their old paths, `crate::daemon::{protocol, spool}`.
 
+pub mod config;
 pub mod hook;
 pub mod protocol;
 pub mod spool;
