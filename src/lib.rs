@@ -2,6 +2,7 @@
 //!
 //! Modules:
 //! - [`format`]: pure Nix formats (nix32, hashes, store paths, NAR, narinfo, signing).
+//! - [`nar_fs`]: the NAR walker: archives, hashes and lists trees on disk (std only).
 //! - `store`: the local Nix store, read-only (path info, closures, order).
 //! - `cache`: binary cache destinations (`file://`, `s3://`, a null sink).
 //! - `pipeline`: pushing a set of paths to a cache (plan, upload, publish).
@@ -27,6 +28,7 @@ pub mod cache;
 pub mod daemon;
 pub mod format;
 pub mod handoff;
+pub mod nar_fs;
 /// The post-build-hook client, at its old path.
 pub use handoff::hook;
 #[cfg(feature = "full")]
