@@ -1,17 +1,20 @@
 //! The hook's view of narflow's config file (`/etc/narflow/narflow.toml`, or `--config
 //! FILE`, or `$NARFLOW_CONFIG`): exactly the three keys it needs, top-level `socket` and
-//! `state-dir`, and `timeout` in the table `[hook]`.
+//! `state-dir`, and `timeout` in the table `[hook]` (or `hook.timeout` at the top).
 //!
-//! Parsed with `toml`'s span-keeping document parser and without serde, so the hook
-//! stays std-only in spirit (no runtime, no optional dependency). Every other key
-//! belongs to the other commands and is checked by them, not here.
+//! A reader of exactly those keys, not a TOML parser. Why: the `toml` crate (without
+//! serde, its document parser only) adds 171 KB to `narflow-hook` (532 KB → 703 KB,
+//! release), past the hook's 600 KB budget. What it reads: `[table]` headers, one-line
+//! `key = value` with a basic (`"..."`, with escapes) or literal (`'...'`) string, or an
+//! integer or float, and `#` comments; it skips the lines of multi-line strings and
+//! arrays, so no text inside them is taken for a key. Every other key and construct
+//! belongs to the other commands, whose full parser checks the whole file.
 //!
-//! Nothing here fails: a file the hook cannot read or use costs the hook that file (or
-//! that key), never the hand-off. Each problem is one warning naming the file, the line
-//! and the key, for the caller to print to the build log.
+//! Nothing here fails: a file the hook cannot read, or a value it cannot use, costs the
+//! hook that file or that key, never the hand-off. Each problem is one warning naming the
+//! file, the line and the key, for the caller to print to the build log.
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use toml::de::{DeTable, DeValue};
 
 /// The config file read when neither `--config` nor `$NARFLOW_CONFIG` names one.
 pub const DEFAULT_CONFIG: &str = "/etc/narflow/narflow.toml";
@@ -50,96 +53,208 @@ pub fn load(explicit: Option<&Path>) -> (HookFileSettings, Vec<String>) {
 pub fn parse(path: &Path, text: &str) -> (HookFileSettings, Vec<String>) {
     let mut found = HookFileSettings::default();
     let mut warnings = Vec::new();
-    let doc = match DeTable::parse(text) {
-        Ok(doc) => doc.into_inner(),
-        Err(e) => {
-            let line = e.span().map_or(1, |s| line_of(text, s.start));
-            let why = e.message().trim_end();
+    let mut table = String::new();
+    // The closing delimiter of a multi-line string or array whose lines are skipped.
+    let mut skip: Option<Skip> = None;
+    for (i, raw) in text.lines().enumerate() {
+        let line_no = i + 1;
+        if let Some(s) = skip.take() {
+            skip = s.resume(raw);
+            continue;
+        }
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line.starts_with('[') {
+            // `[[array of tables]]` is no table the hook reads.
+            table = match line.strip_prefix('[').and_then(|l| l.split_once(']')) {
+                Some((name, _)) if !line.starts_with("[[") => unquote_key(name.trim()),
+                _ => String::from("[["),
+            };
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let (key, value) = (unquote_key(key.trim()), value.trim());
+        let full = match (table.as_str(), key.as_str()) {
+            ("", k) => k.to_owned(),
+            (t, k) => format!("{t}.{k}"),
+        };
+        let mut warn = |why: String| {
             warnings.push(format!(
-                "{}:{line}: not TOML: {why}; config file ignored",
+                "{}:{line_no}: {full}: {why}; ignored",
                 path.display()
             ));
-            return (found, warnings);
-        }
-    };
-    // (line, message): the table is in key order, the warnings go out in file order.
-    let mut bad: Vec<(usize, String)> = Vec::new();
-    let mut warn = |span: std::ops::Range<usize>, key: &str, why: String| {
-        let line = line_of(text, span.start);
-        bad.push((
-            line,
-            format!("{}:{line}: {key}: {why}; ignored", path.display()),
-        ));
-    };
-    for (key, value) in doc.iter() {
-        match key.get_ref().as_ref() {
-            "socket" => match path_value(value.get_ref()) {
-                Ok(p) => found.socket = Some(p),
-                Err(why) => warn(value.span(), "socket", why),
+        };
+        match full.as_str() {
+            "socket" | "state-dir" => match string_value(value) {
+                Ok(p) if p.is_empty() => warn("empty path".to_owned()),
+                Ok(p) if full == "socket" => found.socket = Some(p.into()),
+                Ok(p) => found.state_dir = Some(p.into()),
+                Err(why) => warn(why),
             },
-            "state-dir" => match path_value(value.get_ref()) {
-                Ok(p) => found.state_dir = Some(p),
-                Err(why) => warn(value.span(), "state-dir", why),
+            "hook.timeout" => match seconds_value(value) {
+                Ok(t) => found.timeout = Some(t),
+                Err(why) => warn(why),
             },
-            "hook" => {
-                let DeValue::Table(hook) = value.get_ref() else {
-                    let why = format!("expected a table, found {}", value.get_ref().type_str());
-                    warn(value.span(), "hook", why);
-                    continue;
-                };
-                for (key, value) in hook.iter() {
-                    if key.get_ref().as_ref() == "timeout" {
-                        match seconds_value(value.get_ref()) {
-                            Ok(t) => found.timeout = Some(t),
-                            Err(why) => warn(value.span(), "hook.timeout", why),
-                        }
-                    }
-                }
-            }
-            _ => {}
+            _ => skip = Skip::after(value),
         }
     }
-    bad.sort_by_key(|(line, _)| *line);
-    warnings.extend(bad.into_iter().map(|(_, w)| w));
     (found, warnings)
 }
 
-/// 1-based line of byte `offset` in `text`.
-fn line_of(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+/// A multi-line value being skipped.
+#[derive(Debug, Clone, Copy)]
+enum Skip {
+    /// A string closed by `"""` or `'''`.
+    String(&'static str),
+    /// An array or inline table, `depth` brackets deep.
+    Brackets(usize),
 }
 
-fn path_value(v: &DeValue<'_>) -> Result<PathBuf, String> {
-    match v {
-        DeValue::String(s) if !s.is_empty() => Ok(PathBuf::from(s.as_ref())),
-        DeValue::String(_) => Err("empty path".to_owned()),
-        other => Err(format!(
-            "expected a path (a string), found {}",
-            other.type_str()
-        )),
+impl Skip {
+    /// Whether the value that starts a line as `value` goes on to the next lines.
+    fn after(value: &str) -> Option<Skip> {
+        for quote in ["\"\"\"", "'''"] {
+            if let Some(rest) = value.strip_prefix(quote) {
+                return (!rest.contains(quote)).then_some(Skip::String(quote));
+            }
+        }
+        if value.starts_with(['[', '{']) {
+            return Skip::Brackets(0).resume(value);
+        }
+        None
+    }
+
+    /// The skip still open after `line`, or `None` when the value ends on it.
+    fn resume(self, line: &str) -> Option<Skip> {
+        match self {
+            Skip::String(quote) => (!line.contains(quote)).then_some(self),
+            Skip::Brackets(mut depth) => {
+                let mut in_str: Option<char> = None;
+                let mut chars = line.chars();
+                while let Some(c) = chars.next() {
+                    match (in_str, c) {
+                        (Some('"'), '\\') => {
+                            chars.next();
+                        }
+                        (Some(q), c) if c == q => in_str = None,
+                        (Some(_), _) => {}
+                        (None, '"' | '\'') => in_str = Some(c),
+                        (None, '#') => break,
+                        (None, '[' | '{') => depth += 1,
+                        (None, ']' | '}') => depth = depth.saturating_sub(1),
+                        _ => {}
+                    }
+                }
+                (depth > 0).then_some(Skip::Brackets(depth))
+            }
+        }
     }
 }
 
-fn seconds_value(v: &DeValue<'_>) -> Result<Duration, String> {
-    let secs = match v {
-        DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
-            .ok()
-            .map(|n| n as f64),
-        DeValue::Float(f) => f.as_str().parse::<f64>().ok(),
-        other => {
-            return Err(format!(
-                "expected a number of seconds, found {}",
-                other.type_str()
-            ));
-        }
+/// A key or table name without its quotes (`"state-dir"` is `state-dir`).
+fn unquote_key(k: &str) -> String {
+    let dequoted = k
+        .strip_prefix('"')
+        .and_then(|k| k.strip_suffix('"'))
+        .or_else(|| k.strip_prefix('\'').and_then(|k| k.strip_suffix('\'')));
+    dequoted.unwrap_or(k).to_owned()
+}
+
+/// `value` without a trailing `# comment`, for a value with no string in it.
+fn strip_comment(value: &str) -> &str {
+    value.split_once('#').map_or(value, |(v, _)| v).trim_end()
+}
+
+/// A one-line TOML string: basic (`"..."`, with its escapes) or literal (`'...'`),
+/// followed by nothing but a comment.
+fn string_value(value: &str) -> Result<String, String> {
+    let not_string = || {
+        format!(
+            "expected a path (a one-line string), found `{}`",
+            super::protocol::truncate(value, 40)
+        )
     };
-    secs.and_then(|s| Duration::try_from_secs_f64(s).ok())
-        .ok_or_else(|| "not a number of seconds (≥ 0)".to_owned())
+    let rest_ok = |rest: &str| {
+        let rest = rest.trim_start();
+        rest.is_empty() || rest.starts_with('#')
+    };
+    if let Some(body) = value.strip_prefix('\'') {
+        let (s, rest) = body.split_once('\'').ok_or_else(not_string)?;
+        return if rest_ok(rest) && !value.starts_with("'''") {
+            Ok(s.to_owned())
+        } else {
+            Err(not_string())
+        };
+    }
+    let body = value.strip_prefix('"').ok_or_else(not_string)?;
+    if body.starts_with("\"\"") {
+        return Err(not_string());
+    }
+    let mut out = String::new();
+    let mut chars = body.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => {
+                return if rest_ok(&body[i + 1..]) {
+                    Ok(out)
+                } else {
+                    Err(not_string())
+                };
+            }
+            '\\' => {
+                let (_, e) = chars.next().ok_or_else(not_string)?;
+                let hex = |n: usize, chars: &mut std::str::CharIndices<'_>| {
+                    let h: String = chars.by_ref().take(n).map(|(_, c)| c).collect();
+                    u32::from_str_radix(&h, 16)
+                        .ok()
+                        .filter(|_| h.len() == n)
+                        .and_then(char::from_u32)
+                        .ok_or_else(|| format!("bad escape \\{e}{h}"))
+                };
+                out.push(match e {
+                    'b' => '\u{8}',
+                    't' => '\t',
+                    'n' => '\n',
+                    'f' => '\u{c}',
+                    'r' => '\r',
+                    'e' => '\u{1b}',
+                    '"' => '"',
+                    '\\' => '\\',
+                    'u' => hex(4, &mut chars)?,
+                    'U' => hex(8, &mut chars)?,
+                    other => return Err(format!("bad escape \\{other}")),
+                });
+            }
+            c => out.push(c),
+        }
+    }
+    Err(not_string())
+}
+
+/// A TOML integer or float, in seconds.
+fn seconds_value(value: &str) -> Result<Duration, String> {
+    let v = strip_comment(value);
+    let digits: String = v.chars().filter(|&c| c != '_').collect();
+    let secs = if v.starts_with(['"', '\'']) || v.is_empty() {
+        None
+    } else {
+        digits.parse::<f64>().ok().filter(|s| s.is_finite())
+    };
+    match secs {
+        None if v.starts_with(['"', '\'']) => {
+            Err("expected a number of seconds, found a string".to_owned())
+        }
+        None => Err(format!(
+            "not a number of seconds: `{}`",
+            super::protocol::truncate(v, 40)
+        )),
+        Some(s) => Duration::try_from_secs_f64(s)
+            .map_err(|_| format!("not a number of seconds (≥ 0): `{v}`")),
+    }
 }
 
 #[cfg(test)]
@@ -184,20 +299,40 @@ mod tests {
             w[1].starts_with("/etc/narflow/narflow.toml:4: hook.timeout: not a number"),
             "{w:?}"
         );
-        let (_, w) = parsed("hook = 1\n");
-        assert!(w[0].contains(":1: hook: expected a table"), "{w:?}");
+        let (s, w) = parsed("hook.timeout = \"2\"\n");
+        assert_eq!(s.timeout, None);
+        assert!(
+            w[0].contains(":1: hook.timeout: expected a number"),
+            "{w:?}"
+        );
     }
 
     #[test]
-    fn a_file_that_is_not_toml_is_ignored_with_its_line() {
+    fn a_broken_value_is_named_with_its_line_and_the_rest_is_kept() {
         let (s, w) = parsed("socket = \"/s\"\n\nstate-dir = \n");
-        assert_eq!(s, HookFileSettings::default());
+        assert_eq!(s.socket, Some("/s".into()));
+        assert_eq!(s.state_dir, None);
         assert_eq!(w.len(), 1);
         assert!(
-            w[0].starts_with("/etc/narflow/narflow.toml:3: not TOML: "),
+            w[0].starts_with("/etc/narflow/narflow.toml:3: state-dir: expected a path"),
             "{w:?}"
         );
-        assert!(w[0].ends_with("config file ignored"), "{w:?}");
+        assert!(w[0].ends_with("ignored"), "{w:?}");
+    }
+
+    #[test]
+    fn strings_comments_and_multi_line_values_of_other_keys() {
+        let (s, w) = parsed(
+            "# narflow\nkey-file = [\n  \"socket = '/evil'\", # ]\n  '[hook]',\n]\n\
+             description = \"\"\"\nsocket = \"/evil2\"\n\"\"\"\n\
+             \"socket\" = \"/run/a\\u00e9\\\"b\" # the daemon's\n\
+             state-dir = '/var/lib/C:\\x' \n[[upstream]]\ntimeout = 9\n\
+             [ hook ]\ntimeout = 1_0 # seconds\n",
+        );
+        assert_eq!(w, Vec::<String>::new());
+        assert_eq!(s.socket, Some("/run/a\u{e9}\"b".into()));
+        assert_eq!(s.state_dir, Some("/var/lib/C:\\x".into()));
+        assert_eq!(s.timeout, Some(Duration::from_secs(10)));
     }
 
     #[test]
