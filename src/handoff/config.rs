@@ -323,9 +323,9 @@ mod tests {
     #[test]
     fn strings_comments_and_multi_line_values_of_other_keys() {
         let (s, w) = parsed(
-            "# narflow\nkey-file = [\n  \"socket = '/evil'\", # ]\n  '[hook]',\n]\n\
-             description = \"\"\"\nsocket = \"/evil2\"\n\"\"\"\n\
-             \"socket\" = \"/run/a\\u00e9\\\"b\" # the daemon's\n\
+            "# narflow\n\"socket\" = \"/run/a\\u00e9\\\"b\" # the daemon's\n\
+             key-file = [\n  [\"hook\"], # ]\ntimeout = 99\n]\n\
+             description = \"\"\"\nsocket = \"/evil\"\n\"\"\"\n\
              state-dir = '/var/lib/C:\\x' \n[[upstream]]\ntimeout = 9\n\
              [ hook ]\ntimeout = 1_0 # seconds\n",
         );
