@@ -2,7 +2,8 @@
 //! (per-file overhead with many small files; read/write throughput with a few large ones)
 //! and `write_node` of an in-memory tree (the encoder alone, no file system).
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use narflow::format::nar::writer::{dump_path, write_node};
+use narflow::format::nar::writer::write_node;
+use narflow::nar_fs::{dump_path, restore};
 use std::hint::black_box;
 use std::io;
 
@@ -18,7 +19,7 @@ fn nar_write(c: &mut Criterion) {
     let mut group = c.benchmark_group("nar_write");
     for (name, tree) in [("small_files", &small), ("large_files", &large)] {
         let path = dir.path().join(name);
-        tree.restore(&path).unwrap();
+        restore(tree, &path).unwrap();
         let size = common::nar_size(tree);
         // Same bytes from disk as from memory, or the two benches measure different things.
         assert_eq!(dump_path(&path, &mut io::sink()).unwrap(), size);

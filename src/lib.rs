@@ -2,11 +2,14 @@
 //!
 //! Modules:
 //! - [`format`]: pure Nix formats (nix32, hashes, store paths, NAR, narinfo, signing).
+//! - [`nar_fs`]: the NAR walker: archives, hashes and lists trees on disk (std only).
 //! - `store`: the local Nix store, read-only (path info, closures, order).
 //! - `cache`: binary cache destinations (`file://`, `s3://`, a null sink).
 //! - `pipeline`: pushing a set of paths to a cache (plan, upload, publish).
 //! - `daemon`: `narflow daemon`: the durable queue, the socket and the upload worker.
-//! - `hook`: `narflow hook`: hands `$OUT_PATHS` to the daemon, or spools them (std only).
+//! - [`handoff`]: what `narflow hook` and `narflow-hook` need to hand `$OUT_PATHS` to the
+//!   daemon, or spool them: the hook, the line protocol, the spool (std only, built
+//!   without `full`; `hook` is re-exported at the top).
 //! - `settings`: one `Settings` type for every command: defaults < config file < env < flags.
 //! - `bench`: synthetic store-shaped workloads and the `narflow bench` measurements.
 //!
@@ -25,8 +28,10 @@ pub mod cache;
 #[cfg(feature = "full")]
 pub mod daemon;
 pub mod format;
-#[cfg(feature = "full")]
-pub mod hook;
+pub mod handoff;
+pub mod nar_fs;
+/// The post-build-hook client, at its old path.
+pub use handoff::hook;
 #[cfg(feature = "full")]
 pub mod pipeline;
 #[cfg(feature = "full")]

@@ -248,7 +248,7 @@ pub fn add_to_store(
 ) -> PathInfo {
     let path = store_path(name);
     let full = store_dir.join(path.base_name());
-    node.restore(&full).unwrap();
+    narflow::nar_fs::restore(node, &full).unwrap();
     PathInfo::of_tree(path, &full, references, None).unwrap()
 }
 

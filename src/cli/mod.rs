@@ -96,7 +96,11 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<u8, CliError> {
         Command::Config(ref args) => {
             config::run(args, &merge(&args.settings, sub("config"), choice())?)
         }
-        Command::Hook(args) => Ok(hook::run(args, cli.verbose > 0)),
+        Command::Hook(args) => Ok(hook::run_with_config(
+            args,
+            cli.verbose > 0,
+            cli.config.as_deref(),
+        )),
         Command::Status(mut args) => {
             // The socket and state directory of the file, unless given by flag or
             // environment.

@@ -44,14 +44,14 @@ impl PathInfo {
     /// stores (`narflow bench`, tests, benchmarks).
     ///
     /// # Errors
-    /// When the tree cannot be read ([`crate::format::nar::writer::hash_path`]).
+    /// When the tree cannot be read ([`crate::nar_fs::hash_path`]).
     pub fn of_tree(
         path: StorePath,
         full: &std::path::Path,
         mut references: Vec<StorePath>,
         deriver: Option<StorePath>,
-    ) -> Result<PathInfo, crate::format::nar::writer::NarWriteError> {
-        let (nar_hash, nar_size) = crate::format::nar::writer::hash_path(full)?;
+    ) -> Result<PathInfo, crate::nar_fs::NarWriteError> {
+        let (nar_hash, nar_size) = crate::nar_fs::hash_path(full)?;
         references.sort();
         Ok(PathInfo {
             path,

@@ -5,7 +5,7 @@
 use crate::helpers::{nix_store_add, nix_store_dump, run, tempdir, unique};
 use narflow::format::nar::Node;
 use narflow::format::nar::reader::{self, NarVisitor};
-use narflow::format::nar::writer;
+use narflow::nar_fs as writer;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
@@ -39,7 +39,7 @@ fn dir<const N: usize>(entries: [(&[u8], Node); N]) -> Node {
 
 fn write_node(node: &Node) -> Vec<u8> {
     let mut out = Vec::new();
-    writer::write_node(node, &mut out).unwrap();
+    narflow::format::nar::writer::write_node(node, &mut out).unwrap();
     out
 }
 
@@ -65,7 +65,7 @@ fn assert_same_nar(ours: &[u8], nix: &[u8], what: &str) {
 fn check_against_nix(tag: &str, node: &Node) {
     let tmp = tempdir();
     let src = tmp.path().join(unique(tag));
-    node.restore(&src).unwrap();
+    narflow::nar_fs::restore(node, &src).unwrap();
     let store_path = nix_store_add(&src);
     let store_path = Path::new(&store_path);
 

@@ -13,18 +13,13 @@
 //! document is then not strictly JSON, exactly as with Nix.
 //!
 //! `narOffset` is where a file's contents start in the NAR. A NAR's layout follows from the
-//! tree's names, types, sizes and symlink targets alone, so [`list_path`] reads only
-//! metadata (lstat, readdir, readlink), never file contents; it must agree with
-//! [`super::writer`] byte for byte, which the tests check. The writer can also build the
+//! tree's names, types, sizes and symlink targets alone, so a listing needs only metadata
+//! (lstat, readdir, readlink), never file contents: [`crate::nar_fs::list_path`] reads a
+//! tree on disk that way and must agree with [`super::writer`] byte for byte, which the
+//! tests check. This module reads no file system itself. The writer can also build the
 //! listing as it writes the NAR ([`ListingBuilder`]), at no cost in system calls. Every
 //! walk is iterative, so a deep tree costs heap, not stack.
 use super::{NAR_MAGIC, Node, padding_len};
-use std::ffi::OsString;
-use std::fs;
-use std::io;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
 
 /// A store path's listing: its JSON bytes and the size of the NAR it describes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,125 +38,6 @@ impl NarListing {
     pub fn nar_size(&self) -> u64 {
         self.nar_size
     }
-}
-
-/// Why a tree could not be listed. Each variant names the path.
-#[derive(Debug, thiserror::Error)]
-pub enum ListingError {
-    /// Reading the file system's metadata failed at `path`.
-    #[error("{path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    /// `path` is neither a regular file, a directory nor a symlink.
-    #[error(
-        "{path}: unsupported file type (only regular files, directories and symlinks can be archived)"
-    )]
-    UnsupportedFileType { path: PathBuf },
-}
-
-/// Lists the tree at `path` (not followed when it is a symlink) as the NAR that
-/// [`super::writer::dump_path`] makes of it, reading only metadata.
-///
-/// # Errors
-/// [`ListingError::Read`] naming what could not be read; [`ListingError::UnsupportedFileType`]
-/// naming a socket, fifo or device.
-pub fn list_path(path: &Path) -> Result<NarListing, ListingError> {
-    let mut b = ListingBuilder::new();
-    let mut stack = Vec::new();
-    list_one(&mut b, path, &mut stack)?;
-    while let Some(dir) = stack.last_mut() {
-        match dir.names.get(dir.next) {
-            Some((name, Seen::Regular { executable, size })) => {
-                dir.next += 1;
-                b.open_entry(name.as_bytes());
-                b.regular(*executable, *size);
-                b.close_entry();
-            }
-            Some((name, Seen::Other)) => {
-                dir.next += 1;
-                b.open_entry(name.as_bytes());
-                let child = dir.path.join(name);
-                let depth = stack.len();
-                list_one(&mut b, &child, &mut stack)?;
-                if stack.len() == depth {
-                    b.close_entry(); // not a directory: complete already
-                }
-            }
-            None => {
-                stack.pop();
-                b.close_directory();
-                if !stack.is_empty() {
-                    b.close_entry();
-                }
-            }
-        }
-    }
-    Ok(b.finish())
-}
-
-/// What reading a directory told of one of its entries.
-enum Seen {
-    /// A regular file, whose metadata was read relative to the open directory (no path
-    /// lookup): in trees of many small files, that is most of the work.
-    Regular { executable: bool, size: u64 },
-    /// Anything else, looked at by its path when its turn comes.
-    Other,
-}
-
-/// A directory [`list_path`] is in: its entries, sorted bytewise by name, and the next.
-struct OpenDir {
-    path: PathBuf,
-    names: Vec<(OsString, Seen)>,
-    next: usize,
-}
-
-/// Lists the node at `path`; a directory is opened and pushed, and its entries follow.
-fn list_one(
-    b: &mut ListingBuilder,
-    path: &Path,
-    stack: &mut Vec<OpenDir>,
-) -> Result<(), ListingError> {
-    let read = |source| ListingError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let meta = fs::symlink_metadata(path).map_err(read)?;
-    let file_type = meta.file_type();
-    if file_type.is_file() {
-        b.regular(meta.mode() & 0o100 != 0, meta.len());
-    } else if file_type.is_symlink() {
-        let target = fs::read_link(path).map_err(read)?;
-        b.symlink(target.as_os_str().as_bytes());
-    } else if file_type.is_dir() {
-        let mut names = Vec::new();
-        for entry in fs::read_dir(path).map_err(read)? {
-            let entry = entry.map_err(read)?;
-            // The listing's type (d_type) costs no system call; the metadata of a regular
-            // file is then read relative to the directory, never following a symlink.
-            let seen = match entry.file_type() {
-                Ok(t) if t.is_file() => match entry.metadata() {
-                    Ok(m) if m.is_file() => Seen::Regular {
-                        executable: m.mode() & 0o100 != 0,
-                        size: m.len(),
-                    },
-                    _ => Seen::Other,
-                },
-                _ => Seen::Other,
-            };
-            names.push((entry.file_name(), seen));
-        }
-        names.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-        b.open_directory();
-        stack.push(OpenDir {
-            path: path.to_owned(),
-            names,
-            next: 0,
-        });
-    } else {
-        return Err(ListingError::UnsupportedFileType {
-            path: path.to_owned(),
-        });
-    }
-    Ok(())
 }
 
 /// Lists an in-memory tree as the NAR [`super::writer::write_node`] makes of it.
@@ -343,9 +219,12 @@ impl ListingBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::nar::writer::{NarBuffer, dump_path, dump_path_listed_into, write_node};
+    use crate::format::nar::writer::{NarBuffer, write_node};
+    // The file system side of listings is the walker's; these tests check the two agree.
+    use crate::nar_fs::{dump_path, dump_path_listed_into, list_path, restore};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
+    use std::io;
 
     fn file(executable: bool, contents: &[u8]) -> Node {
         Node::Regular {
@@ -518,7 +397,7 @@ mod tests {
         fn list_path_matches_list_node(node in arb_node()) {
             let tmp = tempfile::tempdir().unwrap();
             let root = tmp.path().join("root");
-            node.restore(&root).unwrap();
+            restore(&node, &root).unwrap();
             let listing = list_path(&root).unwrap();
             prop_assert_eq!(&listing, &list_node(&node));
             prop_assert_eq!(listing.nar_size(), dump_path(&root, &mut io::sink()).unwrap());

@@ -2,7 +2,8 @@
 //!
 //! This module owns the wire grammar, the in-memory [`Node`] tree and the rules shared by
 //! the [`writer`] and the [`reader`] (tokens, padding, valid entry names). It is pure and
-//! synchronous: it never touches tokio, the network or the local store database.
+//! synchronous: it never touches tokio, the network, the local store database or the
+//! file system (the walker that reads trees on disk is [`crate::nar_fs`]).
 //!
 //! Wire grammar (every string is a u64 little-endian length, the bytes, zero padding to a
 //! multiple of 8):
@@ -21,7 +22,8 @@ pub mod reader;
 pub mod writer;
 
 /// An in-memory file system tree, as a NAR describes it. Used by tests, the fuzzer and
-/// small tools; large trees are streamed with [`writer::dump_path`] and [`reader::parse`].
+/// small tools; large trees are streamed from disk with [`crate::nar_fs::dump_path`] and read with
+/// [`reader::parse`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
     /// A regular file; `executable` is the owner x bit.
@@ -30,47 +32,6 @@ pub enum Node {
     Symlink { target: Vec<u8> },
     /// Entry names are bytes; the map keeps them sorted bytewise as NAR requires.
     Directory(std::collections::BTreeMap<Vec<u8>, Node>),
-}
-
-impl Node {
-    /// Creates the tree on disk at `path`, which must not exist: files with mode 0644 (0755
-    /// when executable), symlinks as they are, directories in entry order. What
-    /// [`writer::dump_path`] reads back is this node.
-    ///
-    /// # Errors
-    /// The first file system error, or [`std::io::ErrorKind::InvalidInput`] for an entry
-    /// name that breaks the NAR rules (it could name a path outside `path`); the entries
-    /// created before it stay.
-    pub fn restore(&self, path: &std::path::Path) -> std::io::Result<()> {
-        use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::fs::PermissionsExt;
-        match self {
-            Node::Regular {
-                executable,
-                contents,
-            } => {
-                std::fs::write(path, contents)?;
-                let mode = if *executable { 0o755 } else { 0o644 };
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            }
-            Node::Symlink { target } => {
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), path)
-            }
-            Node::Directory(entries) => {
-                std::fs::create_dir(path)?;
-                for (name, child) in entries {
-                    check_entry_name(name).map_err(|why| {
-                        std::io::Error::new(
-                            std::io::ErrorKind::InvalidInput,
-                            format!("invalid NAR entry name \"{}\": {why}", name.escape_ascii()),
-                        )
-                    })?;
-                    child.restore(&path.join(std::ffi::OsStr::from_bytes(name)))?;
-                }
-                Ok(())
-            }
-        }
-    }
 }
 
 /// The first string of every NAR.
@@ -102,8 +63,9 @@ mod tests {
     //! Hand-made wire bytes shared by the writer and reader tests, and the property tests
     //! that tie the writer, the reader and the file system together.
     use super::reader::read_tree;
-    use super::writer::{dump_path, write_node};
+    use super::writer::write_node;
     use super::*;
+    use crate::nar_fs::{dump_path, restore};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
@@ -181,7 +143,7 @@ mod tests {
         for bad in [&b".."[..], b"a/b", b""] {
             let node = Node::Directory(BTreeMap::from([(bad.to_vec(), file.clone())]));
             let root = dir.path().join(format!("root{}", bad.len()));
-            let err = node.restore(&root).unwrap_err();
+            let err = restore(&node, &root).unwrap_err();
             assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
             assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
         }
@@ -208,7 +170,7 @@ mod tests {
         fn dump_path_matches_write_node(node in arb_node(true)) {
             let dir = tempfile::tempdir().unwrap();
             let root = dir.path().join("root");
-            node.restore(&root).unwrap();
+            restore(&node, &root).unwrap();
             let mut dumped = Vec::new();
             let size = dump_path(&root, &mut dumped).unwrap();
             prop_assert_eq!(size, dumped.len() as u64);

@@ -1,116 +1,16 @@
-//! NAR writer: streams a file system tree (or an in-memory [`Node`]) to any `Write`.
+//! NAR encoder: writes the NAR grammar's tokens into a [`NarBuffer`] or any `Write`, and
+//! serialises an in-memory [`Node`].
 //!
-//! This is the hot path of narflow: every byte uploaded passes through [`dump_path`]. It
-//! owns the buffered token encoder shared by both entry points, and it must never follow a
-//! symlink, never mmap a file (a file truncated under a mapping raises SIGBUS), and never
-//! hold memory that grows with file size: file contents are read with read() straight into
-//! one fixed buffer that is handed to the output in large slices.
-use super::listing::ListingBuilder;
+//! Pure and synchronous: it never touches the file system. The walker that archives a
+//! tree on disk ([`crate::nar_fs`]) drives the same [`Encoder`], so a tree on disk and the
+//! same tree in memory make the same bytes. It never holds memory that grows with file
+//! size: large contents pass through to the output in large slices.
 use super::{NAR_MAGIC, Node, check_entry_name, padding_len};
-use std::ffi::{OsStr, OsString};
-use std::fs::{self, File, Metadata};
-use std::io::{self, Read, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirEntryExt, MetadataExt};
-use std::path::{Path, PathBuf};
-
-/// Buffer of [`dump_path`]: file contents are read into it and written out from it.
-/// 256 KiB keeps it in L2 cache while making read()/write() overhead negligible.
-const DUMP_BUFFER_SIZE: usize = 256 * 1024;
+use std::io::{self, Write};
 
 /// Buffer of [`write_node`]: it only batches tokens and small files (large contents are
 /// written straight from the `Node`), so it is kept small for the fuzzer's many calls.
 const NODE_BUFFER_SIZE: usize = 16 * 1024;
-
-/// Why a tree could not be archived. Every variant about the file system names the path.
-#[derive(Debug, thiserror::Error)]
-pub enum NarWriteError {
-    /// Reading the file system failed at `path`.
-    #[error("{path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    /// `path` is neither a regular file, a directory nor a symlink (socket, fifo, device).
-    #[error(
-        "{path}: unsupported file type (only regular files, directories and symlinks can be archived)"
-    )]
-    UnsupportedFileType { path: PathBuf },
-    /// A file changed size while it was read: its metadata said `expected` bytes, but
-    /// `actual` bytes were read (when the file grew, `actual` is a lower bound). Retrying
-    /// can help once the file stops changing; store paths never should.
-    #[error("{path}: file changed while it was read ({expected} bytes expected, {actual} read)")]
-    FileChanged {
-        path: PathBuf,
-        expected: u64,
-        actual: u64,
-    },
-    /// Writing the NAR to the output failed.
-    #[error("writing NAR: {0}")]
-    Write(#[source] io::Error),
-}
-
-/// Serialises the tree at `path` as a NAR to `out`, returning the NAR size in bytes.
-///
-/// `path` itself is not followed when it is a symlink. Directory entries are sorted
-/// bytewise, a regular file is executable when its owner x bit is set, and file contents
-/// are read with read() and checked against the size in the file's metadata.
-///
-/// Small tokens and small files are batched internally, so `out` need not be buffered:
-/// it sees writes of up to 256 KiB. All bytes have been passed to `out` when this returns
-/// `Ok`, but `out.flush()` is not called. On error, a prefix of the NAR may have been
-/// written.
-///
-/// # Errors
-/// - [`NarWriteError::Read`] naming the file or directory that could not be read;
-/// - [`NarWriteError::UnsupportedFileType`] naming a socket, fifo or device;
-/// - [`NarWriteError::FileChanged`] when a file's length differs from its metadata size
-///   (it was modified while being archived: retrying may help);
-/// - [`NarWriteError::Write`] when `out` fails.
-pub fn dump_path<W: Write>(path: &Path, out: &mut W) -> Result<u64, NarWriteError> {
-    let mut buffered = BufferedOut::new(out, DUMP_BUFFER_SIZE);
-    let size = dump_path_into(path, &mut buffered)?;
-    buffered.flush().map_err(NarWriteError::Write)?;
-    Ok(size)
-}
-
-/// Like [`dump_path`], but the NAR goes straight into `out`'s own memory: file contents
-/// are read() into the space [`NarBuffer::spare`] hands out, with no intermediate copy.
-///
-/// # Errors
-/// As [`dump_path`]; [`NarWriteError::Write`] carries the errors of `out`.
-pub fn dump_path_into<B: NarBuffer + ?Sized>(
-    path: &Path,
-    out: &mut B,
-) -> Result<u64, NarWriteError> {
-    dump_path_listed_into(path, out, None)
-}
-
-/// Like [`dump_path_into`], and when `listing` is given, hands it every node as it is
-/// written, so the NAR's listing ([`super::listing`]) comes with no system call of its
-/// own. On error the listing is incomplete and must be dropped.
-///
-/// # Errors
-/// As [`dump_path`]; [`NarWriteError::Write`] carries the errors of `out`.
-pub fn dump_path_listed_into<B: NarBuffer + ?Sized>(
-    path: &Path,
-    out: &mut B,
-    listing: Option<&mut ListingBuilder>,
-) -> Result<u64, NarWriteError> {
-    let mut dumper = Dumper {
-        enc: Encoder::new(out),
-        path: path.as_os_str().as_bytes().to_vec(),
-        stack: Vec::new(),
-        spare_lists: Vec::new(),
-        listing,
-    };
-    dumper.run()?;
-    if let Some(l) = &dumper.listing {
-        debug_assert_eq!(
-            l.nar_offset(),
-            dumper.enc.written,
-            "listing and NAR disagree"
-        );
-    }
-    Ok(dumper.enc.written)
-}
 
 /// Memory the NAR encoder writes into in place: it asks for writable space and says how
 /// much of it it used. [`dump_path_into`] reads file contents straight into it.
@@ -143,15 +43,24 @@ pub trait NarBuffer {
 
 /// A fixed buffer in front of a `Write`: the [`NarBuffer`] of [`dump_path`] and
 /// [`write_node`], so `out` sees few, large writes.
-struct BufferedOut<'a, W: Write> {
+pub struct BufferedOut<'a, W: Write> {
     out: &'a mut W,
     buf: Box<[u8]>,
     /// Bytes of `buf` not yet written to `out`.
     filled: usize,
 }
 
+impl<W: Write> std::fmt::Debug for BufferedOut<'_, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BufferedOut")
+            .field("capacity", &self.buf.len())
+            .field("filled", &self.filled)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<'a, W: Write> BufferedOut<'a, W> {
-    fn new(out: &'a mut W, capacity: usize) -> Self {
+    pub fn new(out: &'a mut W, capacity: usize) -> Self {
         debug_assert!(capacity >= 64, "tokens must fit the buffer");
         BufferedOut {
             out,
@@ -161,7 +70,7 @@ impl<'a, W: Write> BufferedOut<'a, W> {
     }
 
     /// Writes the buffered bytes to `out`.
-    fn flush(&mut self) -> io::Result<()> {
+    pub fn flush(&mut self) -> io::Result<()> {
         if self.filled > 0 {
             self.out.write_all(&self.buf[..self.filled])?;
             self.filled = 0;
@@ -202,18 +111,6 @@ impl<W: Write> NarBuffer for BufferedOut<'_, W> {
             Ok(())
         }
     }
-}
-
-/// NarHash and NarSize of the tree at `path`, as Nix computes them (the SHA-256 and length
-/// of its NAR), without keeping the NAR.
-///
-/// # Errors
-/// As [`dump_path`].
-pub fn hash_path(path: &Path) -> Result<(crate::format::hash::Sha256, u64), NarWriteError> {
-    let mut w = crate::format::hash::HashingWriter::new(io::sink());
-    dump_path(path, &mut w)?;
-    let (_, hash, size) = w.finish();
-    Ok((hash, size))
 }
 
 /// Serialises an in-memory tree as a NAR to `out`, returning the NAR size in bytes.
@@ -266,46 +163,59 @@ fn encode_node<B: NarBuffer + ?Sized>(enc: &mut Encoder<'_, B>, node: &Node) -> 
 
 /// Low-level NAR encoder: strings with their length and padding, written into a
 /// [`NarBuffer`].
-struct Encoder<'a, B: NarBuffer + ?Sized> {
+pub struct Encoder<'a, B: NarBuffer + ?Sized> {
     out: &'a mut B,
     /// Bytes of NAR so far.
     written: u64,
 }
 
+impl<B: NarBuffer + ?Sized> std::fmt::Debug for Encoder<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<'a, B: NarBuffer + ?Sized> Encoder<'a, B> {
-    fn new(out: &'a mut B) -> Self {
+    pub fn new(out: &'a mut B) -> Self {
         Encoder { out, written: 0 }
     }
 
+    /// Bytes of NAR so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
     /// Appends bytes as they are (no length, no padding).
-    fn raw(&mut self, data: &[u8]) -> io::Result<()> {
+    pub fn raw(&mut self, data: &[u8]) -> io::Result<()> {
         self.out.append(data)?;
         self.written += data.len() as u64;
         Ok(())
     }
 
     /// Appends the zero padding that follows a string of `len` bytes.
-    fn padding(&mut self, len: u64) -> io::Result<()> {
+    pub fn padding(&mut self, len: u64) -> io::Result<()> {
         self.raw(&[0; 8][..padding_len(len)])
     }
 
-    fn u64(&mut self, n: u64) -> io::Result<()> {
+    pub fn u64(&mut self, n: u64) -> io::Result<()> {
         self.raw(&n.to_le_bytes())
     }
 
     /// Appends one NAR string: length, bytes, padding.
-    fn string(&mut self, s: &[u8]) -> io::Result<()> {
+    pub fn string(&mut self, s: &[u8]) -> io::Result<()> {
         self.u64(s.len() as u64)?;
         self.raw(s)?;
         self.padding(s.len() as u64)
     }
 
-    fn strings(&mut self, ss: &[&[u8]]) -> io::Result<()> {
+    pub fn strings(&mut self, ss: &[&[u8]]) -> io::Result<()> {
         ss.iter().try_for_each(|s| self.string(s))
     }
 
     /// Everything of a regular file node up to its contents, including the length prefix.
-    fn regular_header(&mut self, executable: bool, size: u64) -> io::Result<()> {
+    pub fn regular_header(&mut self, executable: bool, size: u64) -> io::Result<()> {
         self.strings(&[b"(", b"type", b"regular"])?;
         if executable {
             self.strings(&[b"executable", b""])?;
@@ -315,255 +225,40 @@ impl<'a, B: NarBuffer + ?Sized> Encoder<'a, B> {
     }
 
     /// A whole symlink node.
-    fn symlink(&mut self, target: &[u8]) -> io::Result<()> {
+    pub fn symlink(&mut self, target: &[u8]) -> io::Result<()> {
         self.strings(&[b"(", b"type", b"symlink", b"target", target, b")"])
     }
 
     /// Everything of a directory entry up to its node.
-    fn entry_header(&mut self, name: &[u8]) -> io::Result<()> {
+    pub fn entry_header(&mut self, name: &[u8]) -> io::Result<()> {
         self.strings(&[b"entry", b"(", b"name", name, b"node"])
     }
 
     /// Writable space for the NAR's next bytes; never empty.
-    fn spare(&mut self) -> io::Result<&mut [u8]> {
+    pub fn spare(&mut self) -> io::Result<&mut [u8]> {
         self.out.spare()
     }
 
     /// Marks `n` bytes of [`Encoder::spare`] as part of the NAR.
-    fn commit(&mut self, n: usize) {
+    pub fn commit(&mut self, n: usize) {
         self.out.commit(n);
         self.written += n as u64;
     }
 }
 
-/// A directory being archived: its entry names, sorted, and the next one to visit.
-struct DirFrame {
-    /// Entry names, each with its inode number when the directory listing says it is a
-    /// regular file (see [`Dumper::regular_entry`]).
-    names: Vec<(OsString, Option<u64>)>,
-    next: usize,
-    /// Length of the directory's path in [`Dumper::path`].
-    path_len: usize,
-}
-
-/// The state of one [`dump_path`] walk. The walk is iterative, so depth costs heap, not
-/// stack: a tree as deep as the file system allows cannot overflow a small thread stack.
-struct Dumper<'a, B: NarBuffer + ?Sized> {
-    enc: Encoder<'a, B>,
-    /// The path of the current node, as bytes, reused for every entry.
-    path: Vec<u8>,
-    /// The directories from the root to the current node.
-    stack: Vec<DirFrame>,
-    /// Emptied name lists, reused so a walk allocates one per depth, not per directory.
-    spare_lists: Vec<Vec<(OsString, Option<u64>)>>,
-    /// Given each node as it is written, when the caller wants the NAR's listing.
-    listing: Option<&'a mut ListingBuilder>,
-}
-
-impl<B: NarBuffer + ?Sized> Dumper<'_, B> {
-    fn run(&mut self) -> Result<(), NarWriteError> {
-        self.enc.string(NAR_MAGIC).map_err(NarWriteError::Write)?;
-        self.node()?;
-        while let Some(frame) = self.stack.last_mut() {
-            if let Some(name) = frame.names.get_mut(frame.next) {
-                frame.next += 1;
-                let (name, regular_ino) = std::mem::take(name);
-                self.path.truncate(frame.path_len);
-                if self.path.last() != Some(&b'/') {
-                    self.path.push(b'/');
-                }
-                self.path.extend_from_slice(name.as_bytes());
-                self.enc
-                    .entry_header(name.as_bytes())
-                    .map_err(NarWriteError::Write)?;
-                if let Some(l) = self.listing.as_deref_mut() {
-                    l.open_entry(name.as_bytes());
-                }
-                // A complete node (not a directory left open) closes its entry here.
-                let complete = match regular_ino {
-                    Some(ino) if self.regular_entry(ino)? => true,
-                    _ => !self.node()?,
-                };
-                if complete {
-                    self.enc.string(b")").map_err(NarWriteError::Write)?;
-                    if let Some(l) = self.listing.as_deref_mut() {
-                        l.close_entry();
-                    }
-                }
-            } else {
-                let mut frame = self.stack.pop().expect("stack is not empty");
-                frame.names.clear();
-                self.spare_lists.push(frame.names);
-                // Close the directory node and, below the root, the entry holding it.
-                let close: &[&[u8]] = if self.stack.is_empty() {
-                    &[b")"]
-                } else {
-                    &[b")", b")"]
-                };
-                self.enc.strings(close).map_err(NarWriteError::Write)?;
-                if let Some(l) = self.listing.as_deref_mut() {
-                    l.close_directory();
-                    if !self.stack.is_empty() {
-                        l.close_entry();
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn current_path(&self) -> PathBuf {
-        PathBuf::from(OsStr::from_bytes(&self.path))
-    }
-
-    fn read_error(&self, source: io::Error) -> NarWriteError {
-        NarWriteError::Read {
-            path: self.current_path(),
-            source,
-        }
-    }
-
-    /// Archives the node at `self.path`. A directory is opened (its header written and its
-    /// frame pushed, returning `true`); any other node is written completely.
-    fn node(&mut self) -> Result<bool, NarWriteError> {
-        let path = OsStr::from_bytes(&self.path);
-        let meta = fs::symlink_metadata(path).map_err(|e| self.read_error(e))?;
-        let file_type = meta.file_type();
-        if file_type.is_file() {
-            self.regular(&meta)?;
-            Ok(false)
-        } else if file_type.is_dir() {
-            self.directory()?;
-            Ok(true)
-        } else if file_type.is_symlink() {
-            let target = fs::read_link(path).map_err(|e| self.read_error(e))?;
-            self.enc
-                .symlink(target.as_os_str().as_bytes())
-                .map_err(NarWriteError::Write)?;
-            if let Some(l) = self.listing.as_deref_mut() {
-                l.symlink(target.as_os_str().as_bytes());
-            }
-            Ok(false)
-        } else {
-            Err(NarWriteError::UnsupportedFileType {
-                path: self.current_path(),
-            })
-        }
-    }
-
-    fn directory(&mut self) -> Result<(), NarWriteError> {
-        let mut names = self.spare_lists.pop().unwrap_or_default();
-        let entries =
-            fs::read_dir(OsStr::from_bytes(&self.path)).map_err(|e| self.read_error(e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| self.read_error(e))?;
-            // The listing's type (d_type) costs no system call; when it is unknown,
-            // file_type() would lstat, so leave the entry to `node`.
-            let regular_ino = entry
-                .file_type()
-                .ok()
-                .filter(fs::FileType::is_file)
-                .map(|_| entry.ino());
-            names.push((entry.file_name(), regular_ino));
-        }
-        // read_dir never yields `.` or `..`, and names in one directory are unique.
-        names.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-        self.stack.push(DirFrame {
-            names,
-            next: 0,
-            path_len: self.path.len(),
-        });
-        if let Some(l) = self.listing.as_deref_mut() {
-            l.open_directory();
-        }
-        self.enc
-            .strings(&[b"(", b"type", b"directory"])
-            .map_err(NarWriteError::Write)
-    }
-
-    /// Archives the entry at `self.path` that the directory listing says is the regular
-    /// file with inode `ino`, without the lstat `node` makes: one path lookup (the open)
-    /// instead of two, which counts in trees of many small files. The opened file's fstat
-    /// must show a regular file with that inode; otherwise the entry changed since the
-    /// listing (e.g. it is now a symlink, which open would have followed) and this returns
-    /// `false` without writing anything, for `node` to archive it.
-    fn regular_entry(&mut self, ino: u64) -> Result<bool, NarWriteError> {
-        let file = match File::open(OsStr::from_bytes(&self.path)) {
-            Ok(f) => f,
-            Err(_) => return Ok(false),
-        };
-        let meta = file.metadata().map_err(|e| self.read_error(e))?;
-        if !meta.is_file() || meta.ino() != ino {
-            return Ok(false);
-        }
-        self.regular_from(file, &meta)?;
-        Ok(true)
-    }
-
-    /// Streams a regular file through the encoder's buffer: read() lands in the buffer, and
-    /// the buffer goes to `out` whenever it is full.
-    fn regular(&mut self, meta: &Metadata) -> Result<(), NarWriteError> {
-        let file = File::open(OsStr::from_bytes(&self.path)).map_err(|e| self.read_error(e))?;
-        self.regular_from(file, meta)
-    }
-
-    /// Writes the regular file `file`, whose metadata is `meta`, as a complete node (without
-    /// the closing parenthesis of the entry holding it).
-    fn regular_from(&mut self, mut file: File, meta: &Metadata) -> Result<(), NarWriteError> {
-        let size = meta.len();
-        let executable = meta.mode() & 0o100 != 0;
-        self.enc
-            .regular_header(executable, size)
-            .map_err(NarWriteError::Write)?;
-        if let Some(l) = self.listing.as_deref_mut() {
-            l.regular(executable, size);
-        }
-        let mut remaining = size;
-        loop {
-            let spare = self.enc.spare().map_err(NarWriteError::Write)?;
-            let asked = spare.len();
-            let n = match file.read(spare) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.read_error(e)),
-            };
-            if n as u64 > remaining {
-                return Err(NarWriteError::FileChanged {
-                    path: self.current_path(),
-                    expected: size,
-                    actual: size - remaining + n as u64,
-                });
-            }
-            if n == 0 {
-                if remaining > 0 {
-                    return Err(NarWriteError::FileChanged {
-                        path: self.current_path(),
-                        expected: size,
-                        actual: size - remaining,
-                    });
-                }
-                break;
-            }
-            self.enc.commit(n);
-            remaining -= n as u64;
-            // A short read of a regular file means end of file, which saves the extra
-            // read() that would otherwise confirm it for every small file. After a full
-            // read, the loop reads once more and expects 0.
-            if remaining == 0 && n < asked {
-                break;
-            }
-        }
-        self.enc.padding(size).map_err(NarWriteError::Write)?;
-        self.enc.string(b")").map_err(NarWriteError::Write)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    //! The encoder's golden bytes, and the walker's: a tree on disk and the same tree in
+    //! memory must make the same NAR.
     use super::super::tests::nar;
     use super::*;
+    use crate::nar_fs::*;
     use std::collections::BTreeMap;
+    use std::ffi::OsStr;
+    use std::fs;
+    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::{PermissionsExt, symlink};
+    use std::path::Path;
 
     fn node_bytes(node: &Node) -> Vec<u8> {
         let mut out = Vec::new();

@@ -8,8 +8,9 @@
 //! [`spool::LOCK_WAIT`], so a stuck daemon never holds up a build. It never fails the
 //! build: every outcome, including losing the paths, is a value the caller reports on
 //! stderr before exiting 0.
-use crate::daemon::protocol::{EnqueueReply, MAX_REQUEST, Request, exchange, rejection};
-use crate::daemon::spool;
+use super::config::{self, HookFileSettings};
+use super::protocol::{EnqueueReply, MAX_REQUEST, Request, exchange, rejection};
+use super::spool;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -87,49 +88,100 @@ pub fn run(socket: &Path, state_dir: &Path, timeout: Duration, verbose: bool) {
     }
 }
 
-/// Settings from the environment (`NARFLOW_SOCKET`, `NARFLOW_STATE_DIR`,
-/// `NARFLOW_HOOK_TIMEOUT` in seconds) and a command line of `--socket PATH`,
-/// `--state-dir DIR`, `--timeout SECONDS` and `-v`; flags win. For the `narflow-hook`
-/// binary, which has no argument parser to keep its start-up minimal.
+/// The hook's settings, merged once: defaults < config file < environment < flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookSettings {
+    /// The daemon's socket (`socket`, `$NARFLOW_SOCKET`, `--socket`).
+    pub socket: PathBuf,
+    /// The daemon's state directory, where the spool is (`state-dir`,
+    /// `$NARFLOW_STATE_DIR`, `--state-dir`).
+    pub state_dir: PathBuf,
+    /// How long to wait for the daemon (`[hook] timeout`, `$NARFLOW_HOOK_TIMEOUT`,
+    /// `--timeout`, in seconds).
+    pub timeout: Duration,
+    /// `-v`: say what happened even when all went well.
+    pub verbose: bool,
+}
+
+impl HookSettings {
+    /// The settings from `given` (flags or environment, whichever won) over the config
+    /// file's `file` over the defaults.
+    pub fn merge(
+        socket: Option<PathBuf>,
+        state_dir: Option<PathBuf>,
+        timeout: Option<Duration>,
+        file: HookFileSettings,
+    ) -> HookSettings {
+        HookSettings {
+            socket: socket
+                .or(file.socket)
+                .unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            state_dir: state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            timeout: timeout.or(file.timeout).unwrap_or(DEFAULT_TIMEOUT),
+            verbose: false,
+        }
+    }
+}
+
+/// Settings from a command line of `--config FILE`, `--socket PATH`, `--state-dir DIR`,
+/// `--timeout SECONDS` and `-v`, the environment (`NARFLOW_CONFIG`, `NARFLOW_SOCKET`,
+/// `NARFLOW_STATE_DIR`, `NARFLOW_HOOK_TIMEOUT`) and the config file (see
+/// [`config::load`]); flags win, then the environment, then the file. For the
+/// `narflow-hook` binary, which has no argument parser to keep its start-up minimal.
+/// The second value is the warnings about the config file: a file the hook cannot use
+/// is left out, never an error.
 ///
 /// # Errors
-/// A message naming the bad argument.
+/// A message naming the bad argument or variable.
 pub fn settings_from(
     args: impl IntoIterator<Item = std::ffi::OsString>,
-) -> Result<(PathBuf, PathBuf, Duration, bool), String> {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    let mut socket =
-        env("NARFLOW_SOCKET").map_or_else(|| PathBuf::from(DEFAULT_SOCKET), PathBuf::from);
-    let mut state =
-        env("NARFLOW_STATE_DIR").map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from);
-    let secs = |s: &std::ffi::OsStr| {
+) -> Result<(HookSettings, Vec<String>), String> {
+    settings_with_env(args, |k| std::env::var_os(k))
+}
+
+/// [`settings_from`] with the environment read through `env`.
+///
+/// # Errors
+/// As [`settings_from`].
+pub fn settings_with_env(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<(HookSettings, Vec<String>), String> {
+    let env = |k: &str| env(k).filter(|v| !v.is_empty());
+    let secs = |name: &str, s: &std::ffi::OsStr| {
         s.to_str()
             .and_then(|s| s.parse::<f64>().ok())
             .and_then(|s| Duration::try_from_secs_f64(s).ok())
-            .ok_or_else(|| {
-                format!(
-                    "--timeout: not a number of seconds: {}",
-                    s.to_string_lossy()
-                )
-            })
+            .ok_or_else(|| format!("{name}: not a number of seconds: {}", s.to_string_lossy()))
     };
-    let mut timeout = match env("NARFLOW_HOOK_TIMEOUT") {
-        Some(t) => secs(&t)?,
-        None => DEFAULT_TIMEOUT,
-    };
+    let (mut config, mut socket, mut state, mut timeout) = (None, None, None, None);
     let mut verbose = false;
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
         match a.to_str() {
-            Some("--socket") => socket = value("--socket")?.into(),
-            Some("--state-dir") => state = value("--state-dir")?.into(),
-            Some("--timeout") => timeout = secs(&value("--timeout")?)?,
+            Some("--config") => config = Some(PathBuf::from(value("--config")?)),
+            Some("--socket") => socket = Some(value("--socket")?.into()),
+            Some("--state-dir") => state = Some(value("--state-dir")?.into()),
+            Some("--timeout") => timeout = Some(secs("--timeout", &value("--timeout")?)?),
             Some("-v" | "--verbose") => verbose = true,
             _ => return Err(format!("unknown argument {}", a.to_string_lossy())),
         }
     }
-    Ok((socket, state, timeout, verbose))
+    let socket = socket.or_else(|| env("NARFLOW_SOCKET").map(PathBuf::from));
+    let state = state.or_else(|| env("NARFLOW_STATE_DIR").map(PathBuf::from));
+    let timeout = match (timeout, env("NARFLOW_HOOK_TIMEOUT")) {
+        (Some(t), _) => Some(t),
+        (None, Some(t)) => Some(secs("NARFLOW_HOOK_TIMEOUT", &t)?),
+        (None, None) => None,
+    };
+    let config = config.or_else(|| env(config::CONFIG_ENV).map(PathBuf::from));
+    let (file, warnings) = config::load(config.as_deref());
+    let mut settings = HookSettings::merge(socket, state, timeout, file);
+    settings.verbose = verbose;
+    Ok((settings, warnings))
 }
 
 /// Hands `out_paths` (space-separated, as in `$OUT_PATHS`) and `drv` (`$DRV_PATH`) to the
@@ -223,35 +275,94 @@ mod tests {
         assert!(lost.messages(false)[0].contains("NOT queued"));
     }
 
+    fn args(v: &[&str]) -> Vec<std::ffi::OsString> {
+        v.iter().map(std::ffi::OsString::from).collect()
+    }
+
     #[test]
     fn settings_flags_and_errors() {
-        let args = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
-        let (sock, state, timeout, verbose) = settings_from(args(&[
-            "--socket",
-            "/s",
-            "--state-dir",
-            "/d",
-            "--timeout",
-            "0.5",
-            "-v",
-        ]))
+        let no_env = |_: &str| None;
+        let (s, _) = settings_with_env(
+            args(&[
+                "--socket",
+                "/s",
+                "--state-dir",
+                "/d",
+                "--timeout",
+                "0.5",
+                "-v",
+                "--config",
+                "/proc/none/narflow.toml",
+            ]),
+            no_env,
+        )
         .unwrap();
-        assert_eq!((sock, state), (PathBuf::from("/s"), PathBuf::from("/d")));
-        assert_eq!((timeout, verbose), (Duration::from_millis(500), true));
+        assert_eq!((s.socket, s.state_dir), ("/s".into(), "/d".into()));
+        assert_eq!((s.timeout, s.verbose), (Duration::from_millis(500), true));
+        let err = |v: &[&str]| settings_with_env(args(v), no_env).unwrap_err();
+        assert!(err(&["--socket"]).contains("needs a value"));
+        assert!(err(&["--timeout", "soon"]).contains("soon"));
+        assert!(err(&["--frobnicate"]).contains("--frobnicate"));
+        let bad_env = |k: &str| (k == "NARFLOW_HOOK_TIMEOUT").then(|| "later".into());
+        let e = settings_with_env(args(&[]), bad_env).unwrap_err();
         assert!(
-            settings_from(args(&["--socket"]))
-                .unwrap_err()
-                .contains("needs a value")
+            e.contains("NARFLOW_HOOK_TIMEOUT") && e.contains("later"),
+            "{e}"
         );
+    }
+
+    #[test]
+    fn the_config_file_is_under_the_environment_and_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("narflow.toml");
+        std::fs::write(
+            &file,
+            "socket = \"/f/sock\"\nstate-dir = \"/f/state\"\n[hook]\ntimeout = 0.5\n",
+        )
+        .unwrap();
+        let config = file.to_str().unwrap().to_owned();
+        let env = |k: &str| match k {
+            "NARFLOW_CONFIG" => Some(config.clone().into()),
+            "NARFLOW_STATE_DIR" => Some("/e/state".into()),
+            "NARFLOW_HOOK_TIMEOUT" => Some("0.7".into()),
+            _ => None,
+        };
+        let (s, w) = settings_with_env(args(&["--timeout", "0.9"]), env).unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(s.socket, PathBuf::from("/f/sock"), "file over default");
+        assert_eq!(s.state_dir, PathBuf::from("/e/state"), "env over file");
+        assert_eq!(s.timeout, Duration::from_millis(900), "flag over env");
+        let (s, _) = settings_with_env(args(&[]), env).unwrap();
+        assert_eq!(s.timeout, Duration::from_millis(700), "env over file");
+        // --config wins over $NARFLOW_CONFIG.
+        let other = dir.path().join("other.toml");
+        std::fs::write(&other, "socket = \"/o/sock\"\n").unwrap();
+        let (s, _) = settings_with_env(args(&["--config", other.to_str().unwrap()]), env).unwrap();
+        assert_eq!(s.socket, PathBuf::from("/o/sock"));
+        assert_eq!(s.timeout, Duration::from_millis(700));
+    }
+
+    #[test]
+    fn a_config_file_the_hook_cannot_use_leaves_defaults_and_still_hands_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("narflow.toml");
+        std::fs::write(&file, "socket = [\n").unwrap();
+        let state = dir.path().join("state");
+        let env = |k: &str| match k {
+            "NARFLOW_CONFIG" => Some(file.clone().into()),
+            "NARFLOW_STATE_DIR" => Some(state.clone().into()),
+            _ => None,
+        };
+        let (s, w) = settings_with_env(args(&["--timeout", "0.1"]), env).unwrap();
+        assert_eq!(w.len(), 1, "{w:?}");
         assert!(
-            settings_from(args(&["--timeout", "soon"]))
-                .unwrap_err()
-                .contains("soon")
+            w[0].contains("narflow.toml:") && w[0].contains("ignored"),
+            "{w:?}"
         );
-        assert!(
-            settings_from(args(&["--frobnicate"]))
-                .unwrap_err()
-                .contains("--frobnicate")
-        );
+        assert_eq!(s.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(s.state_dir, state);
+        let sock = dir.path().join("none.sock");
+        let h = hand_off(&sock, &s.state_dir, "/nix/store/a-x", None, s.timeout);
+        assert!(matches!(h, Handoff::Spooled { paths: 1, .. }), "{h:?}");
     }
 }
