@@ -10,6 +10,19 @@ use std::sync::Arc;
 /// sets the copy part size, to its value in bytes.
 const COPY_PART_ENV: &str = "NARFLOW_S3_COPY_PART_SIZE";
 
+/// The HTTP client of every S3 request, and of the credential providers: hyper 1 with
+/// rustls and ring (the one TLS stack in the build; see Cargo.toml), trusting the
+/// platform's root certificates.
+#[must_use]
+pub fn http_client() -> aws_sdk_s3::config::SharedHttpClient {
+    use aws_smithy_http_client::tls;
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
 impl S3Cache {
     /// [`S3Cache::open`], with fixed credentials instead of the AWS chain when given.
     pub(super) fn build(
@@ -67,11 +80,14 @@ impl S3Cache {
             .map(|r| aws_config::Region::new(r.to_owned()));
         let profile = url.param("profile").map(str::to_owned);
         let sdk = rt.block_on(async {
-            let region = aws_config::meta::region::RegionProviderChain::first_try(region)
-                .or_default_provider()
-                .or_else("us-east-1");
-            let mut loader =
-                aws_config::defaults(aws_config::BehaviorVersion::latest()).region(region);
+            // The loader's own default chains (region from the environment, profile or
+            // IMDS; credentials) then use our HTTP client too: a region chain built here
+            // would have none.
+            let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .http_client(http_client());
+            if let Some(r) = region {
+                loader = loader.region(r);
+            }
             if let Some(p) = profile {
                 loader = loader.profile_name(p);
             }
@@ -95,6 +111,9 @@ impl S3Cache {
             // are told apart.
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
             .timeout_config(timeouts);
+        if sdk.region().is_none() {
+            conf = conf.region(aws_config::Region::from_static("us-east-1"));
+        }
         if let Some(e) = endpoint {
             conf = conf.endpoint_url(e);
         }
@@ -138,5 +157,32 @@ mod tests {
         let url = CacheUrl::parse("s3://b?retries=many").unwrap();
         let e = S3Tuning::from_url(&url).unwrap_err().to_string();
         assert!(e.contains("bad value \"many\" for retries"), "{e}");
+    }
+
+    /// The client speaks TLS to an https:// endpoint: the first bytes the server gets are
+    /// a TLS handshake record (a build without an HTTPS client fails before connecting).
+    #[test]
+    fn an_https_endpoint_gets_a_tls_handshake() {
+        use std::io::Read;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("https://{}", l.local_addr().unwrap());
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::spawn(move || {
+            let (mut conn, _) = l.accept().unwrap();
+            let mut first = [0u8; 3];
+            conn.read_exact(&mut first).unwrap();
+            tx.send(first).unwrap();
+        });
+        let cache = super::super::testing::cache_at(&endpoint, 64 << 20);
+        let e = crate::cache::BinaryCache::has_object(&cache, "nix-cache-info").unwrap_err();
+        let first = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("nothing reached the server: {e}"));
+        // ContentType 22 (handshake), protocol version 3.x.
+        assert_eq!(
+            first[..2],
+            [0x16, 0x03],
+            "not a TLS record: {first:?} ({e})"
+        );
     }
 }

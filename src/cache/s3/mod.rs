@@ -47,6 +47,7 @@ use super::{BinaryCache, CacheError, NarUpload, OpenOptions};
 use crate::format::store_path::StorePath;
 use aws_sdk_s3::types::StorageClass;
 use batch::{BATCH_CONCURRENCY, LIST_THRESHOLD, concurrently};
+pub use config::http_client;
 use retry::join_error;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
