@@ -6,8 +6,6 @@ use crate::cache::CacheError;
 use std::sync::Arc;
 use tokio::task::JoinSet;
 
-/// Requests of one batch (HEADs, narinfo PUTs) in flight at once.
-pub(super) const BATCH_CONCURRENCY: usize = 64;
 /// A batch of at least this many narinfo lookups first tries one listing of the bucket.
 pub(super) const LIST_THRESHOLD: usize = 512;
 
@@ -47,7 +45,7 @@ impl Shared {
     }
 }
 
-/// Runs `op` on every key, [`BATCH_CONCURRENCY`] at a time; the answers in the keys'
+/// Runs `op` on every key, `S3Tuning::concurrency` at a time; the answers in the keys'
 /// order. The first error is returned (the requests still running are dropped).
 pub(super) async fn concurrently<T, Fut>(
     s: &Arc<Shared>,
@@ -62,7 +60,7 @@ where
     let mut keys = keys.into_iter().enumerate();
     let mut set = JoinSet::new();
     loop {
-        while set.len() < BATCH_CONCURRENCY {
+        while set.len() < s.concurrency {
             let Some((i, key)) = keys.next() else { break };
             let request = op(s.clone(), key);
             set.spawn(async move { (i, request.await) });
@@ -77,4 +75,25 @@ where
         .into_iter()
         .map(|a| a.expect("every request was answered"))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use crate::cache::BinaryCache;
+    use crate::format::store_path::StorePath;
+
+    /// A batch sends as many requests at once as `S3Tuning::concurrency` says, no more:
+    /// the stand-in holds each answer until all six lookups have arrived (or 2 s pass),
+    /// so a client that sent them all at once would be seen doing so.
+    #[test]
+    fn a_batch_has_as_many_requests_in_flight_as_the_concurrency() {
+        let (endpoint, seen) = stand_in(6);
+        let cache = cache_with(&endpoint, 64 << 20, |t| t.concurrency = 3);
+        let paths: Vec<StorePath> = (0..6)
+            .map(|i| StorePath::from_base_name(&format!("{i:0>32}-p").replace('0', "a")).unwrap())
+            .collect();
+        assert_eq!(cache.has_narinfos(&paths).unwrap(), vec![true; 6]);
+        assert_eq!(seen.most_in_flight(), 3);
+    }
 }

@@ -134,8 +134,8 @@ impl S3Cache {
                     opts.upload_memory.max(tuning.min_part_size),
                 )),
                 min_part: tuning.min_part_size,
+                concurrency,
             }),
-            concurrency,
         })
     }
 }

@@ -46,7 +46,7 @@ use super::url::CacheUrl;
 use super::{BinaryCache, CacheError, NarUpload, OpenOptions};
 use crate::format::store_path::StorePath;
 use aws_sdk_s3::types::StorageClass;
-use batch::{BATCH_CONCURRENCY, LIST_THRESHOLD, concurrently};
+use batch::{LIST_THRESHOLD, concurrently};
 pub use config::http_client;
 use retry::join_error;
 use std::sync::Arc;
@@ -71,6 +71,10 @@ struct Shared {
     url: String,
     storage_class: Option<StorageClass>,
     retries: u32,
+    /// Requests in flight at once (`S3Tuning::concurrency`): of one batch (HEADs, GETs,
+    /// narinfo PUTs), of the uploads committing (the pipeline's finishing threads), and
+    /// at most that many parts or part copies of one NAR.
+    concurrency: usize,
     /// Staging objects larger than this are copied in parts (UploadPartCopy) of this size.
     copy_part: u64,
     /// Smallest multipart part (`S3Tuning::min_part_size`).
@@ -82,7 +86,6 @@ struct Shared {
 #[derive(Debug)]
 pub struct S3Cache {
     shared: Arc<Shared>,
-    concurrency: usize,
 }
 
 impl S3Cache {
@@ -186,7 +189,7 @@ impl BinaryCache for S3Cache {
             let mut items = items.into_iter();
             let mut first_error = None;
             loop {
-                while set.len() < BATCH_CONCURRENCY {
+                while set.len() < s.concurrency {
                     let Some((key, body)) = items.next() else {
                         break;
                     };
@@ -212,7 +215,7 @@ impl BinaryCache for S3Cache {
     }
 
     fn upload_concurrency(&self) -> usize {
-        self.concurrency
+        self.shared.concurrency
     }
 
     fn object_size(&self, key: &str) -> Result<Option<u64>, CacheError> {

@@ -15,8 +15,10 @@ use tokio::task::JoinSet;
 pub(crate) const MIN_PART: u64 = 8 << 20;
 /// S3 allows 10,000 parts; leave room for compressed data a little larger than the NAR.
 const MAX_PARTS: u64 = 9_000;
-/// Most parts of one NAR uploading at once: enough to fill a fast link. Fewer when parts
-/// are large next to the upload memory (see [`parts_in_flight`]).
+/// Most parts of one NAR uploading at once: enough to keep a link busy while one part
+/// waits for its answer. More would only take upload memory that other NARs finishing at
+/// the same time (up to `S3Tuning::concurrency` of them) could use; fewer when parts are
+/// large next to the upload memory or the concurrency is lower (see [`parts_in_flight`]).
 const PARTS_IN_FLIGHT: usize = 4;
 /// A part may take at most this share of the upload memory, so that the parts being
 /// filled of several NARs assembled at once fit beside each other.
@@ -29,7 +31,8 @@ pub(super) const COPY_LIMIT: u64 = 5 << 30;
 /// Part size of a multi-part copy: a tenth of the copy limit keeps each server-side copy
 /// request short; more parts are used when 10,000 of these would not cover the object.
 const COPY_PART: u64 = 512 << 20;
-/// Part copies of one object in flight at once (server-side work, no memory here).
+/// Most part copies of one object in flight at once (server-side work, no memory here;
+/// fewer when `S3Tuning::concurrency` is lower).
 const COPY_PARTS_IN_FLIGHT: usize = 8;
 
 /// Part size for a NAR of `nar_size` bytes: at least [`MIN_PART`], and large enough that
@@ -50,12 +53,12 @@ fn compressed_bound(nar_size: u64) -> u64 {
 }
 
 /// Parts of one upload in flight at once, for parts of `part` bytes and `capacity` bytes
-/// of upload memory: at most [`PARTS_IN_FLIGHT`], and together no more than a
-/// [`PART_SHARE`] of the memory (at least one).
-fn parts_in_flight(part: u64, capacity: u64) -> usize {
+/// of upload memory: at most [`PARTS_IN_FLIGHT`] and `concurrency`, and together no more
+/// than a [`PART_SHARE`] of the memory (at least one).
+fn parts_in_flight(part: u64, capacity: u64, concurrency: usize) -> usize {
     usize::try_from(capacity / PART_SHARE / part.max(1))
         .unwrap_or(usize::MAX)
-        .clamp(1, PARTS_IN_FLIGHT)
+        .clamp(1, PARTS_IN_FLIGHT.min(concurrency).max(1))
 }
 
 /// The S3 upload memory: bytes of NAR data buffered on their way to S3.
@@ -248,7 +251,7 @@ impl Shared {
         let mut parts = ranges.into_iter();
         let mut set = JoinSet::new();
         loop {
-            while set.len() < COPY_PARTS_IN_FLIGHT {
+            while set.len() < COPY_PARTS_IN_FLIGHT.min(self.concurrency) {
                 let Some((number, first, last)) = parts.next() else {
                     break;
                 };
@@ -400,7 +403,7 @@ impl S3NarUpload {
         Ok(S3NarUpload {
             shared: shared.clone(),
             part_size: part as usize,
-            parts_in_flight: parts_in_flight(part, capacity),
+            parts_in_flight: parts_in_flight(part, capacity, shared.concurrency),
             // The first buffer holds the whole NAR when it stays below one part.
             first_reserve: compressed_bound(nar_size).min(part),
             buf: Vec::new(),
@@ -784,9 +787,12 @@ mod tests {
 
     #[test]
     fn parts_in_flight_shrink_as_parts_grow_but_never_below_one() {
-        assert_eq!(parts_in_flight(8 << 20, 128 << 20), 4);
-        assert_eq!(parts_in_flight(16 << 20, 128 << 20), 2);
-        assert_eq!(parts_in_flight(32 << 20, 128 << 20), 1);
-        assert_eq!(parts_in_flight(64 << 20, 128 << 20), 1);
+        assert_eq!(parts_in_flight(8 << 20, 128 << 20, 32), 4);
+        assert_eq!(parts_in_flight(16 << 20, 128 << 20, 32), 2);
+        assert_eq!(parts_in_flight(32 << 20, 128 << 20, 32), 1);
+        assert_eq!(parts_in_flight(64 << 20, 128 << 20, 32), 1);
+        // Never more than the requests the tuning allows at once.
+        assert_eq!(parts_in_flight(8 << 20, 128 << 20, 2), 2);
+        assert_eq!(parts_in_flight(8 << 20, 1 << 30, 1), 1);
     }
 }
