@@ -1,7 +1,7 @@
 //! Requests on many objects at once (narinfo lookups by HEAD or by one listing, narinfo
 //! GETs and PUTs), a bounded number in flight.
 use super::Shared;
-use super::retry::join_error;
+use super::retry::{Op, join_error};
 use crate::cache::CacheError;
 use std::sync::Arc;
 use tokio::task::JoinSet;
@@ -20,7 +20,7 @@ impl Shared {
         let mut token: Option<String> = None;
         for _ in 0..budget.max(1) {
             let page = self
-                .retry("ListObjectsV2", "", || {
+                .retry(Op::ListObjectsV2, "", || {
                     self.client
                         .list_objects_v2()
                         .bucket(&self.bucket)

@@ -135,6 +135,7 @@ impl S3Cache {
                 )),
                 min_part: tuning.min_part_size,
                 concurrency,
+                counts: Default::default(),
             }),
         })
     }

@@ -20,7 +20,8 @@
 //!
 //! Every request is retried with jittered exponential backoff on 5xx, 503 SlowDown,
 //! timeouts and connection errors, honouring Retry-After; a 403, bad credentials or a
-//! missing bucket fail at once with a configuration error.
+//! missing bucket fail at once with a configuration error. Every request and retry is counted by
+//! operation ([`BinaryCache::request_counts`]).
 //!
 //! The SDK runs on this cache's own tokio runtime. The pipeline calls it from plain
 //! threads (never from a runtime worker) and blocks on each request; concurrency comes
@@ -81,6 +82,8 @@ struct Shared {
     min_part: u64,
     rt: tokio::runtime::Runtime,
     memory: Arc<UploadMemory>,
+    /// Requests sent and retried, by operation.
+    counts: retry::Counts,
 }
 
 #[derive(Debug)]
@@ -244,6 +247,10 @@ impl BinaryCache for S3Cache {
     /// objects, that were started (Initiated) or written (LastModified) more than `grace`
     /// ago by this machine's clock; younger ones may belong to an upload running elsewhere.
     /// Objects under `nar/` are never deleted here.
+    fn request_counts(&self) -> Vec<super::RequestCount> {
+        self.shared.counts.snapshot()
+    }
+
     fn sweep_orphans(&self, grace: Duration) -> Result<u64, CacheError> {
         let cutoff = SystemTime::now()
             .checked_sub(grace)

@@ -1,6 +1,7 @@
 //! Requests on one object (PUT, HEAD, GET, DELETE, abort of one multipart upload), each
 //! retried; the uploads, batches and the sweep are built from these.
 use super::Shared;
+use super::retry::Op;
 use crate::cache::CacheError;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -12,7 +13,7 @@ impl Shared {
         body: bytes::Bytes,
         content_type: &str,
     ) -> Result<(), CacheError> {
-        self.retry("PutObject", key, || {
+        self.retry(Op::PutObject, key, || {
             self.client
                 .put_object()
                 .bucket(&self.bucket)
@@ -29,7 +30,7 @@ impl Shared {
     /// Aborts the multipart upload `id` on `key`. One that is gone already (completed or
     /// aborted: NoSuchUpload) counts as aborted.
     pub(super) async fn abort(&self, key: &str, id: &str) -> Result<(), CacheError> {
-        self.retry("AbortMultipartUpload", key, || async {
+        self.retry(Op::AbortMultipartUpload, key, || async {
             match self
                 .client
                 .abort_multipart_upload()
@@ -87,7 +88,7 @@ impl Shared {
     }
 
     pub(super) async fn delete(&self, key: &str) -> Result<(), CacheError> {
-        self.retry("DeleteObject", key, || {
+        self.retry(Op::DeleteObject, key, || {
             self.client
                 .delete_object()
                 .bucket(&self.bucket)
@@ -103,7 +104,7 @@ impl Shared {
 impl Shared {
     /// The size of `key` from a HEAD, or `None` when it does not exist.
     pub(super) async fn size(&self, key: &str) -> Result<Option<u64>, CacheError> {
-        self.retry("HeadObject", key, || async {
+        self.retry(Op::HeadObject, key, || async {
             match self
                 .client
                 .head_object()
@@ -129,7 +130,7 @@ impl Shared {
 
     pub(super) async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
         let out = self
-            .retry("GetObject", key, || async {
+            .retry(Op::GetObject, key, || async {
                 match self
                     .client
                     .get_object()

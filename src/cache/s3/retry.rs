@@ -2,9 +2,92 @@
 //! connection errors), jittered exponential backoff that honours Retry-After, and answers
 //! whose outcome is unknown and must be checked.
 use super::Shared;
-use crate::cache::CacheError;
+use crate::cache::{CacheError, RequestCount};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// The S3 operations narflow sends; every request goes through [`Shared::retry`] under one
+/// of these, which counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Op {
+    PutObject,
+    HeadObject,
+    GetObject,
+    DeleteObject,
+    CopyObject,
+    CreateMultipartUpload,
+    UploadPart,
+    UploadPartCopy,
+    CompleteMultipartUpload,
+    AbortMultipartUpload,
+    ListMultipartUploads,
+    ListObjectsV2,
+}
+
+impl Op {
+    const ALL: [Op; 12] = [
+        Op::PutObject,
+        Op::HeadObject,
+        Op::GetObject,
+        Op::DeleteObject,
+        Op::CopyObject,
+        Op::CreateMultipartUpload,
+        Op::UploadPart,
+        Op::UploadPartCopy,
+        Op::CompleteMultipartUpload,
+        Op::AbortMultipartUpload,
+        Op::ListMultipartUploads,
+        Op::ListObjectsV2,
+    ];
+
+    /// The operation's name in the S3 API.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Op::PutObject => "PutObject",
+            Op::HeadObject => "HeadObject",
+            Op::GetObject => "GetObject",
+            Op::DeleteObject => "DeleteObject",
+            Op::CopyObject => "CopyObject",
+            Op::CreateMultipartUpload => "CreateMultipartUpload",
+            Op::UploadPart => "UploadPart",
+            Op::UploadPartCopy => "UploadPartCopy",
+            Op::CompleteMultipartUpload => "CompleteMultipartUpload",
+            Op::AbortMultipartUpload => "AbortMultipartUpload",
+            Op::ListMultipartUploads => "ListMultipartUploads",
+            Op::ListObjectsV2 => "ListObjectsV2",
+        }
+    }
+}
+
+/// Requests sent and retries, per [`Op`], since the cache was opened.
+#[derive(Debug, Default)]
+pub(super) struct Counts {
+    requests: [AtomicU64; Op::ALL.len()],
+    retries: [AtomicU64; Op::ALL.len()],
+}
+
+impl Counts {
+    fn sent(&self, op: Op, retry: bool) {
+        let i = op as usize;
+        self.requests[i].fetch_add(1, Ordering::Relaxed);
+        if retry {
+            self.retries[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Every operation, those not sent yet with zeros (so a metric exists from the start).
+    pub(super) fn snapshot(&self) -> Vec<RequestCount> {
+        Op::ALL
+            .iter()
+            .map(|&op| RequestCount {
+                operation: op.as_str(),
+                requests: self.requests[op as usize].load(Ordering::Relaxed),
+                retries: self.retries[op as usize].load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+}
 
 /// How a failed request should be handled.
 enum Failure {
@@ -40,7 +123,7 @@ impl Shared {
     /// Runs `op` until it succeeds, fails fatally or runs out of retries.
     pub(super) async fn retry<T, E, F, Fut>(
         &self,
-        what: &str,
+        operation: Op,
         key: &str,
         mut op: F,
     ) -> Result<T, CacheError>
@@ -51,8 +134,12 @@ impl Shared {
             >,
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
+        let what = operation.as_str();
         let mut attempt = 0u32;
         loop {
+            // Counted when sent: a request dropped before its answer (a cancelled upload)
+            // was sent all the same.
+            self.counts.sent(operation, attempt > 0);
             let e = match op().await {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
@@ -187,5 +274,55 @@ mod tests {
                 "{attempt}: {b:?}"
             );
         }
+    }
+
+    /// Every request is counted under its operation, and a retry as a retry: one small
+    /// NAR is one PutObject, a NAR of three parts the whole multipart sequence.
+    #[test]
+    fn requests_and_retries_are_counted_by_operation() {
+        use crate::cache::BinaryCache;
+        use std::io::Write;
+        let (endpoint, _) = super::super::testing::stand_in(1);
+        let cache = super::super::testing::cache_with(&endpoint, 128 << 20, |t| t.retries = 2);
+        let sent = |cache: &super::super::S3Cache| {
+            cache
+                .request_counts()
+                .into_iter()
+                .filter(|c| c.requests > 0)
+                .map(|c| (c.operation, (c.requests, c.retries)))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        assert_eq!(sent(&cache), Default::default());
+        assert_eq!(cache.request_counts().len(), Op::ALL.len());
+
+        // Answered 503 once, then accepted.
+        cache.put_object("fail-once", b"x", "text/plain").unwrap();
+        assert!(cache.has_object("a").unwrap());
+        let mut nar = cache.begin_nar(100).unwrap();
+        nar.write_all(&[1; 100]).unwrap();
+        nar.commit("nar/small.nar").unwrap();
+        assert_eq!(
+            sent(&cache),
+            [("PutObject", (3, 1)), ("HeadObject", (1, 0))].into()
+        );
+
+        // 20 MiB in parts of 8 MiB: three parts to a staging key, then copied to its name.
+        let mut nar = cache.begin_nar(20 << 20).unwrap();
+        nar.write_all(&vec![2; 20 << 20]).unwrap();
+        nar.commit("nar/large.nar").unwrap();
+        assert_eq!(
+            sent(&cache),
+            [
+                ("PutObject", (3, 1)),
+                ("HeadObject", (1, 0)),
+                ("CreateMultipartUpload", (1, 0)),
+                ("UploadPart", (3, 0)),
+                ("CompleteMultipartUpload", (1, 0)),
+                ("ListMultipartUploads", (1, 0)),
+                ("CopyObject", (1, 0)),
+                ("DeleteObject", (1, 0)),
+            ]
+            .into()
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Sweeping what killed uploads left behind: unfinished multipart uploads and staging
 //! objects older than a cutoff (never objects under `nar/`).
+use super::retry::Op;
 use super::{S3Cache, STAGING_PREFIX};
 use crate::cache::CacheError;
 use std::time::SystemTime;
@@ -39,7 +40,7 @@ impl S3Cache {
                 let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
                 loop {
                     let page = s
-                        .retry("ListMultipartUploads", prefix, || {
+                        .retry(Op::ListMultipartUploads, prefix, || {
                             s.client
                                 .list_multipart_uploads()
                                 .bucket(&s.bucket)
@@ -79,7 +80,7 @@ impl S3Cache {
             let mut token = None::<String>;
             loop {
                 let page = s
-                    .retry("ListObjectsV2", prefix, || {
+                    .retry(Op::ListObjectsV2, prefix, || {
                         s.client
                             .list_objects_v2()
                             .bucket(&s.bucket)

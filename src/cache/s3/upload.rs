@@ -1,6 +1,6 @@
 //! NAR uploads: one PutObject for a NAR below one part, else a multipart upload to a
 //! staging key copied server-side to its final key; the upload memory its buffers reserve.
-use super::retry::{Answer, join_error, unreadable_success};
+use super::retry::{Answer, Op, join_error, unreadable_success};
 use super::{NAR_TYPE, STAGING_PREFIX, Shared};
 use crate::cache::{CacheError, NarUpload};
 use aws_sdk_s3::error::ProvideErrorMetadata;
@@ -171,7 +171,7 @@ impl Shared {
     async fn copy(&self, staging: &str, key: &str, size: u64) -> Result<(), CacheError> {
         let source = format!("{}/{staging}", self.bucket);
         let answer = self
-            .retry("CopyObject", key, || async {
+            .retry(Op::CopyObject, key, || async {
                 let r = self
                     .client
                     .copy_object()
@@ -211,7 +211,7 @@ impl Shared {
             .max(size.div_ceil(10_000).next_multiple_of(1 << 20))
             .max(MIN_S3_PART);
         let created = self
-            .retry("CreateMultipartUpload", key, || {
+            .retry(Op::CreateMultipartUpload, key, || {
                 self.client
                     .create_multipart_upload()
                     .bucket(&self.bucket)
@@ -259,7 +259,7 @@ impl Shared {
                     (self.clone(), source.clone(), key.to_owned(), id.to_owned());
                 set.spawn(async move {
                     let out = s
-                        .retry("UploadPartCopy", &key, || {
+                        .retry(Op::UploadPartCopy, &key, || {
                             s.client
                                 .upload_part_copy()
                                 .bucket(&s.bucket)
@@ -293,7 +293,7 @@ impl Shared {
             .set_parts(Some(done))
             .build();
         let answer = self
-            .retry("CompleteMultipartUpload", key, || async {
+            .retry(Op::CompleteMultipartUpload, key, || async {
                 let r = self
                     .client
                     .complete_multipart_upload()
@@ -328,7 +328,7 @@ fn human_size(bytes: u64) -> String {
 /// Aborts every multipart upload on `key` but `keep` (best effort: failures are logged).
 async fn abort_others(s: &Shared, key: &str, keep: &str) {
     let listed = s
-        .retry("ListMultipartUploads", key, || {
+        .retry(Op::ListMultipartUploads, key, || {
             s.client
                 .list_multipart_uploads()
                 .bucket(&s.bucket)
@@ -436,7 +436,7 @@ impl S3NarUpload {
         if self.multipart.is_none() {
             let staging = Self::staging_key();
             let id =
-                s.rt.block_on(s.retry("CreateMultipartUpload", &staging, || {
+                s.rt.block_on(s.retry(Op::CreateMultipartUpload, &staging, || {
                     s.client
                         .create_multipart_upload()
                         .bucket(&s.bucket)
@@ -471,7 +471,7 @@ impl S3NarUpload {
         m.in_flight.spawn(async move {
             let s = task_shared;
             let out = s
-                .retry("UploadPart", &key, || {
+                .retry(Op::UploadPart, &key, || {
                     s.client
                         .upload_part()
                         .bucket(&s.bucket)
@@ -519,7 +519,7 @@ impl S3NarUpload {
         m.completing = true;
         let sent_before = std::sync::atomic::AtomicBool::new(false);
         let answer =
-            s.rt.block_on(s.retry("CompleteMultipartUpload", &staging, || async {
+            s.rt.block_on(s.retry(Op::CompleteMultipartUpload, &staging, || async {
                 let retried = sent_before.swap(true, std::sync::atomic::Ordering::Relaxed);
                 let r = s
                     .client
