@@ -214,11 +214,8 @@ impl Shared {
 
 /// Jittered exponential backoff: a random wait up to 200 ms × 2^attempt, at most 10 s.
 fn backoff(attempt: u32) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
     let cap = (200u64 << attempt.min(10)).min(10_000);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(attempt);
-    Duration::from_millis(cap / 2 + h.finish() % (cap / 2 + 1))
+    Duration::from_millis(fastrand::u64(cap / 2..=cap))
 }
 
 fn describe<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>, status: Option<u16>) -> String

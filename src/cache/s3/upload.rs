@@ -413,18 +413,10 @@ impl S3NarUpload {
     }
 
     fn staging_key() -> String {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos(),
-        );
-        h.write_u32(std::process::id());
+        // Random (fastrand seeds each thread randomly), with the process id beside it.
         format!(
             "{STAGING_PREFIX}{:016x}{:08x}",
-            h.finish(),
+            fastrand::u64(..),
             std::process::id()
         )
     }
