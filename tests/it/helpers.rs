@@ -383,6 +383,7 @@ impl S3Client {
         use aws_sdk_s3::config;
         let conf = config::Builder::new()
             .behavior_version(config::BehaviorVersion::latest())
+            .http_client(narflow::cache::s3::http_client())
             .region(config::Region::new(env.region.clone()))
             .endpoint_url(endpoint)
             .force_path_style(true)

@@ -1,0 +1,189 @@
+//! Building the S3 client and its runtime from the cache URL and [`OpenOptions`].
+use super::upload::{COPY_LIMIT, MIN_S3_PART, UploadMemory};
+use super::{S3Cache, Shared};
+use crate::cache::url::CacheUrl;
+use crate::cache::{CacheError, OpenOptions};
+use aws_sdk_s3::types::StorageClass;
+use std::sync::Arc;
+
+/// Environment variable (for tests only, undocumented) that lowers the copy limit, and
+/// sets the copy part size, to its value in bytes.
+const COPY_PART_ENV: &str = "NARFLOW_S3_COPY_PART_SIZE";
+
+/// The HTTP client of every S3 request, and of the credential providers: hyper 1 with
+/// rustls and ring (the one TLS stack in the build; see Cargo.toml), trusting the
+/// platform's root certificates.
+#[must_use]
+pub fn http_client() -> aws_sdk_s3::config::SharedHttpClient {
+    use aws_smithy_http_client::tls;
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
+impl S3Cache {
+    /// [`S3Cache::open`], with fixed credentials instead of the AWS chain when given.
+    pub(super) fn build(
+        bucket: &str,
+        url: &CacheUrl,
+        opts: &OpenOptions,
+        credentials: Option<aws_sdk_s3::config::Credentials>,
+    ) -> Result<Self, CacheError> {
+        let config_err = |why: String| CacheError::Config(format!("{}: {why}", url.original));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            // I/O only: the requests' CPU work (signing, TLS) is small next to compression.
+            .worker_threads(2)
+            .thread_name("narflow-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| config_err(format!("starting the S3 runtime: {e}")))?;
+        let endpoint = url.param("endpoint").map(|e| {
+            if e.contains("://") {
+                e.to_owned()
+            } else {
+                format!("{}://{e}", url.param("scheme").unwrap_or("https"))
+            }
+        });
+        let path_style = match url.param("addressing-style").unwrap_or("auto") {
+            "path" => true,
+            "virtual" => false,
+            // S3-compatible servers behind a custom endpoint rarely have per-bucket DNS.
+            "auto" => endpoint.is_some(),
+            other => {
+                return Err(config_err(format!(
+                    "addressing-style {other:?} is not path, virtual or auto"
+                )));
+            }
+        };
+        let tuning = &opts.s3;
+        tuning.check().map_err(config_err)?;
+        let retries = tuning.retries;
+        let concurrency = tuning.concurrency;
+        let storage_class = url.param("storage-class").map(StorageClass::from);
+        // Undocumented, for tests: exercise the multi-part copy with small objects.
+        let copy_part = match std::env::var(COPY_PART_ENV) {
+            Err(_) => COPY_LIMIT,
+            Ok(v) => match v.parse::<u64>() {
+                Ok(n) if (MIN_S3_PART..=COPY_LIMIT).contains(&n) => n,
+                _ => {
+                    return Err(config_err(format!(
+                        "{COPY_PART_ENV}={v:?} is not a number of bytes from {MIN_S3_PART} to {COPY_LIMIT}"
+                    )));
+                }
+            },
+        };
+
+        let region = url
+            .param("region")
+            .map(|r| aws_config::Region::new(r.to_owned()));
+        let profile = url.param("profile").map(str::to_owned);
+        let sdk = rt.block_on(async {
+            // The loader's own default chains (region from the environment, profile or
+            // IMDS; credentials) then use our HTTP client too: a region chain built here
+            // would have none.
+            let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .http_client(http_client());
+            if let Some(r) = region {
+                loader = loader.region(r);
+            }
+            if let Some(p) = profile {
+                loader = loader.profile_name(p);
+            }
+            loader.load().await
+        });
+        let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(tuning.connect_timeout)
+            .read_timeout(tuning.read_timeout)
+            .build();
+        let mut conf = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(path_style)
+            // Checksums only where S3 requires them: Garage, R2 and older MinIO reject
+            // the newer default checksum headers.
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .response_checksum_validation(
+                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+            )
+            // Retries are ours (see `retry`), so Retry-After is honoured and fatal errors
+            // are told apart.
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+            .timeout_config(timeouts);
+        if sdk.region().is_none() {
+            conf = conf.region(aws_config::Region::from_static("us-east-1"));
+        }
+        if let Some(e) = endpoint {
+            conf = conf.endpoint_url(e);
+        }
+        if let Some(c) = credentials {
+            conf = conf.credentials_provider(c);
+        }
+        let client = aws_sdk_s3::Client::from_conf(conf.build());
+        Ok(S3Cache {
+            shared: Arc::new(Shared {
+                client,
+                bucket: bucket.to_owned(),
+                url: url.original.clone(),
+                storage_class,
+                retries,
+                copy_part,
+                rt,
+                memory: Arc::new(UploadMemory::new(
+                    opts.upload_memory.max(tuning.min_part_size),
+                )),
+                min_part: tuning.min_part_size,
+                concurrency,
+                counts: Default::default(),
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::S3Tuning;
+
+    #[test]
+    fn bad_parameters_are_config_errors() {
+        let url = CacheUrl::parse("s3://b?addressing-style=sideways").unwrap();
+        let opts = OpenOptions {
+            upload_memory: 128 << 20,
+            s3: S3Tuning::default(),
+        };
+        let e = S3Cache::open("b", &url, &opts).unwrap_err().to_string();
+        assert!(e.contains("addressing-style \"sideways\""), "{e}");
+        let url = CacheUrl::parse("s3://b?retries=many").unwrap();
+        let e = S3Tuning::from_url(&url).unwrap_err().to_string();
+        assert!(e.contains("bad value \"many\" for retries"), "{e}");
+    }
+
+    /// The client speaks TLS to an https:// endpoint: the first bytes the server gets are
+    /// a TLS handshake record (a build without an HTTPS client fails before connecting).
+    #[test]
+    fn an_https_endpoint_gets_a_tls_handshake() {
+        use std::io::Read;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("https://{}", l.local_addr().unwrap());
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::spawn(move || {
+            let (mut conn, _) = l.accept().unwrap();
+            let mut first = [0u8; 3];
+            conn.read_exact(&mut first).unwrap();
+            tx.send(first).unwrap();
+        });
+        let cache = super::super::testing::cache_at(&endpoint, 64 << 20);
+        let e = crate::cache::BinaryCache::has_object(&cache, "nix-cache-info").unwrap_err();
+        let first = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("nothing reached the server: {e}"));
+        // ContentType 22 (handshake), protocol version 3.x.
+        assert_eq!(
+            first[..2],
+            [0x16, 0x03],
+            "not a TLS record: {first:?} ({e})"
+        );
+    }
+}

@@ -1,0 +1,260 @@
+//! An S3 (or S3-compatible: MinIO, Garage, R2) binary cache, with aws-sdk-s3.
+//!
+//! Accepts Nix's store-URL parameters (`region`, `endpoint`, `scheme`, `profile`,
+//! `addressing-style`, `storage-class`) plus narflow's tuning (`concurrency`, `retries`,
+//! `read-timeout`). Credentials come from the standard AWS chain (environment, profile,
+//! SSO, web identity, IMDS).
+//!
+//! Uploads: a NAR whose compressed size stays below one part goes up with one PutObject
+//! under its final key. A larger one goes up as a multipart upload to a staging key (its
+//! final name, `nar/<FileHash>`, is only known once the last byte is hashed), then is
+//! copied server-side to its final key (CopyObject, or UploadPartCopy parts beyond 5 GiB)
+//! and the staging object deleted. An upload dropped before it is committed aborts its
+//! multipart upload and deletes its staging object: no orphaned uploads and no partial
+//! object under a final name. An answer that is lost or cannot be read leaves the outcome
+//! unknown, so it is checked (the object exists with the bytes sent), never assumed.
+//!
+//! Memory: uploads buffer at most `OpenOptions::upload_memory`, the share of the memory
+//! budget the pipeline gives this cache; each buffer reserves its whole part before it is filled (see `UploadMemory`).
+//! Orphans that a killed push left under the staging prefix are swept by age.
+//!
+//! Every request is retried with jittered exponential backoff on 5xx, 503 SlowDown,
+//! timeouts and connection errors, honouring Retry-After; a 403, bad credentials or a
+//! missing bucket fail at once with a configuration error. Every request and retry is counted by
+//! operation ([`BinaryCache::request_counts`]).
+//!
+//! The SDK runs on this cache's own tokio runtime. The pipeline calls it from plain
+//! threads (never from a runtime worker) and blocks on each request; concurrency comes
+//! from the pipeline's finishing threads and from the batch methods, which run their
+//! requests concurrently on the runtime.
+//!
+//! This module owns the cache type and its [`BinaryCache`] methods; the rest is split by
+//! concern: `config` builds the client from the URL and [`OpenOptions`], `retry` decides
+//! what is retried and how long to wait, `object` sends the requests on one object,
+//! `upload` carries NARs up (parts, upload memory, server-side copy), `batch` runs many
+//! requests at once, and `sweep` removes what killed uploads left behind.
+
+mod batch;
+mod config;
+mod object;
+mod retry;
+mod sweep;
+#[cfg(test)]
+mod testing;
+mod upload;
+
+use super::url::CacheUrl;
+use super::{BinaryCache, CacheError, NarUpload, OpenOptions};
+use crate::format::store_path::StorePath;
+use aws_sdk_s3::types::StorageClass;
+use batch::{LIST_THRESHOLD, concurrently};
+pub use config::http_client;
+use retry::join_error;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::task::JoinSet;
+use upload::UploadMemory;
+pub use upload::part_size;
+pub(crate) use upload::{MIN_PART, MIN_S3_PART};
+
+pub const NARINFO_TYPE: &str = "text/x-nix-narinfo";
+pub const NAR_TYPE: &str = "application/x-nix-nar";
+pub const CACHE_INFO_TYPE: &str = "text/x-nix-cache-info";
+
+/// Prefix of staging objects for multipart uploads (never referenced by a narinfo).
+const STAGING_PREFIX: &str = ".narflow-staging/";
+
+/// What the pipeline and the batch tasks share.
+#[derive(Debug)]
+struct Shared {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    url: String,
+    storage_class: Option<StorageClass>,
+    retries: u32,
+    /// Requests in flight at once (`S3Tuning::concurrency`): of one batch (HEADs, GETs,
+    /// narinfo PUTs), of the uploads committing (the pipeline's finishing threads), and
+    /// at most that many parts or part copies of one NAR.
+    concurrency: usize,
+    /// Staging objects larger than this are copied in parts (UploadPartCopy) of this size.
+    copy_part: u64,
+    /// Smallest multipart part (`S3Tuning::min_part_size`).
+    min_part: u64,
+    rt: tokio::runtime::Runtime,
+    memory: Arc<UploadMemory>,
+    /// Requests sent and retried, by operation.
+    counts: retry::Counts,
+}
+
+#[derive(Debug)]
+pub struct S3Cache {
+    shared: Arc<Shared>,
+}
+
+impl S3Cache {
+    /// Builds the client for `s3://bucket?...`. Nothing is sent yet.
+    ///
+    /// # Errors
+    /// [`CacheError::Config`] for bad parameters.
+    /// Uploads buffer at most `opts.upload_memory` bytes; `opts.s3` says how to talk to
+    /// the server.
+    pub fn open(bucket: &str, url: &CacheUrl, opts: &OpenOptions) -> Result<Self, CacheError> {
+        Self::build(bucket, url, opts, None)
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.shared.rt.block_on(f)
+    }
+}
+
+impl BinaryCache for S3Cache {
+    fn url(&self) -> &str {
+        &self.shared.url
+    }
+
+    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError> {
+        let s = &self.shared;
+        // The first request of a run: if the endpoint cannot be reached even after the
+        // retries, no path can go up, so it fails the run (exit 2), not each path; the
+        // daemon retries it as the transient error it is.
+        let unreachable = |e: CacheError| match e {
+            CacheError::Remote {
+                transient: true,
+                message,
+                ..
+            } => CacheError::Unreachable(format!(
+                "{}: cannot reach the S3 endpoint: {message}",
+                s.url
+            )),
+            other => other,
+        };
+        self.block_on(async {
+            let existing = s.get_text("nix-cache-info").await.map_err(unreachable)?;
+            match super::cache_info_to_write(&s.url, existing.as_deref(), store_dir)? {
+                Some(text) => s.put("nix-cache-info", text.into(), CACHE_INFO_TYPE).await,
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn has_narinfo(&self, path: &StorePath) -> Result<bool, CacheError> {
+        self.block_on(self.shared.exists(&super::narinfo_key(path)))
+    }
+
+    fn has_narinfos(&self, paths: &[StorePath]) -> Result<Vec<bool>, CacheError> {
+        let s = self.shared.clone();
+        let keys: Vec<String> = paths.iter().map(super::narinfo_key).collect();
+        self.block_on(async move {
+            if keys.len() >= LIST_THRESHOLD {
+                // One listing page answers 1,000 keys: cheaper than the HEADs while the
+                // cache holds no more than a few times the paths asked about.
+                let pages = keys.len().div_ceil(1000) * 4;
+                if let Some(present) = s.list_narinfos(pages).await? {
+                    return Ok(keys.iter().map(|k| present.contains(k)).collect());
+                }
+            }
+            concurrently(&s, keys, |s, key| async move { s.exists(&key).await }).await
+        })
+    }
+
+    fn has_object(&self, key: &str) -> Result<bool, CacheError> {
+        self.block_on(self.shared.exists(key))
+    }
+
+    fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
+        Ok(Box::new(upload::S3NarUpload::begin(
+            &self.shared,
+            nar_size,
+        )?))
+    }
+
+    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError> {
+        let body = bytes::Bytes::copy_from_slice(text.as_bytes());
+        self.block_on(
+            self.shared
+                .put(&super::narinfo_key(path), body, NARINFO_TYPE),
+        )
+    }
+
+    fn put_object(&self, key: &str, bytes: &[u8], content_type: &str) -> Result<(), CacheError> {
+        let body = bytes::Bytes::copy_from_slice(bytes);
+        self.block_on(self.shared.put(key, body, content_type))
+    }
+
+    fn put_narinfos(&self, narinfos: &[(StorePath, String)]) -> Result<(), CacheError> {
+        let s = self.shared.clone();
+        let items: Vec<(String, bytes::Bytes)> = narinfos
+            .iter()
+            .map(|(p, t)| (super::narinfo_key(p), bytes::Bytes::from(t.clone())))
+            .collect();
+        self.block_on(async move {
+            let mut set = JoinSet::new();
+            let mut items = items.into_iter();
+            let mut first_error = None;
+            loop {
+                while set.len() < s.concurrency {
+                    let Some((key, body)) = items.next() else {
+                        break;
+                    };
+                    let s = s.clone();
+                    set.spawn(async move { s.put(&key, body, NARINFO_TYPE).await });
+                }
+                match set.join_next().await {
+                    None => break,
+                    Some(r) => {
+                        if let Err(e) = r.map_err(|e| join_error(&s.url, e)).and_then(|r| r) {
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        })
+    }
+
+    fn sync(&self) -> Result<(), CacheError> {
+        // A successful PUT or CompleteMultipartUpload is durable on S3.
+        Ok(())
+    }
+
+    fn upload_concurrency(&self) -> usize {
+        self.shared.concurrency
+    }
+
+    fn object_size(&self, key: &str) -> Result<Option<u64>, CacheError> {
+        self.block_on(self.shared.size(key))
+    }
+
+    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, CacheError> {
+        self.block_on(self.shared.get_text_lossy(&super::narinfo_key(path)))
+    }
+
+    fn get_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
+        let s = self.shared.clone();
+        let keys: Vec<String> = paths.iter().map(super::narinfo_key).collect();
+        self.block_on(async move {
+            concurrently(
+                &s,
+                keys,
+                |s, key| async move { s.get_text_lossy(&key).await },
+            )
+            .await
+        })
+    }
+
+    /// Aborts the multipart uploads under the staging prefix and under `nar/` (a
+    /// multi-part copy to a final key whose push was killed), and deletes the staging
+    /// objects, that were started (Initiated) or written (LastModified) more than `grace`
+    /// ago by this machine's clock; younger ones may belong to an upload running elsewhere.
+    /// Objects under `nar/` are never deleted here.
+    fn request_counts(&self) -> Vec<super::RequestCount> {
+        self.shared.counts.snapshot()
+    }
+
+    fn sweep_orphans(&self, grace: Duration) -> Result<u64, CacheError> {
+        let cutoff = SystemTime::now()
+            .checked_sub(grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        self.sweep(&[STAGING_PREFIX, "nar/"], STAGING_PREFIX, cutoff)
+    }
+}

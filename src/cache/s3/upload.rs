@@ -1,0 +1,790 @@
+//! NAR uploads: one PutObject for a NAR below one part, else a multipart upload to a
+//! staging key copied server-side to its final key; the upload memory its buffers reserve.
+use super::retry::{Answer, Op, join_error, unreadable_success};
+use super::{NAR_TYPE, STAGING_PREFIX, Shared};
+use crate::cache::{CacheError, NarUpload};
+use aws_sdk_s3::error::ProvideErrorMetadata;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use std::io::{self, Write};
+use std::sync::Arc;
+use tokio::task::JoinSet;
+
+/// Smallest part we upload: S3 requires 5 MiB for every part but the last; a little more
+/// keeps the request count down at no memory cost worth counting.
+pub(crate) const MIN_PART: u64 = 8 << 20;
+/// S3 allows 10,000 parts; leave room for compressed data a little larger than the NAR.
+const MAX_PARTS: u64 = 9_000;
+/// Most parts of one NAR uploading at once: enough to keep a link busy while one part
+/// waits for its answer. More would only take upload memory that other NARs finishing at
+/// the same time (up to `S3Tuning::concurrency` of them) could use; fewer when parts are
+/// large next to the upload memory or the concurrency is lower (see [`parts_in_flight`]).
+const PARTS_IN_FLIGHT: usize = 4;
+/// A part may take at most this share of the upload memory, so that the parts being
+/// filled of several NARs assembled at once fit beside each other.
+const PART_SHARE: u64 = 4;
+/// The smallest part S3 takes (all but the last part of an upload).
+pub(crate) const MIN_S3_PART: u64 = 5 << 20;
+/// The largest object one CopyObject may copy on AWS (5 GiB); larger staging objects are
+/// copied in parts with UploadPartCopy.
+pub(super) const COPY_LIMIT: u64 = 5 << 30;
+/// Part size of a multi-part copy: a tenth of the copy limit keeps each server-side copy
+/// request short; more parts are used when 10,000 of these would not cover the object.
+const COPY_PART: u64 = 512 << 20;
+/// Most part copies of one object in flight at once (server-side work, no memory here;
+/// fewer when `S3Tuning::concurrency` is lower).
+const COPY_PARTS_IN_FLIGHT: usize = 8;
+
+/// Part size for a NAR of `nar_size` bytes: at least [`MIN_PART`], and large enough that
+/// even a NAR that does not compress at all fits in [`MAX_PARTS`] parts.
+pub fn part_size(nar_size: u64) -> u64 {
+    let worst = nar_size + nar_size / 64 + (1 << 20);
+    worst
+        .div_ceil(MAX_PARTS)
+        .next_multiple_of(1 << 20)
+        .max(MIN_PART)
+}
+
+/// An upper bound on the compressed size of a NAR of `nar_size` bytes: zstd and xz add
+/// well under 1/64 to incompressible data, plus a few hundred bytes of framing per chunk
+/// (chunks are at least 64 KiB, so 1/64 covers those too) and per stream.
+fn compressed_bound(nar_size: u64) -> u64 {
+    nar_size + nar_size / 64 + (64 << 10)
+}
+
+/// Parts of one upload in flight at once, for parts of `part` bytes and `capacity` bytes
+/// of upload memory: at most [`PARTS_IN_FLIGHT`] and `concurrency`, and together no more
+/// than a [`PART_SHARE`] of the memory (at least one).
+fn parts_in_flight(part: u64, capacity: u64, concurrency: usize) -> usize {
+    usize::try_from(capacity / PART_SHARE / part.max(1))
+        .unwrap_or(usize::MAX)
+        .clamp(1, PARTS_IN_FLIGHT.min(concurrency).max(1))
+}
+
+/// The S3 upload memory: bytes of NAR data buffered on their way to S3.
+///
+/// A buffer reserves the whole part it will hold before the first byte goes in (no
+/// hold-and-wait: a writer never holds part of a buffer while waiting for the rest), and
+/// a part in flight keeps its reservation until its request is done. Reservations of
+/// buffers still being filled are counted apart: they are only released by the thread
+/// that fills them, which may be the very thread that waits. So a reservation waits only
+/// while parts in flight (which finish on their own) can still free enough; when only
+/// buffers being filled hold the memory, waiting could never end, and the reservation is
+/// granted beyond the capacity instead (by at most those buffers) — never a deadlock.
+#[derive(Debug)]
+pub(super) struct UploadMemory {
+    capacity: u64,
+    state: std::sync::Mutex<MemoryState>,
+    freed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    /// Bytes reserved in all.
+    reserved: u64,
+    /// Of those, reserved by buffers being filled.
+    filling: u64,
+}
+
+impl UploadMemory {
+    pub(super) fn new(capacity: u64) -> Self {
+        UploadMemory {
+            capacity,
+            state: std::sync::Mutex::new(MemoryState::default()),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Reserves `bytes` for a buffer about to be filled.
+    fn reserve(self: &Arc<Self>, bytes: u64) -> Reservation {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.reserved + bytes > self.capacity
+            && st.filling + bytes <= self.capacity
+            && st.reserved > st.filling
+        {
+            st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if st.reserved + bytes > self.capacity {
+            tracing::debug!(
+                "S3 upload memory: {bytes} bytes granted beyond {} ({} held by buffers being filled)",
+                self.capacity,
+                st.filling
+            );
+        }
+        st.reserved += bytes;
+        st.filling += bytes;
+        Reservation {
+            memory: self.clone(),
+            bytes,
+            filling: true,
+        }
+    }
+}
+
+/// Bytes of [`UploadMemory`], returned when dropped.
+#[derive(Debug)]
+struct Reservation {
+    memory: Arc<UploadMemory>,
+    bytes: u64,
+    /// Held by a buffer being filled (else by a request in flight).
+    filling: bool,
+}
+
+impl Reservation {
+    /// The buffer is full and goes out in a request, which releases it on its own.
+    fn in_flight(mut self) -> Self {
+        if self.filling {
+            let mut st = self.memory.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.filling -= self.bytes;
+            self.filling = false;
+            drop(st);
+            // A waiter may now see that waiting can succeed.
+            self.memory.freed.notify_all();
+        }
+        self
+    }
+}
+
+impl Reservation {
+    /// Takes over `other`'s bytes (both held by the same buffer being filled).
+    fn absorb(&mut self, mut other: Reservation) {
+        debug_assert!(self.filling && other.filling);
+        self.bytes += other.bytes;
+        other.bytes = 0;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut st = self.memory.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.reserved -= self.bytes;
+        if self.filling {
+            st.filling -= self.bytes;
+        }
+        drop(st);
+        self.memory.freed.notify_all();
+    }
+}
+
+impl Shared {
+    /// Copies `staging` (`size` bytes) to `key` with one CopyObject.
+    async fn copy(&self, staging: &str, key: &str, size: u64) -> Result<(), CacheError> {
+        let source = format!("{}/{staging}", self.bucket);
+        let answer = self
+            .retry(Op::CopyObject, key, || async {
+                let r = self
+                    .client
+                    .copy_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .copy_source(&source)
+                    .content_type(NAR_TYPE)
+                    .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+                    .set_storage_class(self.storage_class.clone())
+                    .send()
+                    .await;
+                match r {
+                    Ok(_) => Ok(Answer::Done),
+                    Err(e) if unreadable_success(&e) => Ok(Answer::Unknown),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        if answer == Answer::Unknown {
+            self.check_size(key, size, "CopyObject").await?;
+        }
+        Ok(())
+    }
+
+    /// Copies `staging` (`size` bytes) to `key` server-side in parts (UploadPartCopy),
+    /// for objects beyond what one CopyObject may copy. A failure aborts the copy's
+    /// multipart upload.
+    async fn copy_in_parts(
+        self: &Arc<Self>,
+        staging: &str,
+        key: &str,
+        size: u64,
+    ) -> Result<(), CacheError> {
+        let part = self
+            .copy_part
+            .min(COPY_PART)
+            .max(size.div_ceil(10_000).next_multiple_of(1 << 20))
+            .max(MIN_S3_PART);
+        let created = self
+            .retry(Op::CreateMultipartUpload, key, || {
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .content_type(NAR_TYPE)
+                    .set_storage_class(self.storage_class.clone())
+                    .send()
+            })
+            .await?;
+        let id = created.upload_id().unwrap_or_default().to_owned();
+        let r = self.copy_parts(staging, key, &id, size, part).await;
+        if r.is_err() {
+            let abort = self.abort(key, &id).await;
+            if let Err(e) = abort {
+                tracing::warn!("could not abort the multi-part copy {id} to {key}: {e}");
+            }
+        }
+        r
+    }
+
+    async fn copy_parts(
+        self: &Arc<Self>,
+        staging: &str,
+        key: &str,
+        id: &str,
+        size: u64,
+        part: u64,
+    ) -> Result<(), CacheError> {
+        let source = format!("{}/{staging}", self.bucket);
+        let ranges: Vec<(i32, u64, u64)> = (0..size.div_ceil(part))
+            .map(|i| {
+                let start = i * part;
+                (i as i32 + 1, start, (start + part).min(size) - 1)
+            })
+            .collect();
+        let mut done = Vec::with_capacity(ranges.len());
+        let mut parts = ranges.into_iter();
+        let mut set = JoinSet::new();
+        loop {
+            while set.len() < COPY_PARTS_IN_FLIGHT.min(self.concurrency) {
+                let Some((number, first, last)) = parts.next() else {
+                    break;
+                };
+                let (s, source, key, id) =
+                    (self.clone(), source.clone(), key.to_owned(), id.to_owned());
+                set.spawn(async move {
+                    let out = s
+                        .retry(Op::UploadPartCopy, &key, || {
+                            s.client
+                                .upload_part_copy()
+                                .bucket(&s.bucket)
+                                .key(&key)
+                                .upload_id(&id)
+                                .part_number(number)
+                                .copy_source(&source)
+                                .copy_source_range(format!("bytes={first}-{last}"))
+                                .send()
+                        })
+                        .await?;
+                    Ok::<_, CacheError>(
+                        CompletedPart::builder()
+                            .part_number(number)
+                            .set_e_tag(
+                                out.copy_part_result()
+                                    .and_then(|r| r.e_tag())
+                                    .map(str::to_owned),
+                            )
+                            .build(),
+                    )
+                });
+            }
+            match set.join_next().await {
+                None => break,
+                Some(r) => done.push(r.map_err(|e| join_error(&self.url, e))??),
+            }
+        }
+        done.sort_by_key(|p| p.part_number());
+        let completed = CompletedMultipartUpload::builder()
+            .set_parts(Some(done))
+            .build();
+        let answer = self
+            .retry(Op::CompleteMultipartUpload, key, || async {
+                let r = self
+                    .client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .multipart_upload(completed.clone())
+                    .send()
+                    .await;
+                match r {
+                    Ok(_) => Ok(Answer::Done),
+                    Err(e) if e.code() == Some("NoSuchUpload") || unreadable_success(&e) => {
+                        Ok(Answer::Unknown)
+                    }
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        if answer == Answer::Unknown {
+            self.check_size(key, size, "CompleteMultipartUpload")
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// `bytes` in MiB, rounded up, as `--memory` takes it (`123M`).
+fn human_size(bytes: u64) -> String {
+    format!("{}M", bytes.div_ceil(1 << 20))
+}
+
+/// Aborts every multipart upload on `key` but `keep` (best effort: failures are logged).
+async fn abort_others(s: &Shared, key: &str, keep: &str) {
+    let listed = s
+        .retry(Op::ListMultipartUploads, key, || {
+            s.client
+                .list_multipart_uploads()
+                .bucket(&s.bucket)
+                .prefix(key)
+                .send()
+        })
+        .await;
+    let uploads = match listed {
+        Ok(l) => l.uploads().to_vec(),
+        Err(e) => return tracing::warn!("could not list multipart uploads of {key}: {e}"),
+    };
+    for u in uploads {
+        let (Some(k), Some(id)) = (u.key(), u.upload_id()) else {
+            continue;
+        };
+        if k != key || id == keep {
+            continue;
+        }
+        let r = s.abort(key, id).await;
+        if let Err(e) = r {
+            tracing::warn!("could not abort the orphaned multipart upload {id} of {key}: {e}");
+        }
+    }
+}
+
+/// A multipart upload to a staging key.
+struct Multipart {
+    staging: String,
+    /// Cleared once the upload is known to be complete (nothing left to abort).
+    upload_id: String,
+    /// Bytes sent in parts so far: what the staging object must hold once complete.
+    sent: u64,
+    /// A CompleteMultipartUpload was sent: the staging object may exist.
+    completing: bool,
+    next_part: i32,
+    in_flight: JoinSet<Result<CompletedPart, CacheError>>,
+    done: Vec<CompletedPart>,
+}
+
+/// A NAR on its way to S3: buffered until it is known to be small (one PUT) or a part is
+/// full (multipart). Dropped without commit, it cleans up after itself.
+pub(super) struct S3NarUpload {
+    shared: Arc<Shared>,
+    part_size: usize,
+    parts_in_flight: usize,
+    /// What the first buffer reserves: the whole compressed NAR when it fits in a part.
+    first_reserve: u64,
+    buf: Vec<u8>,
+    /// The upload memory reserved for `buf` (taken before its first byte).
+    reservation: Option<Reservation>,
+    multipart: Option<Multipart>,
+}
+
+impl S3NarUpload {
+    /// Starts the upload of a NAR of `nar_size` bytes (nothing is sent yet).
+    ///
+    /// # Errors
+    /// [`CacheError::Config`] when its parts cannot fit the upload memory.
+    pub(super) fn begin(shared: &Arc<Shared>, nar_size: u64) -> Result<Self, CacheError> {
+        let part = part_size(nar_size).max(shared.min_part);
+        let capacity = shared.memory.capacity;
+        if part > capacity / PART_SHARE {
+            let memory = part * PART_SHARE;
+            return Err(CacheError::Config(format!(
+                "{}: a NAR of {nar_size} bytes goes up in parts of {part} bytes, more than \
+                 1/{PART_SHARE} of the S3 upload memory ({capacity} bytes); it needs an upload \
+                 memory of {} or more (raise --memory)",
+                shared.url,
+                human_size(memory)
+            )));
+        }
+        Ok(S3NarUpload {
+            shared: shared.clone(),
+            part_size: part as usize,
+            parts_in_flight: parts_in_flight(part, capacity, shared.concurrency),
+            // The first buffer holds the whole NAR when it stays below one part.
+            first_reserve: compressed_bound(nar_size).min(part),
+            buf: Vec::new(),
+            reservation: None,
+            multipart: None,
+        })
+    }
+
+    fn staging_key() -> String {
+        // Random (fastrand seeds each thread randomly), with the process id beside it.
+        format!(
+            "{STAGING_PREFIX}{:016x}{:08x}",
+            fastrand::u64(..),
+            std::process::id()
+        )
+    }
+
+    /// Sends the buffer as the next part (starting the multipart upload if needed), then
+    /// waits while too many parts are in flight.
+    fn send_part(&mut self) -> Result<(), CacheError> {
+        let s = self.shared.clone();
+        if self.multipart.is_none() {
+            let staging = Self::staging_key();
+            let id =
+                s.rt.block_on(s.retry(Op::CreateMultipartUpload, &staging, || {
+                    s.client
+                        .create_multipart_upload()
+                        .bucket(&s.bucket)
+                        .key(&staging)
+                        .content_type(NAR_TYPE)
+                        .set_storage_class(s.storage_class.clone())
+                        .send()
+                }))?;
+            let upload_id = id.upload_id().unwrap_or_default().to_owned();
+            self.multipart = Some(Multipart {
+                staging,
+                upload_id,
+                sent: 0,
+                completing: false,
+                next_part: 1,
+                in_flight: JoinSet::new(),
+                done: Vec::new(),
+            });
+        }
+        let m = self.multipart.as_mut().expect("started above");
+        let body = bytes::Bytes::from(std::mem::take(&mut self.buf));
+        m.sent += body.len() as u64;
+        let reservation = self.reservation.take().map(Reservation::in_flight);
+        let (number, key, id, task_shared) = (
+            m.next_part,
+            m.staging.clone(),
+            m.upload_id.clone(),
+            s.clone(),
+        );
+        m.next_part += 1;
+        let _guard = s.rt.enter();
+        m.in_flight.spawn(async move {
+            let s = task_shared;
+            let out = s
+                .retry(Op::UploadPart, &key, || {
+                    s.client
+                        .upload_part()
+                        .bucket(&s.bucket)
+                        .key(&key)
+                        .upload_id(&id)
+                        .part_number(number)
+                        .body(ByteStream::from(body.clone()))
+                        .send()
+                })
+                .await?;
+            drop(reservation); // the part's bytes are sent: give their memory back
+            Ok(CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(out.e_tag().map(str::to_owned))
+                .build())
+        });
+        while m.in_flight.len() >= self.parts_in_flight {
+            Self::join_one(&s, m)?;
+        }
+        Ok(())
+    }
+
+    fn join_one(s: &Shared, m: &mut Multipart) -> Result<(), CacheError> {
+        if let Some(r) = s.rt.block_on(m.in_flight.join_next()) {
+            m.done.push(r.map_err(|e| join_error(&s.url, e))??);
+        }
+        Ok(())
+    }
+
+    fn finish_multipart(&mut self, key: &str) -> Result<(), CacheError> {
+        if !self.buf.is_empty() {
+            self.send_part()?;
+        }
+        let s = self.shared.clone();
+        let m = self.multipart.as_mut().expect("multipart upload");
+        while !m.in_flight.is_empty() {
+            Self::join_one(&s, m)?;
+        }
+        m.done.sort_by_key(|p| p.part_number());
+        let parts = CompletedMultipartUpload::builder()
+            .set_parts(Some(m.done.clone()))
+            .build();
+        let (staging, upload_id, size) = (m.staging.clone(), m.upload_id.clone(), m.sent);
+        // From the first Complete on, the staging object may exist: Drop deletes it too.
+        m.completing = true;
+        let sent_before = std::sync::atomic::AtomicBool::new(false);
+        let answer =
+            s.rt.block_on(s.retry(Op::CompleteMultipartUpload, &staging, || async {
+                let retried = sent_before.swap(true, std::sync::atomic::Ordering::Relaxed);
+                let r = s
+                    .client
+                    .complete_multipart_upload()
+                    .bucket(&s.bucket)
+                    .key(&staging)
+                    .upload_id(&upload_id)
+                    .multipart_upload(parts.clone())
+                    .send()
+                    .await;
+                match r {
+                    Ok(_) => Ok(Answer::Done),
+                    // A retry after a lost response: the first attempt may have completed it.
+                    Err(e) if e.code() == Some("NoSuchUpload") => Ok(Answer::Unknown),
+                    Err(e) if unreadable_success(&e) => Ok(Answer::Unknown),
+                    // A retry after an attempt whose outcome is unknown: some servers (moto)
+                    // answer a completed upload's id with a 500, not NoSuchUpload.
+                    Err(_)
+                        if retried
+                            && s.check_size(&staging, size, "CompleteMultipartUpload")
+                                .await
+                                .is_ok() =>
+                    {
+                        Ok(Answer::Done)
+                    }
+                    Err(e) => Err(e),
+                }
+            }))?;
+        if answer == Answer::Unknown {
+            s.rt.block_on(s.check_size(&staging, size, "CompleteMultipartUpload"))?;
+        }
+        // The staging object exists and is complete: nothing is left to abort.
+        m.upload_id.clear();
+        // A CreateMultipartUpload whose response was lost and retried leaves another
+        // upload on the same (unique) staging key: abort any such orphan.
+        s.rt.block_on(abort_others(&s, &staging, &upload_id));
+        if size > s.copy_part {
+            s.rt.block_on(s.copy_in_parts(&staging, key, size))?;
+        } else {
+            s.rt.block_on(s.copy(&staging, key, size))?;
+        }
+        let staging = std::mem::take(&mut m.staging);
+        self.multipart = None;
+        if let Err(e) = s.rt.block_on(s.delete(&staging)) {
+            tracing::warn!("could not delete the staging object {staging}: {e}");
+        }
+        Ok(())
+    }
+}
+
+impl Write for S3NarUpload {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut rest = data;
+        while !rest.is_empty() {
+            let reserved = match &mut self.reservation {
+                Some(r) => r.bytes,
+                None => {
+                    let bytes = if self.multipart.is_none() && self.buf.is_empty() {
+                        self.first_reserve
+                    } else {
+                        self.part_size as u64
+                    };
+                    self.reservation = Some(self.shared.memory.reserve(bytes));
+                    bytes
+                }
+            };
+            let room = (self.part_size - self.buf.len()).min(rest.len());
+            let (now, later) = rest.split_at(room);
+            let needed = (self.buf.len() + now.len()) as u64;
+            if needed > reserved {
+                // The compressed NAR outgrew its estimate: reserve the whole part (the
+                // buffer's bytes stay counted meanwhile, so this is no hold-and-wait).
+                let more = self.shared.memory.reserve(self.part_size as u64 - reserved);
+                self.reservation
+                    .as_mut()
+                    .expect("reserved above")
+                    .absorb(more);
+            }
+            self.buf.extend_from_slice(now);
+            rest = later;
+            if self.buf.len() >= self.part_size {
+                self.send_part().map_err(io::Error::other)?;
+            }
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl NarUpload for S3NarUpload {
+    fn commit(mut self: Box<Self>, key: &str) -> Result<(), CacheError> {
+        if self.multipart.is_some() {
+            return self.finish_multipart(key);
+        }
+        let body = bytes::Bytes::from(std::mem::take(&mut self.buf));
+        // Released when the PUT is done, without waiting for anyone.
+        let _reservation = self.reservation.take().map(Reservation::in_flight);
+        let s = self.shared.clone();
+        s.rt.block_on(s.put(key, body, NAR_TYPE))
+    }
+}
+
+impl Drop for S3NarUpload {
+    fn drop(&mut self) {
+        let Some(m) = self.multipart.take() else {
+            return;
+        };
+        let s = self.shared.clone();
+        let mut in_flight = m.in_flight;
+        s.rt.block_on(async {
+            in_flight.shutdown().await;
+            if !m.upload_id.is_empty() {
+                // Completed (or aborted) already counts as aborted: the staging object
+                // below is what may be left.
+                let r = s.abort(&m.staging, &m.upload_id).await;
+                if let Err(e) = r {
+                    tracing::warn!("could not abort the multipart upload of {}: {e}", m.staging);
+                }
+            }
+            // Once a Complete was sent the staging object may exist, whatever its answer
+            // said; deleting a missing key succeeds.
+            if (m.completing || m.upload_id.is_empty())
+                && !m.staging.is_empty()
+                && let Err(e) = s.delete(&m.staging).await
+            {
+                tracing::warn!("could not delete the staging object {}: {e}", m.staging);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::*;
+    use crate::cache::BinaryCache;
+    use std::time::Duration;
+
+    #[test]
+    fn part_sizes_fit_any_nar_in_the_part_limit() {
+        assert_eq!(part_size(0), MIN_PART);
+        assert_eq!(part_size(100 << 20), MIN_PART);
+        for nar in [1u64 << 30, 100 << 30, 5 << 40] {
+            let p = part_size(nar);
+            assert!(p >= MIN_PART && p.is_multiple_of(1 << 20));
+            // Even incompressible data (zstd adds < 1/64) fits in 10,000 parts.
+            assert!((nar + nar / 64).div_ceil(p) <= 10_000, "{nar}: {p}");
+        }
+    }
+
+    /// Two NARs of about 560 GiB (parts of 65 MiB) assembled at once by one thread, as
+    /// the sink does: with a budget taken a write at a time, each buffer held half the
+    /// memory and waited for the rest forever. Reserving whole parts, both go on.
+    #[test]
+    fn two_huge_nars_assembled_together_do_not_deadlock() {
+        let endpoint = accepting_server();
+        let nar: u64 = 560 << 30;
+        let memory = 320 << 20;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        let worker = std::thread::spawn(move || {
+            let cache = cache_at(&endpoint, memory);
+            let part = part_size(nar);
+            assert!(part > (128 << 20) / 2, "the case that deadlocked: {part}");
+            let mut a = cache.begin_nar(nar).unwrap();
+            let mut b = cache.begin_nar(nar).unwrap();
+            let chunk = vec![7u8; 4 << 20];
+            // Three parts' worth each, interleaved chunk by chunk.
+            for _ in 0..(3 * part / chunk.len() as u64 + 1) {
+                a.write_all(&chunk).unwrap();
+                b.write_all(&chunk).unwrap();
+            }
+            drop((a, b)); // aborts both uploads
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !worker.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the two uploads are stuck waiting for each other's memory"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        worker.join().unwrap();
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    /// A NAR whose parts cannot fit the upload memory fails at once, saying which
+    /// --memory would do (it used to wait forever for memory that could never be free).
+    #[test]
+    fn a_nar_too_large_for_the_memory_fails_naming_the_memory_it_needs() {
+        let cache = cache_at("http://127.0.0.1:1", 64 << 20);
+        let nar: u64 = 1100 << 30;
+        let e = match cache.begin_nar(nar) {
+            Ok(_) => panic!("a {nar}-byte NAR was accepted with 64 MiB"),
+            Err(e) => e.to_string(),
+        };
+        let part = part_size(nar);
+        let needed = part * PART_SHARE;
+        assert!(
+            e.contains(&format!("upload memory of {} or more", human_size(needed))),
+            "{e}"
+        );
+        assert!(e.contains(&format!("{nar} bytes")), "{e}");
+        // And that much memory does take it.
+        let cache = cache_at("http://127.0.0.1:1", needed);
+        assert!(cache.begin_nar(nar).is_ok());
+    }
+
+    /// Runs `f` on a thread and fails (instead of hanging) if it takes more than 30 s.
+    fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let worker = std::thread::spawn(f);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !worker.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stuck waiting for memory"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        worker.join().unwrap()
+    }
+
+    /// Three buffers filled by one thread, as the sink fills its open uploads: the third
+    /// does not fit, and nothing but the other two (which only this thread can finish)
+    /// holds the memory, so waiting would never end; it is granted instead.
+    #[test]
+    fn a_reservation_only_buffers_being_filled_could_free_is_granted() {
+        let memory = Arc::new(UploadMemory::new(100));
+        let held = within_deadline({
+            let memory = memory.clone();
+            move || [memory.reserve(40), memory.reserve(40), memory.reserve(40)]
+        });
+        assert_eq!(memory.state.lock().unwrap().reserved, 120);
+        drop(held);
+        assert_eq!(memory.state.lock().unwrap().reserved, 0);
+    }
+
+    /// While parts in flight hold the memory, a reservation waits for them (they finish
+    /// on their own) instead of going beyond the capacity.
+    #[test]
+    fn a_reservation_waits_for_parts_in_flight() {
+        let memory = Arc::new(UploadMemory::new(100));
+        let part = memory.reserve(70).in_flight();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let waiter = {
+            let memory = memory.clone();
+            std::thread::spawn(move || {
+                let r = memory.reserve(50);
+                tx.send(()).unwrap();
+                r
+            })
+        };
+        // Not granted while the part is in flight: 70 + 50 > 100.
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        drop(part);
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("granted once the part is done");
+        let r = waiter.join().unwrap();
+        assert_eq!(memory.state.lock().unwrap().reserved, 50);
+        drop(r);
+    }
+
+    #[test]
+    fn parts_in_flight_shrink_as_parts_grow_but_never_below_one() {
+        assert_eq!(parts_in_flight(8 << 20, 128 << 20, 32), 4);
+        assert_eq!(parts_in_flight(16 << 20, 128 << 20, 32), 2);
+        assert_eq!(parts_in_flight(32 << 20, 128 << 20, 32), 1);
+        assert_eq!(parts_in_flight(64 << 20, 128 << 20, 32), 1);
+        // Never more than the requests the tuning allows at once.
+        assert_eq!(parts_in_flight(8 << 20, 128 << 20, 2), 2);
+        assert_eq!(parts_in_flight(8 << 20, 1 << 30, 1), 1);
+    }
+}
