@@ -404,7 +404,13 @@ mod tests {
         let mut finished = false;
         while !finished {
             finished = writers.iter().all(|w| w.is_finished());
-            if let Some(t) = take(dir.path()).unwrap() {
+            // Four writers can keep the lock busy past the drain's bounded wait on a loaded
+            // machine; the daemon then drains on its next tick, and so does this loop.
+            let taken = match take(dir.path()) {
+                Err(e) if e.kind() == io::ErrorKind::TimedOut && !finished => continue,
+                r => r.unwrap(),
+            };
+            if let Some(t) = taken {
                 seen.extend(t.lines.iter().cloned());
                 t.done().unwrap();
             }
