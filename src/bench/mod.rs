@@ -48,6 +48,7 @@ use crate::nar_fs::{NarWriteError, dump_path, hash_path};
 use crate::pipeline::compress::{CompressionSettings, compress_chunk};
 use crate::pipeline::stats::StageStats;
 use crate::pipeline::{self, NoProgress, Outcome, PushError, PushOptions};
+use crate::settings::format_size;
 use crate::store::PathInfo;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File};

@@ -205,22 +205,6 @@ pub struct BenchReport {
     pub baseline: Option<BaselineSummary>,
 }
 
-/// `1.0 GiB`, `3.5 KiB`, `12 B`.
-pub fn human_bytes(b: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
-}
-
 pub(super) fn opt_mib(b: Option<u64>) -> String {
     b.map_or_else(|| "-".into(), |b| format!("{:.1}", b as f64 / MIB))
 }
@@ -237,8 +221,8 @@ pub fn render_table(r: &BenchReport) -> String {
         s.compression,
         s.level,
         s.jobs,
-        human_bytes(s.memory_bytes),
-        human_bytes(s.chunk_size)
+        format_size(s.memory_bytes),
+        format_size(s.chunk_size)
     );
     let _ = writeln!(
         out,
@@ -249,7 +233,7 @@ pub fn render_table(r: &BenchReport) -> String {
         } else {
             &m.cpu
         },
-        human_bytes(m.memory_bytes),
+        format_size(m.memory_bytes),
         m.kernel,
         if m.cpu_features.is_empty() {
             String::new()
@@ -378,7 +362,7 @@ pub fn render_table(r: &BenchReport) -> String {
                 "  {:<11} {:>8.1} MB/s over {} of NAR in {} chunks (ratio {:.2}, {} CPU s/GB)",
                 c.workload,
                 c.mb_per_s,
-                human_bytes(c.sample_bytes),
+                format_size(c.sample_bytes),
                 c.chunks,
                 if c.compressed_bytes > 0 {
                     c.sample_bytes as f64 / c.compressed_bytes as f64

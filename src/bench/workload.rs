@@ -95,13 +95,13 @@ impl WorkloadSpec {
     /// A one-line description, e.g. `2000 paths of 1.0–7.0 KiB`.
     pub fn describe(&self) -> String {
         if self.paths == 1 && self.min_path_bytes == self.max_path_bytes {
-            format!("1 path of {}", human_bytes(self.max_path_bytes))
+            format!("1 path of {}", format_size(self.max_path_bytes))
         } else {
             format!(
                 "{} paths of {}–{}",
                 self.paths,
-                human_bytes(self.min_path_bytes),
-                human_bytes(self.max_path_bytes)
+                format_size(self.min_path_bytes),
+                format_size(self.max_path_bytes)
             )
         }
     }

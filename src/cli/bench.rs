@@ -285,7 +285,7 @@ pub fn run(args: BenchArgs) -> Result<u8, CliError> {
         eprintln!(
             "narflow bench: {}: {} of NAR {} in {:.1} s",
             kind.name(),
-            bench::human_bytes(p.workload.nar_bytes()),
+            narflow::settings::format_size(p.workload.nar_bytes()),
             if p.generated {
                 "generated (kept for later runs)"
             } else {
@@ -322,7 +322,7 @@ pub fn run(args: BenchArgs) -> Result<u8, CliError> {
                     run.seconds,
                     run.nar_bytes as f64 / 1e6 / run.seconds.max(1e-9),
                     run.peak_rss_bytes
-                        .map_or_else(|| "-".into(), bench::human_bytes)
+                        .map_or_else(|| "-".into(), narflow::settings::format_size)
                 );
                 runs.push(run);
             }
@@ -348,7 +348,7 @@ pub fn run(args: BenchArgs) -> Result<u8, CliError> {
             c.mb_per_s,
             plan.compression.kind.nix_name(),
             c.threads,
-            bench::human_bytes(c.sample_bytes)
+            narflow::settings::format_size(c.sample_bytes)
         );
         ceilings.push(c);
     }
