@@ -26,11 +26,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-/// The config file read when neither `--config` nor `NARFLOW_CONFIG` names one; it may
-/// be missing.
-pub const DEFAULT_CONFIG: &str = "/etc/narflow/narflow.toml";
-/// The environment variable naming the config file.
-pub const CONFIG_ENV: &str = "NARFLOW_CONFIG";
+/// The config file's default path and its environment variable: the hook's, so that every
+/// command and the hook read the same file.
+pub use crate::handoff::config::{CONFIG_ENV, DEFAULT_CONFIG};
 /// How long a daemon shutdown may take when not configured.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 
