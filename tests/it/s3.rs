@@ -833,7 +833,7 @@ fn sweeping_orphans_removes_old_staging_leftovers_and_keeps_young_ones() {
     let (old_id, old_initiated) = c.create_multipart(&at("old-upload"));
     // A multi-part copy to a final key whose push was killed.
     let old_copy_key = format!("nar/{tag}old-copy");
-    let (old_copy_id, _) = c.create_multipart(&old_copy_key);
+    let (old_copy_id, old_copy_initiated) = c.create_multipart(&old_copy_key);
     let old_written = c.head(&at("old-object")).unwrap().last_modified;
     let old_initiated = old_initiated.expect("the server gives Initiated times");
     // moto answers every upload with the same Initiated time, years ago: its uploads all
@@ -845,8 +845,10 @@ fn sweeping_orphans_removes_old_staging_leftovers_and_keeps_young_ones() {
             s3.server
         );
     }
+    // The copy is made after the old upload: on a loaded machine a second or more later.
     let newest_old = [old_written.expect("the server gives times"), old_initiated]
         .into_iter()
+        .chain(old_copy_initiated)
         .max()
         .unwrap();
     let secs = newest_old
