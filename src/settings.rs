@@ -83,6 +83,16 @@ pub struct Settings {
     /// The daemon's state directory (queue, the hook's spool) [default: /var/lib/narflow].
     #[arg(long, env = "NARFLOW_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Cap the upload bandwidth at this many bytes per second, e.g. 50M (K, M, G: powers
+    /// of 1024) [default: no cap].
+    #[arg(long, env = "NARFLOW_MAX_RATE", value_name = "BYTES_PER_S")]
+    pub max_rate: Option<Size>,
+    /// Upload each uploaded path's build log (from /nix/var/log/nix/drvs) as
+    /// log/<drv name>, so `nix log --store URL PATH` finds it.
+    #[arg(long, env = "NARFLOW_UPLOAD_LOGS", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new(),
+          value_name = "BOOL")]
+    pub upload_logs: Option<bool>,
     #[command(flatten, next_help_heading = "Daemon")]
     #[serde(default)]
     pub daemon: DaemonSettings,
@@ -109,6 +119,31 @@ pub struct DaemonSettings {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, env = "NARFLOW_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Follow the Nix database and queue each path that becomes valid: `built` (paths
+    /// built on this machine) or `all` (every new path) [default: off; bare: built].
+    #[arg(long, env = "NARFLOW_WATCH_STORE", num_args = 0..=1, require_equals = true,
+          default_missing_value = "built", value_name = "built|all")]
+    pub watch_store: Option<WatchStore>,
+}
+
+/// Which new valid paths `narflow daemon --watch-store` queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchStore {
+    /// Paths Nix built on this machine (`ultimate = 1` in its database).
+    Built,
+    /// Every path that becomes valid (built, substituted, added, copied in).
+    All,
+}
+
+impl WatchStore {
+    /// The value as written: `built` or `all`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WatchStore::Built => "built",
+            WatchStore::All => "all",
+        }
+    }
 }
 
 /// `[s3]`: how an S3 cache talks to its server (ignored by `file://` caches).
@@ -187,9 +222,12 @@ pub const KEYS: &[(&str, &str)] = &[
     ("allow-insecure-key-file", "allow_insecure_key_file"),
     ("socket", "socket"),
     ("state-dir", "state_dir"),
+    ("max-rate", "max_rate"),
+    ("upload-logs", "upload_logs"),
     ("daemon.socket-group", "socket_group"),
     ("daemon.shutdown-timeout", "shutdown_timeout"),
     ("daemon.metrics-listen", "metrics_listen"),
+    ("daemon.watch-store", "watch_store"),
     ("s3.concurrency", "s3_concurrency"),
     ("s3.retries", "s3_retries"),
     ("s3.connect-timeout", "s3_connect_timeout"),
@@ -604,6 +642,8 @@ impl Settings {
                 .or(lower.allow_insecure_key_file),
             socket: self.socket.or(lower.socket),
             state_dir: self.state_dir.or(lower.state_dir),
+            max_rate: self.max_rate.or(lower.max_rate),
+            upload_logs: self.upload_logs.or(lower.upload_logs),
             daemon: DaemonSettings {
                 socket_group: self.daemon.socket_group.or(lower.daemon.socket_group),
                 shutdown_timeout: self
@@ -611,6 +651,7 @@ impl Settings {
                     .shutdown_timeout
                     .or(lower.daemon.shutdown_timeout),
                 metrics_listen: self.daemon.metrics_listen.or(lower.daemon.metrics_listen),
+                watch_store: self.daemon.watch_store.or(lower.daemon.watch_store),
             },
             s3: S3Settings {
                 concurrency: self.s3.concurrency.or(lower.s3.concurrency),
@@ -839,6 +880,9 @@ impl Merged {
                 .shutdown_timeout
                 .map_or(DEFAULT_SHUTDOWN_TIMEOUT, |t| t.0),
             metrics_listen: s.daemon.metrics_listen,
+            watch_store: s.daemon.watch_store,
+            max_rate: s.max_rate.map(|r| r.0),
+            upload_logs: s.upload_logs.unwrap_or(false),
             s3,
             hook_timeout: s.hook.timeout.map_or(crate::hook::DEFAULT_TIMEOUT, |t| t.0),
             sources,
@@ -867,6 +911,10 @@ pub struct Resolved {
     pub socket_group: Option<String>,
     pub shutdown_timeout: Duration,
     pub metrics_listen: Option<SocketAddr>,
+    pub watch_store: Option<WatchStore>,
+    /// Upload bandwidth cap, bytes per second.
+    pub max_rate: Option<u64>,
+    pub upload_logs: bool,
     pub s3: S3Tuning,
     pub hook_timeout: Duration,
     sources: BTreeMap<&'static str, Source>,
@@ -922,6 +970,8 @@ impl Resolved {
         opts.memory = self.memory;
         opts.chunk_size = self.chunk_size;
         opts.nar_listing = self.nar_listing;
+        opts.max_rate = self.max_rate;
+        opts.upload_logs = self.upload_logs;
         opts
     }
 
@@ -952,6 +1002,9 @@ impl Resolved {
                     "daemon.socket-group" => json!(self.socket_group),
                     "daemon.shutdown-timeout" => secs(self.shutdown_timeout),
                     "daemon.metrics-listen" => json!(self.metrics_listen.map(|a| a.to_string())),
+                    "daemon.watch-store" => json!(self.watch_store.map(WatchStore::as_str)),
+                    "max-rate" => json!(self.max_rate),
+                    "upload-logs" => json!(self.upload_logs),
                     "s3.concurrency" => json!(self.s3.concurrency),
                     "s3.retries" => json!(self.s3.retries),
                     "s3.connect-timeout" => secs(self.s3.connect_timeout),
@@ -976,7 +1029,7 @@ impl Resolved {
 }
 
 /// Keys whose values are byte counts (shown as sizes to people).
-pub const SIZE_KEYS: &[&str] = &["memory", "chunk-size", "s3.part-size"];
+pub const SIZE_KEYS: &[&str] = &["memory", "chunk-size", "max-rate", "s3.part-size"];
 
 /// `scheme://user:pass@rest` as `scheme://***@rest`.
 fn redact_userinfo(url: &str) -> String {

@@ -149,6 +149,14 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     }
     /// Makes everything written so far durable.
     fn sync(&self) -> Result<(), CacheError>;
+
+    /// Every narinfo the cache holds, by the hash part of its store path, read from a
+    /// listing of the cache (one request per 1,000 keys on S3, one directory read for a
+    /// local cache) instead of a request per path. `None` when the cache cannot list;
+    /// callers then ask with [`BinaryCache::has_narinfos`].
+    fn list_narinfos(&self) -> Result<Option<NarinfoSet>, CacheError> {
+        Ok(None)
+    }
     /// Removes what interrupted uploads left behind (temporary files, staging objects,
     /// unfinished multipart uploads) that is older than `grace`, so that an upload still
     /// running elsewhere is never touched. Returns how many leftovers were removed.
@@ -292,6 +300,12 @@ pub fn open(url: &url::CacheUrl, opts: &OpenOptions) -> Result<Box<dyn BinaryCac
     }
 }
 
+/// The hash parts of the narinfos a cache holds ([`BinaryCache::list_narinfos`]), kept as
+/// the 20 bytes each nix32 hash part stands for: about 40 bytes per path in a set, so a
+/// cache of a million paths lists into some 40 MiB.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NarinfoSet(pub std::collections::HashSet<[u8; 20]>);
+
 /// What a cache's constructor is given: its share of the one memory budget, derived by
 /// the pipeline ([`crate::pipeline::PushOptions::cache_options`]), and the S3 tuning.
 #[derive(Debug, Clone, PartialEq)]
@@ -299,6 +313,8 @@ pub struct OpenOptions {
     /// Bytes of NAR data the cache may buffer on their way out (S3: small NARs whole
     /// until their PUT, large ones part by part). A local directory buffers nothing.
     pub upload_memory: u64,
+    /// Cap on the bytes per second sent to the cache (`--max-rate`); `None`: no cap.
+    pub max_rate: Option<u64>,
     pub s3: S3Tuning,
 }
 

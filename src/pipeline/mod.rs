@@ -115,6 +115,10 @@ pub struct PushOptions {
     /// Write each uploaded path's `<hash part>.ls` listing before its narinfo (the URL's
     /// `write-nar-listing=1`).
     pub nar_listing: bool,
+    /// Upload bandwidth cap in bytes per second (`--max-rate`), enforced by the cache.
+    pub max_rate: Option<u64>,
+    /// Upload each published path's build log as `log/<drv name>` (`--upload-logs`).
+    pub upload_logs: bool,
 }
 
 impl PushOptions {
@@ -129,6 +133,8 @@ impl PushOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             cancel: Cancel::new(),
             nar_listing: false,
+            max_rate: None,
+            upload_logs: false,
         }
     }
     /// What the cache's constructor is given: its share of the memory budget
@@ -136,6 +142,7 @@ impl PushOptions {
     pub fn cache_options(&self, s3: crate::cache::S3Tuning) -> crate::cache::OpenOptions {
         crate::cache::OpenOptions {
             upload_memory: Capacities::cache_memory(self.memory),
+            max_rate: self.max_rate,
             s3,
         }
     }

@@ -328,8 +328,9 @@ fn every_setting_has_one_file_key_and_every_file_key_is_read() {
     // A file that sets every key, each on its own line, is read whole.
     let file = "to = \"file:///c\"\nkey-file = [\"/k\"]\ncompression = \"xz\"\nlevel = 2\njobs = 1\n\
         memory = \"1G\"\nchunk-size = 1048576\nunsigned = true\nallow-insecure-key-file = false\n\
-        socket = \"/s\"\nstate-dir = \"/d\"\n[daemon]\nsocket-group = 30000\nshutdown-timeout = 1.5\n\
-        metrics-listen = \"127.0.0.1:9464\"\n[s3]\nconcurrency = 3\nretries = 4\n\
+        socket = \"/s\"\nstate-dir = \"/d\"\nmax-rate = \"50M\"\nupload-logs = true\n[daemon]\n\
+        socket-group = 30000\nshutdown-timeout = 1.5\nmetrics-listen = \"127.0.0.1:9464\"\n\
+        watch-store = \"all\"\n[s3]\nconcurrency = 3\nretries = 4\n\
         connect-timeout = 2\nread-timeout = 9\npart-size = \"16M\"\n[hook]\ntimeout = 0.5\n";
     let f = ConfigFile::parse(Path::new("/f"), file).unwrap();
     for (key, _) in KEYS {
@@ -342,6 +343,9 @@ fn every_setting_has_one_file_key_and_every_file_key_is_read() {
     assert_eq!(r.chunk_size, 1 << 20);
     assert_eq!(r.socket_group.as_deref(), Some("30000"));
     assert_eq!(r.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+    assert_eq!(r.max_rate, Some(50 << 20));
+    assert!(r.upload_logs);
+    assert_eq!(r.watch_store, Some(crate::settings::WatchStore::All));
     assert_eq!(r.s3.min_part_size, 16 << 20);
     assert_eq!(r.hook_timeout, Duration::from_millis(500));
     assert_eq!(r.entries().len(), KEYS.len());
@@ -431,7 +435,14 @@ fn the_example_file_names_every_key_with_its_default() {
     let defaults = Merged::new(Settings::default(), |_| None, None, None);
     let (example, defaults) = (example.resolve().unwrap(), defaults.resolve().unwrap());
     // Keys with no default (or one that depends on the machine) show an example.
-    let no_default = ["to", "jobs", "daemon.socket-group", "daemon.metrics-listen"];
+    let no_default = [
+        "to",
+        "jobs",
+        "max-rate",
+        "daemon.socket-group",
+        "daemon.metrics-listen",
+        "daemon.watch-store",
+    ];
     for (e, d) in example.entries().iter().zip(defaults.entries()) {
         if !no_default.contains(&e.key) {
             assert_eq!(

@@ -151,6 +151,7 @@ mod tests {
         let url = CacheUrl::parse("s3://b?addressing-style=sideways").unwrap();
         let opts = OpenOptions {
             upload_memory: 128 << 20,
+            max_rate: None,
             s3: S3Tuning::default(),
         };
         let e = S3Cache::open("b", &url, &opts).unwrap_err().to_string();

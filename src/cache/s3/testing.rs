@@ -158,6 +158,7 @@ pub(super) fn cache_with(endpoint: &str, memory: u64, tune: impl FnOnce(&mut S3T
     tune(&mut s3);
     let opts = OpenOptions {
         upload_memory: memory,
+        max_rate: None,
         s3,
     };
     S3Cache::build("b", &url, &opts, Some(creds)).unwrap()
