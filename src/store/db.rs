@@ -30,8 +30,23 @@ const QUERY_INFO: &str =
     "SELECT id, hash, deriver, narSize, sigs, ca FROM ValidPaths WHERE path = ?1";
 /// The ids of one path's references (answered from `Refs`' primary-key index alone).
 const QUERY_REFS: &str = "SELECT reference FROM Refs WHERE referrer = ?1";
+/// Valid paths past an id, in id (registration) order; `id` is the primary key.
+const QUERY_AFTER: &str = "SELECT id, path, registrationTime, ultimate FROM ValidPaths \
+     WHERE id > ?1 ORDER BY id LIMIT ?2";
 /// A path by id, for references not seen yet in this batch.
 const QUERY_PATH: &str = "SELECT path FROM ValidPaths WHERE id = ?1";
+
+/// One row of [`StoreDb::valid_after`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidRow {
+    /// `ValidPaths.id`: Nix assigns ids in registration order.
+    pub id: i64,
+    pub path: StorePath,
+    /// Seconds since the Unix epoch.
+    pub registration_time: i64,
+    /// Built on this machine (`ultimate = 1`), not substituted or copied in.
+    pub ultimate: bool,
+}
 
 /// A read-only connection to a Nix database. `Sync`: queries from several threads take
 /// turns on the one connection.
@@ -197,6 +212,60 @@ impl StoreDb {
                     .map_err(|reason| corrupt(&full, "output", reason))
             })
             .collect()
+    }
+
+    /// Up to `limit` valid paths registered after the one with id `after` (a
+    /// `ValidPaths.id`; 0 for the start), in id order: the order Nix registered them in.
+    /// One short read transaction; a path whose row cannot be parsed is an error naming it.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] for a row whose path is not a store path; [`StoreError::Db`].
+    pub fn valid_after(&self, after: i64, limit: usize) -> Result<Vec<ValidRow>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut stmt = conn
+            .prepare_cached(QUERY_AFTER)
+            .map_err(|e| self.db_err(e))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut rows = stmt
+            .query(rusqlite::params![after, limit])
+            .map_err(|e| self.db_err(e))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(|e| self.db_err(e))? {
+            let id: i64 = row.get(0).map_err(|e| self.db_err(e))?;
+            let full: String = row.get(1).map_err(|e| self.db_err(e))?;
+            let path = self
+                .parse_path(&full)
+                .map_err(|reason| corrupt(&full, "path", reason))?;
+            let registration_time: i64 = row
+                .get::<_, Option<i64>>(2)
+                .map_err(|e| self.db_err(e))?
+                .unwrap_or(0);
+            let ultimate = row
+                .get::<_, Option<i64>>(3)
+                .map_err(|e| self.db_err(e))?
+                .unwrap_or(0)
+                != 0;
+            out.push(ValidRow {
+                id,
+                path,
+                registration_time,
+                ultimate,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The highest `ValidPaths.id` (0 for an empty store): where a follower that should
+    /// see only paths registered from now on starts.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn last_valid_id(&self) -> Result<i64, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        conn.query_row("SELECT COALESCE(MAX(id), 0) FROM ValidPaths", [], |r| {
+            r.get(0)
+        })
+        .map_err(|e| self.db_err(e))
     }
 
     fn db_err(&self, source: rusqlite::Error) -> StoreError {
@@ -464,6 +533,29 @@ mod tests {
 
     fn open(db: &TestDb) -> StoreDb {
         StoreDb::open("/nix/store", &db.path).unwrap()
+    }
+
+    #[test]
+    fn valid_after_lists_rows_in_registration_order_past_the_cursor() {
+        let db = chain(false);
+        db.conn
+            .execute("UPDATE ValidPaths SET ultimate = 1 WHERE path = ?1", [B])
+            .unwrap();
+        let store = open(&db);
+        let all = store.valid_after(0, 10).unwrap();
+        let paths: Vec<StorePath> = all.iter().map(|r| r.path.clone()).collect();
+        assert_eq!(paths, vec![sp(A), sp(B), sp(C)]);
+        assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+        assert_eq!(
+            all.iter().map(|r| r.ultimate).collect::<Vec<_>>(),
+            [false, true, false]
+        );
+        assert_eq!(all[0].registration_time, 1_700_000_000);
+        let rest = store.valid_after(all[0].id, 1).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].path, sp(B));
+        assert_eq!(store.last_valid_id().unwrap(), all[2].id);
+        assert!(store.valid_after(all[2].id, 10).unwrap().is_empty());
     }
 
     #[test]

@@ -105,6 +105,10 @@ impl StoreError {
     }
 }
 
+/// Why listing by registration needs the database.
+const NEEDS_DB: &str = "following the store in registration order needs read access to the \
+     Nix database (/nix/var/nix/db/db.sqlite); run as root or as the store's owner";
+
 /// Where to read path info from. Opening tries the DB first, then the `nix` command.
 ///
 /// `Send + Sync`: share one (e.g. in an `Arc`) between threads; database queries take turns
@@ -163,6 +167,29 @@ impl LocalStore {
         match self {
             LocalStore::Db(d) => d.derivation_outputs(drv),
             LocalStore::Command(c) => c.derivation_outputs(drv),
+        }
+    }
+
+    /// See [`db::StoreDb::valid_after`]: valid paths in registration order, past an id.
+    ///
+    /// # Errors
+    /// As there; [`StoreError::Command`] when the database cannot be read (`nix
+    /// path-info` cannot list paths by registration).
+    pub fn valid_after(&self, after: i64, limit: usize) -> Result<Vec<db::ValidRow>, StoreError> {
+        match self {
+            LocalStore::Db(d) => d.valid_after(after, limit),
+            LocalStore::Command(_) => Err(StoreError::Command(NEEDS_DB.into())),
+        }
+    }
+
+    /// See [`db::StoreDb::last_valid_id`].
+    ///
+    /// # Errors
+    /// As [`Self::valid_after`].
+    pub fn last_valid_id(&self) -> Result<i64, StoreError> {
+        match self {
+            LocalStore::Db(d) => d.last_valid_id(),
+            LocalStore::Command(_) => Err(StoreError::Command(NEEDS_DB.into())),
         }
     }
 
