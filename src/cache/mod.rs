@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod null;
+pub mod rate;
 pub mod s3;
 pub mod url;
 
@@ -288,16 +289,32 @@ pub fn publish_merged<C: BinaryCache + ?Sized>(
     Ok(out)
 }
 
-/// Opens the cache a URL names. `memory` is the push's memory budget
-/// (`PushOptions::memory`), from which a remote cache sizes its upload buffers.
+/// Opens the cache a URL names. `opts.upload_memory` sizes a remote cache's upload
+/// buffers; with `opts.max_rate`, everything sent to the cache is charged to one
+/// [`rate::TokenBucket`] ([`rate::RateLimited`]).
 ///
 /// # Errors
-/// [`CacheError::Config`] for a URL narflow cannot serve.
+/// [`CacheError::Config`] for a URL narflow cannot serve, or a `max_rate` of 0.
 pub fn open(url: &url::CacheUrl, opts: &OpenOptions) -> Result<Box<dyn BinaryCache>, CacheError> {
-    match &url.location {
-        url::CacheLocation::File(dir) => Ok(Box::new(file::FileCache::open(dir, &url.original)?)),
-        url::CacheLocation::S3 { bucket } => Ok(Box::new(s3::S3Cache::open(bucket, url, opts)?)),
-    }
+    let rate = opts
+        .max_rate
+        .map(|r| {
+            std::num::NonZeroU64::new(r).ok_or_else(|| {
+                CacheError::Config(format!(
+                    "{}: max-rate 0: the upload rate must be at least 1 byte per second",
+                    url.original
+                ))
+            })
+        })
+        .transpose()?;
+    let cache: Box<dyn BinaryCache> = match &url.location {
+        url::CacheLocation::File(dir) => Box::new(file::FileCache::open(dir, &url.original)?),
+        url::CacheLocation::S3 { bucket } => Box::new(s3::S3Cache::open(bucket, url, opts)?),
+    };
+    Ok(match rate {
+        Some(rate) => Box::new(rate::RateLimited::new(cache, rate)),
+        None => cache,
+    })
 }
 
 /// The hash parts of the narinfos a cache holds ([`BinaryCache::list_narinfos`]), kept as

@@ -11,6 +11,7 @@ mod narinfo_nix;
 mod params;
 mod proxy;
 mod push_nix;
+mod rate;
 mod s3;
 mod store_nix;
 mod writers;
