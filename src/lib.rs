@@ -10,6 +10,7 @@
 //! - [`handoff`]: what `narflow hook` and `narflow-hook` need to hand `$OUT_PATHS` to the
 //!   daemon, or spool them: the hook, the line protocol, the spool (std only, built
 //!   without `full`; `hook` is re-exported at the top).
+//! - `logs`: build logs of uploaded paths to `log/<drv>` (`--upload-logs`).
 //! - `settings`: one `Settings` type for every command: defaults < config file < env < flags.
 //! - `bench`: synthetic store-shaped workloads and the `narflow bench` measurements.
 //!
@@ -32,6 +33,8 @@ pub mod handoff;
 pub mod nar_fs;
 /// The post-build-hook client, at its old path.
 pub use handoff::hook;
+#[cfg(feature = "full")]
+pub mod logs;
 #[cfg(feature = "full")]
 pub mod pipeline;
 #[cfg(feature = "full")]

@@ -314,6 +314,13 @@ impl BinaryCache for FileCache {
     }
 
     fn put_object(&self, key: &str, bytes: &[u8], _content_type: &str) -> Result<(), CacheError> {
+        // An object in a directory of its own (`log/<drv>`) creates it on first use, durably.
+        if let Some((sub, _)) = key.rsplit_once('/')
+            && !self.root.join(sub).is_dir()
+        {
+            std::fs::create_dir_all(self.root.join(sub)).map_err(|e| self.io(key, e))?;
+            fsync_dir(&self.root).map_err(|e| self.io("", e))?;
+        }
         self.put_atomic(key, bytes)
     }
 

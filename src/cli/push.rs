@@ -83,6 +83,10 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
             e => CliError::failed(e),
         })?;
     progress.done();
+    let logs = opts.upload_logs.then(|| {
+        let uploaded = narflow::logs::uploaded_paths(&report, store.store_dir());
+        narflow::logs::upload_build_logs(cache.as_ref(), &store, &uploaded)
+    });
 
     let uploaded = report.count(|o| matches!(o, Outcome::Uploaded { .. }));
     let present = report.count(|o| matches!(o, Outcome::AlreadyPresent));
@@ -113,6 +117,7 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
             "seconds": secs,
             "nar_mb_per_s": mbps,
             "failures": failures,
+            "logs": logs,
         });
         println!("{summary}");
     }
@@ -121,6 +126,12 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
         format_size(report.nar_bytes),
         format_size(report.file_bytes),
     );
+    if let Some(l) = logs {
+        eprintln!(
+            "narflow: build logs: {} uploaded, {} not kept by Nix, {} failed",
+            l.uploaded, l.missing, l.failed
+        );
+    }
     let mut sweep_failed = false;
     if args.sweep_orphans {
         let grace = narflow::daemon::ORPHAN_GRACE;

@@ -75,7 +75,7 @@ pub(super) fn run(
             }
         };
         shared.in_flight.store(due.len(), Ordering::SeqCst);
-        let outcomes = attempt(shared, cache, opts, &due);
+        let (outcomes, uploaded) = attempt(shared, cache, opts, &due);
         shared.metrics.failed(&outcomes);
         let now = queue::now_ms();
         let recorded = shared.lock_queue().record(&outcomes, now);
@@ -92,6 +92,16 @@ pub(super) fn run(
                 tracing::error!("cannot record upload results: {e}");
                 std::thread::sleep(QUEUE_ERROR_WAIT);
             }
+        }
+        // After the results are recorded: a build log never holds a path back.
+        if opts.upload_logs && !uploaded.is_empty() {
+            let l = crate::logs::upload_build_logs(cache, &shared.store, &uploaded);
+            tracing::info!(
+                "build logs: {} uploaded, {} not kept by Nix, {} failed",
+                l.uploaded,
+                l.missing,
+                l.failed
+            );
         }
     }
 }
@@ -131,10 +141,17 @@ struct Tally {
     nar_bytes: u64,
     /// Set once the cache itself failed: the rest of the batch is not tried.
     cache_down: Option<Failure>,
+    /// Paths uploaded (closures included), for `--upload-logs`.
+    uploaded_paths: Vec<StorePath>,
 }
 
-/// Pushes one batch; says per path what happened.
-fn attempt(shared: &Shared, cache: &dyn BinaryCache, opts: &PushOptions, due: &[Due]) -> Outcomes {
+/// Pushes one batch; says per path what happened, and which paths went up.
+fn attempt(
+    shared: &Shared,
+    cache: &dyn BinaryCache,
+    opts: &PushOptions,
+    due: &[Due],
+) -> (Outcomes, Vec<StorePath>) {
     let started = Instant::now();
     let mut out = Outcomes::default();
     let mut items = Vec::with_capacity(due.len());
@@ -171,7 +188,7 @@ fn attempt(shared: &Shared, cache: &dyn BinaryCache, opts: &PushOptions, due: &[
         .last_batch
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = Some(summary);
-    out
+    (out, tally.uploaded_paths)
 }
 
 /// Pushes `items`; when the push fails as a whole, tries each half again, down to single
@@ -261,6 +278,10 @@ fn classify(
     tally: &mut Tally,
 ) {
     tally.nar_bytes += report.nar_bytes;
+    if opts.upload_logs {
+        let uploaded = crate::logs::uploaded_paths(report, shared.store_dir());
+        tally.uploaded_paths.extend(uploaded);
+    }
     shared.metrics.ran(report.file_bytes, &report.stages);
     let by_path: HashMap<&str, &Outcome> = report
         .results
