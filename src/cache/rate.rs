@@ -14,10 +14,11 @@
 //! sees the cap on average over any window longer than a part takes to fill at the cap,
 //! while a shorter window may carry a part at full speed.
 //!
-//! The bucket is hand-written rather than `governor`: that crate counts requests as u32
-//! cells (a byte count does not fit its burst, and each take would have to be split to
-//! its capacity), and waits only asynchronously, while the writers here are plain threads
-//! that must block. What a byte bucket needs is the few lines of GCRA below.
+//! The bucket is hand-written rather than `governor`: that crate is built for request
+//! counts (its quotas and bursts are `u32` cells, and a take larger than the burst is an
+//! error the caller must split), and it waits only asynchronously, while the writers here
+//! are plain threads that must block. What a byte bucket needs is the few lines of GCRA
+//! below.
 //!
 //! It never busy-waits: a taker reserves its bytes under a lock (which gives it the moment
 //! they are paid for) and sleeps until then without the lock.
