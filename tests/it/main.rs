@@ -13,4 +13,5 @@ mod proxy;
 mod push_nix;
 mod s3;
 mod store_nix;
+mod watch;
 mod writers;
