@@ -100,7 +100,7 @@ fn watch_store_all_uploads_an_added_path_within_3_s_and_no_drv_file() {
     let out = nix_build(&format!(
         "derivation {{ name = \"watch-all\"; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {u} > $out\" ]; }}"
     ));
-    assert!(appears(&cache, &out[0], WATCHED_WITHIN), "{out:?}");
+    assert!(appears(&cache, &out[0], BUILT_WITHIN), "{out:?}");
     let drv = stdout(Command::new("nix-store").args(["-q", "--deriver", &out[0]]));
     assert!(drv.ends_with(".drv"), "{drv}");
     wait_done(&daemon, &out[0]);
@@ -149,7 +149,23 @@ fn the_cursor_survives_a_restart_and_a_path_handed_off_and_watched_is_queued_onc
     let mut daemon = Daemon::start(dir.path(), &url, &["--unsigned", "--watch-store=all"]);
     // The first start begins at the store's end.
     assert!(cursor(&daemon) >= valid_id(&before_first_start.path));
+    let at_stop = cursor(&daemon);
     assert!(daemon.terminate().success(), "{}", daemon.log_text());
+    // `narflow status` without a daemon shows the cursor from the queue file.
+    let status = stdout(
+        narflow()
+            .arg("status")
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .arg("--state-dir")
+            .arg(&daemon.state),
+    );
+    assert!(
+        status.contains(&format!(
+            "watch-store: (not running), at Nix database row {at_stop}"
+        )),
+        "{status}"
+    );
     // While the daemon is down: one path is only added, one is also handed off (spooled).
     let watched = BigPath::new("watch-down", 1000);
     let both = BigPath::new("watch-both", 1000);
@@ -165,6 +181,11 @@ fn the_cursor_survives_a_restart_and_a_path_handed_off_and_watched_is_queued_onc
         wait_done(&daemon, p);
     }
     assert!(cursor(&daemon) >= valid_id(&both.path));
+    let status = stdout(narflow().arg("status").arg("--socket").arg(&daemon.socket));
+    assert!(
+        status.contains("watch-store: all, at Nix database row "),
+        "{status}"
+    );
     // Not a second first start: what was there before it is not queued.
     assert_eq!(queue_state(&daemon, &before_first_start.path), None);
     assert!(!cache.join(narinfo_key(&before_first_start.path)).exists());
