@@ -141,6 +141,7 @@ fn selected(rows: &[ValidRow], mode: WatchStore, store_dir: &str) -> Vec<String>
 mod tests {
     use super::*;
     use crate::format::store_path::StorePath;
+    use crate::store::db::testdb::{Row, TestDb};
 
     fn row(id: i64, name: &str, ultimate: bool) -> ValidRow {
         ValidRow {
@@ -171,6 +172,83 @@ mod tests {
         };
         assert_eq!(names(WatchStore::Built), ["built"]);
         assert_eq!(names(WatchStore::All), ["built", "added"]);
+    }
+
+    /// A daemon's shared state on the test database `db`, without a running daemon.
+    fn shared_on(db: &TestDb, state: &std::path::Path) -> Shared {
+        let (bell, _) = crossbeam_channel::bounded(1);
+        Shared {
+            queue: std::sync::Mutex::new(Queue::open(state).unwrap()),
+            store: LocalStore::open("/nix/store", &db.path),
+            state_dir: state.to_owned(),
+            bell,
+            stopping: Default::default(),
+            in_flight: Default::default(),
+            stats: Default::default(),
+            metrics: Default::default(),
+            started: std::time::Instant::now(),
+            watch: Some(WatchStore::All),
+        }
+    }
+
+    /// Registers `name` (a fresh store path) in `db`; returns its full path.
+    fn register(db: &TestDb, i: usize, name: &str, ultimate: bool) -> String {
+        let path = format!("/nix/store/{i:0>32}-{name}");
+        let id = db.add(&Row {
+            path: &path,
+            hash: "sha256:00",
+            ..Row::default()
+        });
+        if ultimate {
+            db.conn
+                .execute("UPDATE ValidPaths SET ultimate = 1 WHERE id = ?1", [id])
+                .unwrap();
+        }
+        path
+    }
+
+    #[test]
+    fn the_watcher_queues_new_rows_window_by_window_and_follows_a_database_that_shrinks() {
+        let db = TestDb::new(true);
+        let state = tempfile::tempdir().unwrap();
+        let before = register(&db, 0, "before", true);
+        let s = shared_on(&db, state.path());
+        let start = start_cursor(&mut s.lock_queue(), &s.store).unwrap();
+        // The first start begins at the end, and says so in the queue at once.
+        assert_eq!(s.lock_queue().watch_cursor().unwrap(), Some(start));
+        let n = WINDOW + 5;
+        let new: Vec<String> = (1..=n)
+            .map(|i| register(&db, i, &format!("p{i}"), i % 2 == 0))
+            .collect();
+        register(&db, n + 1, "x.drv", false);
+        let (_keep, stop) = crossbeam_channel::bounded::<()>(0);
+        let mut cursor = start;
+        // More than one window: all read in one poll.
+        assert_eq!(poll(&s, WatchStore::All, &mut cursor, &stop).unwrap(), n);
+        let end = s.store.last_valid_id().unwrap();
+        assert_eq!(cursor, end);
+        let q = s.lock_queue();
+        assert_eq!(q.watch_cursor().unwrap(), Some(end));
+        assert_eq!(q.counts().unwrap().pending, n as u64);
+        assert_eq!(q.state_of(&new[n - 1]).unwrap(), Some("pending"));
+        assert_eq!(q.state_of(&before).unwrap(), None);
+        drop(q);
+        assert_eq!(s.metrics.watched_total(), n as u64);
+        // Nothing new: nothing queued, nothing moved.
+        assert_eq!(poll(&s, WatchStore::All, &mut cursor, &stop).unwrap(), 0);
+        assert_eq!(cursor, end);
+        // The newest rows are collected: the database ends before the cursor, which
+        // follows it down; the next path (its id is past the old end) is queued.
+        db.conn
+            .execute("DELETE FROM ValidPaths WHERE id > ?1", [end - 3])
+            .unwrap();
+        assert_eq!(poll(&s, WatchStore::All, &mut cursor, &stop).unwrap(), 0);
+        assert_eq!(cursor, end - 3);
+        assert_eq!(s.lock_queue().watch_cursor().unwrap(), Some(end - 3));
+        let built = register(&db, n + 2, "built", true);
+        register(&db, n + 3, "added", false);
+        assert_eq!(poll(&s, WatchStore::Built, &mut cursor, &stop).unwrap(), 1);
+        assert_eq!(s.lock_queue().state_of(&built).unwrap(), Some("pending"));
     }
 
     #[test]
