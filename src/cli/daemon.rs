@@ -42,6 +42,7 @@ pub fn run(args: &DaemonArgs, merged: &Merged) -> Result<u8, CliError> {
         batch: args.batch,
         shutdown_timeout: resolved.shutdown_timeout,
         metrics_listen: resolved.metrics_listen,
+        watch_store: resolved.watch_store,
     };
     let daemon = Daemon::bind(cfg).map_err(CliError::usage)?;
     let cache = match cache::open(url, &open_opts) {

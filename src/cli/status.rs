@@ -103,6 +103,18 @@ fn print_human(s: &Status, socket: &Path) {
             b.paths, b.uploaded, b.already_present, b.failed, b.dropped, b.seconds, b.seconds_ago
         );
     }
+    match (&s.watch, s.daemon) {
+        (Some(w), _) => println!(
+            "watch-store: {}, at Nix database row {}{}",
+            w.mode.map_or("(not running)", |m| m.as_str()),
+            w.cursor,
+            w.queued_since_start
+                .map(|n| format!("; {n} paths queued since start"))
+                .unwrap_or_default()
+        ),
+        (None, true) => println!("watch-store: off"),
+        (None, false) => {}
+    }
     let now = narflow::daemon::queue::now_ms();
     for f in &s.failures {
         let next = (f.next_attempt_ms - now).max(0) / 1000;

@@ -113,6 +113,28 @@ impl Shared {
         }
     }
 
+    /// Queues what the store watcher found (valid paths, full) and moves its cursor to
+    /// `cursor`, in one durable transaction; rings the worker when something is new. A
+    /// path queued already (a hand-off) keeps its row: see [`queue::Queue::enqueue_watched`].
+    ///
+    /// # Errors
+    /// The queue cannot commit; then nothing was queued and the cursor did not move.
+    pub(super) fn enqueue_watched(
+        &self,
+        paths: &[String],
+        cursor: i64,
+    ) -> Result<usize, queue::QueueError> {
+        let queued = self
+            .lock_queue()
+            .enqueue_watched(paths, cursor, queue::now_ms())?;
+        if queued > 0 {
+            let _ = self.bell.try_send(());
+            self.metrics.watched(queued as u64);
+            tracing::debug!("watch-store: queued {queued} new paths (cursor {cursor})");
+        }
+        Ok(queued)
+    }
+
     /// The output paths of the derivation `drv`, or why there are none.
     fn outputs_of(&self, drv: &str) -> Result<Vec<String>, Rejection> {
         let d = StorePath::from_absolute_path(drv, self.store_dir())
@@ -281,6 +303,7 @@ mod tests {
             stats: Stats::default(),
             metrics: Default::default(),
             started: Instant::now(),
+            watch: None,
         }
     }
 

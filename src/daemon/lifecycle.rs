@@ -1,11 +1,15 @@
 //! The daemon's life: [`Daemon::bind`] takes the state directory, the queue and the socket
 //! before any thread starts; [`Daemon::run`] starts the threads, serves until the shutdown
-//! future resolves, and stops in order (socket first, then the helpers, then the batch in
-//! flight, cancelled after half the shutdown timeout).
+//! future resolves, and stops in order (socket first, then the helpers (the spool drain,
+//! the sweep, the store watcher), then the batch in flight, cancelled after half the
+//! shutdown timeout). With `--watch-store`, a Nix database that cannot be followed stops
+//! the start before anything runs.
 use super::queue::Queue;
 use super::socket::{bind_socket, check_private_dir, remove_socket_if_ours};
 use super::status::Stats;
-use super::{DaemonConfig, DaemonError, ORPHAN_GRACE, Shared, intake, metrics, server, worker};
+use super::{
+    DaemonConfig, DaemonError, ORPHAN_GRACE, Shared, intake, metrics, server, watch, worker,
+};
 use crate::cache::BinaryCache;
 use crate::store::LocalStore;
 use std::fs::File;
@@ -88,6 +92,8 @@ impl Daemon {
     /// runtime; the worker is a thread of its own, so returning never waits for it.
     ///
     /// # Errors
+    /// [`DaemonError::WatchStore`] (before anything runs, the socket removed) when
+    /// `--watch-store` is set and the Nix database cannot be followed;
     /// [`DaemonError::WorkerDied`] when the upload worker stopped on its own.
     pub async fn run(
         self,
@@ -100,9 +106,19 @@ impl Daemon {
             listener,
             socket_id,
             metrics,
-            queue,
+            mut queue,
             _lock,
         } = self;
+        let watch_from = match cfg.watch_store {
+            Some(mode) => match watch::start_cursor(&mut queue, &store) {
+                Ok(cursor) => Some((mode, cursor)),
+                Err(e) => {
+                    remove_socket_if_ours(&cfg.socket, socket_id);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         let sock_err = |source| DaemonError::Socket {
             path: cfg.socket.clone(),
             source,
@@ -123,6 +139,7 @@ impl Daemon {
             stats: Stats::default(),
             metrics: metrics::Metrics::default(),
             started: Instant::now(),
+            watch: cfg.watch_store,
         });
         tracing::info!(
             "narflow daemon: listening on {}, uploading to {}, state in {}",
@@ -154,6 +171,17 @@ impl Daemon {
             std::thread::Builder::new()
                 .name("narflow-spool".into())
                 .spawn(move || intake::drain_spool_every_second(&shared, &stop))
+                .map_err(spawn_err)?;
+        }
+        if let Some((mode, cursor)) = watch_from {
+            tracing::info!(
+                "narflow daemon: watching the store ({}) past ValidPaths id {cursor}",
+                mode.as_str()
+            );
+            let (shared, stop) = (shared.clone(), helpers_stop.clone());
+            std::thread::Builder::new()
+                .name("narflow-watch".into())
+                .spawn(move || watch::run(&shared, mode, cursor, &stop))
                 .map_err(spawn_err)?;
         }
         {

@@ -3,7 +3,8 @@
 //!
 //! Two kinds of series, all prefixed `narflow_`:
 //! - events, counted as they happen: failed attempts by kind and retry class, the
-//!   hand-off→published latency, compressed bytes uploaded, and pipeline stage busy time;
+//!   hand-off→published latency, compressed bytes uploaded, pipeline stage busy time, and
+//!   paths the store watcher queued;
 //! - snapshots, read at each scrape: queue depth by state (from the queue), paths and NAR
 //!   bytes uploaded (the counters `narflow status` shows as `since_start`), and requests
 //!   and retries by operation (from the cache; none for a local directory).
@@ -58,6 +59,7 @@ pub(super) struct Metrics {
     file_bytes: Counter,
     stage_busy: Family<Labels<1>, Counter<f64, AtomicU64>>,
     stage_threads: Family<Labels<1>, Gauge>,
+    watched: Counter,
 }
 
 impl Default for Metrics {
@@ -93,8 +95,15 @@ impl Default for Metrics {
             "Threads of the pipeline stage in the last upload",
             stage_threads.clone(),
         );
+        let watched = Counter::default();
+        registry.register(
+            "watched_paths",
+            "Paths the store watcher (--watch-store) queued since the daemon started (not those a hand-off had queued already)",
+            watched.clone(),
+        );
         Metrics {
             registry,
+            watched,
             failures,
             latency,
             file_bytes,
@@ -121,6 +130,16 @@ impl Metrics {
     pub(super) fn published(&self, queued_ms: i64, now_ms: i64) {
         self.latency
             .observe((now_ms - queued_ms).max(0) as f64 / 1000.0);
+    }
+
+    /// Counts paths the store watcher queued.
+    pub(super) fn watched(&self, paths: u64) {
+        self.watched.inc_by(paths);
+    }
+
+    /// Paths the store watcher queued since the daemon started.
+    pub(super) fn watched_total(&self) -> u64 {
+        self.watched.get()
     }
 
     /// Adds one pipeline run's compressed bytes and its stages' busy time.
@@ -383,6 +402,8 @@ mod tests {
             ..Outcomes::default()
         });
         m.published(1000, 1020);
+        m.watched(2);
+        m.watched(1);
         m.published(1000, 3000);
         m.ran(
             10,
@@ -434,6 +455,7 @@ mod tests {
         assert_eq!(v(r#"narflow_stage_busy_seconds_total{stage="walk"}"#), 1.5);
         assert_eq!(v(r#"narflow_stage_threads{stage="walk"}"#), 2.0);
         assert_eq!(v("narflow_uploaded_file_bytes_total"), 10.0);
+        assert_eq!(v("narflow_watched_paths_total"), 3.0);
         assert_eq!(v("narflow_uploaded_paths_total"), 9.0);
         assert_eq!(v("narflow_uploaded_nar_bytes_total"), 900.0);
         assert_eq!(v(r#"narflow_queue_paths{state="pending"}"#), 4.0);

@@ -13,6 +13,8 @@
 //!   second.
 //! - `worker`: one thread that takes due paths in batches and runs [`crate::pipeline::push`];
 //!   one that sweeps orphaned uploads hourly.
+//! - `watch`: with `--watch-store`, follows the Nix database and queues each new valid
+//!   path (`built`: those built here; `all`: every one), like a hand-off.
 //! - `status`: what `narflow status` shows.
 //! - `metrics`: Prometheus metrics, served at `/metrics` with `--metrics-listen`.
 //!
@@ -34,15 +36,18 @@ mod server;
 mod socket;
 pub mod spool;
 mod status;
+mod watch;
 mod worker;
 
 pub use lifecycle::Daemon;
 pub use metrics::MetricsBindError;
 pub use status::{
-    DroppedPath, LastBatch, Recent, SinceStart, Status, StatusParseError, status_from_queue,
+    DroppedPath, LastBatch, Recent, SinceStart, Status, StatusParseError, WatchStatus,
+    status_from_queue,
 };
 
 use crate::pipeline::PushOptions;
+use crate::settings::WatchStore;
 use crate::store::LocalStore;
 use queue::{Queue, QueueError};
 use status::Stats;
@@ -75,6 +80,8 @@ pub struct DaemonConfig {
     pub shutdown_timeout: Duration,
     /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Follow the Nix database and queue new valid paths (`--watch-store`), if set.
+    pub watch_store: Option<WatchStore>,
 }
 
 /// Why the daemon cannot start or had to stop.
@@ -104,6 +111,9 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Metrics(#[from] MetricsBindError),
+    /// `--watch-store` was asked for, and the Nix database cannot be followed.
+    #[error("--watch-store: {0}")]
+    WatchStore(String),
     #[error("the upload worker stopped unexpectedly")]
     WorkerDied,
 }
@@ -124,6 +134,8 @@ struct Shared {
     stats: Stats,
     metrics: metrics::Metrics,
     started: Instant,
+    /// The store watcher's mode, when it runs.
+    watch: Option<WatchStore>,
 }
 
 impl Shared {

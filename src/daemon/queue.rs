@@ -12,6 +12,9 @@
 //! running (a rebuild after a garbage collection) is never marked done or dropped by the
 //! old attempt.
 //!
+//! The queue also keeps the store watcher's cursor (`--watch-store`: the last Nix
+//! database row it looked at), written in the same transaction as the paths it queued.
+//!
 //! Retry times are wall-clock (they must survive a restart), so each row also keeps when
 //! its retry was scheduled: a row scheduled "after" now means the clock went back, and it
 //! is due at once instead of waiting for the old clock to come back.
@@ -24,6 +27,10 @@ pub const FILE: &str = "queue.sqlite";
 
 /// How long finished rows are kept (for `narflow status`) before they are pruned.
 pub const KEEP_FINISHED: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The store watcher's state: one row, `cursor` = the last `ValidPaths.id` it looked at.
+const CREATE_WATCH: &str =
+    "CREATE TABLE IF NOT EXISTS watch (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL)";
 
 const PENDING: i64 = 0;
 const DONE: i64 = 1;
@@ -199,6 +206,8 @@ impl Queue {
                     .map_err(err)?;
             }
         }
+        // Tables added since the first version.
+        conn.execute_batch(CREATE_WATCH).map_err(err)?;
         Ok(Queue { conn, path })
     }
 
@@ -521,6 +530,79 @@ impl Queue {
             _ => "dropped",
         }))
     }
+
+    /// Where the store watcher (`--watch-store`) left off: the last `ValidPaths.id` it
+    /// looked at, or `None` when no watcher ever ran on this queue (also for a queue file
+    /// from before watchers, opened read-only).
+    ///
+    /// # Errors
+    /// [`QueueError`].
+    pub fn watch_cursor(&self) -> Result<Option<i64>, QueueError> {
+        let has_table: bool = self
+            .conn
+            .query_row(
+                "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'watch'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.err())?;
+        if !has_table {
+            return Ok(None);
+        }
+        self.conn
+            .query_row("SELECT value FROM watch WHERE key = 'cursor'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Queues the paths the store watcher found and moves its cursor to `cursor`, in one
+    /// durable transaction: after a crash either both are there or neither, so a path is
+    /// neither lost nor queued twice. A path the queue has already (handed off by the
+    /// hook, pending or done) is left as it is: the watcher sees every path that becomes
+    /// valid, and must not re-open work a hand-off has done. Only a path dropped earlier
+    /// (it left the store, and is valid again) is pending again. Returns how many paths
+    /// are pending because of this call.
+    ///
+    /// # Errors
+    /// [`QueueError`]; then nothing was queued and the cursor did not move.
+    pub fn enqueue_watched(
+        &mut self,
+        paths: &[String],
+        cursor: i64,
+        now_ms: i64,
+    ) -> Result<usize, QueueError> {
+        let err = error_for(&self.path);
+        let tx = self.conn.transaction().map_err(&err)?;
+        let mut queued = 0;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO paths (path, state, attempts, next_attempt, queued, scheduled,
+                                        generation)
+                     VALUES (?1, 0, 0, ?2, ?2, ?2, 1)
+                     ON CONFLICT (path) DO UPDATE SET
+                         state = 0, attempts = 0, last_error = NULL, attention = 0,
+                         generation = generation + 1, queued = excluded.queued,
+                         next_attempt = excluded.next_attempt, scheduled = excluded.scheduled,
+                         finished = NULL
+                     WHERE state = 2",
+                )
+                .map_err(&err)?;
+            for p in paths {
+                queued += insert.execute(params![p, now_ms]).map_err(&err)?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO watch (key, value) VALUES ('cursor', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [cursor],
+        )
+        .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        Ok(queued)
+    }
 }
 
 /// Wraps SQLite errors with the queue file's path (owned, so the closure outlives borrows
@@ -767,6 +849,78 @@ mod tests {
         };
         q.record(&out, 6).unwrap();
         assert_eq!(q.state_of(&p("a")).unwrap(), Some("done"));
+    }
+
+    #[test]
+    fn a_queue_from_before_the_watcher_is_upgraded_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path()).unwrap();
+        q.enqueue(&[p("a")], None, 5).unwrap();
+        // A queue file as it was before the watcher: no watch table.
+        q.conn.execute_batch("DROP TABLE watch").unwrap();
+        drop(q);
+        // `narflow status` without a daemon reads it as it is: no watcher ever ran.
+        let ro = Queue::open_read_only(dir.path()).unwrap();
+        assert_eq!(ro.watch_cursor().unwrap(), None);
+        drop(ro);
+        let mut q = Queue::open(dir.path()).unwrap();
+        assert_eq!(q.watch_cursor().unwrap(), None);
+        assert_eq!(q.enqueue_watched(&[p("b")], 42, 6).unwrap(), 1);
+        drop(q);
+        let q = Queue::open(dir.path()).unwrap();
+        assert_eq!(q.watch_cursor().unwrap(), Some(42));
+        assert_eq!(paths(&q.due(10, 10).unwrap()), [p("a"), p("b")]);
+    }
+
+    #[test]
+    fn watched_paths_and_the_cursor_commit_together_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path()).unwrap();
+        q.enqueue_watched(&[], 7, 0).unwrap();
+        // The cursor's write fails after the path's row was written: neither stays.
+        q.conn
+            .execute_batch("ALTER TABLE watch RENAME TO watch_gone")
+            .unwrap();
+        assert!(q.enqueue_watched(&[p("a")], 9, 1).is_err());
+        assert_eq!(q.state_of(&p("a")).unwrap(), None);
+        q.conn
+            .execute_batch("ALTER TABLE watch_gone RENAME TO watch")
+            .unwrap();
+        assert_eq!(q.watch_cursor().unwrap(), Some(7));
+        assert_eq!(q.enqueue_watched(&[p("a")], 9, 1).unwrap(), 1);
+        assert_eq!(q.watch_cursor().unwrap(), Some(9));
+        assert_eq!(q.state_of(&p("a")).unwrap(), Some("pending"));
+    }
+
+    #[test]
+    fn a_watched_path_the_queue_has_keeps_its_row_unless_it_was_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path()).unwrap();
+        q.enqueue(
+            &[p("pending"), p("done"), p("gone")],
+            Some("/nix/store/x.drv"),
+            0,
+        )
+        .unwrap();
+        let out = Outcomes {
+            done: vec![due_row(&q, &p("done"))],
+            dropped: vec![(due_row(&q, &p("gone")), "garbage-collected".into())],
+            ..Outcomes::default()
+        };
+        q.record(&out, 1).unwrap();
+        let pending = due_row(&q, &p("pending"));
+        let watched = [p("pending"), p("done"), p("gone"), p("new")];
+        // Only the dropped path (valid again) and the new one are queued by the watcher.
+        assert_eq!(q.enqueue_watched(&watched, 3, 2).unwrap(), 2);
+        // A hand-off's row is untouched: same generation, so its attempt's result stands.
+        assert_eq!(due_row(&q, &p("pending")), pending);
+        assert_eq!(q.state_of(&p("done")).unwrap(), Some("done"));
+        assert_eq!(q.state_of(&p("gone")).unwrap(), Some("pending"));
+        assert_eq!(due_row(&q, &p("gone")).queued, 2);
+        assert_eq!(q.state_of(&p("new")).unwrap(), Some("pending"));
+        // Seeing them all again queues nothing more.
+        assert_eq!(q.enqueue_watched(&watched, 4, 3).unwrap(), 0);
+        assert_eq!(q.counts().unwrap().pending, 3);
     }
 
     #[test]

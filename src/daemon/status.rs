@@ -1,8 +1,10 @@
-//! The daemon's status: what `narflow status` shows. The queue's part is read from the
-//! queue file (also when no daemon runs); the rest (the batch in flight, throughput, the
-//! last batch) lives in the running daemon.
+//! The daemon's status: what `narflow status` shows. The queue's part (the watcher's
+//! cursor included) is read from the queue file (also when no daemon runs); the rest (the
+//! batch in flight, throughput, the last batch, the watcher's mode) lives in the running
+//! daemon.
 use super::Shared;
 use super::queue::{Failing, Queue, QueueError};
+use crate::settings::WatchStore;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +52,25 @@ pub struct Status {
     /// `null` also while the daemon has finished no batch yet.
     #[serde(deserialize_with = "required")]
     pub last_batch: Option<LastBatch>,
+    /// The store watcher (`--watch-store`); `null` when it is off (without a daemon: when
+    /// none ever ran on this queue).
+    #[serde(deserialize_with = "required")]
+    pub watch: Option<WatchStatus>,
+}
+
+/// The store watcher's part of the status.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchStatus {
+    /// `built` or `all`; `null` when read from the queue file (no daemon answered).
+    #[serde(deserialize_with = "required")]
+    pub mode: Option<WatchStore>,
+    /// The last Nix database row (`ValidPaths.id`) looked at: every path registered up to
+    /// it has been queued or passed over.
+    pub cursor: i64,
+    /// Paths the watcher queued since the daemon started (not those a hand-off had queued).
+    #[serde(deserialize_with = "required")]
+    pub queued_since_start: Option<u64>,
 }
 
 /// A dropped path and why it was dropped.
@@ -178,6 +199,11 @@ impl Shared {
             nar_bytes: b.nar_bytes,
             seconds: b.seconds,
         });
+        s.watch = self.watch.map(|mode| WatchStatus {
+            mode: Some(mode),
+            cursor: s.watch.as_ref().map_or(0, |w| w.cursor),
+            queued_since_start: Some(self.metrics.watched_total()),
+        });
         Ok(s)
     }
 }
@@ -214,6 +240,11 @@ pub fn status_from_queue(q: &Queue) -> Result<Status, QueueError> {
         since_start: None,
         recent: None,
         last_batch: None,
+        watch: q.watch_cursor()?.map(|cursor| WatchStatus {
+            mode: None,
+            cursor,
+            queued_since_start: None,
+        }),
     })
 }
 
@@ -314,6 +345,11 @@ mod tests {
                 nar_mb_per_second: 0.0,
             }),
             last_batch: None,
+            watch: Some(WatchStatus {
+                mode: Some(WatchStore::All),
+                cursor: 12,
+                queued_since_start: Some(3),
+            }),
         }
     }
 
@@ -343,6 +379,8 @@ mod tests {
         );
         assert_eq!(v["failures"][0]["kind"], "cache");
         assert_eq!(v["failures"][0]["retry"], "transient");
+        assert_eq!(v["watch"]["mode"], "all");
+        assert_eq!(v["watch"]["cursor"], 12);
     }
 
     #[test]
@@ -364,6 +402,9 @@ mod tests {
         let mistyped = edited(|v| v["failures"][0]["attempts"] = "two".into());
         let e = Status::from_json(&mistyped).unwrap_err().to_string();
         assert!(e.contains("status field failures[0].attempts: "), "{e}");
+        let watch = edited(|v| v["watch"]["mode"] = "some".into());
+        let e = Status::from_json(&watch).unwrap_err().to_string();
+        assert!(e.contains("watch.mode"), "{e}");
         let kind = edited(|v| v["failures"][0]["retry"] = "sometimes".into());
         let e = Status::from_json(&kind).unwrap_err().to_string();
         assert!(e.contains("failures[0].retry"), "{e}");

@@ -15,17 +15,17 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A `narflow daemon` process with its own socket and state directory.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Option<Child>,
-    socket: PathBuf,
-    state: PathBuf,
+    pub(crate) socket: PathBuf,
+    pub(crate) state: PathBuf,
     log: PathBuf,
     args: Vec<String>,
 }
 
 impl Daemon {
     /// Starts a daemon uploading to `url` with `args` (e.g. `--key-file K`), in `dir`.
-    fn start(dir: &Path, url: &str, args: &[&str]) -> Daemon {
+    pub(crate) fn start(dir: &Path, url: &str, args: &[&str]) -> Daemon {
         let mut all = vec!["daemon".to_owned(), "--to".to_owned(), url.to_owned()];
         all.extend(args.iter().map(|s| s.to_string()));
         let mut d = Daemon {
@@ -45,7 +45,7 @@ impl Daemon {
     }
 
     /// (Re)starts the process and waits until it answers on its socket.
-    fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         assert!(self.child.is_none());
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -78,7 +78,7 @@ impl Daemon {
         }
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -89,7 +89,7 @@ impl Daemon {
     }
 
     /// SIGTERM; returns how the process exited.
-    fn terminate(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
         run(Command::new("kill").arg("-TERM").arg(c.id().to_string()));
         c.wait().unwrap()
@@ -115,7 +115,7 @@ impl Daemon {
         serde_json::from_str(json.trim_end()).map_err(|e| e.to_string())
     }
 
-    fn status(&self) -> serde_json::Value {
+    pub(crate) fn status(&self) -> serde_json::Value {
         self.try_status().expect("daemon status")
     }
 
@@ -137,7 +137,7 @@ impl Daemon {
     }
 
     /// Runs `narflow hook` for `paths` against this daemon.
-    fn hook(&self, paths: &[String]) -> Output {
+    pub(crate) fn hook(&self, paths: &[String]) -> Output {
         hook_at(&self.socket, &self.state, paths)
     }
 
@@ -164,7 +164,7 @@ impl Drop for Daemon {
 }
 
 /// Whether the tests run as root (mounting, switching users).
-fn running_as_root() -> bool {
+pub(crate) fn running_as_root() -> bool {
     stdout(Command::new("id").arg("-u")) == "0"
 }
 
@@ -187,7 +187,7 @@ fn hook_at(socket: &Path, state: &Path, paths: &[String]) -> Output {
     out
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
@@ -1220,6 +1220,7 @@ impl InProcessDaemon {
             batch: narflow::daemon::DEFAULT_BATCH,
             shutdown_timeout: Duration::from_secs(10),
             metrics_listen: None,
+            watch_store: None,
         })
         .unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1361,7 +1362,7 @@ fn a_status_with_a_missing_field_is_an_error_naming_it_not_a_zero() {
         "in_flight": 0, "uptime_seconds": 1, "last_recorded_unix_ms": 0,
         "since_start": {"uploaded": 0, "nar_bytes": 0},
         "recent": {"window_seconds": 60, "uploaded_per_second": 0.0, "nar_mb_per_second": 0.0},
-        "last_batch": null,
+        "last_batch": null, "watch": null,
     });
     let full = answer_once(&socket, format!("OK {status}\n"));
     let out = narflow()

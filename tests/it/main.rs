@@ -15,4 +15,5 @@ mod push_nix;
 mod rate;
 mod s3;
 mod store_nix;
+mod watch;
 mod writers;
