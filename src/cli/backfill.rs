@@ -57,7 +57,8 @@ fn parse_since(s: &str) -> Result<i64, String> {
     if let Ok(t) = time::OffsetDateTime::parse(s, &Rfc3339) {
         return Ok(t.unix_timestamp());
     }
-    let day = time::format_description::parse_borrowed::<2>("[year]-[month]-[day]").expect("valid format");
+    let day = time::format_description::parse_borrowed::<2>("[year]-[month]-[day]")
+        .expect("valid format");
     match time::Date::parse(s, &day) {
         Ok(d) => Ok(d.midnight().assume_utc().unix_timestamp()),
         Err(e) => Err(format!(
