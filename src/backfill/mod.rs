@@ -27,7 +27,7 @@ use crate::cache::{BinaryCache, CacheError};
 use crate::format::store_path::StorePath;
 use crate::pipeline::{self, Failure, Outcome, PathResult, PushOptions};
 use crate::store::{LocalStore, PathInfo, StoreError};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -202,7 +202,7 @@ pub fn backfill(
         opts,
         progress,
         store_dir: store.store_dir().to_owned(),
-        available: HashSet::new(),
+        available: HashMap::new(),
         listed: false,
         upstream_sets: upstreams.iter().map(|_| None).collect(),
         failed: HashSet::new(),
@@ -255,8 +255,9 @@ struct Run<'a> {
     progress: &'a dyn BackfillProgress,
     store_dir: String,
     /// Hash parts of paths known to be in the cache or skipped (so available to their
-    /// referrers): the cache's listing when `listed`, and whatever this run settled.
-    available: HashSet<[u8; 20]>,
+    /// referrers): the cache's listing when `listed`, and whatever this run found. True
+    /// for a path this run settled (counted already in the summary).
+    available: HashMap<[u8; 20], bool>,
     /// `available` holds the cache's listing: a path not in it is not in the cache.
     listed: bool,
     /// Each upstream's listing, when it was listed.
@@ -289,7 +290,7 @@ impl Run<'_> {
         }
         if let Some(set) = self.cache.list_narinfos()? {
             tracing::info!("{}: {} narinfos listed", self.cache.url(), set.0.len());
-            self.available.extend(set.0);
+            self.available.extend(set.0.into_iter().map(|k| (k, false)));
             self.listed = true;
             self.summary.listed = true;
         }
@@ -320,7 +321,15 @@ impl Run<'_> {
         self.progress.total(paths, bytes);
         self.decide_listing(paths)?;
         let mut scan = cursor;
+        if since > i64::MIN {
+            // Straight to the first path registered since then (nothing before it is
+            // selected), or to the end.
+            let first = self.store.first_id_since(since)?;
+            let start = first.map_or(i64::MAX, |id| id - 1);
+            scan = scan.max(start.min(self.store.last_valid_id()?));
+        }
         let mut pinned = false;
+        let mut saved = cursor;
         loop {
             let rows = self.store.valid_after(scan, self.opts.window.max(1))?;
             let Some(last) = rows.last().map(|r| r.id) else {
@@ -331,6 +340,7 @@ impl Run<'_> {
                 .filter(|r| r.registration_time >= since && (derivations || !is_drv(&r.path)))
                 .map(|r| r.path)
                 .collect();
+            let empty = selected.is_empty();
             let infos = self.infos_of_valid(selected)?;
             let ok = self.process_window(infos)?;
             scan = last;
@@ -340,8 +350,15 @@ impl Run<'_> {
             pinned |= !ok;
             if !pinned {
                 cursor = last;
-                self.save(cursor)?;
+                // A window with nothing selected moves the cursor without an fsync.
+                if !empty {
+                    self.save(cursor)?;
+                    saved = cursor;
+                }
             }
+        }
+        if cursor != saved {
+            self.save(cursor)?;
         }
         self.summary.cursor = cursor;
         Ok(())
@@ -369,10 +386,24 @@ impl Run<'_> {
             closure.retain(|i| self.opts.derivations || !is_drv(&i.path));
             total += closure.len() as u64;
             total_bytes += closure.iter().map(|i| i.nar_size).sum::<u64>();
+            // What this run settled already is not counted again; what the cache had is
+            // counted once, as present.
+            let (mut known, mut again) = (0, 0);
+            let available = &mut self.available;
+            closure.retain(|i| match available.get_mut(&hash_key(&i.path)) {
+                None => true,
+                Some(settled) => {
+                    if *settled {
+                        again += 1;
+                    } else {
+                        known += 1;
+                        *settled = true;
+                    }
+                    false
+                }
+            });
+            total -= again;
             self.progress.total(total, total_bytes);
-            let before = closure.len();
-            closure.retain(|i| !self.available.contains(&hash_key(&i.path)));
-            let known = (before - closure.len()) as u64;
             self.summary.present += known;
             self.progress.advanced(known);
             // Topological order across the closure: each window's references are in an
@@ -457,7 +488,7 @@ impl Run<'_> {
         // What the cache already has.
         let (mut present, unknown): (Vec<PathInfo>, Vec<PathInfo>) = candidates
             .into_iter()
-            .partition(|i| self.available.contains(&hash_key(&i.path)));
+            .partition(|i| self.available.contains_key(&hash_key(&i.path)));
         let mut todo = Vec::with_capacity(unknown.len());
         if self.listed || unknown.is_empty() {
             todo = unknown;
@@ -472,7 +503,7 @@ impl Run<'_> {
             }
         }
         for info in &present {
-            self.available.insert(hash_key(&info.path));
+            self.available.insert(hash_key(&info.path), true);
         }
         self.summary.present += present.len() as u64;
         self.progress.advanced(present.len() as u64);
@@ -483,7 +514,7 @@ impl Run<'_> {
         let seen: HashSet<StorePath> = todo
             .iter()
             .flat_map(|i| &i.references)
-            .filter(|r| !in_todo.contains(r) && self.available.contains(&hash_key(r)))
+            .filter(|r| !in_todo.contains(r) && self.available.contains_key(&hash_key(r)))
             .cloned()
             .collect();
         drop(in_todo);
@@ -492,7 +523,7 @@ impl Run<'_> {
             self.summary.nar_bytes += todo.iter().map(|i| i.nar_size).sum::<u64>();
             self.progress.advanced(todo.len() as u64);
             self.available
-                .extend(todo.iter().map(|i| hash_key(&i.path)));
+                .extend(todo.iter().map(|i| (hash_key(&i.path), true)));
             return Ok(true);
         }
         let report = pipeline::upload_after(
@@ -518,7 +549,7 @@ impl Run<'_> {
                     }
                     match StorePath::from_absolute_path(&r.path, &self.store_dir) {
                         Ok(p) => {
-                            self.available.insert(hash_key(&p));
+                            self.available.insert(hash_key(&p), true);
                         }
                         Err(_) => ok = false,
                     }
@@ -545,7 +576,7 @@ impl Run<'_> {
             SkipReason::Upstream => self.summary.skipped_upstream += 1,
         }
         tracing::debug!("skipped {} ({why:?})", path.to_absolute(&self.store_dir));
-        self.available.insert(hash_key(path));
+        self.available.insert(hash_key(path), true);
         self.progress.advanced(1);
     }
 
@@ -559,7 +590,7 @@ impl Run<'_> {
             .flat_map(|i| &i.references)
             .filter(|r| {
                 !in_window.contains(*r)
-                    && !self.available.contains(&hash_key(r))
+                    && !self.available.contains_key(&hash_key(r))
                     && !self.failed.contains(*r)
             })
             .collect();
@@ -570,7 +601,7 @@ impl Run<'_> {
         let mut missing = Vec::new();
         for (p, has) in outside.iter().zip(self.cache.has_narinfos(&outside)?) {
             if has {
-                self.available.insert(hash_key(p));
+                self.available.insert(hash_key(p), false);
             } else {
                 missing.push(p.clone());
             }
@@ -581,7 +612,7 @@ impl Run<'_> {
         let mut pulled = 0;
         for info in self.store.closure(&missing)? {
             let key = hash_key(&info.path);
-            if self.available.contains(&key)
+            if self.available.contains_key(&key)
                 || self.failed.contains(&info.path)
                 || !in_window.insert(info.path.clone())
             {

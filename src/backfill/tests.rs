@@ -325,10 +325,14 @@ fn derivations_and_old_paths_go_up_only_when_selected_or_referred_to() {
     }
     s.set(&out, "registrationTime", &2_000);
     let cache = Cache::new();
-    let mut opts = options(10, None);
+    let mut opts = options(1, None);
     opts.selection = Selection::Store { since: Some(1_500) };
     let sum = run(&s, &cache, &[], &opts);
     assert_eq!((sum.uploaded, sum.pulled_in), (3, 2));
+    assert_eq!(
+        sum.windows, 1,
+        "the walk starts at the first path registered since"
+    );
     assert!(cache.has(&out) && cache.has(&drv) && cache.has(&old));
     assert!(!cache.has(&lone_drv));
 
@@ -368,6 +372,14 @@ fn named_paths_backfill_their_closures_and_resume_by_position() {
     );
     let again = run(&s, &cache, &[], &opts);
     assert_eq!((again.uploaded, again.present, again.windows), (0, 0, 0));
+    // Without the state, each path of the closures is checked once: a is in both.
+    let mut both = options(1, None);
+    both.selection = Selection::Paths(vec![b.clone(), a.clone(), c.clone()]);
+    let fresh = Cache::new();
+    let first = run(&s, &fresh, &[], &both);
+    assert_eq!((first.uploaded, first.present), (3, 0));
+    let second = run(&s, &fresh, &[], &both);
+    assert_eq!((second.uploaded, second.present), (0, 3));
 }
 
 #[test]

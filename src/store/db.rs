@@ -281,6 +281,22 @@ impl StoreDb {
         .map_err(|e| self.db_err(e))
     }
 
+    /// The lowest id of a path registered at or after `since` (seconds since the epoch),
+    /// `None` when there is none: where a walk of the paths registered since then starts.
+    /// One aggregate query (a scan: `registrationTime` has no index).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn first_id_since(&self, since: i64) -> Result<Option<i64>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        conn.query_row(
+            "SELECT MIN(id) FROM ValidPaths WHERE registrationTime >= ?1",
+            [since],
+            |r| r.get(0),
+        )
+        .map_err(|e| self.db_err(e))
+    }
+
     /// The highest `ValidPaths.id` (0 for an empty store): where a follower that should
     /// see only paths registered from now on starts.
     ///
@@ -623,6 +639,9 @@ mod tests {
             (1, 4096)
         );
         assert_eq!(store.count_after(ids[3], 0, true).unwrap(), (0, 0));
+        assert_eq!(store.first_id_since(1_800_000_000).unwrap(), Some(ids[2]));
+        assert_eq!(store.first_id_since(0).unwrap(), Some(ids[0]));
+        assert_eq!(store.first_id_since(1_900_000_000).unwrap(), None);
     }
 
     #[test]

@@ -199,6 +199,17 @@ impl LocalStore {
         }
     }
 
+    /// See [`db::StoreDb::first_id_since`].
+    ///
+    /// # Errors
+    /// As [`Self::valid_after`].
+    pub fn first_id_since(&self, since: i64) -> Result<Option<i64>, StoreError> {
+        match self {
+            LocalStore::Db(d) => d.first_id_since(since),
+            LocalStore::Command(_) => Err(StoreError::Command(NEEDS_DB.into())),
+        }
+    }
+
     /// See [`db::StoreDb::last_valid_id`].
     ///
     /// # Errors
