@@ -158,6 +158,8 @@ pub struct Summary {
     pub cursor: i64,
     /// Whether the cache was listed (rather than asked per path).
     pub listed: bool,
+    /// Build logs of the uploaded paths, with `--upload-logs`.
+    pub logs: Option<crate::logs::LogReport>,
     pub elapsed: Duration,
 }
 
@@ -536,6 +538,15 @@ impl Run<'_> {
         )?;
         self.summary.nar_bytes += report.nar_bytes;
         self.summary.file_bytes += report.file_bytes;
+        if self.push.upload_logs {
+            // After the window's narinfos are durable; a log never fails a path.
+            let uploaded = crate::logs::uploaded_paths(&report, &self.store_dir);
+            let r = crate::logs::upload_build_logs(self.cache, self.store, &uploaded);
+            let total = self.summary.logs.get_or_insert_with(Default::default);
+            total.uploaded += r.uploaded;
+            total.missing += r.missing;
+            total.failed += r.failed;
+        }
         let mut settled = 0;
         let mut ok = true;
         for r in report.results {

@@ -234,6 +234,7 @@ fn report(args: &BackfillArgs, s: &backfill::Summary) {
                 "listed": s.listed,
                 "resumed_from": s.resumed_from,
                 "cursor": s.cursor,
+                "logs": s.logs,
                 "failures": failures,
             })
         );
@@ -249,6 +250,12 @@ fn report(args: &BackfillArgs, s: &backfill::Summary) {
         s.skipped_upstream,
         s.failed,
     );
+    if let Some(l) = s.logs {
+        eprintln!(
+            "narflow: backfill: build logs: {} uploaded, {} not kept by Nix, {} failed",
+            l.uploaded, l.missing, l.failed
+        );
+    }
     if s.failed > 0 {
         eprintln!(
             "narflow: backfill: the cursor stays before the first failed path; run again to retry"

@@ -60,6 +60,31 @@ fn push_with_upload_logs_makes_nix_log_print_the_build_log() {
 }
 
 #[test]
+fn backfill_with_upload_logs_makes_nix_log_print_the_build_log() {
+    let (out, drv, line) = build_with_log("log-backfill");
+    let cache = tempdir();
+    let url = file_url(cache.path());
+    let key = nix_generate_key(&unique("log-backfill-key"));
+    let state = cache.path().join("state.json");
+    let o = run(narflow()
+        .args(["backfill", "--to", &url, "--json", "--upload-logs"])
+        .arg("--key-file")
+        .arg(&key.secret)
+        .arg("--state")
+        .arg(&state)
+        .arg(&out));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("backfill --json prints one object");
+    assert_eq!(
+        summary["logs"],
+        serde_json::json!({"uploaded": 1, "missing": 0, "failed": 0}),
+        "{summary}"
+    );
+    assert!(cache.path().join("log").join(base_name(&drv)).is_file());
+    assert!(nix_log(&url, &out).contains(&line));
+}
+
+#[test]
 fn without_upload_logs_no_log_goes_up() {
     let (out, _, _) = build_with_log("log-off");
     let cache = tempdir();
