@@ -330,10 +330,14 @@ impl Run<'_> {
             let start = first.map_or(i64::MAX, |id| id - 1);
             scan = scan.max(start.min(self.store.last_valid_id()?));
         }
+        // The store as it is now: paths registered while the walk runs are the next run's
+        // (or the daemon's watcher's), so a busy machine cannot keep a backfill going.
+        let end = self.store.last_valid_id()?;
         let mut pinned = false;
         let mut saved = cursor;
-        loop {
-            let rows = self.store.valid_after(scan, self.opts.window.max(1))?;
+        while scan < end {
+            let mut rows = self.store.valid_after(scan, self.opts.window.max(1))?;
+            rows.retain(|r| r.id <= end);
             let Some(last) = rows.last().map(|r| r.id) else {
                 break;
             };

@@ -399,3 +399,64 @@ fn a_large_backfill_lists_the_cache_instead_of_asking_per_path() {
     assert!(again.listed);
     assert_eq!((again.uploaded, again.present), (0, n as u64));
 }
+
+/// Registers one more path (tree and row, through a connection of its own) the first
+/// time the backfill reports progress: a store that grows while the walk runs.
+struct GrowsDuringTheWalk {
+    db: std::path::PathBuf,
+    full: String,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl BackfillProgress for GrowsDuringTheWalk {
+    fn advanced(&self, _paths: u64) {
+        if self.done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        std::fs::write(&self.full, "late").unwrap();
+        let (hash, size) = crate::nar_fs::hash_path(std::path::Path::new(&self.full)).unwrap();
+        let hash = format!("sha256:{}", hash.to_base16());
+        let conn = rusqlite::Connection::open(&self.db).unwrap();
+        crate::store::db::testdb::add(
+            &conn,
+            &Row {
+                path: &self.full,
+                hash: &hash,
+                nar_size: Some(size as i64),
+                ..Row::default()
+            },
+        );
+    }
+}
+
+#[test]
+fn the_walk_ends_where_the_store_ended_when_it_started() {
+    let s = TestStore::new();
+    let (a, b, c) = (s.path("a"), s.path("b"), s.path("c"));
+    s.add(&a, &[]);
+    s.add(&b, &[&a]);
+    s.add(&c, &[&a]);
+    let late = s.path("late");
+    let progress = GrowsDuringTheWalk {
+        db: s.db.path.clone(),
+        full: s.full(&late),
+        done: Default::default(),
+    };
+    let cache = Cache::new();
+    let sum = backfill(
+        &s.local(),
+        &cache.cache,
+        &[],
+        &push_options(),
+        &options(1, None),
+        &progress,
+    )
+    .unwrap();
+    assert!(progress.done.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(sum.uploaded, 3, "{:?}", sum.failures);
+    assert!(
+        !cache.has(&late),
+        "a path registered during the walk is the next run's"
+    );
+    assert_eq!(sum.cursor, s.id(&c));
+}
