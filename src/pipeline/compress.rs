@@ -329,12 +329,12 @@ impl CompressStage {
             for mut chunk in chunks.iter() {
                 // A stopped run (or job) compresses nothing more: the chunk (and its
                 // permit) is dropped, and the sink, seeing the stop, commits none of it.
-                if stop.is_job_stopped(chunk.job) {
+                if stop.is_job_stopped(&chunk.job) {
                     continue;
                 }
                 let (out, totals) = (out.clone(), &totals);
                 scope.spawn(move |_| {
-                    if stop.is_job_stopped(chunk.job) {
+                    if stop.is_job_stopped(&chunk.job) {
                         return;
                     }
                     let started = std::time::Instant::now();
