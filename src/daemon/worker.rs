@@ -454,7 +454,9 @@ fn record(shared: &Shared, work: &Work, out: &Outcomes) {
     }
     shared.metrics.failed(out);
     let now = queue::now_ms();
-    match shared.lock_queue().record(out, now) {
+    // Its own statement: the queue is unlocked before any wait below.
+    let recorded = shared.lock_queue().record(out, now);
+    match recorded {
         Ok(()) => {
             for d in &out.done {
                 shared.metrics.published(d.queued, now);

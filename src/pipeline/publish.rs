@@ -363,6 +363,13 @@ impl Run<'_, '_> {
         if ready.is_empty() {
             return Ok(progressed);
         }
+        self.publish(ready)?;
+        Ok(true)
+    }
+
+    /// Publishes `ready` (narinfos whose references are all known) and settles them.
+    fn publish(&mut self, ready: Vec<Waiting>) -> Result<(), CacheError> {
+        let stage = self.stage;
         // Everything ready in one wave is independent of the rest of the wave (its
         // references are known already), so the cache may write the wave concurrently.
         let narinfos: Vec<NarInfo> = ready.iter().map(|w| w.narinfo.clone()).collect();
@@ -391,21 +398,26 @@ impl Run<'_, '_> {
                 stage.stop.halt();
                 return Err(e);
             }
+            Err(e) if ready.len() == 1 => {
+                tracing::warn!("{}: {e}", stage.cache.url());
+                let w = ready.into_iter().next().expect("one");
+                let why = Failure::from_cache(&e);
+                self.emit(vec![(w.id, w.narinfo.store_path, Outcome::Failed(why))]);
+            }
             Err(e) => {
-                tracing::warn!(
-                    "{}: publishing {} narinfos: {e}",
+                // One path's narinfo may be what the cache refuses: each is tried alone,
+                // so the failure ends up on the path that causes it.
+                tracing::info!(
+                    "{}: publishing {} narinfos together failed ({e}); publishing each alone",
                     stage.cache.url(),
                     ready.len()
                 );
-                let why = Failure::from_cache(&e);
-                let decided = ready
-                    .into_iter()
-                    .map(|w| (w.id, w.narinfo.store_path, Outcome::Failed(why.clone())))
-                    .collect();
-                self.emit(decided);
+                for w in ready {
+                    self.publish(vec![w])?;
+                }
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// References waited for that are neither known nor coming: a path published and
