@@ -1,10 +1,15 @@
 //! Pushing store paths to a binary cache: a staged pipeline over bounded channels.
 //!
 //! ```text
-//! plan ─► feeder ─jobs─► walk (2 threads) ─chunks─► hash ─► compress (rayon, --jobs) ─chunks─► sink ─results─► publish
-//!         topo order     NAR, fixed-size   NarHash  one zstd frame / xz stream          reorder,          narinfo waves
-//!         skip present   chunks                     per chunk                           FileHash, upload  (closure order)
+//! plan ─► Feeder ─jobs─► walk (2 threads) ─chunks─► hash ─► compress (rayon, --jobs) ─chunks─► sink ─results─► publish ─settled─► caller
+//!         topo order     NAR, fixed-size   NarHash  one zstd frame / xz stream,         reorder,          narinfo waves
+//!         skip present   chunks                     small paths first                   FileHash, upload  (closure order)
 //! ```
+//!
+//! [`stream`] runs these stages for as long as its caller feeds them: they stay up
+//! between jobs, and each job comes out as a [`Settled`] as soon as its narinfo is
+//! durable. [`upload_after`] (and so [`upload`] and [`push`]) is one submission to a
+//! pipeline that ends with it; the daemon keeps one fed.
 //!
 //! Each stage (`walk.rs`, `compress.rs`, `sink.rs`, `publish.rs`) owns its threads and
 //! statistics and is started with its input and output channels; [`stage::Running::finish`]
@@ -16,7 +21,7 @@
 //! bounded by [`PushOptions::memory`]: each chunk of NAR data holds a permit of that budget
 //! from the moment the walker starts filling it until the sink has written it, so peak
 //! memory does not depend on NAR size. CPU work runs on the walker threads and the rayon
-//! pool; the publisher (on the calling thread) only writes narinfos and syncs.
+//! pool; the publisher (a thread of its own) only writes narinfos and syncs.
 //!
 //! Invariants, in the order a path goes through them:
 //! 1. its NAR is read once: NAR → NarHash → chunks → compressed frames → FileHash → cache;
