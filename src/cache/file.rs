@@ -3,12 +3,15 @@
 //!
 //! Every object is written to a temporary file in the same directory and renamed into
 //! place only once its bytes are durable, so no crash, power loss included, leaves a
-//! partial object under its final name. Durability is batched, never an fsync per file:
-//! a committed NAR waits under its temporary name; a wave of narinfos is written to
-//! temporary files, then one `syncfs` makes them and every waiting NAR durable, the NARs
-//! are renamed and `nar/` is fsynced, then the narinfos are renamed and the cache
-//! directory fsynced. So a narinfo's name is durable only after its NAR's name, and
-//! before any narinfo of a later wave (which may refer to it).
+//! partial object under its final name. Durability is batched: a committed NAR waits
+//! under its temporary name; a wave of narinfos is written to temporary files, then one
+//! `syncfs` makes them and every waiting NAR durable, the NARs are renamed and `nar/` is
+//! fsynced, then the narinfos are renamed and the cache directory fsynced. So a
+//! narinfo's name is durable only after its NAR's name, and before any narinfo of a later
+//! wave (which may refer to it). A small wave (a path published while the pipeline is
+//! otherwise idle, or beside a large upload) syncs its few files one by one instead of
+//! the whole file system, in the same order: `syncfs` would also wait for every other
+//! dirty page, a large NAR being written at that moment included.
 //!
 //! An object already under its final name is checked before it is trusted: a narinfo
 //! must parse, name its store path and point to a NAR of its FileSize; a damaged one is
@@ -35,6 +38,11 @@ const WRITEBACK_STEP: u64 = 8 << 20;
 /// `syncfs` and some renames (well under a second even on a slow disk); a minute means
 /// the holder is stopped or stuck.
 const PUBLISH_LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// Files (NARs and narinfos) up to which a wave is made durable file by file
+/// (`fdatasync` each) rather than with one `syncfs`: a few fsyncs cost less than waiting
+/// for all the file system's dirty data, and past this many one sync is cheaper.
+const SMALL_WAVE: usize = 16;
 
 /// Prefix of temporary files; Nix ignores them and [`BinaryCache::sweep_orphans`] removes
 /// stale ones.
@@ -131,6 +139,23 @@ impl FileCache {
     fn syncfs(&self) -> Result<(), CacheError> {
         let dir = File::open(&self.root).map_err(|e| self.io("", e))?;
         rustix::fs::syncfs(&dir).map_err(|e| self.io("", e.into()))
+    }
+
+    /// Makes the bytes of `pending` NARs durable: one by one when they are few (with
+    /// `extra` other files the caller syncs itself), else with one `syncfs` (which covers
+    /// the caller's files too). Returns whether it was a `syncfs`.
+    fn sync_pending(&self, pending: &[PendingNar], extra: usize) -> Result<bool, CacheError> {
+        if pending.len() + extra > SMALL_WAVE {
+            self.syncfs()?;
+            return Ok(true);
+        }
+        for p in pending {
+            let key = p.target.display().to_string();
+            File::open(&p.tmp)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| self.io(&key, e))?;
+        }
+        Ok(false)
     }
 
     /// Renames the committed NARs into place and makes the renames durable. Their bytes
@@ -276,6 +301,9 @@ impl BinaryCache for FileCache {
         if narinfos.is_empty() {
             return Ok(());
         }
+        // Taken before the sync, so every NAR renamed below is covered by it.
+        let pending = self.take_pending();
+        let one_by_one = pending.len() + narinfos.len() <= SMALL_WAVE;
         let mut temps = Vec::with_capacity(narinfos.len());
         for (path, text) in narinfos {
             let key = super::narinfo_key(path);
@@ -286,12 +314,17 @@ impl BinaryCache for FileCache {
             tmp.write_all(text.as_bytes())
                 .map_err(|e| self.io(&key, e))?;
             set_readable(tmp.as_file()).map_err(|e| self.io(&key, e))?;
+            if one_by_one {
+                tmp.as_file().sync_data().map_err(|e| self.io(&key, e))?;
+            }
             // Closed now: a wave may hold hundreds.
             temps.push((key, tmp.into_temp_path()));
         }
-        // Taken before the sync, so every NAR renamed below is covered by it.
-        let pending = self.take_pending();
-        self.syncfs()?;
+        if one_by_one {
+            self.sync_pending(&pending, narinfos.len())?;
+        } else {
+            self.syncfs()?;
+        }
         self.rename_pending(pending)?;
         for (key, tmp) in temps {
             tmp.persist(self.root.join(&key))
@@ -326,7 +359,7 @@ impl BinaryCache for FileCache {
 
     fn sync(&self) -> Result<(), CacheError> {
         let pending = self.take_pending();
-        self.syncfs()?;
+        self.sync_pending(&pending, 0)?;
         self.rename_pending(pending)
     }
 

@@ -11,8 +11,9 @@
 //!   nothing more.
 //! - `intake`: checks hand-offs and commits them to the queue; drains the spool every
 //!   second.
-//! - `worker`: one thread that takes due paths in batches and runs [`crate::pipeline::push`];
-//!   one that sweeps orphaned uploads hourly.
+//! - `worker`: feeds due paths into one long-lived pipeline ([`crate::pipeline::stream`])
+//!   as they arrive and records each as soon as it is settled; a thread that sweeps
+//!   orphaned uploads hourly.
 //! - `watch`: with `--watch-store`, follows the Nix database and queues each new valid
 //!   path (`built`: those built here; `all`: every one), like a hand-off.
 //! - `status`: what `narflow status` shows.
@@ -22,7 +23,7 @@
 //! after its narinfo is in the cache; a crash anywhere leaves it pending, and the next
 //! start uploads it (skipping what the cache already has). Shutdown is a future passed to
 //! [`Daemon::run`], so the CLI (SIGTERM) and tests stop it the same way; it cancels the
-//! upload in flight if it has not finished within half the shutdown timeout.
+//! uploads in flight if they have not finished within half the shutdown timeout.
 //!
 //! The daemon (root, usually) trusts its state directory and its socket's directory only
 //! when they are its own and writable by nobody else, and opens the files there without
@@ -56,9 +57,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::time::{Duration, Instant};
 
-/// Paths per upload batch. One batch is one closure query, one cache listing and one
-/// pipeline run, so batches amortise per-run costs; the cap bounds how long a shutdown
-/// waits for the batch in flight.
+/// Due paths planned at a time. One plan is one closure query and one look at the cache,
+/// so planning many at once amortises its cost; the cap bounds how much the feeder submits
+/// before it looks at the queue again.
 pub const DEFAULT_BATCH: usize = 1000;
 
 /// How old a leftover of an interrupted upload must be before the sweep removes it. Long
@@ -129,7 +130,7 @@ struct Shared {
     /// Rung after an enqueue so the worker starts at once.
     bell: crossbeam_channel::Sender<()>,
     stopping: AtomicBool,
-    /// Paths in the batch being uploaded (the paths asked for, not their closures).
+    /// Queued paths being planned or uploaded (the paths asked for, not their closures).
     in_flight: AtomicUsize,
     stats: Stats,
     metrics: metrics::Metrics,

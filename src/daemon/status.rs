@@ -37,7 +37,7 @@ pub struct Status {
     pub failures: Vec<Failing>,
     /// Up to [`STATUS_LIST`] dropped paths, most recent first.
     pub dropped_paths: Vec<DroppedPath>,
-    /// Paths in the batch being uploaded (the paths asked for, not their closures).
+    /// Queued paths being planned or uploaded (the paths asked for, not their closures).
     #[serde(deserialize_with = "required")]
     pub in_flight: Option<u64>,
     #[serde(deserialize_with = "required")]

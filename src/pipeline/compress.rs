@@ -267,6 +267,12 @@ thread_local! {
 /// The compress stage: a dispatcher thread that hands each chunk to the stage's rayon
 /// pool and forwards the compressed chunk to the sink. In-flight work is bounded by the
 /// memory budget each chunk holds a permit of, and by the pool's size.
+///
+/// The dispatcher keeps no more tasks running than the pool has threads and picks the
+/// next chunk from those waiting by its path's NAR size, smallest first (then in arrival
+/// order): a small path that arrives while a large NAR's chunks queue up is compressed as
+/// soon as a thread is free, not after them. The sink puts each job's chunks back in
+/// order, so the order here changes nothing in the output.
 #[derive(Debug)]
 pub struct CompressStage {
     pool: rayon::ThreadPool,
@@ -325,49 +331,93 @@ impl CompressStage {
         let settings = self.settings;
         let buffers = &self.buffers;
         let stop = &self.stop;
+        let threads = self.pool.current_num_threads().max(1);
+        // One token per running task: a task sends its token when done. Never more than
+        // `threads` tasks run, so the channel never blocks.
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(threads);
         self.pool.in_place_scope(|scope| {
-            for mut chunk in chunks.iter() {
-                // A stopped run (or job) compresses nothing more: the chunk (and its
-                // permit) is dropped, and the sink, seeing the stop, commits none of it.
-                if stop.is_job_stopped(chunk.job) {
-                    continue;
-                }
-                let (out, totals) = (out.clone(), &totals);
-                scope.spawn(move |_| {
-                    if stop.is_job_stopped(chunk.job) {
-                        return;
-                    }
-                    let started = std::time::Instant::now();
-                    let passthrough = settings.kind == Compression::None
-                        || matches!(chunk.end, Some(super::walk::NarEnd::Failed(_)));
-                    if !passthrough {
-                        // The permit stays as it is: the compressed bytes live in a buffer of
-                        // (at least) the raw size, recycled by the sink.
-                        let out = buffers.take(chunk.data.len() + chunk.data.len() / 128 + 1024);
-                        match compress_chunk_into(settings, &chunk.data, out) {
+            // Chunks waiting for a thread, by (NAR size of their path, arrival): each
+            // holds its permit, so the budget bounds this.
+            let mut waiting: std::collections::BTreeMap<(u64, u64), super::walk::Chunk> =
+                std::collections::BTreeMap::new();
+            let (mut arrived, mut running, mut open) = (0u64, 0usize, true);
+            while open || !waiting.is_empty() {
+                if open {
+                    crossbeam_channel::select! {
+                        recv(chunks) -> c => match c {
                             Ok(c) => {
-                                buffers.give(std::mem::replace(&mut chunk.data, c));
+                                waiting.insert((c.job.info.nar_size, arrived), c);
+                                arrived += 1;
                             }
-                            Err(e) => {
-                                chunk.data.clear();
-                                chunk.end =
-                                    Some(super::walk::NarEnd::Failed(format!("compressing: {e}")));
-                            }
-                        }
+                            Err(_) => open = false,
+                        },
+                        recv(done_rx) -> _ => running -= 1,
                     }
-                    {
-                        let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
-                        t.busy += started.elapsed();
-                        t.bytes_in += chunk.nar_len;
-                        t.bytes_out += chunk.data.len() as u64;
+                } else if done_rx.recv().is_ok() {
+                    // Input closed: only the running tasks can free a thread.
+                    running -= 1;
+                }
+                while running < threads
+                    && let Some((_, chunk)) = waiting.pop_first()
+                {
+                    // A stopped run (or job) compresses nothing more: the chunk (and its
+                    // permit) is dropped, and the sink, seeing the stop, commits none of it.
+                    if stop.is_job_stopped(&chunk.job) {
+                        continue;
                     }
-                    // A closed channel means the run is being torn down; the chunk is dropped.
-                    let _ = out.send(chunk);
-                });
+                    running += 1;
+                    let (out, totals, done) = (out.clone(), &totals, done_tx.clone());
+                    scope.spawn(move |_| {
+                        compress_one(settings, buffers, stop, chunk, &out, totals);
+                        let _ = done.send(());
+                    });
+                }
+                if !open && running == 0 && waiting.is_empty() {
+                    break;
+                }
             }
         });
         let mut totals = totals.into_inner().unwrap_or_else(|e| e.into_inner());
         totals.threads = self.pool.current_num_threads();
         totals
     }
+}
+
+/// Compresses one chunk on a pool thread and sends it on.
+fn compress_one(
+    settings: CompressionSettings,
+    buffers: &super::buffers::BufferPool,
+    stop: &super::stage::Stop,
+    mut chunk: super::walk::Chunk,
+    out: &crossbeam_channel::Sender<super::walk::Chunk>,
+    totals: &std::sync::Mutex<super::stats::StageStats>,
+) {
+    if stop.is_job_stopped(&chunk.job) {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let passthrough = settings.kind == Compression::None
+        || matches!(chunk.end, Some(super::walk::NarEnd::Failed(_)));
+    if !passthrough {
+        // The permit stays as it is: the compressed bytes live in a buffer of
+        // (at least) the raw size, recycled by the sink.
+        let out = buffers.take(chunk.data.len() + chunk.data.len() / 128 + 1024);
+        match compress_chunk_into(settings, &chunk.data, out) {
+            Ok(c) => {
+                buffers.give(std::mem::replace(&mut chunk.data, c));
+            }
+            Err(e) => {
+                chunk.data.clear();
+                chunk.end = Some(super::walk::NarEnd::Failed(format!("compressing: {e}")));
+            }
+        }
+    }
+    {
+        let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
+        t.busy += started.elapsed();
+        t.bytes_in += chunk.nar_len;
+        t.bytes_out += chunk.data.len() as u64;
+    }
+    // A closed channel means the run is being torn down; the chunk is dropped.
+    let _ = out.send(chunk);
 }

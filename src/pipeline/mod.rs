@@ -1,10 +1,15 @@
 //! Pushing store paths to a binary cache: a staged pipeline over bounded channels.
 //!
 //! ```text
-//! plan ─► feeder ─jobs─► walk (2 threads) ─chunks─► hash ─► compress (rayon, --jobs) ─chunks─► sink ─results─► publish
-//!         topo order     NAR, fixed-size   NarHash  one zstd frame / xz stream          reorder,          narinfo waves
-//!         skip present   chunks                     per chunk                           FileHash, upload  (closure order)
+//! plan ─► Feeder ─jobs─► walk (2 threads) ─chunks─► hash ─► compress (rayon, --jobs) ─chunks─► sink ─results─► publish ─settled─► caller
+//!         topo order     NAR, fixed-size   NarHash  one zstd frame / xz stream,         reorder,          narinfo waves
+//!         skip present   chunks                     small paths first                   FileHash, upload  (closure order)
 //! ```
+//!
+//! [`stream`] runs these stages for as long as its caller feeds them: they stay up
+//! between jobs, and each job comes out as a [`Settled`] as soon as its narinfo is
+//! durable. [`upload_after`] (and so [`upload`] and [`push`]) is one submission to a
+//! pipeline that ends with it; the daemon keeps one fed.
 //!
 //! Each stage (`walk.rs`, `compress.rs`, `sink.rs`, `publish.rs`) owns its threads and
 //! statistics and is started with its input and output channels; [`stage::Running::finish`]
@@ -16,7 +21,7 @@
 //! bounded by [`PushOptions::memory`]: each chunk of NAR data holds a permit of that budget
 //! from the moment the walker starts filling it until the sink has written it, so peak
 //! memory does not depend on NAR size. CPU work runs on the walker threads and the rayon
-//! pool; the publisher (on the calling thread) only writes narinfos and syncs.
+//! pool; the publisher (a thread of its own) only writes narinfos and syncs.
 //!
 //! Invariants, in the order a path goes through them:
 //! 1. its NAR is read once: NAR → NarHash → chunks → compressed frames → FileHash → cache;
@@ -36,6 +41,8 @@ pub mod sink;
 pub mod stage;
 pub mod stats;
 pub mod walk;
+
+pub use publish::{NewJob, OnPublishError, Settled};
 
 use crate::cache::BinaryCache;
 use crate::format::hash::Sha256;
@@ -72,7 +79,7 @@ pub const DEFAULT_CHUNK_SIZE: usize = 4 << 20;
 /// permit; more would only add memory, since one walker outruns two compressors.
 const WALKERS: usize = 2;
 
-/// Jobs queued ahead of the walkers: a job is only an index, and a short queue keeps the
+/// Jobs queued ahead of the walkers: a job is one path's info, and a short queue keeps the
 /// plan order (references first) close to the upload order.
 const JOB_QUEUE: usize = 2 * WALKERS;
 
@@ -88,11 +95,9 @@ const COMPRESSED_QUEUE: usize = 64;
 /// publisher syncs, and then it pauses the sink rather than growing.
 const RESULT_QUEUE: usize = 1024;
 
-/// Narinfos waiting before a publish wave starts early; each wave costs one `sync`.
-const PUBLISH_BATCH: usize = 512;
-/// Longest a finished path waits for its narinfo while uploads go on, so a long push makes
-/// paths available as it goes (the daemon relies on this).
-const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+/// Settled paths queued for the caller: small messages; a caller that falls behind
+/// (recording results durably) pauses the publisher rather than letting them pile up.
+const SETTLED_QUEUE: usize = 1024;
 
 /// What to push and how.
 #[derive(Debug)]
@@ -486,12 +491,55 @@ pub fn push(
     };
 
     cache.ensure_cache_info(&store_dir)?;
-    let (valid, invalid) = split_valid(store, paths)?;
-    for (path, _) in invalid {
+    let plan = plan(store, cache, paths, opts)?;
+    for path in plan.not_valid {
         report.not_valid.push(path.clone());
         let why = Failure::NotValid { path: path.clone() };
         record(&mut report, path, Outcome::Failed(why));
     }
+    for p in &plan.present {
+        record(
+            &mut report,
+            p.to_absolute(&store_dir),
+            Outcome::AlreadyPresent,
+        );
+    }
+    let uploaded = upload_after(cache, &store_dir, &plan.todo, &plan.seen, opts, progress)?;
+    report.results.extend(uploaded.results);
+    report.nar_bytes = uploaded.nar_bytes;
+    report.file_bytes = uploaded.file_bytes;
+    report.stages = uploaded.stages;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// What a push of some paths has to do, from one look at the store and one at the cache.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Paths asked for that are not valid in the store (full paths).
+    pub not_valid: Vec<String>,
+    /// Paths whose narinfo the cache has (now with our signatures), in plan order.
+    pub present: Vec<StorePath>,
+    /// What to upload, references first.
+    pub todo: Vec<PathInfo>,
+    /// The paths found in the cache: the references `todo` may name besides its own.
+    pub seen: HashSet<StorePath>,
+}
+
+/// Plans pushing `paths` (and, with `opts.closure`, everything they reference): their
+/// closure in topological order, what the cache has already (adding our signatures where
+/// missing; a damaged narinfo is uploaded again), and what is left to upload.
+///
+/// # Errors
+/// [`PushError`] when the store or the cache cannot be read.
+pub fn plan(
+    store: &LocalStore,
+    cache: &dyn BinaryCache,
+    paths: &[StorePath],
+    opts: &PushOptions,
+) -> Result<Plan, PushError> {
+    let store_dir = store.store_dir().to_owned();
+    let (valid, invalid) = split_valid(store, paths)?;
     let infos = if opts.closure {
         store.closure(&valid)?
     } else {
@@ -520,26 +568,52 @@ pub fn push(
     for p in &damaged {
         seen.remove(p);
     }
-    let mut todo = Vec::with_capacity(infos.len());
+    let mut plan = Plan {
+        not_valid: invalid.into_iter().map(|(p, _)| p).collect(),
+        ..Plan::default()
+    };
     for info in infos {
         if seen.contains(&info.path) {
-            record(
-                &mut report,
-                info.path.to_absolute(&store_dir),
-                Outcome::AlreadyPresent,
-            );
+            plan.present.push(info.path);
         } else {
-            todo.push(info);
+            plan.todo.push(info);
         }
     }
+    plan.seen = seen;
+    Ok(plan)
+}
 
-    let uploaded = upload_after(cache, &store_dir, &todo, &seen, opts, progress)?;
-    report.results.extend(uploaded.results);
-    report.nar_bytes = uploaded.nar_bytes;
-    report.file_bytes = uploaded.file_bytes;
-    report.stages = uploaded.stages;
-    report.elapsed = started.elapsed();
-    Ok(report)
+/// The jobs that upload `todo` (references first) given `seen`, the paths found in the
+/// cache, and the paths of `todo` refused before any upload (a reference neither in
+/// `todo` nor seen, or refused itself), with why, by index into `todo`.
+pub fn jobs_for(
+    todo: &[PathInfo],
+    seen: &HashSet<StorePath>,
+    store_dir: &str,
+) -> (Vec<NewJob>, Vec<(usize, Failure)>) {
+    let refused = refuse_unreachable(todo, seen, store_dir);
+    let mut skip = vec![false; todo.len()];
+    for (i, _) in &refused {
+        skip[*i] = true;
+    }
+    let in_run: HashSet<&StorePath> = todo.iter().map(|i| &i.path).collect();
+    let jobs = todo
+        .iter()
+        .zip(&skip)
+        .filter(|(_, skip)| !**skip)
+        .map(|(info, _)| NewJob {
+            info: info.clone(),
+            // A reference in the run is waited for; the others are seen (the refusal
+            // took out every path with a reference that is neither).
+            waits_for: info
+                .references
+                .iter()
+                .filter(|r| in_run.contains(r))
+                .cloned()
+                .collect(),
+        })
+        .collect();
+    (jobs, refused)
 }
 
 /// Gives the narinfos the cache already has for `present` the signatures of our keys
@@ -619,6 +693,8 @@ pub fn upload(
 /// `infos`. A path with a reference that is neither, or that refers to a path refused or
 /// failed, is not uploaded or published (refusals propagate to every referrer).
 ///
+/// This is one submission to a [`stream`] pipeline that ends with it.
+///
 /// # Errors
 /// [`PushError::Cache`] when publishing fails; per-path failures are in the report.
 pub fn upload_after(
@@ -635,21 +711,113 @@ pub fn upload_after(
     if infos.is_empty() {
         return Ok(report);
     }
-    let refused = refuse_unreachable(infos, seen, store_dir);
-    let mut skip = vec![false; infos.len()];
-    for (i, why) in &refused {
-        skip[*i] = true;
+    let (jobs, refused) = jobs_for(infos, seen, store_dir);
+    for (i, why) in refused {
         let r = PathResult {
-            path: infos[*i].path.to_absolute(store_dir),
-            outcome: Outcome::Failed(why.clone()),
+            path: infos[i].path.to_absolute(store_dir),
+            outcome: Outcome::Failed(why),
         };
         progress.finished(&r);
         report.results.push(r);
     }
-    let todo: Vec<usize> = (0..infos.len()).filter(|&j| !skip[j]).collect();
-    let caps = Capacities::new(opts, cache.upload_concurrency())
-        .map_err(|e| PushError::Cache(crate::cache::CacheError::Config(e)))?;
-    let stop = stage::Stop::new(opts.cancel.clone(), infos.len());
+    let (_, stages) = stream(
+        cache,
+        store_dir,
+        opts,
+        progress,
+        OnPublishError::Halt,
+        |feeder, settled| {
+            std::thread::scope(|s| {
+                s.spawn(move || feeder.submit(jobs));
+                for done in settled {
+                    if let Outcome::Uploaded {
+                        nar_size,
+                        file_size,
+                    } = done.result.outcome
+                    {
+                        report.nar_bytes += nar_size;
+                        report.file_bytes += file_size;
+                    }
+                    report.results.push(done.result);
+                }
+            });
+        },
+    )?;
+    report.stages = stages;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// The submitting side of a [`stream`] pipeline. Dropping it (every clone) closes the
+/// pipeline's input: the stages finish the jobs in flight and end.
+#[derive(Debug, Clone)]
+pub struct Feeder<'p> {
+    book: &'p std::sync::Mutex<publish::Book>,
+    jobs: crossbeam_channel::Sender<std::sync::Arc<stage::Job>>,
+    stop: stage::Stop,
+}
+
+impl Feeder<'_> {
+    /// Submits `jobs`, in an order where each comes after the jobs it waits for (earlier
+    /// submissions count). All are registered with the publisher first, then sent in one
+    /// by one; this blocks while the pipeline is full. A path with a job unsettled already
+    /// is not submitted again: that job's [`Settled`] covers it. Returns how many jobs went
+    /// in; after a stop the rest are settled as cancelled.
+    pub fn submit(&self, jobs: Vec<NewJob>) -> usize {
+        let jobs = self
+            .book
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .register(jobs);
+        let mut sent = 0;
+        for job in jobs {
+            if self.stop.is_stopped() || self.jobs.send(job).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    }
+
+    /// What the publisher remembers: (known, failed, waited-for) paths.
+    #[cfg(test)]
+    fn remembered(&self) -> (usize, usize, usize) {
+        self.book
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remembered()
+    }
+
+    /// Jobs submitted and not yet settled.
+    pub fn unsettled(&self) -> usize {
+        self.book
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unsettled()
+    }
+}
+
+/// Runs a long-lived pipeline for as long as `body` runs: `body` (on the calling thread)
+/// submits jobs through its [`Feeder`] and takes each job's [`Settled`] from the receiver
+/// as soon as that job's narinfo is durable (or it failed). The stages stay up between
+/// jobs, so a path submitted while a large NAR uploads goes in at once, within the memory
+/// budget. Once `body` has returned (and so dropped the feeder), the stages finish what is
+/// in flight and end; their statistics are returned with `body`'s result.
+///
+/// # Errors
+/// [`PushError::Cache`] when the capacities or threads cannot be set up, and with
+/// [`OnPublishError::Halt`] when publishing fails (the run is stopped).
+pub fn stream<R>(
+    cache: &dyn BinaryCache,
+    store_dir: &str,
+    opts: &PushOptions,
+    progress: &dyn Progress,
+    on_error: OnPublishError,
+    body: impl FnOnce(Feeder<'_>, crossbeam_channel::Receiver<Settled>) -> R,
+) -> Result<(R, Vec<StageStats>), PushError> {
+    let config = |e: String| PushError::Cache(crate::cache::CacheError::Config(e));
+    let caps = Capacities::new(opts, cache.upload_concurrency()).map_err(config)?;
+    let stop = stage::Stop::new(opts.cancel.clone());
     let budget = budget::ByteBudget::new(caps.chunk_memory);
     let buffers = buffers::BufferPool::new(caps.free_buffers);
     let compress = compress::CompressStage::new(
@@ -658,13 +826,8 @@ pub fn upload_after(
         buffers.clone(),
         stop.clone(),
     )
-    .map_err(|e| {
-        PushError::Cache(crate::cache::CacheError::Config(format!(
-            "starting threads: {e}"
-        )))
-    })?;
+    .map_err(|e| config(format!("starting threads: {e}")))?;
     let walk = walk::WalkStage {
-        infos,
         store_dir,
         chunk_size: opts.chunk_size,
         budget,
@@ -675,7 +838,6 @@ pub fn upload_after(
     };
     let sink = sink::SinkStage {
         cache,
-        infos,
         store_dir,
         opts,
         progress,
@@ -683,46 +845,51 @@ pub fn upload_after(
         buffers,
         stop: stop.clone(),
     };
-    let mut publish = publish::PublishStage::new(
+    let book = std::sync::Mutex::new(publish::Book::default());
+    let publish = publish::PublishStage {
         cache,
-        infos,
         store_dir,
-        seen.clone(),
-        &refused,
         progress,
-        stop.clone(),
-        publish::WavePolicy {
-            batch: PUBLISH_BATCH,
-            interval: PUBLISH_INTERVAL,
-        },
-    );
+        stop: stop.clone(),
+        book: &book,
+        on_error,
+    };
 
-    let jobs = crossbeam_channel::bounded::<usize>(caps.job_queue);
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(caps.job_queue);
     let (chunk_tx, chunk_rx) = crossbeam_channel::bounded(caps.chunk_queue);
     let (hashed_tx, hashed_rx) = crossbeam_channel::bounded(caps.chunk_queue);
     let (comp_tx, comp_rx) = crossbeam_channel::bounded(caps.compressed_queue);
     let handoff = crossbeam_channel::bounded(caps.finishers);
     let (res_tx, res_rx) = crossbeam_channel::bounded(caps.result_queue);
+    let (settled_tx, settled_rx) = crossbeam_channel::bounded(caps.settled_queue);
 
-    let stages = std::thread::scope(|s| {
-        let walking = walk.spawn(s, todo, jobs, chunk_tx);
+    let (out, stages, published) = std::thread::scope(|s| {
+        let walking = walk.spawn(s, jobs_rx, chunk_tx);
         let hashing = walk::spawn_hash(s, &walk.stop, chunk_rx, hashed_tx);
         let compressing = compress.spawn(s, hashed_rx, comp_tx);
         let sinking = sink.spawn(s, comp_rx, handoff, res_tx);
-        publish.run(res_rx, &mut report);
-        // The results are closed (or no longer read, after a stop): each stage drains in
-        // turn, upstream first.
-        vec![
+        let publishing = s.spawn(|| publish.run(res_rx, settled_tx));
+        let feeder = Feeder {
+            book: &book,
+            jobs: jobs_tx,
+            stop: stop.clone(),
+        };
+        let out = body(feeder, settled_rx);
+        // The input is closed (the feeder went with `body`): each stage drains in turn,
+        // upstream first, and the publisher settles what is left.
+        let stages = vec![
             walking.finish(),
             hashing.finish(),
             compressing.finish(),
             sinking.finish(),
-        ]
+        ];
+        let published = publishing
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (out, stages, published)
     });
-    publish.finish(&mut report)?;
-    report.stages = stages;
-    report.elapsed = started.elapsed();
-    Ok(report)
+    published?;
+    Ok((out, stages))
 }
 
 /// Every capacity of one run, derived in one place from the options: the `--memory`
@@ -756,6 +923,8 @@ pub struct Capacities {
     pub compressed_queue: usize,
     /// Finished jobs queued for the publisher.
     pub result_queue: usize,
+    /// Settled paths queued for the caller.
+    pub settled_queue: usize,
 }
 
 impl Capacities {
@@ -815,6 +984,7 @@ impl Capacities {
             chunk_queue: CHUNK_QUEUE,
             compressed_queue: COMPRESSED_QUEUE,
             result_queue: RESULT_QUEUE,
+            settled_queue: SETTLED_QUEUE,
         })
     }
 }

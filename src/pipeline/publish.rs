@@ -1,321 +1,489 @@
-//! The publish stage: takes the sink's results on the calling thread and publishes
-//! narinfos in durable waves, in an order that keeps Nix's closure invariant even though
-//! uploads finish out of order; it settles every path of the run in the report.
+//! The publish stage: takes the sink's results on its own thread and publishes narinfos
+//! in durable waves, in an order that keeps Nix's closure invariant even though uploads
+//! finish out of order; it settles every job, one [`Settled`] each, as soon as its
+//! narinfo is durable (or it failed).
 //!
-//! A narinfo is written only when (1) its NAR is committed and (2) every reference is one
-//! the publisher has *seen*: found in the cache by the plan, or published (and made
-//! durable) by this publisher itself. A path that fails, or is refused before the upload,
-//! fails every path that refers to it, transitively. A wave hands every ready narinfo to
+//! A narinfo is written only when (1) its NAR is committed and (2) every reference it
+//! waits for ([`NewJob::waits_for`]: those the caller did not find in the cache itself) is
+//! *known*: published durably by this publisher. A path that fails fails every path that
+//! waits for it, transitively. A wave hands every ready narinfo to
 //! [`BinaryCache::publish_narinfos`], which makes their NARs durable before it names them,
 //! merges them with what the cache holds, and returns once they are durable.
+//!
+//! A wave starts as soon as anything is ready: a path that finishes while the pipeline is
+//! otherwise idle is published at once, and results that arrive during a wave make up the
+//! next one, so waves grow with the load instead of waiting on a timer.
+//!
+//! The [`Book`] is what the publisher remembers, and it never outgrows the jobs in flight:
+//! a job is in it from submission until settled, and a known (or failed) path only while
+//! a job of it or a job waiting for it is unsettled. A reference the caller vouches for
+//! (found in the cache before the job was submitted) is not remembered at all.
 use super::sink::SinkResult;
-use super::stage::Stop;
-use super::{Failure, Outcome, PathResult, Progress, PushReport};
+use super::stage::{Job, JobId, Stop};
+use super::{Failure, Outcome, PathResult, Progress, Retry};
 use crate::cache::{BinaryCache, CacheError, Merged};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
 use crate::store::PathInfo;
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// When a wave is due: this many narinfos waiting (each wave costs one `sync`), or a
-/// finished path waiting this long while uploads go on.
-#[derive(Debug, Clone, Copy)]
-pub struct WavePolicy {
-    pub batch: usize,
-    pub interval: Duration,
+/// A path to upload, as it is submitted to the pipeline.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub info: PathInfo,
+    /// The references whose narinfos must be published by this pipeline before this one:
+    /// every reference but the path itself and those the caller found in the cache.
+    pub waits_for: Vec<StorePath>,
 }
 
-/// The publish stage of one run.
+/// What the pipeline decided for one job.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    pub path: StorePath,
+    pub result: PathResult,
+}
+
+/// What a failed wave does: stop the whole run (a one-shot push returns the error), or
+/// fail the wave's paths with the cache's error and go on (a long-lived pipeline).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPublishError {
+    Halt,
+    FailPaths,
+}
+
+/// Most results taken into one wave: bounds a wave's memory and its time holding the
+/// cache's publishing lock; the rest go into the next wave at once.
+const WAVE_MAX: usize = 512;
+
+/// A submitted job the publisher has not settled yet.
+#[derive(Debug)]
+struct Entry {
+    path: StorePath,
+    waits_for: Vec<StorePath>,
+}
+
+/// Where a reference stands for the publisher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RefState {
+    Known,
+    Failed(Retry),
+    /// A job of it is unsettled: wait.
+    Coming,
+    /// Neither known nor coming: published and forgotten meanwhile, or never submitted.
+    Unknown,
+}
+
+/// The publisher's memory, shared with the submitting side (a submission registers its
+/// jobs here before any of them can finish).
+#[derive(Debug, Default)]
+pub struct Book {
+    next_id: JobId,
+    jobs: HashMap<JobId, Entry>,
+    /// Unsettled jobs by path.
+    unsettled: HashMap<StorePath, usize>,
+    /// Unsettled jobs waiting for each path.
+    interest: HashMap<StorePath, usize>,
+    known: HashSet<StorePath>,
+    failed: HashMap<StorePath, Retry>,
+}
+
+impl Book {
+    /// Registers `jobs` and returns those to send: a path that has an unsettled job
+    /// already is not submitted twice (that job's result covers it).
+    pub fn register(&mut self, jobs: Vec<NewJob>) -> Vec<Arc<Job>> {
+        let mut out = Vec::with_capacity(jobs.len());
+        for NewJob { info, waits_for } in jobs {
+            if self.unsettled.contains_key(&info.path) {
+                continue;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            let waits_for: Vec<StorePath> =
+                waits_for.into_iter().filter(|r| *r != info.path).collect();
+            for r in &waits_for {
+                *self.interest.entry(r.clone()).or_default() += 1;
+            }
+            *self.unsettled.entry(info.path.clone()).or_default() += 1;
+            self.jobs.insert(
+                id,
+                Entry {
+                    path: info.path.clone(),
+                    waits_for,
+                },
+            );
+            out.push(Job::new(id, info));
+        }
+        out
+    }
+
+    /// Jobs submitted and not settled yet.
+    pub fn unsettled(&self) -> usize {
+        self.jobs.len()
+    }
+
+    fn state(&self, r: &StorePath) -> RefState {
+        if self.known.contains(r) {
+            RefState::Known
+        } else if let Some(retry) = self.failed.get(r) {
+            RefState::Failed(*retry)
+        } else if self.unsettled.contains_key(r) {
+            RefState::Coming
+        } else {
+            RefState::Unknown
+        }
+    }
+
+    /// Forgets `path` once no unsettled job is of it or waits for it.
+    fn forget_if_unneeded(&mut self, path: &StorePath) {
+        if !self.unsettled.contains_key(path) && !self.interest.contains_key(path) {
+            self.known.remove(path);
+            self.failed.remove(path);
+        }
+    }
+
+    fn settle(&mut self, id: JobId) {
+        let Some(entry) = self.jobs.remove(&id) else {
+            return;
+        };
+        for r in &entry.waits_for {
+            if let Some(n) = self.interest.get_mut(r) {
+                *n -= 1;
+                if *n == 0 {
+                    self.interest.remove(r);
+                    self.forget_if_unneeded(r);
+                }
+            }
+        }
+        if let Some(n) = self.unsettled.get_mut(&entry.path) {
+            *n -= 1;
+            if *n == 0 {
+                self.unsettled.remove(&entry.path);
+            }
+        }
+        self.forget_if_unneeded(&entry.path);
+    }
+
+    /// (known, failed, interest) sizes, for tests.
+    #[cfg(test)]
+    pub fn remembered(&self) -> (usize, usize, usize) {
+        (self.known.len(), self.failed.len(), self.interest.len())
+    }
+}
+
+/// A narinfo whose NAR is committed, waiting for its references.
+#[derive(Debug)]
+struct Waiting {
+    id: JobId,
+    narinfo: NarInfo,
+    file_size: u64,
+}
+
+/// The publish stage of one pipeline.
 pub struct PublishStage<'a> {
-    publisher: Publisher<'a>,
-    cache: &'a dyn BinaryCache,
-    infos: &'a [PathInfo],
-    store_dir: &'a str,
-    progress: &'a dyn Progress,
-    stop: Stop,
-    policy: WavePolicy,
-    file_sizes: HashMap<StorePath, u64>,
-    error: Option<CacheError>,
+    pub cache: &'a dyn BinaryCache,
+    pub store_dir: &'a str,
+    pub progress: &'a dyn Progress,
+    pub stop: Stop,
+    pub book: &'a Mutex<Book>,
+    pub on_error: OnPublishError,
 }
 
 impl std::fmt::Debug for PublishStage<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PublishStage")
-            .field("publisher", &self.publisher)
-            .finish_non_exhaustive()
+        f.debug_struct("PublishStage").finish_non_exhaustive()
     }
+}
+
+/// The publisher's own state while it runs.
+struct Run<'s, 'a> {
+    stage: &'s PublishStage<'a>,
+    out: Sender<Settled>,
+    pending: Vec<Waiting>,
+    /// A NAR was committed since the last wave that renamed the committed NARs: a sync
+    /// is owed before the pipeline goes idle or ends.
+    dirty: bool,
 }
 
 impl<'a> PublishStage<'a> {
-    /// `seen`: the paths the plan found in the cache; `refused`: the jobs refused before
-    /// the upload (their referrers fail with them).
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        cache: &'a dyn BinaryCache,
-        infos: &'a [PathInfo],
-        store_dir: &'a str,
-        seen: HashSet<StorePath>,
-        refused: &[(usize, Failure)],
-        progress: &'a dyn Progress,
-        stop: Stop,
-        policy: WavePolicy,
-    ) -> Self {
-        let mut publisher = Publisher::new(cache, store_dir, seen);
-        for (i, why) in refused {
-            publisher.fail(infos[*i].path.clone(), why.retry());
-        }
-        PublishStage {
-            publisher,
-            cache,
-            infos,
-            store_dir,
-            progress,
-            stop,
-            policy,
-            file_sizes: HashMap::new(),
-            error: None,
-        }
+    fn book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn record(&self, report: &mut PushReport, path: &StorePath, outcome: Outcome) {
-        let r = PathResult {
-            path: path.to_absolute(self.store_dir),
-            outcome,
+    /// Takes the sink's results until they end (every stage has drained), publishing a
+    /// wave whenever anything is ready. Every job submitted is settled into `out` (after a
+    /// cancel, those not finished as [`Failure::Cancelled`]).
+    ///
+    /// # Errors
+    /// With [`OnPublishError::Halt`], the first cache error (the run is halted); otherwise
+    /// only the closing sync's.
+    pub fn run(
+        &self,
+        results: Receiver<SinkResult>,
+        out: Sender<Settled>,
+    ) -> Result<(), CacheError> {
+        let mut run = Run {
+            stage: self,
+            out,
+            pending: Vec::new(),
+            dirty: false,
         };
-        self.progress.finished(&r);
-        report.results.push(r);
-    }
-
-    fn settle(&self, report: &mut PushReport, decided: Vec<Published>) {
-        for d in decided {
-            match d {
-                Published::Written(n) => {
-                    let file_size = self
-                        .file_sizes
-                        .get(&n.store_path)
-                        .copied()
-                        .unwrap_or_default();
-                    report.nar_bytes += n.nar_size;
-                    report.file_bytes += file_size;
-                    let outcome = Outcome::Uploaded {
-                        nar_size: n.nar_size,
-                        file_size,
-                    };
-                    self.record(report, &n.store_path, outcome);
-                }
-                Published::Present(p) => self.record(report, &p, Outcome::AlreadyPresent),
-                Published::Failed(p, why) => self.record(report, &p, Outcome::Failed(why)),
-            }
-        }
-    }
-
-    /// Takes the sink's results until they end or the run stops, publishing a wave
-    /// whenever one is due. A cache error halts the run (every stage stops early) and is
-    /// returned by [`PublishStage::finish`].
-    pub fn run(&mut self, results: Receiver<SinkResult>, report: &mut PushReport) {
-        let mut last_wave = Instant::now();
-        for r in results.iter() {
-            let path = &self.infos[r.job].path;
-            match r.outcome {
-                Ok((narinfo, file_size)) => {
-                    self.file_sizes.insert(path.clone(), file_size);
-                    self.publisher.add(*narinfo);
-                }
-                Err(why) => {
-                    self.publisher.fail(path.clone(), why.retry());
-                    self.record(report, path, Outcome::Failed(why));
+        while let Ok(first) = results.recv() {
+            let mut batch = vec![first];
+            while batch.len() < WAVE_MAX {
+                match results.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
                 }
             }
             if self.stop.is_stopped() {
-                break;
+                // Drained and dropped: nothing more is published once stopped.
+                continue;
             }
-            let pending = self.publisher.pending();
-            let due = pending >= self.policy.batch
-                || (pending > 0 && last_wave.elapsed() >= self.policy.interval);
-            if due {
-                match self.publisher.wave() {
-                    Ok(decided) => self.settle(report, decided),
-                    Err(e) => {
-                        self.stop.halt();
-                        self.error = Some(e);
-                        break;
+            for r in batch {
+                run.absorb(r);
+            }
+            run.waves()?;
+            if run.dirty && run.pending.is_empty() && results.is_empty() && !self.stop.is_stopped()
+            {
+                // Idle, with no narinfo on its way (whose wave would name every committed
+                // NAR): NARs committed without a narinfo of their own (a reference failed,
+                // or the cache kept its narinfo) get their final names now.
+                self.cache.sync()?;
+                run.dirty = false;
+            }
+        }
+        run.finish()
+    }
+}
+
+impl Run<'_, '_> {
+    fn emit(&self, decided: Vec<(JobId, StorePath, Outcome)>) {
+        let stage = self.stage;
+        {
+            let mut book = stage.book();
+            for (id, path, outcome) in &decided {
+                match outcome {
+                    Outcome::Uploaded { .. } | Outcome::AlreadyPresent => {
+                        book.known.insert(path.clone());
+                    }
+                    Outcome::Failed(f) => {
+                        book.failed.insert(path.clone(), f.retry());
                     }
                 }
-                last_wave = Instant::now();
+                book.settle(*id);
+            }
+        }
+        for (_, path, outcome) in decided {
+            let result = PathResult {
+                path: path.to_absolute(stage.store_dir),
+                outcome,
+            };
+            stage.progress.finished(&result);
+            // A caller that stopped listening still lets the pipeline drain.
+            let _ = self.out.send(Settled { path, result });
+        }
+    }
+
+    fn absorb(&mut self, r: SinkResult) {
+        match r.outcome {
+            Ok((narinfo, file_size)) => {
+                self.dirty = true;
+                self.pending.push(Waiting {
+                    id: r.job.id,
+                    narinfo: *narinfo,
+                    file_size,
+                });
+            }
+            Err(why) => {
+                let path = r.job.info.path.clone();
+                self.emit(vec![(r.job.id, path, Outcome::Failed(why))]);
             }
         }
     }
 
-    /// Once every upload stage has finished: publishes what is still pending, or, after a
-    /// cancel, reports every path not settled as unfinished (what was written stays: each
-    /// narinfo's NAR and references were durable).
-    ///
-    /// # Errors
-    /// The cache error that halted the run, or one from the last waves or sync.
-    pub fn finish(mut self, report: &mut PushReport) -> Result<(), CacheError> {
-        if let Some(e) = self.error {
-            return Err(e);
-        }
-        if self.stop.is_cancelled() {
-            let settled: HashSet<String> = report.results.iter().map(|r| r.path.clone()).collect();
-            for info in self.infos {
-                if !settled.contains(&info.path.to_absolute(self.store_dir)) {
-                    let why = Failure::Cancelled;
-                    self.record(report, &info.path, Outcome::Failed(why));
-                }
-            }
-            return self.cache.sync();
-        }
-        let decided = self.publisher.finish()?;
-        self.settle(report, decided);
-        Ok(())
-    }
-}
-
-/// A path's final state as the publisher decides it.
-#[derive(Debug)]
-pub enum Published {
-    /// Its narinfo is written and durable.
-    Written(Box<NarInfo>),
-    /// The cache's narinfo for it stays (it had our signatures, or it is for another NAR
-    /// of the path whose NAR is intact).
-    Present(StorePath),
-    /// Not published because a reference failed.
-    Failed(StorePath, super::Failure),
-}
-
-pub struct Publisher<'a> {
-    cache: &'a dyn BinaryCache,
-    store_dir: String,
-    /// References that may be named: found in the cache by the plan, or published here.
-    seen: HashSet<StorePath>,
-    /// Failed paths and whether retrying them can help (their referrers inherit it).
-    failed: HashMap<StorePath, super::Retry>,
-    pending: Vec<NarInfo>,
-}
-
-impl std::fmt::Debug for Publisher<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Publisher")
-            .field("pending", &self.pending.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl<'a> Publisher<'a> {
-    /// `seen`: the paths the plan found in the cache.
-    pub fn new(cache: &'a dyn BinaryCache, store_dir: &str, seen: HashSet<StorePath>) -> Self {
-        Publisher {
-            cache,
-            store_dir: store_dir.to_owned(),
-            seen,
-            failed: HashMap::new(),
-            pending: Vec::new(),
-        }
-    }
-
-    /// Queues the narinfo of a path whose NAR is committed (not necessarily durable).
-    pub fn add(&mut self, narinfo: NarInfo) {
-        self.pending.push(narinfo);
-    }
-
-    /// Records that a path of the run failed: paths referring to it will fail too.
-    pub fn fail(&mut self, path: StorePath, retry: super::Retry) {
-        self.failed.insert(path, retry);
-    }
-
-    pub fn pending(&self) -> usize {
-        self.pending.len()
-    }
-
-    /// One wave: publish every pending narinfo whose references are all seen. Returns
-    /// what it decided (written, kept, or failed because of a reference).
-    ///
-    /// # Errors
-    /// The first cache error. Narinfos already written stay: their NARs and references
-    /// are durable.
-    pub fn wave(&mut self) -> Result<Vec<Published>, CacheError> {
-        let mut decided = Vec::new();
-        // Failures cascade to every pending path that refers to a failed one.
-        loop {
-            let before = decided.len();
-            let (doomed, keep): (Vec<NarInfo>, Vec<NarInfo>) = std::mem::take(&mut self.pending)
-                .into_iter()
-                .partition(|n| n.references.iter().any(|r| self.failed.contains_key(r)));
-            self.pending = keep;
-            for n in doomed {
-                let (bad, retry) = n
-                    .references
-                    .iter()
-                    .find_map(|r| self.failed.get(r).map(|c| (r, *c)))
-                    .expect("partitioned on it");
-                let why = super::Failure::ReferenceFailed {
-                    reference: bad.to_absolute(&self.store_dir),
-                    retry,
-                };
-                self.failed.insert(n.store_path.clone(), retry);
-                decided.push(Published::Failed(n.store_path, why));
-            }
-            if decided.len() == before {
+    /// Waves until nothing more is ready.
+    fn waves(&mut self) -> Result<(), CacheError> {
+        while !self.pending.is_empty() && !self.stage.stop.is_stopped() {
+            if !self.wave()? {
                 break;
             }
         }
-        let (ready, waiting): (Vec<NarInfo>, Vec<NarInfo>) = std::mem::take(&mut self.pending)
-            .into_iter()
-            .partition(|n| {
-                n.references
-                    .iter()
-                    .all(|r| *r == n.store_path || self.seen.contains(r))
-            });
-        self.pending = waiting;
-        if ready.is_empty() {
-            return Ok(decided);
-        }
-        // Everything ready in one wave is independent of the rest of the wave (its
-        // references are seen already), so the cache may write the wave concurrently.
-        let merged = self
-            .cache
-            .publish_narinfos(&self.store_dir, ready.clone())?;
-        for (narinfo, m) in ready.into_iter().zip(merged) {
-            self.seen.insert(narinfo.store_path.clone());
-            decided.push(match m {
-                Merged::Written => Published::Written(Box::new(narinfo)),
-                Merged::Kept => Published::Present(narinfo.store_path),
-            });
-        }
-        Ok(decided)
+        Ok(())
     }
 
-    /// Publishes everything still pending (every upload of the run has finished) and makes
-    /// every committed NAR durable.
-    ///
-    /// # Errors
-    /// The first cache error.
-    pub fn finish(&mut self) -> Result<Vec<Published>, CacheError> {
+    /// One wave: fails what waits for a failed path, publishes every pending narinfo
+    /// whose references are all known. Returns whether it decided anything.
+    fn wave(&mut self) -> Result<bool, CacheError> {
+        let stage = self.stage;
         let mut decided = Vec::new();
-        // Every upload was committed before this is called, so a narinfo written now went
-        // through `put_narinfos`, which publishes every NAR committed before it
-        // ([`crate::cache::NarUpload::commit`]): the closing sync would only wait on the
-        // disk again for nothing.
-        let mut wrote = false;
-        while !self.pending.is_empty() {
-            let wave = self.wave()?;
-            wrote |= wave.iter().any(|d| matches!(d, Published::Written(_)));
-            if wave.is_empty() {
-                // Only references to paths that never finished get here: a reference
-                // cycle (impossible in a valid store) or a path the run lost.
-                for n in std::mem::take(&mut self.pending) {
-                    let why = super::Failure::ReferencesNotDurable;
-                    decided.push(Published::Failed(n.store_path, why));
+        let mut ready = Vec::new();
+        let mut unknown: Vec<StorePath> = Vec::new();
+        {
+            let book = stage.book();
+            let mut keep = Vec::new();
+            for w in std::mem::take(&mut self.pending) {
+                let waits = book
+                    .jobs
+                    .get(&w.id)
+                    .map(|e| e.waits_for.as_slice())
+                    .unwrap_or_default();
+                let states: Vec<(&StorePath, RefState)> =
+                    waits.iter().map(|r| (r, book.state(r))).collect();
+                if let Some((bad, retry)) = states.iter().find_map(|(r, s)| match s {
+                    RefState::Failed(retry) => Some((*r, *retry)),
+                    _ => None,
+                }) {
+                    let why = Failure::ReferenceFailed {
+                        reference: bad.to_absolute(stage.store_dir),
+                        retry,
+                    };
+                    decided.push((w.id, w.narinfo.store_path, Outcome::Failed(why)));
+                } else if states.iter().all(|(_, s)| *s == RefState::Known) {
+                    ready.push(w);
+                } else {
+                    unknown.extend(
+                        states
+                            .iter()
+                            .filter(|(_, s)| *s == RefState::Unknown)
+                            .map(|(r, _)| (*r).clone()),
+                    );
+                    keep.push(w);
                 }
             }
-            decided.extend(wave);
+            self.pending = keep;
         }
-        if !wrote {
-            self.cache.sync()?;
+        let progressed = !decided.is_empty() || !ready.is_empty() || !unknown.is_empty();
+        // Failures first: they cascade to their waiters in the next wave.
+        self.emit(decided);
+        if !unknown.is_empty() {
+            self.look_up(unknown)?;
         }
-        Ok(decided)
+        if ready.is_empty() {
+            return Ok(progressed);
+        }
+        self.publish(ready)?;
+        Ok(true)
+    }
+
+    /// Publishes `ready` (narinfos whose references are all known) and settles them.
+    fn publish(&mut self, ready: Vec<Waiting>) -> Result<(), CacheError> {
+        let stage = self.stage;
+        // Everything ready in one wave is independent of the rest of the wave (its
+        // references are known already), so the cache may write the wave concurrently.
+        let narinfos: Vec<NarInfo> = ready.iter().map(|w| w.narinfo.clone()).collect();
+        match stage.cache.publish_narinfos(stage.store_dir, narinfos) {
+            Ok(merged) => {
+                if merged.contains(&Merged::Written) {
+                    self.dirty = false;
+                }
+                let decided = ready
+                    .into_iter()
+                    .zip(merged)
+                    .map(|(w, m)| {
+                        let outcome = match m {
+                            Merged::Written => Outcome::Uploaded {
+                                nar_size: w.narinfo.nar_size,
+                                file_size: w.file_size,
+                            },
+                            Merged::Kept => Outcome::AlreadyPresent,
+                        };
+                        (w.id, w.narinfo.store_path, outcome)
+                    })
+                    .collect();
+                self.emit(decided);
+            }
+            Err(e) if stage.on_error == OnPublishError::Halt => {
+                stage.stop.halt();
+                return Err(e);
+            }
+            Err(e) if ready.len() == 1 => {
+                tracing::warn!("{}: {e}", stage.cache.url());
+                let w = ready.into_iter().next().expect("one");
+                let why = Failure::from_cache(&e);
+                self.emit(vec![(w.id, w.narinfo.store_path, Outcome::Failed(why))]);
+            }
+            Err(e) => {
+                // One path's narinfo may be what the cache refuses: each is tried alone,
+                // so the failure ends up on the path that causes it.
+                tracing::info!(
+                    "{}: publishing {} narinfos together failed ({e}); publishing each alone",
+                    stage.cache.url(),
+                    ready.len()
+                );
+                for w in ready {
+                    self.publish(vec![w])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// References waited for that are neither known nor coming: a path published and
+    /// forgotten between the caller's look at the cache and its submission. The cache
+    /// says whether it is there; one that is not fails its waiters (a retry may pass).
+    fn look_up(&mut self, mut unknown: Vec<StorePath>) -> Result<(), CacheError> {
+        let stage = self.stage;
+        unknown.sort();
+        unknown.dedup();
+        let present = match stage.cache.has_narinfos(&unknown) {
+            Ok(p) => p,
+            Err(e) if stage.on_error == OnPublishError::Halt => {
+                stage.stop.halt();
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::warn!("{}: {e}", stage.cache.url());
+                vec![false; unknown.len()]
+            }
+        };
+        let mut book = stage.book();
+        for (r, there) in unknown.into_iter().zip(present) {
+            if there {
+                // Remembered while a waiter is unsettled (its interest keeps it).
+                book.known.insert(r);
+            } else {
+                book.failed.insert(r, Retry::Transient);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every result is in: publishes what can be, and settles every job still open
+    /// (cancelled, or waiting for references that never became durable).
+    fn finish(mut self) -> Result<(), CacheError> {
+        let stage = self.stage;
+        if !stage.stop.is_stopped() {
+            self.waves()?;
+        }
+        let cancelled = stage.stop.is_cancelled();
+        let open: Vec<(JobId, StorePath)> = {
+            let book = stage.book();
+            let mut open: Vec<(JobId, StorePath)> = book
+                .jobs
+                .iter()
+                .map(|(id, e)| (*id, e.path.clone()))
+                .collect();
+            open.sort_by_key(|(id, _)| *id);
+            open
+        };
+        let decided = open
+            .into_iter()
+            .map(|(id, path)| {
+                let why = if cancelled {
+                    Failure::Cancelled
+                } else {
+                    Failure::ReferencesNotDurable
+                };
+                (id, path, Outcome::Failed(why))
+            })
+            .collect();
+        self.pending.clear();
+        self.emit(decided);
+        if self.dirty || cancelled {
+            stage.cache.sync()?;
+        }
+        Ok(())
     }
 }

@@ -5,29 +5,29 @@
 //! Chunks of many jobs arrive interleaved and out of order; each job's are buffered until
 //! their turn. The buffer is bounded by the memory budget, since every buffered chunk
 //! still holds its permit.
-use super::stage::{Running, Stop};
+use super::stage::{Job, JobId, Running, Stop};
 use super::stats::{StageClock, StageStats};
 use super::walk::{Chunk, NarEnd};
 use super::{Failure, FailureKind, PushOptions};
 use crate::cache::{BinaryCache, NarUpload};
 use crate::format::hash::HashingWriter;
 use crate::format::narinfo::NarInfo;
-use crate::store::PathInfo;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
+use std::sync::Arc;
 use std::thread::Scope;
 
 /// What the sink reports for one job.
 #[derive(Debug)]
 pub struct SinkResult {
-    pub job: usize,
+    pub job: Arc<Job>,
     /// The narinfo to publish and the compressed size, or why the job failed.
     pub outcome: Result<(Box<NarInfo>, u64), Failure>,
 }
 
 /// A job whose last chunk is written, on its way to a finisher.
-pub type Handoff = (usize, JobState, NarEnd);
+pub type Handoff = (Arc<Job>, JobState, NarEnd);
 
 /// A job the sink has seen chunks of.
 pub struct JobState {
@@ -40,7 +40,6 @@ pub struct JobState {
 
 pub struct SinkStage<'a> {
     pub cache: &'a dyn BinaryCache,
-    pub infos: &'a [PathInfo],
     pub store_dir: &'a str,
     pub opts: &'a PushOptions,
     pub progress: &'a dyn super::Progress,
@@ -83,7 +82,7 @@ impl<'env> SinkStage<'env> {
         if self.finishers <= 1 {
             let t = s.spawn(move || {
                 self.assemble(chunks, &results, |job, state, end| {
-                    let outcome = self.finish(job, state, end);
+                    let outcome = self.finish(&job, state, end);
                     results.send(SinkResult { job, outcome }).is_ok()
                 })
                 .into_stats("sink")
@@ -100,7 +99,7 @@ impl<'env> SinkStage<'env> {
                     if self.stop.is_stopped() {
                         continue; // dropping the state aborts its upload
                     }
-                    let outcome = self.finish(job, state, end);
+                    let outcome = self.finish(&job, state, end);
                     if results.send(SinkResult { job, outcome }).is_err() {
                         break;
                     }
@@ -125,10 +124,12 @@ impl<'env> SinkStage<'env> {
         &self,
         chunks: Receiver<Chunk>,
         results: &Sender<SinkResult>,
-        mut done: impl FnMut(usize, JobState, NarEnd) -> bool,
+        mut done: impl FnMut(Arc<Job>, JobState, NarEnd) -> bool,
     ) -> StageClock {
         let mut clock = StageClock::start();
-        let mut jobs: HashMap<usize, JobState> = HashMap::new();
+        // Only the jobs whose chunks are arriving: an entry goes with its job's last chunk
+        // or its failure.
+        let mut jobs: HashMap<JobId, JobState> = HashMap::new();
         while let Some(chunk) = clock.wait(|| chunks.recv().ok()) {
             if self.stop.is_stopped() {
                 // Unfinished uploads are aborted (dropped) and their buffered chunks
@@ -137,11 +138,11 @@ impl<'env> SinkStage<'env> {
                 jobs.clear();
                 continue;
             }
-            let job = chunk.job;
-            if self.stop.is_job_stopped(job) {
+            let job = chunk.job.clone();
+            if self.stop.is_job_stopped(&job) {
                 continue; // failed and reported already
             }
-            let state = jobs.entry(job).or_insert_with(|| self.begin(job));
+            let state = jobs.entry(job.id).or_insert_with(|| self.begin(&job));
             state.waiting.insert(chunk.seq, chunk);
             let mut finished = None;
             while let Some(chunk) = state.waiting.remove(&state.next_seq) {
@@ -161,8 +162,8 @@ impl<'env> SinkStage<'env> {
             }
             if let Some(why) = state.error.take() {
                 // Dropping the state aborts the upload and frees the chunks waiting.
-                jobs.remove(&job);
-                self.stop.abort(job);
+                jobs.remove(&job.id);
+                self.stop.abort(&job);
                 let result = SinkResult {
                     job,
                     outcome: Err(why),
@@ -173,7 +174,7 @@ impl<'env> SinkStage<'env> {
                 continue;
             }
             if let Some(end) = finished {
-                let state = jobs.remove(&job).expect("present");
+                let state = jobs.remove(&job.id).expect("present");
                 if !clock.wait(|| done(job, state, end)) {
                     break;
                 }
@@ -182,8 +183,8 @@ impl<'env> SinkStage<'env> {
         clock
     }
 
-    fn begin(&self, job: usize) -> JobState {
-        let (upload, error) = match self.cache.begin_nar(self.infos[job].nar_size) {
+    fn begin(&self, job: &Job) -> JobState {
+        let (upload, error) = match self.cache.begin_nar(job.info.nar_size) {
             Ok(u) => (Some(HashingWriter::new(u)), None),
             Err(e) => (None, Some(Failure::from_cache(&e))),
         };
@@ -199,11 +200,11 @@ impl<'env> SinkStage<'env> {
     /// upload on any failure aborts it.
     fn finish(
         &self,
-        job: usize,
+        job: &Job,
         state: JobState,
         end: NarEnd,
     ) -> Result<(Box<NarInfo>, u64), Failure> {
-        let info = &self.infos[job];
+        let info = &job.info;
         let full = info.path.to_absolute(self.store_dir);
         let (nar_hash, nar_size, listing) = match end {
             // Reading the store path failed: an I/O error, or the path changed under us.

@@ -7,9 +7,34 @@
 //! hands each stage its receiver and sender.
 use super::Cancel;
 use super::stats::StageStats;
+use crate::store::PathInfo;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::ScopedJoinHandle;
+
+/// A job's number: given in order of submission, never reused within a pipeline.
+pub type JobId = u64;
+
+/// One path on its way through the pipeline. Every chunk of it carries the job, so no
+/// stage keeps a table of jobs: the job (and its stop flag) lives exactly as long as some
+/// stage still holds a piece of it.
+#[derive(Debug)]
+pub struct Job {
+    pub id: JobId,
+    pub info: PathInfo,
+    /// Set once the sink has failed the job: no stage spends another byte on it.
+    aborted: AtomicBool,
+}
+
+impl Job {
+    pub fn new(id: JobId, info: PathInfo) -> Arc<Job> {
+        Arc::new(Job {
+            id,
+            info,
+            aborted: AtomicBool::new(false),
+        })
+    }
+}
 
 /// Why a run stops early: the caller's cancel (a shutdown), or the run's own halt (the
 /// publisher failed: nothing more can be published, so nothing more is worth reading,
@@ -21,26 +46,23 @@ use std::thread::ScopedJoinHandle;
 pub struct Stop {
     cancel: Cancel,
     halt: Cancel,
-    /// One flag per job of the run.
-    aborted: Arc<[AtomicBool]>,
 }
 
 impl Stop {
-    /// A stop for a run of `jobs` jobs that follows `cancel` and the run's own halt.
-    pub fn new(cancel: Cancel, jobs: usize) -> Self {
+    /// A stop that follows `cancel` and the run's own halt.
+    pub fn new(cancel: Cancel) -> Self {
         Stop {
             cancel,
             halt: Cancel::new(),
-            aborted: (0..jobs).map(|_| AtomicBool::new(false)).collect(),
         }
     }
     /// Stops work on `job` (its failure is reported already).
-    pub fn abort(&self, job: usize) {
-        self.aborted[job].store(true, Ordering::Relaxed);
+    pub fn abort(&self, job: &Job) {
+        job.aborted.store(true, Ordering::Relaxed);
     }
     /// True once the run stopped or `job` was aborted: its chunks are dropped.
-    pub fn is_job_stopped(&self, job: usize) -> bool {
-        self.aborted[job].load(Ordering::Relaxed) || self.is_stopped()
+    pub fn is_job_stopped(&self, job: &Job) -> bool {
+        job.aborted.load(Ordering::Relaxed) || self.is_stopped()
     }
     /// Stops every stage (the run failed).
     pub fn halt(&self) {

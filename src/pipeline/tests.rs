@@ -6,6 +6,7 @@ use crate::format::hash::Sha256;
 use crate::format::narinfo::NarInfo;
 use crate::pipeline::compress::Compression;
 use std::path::Path;
+use std::sync::Arc;
 
 /// A fake store: `(store dir, infos)` where each info's NarHash is computed from disk.
 fn make_store(dir: &Path, specs: &[(&str, usize, &[usize])]) -> Vec<PathInfo> {
@@ -800,4 +801,148 @@ fn the_last_wave_makes_the_nars_durable_without_another_sync() {
         .filter(|p| p.to_string_lossy().contains("/nar/"))
         .count();
     assert_eq!(nars, 2, "{files:?}");
+}
+
+/// A local directory whose large NAR uploads wait at their commit until the gate opens
+/// (on a finisher thread of their own: the cache says it commits 4 at once).
+#[derive(Debug)]
+struct Gated(FileCache, Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+struct GatedUpload(
+    Box<dyn crate::cache::NarUpload>,
+    Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+);
+
+impl std::io::Write for GatedUpload {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl crate::cache::NarUpload for GatedUpload {
+    fn commit(self: Box<Self>, key: &str) -> Result<(), crate::cache::CacheError> {
+        let (open, cv) = &*self.1;
+        let mut o = open.lock().unwrap();
+        while !*o {
+            o = cv.wait(o).unwrap();
+        }
+        drop(o);
+        self.0.commit(key)
+    }
+}
+
+impl BinaryCache for Gated {
+    fn upload_concurrency(&self) -> usize {
+        4
+    }
+    fn url(&self) -> &str {
+        self.0.url()
+    }
+    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), crate::cache::CacheError> {
+        self.0.ensure_cache_info(store_dir)
+    }
+    fn has_narinfo(&self, path: &StorePath) -> Result<bool, crate::cache::CacheError> {
+        self.0.has_narinfo(path)
+    }
+    fn has_object(&self, key: &str) -> Result<bool, crate::cache::CacheError> {
+        self.0.has_object(key)
+    }
+    fn begin_nar(
+        &self,
+        nar_size: u64,
+    ) -> Result<Box<dyn crate::cache::NarUpload>, crate::cache::CacheError> {
+        let u = self.0.begin_nar(nar_size)?;
+        if nar_size < 1 << 20 {
+            return Ok(u);
+        }
+        Ok(Box::new(GatedUpload(u, self.1.clone())))
+    }
+    fn object_size(&self, key: &str) -> Result<Option<u64>, crate::cache::CacheError> {
+        self.0.object_size(key)
+    }
+    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, crate::cache::CacheError> {
+        self.0.get_narinfo(path)
+    }
+    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), crate::cache::CacheError> {
+        self.0.put_narinfo(path, text)
+    }
+    fn put_narinfos(&self, n: &[(StorePath, String)]) -> Result<(), crate::cache::CacheError> {
+        self.0.put_narinfos(n)
+    }
+    fn sync(&self) -> Result<(), crate::cache::CacheError> {
+        self.0.sync()
+    }
+}
+
+#[test]
+fn a_path_submitted_behind_a_large_one_is_published_while_the_large_one_uploads() {
+    let store = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    let infos = make_store(
+        store.path(),
+        &[("large", 4 << 20, &[]), ("lib", 10, &[]), ("app", 20, &[1])],
+    );
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let cache = Gated(
+        FileCache::open(cache_dir.path(), "file:///t").unwrap(),
+        gate.clone(),
+    );
+    let o = opts(Compression::Zstd, 64 << 10, 1 << 20);
+    let job = |i: usize, waits: &[usize]| NewJob {
+        info: infos[i].clone(),
+        waits_for: waits.iter().map(|&j| infos[j].path.clone()).collect(),
+    };
+    let ((), _) = stream(
+        &cache,
+        sd,
+        &o,
+        &NoProgress,
+        OnPublishError::FailPaths,
+        |feeder, settled| {
+            feeder.submit(vec![job(0, &[])]);
+            // Submitted after the large path, as one closure, while its upload is stuck.
+            feeder.submit(vec![job(1, &[]), job(2, &[1])]);
+            let mut order = Vec::new();
+            for _ in 0..2 {
+                let s = settled
+                    .recv_timeout(Duration::from_secs(60))
+                    .expect("the small paths wait behind the large one");
+                assert!(
+                    matches!(s.result.outcome, Outcome::Uploaded { .. }),
+                    "{s:?}"
+                );
+                assert!(narinfo_in(cache_dir.path(), &s.path).is_some());
+                order.push(s.path);
+            }
+            // Closure order: the reference before its referrer.
+            assert_eq!(order, [infos[1].path.clone(), infos[2].path.clone()]);
+            assert!(narinfo_in(cache_dir.path(), &infos[0].path).is_none());
+            *gate.0.lock().unwrap() = true;
+            gate.1.notify_all();
+            let s = settled.recv_timeout(Duration::from_secs(60)).unwrap();
+            assert_eq!(s.path, infos[0].path);
+            assert!(
+                matches!(s.result.outcome, Outcome::Uploaded { .. }),
+                "{s:?}"
+            );
+            // Everything settled: the publisher remembers nothing of it.
+            assert_eq!(feeder.unsettled(), 0);
+            assert_eq!(feeder.remembered(), (0, 0, 0));
+            // The same paths again: one job each (merged as present), as long as unsettled.
+            assert_eq!(
+                feeder.submit(vec![job(1, &[]), job(1, &[]), job(2, &[1])]),
+                2
+            );
+            for _ in 0..2 {
+                let s = settled.recv_timeout(Duration::from_secs(60)).unwrap();
+                assert!(!matches!(s.result.outcome, Outcome::Failed(_)), "{s:?}");
+            }
+            assert_eq!(feeder.remembered(), (0, 0, 0));
+        },
+    )
+    .unwrap();
 }

@@ -1,5 +1,5 @@
-//! The walk stage: a feeder thread handing out jobs in plan order and walker threads
-//! turning each store path into a stream of fixed-size NAR chunks; and the hash stage
+//! The walk stage: walker threads taking jobs from the pipeline's input and turning each
+//! store path into a stream of fixed-size NAR chunks; and the hash stage
 //! after it, which computes NarHash over each job's chunks in order. Each chunk holds a
 //! permit of the memory budget from the moment it starts filling until the sink has
 //! written it. Neither stage reads another byte once the run stops.
@@ -8,8 +8,8 @@
 //! compressed output is deterministic for given settings.
 use super::budget::{ByteBudget, Permit};
 use super::buffers::BufferPool;
-use super::stage::{Running, Stop};
-use super::stats::{StageClock, StageStats};
+use super::stage::{Job, Running, Stop};
+use super::stats::StageClock;
 use crate::format::hash::Sha256;
 use crate::format::nar::listing::{ListingBuilder, NarListing};
 use crate::format::nar::writer::NarBuffer;
@@ -18,6 +18,7 @@ use crate::store::PathInfo;
 use crossbeam_channel::{Receiver, Sender};
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 use std::thread::Scope;
 
 /// How a job's NAR stream ended; carried by its last chunk.
@@ -43,8 +44,8 @@ pub enum NarEnd {
 /// A piece of one job's NAR (or, after compression, of its compressed file).
 #[derive(Debug)]
 pub struct Chunk {
-    /// Index of the job in the run's plan.
-    pub job: usize,
+    /// The job this chunk is a piece of.
+    pub job: Arc<Job>,
     /// Position in the job's stream, from 0.
     pub seq: u32,
     pub data: Vec<u8>,
@@ -57,7 +58,7 @@ pub struct Chunk {
 
 /// The [`NarBuffer`] the NAR writer fills in place: chunk buffers, sent on when full.
 struct Chunker<'a> {
-    job: usize,
+    job: Arc<Job>,
     seq: u32,
     chunk_size: usize,
     /// NAR bytes the store says this path has; sizes the permits.
@@ -100,7 +101,7 @@ impl Chunker<'_> {
             None => self.budget.acquire(0),
         };
         let chunk = Chunk {
-            job: self.job,
+            job: self.job.clone(),
             seq: self.seq,
             nar_len: data.len() as u64,
             data,
@@ -134,7 +135,7 @@ impl Chunker<'_> {
 impl NarBuffer for Chunker<'_> {
     fn spare(&mut self) -> io::Result<&mut [u8]> {
         // A stopped run, or a job the sink has failed, stops mid-NAR.
-        if self.stop.is_job_stopped(self.job) {
+        if self.stop.is_job_stopped(&self.job) {
             return Err(io::Error::new(io::ErrorKind::Interrupted, super::CANCELLED));
         }
         if self.permit.is_none() {
@@ -157,7 +158,6 @@ impl NarBuffer for Chunker<'_> {
 /// Everything a walker needs; shared by all walker threads.
 #[derive(Debug)]
 pub struct WalkStage<'a> {
-    pub infos: &'a [PathInfo],
     pub store_dir: &'a str,
     pub chunk_size: usize,
     pub budget: ByteBudget,
@@ -170,28 +170,16 @@ pub struct WalkStage<'a> {
 }
 
 impl<'env> WalkStage<'env> {
-    /// Starts the feeder, which sends `todo` (indices into `infos`, in plan order) into
-    /// `jobs_tx` until the run stops, and the walkers, which take jobs from `jobs_rx` and
-    /// send their chunks into `out`. The stage ends once every job is walked or the run
-    /// stopped.
+    /// Starts the walkers, which take jobs from `jobs` (in submission order: references
+    /// first) and send their chunks into `out`. The stage ends once `jobs` is closed and
+    /// drained, or the run stopped.
     pub fn spawn<'scope>(
         &'scope self,
         s: &'scope Scope<'scope, 'env>,
-        todo: Vec<usize>,
-        (jobs_tx, jobs_rx): (Sender<usize>, Receiver<usize>),
+        jobs_rx: Receiver<Arc<Job>>,
         out: Sender<Chunk>,
     ) -> Running<'scope> {
-        let stop = &self.stop;
-        // The feeder only waits; its time is not the stage's work, so it reports nothing.
-        let feeder = s.spawn(move || {
-            for job in todo {
-                if stop.is_stopped() || jobs_tx.send(job).is_err() {
-                    break;
-                }
-            }
-            StageStats::default()
-        });
-        let mut threads = vec![feeder];
+        let mut threads = Vec::new();
         for _ in 0..self.walkers.max(1) {
             let (jobs, out) = (jobs_rx.clone(), out.clone());
             threads.push(s.spawn(move || self.run(jobs, out).into_stats("walk")));
@@ -200,16 +188,16 @@ impl<'env> WalkStage<'env> {
     }
 
     /// Runs one walker until `jobs` closes or the run stops. Returns its clock.
-    fn run(&self, jobs: Receiver<usize>, out: Sender<Chunk>) -> StageClock {
+    fn run(&self, jobs: Receiver<Arc<Job>>, out: Sender<Chunk>) -> StageClock {
         let mut clock = StageClock::start();
         while let Some(job) = clock.wait(|| jobs.recv().ok()) {
             if self.stop.is_stopped() {
                 break;
             }
-            let info = &self.infos[job];
+            let info: &PathInfo = &job.info;
             let full = info.path.to_absolute(self.store_dir);
             let mut chunker = Chunker {
-                job,
+                job: job.clone(),
                 seq: 0,
                 chunk_size: self.chunk_size,
                 expected: info.nar_size,
@@ -230,7 +218,9 @@ impl<'env> WalkStage<'env> {
                 // Stopped mid-NAR: nothing more of this job is worth sending (its failure
                 // is reported by the sink, or the run is over).
                 Err(_) if self.stop.is_stopped() => break,
-                Err(_) if self.stop.is_job_stopped(job) => continue,
+                // The job's end still goes down the line, so the stages after drop what
+                // they keep of it.
+                Err(_) if self.stop.is_job_stopped(&job) => chunker.fail(super::CANCELLED.into()),
                 Err(e) => chunker.fail(e.to_string()),
             };
             if sent.is_err() {
@@ -258,21 +248,22 @@ pub fn spawn_hash<'scope>(
 fn hash(stop: &Stop, chunks: Receiver<Chunk>, out: Sender<Chunk>) -> StageClock {
     use sha2::Digest;
     let mut clock = StageClock::start();
-    let mut hashers: std::collections::HashMap<usize, sha2::Sha256> =
+    // Only the jobs being walked: an entry goes with its job's last chunk.
+    let mut hashers: std::collections::HashMap<super::stage::JobId, sha2::Sha256> =
         std::collections::HashMap::new();
     while let Some(mut chunk) = clock.wait(|| chunks.recv().ok()) {
-        if stop.is_job_stopped(chunk.job) {
+        if stop.is_job_stopped(&chunk.job) {
             // Dropping the chunk frees its permit, so a walker waiting on the budget
             // wakes up and sees the stop too; the stage drains its input and ends.
-            hashers.remove(&chunk.job);
+            hashers.remove(&chunk.job.id);
             continue;
         }
-        let hasher = hashers.entry(chunk.job).or_default();
+        let hasher = hashers.entry(chunk.job.id).or_default();
         hasher.update(&chunk.data);
         clock.add_bytes(chunk.nar_len, chunk.nar_len);
         match chunk.end {
             Some(NarEnd::Walked { nar_size, listing }) => {
-                let h = hashers.remove(&chunk.job).expect("inserted above");
+                let h = hashers.remove(&chunk.job.id).expect("inserted above");
                 let nar_hash = Sha256(h.finalize().into());
                 chunk.end = Some(NarEnd::Complete {
                     nar_hash,
@@ -281,7 +272,7 @@ fn hash(stop: &Stop, chunks: Receiver<Chunk>, out: Sender<Chunk>) -> StageClock 
                 });
             }
             Some(_) => {
-                hashers.remove(&chunk.job);
+                hashers.remove(&chunk.job.id);
             }
             None => {}
         }

@@ -6,6 +6,7 @@ mod config;
 mod daemon;
 mod durability;
 mod helpers;
+mod hol;
 mod logs;
 mod memory;
 mod nar_golden;
