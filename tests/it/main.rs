@@ -5,6 +5,7 @@ mod config;
 mod daemon;
 mod durability;
 mod helpers;
+mod make_store;
 mod memory;
 mod nar_golden;
 mod narinfo_nix;
