@@ -1,6 +1,7 @@
 //! narflow: upload Nix store paths to binary caches, fast and with bounded memory.
 //!
 //! Modules:
+//! - `backfill`: `narflow backfill`: a whole store (or closures) in resumable windows.
 //! - [`format`]: pure Nix formats (nix32, hashes, store paths, NAR, narinfo, signing).
 //! - [`nar_fs`]: the NAR walker: archives, hashes and lists trees on disk (std only).
 //! - `store`: the local Nix store, read-only (path info, closures, order).
@@ -21,6 +22,8 @@
 //! let report = pipeline::push(&store, cache.as_ref(), &paths, &opts, &pipeline::NoProgress)?;
 //! ```
 
+#[cfg(feature = "full")]
+pub mod backfill;
 #[cfg(feature = "full")]
 pub mod bench;
 #[cfg(feature = "full")]

@@ -323,6 +323,22 @@ impl BinaryCache for FileCache {
         self.rename_pending(pending)
     }
 
+    /// One read of the cache's directory: every `<hash part>.narinfo` (a name that is not
+    /// a nix32 hash part, or a temporary file, is not a narinfo). The narinfos are not
+    /// opened: unlike [`BinaryCache::has_narinfo`] this does not look for damage.
+    fn list_narinfos(&self) -> Result<Option<super::NarinfoSet>, CacheError> {
+        let mut set = std::collections::HashSet::new();
+        let entries = std::fs::read_dir(&self.root).map_err(|e| self.io("", e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| self.io("", e))?;
+            let name = entry.file_name();
+            if let Some(key) = super::narinfo_hash(name.as_encoded_bytes()) {
+                set.insert(key);
+            }
+        }
+        Ok(Some(super::NarinfoSet(set)))
+    }
+
     fn sweep_orphans(&self, grace: Duration) -> Result<u64, CacheError> {
         let mut removed = 0;
         for (dir, key) in [(self.root.clone(), ""), (self.root.join("nar"), "nar/")] {
@@ -440,6 +456,30 @@ impl NarUpload for FileNarUpload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_listing_names_every_narinfo_and_nothing_else() {
+        let (dir, c) = cache();
+        assert_eq!(
+            c.list_narinfos().unwrap(),
+            Some(super::super::NarinfoSet::default())
+        );
+        let a = StorePath::from_base_name("qs2vcw1sd6lzsvgvq6gggnw1v31qrm28-a").unwrap();
+        let b = StorePath::from_base_name("9zfkprp7xigl4ny63bvmiva5p5sk290q-b").unwrap();
+        c.put_narinfo(&a, &narinfo_text(&a, 1)).unwrap();
+        c.put_narinfo(&b, &narinfo_text(&b, 1)).unwrap();
+        c.ensure_cache_info("/nix/store").unwrap();
+        // Not narinfos: a name that is no hash part, another object, a temporary file.
+        std::fs::write(dir.path().join("not-a-hash.narinfo"), "x").unwrap();
+        std::fs::write(dir.path().join(format!("{}.ls", a.hash_part())), "{}").unwrap();
+        std::fs::write(dir.path().join(format!("{TEMP_PREFIX}x.narinfo")), "x").unwrap();
+        let set = c.list_narinfos().unwrap().unwrap().0;
+        let want: std::collections::HashSet<[u8; 20]> = [&a, &b]
+            .iter()
+            .map(|p| crate::format::nix32::decode::<20>(p.hash_part().as_bytes()).unwrap())
+            .collect();
+        assert_eq!(set, want);
+    }
 
     fn cache() -> (tempfile::TempDir, FileCache) {
         let dir = tempfile::tempdir().unwrap();

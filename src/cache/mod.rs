@@ -306,6 +306,25 @@ pub fn open(url: &url::CacheUrl, opts: &OpenOptions) -> Result<Box<dyn BinaryCac
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NarinfoSet(pub std::collections::HashSet<[u8; 20]>);
 
+impl NarinfoSet {
+    /// The 20 bytes `path`'s hash part stands for: what the set holds.
+    pub fn key(path: &StorePath) -> [u8; 20] {
+        crate::format::nix32::decode::<20>(path.hash_part().as_bytes())
+            .expect("a store path's hash part is 32 nix32 characters")
+    }
+    /// Whether the cache listed a narinfo for `path`.
+    pub fn contains(&self, path: &StorePath) -> bool {
+        self.0.contains(&Self::key(path))
+    }
+}
+
+/// The 20 bytes of the hash part a narinfo's key (`<hash part>.narinfo`) names, or `None`
+/// for a key that is not a narinfo's.
+pub fn narinfo_hash(key: &[u8]) -> Option<[u8; 20]> {
+    let hash = key.strip_suffix(b".narinfo")?;
+    crate::format::nix32::decode::<20>(hash).ok()
+}
+
 /// What a cache's constructor is given: its share of the one memory budget, derived by
 /// the pipeline ([`crate::pipeline::PushOptions::cache_options`]), and the S3 tuning.
 #[derive(Debug, Clone, PartialEq)]

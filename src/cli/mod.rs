@@ -1,6 +1,7 @@
 //! Command-line definitions (clap derive) and the glue from arguments to the library.
 //! One file per command. Nothing here does work the library could do.
 
+pub mod backfill;
 pub mod bench;
 pub mod config;
 pub mod daemon;
@@ -67,6 +68,9 @@ pub struct Cli {
 pub enum Command {
     /// Upload store paths (and their closure) to a binary cache.
     Push(push::PushArgs),
+    /// Upload a whole store (or what was registered since a date, or the closures of the
+    /// given paths) in resumable windows, skipping what the cache or an upstream has.
+    Backfill(backfill::BackfillArgs),
     /// Run the upload daemon: queue paths from `narflow hook` durably and upload them.
     Daemon(daemon::DaemonArgs),
     /// Post-build-hook: hand $OUT_PATHS to the daemon (or its spool); always exits 0.
@@ -89,6 +93,9 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<u8, CliError> {
     let sub = |name: &str| matches.subcommand_matches(name).unwrap_or(matches);
     match cli.command {
         Command::Push(ref args) => push::run(args, &merge(&args.settings, sub("push"), choice())?),
+        Command::Backfill(ref args) => {
+            backfill::run(args, &merge(&args.settings, sub("backfill"), choice())?)
+        }
         Command::Bench(args) => bench::run(args),
         Command::Daemon(ref args) => {
             daemon::run(args, &merge(&args.settings, sub("daemon"), choice())?)

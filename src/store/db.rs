@@ -33,6 +33,10 @@ const QUERY_REFS: &str = "SELECT reference FROM Refs WHERE referrer = ?1";
 /// Valid paths past an id, in id (registration) order; `id` is the primary key.
 const QUERY_AFTER: &str = "SELECT id, path, registrationTime, ultimate FROM ValidPaths \
      WHERE id > ?1 ORDER BY id LIMIT ?2";
+/// How many valid paths (and their NAR bytes) lie past an id, registered at or after a
+/// time, `.drv` files only when ?3 is 1: the total a backfill shows its progress against.
+const QUERY_COUNT_AFTER: &str = "SELECT COUNT(*), COALESCE(SUM(narSize), 0) FROM ValidPaths \
+     WHERE id > ?1 AND registrationTime >= ?2 AND (?3 OR path NOT LIKE '%.drv')";
 /// A path by id, for references not seen yet in this batch.
 const QUERY_PATH: &str = "SELECT path FROM ValidPaths WHERE id = ?1";
 
@@ -253,6 +257,44 @@ impl StoreDb {
             });
         }
         Ok(out)
+    }
+
+    /// How many valid paths lie past the id `after` that were registered at or after
+    /// `since` (seconds since the epoch), counting `.drv` files only with `derivations`,
+    /// and the sum of their NAR sizes. One aggregate query (no rows are read out).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn count_after(
+        &self,
+        after: i64,
+        since: i64,
+        derivations: bool,
+    ) -> Result<(u64, u64), StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        conn.query_row(
+            QUERY_COUNT_AFTER,
+            rusqlite::params![after, since, derivations],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+        )
+        .map(|(n, bytes)| (n.max(0) as u64, bytes.max(0) as u64))
+        .map_err(|e| self.db_err(e))
+    }
+
+    /// The lowest id of a path registered at or after `since` (seconds since the epoch),
+    /// `None` when there is none: where a walk of the paths registered since then starts.
+    /// One aggregate query (a scan: `registrationTime` has no index).
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn first_id_since(&self, since: i64) -> Result<Option<i64>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        conn.query_row(
+            "SELECT MIN(id) FROM ValidPaths WHERE registrationTime >= ?1",
+            [since],
+            |r| r.get(0),
+        )
+        .map_err(|e| self.db_err(e))
     }
 
     /// The highest `ValidPaths.id` (0 for an empty store): where a follower that should
@@ -556,6 +598,50 @@ mod tests {
         assert_eq!(rest[0].path, sp(B));
         assert_eq!(store.last_valid_id().unwrap(), all[2].id);
         assert!(store.valid_after(all[2].id, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn count_after_counts_past_the_cursor_since_a_time_and_drvs_on_request() {
+        let db = chain(false);
+        db.add(&Row {
+            nar_size: Some(100),
+            ..row(C_DRV)
+        });
+        db.conn
+            .execute(
+                "UPDATE ValidPaths SET registrationTime = 1800000000 WHERE path = ?1",
+                [C],
+            )
+            .unwrap();
+        let store = open(&db);
+        let ids: Vec<i64> = store
+            .valid_after(0, 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        let a_size = store.path_infos(&[sp(A)]).unwrap()[0].nar_size;
+        let b_size = store.path_infos(&[sp(B)]).unwrap()[0].nar_size;
+        assert_eq!(
+            store.count_after(0, 0, false).unwrap(),
+            (3, a_size + b_size + 4096)
+        );
+        assert_eq!(
+            store.count_after(0, 0, true).unwrap(),
+            (4, a_size + b_size + 4096 + 100)
+        );
+        assert_eq!(
+            store.count_after(ids[0], 0, false).unwrap(),
+            (2, b_size + 4096)
+        );
+        assert_eq!(
+            store.count_after(0, 1_800_000_000, true).unwrap(),
+            (1, 4096)
+        );
+        assert_eq!(store.count_after(ids[3], 0, true).unwrap(), (0, 0));
+        assert_eq!(store.first_id_since(1_800_000_000).unwrap(), Some(ids[2]));
+        assert_eq!(store.first_id_since(0).unwrap(), Some(ids[0]));
+        assert_eq!(store.first_id_since(1_900_000_000).unwrap(), None);
     }
 
     #[test]

@@ -182,6 +182,34 @@ impl LocalStore {
         }
     }
 
+    /// See [`db::StoreDb::count_after`]: how many paths (and NAR bytes) a walk past `after`
+    /// will see.
+    ///
+    /// # Errors
+    /// As [`Self::valid_after`].
+    pub fn count_after(
+        &self,
+        after: i64,
+        since: i64,
+        derivations: bool,
+    ) -> Result<(u64, u64), StoreError> {
+        match self {
+            LocalStore::Db(d) => d.count_after(after, since, derivations),
+            LocalStore::Command(_) => Err(StoreError::Command(NEEDS_DB.into())),
+        }
+    }
+
+    /// See [`db::StoreDb::first_id_since`].
+    ///
+    /// # Errors
+    /// As [`Self::valid_after`].
+    pub fn first_id_since(&self, since: i64) -> Result<Option<i64>, StoreError> {
+        match self {
+            LocalStore::Db(d) => d.first_id_since(since),
+            LocalStore::Command(_) => Err(StoreError::Command(NEEDS_DB.into())),
+        }
+    }
+
     /// See [`db::StoreDb::last_valid_id`].
     ///
     /// # Errors

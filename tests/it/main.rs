@@ -1,6 +1,7 @@
 //! narflow's integration suite: one binary, real Nix (Debian nix-bin, set up by
 //! `scripts/setup-nix`), shared helpers in `helpers`.
 
+mod backfill;
 mod config;
 mod daemon;
 mod durability;

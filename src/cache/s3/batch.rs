@@ -10,13 +10,14 @@ use tokio::task::JoinSet;
 pub(super) const LIST_THRESHOLD: usize = 512;
 
 impl Shared {
-    /// Lists the narinfo keys at the bucket's root, giving up (None) once the listing
-    /// would take more requests than `budget`.
+    /// Lists the narinfos at the bucket's root (ListObjectsV2 pages of up to 1,000 keys,
+    /// each through the retry loop), as the hash parts they name, giving up (None) once
+    /// the listing would take more requests than `budget`.
     pub(super) async fn list_narinfos(
         &self,
         budget: usize,
-    ) -> Result<Option<std::collections::HashSet<String>>, CacheError> {
-        let mut keys = std::collections::HashSet::new();
+    ) -> Result<Option<std::collections::HashSet<[u8; 20]>>, CacheError> {
+        let mut hashes = std::collections::HashSet::new();
         let mut token: Option<String> = None;
         for _ in 0..budget.max(1) {
             let page = self
@@ -29,16 +30,15 @@ impl Shared {
                         .send()
                 })
                 .await?;
-            keys.extend(
+            hashes.extend(
                 page.contents()
                     .iter()
                     .filter_map(|o| o.key())
-                    .filter(|k| k.ends_with(".narinfo"))
-                    .map(str::to_owned),
+                    .filter_map(|k| crate::cache::narinfo_hash(k.as_bytes())),
             );
             match page.next_continuation_token() {
                 Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
-                _ => return Ok(Some(keys)),
+                _ => return Ok(Some(hashes)),
             }
         }
         Ok(None)

@@ -150,7 +150,10 @@ impl BinaryCache for S3Cache {
                 // cache holds no more than a few times the paths asked about.
                 let pages = keys.len().div_ceil(1000) * 4;
                 if let Some(present) = s.list_narinfos(pages).await? {
-                    return Ok(keys.iter().map(|k| present.contains(k)).collect());
+                    return Ok(paths
+                        .iter()
+                        .map(|p| present.contains(&super::NarinfoSet::key(p)))
+                        .collect());
                 }
             }
             concurrently(&s, keys, |s, key| async move { s.exists(&key).await }).await
@@ -249,6 +252,15 @@ impl BinaryCache for S3Cache {
     /// Objects under `nar/` are never deleted here.
     fn request_counts(&self) -> Vec<super::RequestCount> {
         self.shared.counts.snapshot()
+    }
+
+    /// The whole listing of the bucket's root, page after page (a cache of a million
+    /// paths takes a thousand requests: callers list only when they would otherwise ask
+    /// about more paths than that).
+    fn list_narinfos(&self) -> Result<Option<super::NarinfoSet>, CacheError> {
+        let s = self.shared.clone();
+        let set = self.block_on(async move { s.list_narinfos(usize::MAX).await })?;
+        Ok(set.map(super::NarinfoSet))
     }
 
     fn sweep_orphans(&self, grace: Duration) -> Result<u64, CacheError> {

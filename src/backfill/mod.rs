@@ -1,0 +1,665 @@
+//! `narflow backfill`: uploading a whole store (or the closures of named paths) to a cache
+//! in bounded windows, resumably.
+//!
+//! Owns the walk and its bookkeeping: which paths go into each window, what is skipped
+//! (already in the cache, signed by an upstream key, served by an upstream cache), the
+//! check that every reference of a window is available, and the cursor in the state file
+//! ([`state`]). Uploading a window is the pipeline's ([`pipeline::upload_after`]); this
+//! module never walks NARs or writes cache objects itself.
+//!
+//! Order: Nix assigns `ValidPaths.id` as it registers paths and a path cannot be valid
+//! before its references, so id order is nearly topological. The exceptions
+//! (`nix-store --register-validity` registers one batch in store-path order, so a
+//! referrer may get a lower id than its reference) and references left out of the
+//! selection (a `.drv` without `--derivations`, a path older than `--since`) are found
+//! per window: a reference that is neither in the window nor available (in the cache,
+//! uploaded or skipped earlier in this run) has its closure pulled into the window, and
+//! the walk later finds those paths present. Nothing sorts the whole store.
+//!
+//! Memory: one window of path infos and results at a time (`window` paths, plus what a
+//! window pulls in), and one set of 20-byte hash parts of the paths known to be available
+//! (the cache's listing when it was listed, plus what this run uploaded or skipped): about
+//! 40 bytes per path, 4 MiB for 100,000.
+
+pub mod state;
+
+use crate::cache::{BinaryCache, CacheError};
+use crate::format::store_path::StorePath;
+use crate::pipeline::{self, Failure, Outcome, PathResult, PushOptions};
+use crate::store::{LocalStore, PathInfo, StoreError};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Paths per window: large enough that a window's one store read, its cache lookups and
+/// its publish waves (512 narinfos each) are amortised, small enough that its path infos
+/// and results stay around a megabyte and a kill costs at most one window of re-checks.
+pub const DEFAULT_WINDOW: usize = 2000;
+
+/// Above this many paths to check, the cache (and each upstream) is listed once instead
+/// of asked per path: a listing costs one request per 1,000 narinfos of the whole cache,
+/// asking costs one request per path, and below one window the listing of a large cache
+/// would cost more than the questions it saves.
+pub const LIST_ABOVE: u64 = DEFAULT_WINDOW as u64;
+
+/// Failures kept with their cause for the summary; beyond these only the count grows.
+const FAILURES_KEPT: usize = 100;
+
+/// What to backfill.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// Every valid path, or those registered at or after `since` (seconds since the epoch,
+    /// UTC), walked in registration order.
+    Store { since: Option<i64> },
+    /// The closures of these paths, taken `window` named paths at a time.
+    Paths(Vec<StorePath>),
+}
+
+/// How to backfill, beyond the pipeline's [`PushOptions`].
+#[derive(Debug, Clone)]
+pub struct BackfillOptions {
+    pub selection: Selection,
+    /// Upload `.drv` files too (otherwise only those a selected path refers to).
+    pub derivations: bool,
+    /// Key names (`cache.nixos.org-1`): a path whose store signatures include one of them
+    /// is skipped (it came from that cache).
+    pub skip_signed_by: Vec<String>,
+    /// The URLs of the upstream caches given (for the state's fingerprint; the caches
+    /// themselves are passed to [`backfill`]).
+    pub skip_upstream: Vec<String>,
+    /// Count what would go up; upload nothing and write no state.
+    pub dry_run: bool,
+    /// Paths per window ([`DEFAULT_WINDOW`]).
+    pub window: usize,
+    /// The state file; `None`: start from the beginning and record nothing.
+    pub state_file: Option<PathBuf>,
+}
+
+impl BackfillOptions {
+    /// What the cursor depends on: the selection and every rule that decides what counts
+    /// as done. A state file made under another fingerprint is not resumed from.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let mut signed: Vec<&str> = self.skip_signed_by.iter().map(String::as_str).collect();
+        signed.sort_unstable();
+        let mut upstream: Vec<&str> = self.skip_upstream.iter().map(String::as_str).collect();
+        upstream.sort_unstable();
+        let what = match &self.selection {
+            Selection::Store { since: None } => "all".to_owned(),
+            Selection::Store { since: Some(t) } => format!("since {t}"),
+            Selection::Paths(paths) => {
+                let mut h = sha2::Sha256::new();
+                for p in paths {
+                    h.update(p.base_name().as_bytes());
+                    h.update(b"\n");
+                }
+                let d = h.finalize();
+                let hex: String = d[..8].iter().map(|b| format!("{b:02x}")).collect();
+                format!("{} paths {hex}", paths.len())
+            }
+        };
+        format!(
+            "{what}; derivations {}; skip-signed-by [{}]; skip-upstream [{}]",
+            self.derivations,
+            signed.join(" "),
+            upstream.join(" ")
+        )
+    }
+}
+
+/// Why a path was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Its store signatures include a `--skip-signed-by` key.
+    SignedBy,
+    /// An upstream cache (`--skip-upstream`) serves its narinfo.
+    Upstream,
+}
+
+/// Receives a backfill's progress. Called from the backfilling thread and the pipeline's.
+pub trait BackfillProgress: Send + Sync {
+    /// Paths (and their NAR bytes) the backfill expects to consider; called again when a
+    /// walk over named paths learns of more.
+    fn total(&self, _paths: u64, _nar_bytes: u64) {}
+    /// `paths` more were settled (uploaded, present, skipped or failed).
+    fn advanced(&self, _paths: u64) {}
+    /// NAR bytes written to the cache.
+    fn nar_bytes(&self, _bytes: u64) {}
+    /// A path the pipeline finished (uploaded or failed).
+    fn finished(&self, _result: &PathResult) {}
+}
+
+/// A [`BackfillProgress`] that ignores everything.
+#[derive(Debug)]
+pub struct NoProgress;
+impl BackfillProgress for NoProgress {}
+
+/// What a backfill did (or, dry, would do).
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub dry_run: bool,
+    /// Uploaded (dry: would be uploaded).
+    pub uploaded: u64,
+    pub present: u64,
+    pub skipped_signed_by: u64,
+    pub skipped_upstream: u64,
+    /// Paths that failed (each reported through [`BackfillProgress::finished`]).
+    pub failed: u64,
+    /// The first failures, with their cause.
+    pub failures: Vec<PathResult>,
+    /// NAR bytes uploaded (dry: that would be).
+    pub nar_bytes: u64,
+    pub file_bytes: u64,
+    /// Paths a window pulled in because a reference of it was not available.
+    pub pulled_in: u64,
+    pub windows: u64,
+    /// The cursor the run started from (from the state file), and where it ended.
+    pub resumed_from: Option<i64>,
+    pub cursor: i64,
+    /// Whether the cache was listed (rather than asked per path).
+    pub listed: bool,
+    pub elapsed: Duration,
+}
+
+/// Errors that stop a backfill (a path that fails is counted in [`Summary`] instead).
+#[derive(Debug, thiserror::Error)]
+pub enum BackfillError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("upstream cache {url}: {source}")]
+    Upstream { url: String, source: CacheError },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error(transparent)]
+    Push(#[from] pipeline::PushError),
+}
+
+/// Backfills `cache` from `store` as `opts` say, uploading with `push`; `upstreams` are the
+/// `--skip-upstream` caches, opened read-only.
+///
+/// # Errors
+/// [`BackfillError`] when the run cannot go on (the cache, an upstream, the store or the
+/// state file is unusable); the cursor then stays where the last durable window left it.
+pub fn backfill(
+    store: &LocalStore,
+    cache: &dyn BinaryCache,
+    upstreams: &[&dyn BinaryCache],
+    push: &PushOptions,
+    opts: &BackfillOptions,
+    progress: &dyn BackfillProgress,
+) -> Result<Summary, BackfillError> {
+    let started = Instant::now();
+    if !opts.dry_run {
+        cache.ensure_cache_info(store.store_dir())?;
+    }
+    let mut run = Run {
+        store,
+        cache,
+        upstreams,
+        push,
+        opts,
+        progress,
+        store_dir: store.store_dir().to_owned(),
+        available: HashMap::new(),
+        listed: false,
+        upstream_sets: upstreams.iter().map(|_| None).collect(),
+        failed: HashSet::new(),
+        summary: Summary {
+            dry_run: opts.dry_run,
+            ..Summary::default()
+        },
+    };
+    let fingerprint = opts.fingerprint();
+    let resumed = match &opts.state_file {
+        Some(path) => match state::load(path, cache.url())? {
+            Some(s) if s.selection == fingerprint => Some(s.cursor),
+            Some(s) => {
+                tracing::warn!(
+                    "backfill state {} was for another selection ({}); starting over",
+                    path.display(),
+                    s.selection
+                );
+                None
+            }
+            None => None,
+        },
+        None => None,
+    };
+    run.summary.resumed_from = resumed;
+    let cursor = resumed.unwrap_or(0);
+    match &opts.selection {
+        Selection::Store { since } => run.walk_store(cursor, since.unwrap_or(i64::MIN))?,
+        Selection::Paths(named) => run.walk_named(named, cursor)?,
+    }
+    run.summary.elapsed = started.elapsed();
+    Ok(run.summary)
+}
+
+/// The 20 bytes a store path's hash part stands for: the key of every availability set.
+pub fn hash_key(path: &StorePath) -> [u8; 20] {
+    crate::cache::NarinfoSet::key(path)
+}
+
+fn is_drv(path: &StorePath) -> bool {
+    path.name().ends_with(".drv")
+}
+
+struct Run<'a> {
+    store: &'a LocalStore,
+    cache: &'a dyn BinaryCache,
+    upstreams: &'a [&'a dyn BinaryCache],
+    push: &'a PushOptions,
+    opts: &'a BackfillOptions,
+    progress: &'a dyn BackfillProgress,
+    store_dir: String,
+    /// Hash parts of paths known to be in the cache or skipped (so available to their
+    /// referrers): the cache's listing when `listed`, and whatever this run found. True
+    /// for a path this run settled (counted already in the summary).
+    available: HashMap<[u8; 20], bool>,
+    /// `available` holds the cache's listing: a path not in it is not in the cache.
+    listed: bool,
+    /// Each upstream's listing, when it was listed.
+    upstream_sets: Vec<Option<HashSet<[u8; 20]>>>,
+    /// Paths that failed in this run: their referrers are refused rather than pulling
+    /// them in again in every window.
+    failed: HashSet<StorePath>,
+    summary: Summary,
+}
+
+/// Forwards the pipeline's progress of one window; its per-window plan is not the
+/// backfill's total, so it is dropped.
+struct WindowProgress<'a>(&'a dyn BackfillProgress);
+
+impl pipeline::Progress for WindowProgress<'_> {
+    fn nar_bytes(&self, bytes: u64) {
+        self.0.nar_bytes(bytes);
+    }
+    fn finished(&self, result: &PathResult) {
+        self.0.advanced(1);
+        self.0.finished(result);
+    }
+}
+
+impl Run<'_> {
+    /// Lists the cache and the upstreams when `to_check` paths make it worth it.
+    fn decide_listing(&mut self, to_check: u64) -> Result<(), BackfillError> {
+        if to_check <= LIST_ABOVE {
+            return Ok(());
+        }
+        if let Some(set) = self.cache.list_narinfos()? {
+            tracing::info!("{}: {} narinfos listed", self.cache.url(), set.0.len());
+            self.available.extend(set.0.into_iter().map(|k| (k, false)));
+            self.listed = true;
+            self.summary.listed = true;
+        }
+        for (u, slot) in self.upstreams.iter().zip(&mut self.upstream_sets) {
+            *slot = u
+                .list_narinfos()
+                .map_err(|source| BackfillError::Upstream {
+                    url: u.url().to_owned(),
+                    source,
+                })?
+                .map(|s| s.0);
+        }
+        Ok(())
+    }
+
+    fn save(&self, cursor: i64) -> Result<(), BackfillError> {
+        if let (Some(path), false) = (&self.opts.state_file, self.opts.dry_run) {
+            let s = state::State::new(self.cache.url(), &self.opts.fingerprint(), cursor);
+            state::save(path, &s)?;
+        }
+        Ok(())
+    }
+
+    /// `--all` and `--since`: the store in registration order from `cursor`.
+    fn walk_store(&mut self, mut cursor: i64, since: i64) -> Result<(), BackfillError> {
+        let derivations = self.opts.derivations;
+        let (paths, bytes) = self.store.count_after(cursor, since, derivations)?;
+        self.progress.total(paths, bytes);
+        self.decide_listing(paths)?;
+        let mut scan = cursor;
+        if since > i64::MIN {
+            // Straight to the first path registered since then (nothing before it is
+            // selected), or to the end.
+            let first = self.store.first_id_since(since)?;
+            let start = first.map_or(i64::MAX, |id| id - 1);
+            scan = scan.max(start.min(self.store.last_valid_id()?));
+        }
+        let mut pinned = false;
+        let mut saved = cursor;
+        loop {
+            let rows = self.store.valid_after(scan, self.opts.window.max(1))?;
+            let Some(last) = rows.last().map(|r| r.id) else {
+                break;
+            };
+            let selected: Vec<StorePath> = rows
+                .into_iter()
+                .filter(|r| r.registration_time >= since && (derivations || !is_drv(&r.path)))
+                .map(|r| r.path)
+                .collect();
+            let empty = selected.is_empty();
+            let infos = self.infos_of_valid(selected)?;
+            let ok = self.process_window(infos)?;
+            scan = last;
+            self.summary.windows += 1;
+            // A failed path pins the cursor below its window; later windows still go up
+            // (a rerun finds them present) and their referrers of it are refused.
+            pinned |= !ok;
+            if !pinned {
+                cursor = last;
+                // A window with nothing selected moves the cursor without an fsync.
+                if !empty {
+                    self.save(cursor)?;
+                    saved = cursor;
+                }
+            }
+        }
+        if cursor != saved {
+            self.save(cursor)?;
+        }
+        self.summary.cursor = cursor;
+        Ok(())
+    }
+
+    /// `PATH...`: the closures of `window` named paths at a time, from the `cursor`-th.
+    fn walk_named(&mut self, named: &[StorePath], cursor: i64) -> Result<(), BackfillError> {
+        let window = self.opts.window.max(1);
+        let mut done = usize::try_from(cursor).unwrap_or(0).min(named.len());
+        self.decide_listing((named.len() - done) as u64)?;
+        let (mut total, mut total_bytes) = (0, 0);
+        let mut pinned = false;
+        for chunk in named[done..].chunks(window) {
+            let (valid, invalid) = pipeline::split_valid(self.store, chunk)?;
+            let mut ok = invalid.is_empty();
+            for (path, _) in invalid {
+                let why = Failure::NotValid { path: path.clone() };
+                self.fail(PathResult {
+                    path,
+                    outcome: Outcome::Failed(why),
+                });
+            }
+            let mut closure = self.store.closure(&valid)?;
+            // A .drv a selected path refers to is pulled back in by the window check.
+            closure.retain(|i| self.opts.derivations || !is_drv(&i.path));
+            total += closure.len() as u64;
+            total_bytes += closure.iter().map(|i| i.nar_size).sum::<u64>();
+            // What this run settled already is not counted again; what the cache had is
+            // counted once, as present.
+            let (mut known, mut again) = (0, 0);
+            let available = &mut self.available;
+            closure.retain(|i| match available.get_mut(&hash_key(&i.path)) {
+                None => true,
+                Some(settled) => {
+                    if *settled {
+                        again += 1;
+                    } else {
+                        known += 1;
+                        *settled = true;
+                    }
+                    false
+                }
+            });
+            total -= again;
+            self.progress.total(total, total_bytes);
+            self.summary.present += known;
+            self.progress.advanced(known);
+            // Topological order across the closure: each window's references are in an
+            // earlier window, or available.
+            for w in closure.chunks(window) {
+                ok &= self.process_window(w.to_vec())?;
+                self.summary.windows += 1;
+            }
+            pinned |= !ok;
+            if !pinned {
+                done += chunk.len();
+                self.save(done as i64)?;
+            }
+        }
+        self.summary.cursor = done as i64;
+        Ok(())
+    }
+
+    /// Path infos of `paths`, leaving out those that became invalid (garbage-collected)
+    /// since they were listed.
+    fn infos_of_valid(&self, mut paths: Vec<StorePath>) -> Result<Vec<PathInfo>, StoreError> {
+        loop {
+            match self.store.path_infos(&paths) {
+                Ok(infos) => return Ok(infos),
+                Err(StoreError::NotValid(full)) => {
+                    let before = paths.len();
+                    paths.retain(|p| p.to_absolute(&self.store_dir) != full);
+                    if paths.len() == before {
+                        return Err(StoreError::NotValid(full));
+                    }
+                    tracing::debug!("{full} is no longer valid; left out");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn fail(&mut self, r: PathResult) {
+        self.summary.failed += 1;
+        self.progress.advanced(1);
+        self.progress.finished(&r);
+        if let Ok(p) = StorePath::from_absolute_path(&r.path, &self.store_dir) {
+            self.failed.insert(p);
+        }
+        if self.summary.failures.len() < FAILURES_KEPT {
+            self.summary.failures.push(r);
+        }
+    }
+
+    /// Settles one window: pulls in what its references need, skips, finds what is
+    /// present, uploads the rest. Returns whether every path of it is done.
+    fn process_window(&mut self, mut window: Vec<PathInfo>) -> Result<bool, BackfillError> {
+        if window.is_empty() {
+            return Ok(true);
+        }
+        let pulled = self.pull_in_references(&mut window)?;
+        self.summary.pulled_in += pulled;
+
+        // Skips: signed by an upstream key, then served by an upstream cache.
+        let mut rest = Vec::with_capacity(window.len());
+        for info in window {
+            let signed = info
+                .sigs
+                .iter()
+                .any(|s| self.opts.skip_signed_by.contains(&s.key_name));
+            if signed {
+                self.skip(&info.path, SkipReason::SignedBy);
+            } else {
+                rest.push(info);
+            }
+        }
+        let served = self.served_upstream(&rest)?;
+        let mut candidates = Vec::with_capacity(rest.len());
+        for (info, served) in rest.into_iter().zip(served) {
+            if served {
+                self.skip(&info.path, SkipReason::Upstream);
+            } else {
+                candidates.push(info);
+            }
+        }
+
+        // What the cache already has.
+        let (mut present, unknown): (Vec<PathInfo>, Vec<PathInfo>) = candidates
+            .into_iter()
+            .partition(|i| self.available.contains_key(&hash_key(&i.path)));
+        let mut todo = Vec::with_capacity(unknown.len());
+        if self.listed || unknown.is_empty() {
+            todo = unknown;
+        } else {
+            let paths: Vec<StorePath> = unknown.iter().map(|i| i.path.clone()).collect();
+            for (info, has) in unknown.into_iter().zip(self.cache.has_narinfos(&paths)?) {
+                if has {
+                    present.push(info);
+                } else {
+                    todo.push(info);
+                }
+            }
+        }
+        for info in &present {
+            self.available.insert(hash_key(&info.path), true);
+        }
+        self.summary.present += present.len() as u64;
+        self.progress.advanced(present.len() as u64);
+        drop(present);
+
+        let todo = crate::store::closure::topo_sort(todo);
+        let in_todo: HashSet<&StorePath> = todo.iter().map(|i| &i.path).collect();
+        let seen: HashSet<StorePath> = todo
+            .iter()
+            .flat_map(|i| &i.references)
+            .filter(|r| !in_todo.contains(r) && self.available.contains_key(&hash_key(r)))
+            .cloned()
+            .collect();
+        drop(in_todo);
+        if self.opts.dry_run {
+            self.summary.uploaded += todo.len() as u64;
+            self.summary.nar_bytes += todo.iter().map(|i| i.nar_size).sum::<u64>();
+            self.progress.advanced(todo.len() as u64);
+            self.available
+                .extend(todo.iter().map(|i| (hash_key(&i.path), true)));
+            return Ok(true);
+        }
+        let report = pipeline::upload_after(
+            self.cache,
+            &self.store_dir,
+            &todo,
+            &seen,
+            self.push,
+            &WindowProgress(self.progress),
+        )?;
+        self.summary.nar_bytes += report.nar_bytes;
+        self.summary.file_bytes += report.file_bytes;
+        let mut settled = 0;
+        let mut ok = true;
+        for r in report.results {
+            settled += 1;
+            match &r.outcome {
+                Outcome::Uploaded { .. } | Outcome::AlreadyPresent => {
+                    if matches!(r.outcome, Outcome::Uploaded { .. }) {
+                        self.summary.uploaded += 1;
+                    } else {
+                        self.summary.present += 1;
+                    }
+                    match StorePath::from_absolute_path(&r.path, &self.store_dir) {
+                        Ok(p) => {
+                            self.available.insert(hash_key(&p), true);
+                        }
+                        Err(_) => ok = false,
+                    }
+                }
+                Outcome::Failed(_) => {
+                    ok = false;
+                    self.summary.failed += 1;
+                    if let Ok(p) = StorePath::from_absolute_path(&r.path, &self.store_dir) {
+                        self.failed.insert(p);
+                    }
+                    if self.summary.failures.len() < FAILURES_KEPT {
+                        self.summary.failures.push(r);
+                    }
+                }
+            }
+        }
+        // Every path of the window must have an outcome for the cursor to pass it.
+        Ok(ok && settled == todo.len())
+    }
+
+    fn skip(&mut self, path: &StorePath, why: SkipReason) {
+        match why {
+            SkipReason::SignedBy => self.summary.skipped_signed_by += 1,
+            SkipReason::Upstream => self.summary.skipped_upstream += 1,
+        }
+        tracing::debug!("skipped {} ({why:?})", path.to_absolute(&self.store_dir));
+        self.available.insert(hash_key(path), true);
+        self.progress.advanced(1);
+    }
+
+    /// Adds to `window` the closure of each reference that is neither in it nor
+    /// available: registered later than its referrer, or not selected. Returns how many
+    /// paths came in.
+    fn pull_in_references(&mut self, window: &mut Vec<PathInfo>) -> Result<u64, BackfillError> {
+        let mut in_window: HashSet<StorePath> = window.iter().map(|i| i.path.clone()).collect();
+        let outside: BTreeSet<&StorePath> = window
+            .iter()
+            .flat_map(|i| &i.references)
+            .filter(|r| {
+                !in_window.contains(*r)
+                    && !self.available.contains_key(&hash_key(r))
+                    && !self.failed.contains(*r)
+            })
+            .collect();
+        if outside.is_empty() {
+            return Ok(0);
+        }
+        let outside: Vec<StorePath> = outside.into_iter().cloned().collect();
+        let mut missing = Vec::new();
+        for (p, has) in outside.iter().zip(self.cache.has_narinfos(&outside)?) {
+            if has {
+                self.available.insert(hash_key(p), false);
+            } else {
+                missing.push(p.clone());
+            }
+        }
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let mut pulled = 0;
+        for info in self.store.closure(&missing)? {
+            let key = hash_key(&info.path);
+            if self.available.contains_key(&key)
+                || self.failed.contains(&info.path)
+                || !in_window.insert(info.path.clone())
+            {
+                continue;
+            }
+            pulled += 1;
+            window.push(info);
+        }
+        tracing::debug!(
+            "{} references outside the window are not in the cache: {pulled} paths pulled in",
+            missing.len()
+        );
+        Ok(pulled)
+    }
+
+    /// For each of `infos`, whether an upstream serves its narinfo.
+    fn served_upstream(&self, infos: &[PathInfo]) -> Result<Vec<bool>, BackfillError> {
+        let mut served = vec![false; infos.len()];
+        for (u, set) in self.upstreams.iter().zip(&self.upstream_sets) {
+            match set {
+                Some(set) => {
+                    for (s, i) in served.iter_mut().zip(infos) {
+                        *s |= set.contains(&hash_key(&i.path));
+                    }
+                }
+                None => {
+                    let ask: Vec<usize> = (0..infos.len()).filter(|&j| !served[j]).collect();
+                    let paths: Vec<StorePath> =
+                        ask.iter().map(|&j| infos[j].path.clone()).collect();
+                    if paths.is_empty() {
+                        continue;
+                    }
+                    let has = u
+                        .has_narinfos(&paths)
+                        .map_err(|source| BackfillError::Upstream {
+                            url: u.url().to_owned(),
+                            source,
+                        })?;
+                    for (j, h) in ask.into_iter().zip(has) {
+                        served[j] |= h;
+                    }
+                }
+            }
+        }
+        Ok(served)
+    }
+}
+
+#[cfg(test)]
+mod tests;

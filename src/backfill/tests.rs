@@ -1,0 +1,401 @@
+//! The window logic and the cursor, on a store of real files registered in a Nix-schema
+//! database whose order each test controls, backfilled into a local directory cache.
+use super::*;
+use crate::cache::file::FileCache;
+use crate::pipeline::compress::{Compression, CompressionSettings};
+use crate::store::db::testdb::{Row, TestDb};
+
+struct TestStore {
+    _dir: tempfile::TempDir,
+    store_dir: String,
+    db: TestDb,
+}
+
+impl TestStore {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store_dir = dir.path().join("store");
+        std::fs::create_dir(&store_dir).unwrap();
+        TestStore {
+            store_dir: store_dir.to_str().unwrap().to_owned(),
+            _dir: dir,
+            db: TestDb::new(true),
+        }
+    }
+
+    /// A path for `seed` (its hash part derived from the seed), not registered yet.
+    fn path(&self, seed: &str) -> StorePath {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(seed.as_bytes());
+        let hash = crate::format::nix32::encode(&d[..20]);
+        StorePath::from_base_name(&format!("{hash}-{seed}")).unwrap()
+    }
+
+    fn full(&self, p: &StorePath) -> String {
+        p.to_absolute(&self.store_dir)
+    }
+
+    /// Writes `p`'s tree and registers it (the next id) referencing `refs`, which must be
+    /// registered already (references registered later are added with [`Self::add_ref`]).
+    fn add(&self, p: &StorePath, refs: &[&StorePath]) {
+        let full = self.full(p);
+        let body: Vec<String> = refs.iter().map(|r| self.full(r)).collect();
+        std::fs::write(&full, format!("{} {}", p.name(), body.join(" "))).unwrap();
+        let (hash, size) = crate::nar_fs::hash_path(std::path::Path::new(&full)).unwrap();
+        let hash = format!("sha256:{}", hash.to_base16());
+        let refs: Vec<&str> = body.iter().map(String::as_str).collect();
+        self.db.add(&Row {
+            path: &full,
+            hash: &hash,
+            nar_size: Some(size as i64),
+            refs: &refs,
+            ..Row::default()
+        });
+    }
+
+    /// Records that `referrer` refers to `reference` (both registered).
+    fn add_ref(&self, referrer: &StorePath, reference: &StorePath) {
+        self.db
+            .conn
+            .execute(
+                "INSERT INTO Refs (referrer, reference) SELECT a.id, b.id \
+                 FROM ValidPaths a, ValidPaths b WHERE a.path = ?1 AND b.path = ?2",
+                [self.full(referrer), self.full(reference)],
+            )
+            .unwrap();
+    }
+
+    fn set(&self, p: &StorePath, column: &str, value: &dyn rusqlite::ToSql) {
+        self.db
+            .conn
+            .execute(
+                &format!("UPDATE ValidPaths SET {column} = ?1 WHERE path = ?2"),
+                rusqlite::params![value, self.full(p)],
+            )
+            .unwrap();
+    }
+
+    fn id(&self, p: &StorePath) -> i64 {
+        self.db
+            .conn
+            .query_row(
+                "SELECT id FROM ValidPaths WHERE path = ?1",
+                [self.full(p)],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    fn local(&self) -> LocalStore {
+        LocalStore::open(&self.store_dir, &self.db.path)
+    }
+}
+
+struct Cache {
+    dir: tempfile::TempDir,
+    cache: FileCache,
+}
+
+impl Cache {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let cache = FileCache::open(dir.path(), &url).unwrap();
+        Cache { dir, cache }
+    }
+    fn has(&self, p: &StorePath) -> bool {
+        self.dir
+            .path()
+            .join(format!("{}.narinfo", p.hash_part()))
+            .exists()
+    }
+}
+
+fn push_options() -> PushOptions {
+    let mut o = PushOptions::new(
+        CompressionSettings::new(Compression::None, None).unwrap(),
+        Vec::new(),
+    );
+    o.jobs = 1;
+    o
+}
+
+fn options(window: usize, state: Option<PathBuf>) -> BackfillOptions {
+    BackfillOptions {
+        selection: Selection::Store { since: None },
+        derivations: false,
+        skip_signed_by: Vec::new(),
+        skip_upstream: Vec::new(),
+        dry_run: false,
+        window,
+        state_file: state,
+    }
+}
+
+fn run(
+    store: &TestStore,
+    cache: &Cache,
+    upstreams: &[&dyn BinaryCache],
+    opts: &BackfillOptions,
+) -> Summary {
+    backfill(
+        &store.local(),
+        &cache.cache,
+        upstreams,
+        &push_options(),
+        opts,
+        &NoProgress,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_reference_registered_after_its_referrer_is_pulled_into_the_referrers_window() {
+    let s = TestStore::new();
+    let (a, b, c, d) = (s.path("a"), s.path("b"), s.path("c"), s.path("d"));
+    s.add(&a, &[]);
+    // c refers to d, registered after it (as one `--register-validity` batch can).
+    s.add(&c, &[&a]);
+    s.add(&b, &[&a]);
+    s.add(&d, &[&a]);
+    s.add_ref(&c, &d);
+    assert!(s.id(&c) < s.id(&d));
+    let cache = Cache::new();
+    let state = cache.dir.path().join("state.json");
+    let sum = run(&s, &cache, &[], &options(2, Some(state.clone())));
+    for p in [&a, &b, &c, &d] {
+        assert!(cache.has(p), "{p:?}");
+    }
+    assert_eq!(sum.failed, 0, "{:?}", sum.failures);
+    assert_eq!(sum.pulled_in, 1, "d came in with c's window");
+    assert_eq!(sum.uploaded, 4);
+    // The walk reaches d later and finds it done.
+    assert_eq!(sum.present, 1);
+    assert_eq!(sum.cursor, s.id(&d));
+    assert_eq!(
+        state::load(&state, cache.cache.url())
+            .unwrap()
+            .unwrap()
+            .cursor,
+        s.id(&d)
+    );
+}
+
+#[test]
+fn without_the_pull_in_the_referrer_would_be_refused() {
+    // The same store, with a window of one path and d registered last: c's window alone
+    // cannot satisfy the pipeline's closure check unless d comes with it.
+    let s = TestStore::new();
+    let (c, d) = (s.path("c"), s.path("d"));
+    s.add(&c, &[]);
+    s.add(&d, &[]);
+    s.add_ref(&c, &d);
+    let cache = Cache::new();
+    let sum = run(&s, &cache, &[], &options(1, None));
+    assert_eq!((sum.uploaded, sum.failed, sum.pulled_in), (2, 0, 1));
+    assert!(cache.has(&c) && cache.has(&d));
+}
+
+#[test]
+fn a_rerun_resumes_from_the_cursor_and_checks_only_what_is_past_it() {
+    let s = TestStore::new();
+    let paths: Vec<StorePath> = (0..7).map(|i| s.path(&format!("p{i}"))).collect();
+    s.add(&paths[0], &[]);
+    for i in 1..7 {
+        s.add(&paths[i], &[&paths[i - 1]]);
+    }
+    let cache = Cache::new();
+    let state = cache.dir.path().join("state.json");
+    let opts = options(3, Some(state.clone()));
+    // As if a run was killed after its first window was durable.
+    state::save(
+        &state,
+        &state::State::new(cache.cache.url(), &opts.fingerprint(), s.id(&paths[2])),
+    )
+    .unwrap();
+    let sum = run(&s, &cache, &[], &opts);
+    assert_eq!(sum.resumed_from, Some(s.id(&paths[2])));
+    // p3's reference p2 is not in the cache (the state said it was: here it lies), so it
+    // is pulled in: a reference is always checked, the cursor only saves re-walking.
+    assert_eq!(sum.uploaded, 7);
+    assert_eq!(sum.present, 0);
+    let again = run(&s, &cache, &[], &opts);
+    assert_eq!((again.uploaded, again.present, again.windows), (0, 0, 0));
+    assert_eq!(again.cursor, s.id(&paths[6]));
+    // Another selection does not resume from this cursor.
+    let mut drvs = opts.clone();
+    drvs.derivations = true;
+    let fresh = run(&s, &cache, &[], &drvs);
+    assert_eq!(fresh.resumed_from, None);
+    assert_eq!((fresh.uploaded, fresh.present), (0, 7));
+}
+
+#[test]
+fn a_failed_path_pins_the_cursor_and_later_windows_still_go_up() {
+    let s = TestStore::new();
+    let (a, bad, c, d, e) = (
+        s.path("a"),
+        s.path("bad"),
+        s.path("c"),
+        s.path("d"),
+        s.path("e"),
+    );
+    s.add(&a, &[]);
+    s.add(&bad, &[]);
+    s.add(&c, &[&bad]);
+    s.add(&d, &[]);
+    s.add(&e, &[]);
+    // The store's NarHash no longer matches the tree: the pipeline refuses the path.
+    std::fs::write(s.full(&bad), "changed").unwrap();
+    let cache = Cache::new();
+    let state = cache.dir.path().join("state.json");
+    let sum = run(&s, &cache, &[], &options(2, Some(state.clone())));
+    assert!(cache.has(&a) && cache.has(&d) && cache.has(&e));
+    assert!(!cache.has(&bad) && !cache.has(&c));
+    // bad failed; c, its referrer in the next window, is refused rather than pulling it
+    // in again.
+    assert_eq!((sum.uploaded, sum.failed), (3, 2), "{:?}", sum.failures);
+    assert_eq!(sum.cursor, 0, "the first window holds the failed path");
+    assert_eq!(state::load(&state, cache.cache.url()).unwrap(), None);
+}
+
+#[test]
+fn skipped_paths_count_as_available_for_their_referrers() {
+    let s = TestStore::new();
+    let (signed, served, top) = (s.path("signed"), s.path("served"), s.path("top"));
+    s.add(&signed, &[]);
+    s.add(&served, &[]);
+    s.add(&top, &[&signed, &served]);
+    let sig = format!("upstream-1:{}", "A".repeat(86) + "==");
+    s.set(&signed, "sigs", &sig);
+    let upstream = Cache::new();
+    let mut only_served = options(10, None);
+    only_served.selection = Selection::Paths(vec![served.clone()]);
+    assert_eq!(run(&s, &upstream, &[], &only_served).uploaded, 1);
+    let cache = Cache::new();
+    let mut opts = options(10, None);
+    opts.skip_signed_by = vec!["upstream-1".into()];
+    let sum = run(&s, &cache, &[&upstream.cache], &opts);
+    assert_eq!(
+        (sum.uploaded, sum.skipped_signed_by, sum.skipped_upstream),
+        (1, 1, 1)
+    );
+    assert!(cache.has(&top) && !cache.has(&signed) && !cache.has(&served));
+}
+
+#[test]
+fn a_dry_run_counts_what_would_go_up_and_writes_nothing() {
+    let s = TestStore::new();
+    let (a, b) = (s.path("a"), s.path("b"));
+    s.add(&a, &[]);
+    s.add(&b, &[&a]);
+    let cache = Cache::new();
+    let state = cache.dir.path().join("state.json");
+    let mut opts = options(1, Some(state.clone()));
+    opts.dry_run = true;
+    let sum = run(&s, &cache, &[], &opts);
+    let sizes: u64 = s
+        .local()
+        .path_infos(&[a.clone(), b.clone()])
+        .unwrap()
+        .iter()
+        .map(|i| i.nar_size)
+        .sum();
+    assert_eq!((sum.uploaded, sum.nar_bytes), (2, sizes));
+    assert!(!cache.has(&a) && !cache.has(&b) && !state.exists());
+    assert!(!cache.dir.path().join("nix-cache-info").exists());
+}
+
+#[test]
+fn derivations_and_old_paths_go_up_only_when_selected_or_referred_to() {
+    let s = TestStore::new();
+    let (old, drv, lone_drv, out) = (
+        s.path("old"),
+        s.path("x.drv"),
+        s.path("y.drv"),
+        s.path("out"),
+    );
+    s.add(&old, &[]);
+    s.add(&drv, &[]);
+    s.add(&lone_drv, &[]);
+    // An output that refers to a derivation and to a path older than --since.
+    s.add(&out, &[&drv, &old]);
+    for p in [&old, &drv, &lone_drv] {
+        s.set(p, "registrationTime", &1_000);
+    }
+    s.set(&out, "registrationTime", &2_000);
+    let cache = Cache::new();
+    let mut opts = options(1, None);
+    opts.selection = Selection::Store { since: Some(1_500) };
+    let sum = run(&s, &cache, &[], &opts);
+    assert_eq!((sum.uploaded, sum.pulled_in), (3, 2));
+    assert_eq!(
+        sum.windows, 1,
+        "the walk starts at the first path registered since"
+    );
+    assert!(cache.has(&out) && cache.has(&drv) && cache.has(&old));
+    assert!(!cache.has(&lone_drv));
+
+    let cache = Cache::new();
+    let mut opts = options(10, None);
+    opts.derivations = true;
+    let sum = run(&s, &cache, &[], &opts);
+    assert_eq!(sum.uploaded, 4);
+    assert!(cache.has(&lone_drv));
+    let cache = Cache::new();
+    let sum = run(&s, &cache, &[], &options(10, None));
+    assert_eq!(sum.uploaded, 3);
+    assert!(!cache.has(&lone_drv) && cache.has(&drv));
+}
+
+#[test]
+fn named_paths_backfill_their_closures_and_resume_by_position() {
+    let s = TestStore::new();
+    let (a, b, c, other) = (s.path("a"), s.path("b"), s.path("c"), s.path("other"));
+    s.add(&a, &[]);
+    s.add(&b, &[&a]);
+    s.add(&c, &[]);
+    s.add(&other, &[]);
+    let cache = Cache::new();
+    let state = cache.dir.path().join("state.json");
+    let mut opts = options(1, Some(state.clone()));
+    opts.selection = Selection::Paths(vec![b.clone(), c.clone()]);
+    let sum = run(&s, &cache, &[], &opts);
+    assert_eq!(sum.uploaded, 3);
+    assert!(cache.has(&a) && cache.has(&b) && cache.has(&c) && !cache.has(&other));
+    assert_eq!(
+        state::load(&state, cache.cache.url())
+            .unwrap()
+            .unwrap()
+            .cursor,
+        2
+    );
+    let again = run(&s, &cache, &[], &opts);
+    assert_eq!((again.uploaded, again.present, again.windows), (0, 0, 0));
+    // Without the state, each path of the closures is checked once: a is in both.
+    let mut both = options(1, None);
+    both.selection = Selection::Paths(vec![b.clone(), a.clone(), c.clone()]);
+    let fresh = Cache::new();
+    let first = run(&s, &fresh, &[], &both);
+    assert_eq!((first.uploaded, first.present), (3, 0));
+    let second = run(&s, &fresh, &[], &both);
+    assert_eq!((second.uploaded, second.present), (0, 3));
+}
+
+#[test]
+fn a_large_backfill_lists_the_cache_instead_of_asking_per_path() {
+    let s = TestStore::new();
+    let n = LIST_ABOVE as usize + 1;
+    let paths: Vec<StorePath> = (0..n).map(|i| s.path(&format!("n{i}"))).collect();
+    for p in &paths {
+        s.add(p, &[]);
+    }
+    let cache = Cache::new();
+    let first = run(&s, &cache, &[], &options(DEFAULT_WINDOW, None));
+    assert!(first.listed);
+    assert_eq!(first.uploaded, n as u64);
+    // The rerun knows every path from the listing alone.
+    let again = run(&s, &cache, &[], &options(DEFAULT_WINDOW, None));
+    assert!(again.listed);
+    assert_eq!((again.uploaded, again.present), (0, n as u64));
+}
