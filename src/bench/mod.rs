@@ -1,6 +1,6 @@
 //! `narflow bench`: synthetic, store-shaped workloads and the measurements made on them.
 //!
-//! This module owns four things, each usable on its own:
+//! This module owns five things, each usable on its own:
 //! - **workloads**: deterministic, seeded fake store paths generated on disk
 //!   (`<dir>/<workload>-<id>/store/<nix32 hash>-<name>`) with a JSON manifest of their
 //!   PathInfos (NarHash computed at generation time), cached so later runs skip generation;
@@ -9,9 +9,13 @@
 //! - **the ceiling**: the same NAR bytes compressed by zstd alone on the same number of
 //!   threads, the speed the pipeline cannot beat on this machine;
 //! - **reports and baselines**: the `--json` report, the human table, and the comparison
-//!   with a saved report that CI fails on.
+//!   with a saved report that CI fails on;
+//! - **generated Nix stores** ([`make_store`], `narflow bench make-store`): many small
+//!   paths that reference each other, written into the real `/nix/store` and registered
+//!   with Nix, for the backfill and watch-store benchmarks.
 //!
-//! It never touches the real Nix store or a remote cache, and never changes what it
+//! Apart from the generated Nix stores (which only ever add paths of their own names), it
+//! never touches the real Nix store or a remote cache, and never changes what it
 //! measures: runs go through the same `upload` as `narflow push`, NarHash check included.
 //! Generated content depends only on the workload's parameters and seed (integer arithmetic
 //! only, no floating-point or platform maths), so every machine builds the same bytes.
@@ -19,6 +23,7 @@
 mod baseline;
 mod ceiling;
 mod content;
+mod nixstore;
 mod procfs;
 mod report;
 mod rng;
@@ -31,6 +36,7 @@ mod workload;
 pub use baseline::*;
 pub use ceiling::*;
 use content::*;
+pub use nixstore::*;
 pub use procfs::*;
 pub use report::*;
 use rng::*;
@@ -105,6 +111,15 @@ pub enum BenchError {
         sink: &'static str,
         source: Box<PushError>,
     },
+    /// A Nix command failed (or could not run); `reason` says how.
+    #[error("`{command}`: {reason}")]
+    Command {
+        command: &'static str,
+        reason: String,
+    },
+    /// The Nix database cannot be read.
+    #[error(transparent)]
+    Store(crate::store::StoreError),
     /// Some paths of a run failed: the measurement is meaningless.
     #[error("{workload} → {sink}: {failed} of {paths} paths failed; first: {first}")]
     PathsFailed {

@@ -1,10 +1,12 @@
 //! `narflow bench`: prepare the synthetic workloads, push each through the real pipeline
 //! into the null sink and a `file://` cache, measure the zstd-only ceiling, print the
-//! table (or `--json`), and compare with `--baseline`.
+//! table (or `--json`), and compare with `--baseline`. `narflow bench make-store` makes
+//! a generated store in the real `/nix/store` for the backfill benchmarks.
 //!
 //! Exit codes: 0 measured, no regression; 1 a figure is more than `--threshold` worse
 //! than the baseline's, or a run had failed paths; 2 usage error, unusable `--dir`, or a
-//! baseline that cannot be read or compared.
+//! baseline that cannot be read or compared. make-store: 0 made or found valid; 1 it
+//! could not be made; 2 usage error.
 use super::{CliError, exit};
 use anyhow::anyhow;
 use narflow::bench::{
@@ -17,7 +19,10 @@ use narflow::settings::{self, Merged, Size, Source};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
     /// Workload: many-small, large or mixed; repeatable [default: all three].
     #[arg(long = "workload", value_name = "NAME", value_parser = WorkloadKind::parse)]
     pub workloads: Vec<WorkloadKind>,
@@ -75,6 +80,60 @@ pub struct BenchArgs {
     /// figures as JSON (used by --rss child-process).
     #[arg(long, hide = true)]
     pub internal_run: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Make N small store paths that reference each other in the real /nix/store (once
+    /// per machine: a valid store from an earlier run is reused); print its manifest's
+    /// path (one store path per line, in registration order).
+    MakeStore(MakeStoreArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MakeStoreArgs {
+    /// How many store paths.
+    #[arg(long, value_name = "N")]
+    pub paths: usize,
+    /// Names the store: paths are bf-TAG-<index>, the manifest TAG-N.paths; the same tag
+    /// and parameters make the same store on every machine.
+    #[arg(long, value_name = "TAG")]
+    pub tag: String,
+    /// Each path refers to up to K earlier ones.
+    #[arg(long, value_name = "K", default_value_t = bench::DEFAULT_REFS)]
+    pub refs: usize,
+    /// Per thousand paths, how many are registered before one of their references.
+    #[arg(long, value_name = "PERMILLE", default_value_t = 0)]
+    pub disorder: u32,
+    /// Where the manifest is kept.
+    #[arg(long, value_name = "DIR", default_value = bench::DEFAULT_MANIFEST_DIR)]
+    pub manifest_dir: PathBuf,
+}
+
+/// `narflow bench make-store`.
+fn make_store(args: &MakeStoreArgs) -> Result<u8, CliError> {
+    let spec = bench::StoreSpec {
+        tag: args.tag.clone(),
+        paths: args.paths,
+        refs: args.refs,
+        disorder_permille: args.disorder,
+    };
+    spec.check().map_err(usage)?;
+    let made = bench::make_store(&spec, &args.manifest_dir).map_err(CliError::failed)?;
+    if made.reused {
+        eprintln!(
+            "narflow bench make-store: {} paths valid from an earlier run ({:.1} s to check)",
+            made.already_valid, made.seconds
+        );
+    } else {
+        eprintln!(
+            "narflow bench make-store: {} paths made and registered, {} valid already, {} \
+             registered before a reference, in {:.1} s",
+            made.registered, made.already_valid, made.disordered, made.seconds
+        );
+    }
+    println!("{}", made.manifest.display());
+    Ok(exit::OK)
 }
 
 /// Passes over the ceiling's sample; the best counts, the one least disturbed by other
@@ -241,6 +300,9 @@ fn default_repeat(spec: &WorkloadSpec) -> usize {
 }
 
 pub fn run(args: BenchArgs) -> Result<u8, CliError> {
+    if let Some(BenchCommand::MakeStore(a)) = &args.command {
+        return make_store(a);
+    }
     // Before any work of ours, so the load average is the machine's, not ours.
     let machine = bench::Machine::detect();
     let plan = plan(&args)?;

@@ -8,6 +8,7 @@ mod durability;
 mod helpers;
 mod hol;
 mod logs;
+mod make_store;
 mod memory;
 mod nar_golden;
 mod narinfo_nix;
