@@ -5,7 +5,7 @@ use anyhow::Context;
 use narflow::backfill::{self, BackfillError, BackfillOptions, Selection};
 use narflow::cache::{self, CacheError, url::CacheUrl};
 use narflow::format::store_path::DEFAULT_STORE_DIR;
-use narflow::settings::{Merged, Settings, SettingsError, Source, format_size};
+use narflow::settings::{Merged, Settings, SettingsError, format_size};
 use narflow::store::{LocalStore, StoreError};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -69,17 +69,7 @@ fn parse_since(s: &str) -> Result<i64, String> {
 
 pub fn run(args: &BackfillArgs, merged: &Merged) -> Result<u8, CliError> {
     let resolved = merged.resolve().map_err(CliError::usage)?;
-    for (key, _) in narflow::settings::KEYS {
-        if let (true, Source::Flag(flag)) = (
-            key.starts_with("daemon.") || key.starts_with("hook."),
-            resolved.source(key),
-        ) {
-            return Err(CliError::usage(anyhow::anyhow!(
-                "{flag} is a setting of narflow {}, not of backfill",
-                key.split('.').next().unwrap_or_default()
-            )));
-        }
-    }
+    super::refuse_other_commands_flags(&resolved, "backfill")?;
     if args.window == 0 {
         return Err(CliError::usage(anyhow::anyhow!(
             "--window must be at least 1"

@@ -131,6 +131,27 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<u8, CliError> {
 ///
 /// # Errors
 /// A usage error for a config file that cannot be read or used.
+/// Refuses a daemon's or hook's setting given to `command` (push, backfill) on its command
+/// line: a mistake there (in the shared file or environment it is simply not the
+/// command's).
+fn refuse_other_commands_flags(
+    resolved: &narflow::settings::Resolved,
+    command: &str,
+) -> Result<(), CliError> {
+    for (key, _) in narflow::settings::KEYS {
+        if let (true, narflow::settings::Source::Flag(flag)) = (
+            key.starts_with("daemon.") || key.starts_with("hook."),
+            resolved.source(key),
+        ) {
+            return Err(CliError::usage(anyhow::anyhow!(
+                "{flag} is a setting of narflow {}, not of {command}",
+                key.split('.').next().unwrap_or_default()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn merge(flags: &Settings, matches: &ArgMatches, choice: ConfigChoice) -> Result<Merged, CliError> {
     let file = choice.load().map_err(CliError::usage)?;
     let cmd = Settings::augment_args(clap::Command::new("settings"));

@@ -4,7 +4,7 @@ use anyhow::Context;
 use narflow::cache;
 use narflow::format::store_path::DEFAULT_STORE_DIR;
 use narflow::pipeline::{self, Outcome};
-use narflow::settings::{Merged, Settings, Source, format_size};
+use narflow::settings::{Merged, Settings, format_size};
 use narflow::store::LocalStore;
 use std::io::Read;
 use std::path::Path;
@@ -30,19 +30,7 @@ pub struct PushArgs {
 
 pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
     let resolved = merged.resolve().map_err(CliError::usage)?;
-    // A daemon's or hook's setting given to push on its command line is a mistake (in the
-    // shared file or environment it is simply not push's).
-    for (key, _) in narflow::settings::KEYS {
-        if let (true, Source::Flag(flag)) = (
-            key.starts_with("daemon.") || key.starts_with("hook."),
-            resolved.source(key),
-        ) {
-            return Err(CliError::usage(anyhow::anyhow!(
-                "{flag} is a setting of narflow {}, not of push",
-                key.split('.').next().unwrap_or_default()
-            )));
-        }
-    }
+    super::refuse_other_commands_flags(&resolved, "push")?;
     let url = resolved.cache_url().map_err(CliError::usage)?;
     let mut opts = resolved.push_options().map_err(CliError::usage)?;
     let mut inputs = Vec::new();

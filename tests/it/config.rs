@@ -169,27 +169,30 @@ fn an_unknown_key_or_a_bad_value_in_the_file_is_named_with_its_line() {
             assert!(err.contains(&format!("{file}{needle}")), "{cmd}: {err}");
         }
     }
-    // A daemon's setting on push's command line is refused by name.
-    let out = isolated(
-        narflow().args([
-            "push",
-            "--unsigned",
-            "--socket-group",
-            "nixbld",
-            "--to",
-            &format!("file://{}", cache.path().display()),
-            "/nix/store/00000000000000000000000000000000-x",
-        ]),
-        &[],
-    )
-    .output()
-    .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr_of(&out).contains("--socket-group is a setting of narflow daemon"),
-        "{}",
-        stderr_of(&out)
-    );
+    // A daemon's setting on push's or backfill's command line is refused by name.
+    for cmd in ["push", "backfill"] {
+        let out = isolated(
+            narflow().args([
+                cmd,
+                "--unsigned",
+                "--socket-group",
+                "nixbld",
+                "--to",
+                &format!("file://{}", cache.path().display()),
+                "/nix/store/00000000000000000000000000000000-x",
+            ]),
+            &[],
+        )
+        .output()
+        .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{cmd}");
+        let want = format!("--socket-group is a setting of narflow daemon, not of {cmd}");
+        assert!(
+            stderr_of(&out).contains(&want),
+            "{cmd}: {}",
+            stderr_of(&out)
+        );
+    }
     // A named file that is missing is an error too.
     let missing = dir.path().join("missing.toml");
     let out = isolated(
