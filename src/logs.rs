@@ -176,11 +176,14 @@ pub fn upload_build_logs_from(
     }
 }
 
-/// The paths a push uploaded (not those the cache had): the ones whose logs go up.
-pub fn uploaded_paths(report: &crate::pipeline::PushReport, store_dir: &str) -> Vec<StorePath> {
-    report
-        .results
-        .iter()
+/// The paths of `results` that were uploaded (not those the cache had): the ones whose
+/// logs go up.
+pub fn uploaded_paths<'a>(
+    results: impl IntoIterator<Item = &'a crate::pipeline::PathResult>,
+    store_dir: &str,
+) -> Vec<StorePath> {
+    results
+        .into_iter()
         .filter(|r| matches!(r.outcome, crate::pipeline::Outcome::Uploaded { .. }))
         .filter_map(|r| StorePath::from_absolute_path(&r.path, store_dir).ok())
         .collect()

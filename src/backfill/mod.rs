@@ -544,7 +544,7 @@ impl Run<'_> {
         self.summary.file_bytes += report.file_bytes;
         if self.push.upload_logs {
             // After the window's narinfos are durable; a log never fails a path.
-            let uploaded = crate::logs::uploaded_paths(&report, &self.store_dir);
+            let uploaded = crate::logs::uploaded_paths(&report.results, &self.store_dir);
             let r = crate::logs::upload_build_logs(self.cache, self.store, &uploaded);
             let total = self.summary.logs.get_or_insert_with(Default::default);
             total.uploaded += r.uploaded;

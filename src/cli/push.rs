@@ -72,7 +72,7 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
         })?;
     progress.done();
     let logs = opts.upload_logs.then(|| {
-        let uploaded = narflow::logs::uploaded_paths(&report, store.store_dir());
+        let uploaded = narflow::logs::uploaded_paths(&report.results, store.store_dir());
         narflow::logs::upload_build_logs(cache.as_ref(), &store, &uploaded)
     });
 

@@ -426,11 +426,8 @@ fn record_settled(
 
 /// Uploads the build logs of the paths of `settled` that went up (closures included).
 fn upload_logs(shared: &Shared, cache: &dyn BinaryCache, settled: &[Settled]) {
-    let uploaded: Vec<StorePath> = settled
-        .iter()
-        .filter(|s| matches!(s.result.outcome, Outcome::Uploaded { .. }))
-        .filter_map(|s| StorePath::from_absolute_path(&s.result.path, shared.store_dir()).ok())
-        .collect();
+    let uploaded =
+        crate::logs::uploaded_paths(settled.iter().map(|s| &s.result), shared.store_dir());
     if uploaded.is_empty() {
         return;
     }
