@@ -471,6 +471,9 @@ impl Write for FileNarUpload {
 }
 
 impl NarUpload for FileNarUpload {
+    /// Nothing is held in memory: the bytes are in the temporary file.
+    fn written(&mut self) {}
+
     /// Flushes the NAR to its temporary file and queues it for the next sync, which makes
     /// its bytes durable and then gives it its final name (one sync for many NARs).
     fn commit(self: Box<Self>, key: &str) -> Result<(), CacheError> {

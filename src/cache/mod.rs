@@ -60,6 +60,11 @@ impl CacheError {
 /// under their final key. Dropping an upload without committing aborts it: nothing appears
 /// under a final name.
 pub trait NarUpload: Write + Send {
+    /// Every byte of the NAR is written; `commit` or a drop follows, on this thread or
+    /// another. A cache that reserves memory for the bytes it buffers (S3) stops counting
+    /// them as held by a writer that could still add to them, so other uploads wait for
+    /// them to be released instead of going beyond the memory. No write may follow.
+    fn written(&mut self);
     /// Publishes the uploaded bytes as `key` (e.g. `nar/<FileHash>.nar.zst`): at once, or
     /// (a local directory, which batches durability) no later than the next
     /// [`BinaryCache::put_narinfos`] or [`BinaryCache::sync`], and only once the bytes are

@@ -281,6 +281,9 @@ impl<C: Clock> Write for RateLimitedUpload<C> {
 }
 
 impl<C: Clock> NarUpload for RateLimitedUpload<C> {
+    fn written(&mut self) {
+        self.inner.written();
+    }
     fn commit(self: Box<Self>, key: &str) -> Result<(), CacheError> {
         self.inner.commit(key)
     }

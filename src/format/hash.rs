@@ -120,6 +120,10 @@ impl<W> HashingWriter<W> {
             bytes: 0,
         }
     }
+    /// The inner writer (bytes written straight into it are not hashed).
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
     /// Returns the inner writer, the digest and the byte count.
     pub fn finish(self) -> (W, Sha256, u64) {
         use sha2::Digest;

@@ -174,7 +174,12 @@ impl<'env> SinkStage<'env> {
                 continue;
             }
             if let Some(end) = finished {
-                let state = jobs.remove(&job.id).expect("present");
+                let mut state = jobs.remove(&job.id).expect("present");
+                // Its buffers are now released by whoever commits or drops it, not by this
+                // thread: uploads begun after it wait for them rather than overrun.
+                if let Some(upload) = state.upload.as_mut() {
+                    upload.get_mut().written();
+                }
                 if !clock.wait(|| done(job, state, end)) {
                     break;
                 }

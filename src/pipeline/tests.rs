@@ -288,6 +288,7 @@ impl std::io::Write for Refused {
 }
 
 impl crate::cache::NarUpload for Refused {
+    fn written(&mut self) {}
     fn commit(self: Box<Self>, _: &str) -> Result<(), crate::cache::CacheError> {
         unreachable!("a refused upload is never committed")
     }
@@ -804,17 +805,25 @@ fn the_last_wave_makes_the_nars_durable_without_another_sync() {
 }
 
 /// A local directory whose large NAR uploads wait at their commit until the gate opens
-/// (on a finisher thread of their own: the cache says it commits 4 at once).
+/// (on a finisher thread of their own: the cache says it commits 4 at once). Each large
+/// upload checks that the sink said it was all written before handing it to a finisher,
+/// as S3's upload memory needs, and that no byte came after.
 #[derive(Debug)]
 struct Gated(FileCache, Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
 
 struct GatedUpload(
     Box<dyn crate::cache::NarUpload>,
     Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    /// `written` was called.
+    bool,
 );
 
 impl std::io::Write for GatedUpload {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        assert!(
+            !self.2,
+            "a write after the upload was said to be all written"
+        );
         self.0.write(buf)
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -823,7 +832,12 @@ impl std::io::Write for GatedUpload {
 }
 
 impl crate::cache::NarUpload for GatedUpload {
+    fn written(&mut self) {
+        self.2 = true;
+        self.0.written();
+    }
     fn commit(self: Box<Self>, key: &str) -> Result<(), crate::cache::CacheError> {
+        assert!(self.2, "committed before the sink said it was all written");
         let (open, cv) = &*self.1;
         let mut o = open.lock().unwrap();
         while !*o {
@@ -858,7 +872,7 @@ impl BinaryCache for Gated {
         if nar_size < 1 << 20 {
             return Ok(u);
         }
-        Ok(Box::new(GatedUpload(u, self.1.clone())))
+        Ok(Box::new(GatedUpload(u, self.1.clone(), false)))
     }
     fn object_size(&self, key: &str) -> Result<Option<u64>, crate::cache::CacheError> {
         self.0.object_size(key)

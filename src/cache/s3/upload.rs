@@ -65,12 +65,19 @@ fn parts_in_flight(part: u64, capacity: u64, concurrency: usize) -> usize {
 ///
 /// A buffer reserves the whole part it will hold before the first byte goes in (no
 /// hold-and-wait: a writer never holds part of a buffer while waiting for the rest), and
-/// a part in flight keeps its reservation until its request is done. Reservations of
-/// buffers still being filled are counted apart: they are only released by the thread
-/// that fills them, which may be the very thread that waits. So a reservation waits only
-/// while parts in flight (which finish on their own) can still free enough; when only
-/// buffers being filled hold the memory, waiting could never end, and the reservation is
-/// granted beyond the capacity instead (by at most those buffers) — never a deadlock.
+/// keeps its reservation until its request is done. Reservations of buffers still being
+/// filled are counted apart: they are only released by the thread that fills them, which
+/// may be the very thread that waits. A buffer stops counting as being filled once it is
+/// full and sent as a part, or once its NAR is all written ([`NarUpload::written`]): from
+/// then on another thread (a request in flight, or the finisher that commits it) releases
+/// it without help. So a reservation waits while such buffers can still free enough; when
+/// only buffers being filled hold the memory, waiting could never end, and the
+/// reservation is granted beyond the capacity instead (by at most those buffers) — never
+/// a deadlock.
+///
+/// Without the second rule, every finished small NAR waiting for a finisher (up to twice
+/// `S3Tuning::concurrency` of them) counted as being filled, and reservations went that
+/// far beyond the capacity.
 #[derive(Debug)]
 pub(super) struct UploadMemory {
     capacity: u64,
@@ -82,7 +89,7 @@ pub(super) struct UploadMemory {
 struct MemoryState {
     /// Bytes reserved in all.
     reserved: u64,
-    /// Of those, reserved by buffers being filled.
+    /// Of those, reserved by buffers being filled (see [`Reservation::handed_on`]).
     filling: u64,
 }
 
@@ -126,13 +133,15 @@ impl UploadMemory {
 struct Reservation {
     memory: Arc<UploadMemory>,
     bytes: u64,
-    /// Held by a buffer being filled (else by a request in flight).
+    /// Held by a buffer being filled (else by one that is full or all written, which
+    /// another thread releases).
     filling: bool,
 }
 
 impl Reservation {
-    /// The buffer is full and goes out in a request, which releases it on its own.
-    fn in_flight(mut self) -> Self {
+    /// The buffer takes no more bytes: it goes out in a request, or waits, all written,
+    /// for the finisher that commits it. Either releases it without the filling thread.
+    fn handed_on(mut self) -> Self {
         if self.filling {
             let mut st = self.memory.state.lock().unwrap_or_else(|e| e.into_inner());
             st.filling -= self.bytes;
@@ -379,6 +388,8 @@ pub(super) struct S3NarUpload {
     buf: Vec<u8>,
     /// The upload memory reserved for `buf` (taken before its first byte).
     reservation: Option<Reservation>,
+    /// Every byte is written ([`NarUpload::written`]).
+    written: bool,
     multipart: Option<Multipart>,
 }
 
@@ -408,6 +419,7 @@ impl S3NarUpload {
             first_reserve: compressed_bound(nar_size).min(part),
             buf: Vec::new(),
             reservation: None,
+            written: false,
             multipart: None,
         })
     }
@@ -451,7 +463,7 @@ impl S3NarUpload {
         let m = self.multipart.as_mut().expect("started above");
         let body = bytes::Bytes::from(std::mem::take(&mut self.buf));
         m.sent += body.len() as u64;
-        let reservation = self.reservation.take().map(Reservation::in_flight);
+        let reservation = self.reservation.take().map(Reservation::handed_on);
         let (number, key, id, task_shared) = (
             m.next_part,
             m.staging.clone(),
@@ -564,6 +576,7 @@ impl S3NarUpload {
 
 impl Write for S3NarUpload {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        debug_assert!(!self.written, "a write after NarUpload::written");
         let mut rest = data;
         while !rest.is_empty() {
             let reserved = match &mut self.reservation {
@@ -575,6 +588,9 @@ impl Write for S3NarUpload {
                         self.part_size as u64
                     };
                     self.reservation = Some(self.shared.memory.reserve(bytes));
+                    // Exactly what is reserved: a buffer grown by doubling would hold up
+                    // to twice its bytes, and copy them, beyond what the memory counts.
+                    self.buf.reserve_exact(bytes as usize);
                     bytes
                 }
             };
@@ -589,6 +605,7 @@ impl Write for S3NarUpload {
                     .as_mut()
                     .expect("reserved above")
                     .absorb(more);
+                self.buf.reserve_exact(self.part_size - self.buf.len());
             }
             self.buf.extend_from_slice(now);
             rest = later;
@@ -604,13 +621,18 @@ impl Write for S3NarUpload {
 }
 
 impl NarUpload for S3NarUpload {
+    fn written(&mut self) {
+        self.written = true;
+        self.reservation = self.reservation.take().map(Reservation::handed_on);
+    }
+
     fn commit(mut self: Box<Self>, key: &str) -> Result<(), CacheError> {
         if self.multipart.is_some() {
             return self.finish_multipart(key);
         }
         let body = bytes::Bytes::from(std::mem::take(&mut self.buf));
         // Released when the PUT is done, without waiting for anyone.
-        let _reservation = self.reservation.take().map(Reservation::in_flight);
+        let _reservation = self.reservation.take().map(Reservation::handed_on);
         let s = self.shared.clone();
         s.rt.block_on(s.put(key, body, NAR_TYPE))
     }
@@ -757,7 +779,7 @@ mod tests {
     #[test]
     fn a_reservation_waits_for_parts_in_flight() {
         let memory = Arc::new(UploadMemory::new(100));
-        let part = memory.reserve(70).in_flight();
+        let part = memory.reserve(70).handed_on();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let waiter = {
             let memory = memory.clone();
@@ -775,6 +797,50 @@ mod tests {
         let r = waiter.join().unwrap();
         assert_eq!(memory.state.lock().unwrap().reserved, 50);
         drop(r);
+    }
+
+    /// Small NARs all written and waiting for a finisher to commit them (as the sink
+    /// hands them on) hold their buffers until they are committed or dropped, on another
+    /// thread: a new upload waits for them instead of going beyond the memory. Counted as
+    /// being filled, they let it through at once, and 64 of them waiting went some 200 MiB
+    /// beyond a 128 MiB memory.
+    #[test]
+    fn an_upload_waits_for_nars_all_written_that_a_finisher_will_release() {
+        let memory: u64 = 32 << 20;
+        let cache = Arc::new(cache_at(&accepting_server(), memory));
+        let nar: u64 = 6 << 20;
+        let data = vec![7u8; nar as usize];
+        let mut waiting = Vec::new();
+        while cache.shared.memory.state.lock().unwrap().reserved + compressed_bound(nar) <= memory {
+            let mut u = cache.begin_nar(nar).unwrap();
+            u.write_all(&data).unwrap();
+            u.written();
+            waiting.push(u);
+        }
+        assert_eq!(waiting.len(), 5, "6 MiB NARs in 32 MiB");
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let next = {
+            let (cache, data) = (cache.clone(), data.clone());
+            std::thread::spawn(move || {
+                let mut u = cache.begin_nar(nar).unwrap();
+                u.write_all(&data).unwrap();
+                tx.send(()).unwrap();
+                u
+            })
+        };
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "a sixth NAR's buffer was granted beyond the memory"
+        );
+        assert!(cache.shared.memory.state.lock().unwrap().reserved <= memory);
+        // A finisher commits one (or drops it): its memory goes to the waiting upload.
+        waiting.pop().unwrap().commit("nar/one.nar.zst").unwrap();
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("granted once one NAR is committed");
+        let next = next.join().unwrap();
+        assert!(cache.shared.memory.state.lock().unwrap().reserved <= memory);
+        drop((next, waiting));
+        assert_eq!(cache.shared.memory.state.lock().unwrap().reserved, 0);
     }
 
     #[test]
