@@ -399,9 +399,9 @@ fn compress_one(
     let passthrough = settings.kind == Compression::None
         || matches!(chunk.end, Some(super::walk::NarEnd::Failed(_)));
     if !passthrough {
-        // The permit stays as it is: the compressed bytes live in a buffer of
-        // (at least) the raw size, recycled by the sink.
-        let out = buffers.take(chunk.data.len() + chunk.data.len() / 128 + 1024);
+        // The permit stays as it is: it covers the output buffer too (see
+        // `BufferPool::charge`), which the sink recycles.
+        let out = buffers.take_output(chunk.data.len());
         match compress_chunk_into(settings, &chunk.data, out) {
             Ok(c) => {
                 buffers.give(std::mem::replace(&mut chunk.data, c));

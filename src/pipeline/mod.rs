@@ -819,7 +819,7 @@ pub fn stream<R>(
     let caps = Capacities::new(opts, cache.upload_concurrency()).map_err(config)?;
     let stop = stage::Stop::new(opts.cancel.clone());
     let budget = budget::ByteBudget::new(caps.chunk_memory);
-    let buffers = buffers::BufferPool::new(caps.free_buffers);
+    let buffers = buffers::BufferPool::new(caps.free_buffers, opts.chunk_size);
     let compress = compress::CompressStage::new(
         caps.compress_jobs,
         opts.compression,
@@ -941,10 +941,9 @@ impl Capacities {
     }
 
     /// The buffer a chunk is compressed into: compressed data can be slightly larger than
-    /// the input.
+    /// the input. A pooled chunk is charged this too, compressed or not.
     fn output_buffer(chunk_size: usize) -> u64 {
-        let c = chunk_size as u64;
-        c + c / 128 + 1024
+        buffers::output_bound(chunk_size) as u64
     }
 
     /// The capacities for `opts`, with a cache that hides its latency with
@@ -968,12 +967,13 @@ impl Capacities {
         // runs fewer compressors instead of starving the walkers of chunks.
         let compress_jobs = opts.jobs.clamp(1, ((pipeline / 2) / out).max(1) as usize);
         let chunk_memory = pipeline - compress_jobs as u64 * out;
-        debug_assert!(chunk_memory >= opts.chunk_size as u64);
+        debug_assert!(chunk_memory >= out, "one full chunk fits");
         Ok(Capacities {
             chunk_memory,
-            // As many as the budget admits chunks, plus one output buffer per compressing
-            // thread: every large buffer alive at once, so none is freed mid-run.
-            free_buffers: (chunk_memory / opts.chunk_size as u64) as usize + compress_jobs,
+            // As many pooled chunks as the budget admits (each is charged a whole pooled
+            // buffer), plus one output buffer per compressing thread: every pooled buffer
+            // alive at once, so none is freed mid-run.
+            free_buffers: (chunk_memory / out) as usize + compress_jobs,
             compress_jobs,
             walkers: WALKERS,
             // As many uploads committing at once as the cache says hide its per-request

@@ -138,6 +138,12 @@ impl<'env> SinkStage<'env> {
                 jobs.clear();
                 continue;
             }
+            debug_assert!(
+                chunk.data.capacity() as u64 <= chunk.permit.bytes(),
+                "a chunk's buffer ({} bytes) beyond its permit ({} bytes)",
+                chunk.data.capacity(),
+                chunk.permit.bytes()
+            );
             let job = chunk.job.clone();
             if self.stop.is_job_stopped(&job) {
                 continue; // failed and reported already

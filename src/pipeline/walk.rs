@@ -77,8 +77,9 @@ struct Chunker<'a> {
 }
 
 impl Chunker<'_> {
-    /// Takes a permit for the next chunk: the chunk size, or what is left of the expected
-    /// NAR when that is less (so small paths do not tie up a whole chunk of budget).
+    /// Takes a permit for the next chunk: the memory its buffer holds (see
+    /// [`BufferPool::charge`]) for the chunk size, or for what is left of the expected NAR
+    /// when that is less (so small paths do not tie up a whole chunk of budget).
     fn start_chunk(&mut self) {
         let left = self.expected.saturating_sub(self.written);
         let want = if left == 0 {
@@ -86,8 +87,8 @@ impl Chunker<'_> {
         } else {
             left.min(self.chunk_size as u64)
         };
-        let budget = self.budget;
-        self.permit = Some(self.clock.wait(|| budget.acquire(want)));
+        let (budget, charge) = (self.budget, self.pool.charge(want as usize));
+        self.permit = Some(self.clock.wait(|| budget.acquire(charge)));
         self.buf = self.pool.take_filled(want as usize);
         self.filled = 0;
     }
@@ -281,4 +282,75 @@ fn hash(stop: &Stop, chunks: Receiver<Chunk>, out: Sender<Chunk>) -> StageClock 
         }
     }
     clock.stop()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::store_path::StorePath;
+
+    /// With full-size buffers free in the pool (a large path just went through), a path of
+    /// a few hundred KiB and a large path's short last chunk are sent in recycled buffers
+    /// whose every page is resident: each permit covers its whole buffer, so the budget
+    /// counts what the queues really hold. Charged by length, a 300 KiB chunk held a
+    /// 1 MiB buffer on a 300 KiB permit.
+    #[test]
+    fn every_chunk_permit_covers_its_whole_buffer() {
+        const CHUNK: usize = 1 << 20;
+        let store = tempfile::tempdir().unwrap();
+        let mut jobs = Vec::new();
+        for (i, size) in [300usize << 10, (2 * CHUNK) + (300 << 10), 600 << 10]
+            .into_iter()
+            .enumerate()
+        {
+            let name = format!("{}{i}-p{i}", "0".repeat(31));
+            let path = StorePath::from_base_name(&name).unwrap();
+            let full = store.path().join(path.base_name());
+            std::fs::create_dir_all(&full).unwrap();
+            std::fs::write(full.join("data"), vec![i as u8; size]).unwrap();
+            let info = PathInfo::of_tree(path, &full, vec![], None).unwrap();
+            jobs.push(Job::new(i as u64, info));
+        }
+        let pool = BufferPool::new(8, CHUNK);
+        for _ in 0..8 {
+            let mut b = pool.take_filled(CHUNK);
+            b.fill(1);
+            pool.give(b);
+        }
+        let stage = WalkStage {
+            store_dir: store.path().to_str().unwrap(),
+            chunk_size: CHUNK,
+            budget: ByteBudget::new(64 << 20),
+            pool: pool.clone(),
+            stop: Stop::new(Default::default()),
+            nar_listing: false,
+            walkers: 1,
+        };
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(jobs.len());
+        let (out_tx, out_rx) = crossbeam_channel::unbounded();
+        for j in jobs {
+            jobs_tx.send(j).unwrap();
+        }
+        drop(jobs_tx);
+        let chunks: Vec<Chunk> = std::thread::scope(|s| {
+            let running = stage.spawn(s, jobs_rx, out_tx);
+            let chunks = out_rx.iter().collect();
+            drop(running);
+            chunks
+        });
+        assert_eq!(chunks.len(), 1 + 3 + 1, "a chunk per MiB or part of one");
+        let mut short = 0;
+        for c in &chunks {
+            assert!(
+                c.data.capacity() as u64 <= c.permit.bytes(),
+                "chunk {} of job {}: {} bytes of buffer on a permit of {}",
+                c.seq,
+                c.job.id,
+                c.data.capacity(),
+                c.permit.bytes()
+            );
+            short += usize::from(c.data.len() < CHUNK);
+        }
+        assert_eq!(short, 3, "the short chunks were checked too");
+    }
 }
