@@ -311,7 +311,7 @@ impl CompressStage {
         &'scope self,
         s: &'scope std::thread::Scope<'scope, '_>,
         chunks: crossbeam_channel::Receiver<super::walk::Chunk>,
-        out: crossbeam_channel::Sender<super::walk::Chunk>,
+        out: super::lanes::LaneSender,
     ) -> super::stage::Running<'scope> {
         let t = s.spawn(move || self.run(chunks, out));
         super::stage::Running::new("compress", vec![t])
@@ -321,7 +321,7 @@ impl CompressStage {
     fn run(
         &self,
         chunks: crossbeam_channel::Receiver<super::walk::Chunk>,
-        out: crossbeam_channel::Sender<super::walk::Chunk>,
+        out: super::lanes::LaneSender,
     ) -> super::stats::StageStats {
         use std::sync::Mutex;
         let totals = Mutex::new(super::stats::StageStats {
@@ -389,7 +389,7 @@ fn compress_one(
     buffers: &super::buffers::BufferPool,
     stop: &super::stage::Stop,
     mut chunk: super::walk::Chunk,
-    out: &crossbeam_channel::Sender<super::walk::Chunk>,
+    out: &super::lanes::LaneSender,
     totals: &std::sync::Mutex<super::stats::StageStats>,
 ) {
     if stop.is_job_stopped(&chunk.job) {

@@ -36,6 +36,7 @@
 pub mod budget;
 pub mod buffers;
 pub mod compress;
+pub mod lanes;
 pub mod publish;
 pub mod sink;
 pub mod stage;
@@ -83,12 +84,13 @@ const WALKERS: usize = 2;
 /// plan order (references first) close to the upload order.
 const JOB_QUEUE: usize = 2 * WALKERS;
 
-/// Chunks queued between the walkers and the hash stage, and between it and the compress
-/// dispatcher. Memory is bounded by the budget, not by this; it only decouples stages.
+/// Chunks queued between the walkers and the hash stage (in each of its two lanes, see
+/// [`lanes`]), and between it and the compress dispatcher. Memory is bounded by the
+/// budget, not by this; it only decouples stages.
 const CHUNK_QUEUE: usize = 8;
 
-/// Compressed chunks queued for the sink. Bounded by the budget too; a full queue only
-/// pauses a compressor until the sink catches up.
+/// Compressed chunks queued for the sink, in each of its two lanes. Bounded by the budget
+/// too; a full lane only pauses a compressor until the sink catches up.
 const COMPRESSED_QUEUE: usize = 64;
 
 /// Finished jobs queued for the publisher: small messages; the bound only matters while the
@@ -856,9 +858,9 @@ pub fn stream<R>(
     };
 
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(caps.job_queue);
-    let (chunk_tx, chunk_rx) = crossbeam_channel::bounded(caps.chunk_queue);
+    let (chunk_tx, chunk_rx) = lanes::bounded(caps.chunk_queue);
     let (hashed_tx, hashed_rx) = crossbeam_channel::bounded(caps.chunk_queue);
-    let (comp_tx, comp_rx) = crossbeam_channel::bounded(caps.compressed_queue);
+    let (comp_tx, comp_rx) = lanes::bounded(caps.compressed_queue);
     let handoff = crossbeam_channel::bounded(caps.finishers);
     let (res_tx, res_rx) = crossbeam_channel::bounded(caps.result_queue);
     let (settled_tx, settled_rx) = crossbeam_channel::bounded(caps.settled_queue);

@@ -5,6 +5,7 @@
 //! Chunks of many jobs arrive interleaved and out of order; each job's are buffered until
 //! their turn. The buffer is bounded by the memory budget, since every buffered chunk
 //! still holds its permit.
+use super::lanes::LaneReceiver;
 use super::stage::{Job, JobId, Running, Stop};
 use super::stats::{StageClock, StageStats};
 use super::walk::{Chunk, NarEnd};
@@ -75,7 +76,7 @@ impl<'env> SinkStage<'env> {
     pub fn spawn<'scope>(
         &'scope self,
         s: &'scope Scope<'scope, 'env>,
-        chunks: Receiver<Chunk>,
+        chunks: LaneReceiver,
         (handoff_tx, handoff_rx): (Sender<Handoff>, Receiver<Handoff>),
         results: Sender<SinkResult>,
     ) -> Running<'scope> {
@@ -122,7 +123,7 @@ impl<'env> SinkStage<'env> {
     /// into `results` at once and aborted: no stage works on it any more.
     fn assemble(
         &self,
-        chunks: Receiver<Chunk>,
+        chunks: LaneReceiver,
         results: &Sender<SinkResult>,
         mut done: impl FnMut(Arc<Job>, JobState, NarEnd) -> bool,
     ) -> StageClock {
@@ -130,7 +131,7 @@ impl<'env> SinkStage<'env> {
         // Only the jobs whose chunks are arriving: an entry goes with its job's last chunk
         // or its failure.
         let mut jobs: HashMap<JobId, JobState> = HashMap::new();
-        while let Some(chunk) = clock.wait(|| chunks.recv().ok()) {
+        while let Some(chunk) = clock.wait(|| chunks.recv()) {
             if self.stop.is_stopped() {
                 // Unfinished uploads are aborted (dropped) and their buffered chunks
                 // freed at once, so no stage upstream waits on the budget; the rest of

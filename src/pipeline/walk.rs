@@ -8,6 +8,7 @@
 //! compressed output is deterministic for given settings.
 use super::budget::{ByteBudget, Permit};
 use super::buffers::BufferPool;
+use super::lanes::{LaneReceiver, LaneSender};
 use super::stage::{Job, Running, Stop};
 use super::stats::StageClock;
 use crate::format::hash::Sha256;
@@ -71,7 +72,7 @@ struct Chunker<'a> {
     permit: Option<Permit>,
     budget: &'a ByteBudget,
     pool: &'a BufferPool,
-    out: &'a Sender<Chunk>,
+    out: &'a LaneSender,
     clock: &'a mut StageClock,
     stop: &'a Stop,
 }
@@ -178,7 +179,7 @@ impl<'env> WalkStage<'env> {
         &'scope self,
         s: &'scope Scope<'scope, 'env>,
         jobs_rx: Receiver<Arc<Job>>,
-        out: Sender<Chunk>,
+        out: LaneSender,
     ) -> Running<'scope> {
         let mut threads = Vec::new();
         for _ in 0..self.walkers.max(1) {
@@ -189,7 +190,7 @@ impl<'env> WalkStage<'env> {
     }
 
     /// Runs one walker until `jobs` closes or the run stops. Returns its clock.
-    fn run(&self, jobs: Receiver<Arc<Job>>, out: Sender<Chunk>) -> StageClock {
+    fn run(&self, jobs: Receiver<Arc<Job>>, out: LaneSender) -> StageClock {
         let mut clock = StageClock::start();
         while let Some(job) = clock.wait(|| jobs.recv().ok()) {
             if self.stop.is_stopped() {
@@ -239,20 +240,20 @@ impl<'env> WalkStage<'env> {
 pub fn spawn_hash<'scope>(
     s: &'scope Scope<'scope, '_>,
     stop: &'scope Stop,
-    chunks: Receiver<Chunk>,
+    chunks: LaneReceiver,
     out: Sender<Chunk>,
 ) -> Running<'scope> {
     let t = s.spawn(move || hash(stop, chunks, out).into_stats("hash"));
     Running::new("hash", vec![t])
 }
 
-fn hash(stop: &Stop, chunks: Receiver<Chunk>, out: Sender<Chunk>) -> StageClock {
+fn hash(stop: &Stop, chunks: LaneReceiver, out: Sender<Chunk>) -> StageClock {
     use sha2::Digest;
     let mut clock = StageClock::start();
     // Only the jobs being walked: an entry goes with its job's last chunk.
     let mut hashers: std::collections::HashMap<super::stage::JobId, sha2::Sha256> =
         std::collections::HashMap::new();
-    while let Some(mut chunk) = clock.wait(|| chunks.recv().ok()) {
+    while let Some(mut chunk) = clock.wait(|| chunks.recv()) {
         if stop.is_job_stopped(&chunk.job) {
             // Dropping the chunk frees its permit, so a walker waiting on the budget
             // wakes up and sees the stop too; the stage drains its input and ends.
@@ -327,14 +328,14 @@ mod tests {
             walkers: 1,
         };
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(jobs.len());
-        let (out_tx, out_rx) = crossbeam_channel::unbounded();
+        let (out_tx, out_rx) = super::super::lanes::bounded(16);
         for j in jobs {
             jobs_tx.send(j).unwrap();
         }
         drop(jobs_tx);
         let chunks: Vec<Chunk> = std::thread::scope(|s| {
             let running = stage.spawn(s, jobs_rx, out_tx);
-            let chunks = out_rx.iter().collect();
+            let chunks = std::iter::from_fn(|| out_rx.recv()).collect();
             drop(running);
             chunks
         });

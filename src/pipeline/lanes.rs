@@ -1,0 +1,172 @@
+//! A chunk channel with two lanes. A chunk that is a whole job's NAR (its first chunk,
+//! carrying the end) goes in the express lane, which the receiver empties first; every
+//! other chunk goes in the bulk lane. A small path handed off while a large NAR streams is
+//! then never queued behind the large one's chunks: the hash stage and the sink, which
+//! take chunks one at a time, take it next.
+//!
+//! Only a job's chunks among themselves need their order (the hash stage hashes them in
+//! sequence), and a whole job is one chunk: which lane it took changes nothing else.
+use super::walk::Chunk;
+use crossbeam_channel::{Receiver, Select, SendError, Sender, TryRecvError};
+
+/// The sending side; clones share the lanes, which close once every clone is dropped.
+#[derive(Debug, Clone)]
+pub struct LaneSender {
+    express: Sender<Chunk>,
+    bulk: Sender<Chunk>,
+}
+
+/// The receiving side.
+#[derive(Debug, Clone)]
+pub struct LaneReceiver {
+    express: Receiver<Chunk>,
+    bulk: Receiver<Chunk>,
+}
+
+/// Two lanes of `capacity` chunks each. Every chunk holds its budget permit, so the
+/// budget bounds the bytes in both; the lengths only decouple the stages.
+pub fn bounded(capacity: usize) -> (LaneSender, LaneReceiver) {
+    let (express_tx, express_rx) = crossbeam_channel::bounded(capacity);
+    let (bulk_tx, bulk_rx) = crossbeam_channel::bounded(capacity);
+    (
+        LaneSender {
+            express: express_tx,
+            bulk: bulk_tx,
+        },
+        LaneReceiver {
+            express: express_rx,
+            bulk: bulk_rx,
+        },
+    )
+}
+
+/// Whether `chunk` is the whole of its job's stream.
+fn is_whole_job(chunk: &Chunk) -> bool {
+    chunk.seq == 0 && chunk.end.is_some()
+}
+
+impl LaneSender {
+    /// Sends `chunk` in its lane, blocking while that lane is full.
+    ///
+    /// # Errors
+    /// The chunk back, when the receiver is gone.
+    pub fn send(&self, chunk: Chunk) -> Result<(), SendError<Chunk>> {
+        if is_whole_job(&chunk) {
+            self.express.send(chunk)
+        } else {
+            self.bulk.send(chunk)
+        }
+    }
+}
+
+impl LaneReceiver {
+    /// The next chunk, from the express lane whenever it has one; blocks while both lanes
+    /// are empty. `None` once both are closed and drained.
+    pub fn recv(&self) -> Option<Chunk> {
+        loop {
+            let express_open = match self.express.try_recv() {
+                Ok(c) => return Some(c),
+                Err(TryRecvError::Empty) => true,
+                Err(TryRecvError::Disconnected) => false,
+            };
+            let bulk_open = match self.bulk.try_recv() {
+                Ok(c) => return Some(c),
+                Err(TryRecvError::Empty) => true,
+                Err(TryRecvError::Disconnected) => false,
+            };
+            // Wait on the lanes still open (a closed one would always be ready), then look
+            // again, express first.
+            let mut ready = Select::new();
+            match (express_open, bulk_open) {
+                (false, false) => return None,
+                (true, true) => {
+                    ready.recv(&self.express);
+                    ready.recv(&self.bulk);
+                }
+                (true, false) => {
+                    ready.recv(&self.express);
+                }
+                (false, true) => {
+                    ready.recv(&self.bulk);
+                }
+            }
+            ready.ready();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::store_path::StorePath;
+    use crate::pipeline::budget::ByteBudget;
+    use crate::pipeline::stage::Job;
+    use crate::pipeline::walk::NarEnd;
+    use crate::store::PathInfo;
+    use std::sync::Arc;
+
+    fn job(id: u64) -> Arc<Job> {
+        let path = StorePath::from_base_name(&format!("{}{id}-j", "0".repeat(31))).unwrap();
+        let info = PathInfo {
+            path,
+            nar_hash: crate::format::hash::Sha256([0; 32]),
+            nar_size: 0,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
+        Job::new(id, info)
+    }
+
+    fn chunk(job: &Arc<Job>, seq: u32, last: bool, budget: &ByteBudget) -> Chunk {
+        Chunk {
+            job: job.clone(),
+            seq,
+            data: vec![],
+            nar_len: 0,
+            permit: budget.acquire(0),
+            end: last.then(|| NarEnd::Failed(String::new())),
+        }
+    }
+
+    /// A whole small job sent after a large job's chunks comes out before them; the large
+    /// job's chunks keep their order; both lanes drain before the end.
+    #[test]
+    fn a_whole_job_overtakes_queued_chunks_of_a_large_one() {
+        let budget = ByteBudget::new(1);
+        let (tx, rx) = bounded(8);
+        let (large, small) = (job(1), job(2));
+        for seq in 0..5 {
+            tx.send(chunk(&large, seq, seq == 4, &budget)).unwrap();
+        }
+        tx.send(chunk(&small, 0, true, &budget)).unwrap();
+        drop(tx);
+        let order: Vec<(u64, u32)> = std::iter::from_fn(|| rx.recv())
+            .map(|c| (c.job.id, c.seq))
+            .collect();
+        assert_eq!(order, [(2, 0), (1, 0), (1, 1), (1, 2), (1, 3), (1, 4)]);
+    }
+
+    /// A receiver blocked on empty lanes wakes for a chunk in either.
+    #[test]
+    fn a_waiting_receiver_takes_a_chunk_from_either_lane() {
+        let budget = ByteBudget::new(1);
+        let (tx, rx) = bounded(1);
+        let waiter = std::thread::spawn(move || {
+            let a = rx.recv().map(|c| c.seq);
+            let b = rx.recv().map(|c| c.seq);
+            (a, b, rx.recv().is_none())
+        });
+        let j = job(1);
+        tx.send(chunk(&j, 3, false, &budget)).unwrap();
+        tx.send(chunk(&j, 0, true, &budget)).unwrap();
+        drop(tx);
+        let (a, b, ended) = waiter.join().unwrap();
+        assert_eq!(
+            (a.zip(b).map(|(a, b)| a + b), ended),
+            (Some(3), true),
+            "both chunks, then the end"
+        );
+    }
+}
