@@ -209,3 +209,69 @@ fn every_object_is_synced_before_its_name_and_every_narinfo_after_its_nar_and_re
         .count();
     println!("{} renames, {syncs} syncs", renames.len());
 }
+
+/// A large NAR's file is written back as it is written, and never more than two steps of
+/// it are dirty or being written: each step's writeback is started, and the step before
+/// it waited for, before more goes in. An `fdatasync` of a small path published meanwhile
+/// (which on ext4 commits the journal, writing every dirty file of the transaction first)
+/// then finds little to wait for; with writeback only started, a large NAR's whole dirty
+/// tail could stand between a small path and its narinfo.
+#[test]
+fn a_large_nar_is_written_back_at_most_two_steps_ahead_of_the_disk() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        panic!("strace is missing (apt-get install -y strace; scripts/test installs it)");
+    }
+    let big = BigPath::new("writeback-big", 48 << 20);
+    let tmp = tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let cache = root.join("cache");
+    let trace = root.join("trace");
+    let key = nix_generate_key("narflow-writeback-1");
+    let out = Command::new("strace")
+        .args(["-f", "-y", "-qq", "-o"])
+        .arg(&trace)
+        .args(["-e", "trace=sync_file_range"])
+        .arg(env!("CARGO_BIN_EXE_narflow"))
+        .args(["push", "--to", &format!("file://{}", cache.display())])
+        .arg("--key-file")
+        .arg(&key.secret)
+        .arg(&big.path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let calls = parse_trace(&std::fs::read_to_string(&trace).unwrap());
+    // (offset, waits) of each call on the NAR's temporary file, in order.
+    let nar_dir = cache.join("nar").display().to_string();
+    let ranges: Vec<(u64, bool)> = calls
+        .iter()
+        .filter(|c| c.ok && c.name == "sync_file_range")
+        .filter(|c| c.fd_path().is_some_and(|p| p.starts_with(&nar_dir)))
+        .map(|c| {
+            let offset = c.args.split(", ").nth(1).unwrap().parse().unwrap();
+            (offset, c.args.contains("SYNC_FILE_RANGE_WAIT_AFTER"))
+        })
+        .collect();
+    let started: Vec<u64> = ranges.iter().filter(|r| !r.1).map(|r| r.0).collect();
+    assert!(
+        started.len() >= 4,
+        "a 48 MiB NAR is written back in steps as it is written: {ranges:?}"
+    );
+    // After the k-th step is started, step k-1 is waited for before step k+1 starts.
+    for (k, pair) in started.windows(2).enumerate() {
+        let at = ranges.iter().position(|r| *r == (pair[1], false)).unwrap();
+        let next = ranges[at + 1..]
+            .iter()
+            .position(|r| !r.1)
+            .map_or(ranges.len(), |p| at + 1 + p);
+        assert!(
+            ranges[at..next].contains(&(pair[0], true)),
+            "step {k} (offset {}) was not waited for after step {} started: {ranges:?}",
+            pair[0],
+            k + 1
+        );
+    }
+}
