@@ -101,9 +101,12 @@ impl<'env> SinkStage<'env> {
                         continue; // dropping the state aborts its upload
                     }
                     let outcome = self.finish(&job, state, end);
-                    if results.send(SinkResult { job, outcome }).is_err() {
-                        break;
-                    }
+                    // The publisher is gone (it failed, and halted the run): the
+                    // hand-offs queued behind still go, each dropped here, so the
+                    // memory their uploads hold is freed. Stopping at once would
+                    // leave them in the queue, and an assembler waiting for that
+                    // memory (S3's) would wait forever.
+                    let _ = results.send(SinkResult { job, outcome });
                 }
                 StageStats::default()
             }));
@@ -317,6 +320,89 @@ fn write_failure(e: &std::io::Error) -> Failure {
 mod tests {
     use super::*;
     use crate::cache::CacheError;
+
+    /// An upload that reports its drop (its memory freed).
+    struct Counted(std::sync::mpsc::Sender<()>);
+    impl Write for Counted {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl NarUpload for Counted {
+        fn written(&mut self) {}
+        fn commit(self: Box<Self>, _: &str) -> Result<(), CacheError> {
+            Ok(())
+        }
+    }
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+
+    /// With the publisher gone (a failed wave halted the run), the finishers still take
+    /// every hand-off queued and drop it, freeing what its upload holds, while the
+    /// assembler may still be running. They used to stop at the first result they could
+    /// not send, and the uploads queued behind kept their memory: an assembler waiting
+    /// for S3 upload memory then waited forever.
+    #[test]
+    fn finishers_drop_every_queued_upload_once_the_publisher_is_gone() {
+        use crate::format::store_path::StorePath;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = crate::cache::file::FileCache::open(dir.path(), "file:///t").unwrap();
+        let opts = PushOptions::new(Default::default(), vec![]);
+        let sink = SinkStage {
+            cache: &cache,
+            store_dir: "/nix/store",
+            opts: &opts,
+            progress: &super::super::NoProgress,
+            finishers: 2,
+            buffers: super::super::buffers::BufferPool::new(1, 1 << 20),
+            stop: super::super::stage::Stop::new(Default::default()),
+        };
+        let (dropped_tx, dropped) = std::sync::mpsc::channel();
+        let (handoff_tx, handoff_rx) = crossbeam_channel::bounded(8);
+        let (results_tx, results_rx) = crossbeam_channel::bounded(1);
+        drop(results_rx);
+        let (chunks_tx, chunks_rx) = super::super::lanes::bounded(1);
+        for i in 0..5u64 {
+            let path = StorePath::from_base_name(&format!("{}{i}-q", "0".repeat(31))).unwrap();
+            let info = crate::store::PathInfo {
+                path,
+                nar_hash: crate::format::hash::Sha256([0; 32]),
+                nar_size: 0,
+                references: vec![],
+                deriver: None,
+                sigs: vec![],
+                ca: None,
+            };
+            let upload: Box<dyn NarUpload> = Box::new(Counted(dropped_tx.clone()));
+            let state = JobState {
+                next_seq: 1,
+                waiting: BTreeMap::new(),
+                upload: Some(HashingWriter::new(upload)),
+                error: None,
+            };
+            let end = NarEnd::Failed("read error".into());
+            handoff_tx
+                .send((super::super::stage::Job::new(i, info), state, end))
+                .unwrap();
+        }
+        std::thread::scope(|s| {
+            // The hand-off queue stays open (as while the assembler runs).
+            let running = sink.spawn(s, chunks_rx, (handoff_tx.clone(), handoff_rx), results_tx);
+            for i in 0..5 {
+                dropped
+                    .recv_timeout(std::time::Duration::from_secs(30))
+                    .unwrap_or_else(|_| panic!("upload {i} of 5 still held in the queue"));
+            }
+            drop((handoff_tx, chunks_tx));
+            running.finish();
+        });
+    }
 
     #[test]
     fn a_cache_error_inside_a_write_error_keeps_its_retry_class() {
