@@ -436,7 +436,8 @@ struct FileNarUpload {
 impl FileNarUpload {
     /// Once [`WRITEBACK_STEP`] bytes of the file have gathered in the kernel, starts their
     /// writeback and waits for the step before them to be on disk: at most two steps of a
-    /// NAR are ever dirty or being written. The `fdatasync`s of a publish wave then find
+    /// NAR are ever dirty or being written (a step is one write when a chunk's output is
+    /// larger: `BufWriter` passes large writes straight through). The `fdatasync`s of a publish wave then find
     /// little to wait for: on ext4 an `fdatasync` of a small file just published commits
     /// the journal, which first writes the data of every file in the transaction, so a
     /// large NAR's gigabyte of dirty pages made a small path wait behind it. The final sync
@@ -484,7 +485,8 @@ fn writeback(file: &File, from: u64, len: u64, wait: bool) {
     }
 }
 
-/// Elsewhere, DONTNEED starts writeback of the dirty range without waiting for it.
+/// Elsewhere, DONTNEED is only advice: it starts writeback of the dirty range where the
+/// kernel does so (Linux does; FreeBSD does not), and nothing is waited for.
 #[cfg(not(target_os = "linux"))]
 fn writeback(file: &File, from: u64, len: u64, _wait: bool) {
     let _ = rustix::fs::fadvise(

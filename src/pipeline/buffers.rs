@@ -29,6 +29,9 @@ pub fn output_bound(len: usize) -> usize {
 pub struct BufferPool {
     /// The capacity of every pooled buffer.
     capacity: usize,
+    /// Chunks are large enough to be pooled at all (else every buffer is the
+    /// allocator's, and none is kept).
+    pooling: bool,
     filled: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
     empty: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
 }
@@ -40,6 +43,7 @@ impl BufferPool {
     pub fn new(max_free: usize, chunk_size: usize) -> Self {
         BufferPool {
             capacity: output_bound(chunk_size),
+            pooling: chunk_size >= MIN_POOLED,
             filled: crossbeam_channel::bounded(max_free.max(1)),
             empty: crossbeam_channel::bounded(max_free.max(1)),
         }
@@ -47,7 +51,7 @@ impl BufferPool {
 
     /// Whether a chunk of `len` bytes lives in a pooled buffer.
     fn pooled(&self, len: usize) -> bool {
-        len >= MIN_POOLED && len <= self.capacity
+        self.pooling && len >= MIN_POOLED && len <= self.capacity
     }
 
     /// The memory a chunk of at most `len` bytes holds, from the walker to the sink,
@@ -99,7 +103,7 @@ impl BufferPool {
     /// Gives a buffer back; one not of the pool's capacity, or beyond what the pool
     /// keeps, is freed.
     pub fn give(&self, buf: Vec<u8>) {
-        if buf.capacity() == self.capacity {
+        if self.pooling && buf.capacity() == self.capacity {
             let list = if buf.len() >= buf.capacity() / 2 {
                 &self.filled
             } else {
@@ -161,6 +165,18 @@ mod tests {
         assert_eq!((c.as_ptr(), c.len()), (out_ptr, 0));
         // Nothing pooled: a zeroed buffer of the asked length.
         assert_eq!(pool.take_filled(300 << 10), vec![0; 300 << 10]);
+    }
+
+    /// With chunks too small to pool, no buffer is kept: a full chunk's output buffer has
+    /// the pool's capacity, but no chunk would ever take it again.
+    #[test]
+    fn a_pool_of_chunks_too_small_to_pool_keeps_nothing() {
+        let pool = BufferPool::new(4, 128 << 10);
+        for _ in 0..3 {
+            pool.give(pool.take_output(128 << 10));
+            pool.give(pool.take_filled(128 << 10));
+        }
+        assert_eq!(pool.empty.1.len() + pool.filled.1.len(), 0);
     }
 
     /// Whatever is free in the pool, a buffer for a chunk of any length (and the buffer

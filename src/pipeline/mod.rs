@@ -899,8 +899,9 @@ pub fn stream<R>(
 /// - the cache ([`Capacities::cache_memory`], half: S3's part buffers; a local directory
 ///   buffers nothing and leaves it unused),
 /// - one compression output buffer per compressing thread (a chunk is compressed into a
-///   buffer of its own size, beside the chunk), and
-/// - the chunk budget: NAR chunks held from the walker to the sink.
+///   buffer of the pool's size, beside the chunk), and
+/// - the chunk budget: NAR chunks held from the walker to the sink, each charged the
+///   whole buffer it holds ([`buffers::BufferPool::charge`]).
 ///
 /// Every queue between stages is bounded by its length here, and the bytes in it by the
 /// chunk budget, so peak memory is the budget plus [`MEMORY_OVERHEAD`], whatever the NAR

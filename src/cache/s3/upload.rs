@@ -76,8 +76,8 @@ fn parts_in_flight(part: u64, capacity: u64, concurrency: usize) -> usize {
 /// a deadlock.
 ///
 /// Without the second rule, every finished small NAR waiting for a finisher (up to twice
-/// `S3Tuning::concurrency` of them) counted as being filled, and reservations went that
-/// far beyond the capacity.
+/// `S3Tuning::concurrency` of them, and one more the assembler is handing on) counted as
+/// being filled, and reservations went that far beyond the capacity.
 #[derive(Debug)]
 pub(super) struct UploadMemory {
     capacity: u64,
