@@ -6,8 +6,18 @@
 //!
 //! Only a job's chunks among themselves need their order (the hash stage hashes them in
 //! sequence), and a whole job is one chunk: which lane it took changes nothing else.
+//!
+//! The express lane does not starve the bulk one: after [`EXPRESS_RUN`] express chunks in
+//! a row, a waiting bulk chunk goes next, so a large NAR still moves (and frees its
+//! permits) while a backfill streams small paths through.
 use super::walk::Chunk;
 use crossbeam_channel::{Receiver, Select, SendError, Sender, TryRecvError};
+use std::cell::Cell;
+
+/// Express chunks taken in a row before a waiting bulk chunk goes: a small path then waits
+/// behind at most one large chunk in every nine, and a large NAR gets at least a ninth of
+/// the stage while small paths keep coming.
+pub const EXPRESS_RUN: u32 = 8;
 
 /// The sending side; clones share the lanes, which close once every clone is dropped.
 #[derive(Debug, Clone)]
@@ -16,11 +26,12 @@ pub struct LaneSender {
     bulk: Sender<Chunk>,
 }
 
-/// The receiving side.
-#[derive(Debug, Clone)]
+/// The receiving side (of one thread: it counts the express chunks it took in a row).
+#[derive(Debug)]
 pub struct LaneReceiver {
     express: Receiver<Chunk>,
     bulk: Receiver<Chunk>,
+    run: Cell<u32>,
 }
 
 /// Two lanes of `capacity` chunks each. Every chunk holds its budget permit, so the
@@ -36,6 +47,7 @@ pub fn bounded(capacity: usize) -> (LaneSender, LaneReceiver) {
         LaneReceiver {
             express: express_rx,
             bulk: bulk_rx,
+            run: Cell::new(0),
         },
     )
 }
@@ -64,13 +76,25 @@ impl LaneReceiver {
     /// are empty. `None` once both are closed and drained.
     pub fn recv(&self) -> Option<Chunk> {
         loop {
+            if self.run.get() >= EXPRESS_RUN
+                && let Ok(c) = self.bulk.try_recv()
+            {
+                self.run.set(0);
+                return Some(c);
+            }
             let express_open = match self.express.try_recv() {
-                Ok(c) => return Some(c),
+                Ok(c) => {
+                    self.run.set(self.run.get() + 1);
+                    return Some(c);
+                }
                 Err(TryRecvError::Empty) => true,
                 Err(TryRecvError::Disconnected) => false,
             };
             let bulk_open = match self.bulk.try_recv() {
-                Ok(c) => return Some(c),
+                Ok(c) => {
+                    self.run.set(0);
+                    return Some(c);
+                }
                 Err(TryRecvError::Empty) => true,
                 Err(TryRecvError::Disconnected) => false,
             };
@@ -106,7 +130,7 @@ mod tests {
     use std::sync::Arc;
 
     fn job(id: u64) -> Arc<Job> {
-        let path = StorePath::from_base_name(&format!("{}{id}-j", "0".repeat(31))).unwrap();
+        let path = StorePath::from_base_name(&format!("{id:032}-j")).unwrap();
         let info = PathInfo {
             path,
             nar_hash: crate::format::hash::Sha256([0; 32]),
@@ -146,6 +170,27 @@ mod tests {
             .map(|c| (c.job.id, c.seq))
             .collect();
         assert_eq!(order, [(2, 0), (1, 0), (1, 1), (1, 2), (1, 3), (1, 4)]);
+    }
+
+    /// While whole jobs keep coming, a large job's chunk still goes after every
+    /// [`EXPRESS_RUN`] of them.
+    #[test]
+    fn a_stream_of_whole_jobs_lets_a_large_ones_chunk_through_every_run() {
+        let budget = ByteBudget::new(1);
+        let (tx, rx) = bounded(32);
+        let large = job(0);
+        for seq in 0..2 {
+            tx.send(chunk(&large, seq, seq == 1, &budget)).unwrap();
+        }
+        for i in 1..=20 {
+            tx.send(chunk(&job(i), 0, true, &budget)).unwrap();
+        }
+        drop(tx);
+        let order: Vec<u64> = std::iter::from_fn(|| rx.recv()).map(|c| c.job.id).collect();
+        let run = EXPRESS_RUN as usize;
+        let large_at: Vec<usize> = (0..order.len()).filter(|&i| order[i] == 0).collect();
+        assert_eq!(large_at, [run, 2 * run + 1], "{order:?}");
+        assert_eq!(order.len(), 22);
     }
 
     /// A receiver blocked on empty lanes wakes for a chunk in either.
