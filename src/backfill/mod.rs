@@ -274,7 +274,14 @@ pub fn backfill(
                         }
                     });
                     run.lane = Some(Lane { tx, settled });
-                    let walked = run.walk(cursor);
+                    let walked =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.walk(cursor)));
+                    let walked = walked.unwrap_or_else(|p| {
+                        // Closing both ends lets the submitter and the pipeline end, so
+                        // the scope can join them and the panic goes on.
+                        run.lane = None;
+                        std::panic::resume_unwind(p)
+                    });
                     let drained = run.drain();
                     walked.and(drained)
                 })
@@ -362,8 +369,8 @@ struct Mark {
     uploaded: Vec<StorePath>,
 }
 
-/// Forwards the pipeline's progress of one window; its per-window plan is not the
-/// backfill's total, so it is dropped.
+/// Forwards the pipeline's progress to the backfill's (the pipeline plans nothing itself:
+/// the backfill's totals come from the walk).
 struct WindowProgress<'a>(&'a dyn BackfillProgress);
 
 impl pipeline::Progress for WindowProgress<'_> {
