@@ -25,9 +25,9 @@
 //! the walk later finds those paths present. Nothing sorts the whole store.
 //!
 //! Memory: two windows of path infos and in-flight paths at a time (`window` paths each,
-//! plus what a window pulls in), and one set of 20-byte hash parts of the paths known to be available
-//! (the cache's listing when it was listed, plus what this run uploaded or skipped): about
-//! 40 bytes per path, 4 MiB for 100,000.
+//! plus what a window pulls in), and one set of 20-byte hash parts of the paths known to
+//! be available (the cache's listing when it was listed, plus what this run uploaded or
+//! skipped): about 40 bytes per path, 4 MiB for 100,000.
 
 pub mod state;
 
@@ -868,8 +868,8 @@ impl Run<'_> {
     }
 
     /// Adds to `window` the closure of each reference that is neither in it nor
-    /// available (nor in flight): registered later than its referrer, or not selected. Returns how many
-    /// paths came in.
+    /// available (nor in flight): registered later than its referrer, or not selected.
+    /// Returns how many paths came in.
     fn pull_in_references(&mut self, window: &mut Vec<PathInfo>) -> Result<u64, BackfillError> {
         let mut in_window: HashSet<StorePath> = window.iter().map(|i| i.path.clone()).collect();
         let outside: BTreeSet<&StorePath> = window
