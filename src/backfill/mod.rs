@@ -4,8 +4,16 @@
 //! Owns the walk and its bookkeeping: which paths go into each window, what is skipped
 //! (already in the cache, signed by an upstream key, served by an upstream cache), the
 //! check that every reference of a window is available, and the cursor in the state file
-//! ([`state`]). Uploading a window is the pipeline's ([`pipeline::upload_after`]); this
-//! module never walks NARs or writes cache objects itself.
+//! ([`state`]). Uploading is the pipeline's: one [`pipeline::stream`] runs for the whole
+//! backfill, and this module never walks NARs or writes cache objects itself.
+//!
+//! Overlap: window N+1 is planned and submitted while window N uploads, so the pipeline
+//! does not drain after each window. A path submitted and not yet settled is *in flight*:
+//! it counts as available to the next window's pull-in and reference check, and its
+//! referrers wait for it ([`pipeline::NewJob::waits_for`]; if it fails, the publisher
+//! refuses them). At most two windows are in flight (the one uploading and the one being
+//! submitted): a window is planned only once the window two before it has settled. The
+//! cursor passes a window only once it and every earlier window have settled.
 //!
 //! Order: Nix assigns `ValidPaths.id` as it registers paths and a path cannot be valid
 //! before its references, so id order is nearly topological. The exceptions
@@ -16,18 +24,19 @@
 //! uploaded or skipped earlier in this run) has its closure pulled into the window, and
 //! the walk later finds those paths present. Nothing sorts the whole store.
 //!
-//! Memory: one window of path infos and results at a time (`window` paths, plus what a
-//! window pulls in), and one set of 20-byte hash parts of the paths known to be available
-//! (the cache's listing when it was listed, plus what this run uploaded or skipped): about
-//! 40 bytes per path, 4 MiB for 100,000.
+//! Memory: two windows of path infos and in-flight paths at a time (`window` paths each,
+//! plus what a window pulls in), and one set of 20-byte hash parts of the paths known to
+//! be available (the cache's listing when it was listed, plus what this run uploaded or
+//! skipped): about 40 bytes per path, 4 MiB for 100,000.
 
 pub mod state;
 
 use crate::cache::{BinaryCache, CacheError};
 use crate::format::store_path::StorePath;
-use crate::pipeline::{self, Failure, Outcome, PathResult, PushOptions};
+use crate::pipeline::{self, Failure, NewJob, Outcome, PathResult, PushOptions, Settled};
 use crate::store::{LocalStore, PathInfo, StoreError};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use crossbeam_channel::{Receiver, Sender};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -208,6 +217,14 @@ pub fn backfill(
         listed: false,
         upstream_sets: upstreams.iter().map(|_| None).collect(),
         failed: HashSet::new(),
+        in_flight: HashMap::new(),
+        marks: VecDeque::new(),
+        lane: None,
+        next_seq: 0,
+        halted: false,
+        pinned: false,
+        cursor: 0,
+        saved: 0,
         summary: Summary {
             dry_run: opts.dry_run,
             ..Summary::default()
@@ -231,9 +248,46 @@ pub fn backfill(
     };
     run.summary.resumed_from = resumed;
     let cursor = resumed.unwrap_or(0);
-    match &opts.selection {
-        Selection::Store { since } => run.walk_store(cursor, since.unwrap_or(i64::MIN))?,
-        Selection::Paths(named) => run.walk_named(named, cursor)?,
+    (run.cursor, run.saved) = (cursor, cursor);
+    if opts.dry_run {
+        run.walk(cursor)?;
+        run.drain()?;
+    } else {
+        let window_progress = WindowProgress(progress);
+        let (walked, _stages) = pipeline::stream(
+            cache,
+            store.store_dir(),
+            push,
+            &window_progress,
+            pipeline::OnPublishError::Halt,
+            |feeder, settled| {
+                std::thread::scope(|s| {
+                    // One window waiting for the submitter: the walk sends a window only
+                    // once the one two before it has settled, so this never holds more
+                    // than the two windows that may be in flight.
+                    let (tx, rx) = crossbeam_channel::bounded::<Vec<NewJob>>(1);
+                    // Submitting blocks while the pipeline is full; on a thread of its own,
+                    // the walk meanwhile plans the next window and takes settled paths.
+                    s.spawn(move || {
+                        for jobs in rx {
+                            feeder.submit(jobs);
+                        }
+                    });
+                    run.lane = Some(Lane { tx, settled });
+                    let walked =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.walk(cursor)));
+                    let walked = walked.unwrap_or_else(|p| {
+                        // Closing both ends lets the submitter and the pipeline end, so
+                        // the scope can join them and the panic goes on.
+                        run.lane = None;
+                        std::panic::resume_unwind(p)
+                    });
+                    let drained = run.drain();
+                    walked.and(drained)
+                })
+            },
+        )?;
+        walked?;
     }
     run.summary.elapsed = started.elapsed();
     Ok(run.summary)
@@ -267,11 +321,56 @@ struct Run<'a> {
     /// Paths that failed in this run: their referrers are refused rather than pulling
     /// them in again in every window.
     failed: HashSet<StorePath>,
+    /// Paths submitted to the pipeline and not settled yet, with the window (its number,
+    /// [`Mark::seq`]) they belong to. They count as available to later windows, whose
+    /// jobs wait for them.
+    in_flight: HashMap<StorePath, u64>,
+    /// The windows not yet passed by the cursor, oldest first: those in flight, and
+    /// settled ones behind an unsettled one.
+    marks: VecDeque<Mark>,
+    /// The pipeline's two ends; `None` in a dry run.
+    lane: Option<Lane>,
+    /// The next window's [`Mark::seq`].
+    next_seq: u64,
+    /// The pipeline ended early (a publish failed and halted it): the walk stops, and
+    /// [`pipeline::stream`] returns the error.
+    halted: bool,
+    /// A window with a failed path has been passed: the cursor stays where it was.
+    pinned: bool,
+    /// Where the cursor is (everything below it durable or skipped), and where the state
+    /// file last put it.
+    cursor: i64,
+    saved: i64,
     summary: Summary,
 }
 
-/// Forwards the pipeline's progress of one window; its per-window plan is not the
-/// backfill's total, so it is dropped.
+/// The backfill's ends of the long-lived pipeline.
+struct Lane {
+    /// Windows' jobs to the submitting thread; dropped to close the pipeline's input.
+    tx: Sender<Vec<NewJob>>,
+    settled: Receiver<Settled>,
+}
+
+/// One window on its way: what has to settle before the cursor may pass it.
+#[derive(Debug)]
+struct Mark {
+    seq: u64,
+    /// Jobs of it submitted and not settled yet.
+    outstanding: usize,
+    /// No path of it failed (so far).
+    ok: bool,
+    /// Where the cursor goes once this window and all before it are settled (none for a
+    /// named group's windows but its last), and whether that is worth an fsync.
+    cursor: Option<i64>,
+    save: bool,
+    /// The window had paths: `--upload-logs` reports on it.
+    logs: bool,
+    /// Its uploaded paths, for `--upload-logs` once it has settled.
+    uploaded: Vec<StorePath>,
+}
+
+/// Forwards the pipeline's progress to the backfill's (the pipeline plans nothing itself:
+/// the backfill's totals come from the walk).
 struct WindowProgress<'a>(&'a dyn BackfillProgress);
 
 impl pipeline::Progress for WindowProgress<'_> {
@@ -316,8 +415,17 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Walks the selection from `cursor`, submitting window after window.
+    fn walk(&mut self, cursor: i64) -> Result<(), BackfillError> {
+        let opts = self.opts;
+        match &opts.selection {
+            Selection::Store { since } => self.walk_store(cursor, since.unwrap_or(i64::MIN)),
+            Selection::Paths(named) => self.walk_named(named, cursor),
+        }
+    }
+
     /// `--all` and `--since`: the store in registration order from `cursor`.
-    fn walk_store(&mut self, mut cursor: i64, since: i64) -> Result<(), BackfillError> {
+    fn walk_store(&mut self, cursor: i64, since: i64) -> Result<(), BackfillError> {
         let derivations = self.opts.derivations;
         let (paths, bytes) = self.store.count_after(cursor, since, derivations)?;
         self.progress.total(paths, bytes);
@@ -333,9 +441,7 @@ impl Run<'_> {
         // The store as it is now: paths registered while the walk runs are the next run's
         // (or the daemon's watcher's), so a busy machine cannot keep a backfill going.
         let end = self.store.last_valid_id()?;
-        let mut pinned = false;
-        let mut saved = cursor;
-        while scan < end {
+        while scan < end && !self.halted {
             let mut rows = self.store.valid_after(scan, self.opts.window.max(1))?;
             rows.retain(|r| r.id <= end);
             let Some(last) = rows.last().map(|r| r.id) else {
@@ -346,40 +452,29 @@ impl Run<'_> {
                 .filter(|r| r.registration_time >= since && (derivations || !is_drv(&r.path)))
                 .map(|r| r.path)
                 .collect();
-            let empty = selected.is_empty();
+            // A window with nothing selected moves the cursor without an fsync.
+            let save = !selected.is_empty();
             let infos = self.infos_of_valid(selected)?;
-            let ok = self.process_window(infos)?;
+            self.process_window(infos, true, Some(last), save)?;
             scan = last;
             self.summary.windows += 1;
-            // A failed path pins the cursor below its window; later windows still go up
-            // (a rerun finds them present) and their referrers of it are refused.
-            pinned |= !ok;
-            if !pinned {
-                cursor = last;
-                // A window with nothing selected moves the cursor without an fsync.
-                if !empty {
-                    self.save(cursor)?;
-                    saved = cursor;
-                }
-            }
         }
-        if cursor != saved {
-            self.save(cursor)?;
-        }
-        self.summary.cursor = cursor;
         Ok(())
     }
 
     /// `PATH...`: the closures of `window` named paths at a time, from the `cursor`-th.
     fn walk_named(&mut self, named: &[StorePath], cursor: i64) -> Result<(), BackfillError> {
         let window = self.opts.window.max(1);
-        let mut done = usize::try_from(cursor).unwrap_or(0).min(named.len());
-        self.decide_listing((named.len() - done) as u64)?;
+        let start = usize::try_from(cursor).unwrap_or(0).min(named.len());
+        let mut done = start;
+        self.decide_listing((named.len() - start) as u64)?;
         let (mut total, mut total_bytes) = (0, 0);
-        let mut pinned = false;
-        for chunk in named[done..].chunks(window) {
+        for chunk in named[start..].chunks(window) {
+            if self.halted {
+                break;
+            }
             let (valid, invalid) = pipeline::split_valid(self.store, chunk)?;
-            let mut ok = invalid.is_empty();
+            let ok = invalid.is_empty();
             for (path, _) in invalid {
                 let why = Failure::NotValid { path: path.clone() };
                 self.fail(PathResult {
@@ -392,39 +487,202 @@ impl Run<'_> {
             closure.retain(|i| self.opts.derivations || !is_drv(&i.path));
             total += closure.len() as u64;
             total_bytes += closure.iter().map(|i| i.nar_size).sum::<u64>();
-            // What this run settled already is not counted again; what the cache had is
-            // counted once, as present.
+            // What this run settled already (or has in flight) is not counted again; what
+            // the cache had is counted once, as present.
             let (mut known, mut again) = (0, 0);
-            let available = &mut self.available;
-            closure.retain(|i| match available.get_mut(&hash_key(&i.path)) {
-                None => true,
-                Some(settled) => {
-                    if *settled {
-                        again += 1;
-                    } else {
-                        known += 1;
-                        *settled = true;
+            let (available, in_flight) = (&mut self.available, &self.in_flight);
+            closure.retain(|i| {
+                if in_flight.contains_key(&i.path) {
+                    again += 1;
+                    return false;
+                }
+                match available.get_mut(&hash_key(&i.path)) {
+                    None => true,
+                    Some(settled) => {
+                        if *settled {
+                            again += 1;
+                        } else {
+                            known += 1;
+                            *settled = true;
+                        }
+                        false
                     }
-                    false
                 }
             });
             total -= again;
             self.progress.total(total, total_bytes);
             self.summary.present += known;
             self.progress.advanced(known);
+            done += chunk.len();
             // Topological order across the closure: each window's references are in an
-            // earlier window, or available.
-            for w in closure.chunks(window) {
-                ok &= self.process_window(w.to_vec())?;
+            // earlier window, or available. The cursor passes the group with its last
+            // window.
+            let windows: Vec<Vec<PathInfo>> = closure.chunks(window).map(<[_]>::to_vec).collect();
+            drop(closure);
+            let n = windows.len();
+            if n == 0 {
+                self.process_window(Vec::new(), ok, Some(done as i64), true)?;
+            }
+            for (i, w) in windows.into_iter().enumerate() {
+                let last = i + 1 == n;
+                self.process_window(w, ok || !last, last.then_some(done as i64), last)?;
                 self.summary.windows += 1;
             }
-            pinned |= !ok;
-            if !pinned {
-                done += chunk.len();
-                self.save(done as i64)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the pipeline's input and takes every settled path until the windows in
+    /// flight are settled (or the pipeline ended), then records where the cursor got to.
+    fn drain(&mut self) -> Result<(), BackfillError> {
+        let mut first_error = None;
+        if let Some(Lane { tx, settled }) = self.lane.take() {
+            drop(tx);
+            while !self.marks.is_empty() {
+                let Ok(done) = settled.recv() else {
+                    break;
+                };
+                if let Err(e) = self.absorb(done) {
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        self.summary.cursor = done as i64;
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        if self.cursor != self.saved {
+            self.save(self.cursor)?;
+            self.saved = self.cursor;
+        }
+        self.summary.cursor = self.cursor;
+        Ok(())
+    }
+
+    /// Takes settled paths until at most `windows` windows are ahead of the cursor.
+    fn settle_until(&mut self, windows: usize) -> Result<(), BackfillError> {
+        while self.marks.len() > windows {
+            let Some(lane) = &self.lane else {
+                // A dry run settles every window as it is planned.
+                debug_assert!(false, "a window unsettled in a dry run");
+                break;
+            };
+            match lane.settled.recv() {
+                Ok(done) => self.absorb(done)?,
+                Err(_) => {
+                    self.halted = true;
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the paths settled already, without waiting.
+    fn settle_ready(&mut self) -> Result<(), BackfillError> {
+        while let Some(done) = self.lane.as_ref().and_then(|l| l.settled.try_recv().ok()) {
+            self.absorb(done)?;
+        }
+        Ok(())
+    }
+
+    /// Sends `jobs` to the submitting thread, taking settled paths while it is busy (the
+    /// pipeline must not wait on us while we wait on it).
+    fn send(&mut self, jobs: Vec<NewJob>) -> Result<(), BackfillError> {
+        let Some(lane) = &self.lane else {
+            return Ok(());
+        };
+        let (tx, settled) = (lane.tx.clone(), lane.settled.clone());
+        loop {
+            let mut sel = crossbeam_channel::Select::new();
+            let send = sel.send(&tx);
+            let recv = sel.recv(&settled);
+            let op = sel.select();
+            if op.index() == send {
+                if op.send(&tx, jobs).is_err() {
+                    // The submitter is gone only if the pipeline stopped.
+                    self.halted = true;
+                }
+                return Ok(());
+            }
+            debug_assert_eq!(op.index(), recv);
+            match op.recv(&settled) {
+                Ok(done) => self.absorb(done)?,
+                Err(_) => {
+                    self.halted = true;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Records one settled path: in the summary, as available or failed, and against its
+    /// window; passes the cursor over every window settled in order.
+    fn absorb(&mut self, done: Settled) -> Result<(), BackfillError> {
+        let Some(seq) = self.in_flight.remove(&done.path) else {
+            debug_assert!(false, "{:?} settled but was not in flight", done.path);
+            return Ok(());
+        };
+        let front = self.marks.front().map_or(seq, |m| m.seq);
+        let mark = &mut self.marks[(seq - front) as usize];
+        debug_assert_eq!(mark.seq, seq);
+        mark.outstanding -= 1;
+        match done.result.outcome {
+            Outcome::Uploaded {
+                nar_size,
+                file_size,
+            } => {
+                self.summary.uploaded += 1;
+                self.summary.nar_bytes += nar_size;
+                self.summary.file_bytes += file_size;
+                self.available.insert(hash_key(&done.path), true);
+                if self.push.upload_logs {
+                    mark.uploaded.push(done.path);
+                }
+            }
+            Outcome::AlreadyPresent => {
+                self.summary.present += 1;
+                self.available.insert(hash_key(&done.path), true);
+            }
+            Outcome::Failed(_) => {
+                mark.ok = false;
+                self.summary.failed += 1;
+                self.failed.insert(done.path);
+                if self.summary.failures.len() < FAILURES_KEPT {
+                    self.summary.failures.push(done.result);
+                }
+            }
+        }
+        self.pass_settled()
+    }
+
+    /// Passes the cursor over the windows at the front that have settled: uploads their
+    /// logs (their narinfos are durable) and saves the cursor unless a failure pinned it.
+    fn pass_settled(&mut self) -> Result<(), BackfillError> {
+        while self.marks.front().is_some_and(|m| m.outstanding == 0) {
+            let m = self.marks.pop_front().expect("a front window");
+            if self.push.upload_logs && !self.opts.dry_run && m.logs {
+                // A log never fails a path.
+                let r = if m.uploaded.is_empty() {
+                    crate::logs::LogReport::default()
+                } else {
+                    crate::logs::upload_build_logs(self.cache, self.store, &m.uploaded)
+                };
+                let total = self.summary.logs.get_or_insert_with(Default::default);
+                total.uploaded += r.uploaded;
+                total.missing += r.missing;
+                total.failed += r.failed;
+            }
+            // A failed path pins the cursor below its window; later windows still go up
+            // (a rerun finds them present) and their referrers of it are refused.
+            self.pinned |= !m.ok;
+            if let (false, Some(cursor)) = (self.pinned, m.cursor) {
+                self.cursor = cursor;
+                if m.save {
+                    self.save(cursor)?;
+                    self.saved = cursor;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -459,11 +717,37 @@ impl Run<'_> {
         }
     }
 
-    /// Settles one window: pulls in what its references need, skips, finds what is
-    /// present, uploads the rest. Returns whether every path of it is done.
-    fn process_window(&mut self, mut window: Vec<PathInfo>) -> Result<bool, BackfillError> {
+    /// Plans one window and submits it: pulls in what its references need, skips, finds
+    /// what is present, sends the rest to the pipeline. `ok`: nothing outside the window
+    /// failed that pins the cursor here; `cursor`: where the cursor goes once the window
+    /// (and every one before it) has settled, with an fsync if `save`.
+    fn process_window(
+        &mut self,
+        mut window: Vec<PathInfo>,
+        ok: bool,
+        cursor: Option<i64>,
+        save: bool,
+    ) -> Result<(), BackfillError> {
+        // At most two windows in flight: this one is planned once the one two before it
+        // has settled, and with what has settled since taken in.
+        self.settle_until(1)?;
+        self.settle_ready()?;
+        if self.halted {
+            return Ok(());
+        }
+        let mut mark = Mark {
+            seq: self.next_seq,
+            outstanding: 0,
+            ok,
+            cursor,
+            save,
+            logs: !window.is_empty(),
+            uploaded: Vec::new(),
+        };
+        self.next_seq += 1;
         if window.is_empty() {
-            return Ok(true);
+            self.marks.push_back(mark);
+            return self.pass_settled();
         }
         let pulled = self.pull_in_references(&mut window)?;
         self.summary.pulled_in += pulled;
@@ -491,10 +775,13 @@ impl Run<'_> {
             }
         }
 
-        // What the cache already has.
-        let (mut present, unknown): (Vec<PathInfo>, Vec<PathInfo>) = candidates
-            .into_iter()
-            .partition(|i| self.available.contains_key(&hash_key(&i.path)));
+        // What the cache already has, or will once an earlier window settles (a path
+        // pulled into it, reached here in registration order).
+        let (mut present, unknown): (Vec<PathInfo>, Vec<PathInfo>) =
+            candidates.into_iter().partition(|i| {
+                self.available.contains_key(&hash_key(&i.path))
+                    || self.in_flight.contains_key(&i.path)
+            });
         let mut todo = Vec::with_capacity(unknown.len());
         if self.listed || unknown.is_empty() {
             todo = unknown;
@@ -509,80 +796,65 @@ impl Run<'_> {
             }
         }
         for info in &present {
-            self.available.insert(hash_key(&info.path), true);
+            if !self.in_flight.contains_key(&info.path) {
+                self.available.insert(hash_key(&info.path), true);
+            }
         }
         self.summary.present += present.len() as u64;
         self.progress.advanced(present.len() as u64);
         drop(present);
 
         let todo = crate::store::closure::topo_sort(todo);
-        let in_todo: HashSet<&StorePath> = todo.iter().map(|i| &i.path).collect();
-        let seen: HashSet<StorePath> = todo
-            .iter()
-            .flat_map(|i| &i.references)
-            .filter(|r| !in_todo.contains(r) && self.available.contains_key(&hash_key(r)))
-            .cloned()
-            .collect();
-        drop(in_todo);
         if self.opts.dry_run {
             self.summary.uploaded += todo.len() as u64;
             self.summary.nar_bytes += todo.iter().map(|i| i.nar_size).sum::<u64>();
             self.progress.advanced(todo.len() as u64);
             self.available
                 .extend(todo.iter().map(|i| (hash_key(&i.path), true)));
-            return Ok(true);
+            self.marks.push_back(mark);
+            return self.pass_settled();
         }
-        let report = pipeline::upload_after(
-            self.cache,
-            &self.store_dir,
-            &todo,
-            &seen,
-            self.push,
-            &WindowProgress(self.progress),
-        )?;
-        self.summary.nar_bytes += report.nar_bytes;
-        self.summary.file_bytes += report.file_bytes;
-        if self.push.upload_logs {
-            // After the window's narinfos are durable; a log never fails a path.
-            let uploaded = crate::logs::uploaded_paths(&report.results, &self.store_dir);
-            let r = crate::logs::upload_build_logs(self.cache, self.store, &uploaded);
-            let total = self.summary.logs.get_or_insert_with(Default::default);
-            total.uploaded += r.uploaded;
-            total.missing += r.missing;
-            total.failed += r.failed;
+        // A reference in flight is as good as seen: the job waits for it, and is refused
+        // by the publisher if it fails.
+        let in_todo: HashSet<&StorePath> = todo.iter().map(|i| &i.path).collect();
+        let seen: HashSet<StorePath> = todo
+            .iter()
+            .flat_map(|i| &i.references)
+            .filter(|r| {
+                !in_todo.contains(r)
+                    && (self.available.contains_key(&hash_key(r))
+                        || self.in_flight.contains_key(*r))
+            })
+            .cloned()
+            .collect();
+        drop(in_todo);
+        let (mut jobs, refused) = pipeline::jobs_for(&todo, &seen, &self.store_dir);
+        drop(seen);
+        for (i, why) in refused {
+            mark.ok = false;
+            self.fail(PathResult {
+                path: todo[i].path.to_absolute(&self.store_dir),
+                outcome: Outcome::Failed(why),
+            });
         }
-        let mut settled = 0;
-        let mut ok = true;
-        for r in report.results {
-            settled += 1;
-            match &r.outcome {
-                Outcome::Uploaded { .. } | Outcome::AlreadyPresent => {
-                    if matches!(r.outcome, Outcome::Uploaded { .. }) {
-                        self.summary.uploaded += 1;
-                    } else {
-                        self.summary.present += 1;
-                    }
-                    match StorePath::from_absolute_path(&r.path, &self.store_dir) {
-                        Ok(p) => {
-                            self.available.insert(hash_key(&p), true);
-                        }
-                        Err(_) => ok = false,
-                    }
-                }
-                Outcome::Failed(_) => {
-                    ok = false;
-                    self.summary.failed += 1;
-                    if let Ok(p) = StorePath::from_absolute_path(&r.path, &self.store_dir) {
-                        self.failed.insert(p);
-                    }
-                    if self.summary.failures.len() < FAILURES_KEPT {
-                        self.summary.failures.push(r);
-                    }
-                }
-            }
+        drop(todo);
+        for job in &mut jobs {
+            let earlier = job
+                .info
+                .references
+                .iter()
+                .filter(|r| **r != job.info.path && self.in_flight.contains_key(*r));
+            job.waits_for.extend(earlier.cloned());
         }
-        // Every path of the window must have an outcome for the cursor to pass it.
-        Ok(ok && settled == todo.len())
+        mark.outstanding = jobs.len();
+        for job in &jobs {
+            self.in_flight.insert(job.info.path.clone(), mark.seq);
+        }
+        self.marks.push_back(mark);
+        if !jobs.is_empty() {
+            self.send(jobs)?;
+        }
+        self.pass_settled()
     }
 
     fn skip(&mut self, path: &StorePath, why: SkipReason) {
@@ -596,8 +868,8 @@ impl Run<'_> {
     }
 
     /// Adds to `window` the closure of each reference that is neither in it nor
-    /// available: registered later than its referrer, or not selected. Returns how many
-    /// paths came in.
+    /// available (nor in flight): registered later than its referrer, or not selected.
+    /// Returns how many paths came in.
     fn pull_in_references(&mut self, window: &mut Vec<PathInfo>) -> Result<u64, BackfillError> {
         let mut in_window: HashSet<StorePath> = window.iter().map(|i| i.path.clone()).collect();
         let outside: BTreeSet<&StorePath> = window
@@ -606,6 +878,7 @@ impl Run<'_> {
             .filter(|r| {
                 !in_window.contains(*r)
                     && !self.available.contains_key(&hash_key(r))
+                    && !self.in_flight.contains_key(*r)
                     && !self.failed.contains(*r)
             })
             .collect();
@@ -628,6 +901,7 @@ impl Run<'_> {
         for info in self.store.closure(&missing)? {
             let key = hash_key(&info.path);
             if self.available.contains_key(&key)
+                || self.in_flight.contains_key(&info.path)
                 || self.failed.contains(&info.path)
                 || !in_window.insert(info.path.clone())
             {

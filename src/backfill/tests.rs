@@ -460,3 +460,167 @@ fn the_walk_ends_where_the_store_ended_when_it_started() {
     );
     assert_eq!(sum.cursor, s.id(&c));
 }
+
+/// A directory cache whose commit of any NAR of [`Held::LARGE`] bytes or more waits until
+/// the test lets it go (or drops its end of the gate).
+#[derive(Debug)]
+struct Held {
+    inner: FileCache,
+    gate: crossbeam_channel::Receiver<()>,
+}
+
+impl Held {
+    const LARGE: u64 = 1 << 20;
+}
+
+struct HeldUpload(
+    Box<dyn crate::cache::NarUpload>,
+    crossbeam_channel::Receiver<()>,
+);
+
+impl std::io::Write for HeldUpload {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl crate::cache::NarUpload for HeldUpload {
+    fn written(&mut self) {
+        self.0.written();
+    }
+    fn commit(self: Box<Self>, key: &str) -> Result<(), CacheError> {
+        // Returns once the test sends or drops its end: a failing test cannot hang here.
+        let _ = self.1.recv();
+        self.0.commit(key)
+    }
+}
+
+impl BinaryCache for Held {
+    fn url(&self) -> &str {
+        self.inner.url()
+    }
+    // Uploads of other paths commit while the held one waits.
+    fn upload_concurrency(&self) -> usize {
+        4
+    }
+    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError> {
+        self.inner.ensure_cache_info(store_dir)
+    }
+    fn has_narinfo(&self, path: &StorePath) -> Result<bool, CacheError> {
+        self.inner.has_narinfo(path)
+    }
+    fn has_object(&self, key: &str) -> Result<bool, CacheError> {
+        self.inner.has_object(key)
+    }
+    fn object_size(&self, key: &str) -> Result<Option<u64>, CacheError> {
+        self.inner.object_size(key)
+    }
+    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, CacheError> {
+        self.inner.get_narinfo(path)
+    }
+    fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn crate::cache::NarUpload>, CacheError> {
+        let u = self.inner.begin_nar(nar_size)?;
+        if nar_size < Self::LARGE {
+            return Ok(u);
+        }
+        Ok(Box::new(HeldUpload(u, self.gate.clone())))
+    }
+    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError> {
+        self.inner.put_narinfo(path, text)
+    }
+    fn put_narinfos(&self, n: &[(StorePath, String)]) -> Result<(), CacheError> {
+        self.inner.put_narinfos(n)
+    }
+    fn publish_narinfos(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<crate::format::narinfo::NarInfo>,
+    ) -> Result<Vec<crate::cache::Merged>, CacheError> {
+        self.inner.publish_narinfos(store_dir, narinfos)
+    }
+    fn sync(&self) -> Result<(), CacheError> {
+        self.inner.sync()
+    }
+}
+
+/// Sends the full path of each path the pipeline finishes (its narinfo durable, or failed).
+struct Finished(crossbeam_channel::Sender<String>);
+
+impl BackfillProgress for Finished {
+    fn finished(&self, result: &PathResult) {
+        self.0.send(result.path.clone()).unwrap();
+    }
+}
+
+#[test]
+fn the_next_window_goes_up_while_the_last_path_of_one_is_held_and_the_cursor_waits() {
+    let s = TestStore::new();
+    let (a, large, c, d) = (s.path("a"), s.path("large"), s.path("c"), s.path("d"));
+    s.add(&a, &[]);
+    s.add(&large, &[]);
+    // Window 1 ends with a path whose NAR commit the cache holds back.
+    std::fs::write(s.full(&large), vec![b'x'; Held::LARGE as usize]).unwrap();
+    let (hash, size) = crate::nar_fs::hash_path(std::path::Path::new(&s.full(&large))).unwrap();
+    s.set(&large, "hash", &format!("sha256:{}", hash.to_base16()));
+    s.set(&large, "narSize", &(size as i64));
+    // Window 2: c refers to the held path (in flight when c is planned), d to nothing.
+    s.add(&c, &[&large]);
+    s.add(&d, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let (release, gate) = crossbeam_channel::bounded(0);
+    let cache = Held {
+        inner: FileCache::open(dir.path(), &url).unwrap(),
+        gate,
+    };
+    let has = |p: &StorePath| {
+        dir.path()
+            .join(format!("{}.narinfo", p.hash_part()))
+            .exists()
+    };
+    let state = dir.path().join("state.json");
+    let opts = options(2, Some(state.clone()));
+    // One message a path of the four, so the pipeline never waits on the test.
+    let (tx, finished) = crossbeam_channel::bounded(4);
+    let progress = Finished(tx);
+    let store = s.local();
+    let sum = std::thread::scope(|scope| {
+        let run = scope.spawn(|| backfill(&store, &cache, &[], &push_options(), &opts, &progress));
+        let wait = || {
+            finished
+                .recv_timeout(Duration::from_secs(60))
+                .expect("a path goes up while the held one waits")
+        };
+        // a, then d from window 2: window 2 was submitted while window 1 still uploads.
+        let mut early = [wait(), wait()];
+        early.sort();
+        let mut expected = [s.full(&a), s.full(&d)];
+        expected.sort();
+        assert_eq!(early, expected);
+        assert!(!has(&large) && !has(&c), "c waits for its held reference");
+        assert_eq!(
+            state::load(&state, &url).unwrap(),
+            None,
+            "the cursor does not pass window 1 while its last path is held"
+        );
+        drop(release);
+        assert_eq!(
+            [wait(), wait()],
+            [s.full(&large), s.full(&c)],
+            "the reference before its referrer"
+        );
+        run.join().unwrap().unwrap()
+    });
+    assert_eq!(
+        (sum.uploaded, sum.present, sum.failed, sum.pulled_in),
+        (4, 0, 0, 0),
+        "{:?}",
+        sum.failures
+    );
+    assert_eq!(sum.windows, 2);
+    assert_eq!(sum.cursor, s.id(&d));
+    assert_eq!(state::load(&state, &url).unwrap().unwrap().cursor, s.id(&d));
+}
