@@ -122,26 +122,10 @@ impl LaneReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::store_path::StorePath;
     use crate::pipeline::budget::ByteBudget;
     use crate::pipeline::stage::Job;
     use crate::pipeline::walk::NarEnd;
-    use crate::store::PathInfo;
     use std::sync::Arc;
-
-    fn job(id: u64) -> Arc<Job> {
-        let path = StorePath::from_base_name(&format!("{id:032}-j")).unwrap();
-        let info = PathInfo {
-            path,
-            nar_hash: crate::format::hash::Sha256([0; 32]),
-            nar_size: 0,
-            references: vec![],
-            deriver: None,
-            sigs: vec![],
-            ca: None,
-        };
-        Job::new(id, info)
-    }
 
     fn chunk(job: &Arc<Job>, seq: u32, last: bool, budget: &ByteBudget) -> Chunk {
         Chunk {
@@ -160,7 +144,7 @@ mod tests {
     fn a_whole_job_overtakes_queued_chunks_of_a_large_one() {
         let budget = ByteBudget::new(1);
         let (tx, rx) = bounded(8);
-        let (large, small) = (job(1), job(2));
+        let (large, small) = (Job::for_test(1), Job::for_test(2));
         for seq in 0..5 {
             tx.send(chunk(&large, seq, seq == 4, &budget)).unwrap();
         }
@@ -178,12 +162,12 @@ mod tests {
     fn a_stream_of_whole_jobs_lets_a_large_ones_chunk_through_every_run() {
         let budget = ByteBudget::new(1);
         let (tx, rx) = bounded(32);
-        let large = job(0);
+        let large = Job::for_test(0);
         for seq in 0..2 {
             tx.send(chunk(&large, seq, seq == 1, &budget)).unwrap();
         }
         for i in 1..=20 {
-            tx.send(chunk(&job(i), 0, true, &budget)).unwrap();
+            tx.send(chunk(&Job::for_test(i), 0, true, &budget)).unwrap();
         }
         drop(tx);
         let order: Vec<u64> = std::iter::from_fn(|| rx.recv()).map(|c| c.job.id).collect();
@@ -203,7 +187,7 @@ mod tests {
             let b = rx.recv().map(|c| c.seq);
             (a, b, rx.recv().is_none())
         });
-        let j = job(1);
+        let j = Job::for_test(1);
         tx.send(chunk(&j, 3, false, &budget)).unwrap();
         tx.send(chunk(&j, 0, true, &budget)).unwrap();
         drop(tx);

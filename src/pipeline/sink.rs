@@ -350,7 +350,6 @@ mod tests {
     /// for S3 upload memory then waited forever.
     #[test]
     fn finishers_drop_every_queued_upload_once_the_publisher_is_gone() {
-        use crate::format::store_path::StorePath;
         let dir = tempfile::tempdir().unwrap();
         let cache = crate::cache::file::FileCache::open(dir.path(), "file:///t").unwrap();
         let opts = PushOptions::new(Default::default(), vec![]);
@@ -369,16 +368,6 @@ mod tests {
         drop(results_rx);
         let (chunks_tx, chunks_rx) = super::super::lanes::bounded(1);
         for i in 0..5u64 {
-            let path = StorePath::from_base_name(&format!("{}{i}-q", "0".repeat(31))).unwrap();
-            let info = crate::store::PathInfo {
-                path,
-                nar_hash: crate::format::hash::Sha256([0; 32]),
-                nar_size: 0,
-                references: vec![],
-                deriver: None,
-                sigs: vec![],
-                ca: None,
-            };
             let upload: Box<dyn NarUpload> = Box::new(Counted(dropped_tx.clone()));
             let state = JobState {
                 next_seq: 1,
@@ -388,7 +377,7 @@ mod tests {
             };
             let end = NarEnd::Failed("read error".into());
             handoff_tx
-                .send((super::super::stage::Job::new(i, info), state, end))
+                .send((super::super::stage::Job::for_test(i), state, end))
                 .unwrap();
         }
         std::thread::scope(|s| {

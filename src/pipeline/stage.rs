@@ -34,6 +34,27 @@ impl Job {
             aborted: AtomicBool::new(false),
         })
     }
+
+    /// A job for stage tests that never read the store: path `<id, 32 digits>-test`, an
+    /// empty NAR, no references.
+    #[cfg(test)]
+    pub fn for_test(id: JobId) -> Arc<Job> {
+        let name = format!("{id:032}-test");
+        let path =
+            crate::format::store_path::StorePath::from_base_name(&name).expect("digits are nix32");
+        Job::new(
+            id,
+            PathInfo {
+                path,
+                nar_hash: crate::format::hash::Sha256([0; 32]),
+                nar_size: 0,
+                references: vec![],
+                deriver: None,
+                sigs: vec![],
+                ca: None,
+            },
+        )
+    }
 }
 
 /// Why a run stops early: the caller's cancel (a shutdown), or the run's own halt (the
