@@ -95,35 +95,27 @@ fn synced_between(calls: &[Call], path: &str, after: usize, before: usize) -> bo
     })
 }
 
-#[test]
-fn every_object_is_synced_before_its_name_and_every_narinfo_after_its_nar_and_references() {
+/// Runs `narflow push --to file://<cache> --key-file <key> <paths>` under `strace -f -y`,
+/// tracing `syscalls`; returns the traced calls.
+fn traced_push(
+    cache: &Path,
+    trace: &Path,
+    syscalls: &str,
+    key: &NixKey,
+    paths: &[&str],
+) -> Vec<Call> {
     if Command::new("strace").arg("-V").output().is_err() {
         panic!("strace is missing (apt-get install -y strace; scripts/test installs it)");
     }
-    let top = nix_build_chain("durability", 6);
-    let closure = nix_closure(&top);
-    let big = BigPath::new("durability-big", 20 << 20);
-    let tmp = tempdir();
-    let root = tmp.path().canonicalize().unwrap();
-    let cache = root.join("cache");
-    let trace = root.join("trace");
-    let key = nix_generate_key("narflow-durability-1");
     let out = Command::new("strace")
         .args(["-f", "-y", "-qq", "-o"])
-        .arg(&trace)
-        .args([
-            "-e",
-            "trace=write,writev,pwrite64,fsync,fdatasync,syncfs,rename,renameat,renameat2",
-        ])
+        .arg(trace)
+        .args(["-e", &format!("trace={syscalls}")])
         .arg(env!("CARGO_BIN_EXE_narflow"))
-        .args([
-            "push",
-            "--to",
-            &format!("file://{}", cache.display()),
-            "--key-file",
-        ])
+        .args(["push", "--to", &format!("file://{}", cache.display())])
+        .arg("--key-file")
         .arg(&key.secret)
-        .args([&top, &big.path])
+        .args(paths)
         .output()
         .unwrap();
     assert!(
@@ -131,7 +123,25 @@ fn every_object_is_synced_before_its_name_and_every_narinfo_after_its_nar_and_re
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let calls = parse_trace(&std::fs::read_to_string(&trace).unwrap());
+    parse_trace(&std::fs::read_to_string(trace).unwrap())
+}
+
+#[test]
+fn every_object_is_synced_before_its_name_and_every_narinfo_after_its_nar_and_references() {
+    let top = nix_build_chain("durability", 6);
+    let closure = nix_closure(&top);
+    let big = BigPath::new("durability-big", 20 << 20);
+    let tmp = tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let cache = root.join("cache");
+    let key = nix_generate_key("narflow-durability-1");
+    let calls = traced_push(
+        &cache,
+        &root.join("trace"),
+        "write,writev,pwrite64,fsync,fdatasync,syncfs,rename,renameat,renameat2",
+        &key,
+        &[&top, &big.path],
+    );
     let cache_s = cache.display().to_string();
     let renames: Vec<&Call> = calls
         .iter()
@@ -218,32 +228,18 @@ fn every_object_is_synced_before_its_name_and_every_narinfo_after_its_nar_and_re
 /// tail could stand between a small path and its narinfo.
 #[test]
 fn a_large_nar_is_written_back_at_most_two_steps_ahead_of_the_disk() {
-    if Command::new("strace").arg("-V").output().is_err() {
-        panic!("strace is missing (apt-get install -y strace; scripts/test installs it)");
-    }
     let big = BigPath::new("writeback-big", 48 << 20);
     let tmp = tempdir();
     let root = tmp.path().canonicalize().unwrap();
     let cache = root.join("cache");
-    let trace = root.join("trace");
     let key = nix_generate_key("narflow-writeback-1");
-    let out = Command::new("strace")
-        .args(["-f", "-y", "-qq", "-o"])
-        .arg(&trace)
-        .args(["-e", "trace=sync_file_range"])
-        .arg(env!("CARGO_BIN_EXE_narflow"))
-        .args(["push", "--to", &format!("file://{}", cache.display())])
-        .arg("--key-file")
-        .arg(&key.secret)
-        .arg(&big.path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let calls = traced_push(
+        &cache,
+        &root.join("trace"),
+        "sync_file_range",
+        &key,
+        &[&big.path],
     );
-    let calls = parse_trace(&std::fs::read_to_string(&trace).unwrap());
     // (offset, waits) of each call on the NAR's temporary file, in order.
     let nar_dir = cache.join("nar").display().to_string();
     let ranges: Vec<(u64, bool)> = calls
