@@ -538,7 +538,7 @@ impl BinaryCache for Held {
         &self,
         store_dir: &str,
         narinfos: Vec<crate::format::narinfo::NarInfo>,
-    ) -> Result<Vec<crate::cache::Merged>, CacheError> {
+    ) -> Result<Vec<crate::cache::Published>, CacheError> {
         self.inner.publish_narinfos(store_dir, narinfos)
     }
     fn sync(&self) -> Result<(), CacheError> {

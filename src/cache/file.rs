@@ -1,30 +1,36 @@
 //! A `file://` binary cache: a directory laid out as Nix expects (`nix-cache-info`,
 //! `<hash>.narinfo`, `nar/<FileHash>.nar.*`).
 //!
-//! Every object is written to a temporary file in the same directory and renamed into
-//! place only once its bytes are durable, so no crash, power loss included, leaves a
-//! partial object under its final name. Durability is batched: a committed NAR waits
-//! under its temporary name; a wave of narinfos is written to temporary files, then one
-//! `syncfs` makes them and every waiting NAR durable, the NARs are renamed and `nar/` is
-//! fsynced, then the narinfos are renamed and the cache directory fsynced. So a
-//! narinfo's name is durable only after its NAR's name, and before any narinfo of a later
-//! wave (which may refer to it). A small wave (a path published while the pipeline is
-//! otherwise idle, or beside a large upload) syncs its few files one by one instead of
-//! the whole file system, in the same order: `syncfs` would also wait for every other
-//! dirty page, a large NAR being written at that moment included.
+//! Every object is written to a temporary file and renamed into place only once its bytes
+//! are durable, so no crash, power loss included, leaves a partial object under its final
+//! name. A committed NAR waits under its temporary name for the next wave of narinfos,
+//! which syncs its own temporary files and every waiting NAR (one `syncfs` per file
+//! system involved, or `fdatasync` file by file when they are few), renames the NARs and
+//! fsyncs `nar/`, then renames each narinfo whose NAR is there at its FileSize and fsyncs
+//! the cache directory. A narinfo's name is therefore durable only after its NAR's name.
+//!
+//! Errors never lose what this process still owns nor publish past them: a wave that fails
+//! before its sync puts the waiting NARs back; a failed sync (whose data Linux may have
+//! dropped) or rename discards only the NARs it covered, and a narinfo whose NAR is not in
+//! place is refused, so its path fails transiently and goes up again. Temporary files of
+//! this process are never swept, however old.
 //!
 //! An object already under its final name is checked before it is trusted: a narinfo
 //! must parse, name its store path and point to a NAR of its FileSize; a damaged one is
 //! treated as absent and replaced. Narinfos are merged under the cache's rule
 //! ([`super::merge_narinfo`]) while holding an exclusive lock on [`LOCK_FILE`], so
 //! concurrent writers on one directory keep each other's signatures.
-use super::{BinaryCache, CacheError, Merged, NarUpload};
+//!
+//! Every file operation goes through one [`FsHook`] seam, which tests use to fail the k-th
+//! operation and to watch the cache's durable state.
+use super::{BinaryCache, CacheError, NarUpload, Published};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Write buffer for NAR files: large enough that compressed output reaches the kernel in
@@ -52,10 +58,125 @@ pub const TEMP_PREFIX: &str = ".narflow-tmp-";
 /// narinfos until their renames are durable. Nix ignores it.
 pub const LOCK_FILE: &str = ".narflow-lock";
 
+/// A file operation of a [`FileCache`], as its [`FsHook`] sees it.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsOp<'a> {
+    /// Creating a temporary file in this directory.
+    Create(&'a Path),
+    /// Writing bytes to this file.
+    Write(&'a Path),
+    /// `fdatasync` of this file.
+    SyncData(&'a Path),
+    /// `syncfs` of the file system that holds this directory.
+    SyncFs(&'a Path),
+    /// `fsync` of this directory (its renames).
+    SyncDir(&'a Path),
+    Rename {
+        from: &'a Path,
+        to: &'a Path,
+    },
+    Read(&'a Path),
+    Stat(&'a Path),
+    /// Reading this directory.
+    List(&'a Path),
+    Remove(&'a Path),
+}
+
+/// A seam around every file operation of a [`FileCache`]: `before` may fail the operation
+/// instead of letting it run (fault injection); `after` learns whether it succeeded.
+#[doc(hidden)]
+pub trait FsHook: Send + Sync + std::fmt::Debug {
+    /// # Errors
+    /// The error the operation returns instead of running.
+    fn before(&self, op: FsOp<'_>) -> io::Result<()>;
+    fn after(&self, op: FsOp<'_>, ok: bool);
+}
+
+/// The file system as the cache uses it: each operation through the hook, if any.
+#[derive(Debug, Clone, Default)]
+struct Fs(Option<Arc<dyn FsHook>>);
+
+impl Fs {
+    fn run<T>(&self, op: FsOp<'_>, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let Some(hook) = &self.0 else { return f() };
+        hook.before(op)?;
+        let r = f();
+        hook.after(op, r.is_ok());
+        r
+    }
+
+    fn temp_in(&self, dir: &Path) -> io::Result<tempfile::NamedTempFile> {
+        self.run(FsOp::Create(dir), || {
+            tempfile::Builder::new()
+                .prefix(TEMP_PREFIX)
+                .tempfile_in(dir)
+        })
+    }
+
+    fn sync_data(&self, path: &Path, f: &File) -> io::Result<()> {
+        self.run(FsOp::SyncData(path), || f.sync_data())
+    }
+
+    /// Makes the renames in `dir` durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.run(FsOp::SyncDir(dir), || File::open(dir)?.sync_all())
+    }
+
+    fn persist(&self, tmp: tempfile::TempPath, to: &Path) -> io::Result<()> {
+        let from = tmp.to_path_buf();
+        self.run(FsOp::Rename { from: &from, to }, || {
+            tmp.persist(to).map_err(|e| e.error)
+        })
+    }
+}
+
+/// The temporary files of this process's uploads: a sweep leaves them, however old (a NAR
+/// written for days at `--max-rate`, or committed and waiting for a slow reference).
+type Owned = Arc<Mutex<HashSet<PathBuf>>>;
+
+/// One temporary file registered in [`Owned`] while this value lives (its file is
+/// deleted with it unless taken first).
+#[derive(Debug)]
+struct OwnedTemp {
+    path: Option<tempfile::TempPath>,
+    at: PathBuf,
+    owned: Owned,
+}
+
+impl OwnedTemp {
+    fn new(path: tempfile::TempPath, owned: &Owned) -> Self {
+        let at = path.to_path_buf();
+        lock(owned).insert(at.clone());
+        OwnedTemp {
+            path: Some(path),
+            at,
+            owned: owned.clone(),
+        }
+    }
+    fn path(&self) -> &Path {
+        &self.at
+    }
+    /// The path, to be renamed: it stays protected from sweeps until this value drops.
+    fn take(&mut self) -> tempfile::TempPath {
+        self.path.take().expect("a temporary file is taken once")
+    }
+}
+
+impl Drop for OwnedTemp {
+    fn drop(&mut self) {
+        lock(&self.owned).remove(&self.at);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A committed NAR waiting for the next sync to get its final name.
 #[derive(Debug)]
 struct PendingNar {
-    tmp: tempfile::TempPath,
+    tmp: OwnedTemp,
     target: PathBuf,
 }
 
@@ -63,9 +184,21 @@ struct PendingNar {
 pub struct FileCache {
     root: PathBuf,
     url: String,
+    /// `nar/` is on another file system than the cache directory: a sync covers both.
+    nar_elsewhere: bool,
+    fs: Fs,
     /// Committed NARs not yet renamed (their temp files are deleted if we never get there).
     pending: Arc<Mutex<Vec<PendingNar>>>,
+    /// Held from taking the waiting NARs until the last rename of a wave (or sync) is
+    /// durable, so a narinfo is never named while its NAR's rename, made by another
+    /// thread, is not. True while renames into `nar/` are not yet durable (its fsync
+    /// failed): the next wave fsyncs it before naming any narinfo.
+    naming: Mutex<bool>,
+    owned: Owned,
 }
+
+/// What a wave is to check before naming a narinfo: its NAR's key and FileSize.
+type NarRef<'a> = Option<(&'a str, Option<u64>)>;
 
 impl FileCache {
     /// Opens (creating if needed) the cache directory `root`.
@@ -73,13 +206,41 @@ impl FileCache {
     /// # Errors
     /// [`CacheError::Io`] when the directory cannot be created.
     pub fn open(root: &Path, url: &str) -> Result<Self, CacheError> {
-        let cache = FileCache {
+        Self::open_with_hook(root, url, None)
+    }
+
+    /// [`FileCache::open`] with every file operation going through `hook`.
+    ///
+    /// # Errors
+    /// As [`FileCache::open`].
+    #[doc(hidden)]
+    pub fn open_with_hook(
+        root: &Path,
+        url: &str,
+        hook: Option<Arc<dyn FsHook>>,
+    ) -> Result<Self, CacheError> {
+        let mut cache = FileCache {
             root: root.to_owned(),
             url: url.to_owned(),
+            nar_elsewhere: false,
+            fs: Fs(hook),
             pending: Arc::default(),
+            naming: Mutex::new(false),
+            owned: Owned::default(),
         };
-        std::fs::create_dir_all(root.join("nar")).map_err(|e| cache.io("nar/", e))?;
+        let nar = cache.nar_dir();
+        std::fs::create_dir_all(&nar).map_err(|e| cache.io("nar/", e))?;
+        let dev = |p: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(p).map(|m| m.dev())
+        };
+        cache.nar_elsewhere = dev(root).map_err(|e| cache.io("", e))?
+            != dev(&nar).map_err(|e| cache.io("nar/", e))?;
         Ok(cache)
+    }
+
+    fn nar_dir(&self) -> PathBuf {
+        self.root.join("nar")
     }
 
     /// Takes the lock that orders the publishing of concurrent writers, waiting at most
@@ -120,60 +281,194 @@ impl FileCache {
     }
 
     /// Writes `contents` to `key` durably and atomically (temp file, fdatasync, rename,
-    /// fsync of the directory). For the rare single object (`nix-cache-info`).
+    /// fsync of the directory). For single objects (`nix-cache-info`, listings, logs).
     fn put_atomic(&self, key: &str, contents: &[u8]) -> Result<(), CacheError> {
         let target = self.root.join(key);
         let dir = target.parent().unwrap_or(&self.root);
-        let mut tmp = tempfile::Builder::new()
-            .prefix(TEMP_PREFIX)
-            .tempfile_in(dir)
+        let mut tmp = self.fs.temp_in(dir).map_err(|e| self.io(key, e))?;
+        let path = tmp.path().to_owned();
+        self.fs
+            .run(FsOp::Write(&path), || tmp.write_all(contents))
             .map_err(|e| self.io(key, e))?;
-        tmp.write_all(contents).map_err(|e| self.io(key, e))?;
         set_readable(tmp.as_file()).map_err(|e| self.io(key, e))?;
-        tmp.as_file().sync_data().map_err(|e| self.io(key, e))?;
-        tmp.persist(&target).map_err(|e| self.io(key, e.error))?;
-        fsync_dir(dir).map_err(|e| self.io(key, e))
+        self.fs
+            .sync_data(&path, tmp.as_file())
+            .map_err(|e| self.io(key, e))?;
+        self.fs
+            .persist(tmp.into_temp_path(), &target)
+            .map_err(|e| self.io(key, e))?;
+        self.fs.sync_dir(dir).map_err(|e| self.io(key, e))
     }
 
-    /// One `syncfs` of the cache's file system: every byte written so far is durable.
+    /// One `syncfs` of each file system the cache's files are on: every byte written
+    /// so far is durable.
     fn syncfs(&self) -> Result<(), CacheError> {
-        let dir = File::open(&self.root).map_err(|e| self.io("", e))?;
-        rustix::fs::syncfs(&dir).map_err(|e| self.io("", e.into()))
+        let nar = self.nar_dir();
+        let dirs = if self.nar_elsewhere {
+            vec![(self.root.as_path(), ""), (nar.as_path(), "nar/")]
+        } else {
+            vec![(self.root.as_path(), "")]
+        };
+        for (dir, key) in dirs {
+            self.fs
+                .run(FsOp::SyncFs(dir), || {
+                    rustix::fs::syncfs(&File::open(dir)?).map_err(io::Error::from)
+                })
+                .map_err(|e| self.io(key, e))?;
+        }
+        Ok(())
     }
 
     /// Makes the bytes of `pending` NARs durable: one by one when they are few (with
-    /// `extra` other files the caller syncs itself), else with one `syncfs` (which covers
-    /// the caller's files too). Returns whether it was a `syncfs`.
-    fn sync_pending(&self, pending: &[PendingNar], extra: usize) -> Result<bool, CacheError> {
+    /// `extra` other files the caller syncs itself), else with [`FileCache::syncfs`]
+    /// (which covers the caller's files too).
+    fn sync_pending(&self, pending: &[PendingNar], extra: usize) -> Result<(), CacheError> {
         if pending.len() + extra > SMALL_WAVE {
-            self.syncfs()?;
-            return Ok(true);
+            return self.syncfs();
         }
         for p in pending {
             let key = p.target.display().to_string();
-            File::open(&p.tmp)
-                .and_then(|f| f.sync_data())
+            File::open(p.tmp.path())
+                .and_then(|f| self.fs.sync_data(p.tmp.path(), &f))
                 .map_err(|e| self.io(&key, e))?;
         }
-        Ok(false)
+        Ok(())
     }
 
     /// Renames the committed NARs into place and makes the renames durable. Their bytes
-    /// must be durable already (the caller has just synced).
-    fn rename_pending(&self, pending: Vec<PendingNar>) -> Result<(), CacheError> {
-        if pending.is_empty() {
-            return Ok(());
+    /// must be durable already (the caller has just synced). A NAR that cannot be renamed
+    /// is discarded: its narinfo then finds it missing, and its path goes up again.
+    ///
+    /// # Errors
+    /// The first rename's error, once the others are done; or the fsync's of `nar/` (then
+    /// `unsynced` stays set, and no narinfo is named until an fsync of `nar/` succeeds).
+    fn rename_pending(
+        &self,
+        pending: Vec<PendingNar>,
+        unsynced: &mut bool,
+    ) -> Result<(), CacheError> {
+        let mut first = None;
+        for mut p in pending {
+            let key = p.target.display().to_string();
+            match self.fs.persist(p.tmp.take(), &p.target) {
+                Ok(()) => *unsynced = true,
+                Err(e) => {
+                    tracing::warn!("{}: {key}: {e}; its path will be uploaded again", self.url);
+                    first.get_or_insert(self.io(&key, e));
+                }
+            }
         }
-        for p in pending {
-            p.tmp
-                .persist(&p.target)
-                .map_err(|e| self.io(&p.target.display().to_string(), e.error))?;
+        if *unsynced {
+            self.fs
+                .sync_dir(&self.nar_dir())
+                .map_err(|e| self.io("nar/", e))?;
+            *unsynced = false;
         }
-        fsync_dir(&self.root.join("nar")).map_err(|e| self.io("nar/", e))
+        first.map_or(Ok(()), Err)
     }
 
     fn take_pending(&self) -> Vec<PendingNar> {
-        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *lock(&self.pending))
+    }
+
+    /// Puts NARs taken for a wave that failed before syncing them back in the queue: they
+    /// are still the jobs' that committed them, and the next wave tries them again.
+    fn restore_pending(&self, mut nars: Vec<PendingNar>) {
+        let mut pending = lock(&self.pending);
+        nars.append(&mut pending);
+        *pending = nars;
+    }
+
+    /// Writes a wave of narinfos (none depending on another): temp files, one sync (with
+    /// every waiting NAR), NAR renames and fsync of `nar/`, then each narinfo whose NAR
+    /// (`nar`, when given) is in place at its FileSize is renamed, and the cache directory
+    /// fsynced. Returns, in order, whether each narinfo was named.
+    ///
+    /// # Errors
+    /// When no narinfo can be named: the waiting NARs are put back if nothing was synced
+    /// yet, and discarded if their sync failed (their data may be lost).
+    fn write_wave(
+        &self,
+        narinfos: &[(&StorePath, &str, NarRef<'_>)],
+    ) -> Result<Vec<Result<(), CacheError>>, CacheError> {
+        if narinfos.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut unsynced = lock(&self.naming);
+        // Taken before the sync, so every NAR renamed below is covered by it.
+        let pending = self.take_pending();
+        let one_by_one = pending.len() + narinfos.len() <= SMALL_WAVE;
+        let temps = match self.write_temps(narinfos, one_by_one) {
+            Ok(t) => t,
+            Err(e) => {
+                self.restore_pending(pending);
+                return Err(e);
+            }
+        };
+        if one_by_one {
+            self.sync_pending(&pending, narinfos.len())?;
+        } else {
+            self.syncfs()?;
+        }
+        // A NAR that failed to get its name fails its own path below (missing), not the
+        // wave: only a failed fsync of `nar/` stops every narinfo.
+        let _ = self.rename_pending(pending, &mut unsynced);
+        if *unsynced {
+            self.fs
+                .sync_dir(&self.nar_dir())
+                .map_err(|e| self.io("nar/", e))?;
+            *unsynced = false;
+        }
+        let mut out = Vec::with_capacity(narinfos.len());
+        for ((_, _, nar), (key, tmp)) in narinfos.iter().zip(temps) {
+            let missing = match nar {
+                Some((url, size)) => match self.object_size(url) {
+                    Ok(there) if there.is_some() && (size.is_none() || there == *size) => None,
+                    Ok(_) => Some(CacheError::NarLost {
+                        cache: self.url.clone(),
+                        narinfo: key.clone(),
+                        nar: (*url).to_owned(),
+                    }),
+                    Err(e) => Some(e),
+                },
+                None => None,
+            };
+            out.push(match missing {
+                Some(e) => Err(e),
+                None => self
+                    .fs
+                    .persist(tmp, &self.root.join(&key))
+                    .map_err(|e| self.io(&key, e)),
+            });
+        }
+        self.fs.sync_dir(&self.root).map_err(|e| self.io("", e))?;
+        Ok(out)
+    }
+
+    /// The temporary files of a wave's narinfos, each synced when `one_by_one`.
+    fn write_temps(
+        &self,
+        narinfos: &[(&StorePath, &str, NarRef<'_>)],
+        one_by_one: bool,
+    ) -> Result<Vec<(String, tempfile::TempPath)>, CacheError> {
+        let mut temps = Vec::with_capacity(narinfos.len());
+        for (path, text, _) in narinfos {
+            let key = super::narinfo_key(path);
+            let mut tmp = self.fs.temp_in(&self.root).map_err(|e| self.io(&key, e))?;
+            let at = tmp.path().to_owned();
+            self.fs
+                .run(FsOp::Write(&at), || tmp.write_all(text.as_bytes()))
+                .map_err(|e| self.io(&key, e))?;
+            set_readable(tmp.as_file()).map_err(|e| self.io(&key, e))?;
+            if one_by_one {
+                self.fs
+                    .sync_data(&at, tmp.as_file())
+                    .map_err(|e| self.io(&key, e))?;
+            }
+            // Closed now: a wave may hold hundreds.
+            temps.push((key, tmp.into_temp_path()));
+        }
+        Ok(temps)
     }
 
     /// Why the narinfo text at `key` cannot be trusted for `path`, if it cannot.
@@ -212,11 +507,6 @@ fn set_readable(f: &File) -> io::Result<()> {
     f.set_permissions(std::fs::Permissions::from_mode(0o644))
 }
 
-/// Makes the renames in `dir` durable.
-fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 impl BinaryCache for FileCache {
     fn url(&self) -> &str {
         &self.url
@@ -224,7 +514,11 @@ impl BinaryCache for FileCache {
 
     fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError> {
         let key = "nix-cache-info";
-        let existing = match std::fs::read_to_string(self.root.join(key)) {
+        let at = self.root.join(key);
+        let existing = match self
+            .fs
+            .run(FsOp::Read(&at), || std::fs::read_to_string(&at))
+        {
             Ok(text) => Some(text),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(self.io(key, e)),
@@ -257,7 +551,11 @@ impl BinaryCache for FileCache {
     }
 
     fn object_size(&self, key: &str) -> Result<Option<u64>, CacheError> {
-        match std::fs::symlink_metadata(self.root.join(key)) {
+        let at = self.root.join(key);
+        match self
+            .fs
+            .run(FsOp::Stat(&at), || std::fs::symlink_metadata(&at))
+        {
             Ok(m) if m.is_file() => Ok(Some(m.len())),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -267,7 +565,8 @@ impl BinaryCache for FileCache {
 
     fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, CacheError> {
         let key = super::narinfo_key(path);
-        match std::fs::read(self.root.join(&key)) {
+        let at = self.root.join(&key);
+        match self.fs.run(FsOp::Read(&at), || std::fs::read(&at)) {
             Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(self.io(&key, e)),
@@ -275,17 +574,23 @@ impl BinaryCache for FileCache {
     }
 
     fn begin_nar(&self, _nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
-        let tmp = tempfile::Builder::new()
-            .prefix(TEMP_PREFIX)
-            .tempfile_in(self.root.join("nar"))
+        let tmp = self
+            .fs
+            .temp_in(&self.nar_dir())
             .map_err(|e| self.io("nar/", e))?;
         let (file, path) = tmp.into_parts();
+        let tmp = OwnedTemp::new(path, &self.owned);
+        let out = HookedFile {
+            file,
+            path: tmp.path().to_owned(),
+            fs: self.fs.clone(),
+        };
         Ok(Box::new(FileNarUpload {
-            out: BufWriter::with_capacity(NAR_WRITE_BUFFER, file),
+            out: BufWriter::with_capacity(NAR_WRITE_BUFFER, out),
             written: 0,
             writeback_from: 0,
             writing: None,
-            tmp: path,
+            tmp,
             root: self.root.clone(),
             url: self.url.clone(),
             pending: self.pending.clone(),
@@ -296,55 +601,35 @@ impl BinaryCache for FileCache {
         self.put_narinfos(&[(path.clone(), text.to_owned())])
     }
 
-    /// Temp files → one `syncfs` → NAR renames, fsync `nar/` → narinfo renames, fsync the
+    /// Temp files → one sync → NAR renames, fsync `nar/` → narinfo renames, fsync the
     /// cache directory.
     fn put_narinfos(&self, narinfos: &[(StorePath, String)]) -> Result<(), CacheError> {
-        if narinfos.is_empty() {
-            return Ok(());
-        }
-        // Taken before the sync, so every NAR renamed below is covered by it.
-        let pending = self.take_pending();
-        let one_by_one = pending.len() + narinfos.len() <= SMALL_WAVE;
-        let mut temps = Vec::with_capacity(narinfos.len());
-        for (path, text) in narinfos {
-            let key = super::narinfo_key(path);
-            let mut tmp = tempfile::Builder::new()
-                .prefix(TEMP_PREFIX)
-                .tempfile_in(&self.root)
-                .map_err(|e| self.io(&key, e))?;
-            tmp.write_all(text.as_bytes())
-                .map_err(|e| self.io(&key, e))?;
-            set_readable(tmp.as_file()).map_err(|e| self.io(&key, e))?;
-            if one_by_one {
-                tmp.as_file().sync_data().map_err(|e| self.io(&key, e))?;
-            }
-            // Closed now: a wave may hold hundreds.
-            temps.push((key, tmp.into_temp_path()));
-        }
-        if one_by_one {
-            self.sync_pending(&pending, narinfos.len())?;
-        } else {
-            self.syncfs()?;
-        }
-        self.rename_pending(pending)?;
-        for (key, tmp) in temps {
-            tmp.persist(self.root.join(&key))
-                .map_err(|e| self.io(&key, e.error))?;
-        }
-        fsync_dir(&self.root).map_err(|e| self.io("", e))
+        let wave: Vec<_> = narinfos
+            .iter()
+            .map(|(p, text)| (p, text.as_str(), None))
+            .collect();
+        self.write_wave(&wave)?.into_iter().collect()
     }
 
     fn publish_narinfos(
         &self,
         store_dir: &str,
         narinfos: Vec<NarInfo>,
-    ) -> Result<Vec<Merged>, CacheError> {
+    ) -> Result<Vec<Published>, CacheError> {
         if narinfos.is_empty() {
             return Ok(Vec::new());
         }
         // Unlocked when `_lock` is closed, after the renames are durable.
         let _lock = self.lock_publishing(PUBLISH_LOCK_WAIT)?;
-        super::publish_merged(self, store_dir, narinfos)
+        super::publish_merged_with(self, store_dir, narinfos, |writes| {
+            let texts: Vec<String> = writes.iter().map(|n| n.render(store_dir)).collect();
+            let wave: Vec<_> = writes
+                .iter()
+                .zip(&texts)
+                .map(|(n, text)| (&n.store_path, text.as_str(), Some((&*n.url, n.file_size))))
+                .collect();
+            self.write_wave(&wave)
+        })
     }
 
     fn put_object(&self, key: &str, bytes: &[u8], _content_type: &str) -> Result<(), CacheError> {
@@ -353,15 +638,21 @@ impl BinaryCache for FileCache {
             && !self.root.join(sub).is_dir()
         {
             std::fs::create_dir_all(self.root.join(sub)).map_err(|e| self.io(key, e))?;
-            fsync_dir(&self.root).map_err(|e| self.io("", e))?;
+            self.fs.sync_dir(&self.root).map_err(|e| self.io("", e))?;
         }
         self.put_atomic(key, bytes)
     }
 
+    /// Syncs and renames the waiting NARs. On a failed sync they are discarded (Linux may
+    /// have dropped their data): their narinfos then find them missing.
     fn sync(&self) -> Result<(), CacheError> {
+        let mut unsynced = lock(&self.naming);
         let pending = self.take_pending();
+        if pending.is_empty() && !*unsynced {
+            return Ok(());
+        }
         self.sync_pending(&pending, 0)?;
-        self.rename_pending(pending)
+        self.rename_pending(pending, &mut unsynced)
     }
 
     /// One read of the cache's directory: every `<hash part>.narinfo` (a name that is not
@@ -369,7 +660,10 @@ impl BinaryCache for FileCache {
     /// opened: unlike [`BinaryCache::has_narinfo`] this does not look for damage.
     fn list_narinfos(&self) -> Result<Option<super::NarinfoSet>, CacheError> {
         let mut set = std::collections::HashSet::new();
-        let entries = std::fs::read_dir(&self.root).map_err(|e| self.io("", e))?;
+        let entries = self
+            .fs
+            .run(FsOp::List(&self.root), || std::fs::read_dir(&self.root))
+            .map_err(|e| self.io("", e))?;
         for entry in entries {
             let entry = entry.map_err(|e| self.io("", e))?;
             let name = entry.file_name();
@@ -380,10 +674,11 @@ impl BinaryCache for FileCache {
         Ok(Some(super::NarinfoSet(set)))
     }
 
+    /// Stale temporary files (older than `grace`) that no upload of this process owns.
     fn sweep_orphans(&self, grace: Duration) -> Result<u64, CacheError> {
         let mut removed = 0;
-        for (dir, key) in [(self.root.clone(), ""), (self.root.join("nar"), "nar/")] {
-            let entries = match std::fs::read_dir(&dir) {
+        for (dir, key) in [(self.root.clone(), ""), (self.nar_dir(), "nar/")] {
+            let entries = match self.fs.run(FsOp::List(&dir), || std::fs::read_dir(&dir)) {
                 Ok(e) => e,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(self.io(key, e)),
@@ -394,16 +689,19 @@ impl BinaryCache for FileCache {
                     .file_name()
                     .as_encoded_bytes()
                     .starts_with(TEMP_PREFIX.as_bytes())
+                    || lock(&self.owned).contains(&entry.path())
                 {
                     continue;
                 }
                 let Ok(meta) = entry.metadata() else { continue };
-                // An upload still running keeps touching its file: only stale ones go.
+                // An upload still running elsewhere keeps touching its file: only stale
+                // ones go.
                 let age = meta.modified().ok().and_then(|m| m.elapsed().ok());
                 if !meta.is_file() || age.is_none_or(|a| a < grace) {
                     continue;
                 }
-                match std::fs::remove_file(entry.path()) {
+                let at = entry.path();
+                match self.fs.run(FsOp::Remove(&at), || std::fs::remove_file(&at)) {
                     Ok(()) => removed += 1,
                     // Another sweeper or its own upload got there first.
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -418,16 +716,33 @@ impl BinaryCache for FileCache {
     }
 }
 
-/// A NAR being written to a temporary file; the `TempPath` deletes it unless committed.
+/// A NAR's temporary file, each write through the cache's [`FsHook`].
+struct HookedFile {
+    file: File,
+    path: PathBuf,
+    fs: Fs,
+}
+
+impl Write for HookedFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let file = &mut self.file;
+        self.fs.run(FsOp::Write(&self.path), || file.write(buf))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A NAR being written to a temporary file, deleted unless committed.
 struct FileNarUpload {
-    out: BufWriter<File>,
+    out: BufWriter<HookedFile>,
     /// Bytes accepted so far.
     written: u64,
     /// Where the range not yet handed to writeback starts.
     writeback_from: u64,
     /// The range last handed to writeback, not yet waited for.
     writing: Option<(u64, u64)>,
-    tmp: tempfile::TempPath,
+    tmp: OwnedTemp,
     root: PathBuf,
     url: String,
     pending: Arc<Mutex<Vec<PendingNar>>>,
@@ -449,7 +764,7 @@ impl FileNarUpload {
             return;
         }
         let (from, len) = (self.writeback_from, in_kernel - self.writeback_from);
-        let file = self.out.get_ref();
+        let file = &self.out.get_ref().file;
         writeback(file, from, len, false);
         if let Some((before, before_len)) = self.writing.replace((from, len)) {
             writeback(file, before, before_len, true);
@@ -528,15 +843,12 @@ impl NarUpload for FileNarUpload {
             source: e,
         };
         let file = self.out.into_inner().map_err(|e| io(e.into_error()))?;
-        set_readable(&file).map_err(io)?;
+        set_readable(&file.file).map_err(io)?;
         drop(file);
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(PendingNar {
-                tmp: self.tmp,
-                target: self.root.join(key),
-            });
+        lock(&self.pending).push(PendingNar {
+            tmp: self.tmp,
+            target: self.root.join(key),
+        });
         Ok(())
     }
 }
@@ -688,6 +1000,201 @@ mod tests {
         std::fs::remove_file(dir.path().join("nar/x.nar")).unwrap();
         c.put_narinfo(&p, &narinfo_text(&p, 10)).unwrap();
         assert!(!c.has_narinfo(&p).unwrap(), "missing NAR: trusted");
+    }
+
+    use crate::cache::fault::{Errno, Fail, FaultPlan};
+
+    /// A cache at a new directory whose file operations go through a [`FaultPlan`].
+    fn faulty(fail: Fail) -> (tempfile::TempDir, FileCache, Arc<FaultPlan>) {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = Arc::new(FaultPlan::new(
+            dir.path(),
+            "/nix/store",
+            fail,
+            Errno::NoSpace,
+        ));
+        let c = FileCache::open_with_hook(dir.path(), "file:///t", Some(plan.clone())).unwrap();
+        (dir, c, plan)
+    }
+
+    /// A narinfo for `name` whose NAR, committed to `c`, holds `bytes`.
+    fn committed(c: &FileCache, name: &str, bytes: &[u8]) -> NarInfo {
+        use crate::format::hash::Sha256;
+        let hash = crate::format::nix32::encode(&Sha256::digest(name.as_bytes()).0[..20]);
+        let url = format!("nar/{hash}.nar");
+        let mut up = c.begin_nar(bytes.len() as u64).unwrap();
+        up.write_all(bytes).unwrap();
+        up.written();
+        up.commit(&url).unwrap();
+        NarInfo {
+            store_path: StorePath::from_base_name(&format!("{hash}-{name}")).unwrap(),
+            url,
+            compression: "none".into(),
+            file_hash: Some(Sha256::digest(bytes)),
+            file_size: Some(bytes.len() as u64),
+            nar_hash: Sha256::digest(bytes),
+            nar_size: bytes.len() as u64,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        }
+    }
+
+    fn is_narinfo_temp_write(op: FsOp<'_>) -> bool {
+        matches!(op, FsOp::Write(p) if p.parent().and_then(Path::file_name) != Some("nar".as_ref()))
+    }
+
+    fn is_nar_sync(op: FsOp<'_>) -> bool {
+        matches!(op, FsOp::SyncData(p) if p.parent().and_then(Path::file_name) == Some("nar".as_ref()))
+    }
+
+    #[test]
+    fn a_wave_that_fails_before_its_sync_keeps_the_nars_waiting_for_their_narinfos() {
+        // P's NAR waits for P's narinfo (P's reference is slow); another path's wave hits
+        // a full disk writing its narinfo. P's NAR is still P's, and goes up with it.
+        let (dir, c, plan) = faulty(Fail::Matching {
+            matches: is_narinfo_temp_write,
+            times: 1,
+        });
+        let p = committed(&c, "p", b"the NAR of p");
+        let w = committed(&c, "w", b"the NAR of w");
+        let e = c
+            .publish_narinfos("/nix/store", vec![w.clone()])
+            .unwrap_err();
+        assert!(e.is_transient(), "a full disk heals: {e}");
+        assert_eq!(plan.fired().len(), 1);
+        let published = c
+            .publish_narinfos("/nix/store", vec![p.clone(), w])
+            .unwrap();
+        assert!(published.iter().all(|r| r.is_ok()), "{published:?}");
+        assert_eq!(
+            std::fs::read(dir.path().join(&p.url)).unwrap(),
+            b"the NAR of p"
+        );
+        assert!(c.has_narinfo(&p.store_path).unwrap());
+        assert_eq!(plan.violations(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_failed_sync_loses_its_nars_and_their_narinfos_are_refused_not_published() {
+        // The sync that covers P's NAR fails: its data may be gone (Linux marks the pages
+        // clean), so P's NAR is discarded and P's narinfo, published later, is refused.
+        let (dir, c, plan) = faulty(Fail::Matching {
+            matches: is_nar_sync,
+            times: 1,
+        });
+        let p = committed(&c, "p", b"the NAR of p");
+        let w = committed(&c, "w", b"the NAR of w");
+        let e = c.publish_narinfos("/nix/store", vec![w]).unwrap_err();
+        assert!(e.is_transient(), "{e}");
+        let published = c.publish_narinfos("/nix/store", vec![p.clone()]).unwrap();
+        let err = published[0].as_ref().unwrap_err();
+        assert!(err.is_transient(), "it goes up again: {err}");
+        assert!(err.to_string().contains(&p.url), "{err}");
+        assert!(
+            !dir.path()
+                .join(super::super::narinfo_key(&p.store_path))
+                .exists()
+        );
+        assert_eq!(plan.violations(), Vec::<String>::new());
+        // Uploaded again, it is published.
+        let p = committed(&c, "p", b"the NAR of p");
+        let published = c.publish_narinfos("/nix/store", vec![p.clone()]).unwrap();
+        assert!(published[0].is_ok(), "{published:?}");
+        assert!(c.has_narinfo(&p.store_path).unwrap());
+        assert_eq!(plan.violations(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_nar_that_cannot_be_renamed_fails_its_own_path_and_the_wave_goes_on() {
+        let (dir, c, _plan) = faulty(Fail::Never);
+        let p = committed(&c, "p", b"the NAR of p");
+        let q = committed(&c, "q", b"the NAR of q");
+        // Something that is not a file at P's NAR's final name (EISDIR on rename).
+        std::fs::create_dir_all(dir.path().join(&p.url).join("x")).unwrap();
+        let published = c
+            .publish_narinfos("/nix/store", vec![p.clone(), q.clone()])
+            .unwrap();
+        assert!(published[0].is_err(), "{published:?}");
+        assert!(published[1].is_ok(), "{published:?}");
+        assert!(!c.has_narinfo(&p.store_path).unwrap());
+        assert!(c.has_narinfo(&q.store_path).unwrap());
+    }
+
+    #[test]
+    fn a_sweep_never_removes_what_this_process_still_owns() {
+        let (dir, c) = cache();
+        let long_ago = std::time::SystemTime::now() - Duration::from_secs(3 * 86_400);
+        let age = |all: &mut dyn Iterator<Item = PathBuf>| {
+            for p in all {
+                File::options()
+                    .write(true)
+                    .open(p)
+                    .unwrap()
+                    .set_modified(long_ago)
+                    .unwrap();
+            }
+        };
+        // A NAR committed days ago, waiting for its narinfo, and one still being written.
+        let mut up = c.begin_nar(3).unwrap();
+        up.write_all(b"old").unwrap();
+        up.written();
+        up.commit("nar/waiting.nar").unwrap();
+        let mut writing = c.begin_nar(3).unwrap();
+        writing.write_all(b"slo").unwrap();
+        writing.flush().unwrap();
+        // And one a killed process left.
+        std::fs::write(dir.path().join(format!("nar/{TEMP_PREFIX}dead")), b"x").unwrap();
+        age(&mut walk(dir.path()).into_iter());
+        assert_eq!(c.sweep_orphans(Duration::from_secs(86_400)).unwrap(), 1);
+        writing.write_all(b"w").unwrap();
+        writing.written();
+        writing.commit("nar/slow.nar").unwrap();
+        c.sync().unwrap();
+        assert_eq!(listing(dir.path()), vec!["nar/slow.nar", "nar/waiting.nar"]);
+        assert_eq!(
+            std::fs::read(dir.path().join("nar/slow.nar")).unwrap(),
+            b"slow"
+        );
+    }
+
+    /// Records the file systems synced.
+    #[derive(Debug, Default)]
+    struct Synced(Mutex<Vec<PathBuf>>);
+    impl FsHook for Synced {
+        fn before(&self, op: FsOp<'_>) -> io::Result<()> {
+            if let FsOp::SyncFs(d) = op {
+                self.0.lock().unwrap().push(d.to_owned());
+            }
+            Ok(())
+        }
+        fn after(&self, _: FsOp<'_>, _: bool) {}
+    }
+
+    #[test]
+    fn a_nar_directory_on_another_file_system_is_synced_too() {
+        use std::os::unix::fs::MetadataExt;
+        // The cache directory on the disk, `nar/` a link to a directory in /dev/shm.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+        assert_ne!(
+            dev(dir.path()),
+            dev(shm.path()),
+            "the test needs two file systems"
+        );
+        std::os::unix::fs::symlink(shm.path(), dir.path().join("nar")).unwrap();
+        let synced = Arc::new(Synced::default());
+        let c = FileCache::open_with_hook(dir.path(), "file:///t", Some(synced.clone())).unwrap();
+        // A wave large enough for syncfs rather than file by file.
+        let infos: Vec<NarInfo> = (0..SMALL_WAVE)
+            .map(|i| committed(&c, &format!("p{i}"), format!("nar {i}").as_bytes()))
+            .collect();
+        let published = c.publish_narinfos("/nix/store", infos).unwrap();
+        assert!(published.iter().all(|r| r.is_ok()));
+        let synced = synced.0.lock().unwrap().clone();
+        assert_eq!(synced, vec![dir.path().to_owned(), dir.path().join("nar")]);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! go. This module owns object naming and durability; it never decides what to upload or
 //! in which order (that is the pipeline's job).
 
+#[cfg(test)]
+pub(crate) mod fault;
 pub mod file;
 pub mod null;
 pub mod rate;
@@ -31,6 +33,16 @@ pub enum CacheError {
     /// like a configuration error (exit 2); the daemon retries with its usual backoff.
     #[error("{0}")]
     Unreachable(String),
+    /// A narinfo was not named because its NAR is not in the cache at its FileSize: a
+    /// failed write, sync or rename lost it. Uploading the path again mends it.
+    #[error(
+        "{cache}: {narinfo}: not published: its NAR {nar} is not in the cache (a failed write or sync lost it); the path goes up again"
+    )]
+    NarLost {
+        cache: String,
+        narinfo: String,
+        nar: String,
+    },
     /// A request to a remote cache failed (after retries when `transient`).
     #[error("{cache}: {key}: {message}")]
     Remote {
@@ -42,19 +54,49 @@ pub enum CacheError {
 }
 
 impl CacheError {
-    /// True when the same request may succeed later (interrupted or timed-out I/O).
+    /// True when the same request may succeed later: what heals by itself (a full disk,
+    /// a quota, timeouts, a dropped connection, 5xx, throttling); false for what needs a
+    /// person (permissions, a missing bucket, a bad configuration).
     pub fn is_transient(&self) -> bool {
-        use std::io::ErrorKind::*;
         match self {
-            CacheError::Io { source, .. } => {
-                matches!(source.kind(), Interrupted | TimedOut | WouldBlock)
-            }
+            CacheError::Io { source, .. } => io_is_transient(source),
             CacheError::Config(_) => false,
-            CacheError::Unreachable(_) => true,
+            CacheError::Unreachable(_) | CacheError::NarLost { .. } => true,
             CacheError::Remote { transient, .. } => *transient,
         }
     }
 }
+
+/// Whether an I/O error may pass by itself: the one rule for every file and socket
+/// operation. A full disk or quota frees up, an interrupted or timed-out call or a dropped
+/// connection may go through next time, and so may an `EIO` (a flaky disk or network file
+/// system; a dead one keeps failing, and each failure is reported). Permissions, a
+/// read-only file system or a missing directory need a person.
+pub fn io_is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        Interrupted
+            | TimedOut
+            | WouldBlock
+            | StorageFull
+            | QuotaExceeded
+            | ResourceBusy
+            | ConnectionReset
+            | ConnectionAborted
+            | ConnectionRefused
+            | NotConnected
+            | BrokenPipe
+            | HostUnreachable
+            | NetworkUnreachable
+            | NetworkDown
+            | UnexpectedEof
+    ) || rustix::io::Errno::from_io_error(e) == Some(rustix::io::Errno::IO)
+}
+
+/// What publishing one narinfo of a wave came to: [`Merged`], or the error that kept it
+/// from being named (its NAR is not in the cache), while the rest of the wave went on.
+pub type Published = Result<Merged, CacheError>;
 
 /// A NAR being uploaded. Bytes go in through `Write`; [`NarUpload::commit`] publishes them
 /// under their final key. Dropping an upload without committing aborts it: nothing appears
@@ -127,13 +169,17 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     /// rule against what the cache holds: signatures already there are kept, and a
     /// narinfo for another NAR of the same path is never replaced while its NAR is intact.
     /// Returns, in order, what happened to each. A local directory holds a lock across
-    /// reading and renaming, so concurrent writers cannot drop each other's signatures;
-    /// the default reads, then writes.
+    /// reading and renaming, so concurrent writers cannot drop each other's signatures,
+    /// and refuses a narinfo whose NAR is not in place (that path alone fails); the
+    /// default reads, then writes.
+    ///
+    /// # Errors
+    /// When the wave as a whole failed: no narinfo of it was named.
     fn publish_narinfos(
         &self,
         store_dir: &str,
         narinfos: Vec<NarInfo>,
-    ) -> Result<Vec<Merged>, CacheError> {
+    ) -> Result<Vec<Published>, CacheError> {
         publish_merged(self, store_dir, narinfos)
     }
     /// Writes any other object (e.g. a `.ls` listing) atomically under `key`, with
@@ -273,25 +319,60 @@ pub fn publish_merged<C: BinaryCache + ?Sized>(
     cache: &C,
     store_dir: &str,
     narinfos: Vec<NarInfo>,
-) -> Result<Vec<Merged>, CacheError> {
+) -> Result<Vec<Published>, CacheError> {
+    publish_merged_with(cache, store_dir, narinfos, |writes| {
+        let writes: Vec<(StorePath, String)> = writes
+            .iter()
+            .map(|n| (n.store_path.clone(), n.render(store_dir)))
+            .collect();
+        cache.put_narinfos(&writes)?;
+        Ok(writes.iter().map(|_| Ok(())).collect())
+    })
+}
+
+/// Reads what the cache has for `narinfos`, merges each under [`merge_narinfo`]'s rule,
+/// and hands those to write to `write`, which says, in order, whether each was written.
+///
+/// # Errors
+/// The first cache error of reading, merging, or of `write` as a whole.
+pub fn publish_merged_with<C: BinaryCache + ?Sized>(
+    cache: &C,
+    store_dir: &str,
+    narinfos: Vec<NarInfo>,
+    write: impl FnOnce(&[NarInfo]) -> Result<Vec<Result<(), CacheError>>, CacheError>,
+) -> Result<Vec<Published>, CacheError> {
     if narinfos.is_empty() {
         return Ok(Vec::new());
     }
     let paths: Vec<StorePath> = narinfos.iter().map(|n| n.store_path.clone()).collect();
     let olds = cache.get_narinfos(&paths)?;
     let mut writes = Vec::new();
-    let mut out = Vec::with_capacity(narinfos.len());
+    // Per narinfo: the index of its write, or `None` when kept.
+    let mut slots = Vec::with_capacity(narinfos.len());
     for (ours, old) in narinfos.into_iter().zip(olds) {
         match merge_narinfo(ours, old.as_deref(), store_dir, |o| nar_intact(cache, o))? {
             Merge::Write(n) => {
-                writes.push((n.store_path.clone(), n.render(store_dir)));
-                out.push(Merged::Written);
+                slots.push(Some(writes.len()));
+                writes.push(*n);
             }
-            Merge::Keep => out.push(Merged::Kept),
+            Merge::Keep => slots.push(None),
         }
     }
-    cache.put_narinfos(&writes)?;
-    Ok(out)
+    let mut written: Vec<Option<Result<(), CacheError>>> = if writes.is_empty() {
+        Vec::new()
+    } else {
+        write(&writes)?.into_iter().map(Some).collect()
+    };
+    Ok(slots
+        .into_iter()
+        .map(|slot| match slot {
+            None => Ok(Merged::Kept),
+            Some(i) => written[i]
+                .take()
+                .expect("one result per write")
+                .map(|()| Merged::Written),
+        })
+        .collect())
 }
 
 /// Opens the cache a URL names. `opts.upload_memory` sizes a remote cache's upload
@@ -579,6 +660,35 @@ mod tests {
         match m {
             Merge::Write(n) => *n,
             Merge::Keep => panic!("kept"),
+        }
+    }
+
+    #[test]
+    fn what_heals_by_itself_is_transient_whatever_the_object() {
+        use std::io::{Error, ErrorKind};
+        let io = |source: Error| CacheError::Io {
+            cache: "file:///c".into(),
+            key: "x.narinfo".into(),
+            source,
+        };
+        for heals in [
+            Error::new(ErrorKind::StorageFull, "no space left on device"),
+            Error::new(ErrorKind::QuotaExceeded, "disk quota exceeded"),
+            Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error()),
+            Error::new(ErrorKind::TimedOut, "timed out"),
+            Error::new(ErrorKind::ConnectionReset, "reset"),
+        ] {
+            let what = heals.to_string();
+            assert!(io_is_transient(&heals), "{what}");
+            assert!(io(heals).is_transient(), "{what}");
+        }
+        for needs_a_person in [
+            Error::new(ErrorKind::PermissionDenied, "permission denied"),
+            Error::new(ErrorKind::ReadOnlyFilesystem, "read-only file system"),
+            Error::new(ErrorKind::NotFound, "no such directory"),
+        ] {
+            let what = needs_a_person.to_string();
+            assert!(!io(needs_a_person).is_transient(), "{what}");
         }
     }
 

@@ -22,7 +22,7 @@
 //!
 //! It never busy-waits: a taker reserves its bytes under a lock (which gives it the moment
 //! they are paid for) and sleeps until then without the lock.
-use super::{BinaryCache, CacheError, Merged, NarUpload, NarinfoSet, RequestCount};
+use super::{BinaryCache, CacheError, Merged, NarUpload, NarinfoSet, Published, RequestCount};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
 use std::io::{self, Write};
@@ -219,7 +219,7 @@ impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
         &self,
         store_dir: &str,
         narinfos: Vec<NarInfo>,
-    ) -> Result<Vec<Merged>, CacheError> {
+    ) -> Result<Vec<Published>, CacheError> {
         // The inner cache decides what it writes (under its own lock, for a local
         // directory); the narinfos written are charged afterwards, at the size of ours
         // (a merged one differs by a signature line or so).
@@ -231,7 +231,7 @@ impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
         let written = merged
             .iter()
             .zip(sizes)
-            .filter(|(m, _)| **m == Merged::Written)
+            .filter(|(m, _)| matches!(m, Ok(Merged::Written)))
             .map(|(_, s)| s)
             .sum();
         self.bucket.take(written);

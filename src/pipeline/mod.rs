@@ -665,10 +665,23 @@ fn add_our_signatures(
         }
         resign.push(old);
     }
-    let n = resign.len();
-    cache.publish_narinfos(store_dir, resign)?;
-    if n > 0 {
-        tracing::info!("added our signatures to {n} narinfos already in the cache");
+    let paths: Vec<StorePath> = resign.iter().map(|n| n.store_path.clone()).collect();
+    let mut signed = 0;
+    for (path, r) in paths
+        .into_iter()
+        .zip(cache.publish_narinfos(store_dir, resign)?)
+    {
+        match r {
+            Ok(_) => signed += 1,
+            // Its NAR went missing meanwhile: uploaded again, like any damaged one.
+            Err(e) => {
+                tracing::warn!("{}: {e}", cache.url());
+                damaged.push(path);
+            }
+        }
+    }
+    if signed > 0 {
+        tracing::info!("added our signatures to {signed} narinfos already in the cache");
     }
     Ok(damaged)
 }

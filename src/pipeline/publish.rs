@@ -216,8 +216,9 @@ impl<'a> PublishStage<'a> {
     /// cancel, those not finished as [`Failure::Cancelled`]).
     ///
     /// # Errors
-    /// With [`OnPublishError::Halt`], the first cache error (the run is halted); otherwise
-    /// only the closing sync's.
+    /// With [`OnPublishError::Halt`], the first cache error (the run is halted). A
+    /// long-lived pipeline ([`OnPublishError::FailPaths`]) never stops on one: a failed
+    /// wave fails its paths, a failed sync is logged, and every job still settles.
     pub fn run(
         &self,
         results: Receiver<SinkResult>,
@@ -249,9 +250,17 @@ impl<'a> PublishStage<'a> {
             {
                 // Idle, with no narinfo on its way (whose wave would name every committed
                 // NAR): NARs committed without a narinfo of their own (a reference failed,
-                // or the cache kept its narinfo) get their final names now.
-                self.cache.sync()?;
-                run.dirty = false;
+                // or the cache kept its narinfo) get their final names now. No job waits
+                // on this sync, so a long-lived pipeline only logs its failure (and syncs
+                // again when next idle); a one-shot push halts, since its end is owed one.
+                match self.cache.sync() {
+                    Ok(()) => run.dirty = false,
+                    Err(e) if self.on_error == OnPublishError::Halt => {
+                        self.stop.halt();
+                        return Err(e);
+                    }
+                    Err(e) => tracing::warn!("{}: {e}", self.cache.url()),
+                }
             }
         }
         run.finish()
@@ -375,7 +384,7 @@ impl Run<'_, '_> {
         let narinfos: Vec<NarInfo> = ready.iter().map(|w| w.narinfo.clone()).collect();
         match stage.cache.publish_narinfos(stage.store_dir, narinfos) {
             Ok(merged) => {
-                if merged.contains(&Merged::Written) {
+                if merged.iter().any(|m| matches!(m, Ok(Merged::Written))) {
                     self.dirty = false;
                 }
                 let decided = ready
@@ -383,11 +392,17 @@ impl Run<'_, '_> {
                     .zip(merged)
                     .map(|(w, m)| {
                         let outcome = match m {
-                            Merged::Written => Outcome::Uploaded {
+                            Ok(Merged::Written) => Outcome::Uploaded {
                                 nar_size: w.narinfo.nar_size,
                                 file_size: w.file_size,
                             },
-                            Merged::Kept => Outcome::AlreadyPresent,
+                            Ok(Merged::Kept) => Outcome::AlreadyPresent,
+                            // Its NAR is not in place (a failed write or sync lost it):
+                            // this path alone fails, and goes up again on a retry.
+                            Err(e) => {
+                                tracing::warn!("{}: {e}", stage.cache.url());
+                                Outcome::Failed(Failure::from_cache(&e))
+                            }
                         };
                         (w.id, w.narinfo.store_path, outcome)
                     })
@@ -482,7 +497,14 @@ impl Run<'_, '_> {
         self.pending.clear();
         self.emit(decided);
         if self.dirty || cancelled {
-            stage.cache.sync()?;
+            match stage.cache.sync() {
+                Ok(()) => {}
+                // Every job is settled: a NAR this sync loses had no narinfo to name.
+                Err(e) if stage.on_error == OnPublishError::FailPaths => {
+                    tracing::warn!("{}: {e}", stage.cache.url());
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }

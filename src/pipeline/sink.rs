@@ -299,20 +299,20 @@ impl<'env> SinkStage<'env> {
 /// Why writing a NAR's bytes failed. A remote cache sends parts from inside `write` and
 /// returns its [`crate::cache::CacheError`] wrapped in the `io::Error`: that error keeps
 /// its class (access denied is permanent for a large NAR as for a small one, which fails
-/// in `commit`); any other I/O error may pass.
+/// in `commit`). Any other error is the cache's file system's, classed by the one rule
+/// ([`crate::cache::io_is_transient`]): a full disk is transient here as for a narinfo.
 fn write_failure(e: &std::io::Error) -> Failure {
-    match e
+    let transient = match e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<crate::cache::CacheError>())
     {
-        Some(c) => Failure::Cache {
-            context: "writing the NAR: ",
-            message: c.to_string(),
-            transient: c.is_transient(),
-        },
-        None => Failure::Read {
-            message: format!("writing the NAR: {e}"),
-        },
+        Some(c) => c.is_transient(),
+        None => crate::cache::io_is_transient(e),
+    };
+    Failure::Cache {
+        context: "writing the NAR: ",
+        message: e.to_string(),
+        transient,
     }
 }
 
@@ -408,5 +408,11 @@ mod tests {
         assert!(write_failure(&reset).is_transient());
         let disk = std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left");
         assert!(write_failure(&disk).is_transient());
+        // The cache's own file system, by the one rule: what needs a person is permanent.
+        let denied = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied");
+        assert_eq!(
+            write_failure(&denied).retry(),
+            super::super::Retry::Permanent
+        );
     }
 }

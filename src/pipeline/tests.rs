@@ -332,7 +332,7 @@ impl BinaryCache for Concurrent {
         &self,
         store_dir: &str,
         narinfos: Vec<NarInfo>,
-    ) -> Result<Vec<crate::cache::Merged>, crate::cache::CacheError> {
+    ) -> Result<Vec<crate::cache::Published>, crate::cache::CacheError> {
         self.0.publish_narinfos(store_dir, narinfos)
     }
     fn sync(&self) -> Result<(), crate::cache::CacheError> {
