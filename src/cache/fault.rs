@@ -55,8 +55,11 @@ struct Model {
     dirty: HashSet<PathBuf>,
     /// Files whose sync failed: never durable, whatever later syncs say.
     lost: HashSet<PathBuf>,
-    /// Names given by a rename whose directory has not been fsynced since.
+    /// Names given by a rename whose directory has not been fsynced since (a rename over
+    /// a durable name leaves it durable: a crash leaves the old file or the new).
     unsynced_names: HashSet<PathBuf>,
+    /// Targets of renames under way that replace a name already there.
+    replacing: HashSet<PathBuf>,
 }
 
 impl Model {
@@ -74,8 +77,11 @@ pub struct FaultPlan {
     fail: Mutex<Fail>,
     errno: Errno,
     ops: AtomicUsize,
-    /// The operations that were failed.
+    /// The operations that were failed, and a signal for each.
     fired: Mutex<Vec<String>>,
+    fired_cv: std::sync::Condvar,
+    /// Syncs done (whether they succeeded or not), signalled on `fired_cv` too.
+    syncs: AtomicUsize,
     violations: Mutex<Vec<String>>,
     model: Mutex<Model>,
 }
@@ -96,6 +102,8 @@ impl FaultPlan {
             errno,
             ops: AtomicUsize::new(0),
             fired: Mutex::default(),
+            fired_cv: std::sync::Condvar::new(),
+            syncs: AtomicUsize::new(0),
             violations: Mutex::default(),
             model: Mutex::default(),
         }
@@ -109,6 +117,29 @@ impl FaultPlan {
     /// The operations that were failed, described.
     pub fn fired(&self) -> Vec<String> {
         self.fired.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` faults have fired, at most `timeout`; returns whether they did.
+    pub fn wait_fired(&self, n: usize, timeout: std::time::Duration) -> bool {
+        let fired = self.fired.lock().unwrap();
+        let (fired, _) = self
+            .fired_cv
+            .wait_timeout_while(fired, timeout, |f| f.len() < n)
+            .unwrap();
+        fired.len() >= n
+    }
+
+    /// Waits until a sync has run (or failed) or a fault has fired, at most `timeout`;
+    /// returns whether one did.
+    pub fn wait_sync_or_fault(&self, timeout: std::time::Duration) -> bool {
+        let fired = self.fired.lock().unwrap();
+        let (fired, _) = self
+            .fired_cv
+            .wait_timeout_while(fired, timeout, |f| {
+                f.is_empty() && self.syncs.load(Ordering::SeqCst) == 0
+            })
+            .unwrap();
+        !fired.is_empty() || self.syncs.load(Ordering::SeqCst) > 0
     }
 
     /// Every moment the invariant did not hold, described.
@@ -171,20 +202,30 @@ impl FsHook for FaultPlan {
         let n = self.ops.fetch_add(1, Ordering::SeqCst);
         if self.should_fail(n, op) {
             self.fired.lock().unwrap().push(format!("#{n} {op:?}"));
+            self.fired_cv.notify_all();
             return Err(self.errno.error());
         }
-        if let FsOp::Rename { from, to } = op
-            && to.extension().is_some_and(|e| e == "narinfo")
-        {
-            let model = self.model.lock().unwrap();
-            if let Err(why) = self.check_narinfo(from, to, &model) {
+        if let FsOp::Rename { from, to } = op {
+            let mut model = self.model.lock().unwrap();
+            if to.extension().is_some_and(|e| e == "narinfo")
+                && let Err(why) = self.check_narinfo(from, to, &model)
+            {
                 self.violations.lock().unwrap().push(why);
+            }
+            if to.exists() && !model.unsynced_names.contains(to) {
+                model.replacing.insert(to.to_owned());
             }
         }
         Ok(())
     }
 
     fn after(&self, op: FsOp<'_>, ok: bool) {
+        if matches!(op, FsOp::SyncData(_) | FsOp::SyncFs(_)) {
+            // Counted under the lock the waiters check it under, so no signal is missed.
+            let _fired = self.fired.lock().unwrap();
+            self.syncs.fetch_add(1, Ordering::SeqCst);
+            self.fired_cv.notify_all();
+        }
         let mut m = self.model.lock().unwrap();
         match op {
             // A failed write may have written part of its bytes.
@@ -223,7 +264,12 @@ impl FsHook for FaultPlan {
                 if lost {
                     m.lost.insert(to.to_owned());
                 }
-                m.unsynced_names.insert(to.to_owned());
+                if !m.replacing.remove(to) {
+                    m.unsynced_names.insert(to.to_owned());
+                }
+            }
+            FsOp::Rename { to, .. } => {
+                m.replacing.remove(to);
             }
             FsOp::SyncDir(d) if ok => {
                 m.unsynced_names.retain(|n| n.parent() != Some(d));

@@ -191,10 +191,18 @@ pub struct FileCache {
     pending: Arc<Mutex<Vec<PendingNar>>>,
     /// Held from taking the waiting NARs until the last rename of a wave (or sync) is
     /// durable, so a narinfo is never named while its NAR's rename, made by another
-    /// thread, is not. True while renames into `nar/` are not yet durable (its fsync
-    /// failed): the next wave fsyncs it before naming any narinfo.
-    naming: Mutex<bool>,
+    /// thread, is not.
+    naming: Mutex<Unsynced>,
     owned: Owned,
+}
+
+/// Directories with renames that are not durable yet (an fsync of them failed): the next
+/// wave fsyncs them before it names any narinfo, since a narinfo named there may refer to
+/// what they hold.
+#[derive(Debug, Default)]
+struct Unsynced {
+    nar_dir: bool,
+    root: bool,
 }
 
 /// What a wave is to check before naming a narinfo: its NAR's key and FileSize.
@@ -225,7 +233,7 @@ impl FileCache {
             nar_elsewhere: false,
             fs: Fs(hook),
             pending: Arc::default(),
-            naming: Mutex::new(false),
+            naming: Mutex::default(),
             owned: Owned::default(),
         };
         let nar = cache.nar_dir();
@@ -341,30 +349,45 @@ impl FileCache {
     ///
     /// # Errors
     /// The first rename's error, once the others are done; or the fsync's of `nar/` (then
-    /// `unsynced` stays set, and no narinfo is named until an fsync of `nar/` succeeds).
+    /// no narinfo is named until an fsync of `nar/` succeeds).
     fn rename_pending(
         &self,
         pending: Vec<PendingNar>,
-        unsynced: &mut bool,
+        unsynced: &mut Unsynced,
     ) -> Result<(), CacheError> {
         let mut first = None;
         for mut p in pending {
             let key = p.target.display().to_string();
             match self.fs.persist(p.tmp.take(), &p.target) {
-                Ok(()) => *unsynced = true,
+                Ok(()) => unsynced.nar_dir = true,
                 Err(e) => {
                     tracing::warn!("{}: {key}: {e}; its path will be uploaded again", self.url);
                     first.get_or_insert(self.io(&key, e));
                 }
             }
         }
-        if *unsynced {
+        self.sync_dirs(unsynced, false)?;
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Fsyncs `nar/` if it has renames that are not durable, and the cache directory too
+    /// if it has or `root` says it is about to be renamed into.
+    ///
+    /// # Errors
+    /// The fsync's; what it did not make durable stays marked.
+    fn sync_dirs(&self, unsynced: &mut Unsynced, root: bool) -> Result<(), CacheError> {
+        if unsynced.nar_dir {
             self.fs
                 .sync_dir(&self.nar_dir())
                 .map_err(|e| self.io("nar/", e))?;
-            *unsynced = false;
+            unsynced.nar_dir = false;
         }
-        first.map_or(Ok(()), Err)
+        if unsynced.root || root {
+            unsynced.root = true;
+            self.fs.sync_dir(&self.root).map_err(|e| self.io("", e))?;
+            unsynced.root = false;
+        }
+        Ok(())
     }
 
     fn take_pending(&self) -> Vec<PendingNar> {
@@ -411,14 +434,10 @@ impl FileCache {
             self.syncfs()?;
         }
         // A NAR that failed to get its name fails its own path below (missing), not the
-        // wave: only a failed fsync of `nar/` stops every narinfo.
+        // wave: only a failed fsync stops every narinfo (a reference of one may be a
+        // narinfo named by an earlier wave whose fsync failed).
         let _ = self.rename_pending(pending, &mut unsynced);
-        if *unsynced {
-            self.fs
-                .sync_dir(&self.nar_dir())
-                .map_err(|e| self.io("nar/", e))?;
-            *unsynced = false;
-        }
+        self.sync_dirs(&mut unsynced, false)?;
         let mut out = Vec::with_capacity(narinfos.len());
         for ((_, _, nar), (key, tmp)) in narinfos.iter().zip(temps) {
             let missing = match nar {
@@ -441,7 +460,7 @@ impl FileCache {
                     .map_err(|e| self.io(&key, e)),
             });
         }
-        self.fs.sync_dir(&self.root).map_err(|e| self.io("", e))?;
+        self.sync_dirs(&mut unsynced, true)?;
         Ok(out)
     }
 
@@ -648,11 +667,9 @@ impl BinaryCache for FileCache {
     fn sync(&self) -> Result<(), CacheError> {
         let mut unsynced = lock(&self.naming);
         let pending = self.take_pending();
-        if pending.is_empty() && !*unsynced {
-            return Ok(());
-        }
         self.sync_pending(&pending, 0)?;
-        self.rename_pending(pending, &mut unsynced)
+        self.rename_pending(pending, &mut unsynced)?;
+        self.sync_dirs(&mut unsynced, false)
     }
 
     /// One read of the cache's directory: every `<hash part>.narinfo` (a name that is not

@@ -1085,4 +1085,6 @@ pub fn split_valid(store: &LocalStore, paths: &[StorePath]) -> Result<ValidSplit
 }
 
 #[cfg(test)]
+mod faults;
+#[cfg(test)]
 mod tests;

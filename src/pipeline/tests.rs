@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// A fake store: `(store dir, infos)` where each info's NarHash is computed from disk.
-fn make_store(dir: &Path, specs: &[(&str, usize, &[usize])]) -> Vec<PathInfo> {
+pub(super) fn make_store(dir: &Path, specs: &[(&str, usize, &[usize])]) -> Vec<PathInfo> {
     let mut infos: Vec<PathInfo> = Vec::new();
     for (i, (name, size, refs)) in specs.iter().enumerate() {
         let hash = crate::format::nix32::encode(&Sha256::digest(name.as_bytes()).0[..20]);
@@ -36,7 +36,7 @@ fn make_store(dir: &Path, specs: &[(&str, usize, &[usize])]) -> Vec<PathInfo> {
 
 /// Options whose pipeline share of the budget is `memory` (the cache's half, which a
 /// local directory leaves unused, comes on top).
-fn opts(kind: Compression, chunk: usize, memory: u64) -> PushOptions {
+pub(super) fn opts(kind: Compression, chunk: usize, memory: u64) -> PushOptions {
     let key = crate::format::signing::SigningKey::from_seed("test-1", [7; 32]);
     let mut o = PushOptions::new(CompressionSettings::new(kind, None).unwrap(), vec![key]);
     o.chunk_size = chunk;
@@ -44,7 +44,7 @@ fn opts(kind: Compression, chunk: usize, memory: u64) -> PushOptions {
     o
 }
 
-fn decompress(kind: Compression, data: &[u8]) -> Vec<u8> {
+pub(super) fn decompress(kind: Compression, data: &[u8]) -> Vec<u8> {
     use std::io::Read;
     match kind {
         Compression::Zstd => zstd::decode_all(data).unwrap(),

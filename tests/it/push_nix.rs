@@ -407,7 +407,7 @@ struct DeletesAfterFirstLook {
     seen: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
-use narflow::cache::{BinaryCache, CacheError, Merged, NarUpload};
+use narflow::cache::{BinaryCache, CacheError, NarUpload, Published};
 use narflow::format::narinfo::NarInfo;
 use narflow::format::store_path::StorePath;
 
@@ -460,7 +460,7 @@ impl BinaryCache for DeletesAfterFirstLook {
         &self,
         store_dir: &str,
         narinfos: Vec<NarInfo>,
-    ) -> Result<Vec<Merged>, CacheError> {
+    ) -> Result<Vec<Published>, CacheError> {
         self.inner.publish_narinfos(store_dir, narinfos)
     }
     fn sync(&self) -> Result<(), CacheError> {
