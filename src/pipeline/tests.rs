@@ -10,28 +10,7 @@ use std::sync::Arc;
 
 /// A fake store: `(store dir, infos)` where each info's NarHash is computed from disk.
 pub(super) fn make_store(dir: &Path, specs: &[(&str, usize, &[usize])]) -> Vec<PathInfo> {
-    let mut infos: Vec<PathInfo> = Vec::new();
-    for (i, (name, size, refs)) in specs.iter().enumerate() {
-        let hash = crate::format::nix32::encode(&Sha256::digest(name.as_bytes()).0[..20]);
-        let path = StorePath::from_base_name(&format!("{hash}-{name}")).unwrap();
-        let full = dir.join(path.base_name());
-        std::fs::create_dir_all(&full).unwrap();
-        // Partly compressible content, different per path.
-        let content: Vec<u8> = (0..*size)
-            .map(|j| {
-                if j % 7 < 4 {
-                    (j / 7 % 251) as u8
-                } else {
-                    (j * 31 + i) as u8
-                }
-            })
-            .collect();
-        std::fs::write(full.join("data"), &content).unwrap();
-        std::fs::write(full.join("small"), name.as_bytes()).unwrap();
-        let references = refs.iter().map(|&r| infos[r].path.clone()).collect();
-        infos.push(PathInfo::of_tree(path, &full, references, None).unwrap());
-    }
-    infos
+    crate::store::make_test_store(dir, "", specs)
 }
 
 /// Options whose pipeline share of the budget is `memory` (the cache's half, which a

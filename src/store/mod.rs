@@ -65,6 +65,44 @@ impl PathInfo {
     }
 }
 
+/// Makes a synthetic store in `dir` for tests: one path per `(name, size, references)`
+/// (references by index into the earlier specs), each a directory with `data` (`size`
+/// bytes, partly compressible, different per path) and `small`, its hash part derived
+/// from `tag` and the name, so each tag gives fresh store paths. Returns their path
+/// infos, NarHash computed from disk.
+///
+/// # Panics
+/// When the files cannot be written or a reference index is not an earlier spec.
+#[doc(hidden)]
+pub fn make_test_store(
+    dir: &std::path::Path,
+    tag: &str,
+    specs: &[(&str, usize, &[usize])],
+) -> Vec<PathInfo> {
+    let mut infos: Vec<PathInfo> = Vec::new();
+    for (i, (name, size, refs)) in specs.iter().enumerate() {
+        let digest = Sha256::digest(format!("{tag}{name}").as_bytes());
+        let hash = crate::format::nix32::encode(&digest.0[..20]);
+        let path = StorePath::from_base_name(&format!("{hash}-{name}")).expect("a store path");
+        let full = dir.join(path.base_name());
+        std::fs::create_dir_all(&full).expect("a path's directory");
+        let content: Vec<u8> = (0..*size)
+            .map(|j| {
+                if j % 7 < 4 {
+                    (j / 7 % 251) as u8
+                } else {
+                    (j * 31 + i) as u8
+                }
+            })
+            .collect();
+        std::fs::write(full.join("data"), &content).expect("a path's data");
+        std::fs::write(full.join("small"), name.as_bytes()).expect("a path's file");
+        let references = refs.iter().map(|&r| infos[r].path.clone()).collect();
+        infos.push(PathInfo::of_tree(path, &full, references, None).expect("a readable tree"));
+    }
+    infos
+}
+
 /// Why path info could not be read. Only [`StoreError::Db`] (a lock held past the busy
 /// timeout) and [`StoreError::Command`] can be worth retrying.
 #[derive(Debug, thiserror::Error)]
