@@ -487,12 +487,13 @@ impl Run<'_> {
             closure.retain(|i| self.opts.derivations || !is_drv(&i.path));
             total += closure.len() as u64;
             total_bytes += closure.iter().map(|i| i.nar_size).sum::<u64>();
-            // What this run settled already (or has in flight) is not counted again; what
-            // the cache had is counted once, as present.
+            // What this run settled already (or has in flight, or failed) is not counted
+            // again; what the cache had is counted once, as present.
             let (mut known, mut again) = (0, 0);
-            let (available, in_flight) = (&mut self.available, &self.in_flight);
+            let (available, in_flight, failed) =
+                (&mut self.available, &self.in_flight, &self.failed);
             closure.retain(|i| {
-                if in_flight.contains_key(&i.path) {
+                if in_flight.contains_key(&i.path) || failed.contains(&i.path) {
                     again += 1;
                     return false;
                 }
@@ -735,6 +736,16 @@ impl Run<'_> {
         if self.halted {
             return Ok(());
         }
+        // What this run has counted already is not counted again: a path an earlier
+        // window pulled in, reached here in registration order (or met again in another
+        // group's closure), whether it is in flight, settled (uploaded, present or
+        // skipped) or failed. A failure pinned the cursor already; referrers of a failed
+        // path are refused below.
+        window.retain(|i| {
+            !(self.in_flight.contains_key(&i.path)
+                || self.failed.contains(&i.path)
+                || self.available.get(&hash_key(&i.path)) == Some(&true))
+        });
         let mut mark = Mark {
             seq: self.next_seq,
             outstanding: 0,
@@ -775,13 +786,11 @@ impl Run<'_> {
             }
         }
 
-        // What the cache already has, or will once an earlier window settles (a path
-        // pulled into it, reached here in registration order).
-        let (mut present, unknown): (Vec<PathInfo>, Vec<PathInfo>) =
-            candidates.into_iter().partition(|i| {
-                self.available.contains_key(&hash_key(&i.path))
-                    || self.in_flight.contains_key(&i.path)
-            });
+        // What the cache is known to have (listed, or asked about by an earlier window's
+        // pull-in) and this run has not counted yet.
+        let (mut present, unknown): (Vec<PathInfo>, Vec<PathInfo>) = candidates
+            .into_iter()
+            .partition(|i| self.available.contains_key(&hash_key(&i.path)));
         let mut todo = Vec::with_capacity(unknown.len());
         if self.listed || unknown.is_empty() {
             todo = unknown;
@@ -796,9 +805,7 @@ impl Run<'_> {
             }
         }
         for info in &present {
-            if !self.in_flight.contains_key(&info.path) {
-                self.available.insert(hash_key(&info.path), true);
-            }
+            self.available.insert(hash_key(&info.path), true);
         }
         self.summary.present += present.len() as u64;
         self.progress.advanced(present.len() as u64);

@@ -149,6 +149,11 @@ fn run(
     .unwrap()
 }
 
+/// Paths the summary counts: each path once, in one of its outcomes.
+fn counted(sum: &Summary) -> u64 {
+    sum.uploaded + sum.present + sum.skipped_signed_by + sum.skipped_upstream + sum.failed
+}
+
 #[test]
 fn a_reference_registered_after_its_referrer_is_pulled_into_the_referrers_window() {
     let s = TestStore::new();
@@ -169,8 +174,10 @@ fn a_reference_registered_after_its_referrer_is_pulled_into_the_referrers_window
     assert_eq!(sum.failed, 0, "{:?}", sum.failures);
     assert_eq!(sum.pulled_in, 1, "d came in with c's window");
     assert_eq!(sum.uploaded, 4);
-    // The walk reaches d later and finds it done.
-    assert_eq!(sum.present, 1);
+    // The walk reaches d later and finds it uploaded by this run already: counted as
+    // uploaded, not again as present.
+    assert_eq!(sum.present, 0);
+    assert_eq!(counted(&sum), 4);
     assert_eq!(sum.cursor, s.id(&d));
     assert_eq!(
         state::load(&state, cache.cache.url())
@@ -179,6 +186,50 @@ fn a_reference_registered_after_its_referrer_is_pulled_into_the_referrers_window
             .cursor,
         s.id(&d)
     );
+}
+
+/// A path an earlier window pulled in is counted once, whatever became of it, when the
+/// walk reaches it in its own window: skipped (signed by an upstream key), or failed.
+#[test]
+fn a_path_pulled_into_an_earlier_window_is_counted_once() {
+    let s = TestStore::new();
+    let [a, b, c, d, x, y] = ["a", "b", "c", "d", "x", "y"].map(|n| s.path(n));
+    // Windows of two: [a, c] with d pulled in, [x, y], [b, d]. The third is planned only
+    // once the first has settled, so d has settled by then.
+    s.add(&a, &[]);
+    s.add(&c, &[&a]);
+    s.add(&x, &[]);
+    s.add(&y, &[]);
+    s.add(&b, &[&a]);
+    s.add(&d, &[&a]);
+    s.add_ref(&c, &d);
+    s.set(&d, "sigs", &format!("upstream-1:{}", "A".repeat(86) + "=="));
+    let cache = Cache::new();
+    let mut opts = options(2, None);
+    opts.skip_signed_by = vec!["upstream-1".into()];
+    let sum = run(&s, &cache, &[], &opts);
+    assert_eq!(sum.pulled_in, 1, "d came in with c's window");
+    assert_eq!(
+        (sum.uploaded, sum.present, sum.skipped_signed_by, sum.failed),
+        (5, 0, 1, 0),
+        "{:?}",
+        sum.failures
+    );
+    assert!(!cache.has(&d));
+
+    // d's tree no longer matches its NarHash: it fails, and c, which refers to it, is
+    // refused.
+    std::fs::write(s.full(&d), "changed").unwrap();
+    let cache = Cache::new();
+    let sum = run(&s, &cache, &[], &options(2, None));
+    assert_eq!(
+        (sum.uploaded, sum.present, sum.failed),
+        (4, 0, 2),
+        "{:?}",
+        sum.failures
+    );
+    assert_eq!(counted(&sum), 6);
+    assert!(cache.has(&a) && cache.has(&b) && !cache.has(&c) && !cache.has(&d));
 }
 
 #[test]
