@@ -675,3 +675,90 @@ fn the_next_window_goes_up_while_the_last_path_of_one_is_held_and_the_cursor_wai
     assert_eq!(sum.cursor, s.id(&d));
     assert_eq!(state::load(&state, &url).unwrap().unwrap().cursor, s.id(&d));
 }
+
+/// Named paths: the cursor passes each window of a group's closure as it settles, not
+/// only the group's last, so a kill costs at most the windows in flight. Here the one
+/// named path's closure is a chain of four paths, two windows; the second window's first
+/// path is held, and the state file shows the cursor past the first window meanwhile. A
+/// rerun from that state walks only the second window, unless the closure it counted is
+/// not the one it finds.
+#[test]
+fn named_paths_move_the_cursor_window_by_window_within_a_group() {
+    let s = TestStore::new();
+    let [p1, p2, large, top] = ["p1", "p2", "large", "top"].map(|n| s.path(n));
+    s.add(&p1, &[]);
+    s.add(&p2, &[&p1]);
+    s.add(&large, &[&p2]);
+    s.add(&top, &[&large]);
+    std::fs::write(s.full(&large), vec![b'x'; Held::LARGE as usize]).unwrap();
+    let (hash, size) = crate::nar_fs::hash_path(std::path::Path::new(&s.full(&large))).unwrap();
+    s.set(&large, "hash", &format!("sha256:{}", hash.to_base16()));
+    s.set(&large, "narSize", &(size as i64));
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let (release, gate) = crossbeam_channel::bounded(0);
+    let cache = Held {
+        inner: FileCache::open(dir.path(), &url).unwrap(),
+        gate,
+    };
+    let state = dir.path().join("state.json");
+    let mut opts = options(2, Some(state.clone()));
+    opts.selection = Selection::Paths(vec![top.clone()]);
+    let (tx, finished) = crossbeam_channel::bounded(4);
+    let progress = Finished(tx);
+    let store = s.local();
+    let (sum, mid) = std::thread::scope(|scope| {
+        let run = scope.spawn(|| backfill(&store, &cache, &[], &push_options(), &opts, &progress));
+        let wait = || {
+            finished
+                .recv_timeout(Duration::from_secs(60))
+                .expect("window 1 goes up while window 2 is held")
+        };
+        assert_eq!([wait(), wait()], [s.full(&p1), s.full(&p2)]);
+        // Window 1 has settled; the cursor passes it (the state is written just after).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mid = loop {
+            if let Some(st) = state::load(&state, &url).unwrap() {
+                break st;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cursor did not pass window 1 while window 2 of the group is held"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        drop(release);
+        (run.join().unwrap().unwrap(), mid)
+    });
+    assert_eq!(
+        mid.cursor, 0,
+        "not past the named path: its closure is not done"
+    );
+    assert_eq!(mid.within.as_ref().map(|w| w.windows), Some(1));
+    assert_eq!((sum.uploaded, sum.windows, sum.cursor), (4, 2, 1));
+    let end = state::load(&state, &url).unwrap().unwrap();
+    assert_eq!((end.cursor, end.within), (1, None));
+
+    // As if killed there: window 2's narinfos never written, the state at window 1.
+    let forget = |p: &StorePath| {
+        std::fs::remove_file(dir.path().join(format!("{}.narinfo", p.hash_part()))).unwrap();
+    };
+    forget(&large);
+    forget(&top);
+    state::save(&state, &mid).unwrap();
+    let again = backfill(&store, &cache, &[], &push_options(), &opts, &NoProgress).unwrap();
+    assert_eq!(again.resumed_from, Some(0));
+    assert_eq!(
+        (again.windows, again.uploaded, again.present),
+        (1, 2, 0),
+        "window 1 is not walked again"
+    );
+    assert_eq!(again.cursor, 1);
+
+    // A count of windows of another closure is not trusted: the group is walked whole.
+    let mut other = mid.clone();
+    other.within.as_mut().unwrap().closure = "0000000000000000".into();
+    state::save(&state, &other).unwrap();
+    let whole = backfill(&store, &cache, &[], &push_options(), &opts, &NoProgress).unwrap();
+    assert_eq!((whole.windows, whole.uploaded, whole.present), (2, 0, 4));
+}
