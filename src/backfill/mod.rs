@@ -223,8 +223,8 @@ pub fn backfill(
         next_seq: 0,
         halted: false,
         pinned: false,
-        cursor: 0,
-        saved: 0,
+        cursor: Position::default(),
+        saved: Position::default(),
         summary: Summary {
             dry_run: opts.dry_run,
             ..Summary::default()
@@ -233,7 +233,10 @@ pub fn backfill(
     let fingerprint = opts.fingerprint();
     let resumed = match &opts.state_file {
         Some(path) => match state::load(path, cache.url())? {
-            Some(s) if s.selection == fingerprint => Some(s.cursor),
+            Some(s) if s.selection == fingerprint => Some(Position {
+                cursor: s.cursor,
+                within: s.within,
+            }),
             Some(s) => {
                 tracing::warn!(
                     "backfill state {} was for another selection ({}); starting over",
@@ -246,11 +249,11 @@ pub fn backfill(
         },
         None => None,
     };
-    run.summary.resumed_from = resumed;
-    let cursor = resumed.unwrap_or(0);
-    (run.cursor, run.saved) = (cursor, cursor);
+    run.summary.resumed_from = resumed.as_ref().map(|p| p.cursor);
+    let cursor = resumed.unwrap_or_default();
+    (run.cursor, run.saved) = (cursor.clone(), cursor.clone());
     if opts.dry_run {
-        run.walk(cursor)?;
+        run.walk(&cursor)?;
         run.drain()?;
     } else {
         let window_progress = WindowProgress(progress);
@@ -274,8 +277,9 @@ pub fn backfill(
                         }
                     });
                     run.lane = Some(Lane { tx, settled });
-                    let walked =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.walk(cursor)));
+                    let walked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run.walk(&cursor)
+                    }));
                     let walked = walked.unwrap_or_else(|p| {
                         // Closing both ends lets the submitter and the pipeline end, so
                         // the scope can join them and the panic goes on.
@@ -300,6 +304,21 @@ pub fn hash_key(path: &StorePath) -> [u8; 20] {
 
 fn is_drv(path: &StorePath) -> bool {
     path.name().ends_with(".drv")
+}
+
+/// A digest of a group's closure in walk order: 16 hex digits of SHA-256 over its base
+/// names.
+fn closure_digest(closure: &[PathInfo]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for i in closure {
+        h.update(i.path.base_name().as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 struct Run<'a> {
@@ -339,9 +358,26 @@ struct Run<'a> {
     pinned: bool,
     /// Where the cursor is (everything below it durable or skipped), and where the state
     /// file last put it.
-    cursor: i64,
-    saved: i64,
+    cursor: Position,
+    saved: Position,
     summary: Summary,
+}
+
+/// Where the cursor is: [`state::State::cursor`], and for named paths how far into the
+/// group that starts there ([`state::State::within`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Position {
+    cursor: i64,
+    within: Option<state::Within>,
+}
+
+impl Position {
+    fn at(cursor: i64) -> Self {
+        Position {
+            cursor,
+            within: None,
+        }
+    }
 }
 
 /// The backfill's ends of the long-lived pipeline.
@@ -359,9 +395,9 @@ struct Mark {
     outstanding: usize,
     /// No path of it failed (so far).
     ok: bool,
-    /// Where the cursor goes once this window and all before it are settled (none for a
-    /// named group's windows but its last), and whether that is worth an fsync.
-    cursor: Option<i64>,
+    /// Where the cursor goes once this window and all before it are settled, and whether
+    /// that is worth an fsync.
+    cursor: Option<Position>,
     save: bool,
     /// The window had paths: `--upload-logs` reports on it.
     logs: bool,
@@ -407,19 +443,20 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn save(&self, cursor: i64) -> Result<(), BackfillError> {
+    fn save(&self, cursor: &Position) -> Result<(), BackfillError> {
         if let (Some(path), false) = (&self.opts.state_file, self.opts.dry_run) {
-            let s = state::State::new(self.cache.url(), &self.opts.fingerprint(), cursor);
+            let s = state::State::new(self.cache.url(), &self.opts.fingerprint(), cursor.cursor)
+                .within(cursor.within.clone());
             state::save(path, &s)?;
         }
         Ok(())
     }
 
     /// Walks the selection from `cursor`, submitting window after window.
-    fn walk(&mut self, cursor: i64) -> Result<(), BackfillError> {
+    fn walk(&mut self, cursor: &Position) -> Result<(), BackfillError> {
         let opts = self.opts;
         match &opts.selection {
-            Selection::Store { since } => self.walk_store(cursor, since.unwrap_or(i64::MIN)),
+            Selection::Store { since } => self.walk_store(cursor.cursor, since.unwrap_or(i64::MIN)),
             Selection::Paths(named) => self.walk_named(named, cursor),
         }
     }
@@ -455,25 +492,35 @@ impl Run<'_> {
             // A window with nothing selected moves the cursor without an fsync.
             let save = !selected.is_empty();
             let infos = self.infos_of_valid(selected)?;
-            self.process_window(infos, true, Some(last), save)?;
+            self.process_window(infos, true, Some(Position::at(last)), save)?;
             scan = last;
             self.summary.windows += 1;
         }
         Ok(())
     }
 
-    /// `PATH...`: the closures of `window` named paths at a time, from the `cursor`-th.
-    fn walk_named(&mut self, named: &[StorePath], cursor: i64) -> Result<(), BackfillError> {
+    /// `PATH...`: the closures of `window` named paths at a time, from the `cursor`-th,
+    /// past the windows of that group's closure done already (`within` it).
+    ///
+    /// A group's closure is cut into windows before anything is left out of them (what
+    /// this run counted already, what the cache is known to have), so the same closure
+    /// gives the same windows on every run and the cursor passes them one by one, as it
+    /// passes the store's. A resumed count of windows is used only for the very closure
+    /// it was counted in (its digest is in the state); any other walks the group whole.
+    fn walk_named(&mut self, named: &[StorePath], cursor: &Position) -> Result<(), BackfillError> {
         let window = self.opts.window.max(1);
-        let start = usize::try_from(cursor).unwrap_or(0).min(named.len());
-        let mut done = start;
+        let start = usize::try_from(cursor.cursor).unwrap_or(0).min(named.len());
+        let mut resumed_within = cursor.within.clone();
+        let mut group_start = start;
         self.decide_listing((named.len() - start) as u64)?;
         let (mut total, mut total_bytes) = (0, 0);
         for chunk in named[start..].chunks(window) {
             if self.halted {
                 break;
             }
+            let group_end = group_start + chunk.len();
             let (valid, invalid) = pipeline::split_valid(self.store, chunk)?;
+            // A named path that is not valid pins the cursor before the group.
             let ok = invalid.is_empty();
             for (path, _) in invalid {
                 let why = Failure::NotValid { path: path.clone() };
@@ -485,49 +532,80 @@ impl Run<'_> {
             let mut closure = self.store.closure(&valid)?;
             // A .drv a selected path refers to is pulled back in by the window check.
             closure.retain(|i| self.opts.derivations || !is_drv(&i.path));
-            total += closure.len() as u64;
-            total_bytes += closure.iter().map(|i| i.nar_size).sum::<u64>();
-            // What this run settled already (or has in flight) is not counted again; what
-            // the cache had is counted once, as present.
+            let digest = closure_digest(&closure);
+            let done_before = match resumed_within.take() {
+                Some(w) if w.closure == digest => usize::try_from(w.windows).unwrap_or(usize::MAX),
+                Some(_) => {
+                    tracing::info!(
+                        "the closure of named paths {group_start}.. is not the one the \
+                         backfill state counted windows of: it is walked whole"
+                    );
+                    0
+                }
+                None => 0,
+            };
+            // Topological order across the closure: each window's references are in an
+            // earlier window, or available.
+            let mut windows: Vec<Vec<PathInfo>> = closure
+                .chunks(window)
+                .skip(done_before)
+                .map(<[_]>::to_vec)
+                .collect();
+            drop(closure);
+            // What this run settled already (or has in flight, or failed) is not counted
+            // again; what the cache had is counted once, as present.
             let (mut known, mut again) = (0, 0);
-            let (available, in_flight) = (&mut self.available, &self.in_flight);
-            closure.retain(|i| {
-                if in_flight.contains_key(&i.path) {
-                    again += 1;
-                    return false;
-                }
-                match available.get_mut(&hash_key(&i.path)) {
-                    None => true,
-                    Some(settled) => {
-                        if *settled {
-                            again += 1;
-                        } else {
-                            known += 1;
-                            *settled = true;
-                        }
-                        false
+            for w in &mut windows {
+                total += w.len() as u64;
+                total_bytes += w.iter().map(|i| i.nar_size).sum::<u64>();
+                let (available, in_flight, failed) =
+                    (&mut self.available, &self.in_flight, &self.failed);
+                w.retain(|i| {
+                    if in_flight.contains_key(&i.path) || failed.contains(&i.path) {
+                        again += 1;
+                        return false;
                     }
-                }
-            });
+                    match available.get_mut(&hash_key(&i.path)) {
+                        None => true,
+                        Some(settled) => {
+                            if *settled {
+                                again += 1;
+                            } else {
+                                known += 1;
+                                *settled = true;
+                            }
+                            false
+                        }
+                    }
+                });
+            }
             total -= again;
             self.progress.total(total, total_bytes);
             self.summary.present += known;
             self.progress.advanced(known);
-            done += chunk.len();
-            // Topological order across the closure: each window's references are in an
-            // earlier window, or available. The cursor passes the group with its last
-            // window.
-            let windows: Vec<Vec<PathInfo>> = closure.chunks(window).map(<[_]>::to_vec).collect();
-            drop(closure);
             let n = windows.len();
             if n == 0 {
-                self.process_window(Vec::new(), ok, Some(done as i64), true)?;
+                let cursor = Position::at(group_end as i64);
+                self.process_window(Vec::new(), ok, Some(cursor), true)?;
             }
             for (i, w) in windows.into_iter().enumerate() {
-                let last = i + 1 == n;
-                self.process_window(w, ok || !last, last.then_some(done as i64), last)?;
+                let cursor = if i + 1 == n {
+                    Position::at(group_end as i64)
+                } else {
+                    Position {
+                        cursor: group_start as i64,
+                        within: Some(state::Within {
+                            windows: (done_before + i + 1) as u64,
+                            closure: digest.clone(),
+                        }),
+                    }
+                };
+                // A window left with nothing to do moves the cursor without an fsync.
+                let save = i + 1 == n || !w.is_empty();
+                self.process_window(w, ok, Some(cursor), save)?;
                 self.summary.windows += 1;
             }
+            group_start = group_end;
         }
         Ok(())
     }
@@ -551,10 +629,10 @@ impl Run<'_> {
             return Err(e);
         }
         if self.cursor != self.saved {
-            self.save(self.cursor)?;
-            self.saved = self.cursor;
+            self.save(&self.cursor)?;
+            self.saved = self.cursor.clone();
         }
-        self.summary.cursor = self.cursor;
+        self.summary.cursor = self.cursor.cursor;
         Ok(())
     }
 
@@ -676,11 +754,11 @@ impl Run<'_> {
             // (a rerun finds them present) and their referrers of it are refused.
             self.pinned |= !m.ok;
             if let (false, Some(cursor)) = (self.pinned, m.cursor) {
-                self.cursor = cursor;
                 if m.save {
-                    self.save(cursor)?;
-                    self.saved = cursor;
+                    self.save(&cursor)?;
+                    self.saved = cursor.clone();
                 }
+                self.cursor = cursor;
             }
         }
         Ok(())
@@ -725,7 +803,7 @@ impl Run<'_> {
         &mut self,
         mut window: Vec<PathInfo>,
         ok: bool,
-        cursor: Option<i64>,
+        cursor: Option<Position>,
         save: bool,
     ) -> Result<(), BackfillError> {
         // At most two windows in flight: this one is planned once the one two before it
@@ -735,6 +813,16 @@ impl Run<'_> {
         if self.halted {
             return Ok(());
         }
+        // What this run has counted already is not counted again: a path an earlier
+        // window pulled in, reached here in registration order (or met again in another
+        // group's closure), whether it is in flight, settled (uploaded, present or
+        // skipped) or failed. A failure pinned the cursor already; referrers of a failed
+        // path are refused below.
+        window.retain(|i| {
+            !(self.in_flight.contains_key(&i.path)
+                || self.failed.contains(&i.path)
+                || self.available.get(&hash_key(&i.path)) == Some(&true))
+        });
         let mut mark = Mark {
             seq: self.next_seq,
             outstanding: 0,
@@ -775,13 +863,11 @@ impl Run<'_> {
             }
         }
 
-        // What the cache already has, or will once an earlier window settles (a path
-        // pulled into it, reached here in registration order).
-        let (mut present, unknown): (Vec<PathInfo>, Vec<PathInfo>) =
-            candidates.into_iter().partition(|i| {
-                self.available.contains_key(&hash_key(&i.path))
-                    || self.in_flight.contains_key(&i.path)
-            });
+        // What the cache is known to have (listed, or asked about by an earlier window's
+        // pull-in) and this run has not counted yet.
+        let (mut present, unknown): (Vec<PathInfo>, Vec<PathInfo>) = candidates
+            .into_iter()
+            .partition(|i| self.available.contains_key(&hash_key(&i.path)));
         let mut todo = Vec::with_capacity(unknown.len());
         if self.listed || unknown.is_empty() {
             todo = unknown;
@@ -796,9 +882,7 @@ impl Run<'_> {
             }
         }
         for info in &present {
-            if !self.in_flight.contains_key(&info.path) {
-                self.available.insert(hash_key(&info.path), true);
-            }
+            self.available.insert(hash_key(&info.path), true);
         }
         self.summary.present += present.len() as u64;
         self.progress.advanced(present.len() as u64);

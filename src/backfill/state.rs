@@ -24,6 +24,21 @@ pub struct State {
     /// is durable in the cache or skipped. Naming paths: how many of the named paths have
     /// their whole closure done.
     pub cursor: i64,
+    /// Naming paths: how far into the closure of the group that starts at `cursor` the
+    /// walk got (absent: not into it at all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub within: Option<Within>,
+}
+
+/// How many windows of one group's closure are done (durable in the cache or skipped).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Within {
+    /// The group's first windows done, in the walk's order.
+    pub windows: u64,
+    /// A digest of the group's closure in that order: the count means nothing for
+    /// another closure (a named path that was not valid then, or is no longer).
+    pub closure: String,
 }
 
 impl State {
@@ -33,7 +48,15 @@ impl State {
             url: url.to_owned(),
             selection: selection.to_owned(),
             cursor,
+            within: None,
         }
+    }
+
+    /// The same, `within` the group at `cursor`.
+    #[must_use]
+    pub fn within(mut self, within: Option<Within>) -> Self {
+        self.within = within;
+        self
     }
 }
 
@@ -155,6 +178,22 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["state.json"], "no temporary file is left behind");
+    }
+
+    #[test]
+    fn a_cursor_within_a_group_loads_back_and_one_without_is_written_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let within = Within {
+            windows: 3,
+            closure: "0123456789abcdef".into(),
+        };
+        let s = State::new("file:///c", "2 paths", 0).within(Some(within));
+        save(&path, &s).unwrap();
+        assert_eq!(load(&path, "file:///c").unwrap(), Some(s));
+        save(&path, &State::new("file:///c", "2 paths", 2)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("within"), "{text}");
     }
 
     #[test]

@@ -149,6 +149,11 @@ fn run(
     .unwrap()
 }
 
+/// Paths the summary counts: each path once, in one of its outcomes.
+fn counted(sum: &Summary) -> u64 {
+    sum.uploaded + sum.present + sum.skipped_signed_by + sum.skipped_upstream + sum.failed
+}
+
 #[test]
 fn a_reference_registered_after_its_referrer_is_pulled_into_the_referrers_window() {
     let s = TestStore::new();
@@ -169,8 +174,10 @@ fn a_reference_registered_after_its_referrer_is_pulled_into_the_referrers_window
     assert_eq!(sum.failed, 0, "{:?}", sum.failures);
     assert_eq!(sum.pulled_in, 1, "d came in with c's window");
     assert_eq!(sum.uploaded, 4);
-    // The walk reaches d later and finds it done.
-    assert_eq!(sum.present, 1);
+    // The walk reaches d later and finds it uploaded by this run already: counted as
+    // uploaded, not again as present.
+    assert_eq!(sum.present, 0);
+    assert_eq!(counted(&sum), 4);
     assert_eq!(sum.cursor, s.id(&d));
     assert_eq!(
         state::load(&state, cache.cache.url())
@@ -179,6 +186,50 @@ fn a_reference_registered_after_its_referrer_is_pulled_into_the_referrers_window
             .cursor,
         s.id(&d)
     );
+}
+
+/// A path an earlier window pulled in is counted once, whatever became of it, when the
+/// walk reaches it in its own window: skipped (signed by an upstream key), or failed.
+#[test]
+fn a_path_pulled_into_an_earlier_window_is_counted_once() {
+    let s = TestStore::new();
+    let [a, b, c, d, x, y] = ["a", "b", "c", "d", "x", "y"].map(|n| s.path(n));
+    // Windows of two: [a, c] with d pulled in, [x, y], [b, d]. The third is planned only
+    // once the first has settled, so d has settled by then.
+    s.add(&a, &[]);
+    s.add(&c, &[&a]);
+    s.add(&x, &[]);
+    s.add(&y, &[]);
+    s.add(&b, &[&a]);
+    s.add(&d, &[&a]);
+    s.add_ref(&c, &d);
+    s.set(&d, "sigs", &format!("upstream-1:{}", "A".repeat(86) + "=="));
+    let cache = Cache::new();
+    let mut opts = options(2, None);
+    opts.skip_signed_by = vec!["upstream-1".into()];
+    let sum = run(&s, &cache, &[], &opts);
+    assert_eq!(sum.pulled_in, 1, "d came in with c's window");
+    assert_eq!(
+        (sum.uploaded, sum.present, sum.skipped_signed_by, sum.failed),
+        (5, 0, 1, 0),
+        "{:?}",
+        sum.failures
+    );
+    assert!(!cache.has(&d));
+
+    // d's tree no longer matches its NarHash: it fails, and c, which refers to it, is
+    // refused.
+    std::fs::write(s.full(&d), "changed").unwrap();
+    let cache = Cache::new();
+    let sum = run(&s, &cache, &[], &options(2, None));
+    assert_eq!(
+        (sum.uploaded, sum.present, sum.failed),
+        (4, 0, 2),
+        "{:?}",
+        sum.failures
+    );
+    assert_eq!(counted(&sum), 6);
+    assert!(cache.has(&a) && cache.has(&b) && !cache.has(&c) && !cache.has(&d));
 }
 
 #[test]
@@ -623,4 +674,91 @@ fn the_next_window_goes_up_while_the_last_path_of_one_is_held_and_the_cursor_wai
     assert_eq!(sum.windows, 2);
     assert_eq!(sum.cursor, s.id(&d));
     assert_eq!(state::load(&state, &url).unwrap().unwrap().cursor, s.id(&d));
+}
+
+/// Named paths: the cursor passes each window of a group's closure as it settles, not
+/// only the group's last, so a kill costs at most the windows in flight. Here the one
+/// named path's closure is a chain of four paths, two windows; the second window's first
+/// path is held, and the state file shows the cursor past the first window meanwhile. A
+/// rerun from that state walks only the second window, unless the closure it counted is
+/// not the one it finds.
+#[test]
+fn named_paths_move_the_cursor_window_by_window_within_a_group() {
+    let s = TestStore::new();
+    let [p1, p2, large, top] = ["p1", "p2", "large", "top"].map(|n| s.path(n));
+    s.add(&p1, &[]);
+    s.add(&p2, &[&p1]);
+    s.add(&large, &[&p2]);
+    s.add(&top, &[&large]);
+    std::fs::write(s.full(&large), vec![b'x'; Held::LARGE as usize]).unwrap();
+    let (hash, size) = crate::nar_fs::hash_path(std::path::Path::new(&s.full(&large))).unwrap();
+    s.set(&large, "hash", &format!("sha256:{}", hash.to_base16()));
+    s.set(&large, "narSize", &(size as i64));
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let (release, gate) = crossbeam_channel::bounded(0);
+    let cache = Held {
+        inner: FileCache::open(dir.path(), &url).unwrap(),
+        gate,
+    };
+    let state = dir.path().join("state.json");
+    let mut opts = options(2, Some(state.clone()));
+    opts.selection = Selection::Paths(vec![top.clone()]);
+    let (tx, finished) = crossbeam_channel::bounded(4);
+    let progress = Finished(tx);
+    let store = s.local();
+    let (sum, mid) = std::thread::scope(|scope| {
+        let run = scope.spawn(|| backfill(&store, &cache, &[], &push_options(), &opts, &progress));
+        let wait = || {
+            finished
+                .recv_timeout(Duration::from_secs(60))
+                .expect("window 1 goes up while window 2 is held")
+        };
+        assert_eq!([wait(), wait()], [s.full(&p1), s.full(&p2)]);
+        // Window 1 has settled; the cursor passes it (the state is written just after).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mid = loop {
+            if let Some(st) = state::load(&state, &url).unwrap() {
+                break st;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cursor did not pass window 1 while window 2 of the group is held"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        drop(release);
+        (run.join().unwrap().unwrap(), mid)
+    });
+    assert_eq!(
+        mid.cursor, 0,
+        "not past the named path: its closure is not done"
+    );
+    assert_eq!(mid.within.as_ref().map(|w| w.windows), Some(1));
+    assert_eq!((sum.uploaded, sum.windows, sum.cursor), (4, 2, 1));
+    let end = state::load(&state, &url).unwrap().unwrap();
+    assert_eq!((end.cursor, end.within), (1, None));
+
+    // As if killed there: window 2's narinfos never written, the state at window 1.
+    let forget = |p: &StorePath| {
+        std::fs::remove_file(dir.path().join(format!("{}.narinfo", p.hash_part()))).unwrap();
+    };
+    forget(&large);
+    forget(&top);
+    state::save(&state, &mid).unwrap();
+    let again = backfill(&store, &cache, &[], &push_options(), &opts, &NoProgress).unwrap();
+    assert_eq!(again.resumed_from, Some(0));
+    assert_eq!(
+        (again.windows, again.uploaded, again.present),
+        (1, 2, 0),
+        "window 1 is not walked again"
+    );
+    assert_eq!(again.cursor, 1);
+
+    // A count of windows of another closure is not trusted: the group is walked whole.
+    let mut other = mid.clone();
+    other.within.as_mut().unwrap().closure = "0000000000000000".into();
+    state::save(&state, &other).unwrap();
+    let whole = backfill(&store, &cache, &[], &push_options(), &opts, &NoProgress).unwrap();
+    assert_eq!((whole.windows, whole.uploaded, whole.present), (2, 0, 4));
 }

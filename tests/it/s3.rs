@@ -908,6 +908,108 @@ fn sweeping_orphans_removes_old_staging_leftovers_and_keeps_young_ones() {
     }
 }
 
+/// A sweep never removes what a live upload of this process owns, however old it looks
+/// (a NAR taking longer than the grace at a low `--max-rate`): not its multipart upload
+/// while parts go up, not its staging object while it is copied to its final key. Once
+/// the upload is dropped, what is left on its staging key is an orphan like any other.
+/// The cutoff is an hour ahead, so everything looks old; each sweep covers only the
+/// staging key of the upload at hand (the bucket is shared).
+#[test]
+fn sweeping_leaves_what_live_uploads_of_this_process_own() {
+    use narflow::cache::BinaryCache;
+    use std::io::Write;
+    let Some(s3) = s3_env() else { return };
+    let c = s3.client();
+    // The first CopyObject goes unanswered for 3 s (then its connection is closed and it
+    // is sent again): the staging object is being copied meanwhile.
+    let proxy = Proxy::start(
+        &s3.endpoint,
+        vec![Rule::after(
+            Kind::CopyObject,
+            0,
+            1,
+            Fault::Silent(Duration::from_secs(3)),
+        )],
+    );
+    let url = narflow::cache::url::CacheUrl::parse(&s3.url_at(&proxy.endpoint(), "")).unwrap();
+    let cache =
+        narflow::cache::s3::S3Cache::open(&s3.bucket, &url, &crate::helpers::open_options(&url))
+            .unwrap();
+    let cutoff = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let sweep = |staging: &str| {
+        cache
+            .sweep_staging(&staging[STAGING_PREFIX.len()..], cutoff)
+            .unwrap()
+    };
+    // Three parts of 8 MiB, the last one short; two go up as they are written.
+    let data: Vec<u8> = (0..(20u64 << 20) + 4321)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let begin = |known: &BTreeSet<String>| {
+        let mut u = cache.begin_nar(data.len() as u64).unwrap();
+        u.write_all(&data).unwrap();
+        let staging: Vec<String> = staging_keys(&proxy).difference(known).cloned().collect();
+        assert_eq!(staging.len(), 1, "one new multipart upload: {staging:?}");
+        (u, staging[0].clone())
+    };
+
+    // While parts go up.
+    let (mut u, staging) = begin(&BTreeSet::new());
+    let ids = c.multipart_uploads(&staging);
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(sweep(&staging), 0, "the live upload was swept");
+    assert_eq!(
+        c.multipart_uploads(&staging),
+        ids,
+        "the live upload is gone"
+    );
+
+    // While its staging object is copied.
+    let key = format!("nar/{}.nar.zst", unique("sweep-live"));
+    u.written();
+    let commit = {
+        let key = key.clone();
+        std::thread::spawn(move || u.commit(&key))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !proxy.log().iter().any(|r| r.is(Kind::CopyObject)) {
+        assert!(
+            std::time::Instant::now() < deadline && !commit.is_finished(),
+            "no CopyObject\n{}",
+            proxy.dump()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(c.exists(&staging), "no staging object while it is copied");
+    assert_eq!(
+        sweep(&staging),
+        0,
+        "the staging object being copied was swept"
+    );
+    commit
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("commit: {e}\n{}", proxy.dump()));
+    let stored = c.get(&key);
+    c.delete(&key);
+    assert!(stored == Some(data.clone()), "{key} is not the NAR written");
+    assert_no_staging_leftovers(&c, &BTreeSet::from([staging.clone()]));
+
+    // Dropped: an orphan on its staging key (as a retried CreateMultipartUpload whose first
+    // answer was lost leaves) is kept while the upload lives, and swept once it is gone.
+    let (u, staging) = begin(&BTreeSet::from([staging]));
+    let (orphan, _) = c.create_multipart(&staging);
+    assert_eq!(sweep(&staging), 0, "swept beside a live upload");
+    drop(u);
+    assert_eq!(c.multipart_uploads(&staging), [(staging.clone(), orphan)]);
+    assert_eq!(
+        sweep(&staging),
+        1,
+        "the orphan of a dropped upload stays protected"
+    );
+    assert_no_staging_leftovers(&c, &BTreeSet::from([staging]));
+}
+
 /// A staging object beyond the CopyObject limit (5 GiB on AWS) is copied to its final key
 /// in parts with UploadPartCopy. The test lowers the limit (and the copy part size) to
 /// 5 MiB with the undocumented NARFLOW_S3_COPY_PART_SIZE, so a 20 MiB NAR takes that path.

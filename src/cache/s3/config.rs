@@ -136,6 +136,7 @@ impl S3Cache {
                 min_part: tuning.min_part_size,
                 concurrency,
                 counts: Default::default(),
+                owned: Default::default(),
             }),
         })
     }

@@ -16,7 +16,8 @@
 //!
 //! Memory: uploads buffer at most `OpenOptions::upload_memory`, the share of the memory
 //! budget the pipeline gives this cache; each buffer reserves its whole part before it is filled (see `UploadMemory`).
-//! Orphans that a killed push left under the staging prefix are swept by age.
+//! Orphans that a killed push left under the staging prefix are swept by age, never what
+//! a live upload of this process still owns (`sweep::Owned`), however old.
 //!
 //! Every request is retried with jittered exponential backoff on 5xx, 503 SlowDown,
 //! timeouts and connection errors, honouring Retry-After; a 403, bad credentials or a
@@ -84,6 +85,8 @@ struct Shared {
     memory: Arc<UploadMemory>,
     /// Requests sent and retried, by operation.
     counts: retry::Counts,
+    /// What live uploads own: never swept.
+    owned: Arc<sweep::Owned>,
 }
 
 #[derive(Debug)]
@@ -245,11 +248,6 @@ impl BinaryCache for S3Cache {
         })
     }
 
-    /// Aborts the multipart uploads under the staging prefix and under `nar/` (a
-    /// multi-part copy to a final key whose push was killed), and deletes the staging
-    /// objects, that were started (Initiated) or written (LastModified) more than `grace`
-    /// ago by this machine's clock; younger ones may belong to an upload running elsewhere.
-    /// Objects under `nar/` are never deleted here.
     fn request_counts(&self) -> Vec<super::RequestCount> {
         self.shared.counts.snapshot()
     }
@@ -263,6 +261,12 @@ impl BinaryCache for S3Cache {
         Ok(set.map(super::NarinfoSet))
     }
 
+    /// Aborts the multipart uploads under the staging prefix and under `nar/` (a
+    /// multi-part copy to a final key whose push was killed), and deletes the staging
+    /// objects, that were started (Initiated) or written (LastModified) more than `grace`
+    /// ago by this machine's clock; younger ones may belong to an upload running elsewhere.
+    /// What a live upload of this process owns stays, however old (`sweep::Owned`).
+    /// Objects under `nar/` are never deleted here.
     fn sweep_orphans(&self, grace: Duration) -> Result<u64, CacheError> {
         let cutoff = SystemTime::now()
             .checked_sub(grace)

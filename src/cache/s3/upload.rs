@@ -231,6 +231,8 @@ impl Shared {
             })
             .await?;
         let id = created.upload_id().unwrap_or_default().to_owned();
+        // Owned (never swept) until it is completed or aborted.
+        let _owning = self.owned.upload(&id);
         let r = self.copy_parts(staging, key, &id, size, part).await;
         if r.is_err() {
             let abort = self.abort(key, &id).await;
@@ -366,6 +368,9 @@ async fn abort_others(s: &Shared, key: &str, keep: &str) {
 /// A multipart upload to a staging key.
 struct Multipart {
     staging: String,
+    /// The staging key is this upload's: no sweep removes its upload or its object.
+    /// Dropped last, once both are gone (or the upload is dropped).
+    _owning: super::sweep::Owning,
     /// Cleared once the upload is known to be complete (nothing left to abort).
     upload_id: String,
     /// Bytes sent in parts so far: what the staging object must hold once complete.
@@ -439,6 +444,8 @@ impl S3NarUpload {
         let s = self.shared.clone();
         if self.multipart.is_none() {
             let staging = Self::staging_key();
+            // Before the upload exists, so that no sweep can see it unowned.
+            let owning = s.owned.staging_key(&staging);
             let id =
                 s.rt.block_on(s.retry(Op::CreateMultipartUpload, &staging, || {
                     s.client
@@ -452,6 +459,7 @@ impl S3NarUpload {
             let upload_id = id.upload_id().unwrap_or_default().to_owned();
             self.multipart = Some(Multipart {
                 staging,
+                _owning: owning,
                 upload_id,
                 sent: 0,
                 completing: false,
@@ -566,10 +574,12 @@ impl S3NarUpload {
             s.rt.block_on(s.copy(&staging, key, size))?;
         }
         let staging = std::mem::take(&mut m.staging);
-        self.multipart = None;
+        // Owned until it is deleted: the staging key stays this upload's till then.
+        let done = self.multipart.take();
         if let Err(e) = s.rt.block_on(s.delete(&staging)) {
             tracing::warn!("could not delete the staging object {staging}: {e}");
         }
+        drop(done);
         Ok(())
     }
 }
@@ -664,6 +674,8 @@ impl Drop for S3NarUpload {
                 tracing::warn!("could not delete the staging object {}: {e}", m.staging);
             }
         });
+        // Only now may a sweep take what this cleanup could not remove.
+        drop(m._owning);
     }
 }
 
@@ -841,6 +853,26 @@ mod tests {
         assert!(cache.shared.memory.state.lock().unwrap().reserved <= memory);
         drop((next, waiting));
         assert_eq!(cache.shared.memory.state.lock().unwrap().reserved, 0);
+    }
+
+    /// A NAR going up in parts owns its staging key (no sweep takes its upload or its
+    /// staging object) until it is committed or dropped, and not a moment longer.
+    #[test]
+    fn a_multipart_upload_owns_its_staging_key_until_it_is_committed_or_dropped() {
+        let cache = cache_at(&accepting_server(), 64 << 20);
+        let owned = &cache.shared.owned;
+        let data = vec![7u8; 2 * MIN_PART as usize + 1];
+        for commit in [true, false] {
+            let mut u = cache.begin_nar(data.len() as u64).unwrap();
+            u.write_all(&data).unwrap();
+            assert!(!owned.is_empty(), "a live multipart upload owns nothing");
+            if commit {
+                u.commit("nar/x.nar.zst").unwrap();
+            } else {
+                drop(u);
+            }
+            assert!(owned.is_empty(), "owned after commit={commit}: {owned:?}");
+        }
     }
 
     #[test]
