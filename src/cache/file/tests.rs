@@ -381,3 +381,39 @@ fn sweep_removes_only_stale_temporary_files() {
     assert_eq!(listing(dir.path()), expect);
     assert_eq!(c.sweep_orphans(Duration::from_secs(3600)).unwrap(), 0);
 }
+
+#[test]
+fn a_streamed_object_is_named_by_its_commit_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, c) = cache();
+    let mut up = c.begin_object(0, "text/plain").unwrap();
+    for _ in 0..4 {
+        up.write_all(&[b'x'; 5 << 20]).unwrap();
+    }
+    // Being written for days, it is still this process's: a sweep leaves it.
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(3 * 86_400);
+    for p in walk(dir.path()) {
+        File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+    }
+    assert_eq!(c.sweep_orphans(Duration::from_secs(86_400)).unwrap(), 0);
+    up.written();
+    up.commit("log/x.drv").unwrap();
+    // No sync: the commit made it durable and named it, in a directory of its own.
+    assert_eq!(listing(dir.path()), vec!["log/x.drv"]);
+    let p = dir.path().join("log/x.drv");
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), 20 << 20);
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    // Uncommitted: nothing, not even its temporary file.
+    let mut up = c.begin_object(0, "text/plain").unwrap();
+    up.write_all(b"partial").unwrap();
+    drop(up);
+    assert_eq!(listing(dir.path()), vec!["log/x.drv"]);
+}
