@@ -453,7 +453,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let cache_dir = tempfile::tempdir().unwrap();
         let cache = FileCache::open(cache_dir.path(), "file:///c").unwrap();
-        // Past 64 MiB, in a file of a few MiB.
+        // 80 MiB of text, far more than any buffer on its way, in a file of a few MiB.
         let (text, packed) = large_log(80);
         assert!(text.len() > 80 << 20 && packed.len() < text.len() / 8);
         put(
