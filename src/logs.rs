@@ -3,6 +3,9 @@
 //! `text/plain; charset=utf-8`: where Nix's binary-cache stores look for them (`nix log
 //! --store URL PATH` reads the path's narinfo for its Deriver, then that object).
 //!
+//! A log is streamed, whatever its size: read (and bzip2-decompressed) a
+//! [`COPY_BUFFER`] at a time into a [`BinaryCache::begin_object`] upload, never held whole.
+//!
 //! A log never fails a path: a missing one is normal (the path was substituted, or Nix
 //! runs with `keep-build-log = false`) and only counted; one that cannot be read or
 //! uploaded is a warning, counted as failed.
@@ -18,12 +21,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub const DEFAULT_LOG_DIR: &str = "/nix/var/log/nix";
 /// The Content-Type of a build log, as Nix writes it.
 pub const LOG_TYPE: &str = "text/plain; charset=utf-8";
-/// The largest log uploaded (after decompression). A log is held whole in memory for its
-/// PUT, so this bounds what one costs; a larger one is a warning, not uploaded.
-pub const MAX_LOG_SIZE: u64 = 64 << 20;
+/// Bytes of a log copied at once from its file (or decoder) to its upload: large enough
+/// that a copy costs few calls, small enough to be nothing next to `--memory`.
+pub const COPY_BUFFER: usize = 64 << 10;
 /// Logs read and uploaded at once at most (fewer when the cache commits with less): enough
-/// to hide a remote cache's request latency, few enough that
-/// `LOG_THREADS * MAX_LOG_SIZE` stays a modest worst case.
+/// to hide a remote cache's request latency.
+///
+/// What each costs is fixed, whatever the log's size: a [`COPY_BUFFER`], and for a
+/// compressed log a bzip2 decoder (some 3.5 MiB for the 900 kB blocks Nix writes) and its
+/// 8 KiB read buffer: at most some 15 MiB for all of them, part of what the process needs
+/// beside `--memory` (`pipeline::MEMORY_OVERHEAD`). What the cache holds of a log on its way
+/// out is inside the budget: a local directory holds nothing (the log goes to a temporary
+/// file), and S3 buffers parts in the upload memory it reserves from the cache's half of
+/// `--memory`, shared with the NARs of any push running beside the logs (backfill's next
+/// windows, the daemon's next batch).
 pub const LOG_THREADS: usize = 4;
 
 /// What became of the build logs of a set of paths, counted by derivation (outputs of one
@@ -44,9 +55,6 @@ pub enum LogError {
     /// The log file exists but cannot be read or decompressed.
     #[error("{}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
-    /// The log is larger than [`MAX_LOG_SIZE`].
-    #[error("{}: the log is larger than {limit} bytes; not uploaded", path.display())]
-    TooLarge { path: PathBuf, limit: u64 },
     /// The cache refused it.
     #[error(transparent)]
     Cache(#[from] CacheError),
@@ -59,8 +67,6 @@ pub enum LogError {
 #[derive(Debug, Clone)]
 pub struct LogDir {
     root: PathBuf,
-    /// The largest log read ([`MAX_LOG_SIZE`]).
-    limit: u64,
 }
 
 impl Default for LogDir {
@@ -72,36 +78,28 @@ impl Default for LogDir {
 impl LogDir {
     /// The log directory at `root` (as Nix's `NIX_LOG_DIR`).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        LogDir {
-            root: root.into(),
-            limit: MAX_LOG_SIZE,
-        }
+        LogDir { root: root.into() }
     }
 
-    /// The same directory, reading logs of at most `limit` bytes.
-    pub fn with_limit(self, limit: u64) -> Self {
-        LogDir { limit, ..self }
-    }
-
-    /// The build log of `drv`, or `None` when Nix kept none. Looked up where Nix 2.8 keeps
-    /// them: `drvs/<first two characters of the base name>/<the rest>`, then the older flat
-    /// `drvs/<base name>`; each plain or bzip2-compressed (`.bz2`, Nix's default).
+    /// The build log of `drv`, opened for reading, or `None` when Nix kept none. Looked up
+    /// where Nix 2.8 keeps them: `drvs/<first two characters of the base name>/<the rest>`,
+    /// then the older flat `drvs/<base name>`; each plain or bzip2-compressed (`.bz2`,
+    /// Nix's default).
     ///
     /// # Errors
-    /// [`LogError::Read`] for a log that exists but cannot be read or decompressed (unlike
-    /// Nix, which then looks further: a damaged log is worth a warning), and
-    /// [`LogError::TooLarge`].
-    pub fn read(&self, drv: &StorePath) -> Result<Option<Vec<u8>>, LogError> {
+    /// [`LogError::Read`] for a log that exists but cannot be opened (unlike Nix, which
+    /// then looks further: a damaged log is worth a warning).
+    pub fn open(&self, drv: &StorePath) -> Result<Option<BuildLog>, LogError> {
         let base = drv.base_name();
         let drvs = self.root.join("drvs");
         let (head, rest) = base.split_at(2);
         for file in [drvs.join(head).join(rest), drvs.join(base)] {
-            if let Some(log) = read_limited(&file, false, self.limit)? {
+            if let Some(log) = BuildLog::open(&file, false)? {
                 return Ok(Some(log));
             }
             let mut bz2 = file.into_os_string();
             bz2.push(".bz2");
-            if let Some(log) = read_limited(Path::new(&bz2), true, self.limit)? {
+            if let Some(log) = BuildLog::open(Path::new(&bz2), true)? {
                 return Ok(Some(log));
             }
         }
@@ -109,36 +107,66 @@ impl LogDir {
     }
 }
 
-/// The contents of `path` (bzip2-decompressed when `bzip2`), at most `limit` bytes; `None`
-/// when there is no such file.
-fn read_limited(path: &Path, bzip2: bool, limit: u64) -> Result<Option<Vec<u8>>, LogError> {
-    let read_err = |source| LogError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(read_err(e)),
-    };
-    let reader: Box<dyn Read> = if bzip2 {
-        // Nix compresses each log as one bzip2 stream; more than one are read as one.
-        Box::new(bzip2::read::MultiBzDecoder::new(io::BufReader::new(file)))
-    } else {
-        Box::new(file)
-    };
-    let mut log = Vec::new();
-    reader
-        .take(limit + 1)
-        .read_to_end(&mut log)
-        .map_err(read_err)?;
-    if log.len() as u64 > limit {
-        return Err(LogError::TooLarge {
-            path: path.to_owned(),
-            limit,
-        });
+/// A build log being read: its text, decompressed as it is read when Nix compressed it.
+pub struct BuildLog {
+    path: PathBuf,
+    reader: Box<dyn Read + Send>,
+    /// The file's size.
+    file_size: u64,
+}
+
+impl std::fmt::Debug for BuildLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuildLog")
+            .field("path", &self.path)
+            .field("file_size", &self.file_size)
+            .finish_non_exhaustive()
     }
-    Ok(Some(log))
+}
+
+impl BuildLog {
+    /// The log at `path` (bzip2-compressed when `bzip2`); `None` when there is no such file.
+    fn open(path: &Path, bzip2: bool) -> Result<Option<BuildLog>, LogError> {
+        let read_err = |source| LogError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(read_err(e)),
+        };
+        let file_size = file.metadata().map_err(read_err)?.len();
+        let reader: Box<dyn Read + Send> = if bzip2 {
+            // Nix compresses each log as one bzip2 stream; more than one are read as one.
+            // The decoder reads the file through a buffer of its own.
+            Box::new(bzip2::read::MultiBzDecoder::new(file))
+        } else {
+            Box::new(file)
+        };
+        Ok(Some(BuildLog {
+            path: path.to_owned(),
+            reader,
+            file_size,
+        }))
+    }
+
+    /// The file the log is read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What the log's size is likely to be: exact for a plain log; for a compressed one,
+    /// its compressed size, a low estimate (its real size is known only once it is read).
+    pub fn size_hint(&self) -> u64 {
+        self.file_size
+    }
+}
+
+impl Read for BuildLog {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader.read(buf)
+    }
 }
 
 /// The cache key of `drv`'s build log.
@@ -217,7 +245,8 @@ pub fn derivers(store: &LocalStore, paths: &[StorePath]) -> Result<Vec<StorePath
         .collect())
 }
 
-/// Uploads the build logs of derivations `drvs` from `dir` to `cache`, a few at a time.
+/// Uploads the build logs of derivations `drvs` from `dir` to `cache`, a few at a time
+/// ([`LOG_THREADS`]).
 pub fn upload_logs_of(cache: &dyn BinaryCache, drvs: &[StorePath], dir: &LogDir) -> LogReport {
     let next = AtomicUsize::new(0);
     let report = Mutex::new(LogReport::default());
@@ -226,8 +255,9 @@ pub fn upload_logs_of(cache: &dyn BinaryCache, drvs: &[StorePath], dir: &LogDir)
         .clamp(1, LOG_THREADS)
         .min(drvs.len());
     let work = || {
+        let mut buf = vec![0; COPY_BUFFER];
         while let Some(drv) = drvs.get(next.fetch_add(1, Ordering::Relaxed)) {
-            let outcome = upload_one(cache, drv, dir);
+            let outcome = upload_one(cache, drv, dir, &mut buf);
             let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
             match outcome {
                 Ok(true) => r.uploaded += 1,
@@ -251,13 +281,51 @@ pub fn upload_logs_of(cache: &dyn BinaryCache, drvs: &[StorePath], dir: &LogDir)
     report.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Uploads one log; false when there is none.
-fn upload_one(cache: &dyn BinaryCache, drv: &StorePath, dir: &LogDir) -> Result<bool, LogError> {
-    let Some(log) = dir.read(drv)? else {
+/// Uploads one log, streamed through `buf`; false when there is none. On an error the
+/// upload is dropped, so nothing appears under the log's key.
+fn upload_one(
+    cache: &dyn BinaryCache,
+    drv: &StorePath,
+    dir: &LogDir,
+    buf: &mut [u8],
+) -> Result<bool, LogError> {
+    let Some(mut log) = dir.open(drv)? else {
         return Ok(false);
     };
-    cache.put_object(&log_key(drv), &log, LOG_TYPE)?;
+    let key = log_key(drv);
+    let mut up = cache.begin_object(log.size_hint(), LOG_TYPE)?;
+    loop {
+        let n = match log.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(source) => {
+                return Err(LogError::Read {
+                    path: log.path().to_owned(),
+                    source,
+                });
+            }
+        };
+        up.write_all(&buf[..n])
+            .map_err(|e| upload_error(cache, &key, e))?;
+    }
+    up.written();
+    up.commit(&key)?;
     Ok(true)
+}
+
+/// The cache error behind a failed write into an upload of `key`: a remote cache's failed
+/// request comes back through `Write` as the [`CacheError`] it is; anything else is I/O.
+fn upload_error(cache: &dyn BinaryCache, key: &str, e: io::Error) -> LogError {
+    if e.get_ref().is_some_and(|inner| inner.is::<CacheError>()) {
+        let inner = e.into_inner().expect("checked above");
+        return LogError::Cache(*inner.downcast::<CacheError>().expect("checked above"));
+    }
+    LogError::Cache(CacheError::Io {
+        cache: cache.url().to_owned(),
+        key: key.to_owned(),
+        source: e,
+    })
 }
 
 #[cfg(test)]
@@ -283,6 +351,32 @@ mod tests {
         std::fs::write(f, bytes).unwrap();
     }
 
+    /// The whole text of `drv`'s log in `dir`.
+    fn read(dir: &LogDir, drv: &StorePath) -> Option<Vec<u8>> {
+        let mut log = dir.open(drv).unwrap()?;
+        let mut text = Vec::new();
+        log.read_to_end(&mut text).unwrap();
+        Some(text)
+    }
+
+    /// The names in `dir` and its subdirectories, sorted.
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut todo = vec![dir.to_owned()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    todo.push(p);
+                } else {
+                    names.push(p.strip_prefix(dir).unwrap().display().to_string());
+                }
+            }
+        }
+        names.sort();
+        names
+    }
+
     #[test]
     fn logs_are_found_plain_or_bzip2_in_either_layout() {
         let root = tempfile::tempdir().unwrap();
@@ -302,52 +396,86 @@ mod tests {
             "qs2vcw1sd6lzsvgvq6gggnw1v31qrm28-flat.drv.bz2",
             &bzip2(b"flat\n"),
         );
-        assert_eq!(dir.read(&drv("plain")).unwrap().unwrap(), b"plain\n");
-        assert_eq!(dir.read(&drv("packed")).unwrap().unwrap(), b"packed\n");
-        assert_eq!(dir.read(&drv("flat")).unwrap().unwrap(), b"flat\n");
-        assert_eq!(dir.read(&drv("missing")).unwrap(), None);
+        assert_eq!(read(&dir, &drv("plain")).unwrap(), b"plain\n");
+        assert_eq!(read(&dir, &drv("packed")).unwrap(), b"packed\n");
+        assert_eq!(read(&dir, &drv("flat")).unwrap(), b"flat\n");
+        assert_eq!(read(&dir, &drv("missing")), None);
         // A plain log wins over a compressed one, as in Nix.
         put(
             root.path(),
             "qs/2vcw1sd6lzsvgvq6gggnw1v31qrm28-packed.drv",
             b"new\n",
         );
-        assert_eq!(dir.read(&drv("packed")).unwrap().unwrap(), b"new\n");
+        assert_eq!(read(&dir, &drv("packed")).unwrap(), b"new\n");
     }
 
     #[test]
-    fn a_damaged_log_is_an_error_naming_the_file() {
+    fn a_damaged_log_is_an_error_naming_the_file_and_leaves_nothing_in_the_cache() {
         let root = tempfile::tempdir().unwrap();
+        let cache_dir = tempfile::tempdir().unwrap();
+        let cache = FileCache::open(cache_dir.path(), "file:///c").unwrap();
+        // Damaged past its first block: some of it is uploaded before the error.
+        let mut bad = bzip2(&vec![b'x'; 2 << 20]);
+        bad.extend_from_slice(b"not bzip2");
         put(
             root.path(),
             "qs/2vcw1sd6lzsvgvq6gggnw1v31qrm28-bad.drv.bz2",
-            b"not bzip2",
+            &bad,
         );
-        let e = LogDir::new(root.path()).read(&drv("bad")).unwrap_err();
+        let mut buf = vec![0; COPY_BUFFER];
+        let e = upload_one(&cache, &drv("bad"), &LogDir::new(root.path()), &mut buf).unwrap_err();
         assert!(matches!(e, LogError::Read { .. }), "{e:?}");
         assert!(e.to_string().contains("-bad.drv.bz2"), "{e}");
+        assert_eq!(listing(cache_dir.path()), Vec::<String>::new());
+    }
+
+    /// A log of `parts` parts of about 1 MiB, each after a line naming its number: its text,
+    /// and a bzip2 file of it with one stream per name and per part (the part is compressed
+    /// once: cheap to make; the names make a part lost, repeated or out of place show).
+    fn large_log(parts: usize) -> (Vec<u8>, Vec<u8>) {
+        let part: Vec<u8> = (0..30_000)
+            .flat_map(|i| format!("{i:06} a line of a large build log\n").into_bytes())
+            .collect();
+        let packed_part = bzip2(&part);
+        let (mut text, mut packed) = (Vec::new(), Vec::new());
+        for i in 0..parts {
+            let name = format!("part {i}\n");
+            text.extend_from_slice(name.as_bytes());
+            text.extend_from_slice(&part);
+            packed.extend(bzip2(name.as_bytes()));
+            packed.extend_from_slice(&packed_part);
+        }
+        (text, packed)
     }
 
     #[test]
-    fn a_log_larger_than_the_limit_is_refused() {
+    fn a_log_of_any_size_is_streamed_whole_into_the_cache() {
         let root = tempfile::tempdir().unwrap();
-        // A small file that decompresses past the limit, and one just at it.
-        let big = bzip2(&[b'x'; 100_001]);
-        assert!(big.len() < 1_000);
+        let cache_dir = tempfile::tempdir().unwrap();
+        let cache = FileCache::open(cache_dir.path(), "file:///c").unwrap();
+        // 80 MiB of text, far more than any buffer on its way, in a file of a few MiB.
+        let (text, packed) = large_log(80);
+        assert!(text.len() > 80 << 20 && packed.len() < text.len() / 8);
         put(
             root.path(),
             "qs/2vcw1sd6lzsvgvq6gggnw1v31qrm28-big.drv.bz2",
-            &big,
+            &packed,
         );
-        put(
-            root.path(),
-            "qs/2vcw1sd6lzsvgvq6gggnw1v31qrm28-fits.drv",
-            &[b'x'; 100_000],
+        let r = upload_logs_of(&cache, &[drv("big")], &LogDir::new(root.path()));
+        assert_eq!(
+            r,
+            LogReport {
+                uploaded: 1,
+                missing: 0,
+                failed: 0
+            }
         );
-        let dir = LogDir::new(root.path()).with_limit(100_000);
-        let e = dir.read(&drv("big")).unwrap_err();
-        assert!(matches!(e, LogError::TooLarge { .. }), "{e:?}");
-        assert_eq!(dir.read(&drv("fits")).unwrap().unwrap().len(), 100_000);
+        let key = log_key(&drv("big"));
+        let got = std::fs::read(cache_dir.path().join(&key)).unwrap();
+        assert_eq!(got.len(), text.len());
+        assert!(got == text, "the log's bytes differ");
+        // Named at once, with nothing left beside it.
+        assert_eq!(listing(cache_dir.path()), vec![key]);
     }
 
     #[test]

@@ -289,7 +289,7 @@ impl FileCache {
     }
 
     /// Writes `contents` to `key` durably and atomically (temp file, fdatasync, rename,
-    /// fsync of the directory). For single objects (`nix-cache-info`, listings, logs).
+    /// fsync of the directory). For single objects (`nix-cache-info`, listings).
     fn put_atomic(&self, key: &str, contents: &[u8]) -> Result<(), CacheError> {
         let target = self.root.join(key);
         let dir = target.parent().unwrap_or(&self.root);
@@ -731,9 +731,35 @@ impl BinaryCache for FileCache {
         }
         Ok(removed)
     }
+
+    /// A temporary file in the cache directory (where [`BinaryCache::sweep_orphans`] looks
+    /// for what a killed upload left, and leaves this one), renamed into place by the
+    /// commit.
+    fn begin_object(
+        &self,
+        _size_hint: u64,
+        _content_type: &str,
+    ) -> Result<Box<dyn NarUpload>, CacheError> {
+        let tmp = self.fs.temp_in(&self.root).map_err(|e| self.io("", e))?;
+        let (file, path) = tmp.into_parts();
+        let tmp = OwnedTemp::new(path, &self.owned);
+        Ok(Box::new(FileObjectUpload {
+            out: HookedFile {
+                file,
+                path: tmp.path().to_owned(),
+                fs: self.fs.clone(),
+            },
+            written: 0,
+            writeback_from: 0,
+            writing: None,
+            tmp,
+            root: self.root.clone(),
+            url: self.url.clone(),
+        }))
+    }
 }
 
-/// A NAR's temporary file, each write through the cache's [`FsHook`].
+/// A NAR's (or another object's) temporary file, each write through the cache's [`FsHook`].
 struct HookedFile {
     file: File,
     path: PathBuf,
@@ -867,6 +893,82 @@ impl NarUpload for FileNarUpload {
             target: self.root.join(key),
         });
         Ok(())
+    }
+}
+
+/// An object other than a NAR (a build log) being written to a temporary file, deleted
+/// unless committed. Its commit makes it durable and names it at once, by itself: no
+/// narinfo's publishing wave covers it, so it must not wait in [`FileCache`]'s pending
+/// NARs. Nothing is buffered here (callers write in pieces of tens of KiB), and what the
+/// kernel holds is written back as it goes, as for a NAR.
+struct FileObjectUpload {
+    out: HookedFile,
+    /// Bytes written so far.
+    written: u64,
+    /// Where the range not yet handed to writeback starts.
+    writeback_from: u64,
+    /// The range last handed to writeback, not yet waited for.
+    writing: Option<(u64, u64)>,
+    tmp: OwnedTemp,
+    root: PathBuf,
+    url: String,
+}
+
+impl FileObjectUpload {
+    /// [`FileNarUpload::start_writeback`]'s bound: at most two [`WRITEBACK_STEP`]s of the
+    /// object dirty or being written, so the commit's `fdatasync` (and a publishing wave's
+    /// beside it) finds little left to write.
+    fn start_writeback(&mut self) {
+        if self.written - self.writeback_from < WRITEBACK_STEP {
+            return;
+        }
+        let (from, len) = (self.writeback_from, self.written - self.writeback_from);
+        let file = &self.out.file;
+        writeback(file, from, len, false);
+        if let Some((before, before_len)) = self.writing.replace((from, len)) {
+            writeback(file, before, before_len, true);
+        }
+        self.writeback_from = self.written;
+    }
+}
+
+impl Write for FileObjectUpload {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.written += n as u64;
+        self.start_writeback();
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+impl NarUpload for FileObjectUpload {
+    /// Nothing is held in memory: the bytes are in the temporary file.
+    fn written(&mut self) {}
+
+    /// fdatasync, rename to `key` (creating its directory, durably, on first use), fsync
+    /// of that directory.
+    fn commit(mut self: Box<Self>, key: &str) -> Result<(), CacheError> {
+        let io = |e: io::Error| CacheError::Io {
+            cache: self.url.clone(),
+            key: key.to_owned(),
+            source: e,
+        };
+        let fs = self.out.fs.clone();
+        let target = self.root.join(key);
+        let dir = target.parent().unwrap_or(&self.root);
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+            fs.sync_dir(dir.parent().unwrap_or(&self.root))
+                .map_err(io)?;
+        }
+        set_readable(&self.out.file).map_err(io)?;
+        fs.sync_data(&self.out.path, &self.out.file).map_err(io)?;
+        let tmp = self.tmp.take();
+        fs.persist(tmp, &target).map_err(io)?;
+        fs.sync_dir(dir).map_err(io)
     }
 }
 

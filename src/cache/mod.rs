@@ -98,9 +98,9 @@ pub fn io_is_transient(e: &std::io::Error) -> bool {
 /// from being named (its NAR is not in the cache), while the rest of the wave went on.
 pub type Published = Result<Merged, CacheError>;
 
-/// A NAR being uploaded. Bytes go in through `Write`; [`NarUpload::commit`] publishes them
-/// under their final key. Dropping an upload without committing aborts it: nothing appears
-/// under a final name.
+/// A NAR being uploaded (or another object, [`BinaryCache::begin_object`]). Bytes go in
+/// through `Write`; [`NarUpload::commit`] publishes them under their final key. Dropping an
+/// upload without committing aborts it: nothing appears under a final name.
 pub trait NarUpload: Write + Send {
     /// Every byte of the NAR is written; `commit` or a drop follows, on this thread or
     /// another. A cache that reserves memory for the bytes it buffers (S3) stops counting
@@ -108,7 +108,7 @@ pub trait NarUpload: Write + Send {
     /// them to be released instead of going beyond the memory. No write may follow.
     fn written(&mut self);
     /// Publishes the uploaded bytes as `key` (e.g. `nar/<FileHash>.nar.zst`): at once, or
-    /// (a local directory, which batches durability) no later than the next
+    /// (a NAR in a local directory, which batches durability) no later than the next
     /// [`BinaryCache::put_narinfos`] or [`BinaryCache::sync`], and only once the bytes are
     /// durable.
     ///
@@ -191,6 +191,29 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     fn put_object(&self, key: &str, _bytes: &[u8], _content_type: &str) -> Result<(), CacheError> {
         Err(CacheError::Config(format!(
             "{}: this cache cannot store {key}",
+            self.url()
+        )))
+    }
+    /// Starts the streamed upload of any other object (a build log), whatever its size:
+    /// bytes go in through `Write` and the cache holds no more of them than its upload
+    /// memory allows; [`NarUpload::commit`] publishes them atomically under `key` with
+    /// `content_type` where the cache keeps one, durable when it returns (unlike a NAR's,
+    /// whose name may wait for the next sync). Dropped uncommitted, the upload leaves
+    /// nothing under a final name.
+    ///
+    /// `size_hint` is the expected size: a remote cache plans its requests by it (one, or
+    /// parts). The object may turn out larger (a compressed log's size is known only once
+    /// it is read): parts then grow as it goes.
+    ///
+    /// # Errors
+    /// [`CacheError`]; [`CacheError::Config`] from a cache that cannot store such objects.
+    fn begin_object(
+        &self,
+        _size_hint: u64,
+        _content_type: &str,
+    ) -> Result<Box<dyn NarUpload>, CacheError> {
+        Err(CacheError::Config(format!(
+            "{}: this cache cannot store objects other than NARs and narinfos",
             self.url()
         )))
     }

@@ -4,8 +4,8 @@
 //! and the daemon each open their destination once), so the cap holds for the process.
 //!
 //! What is counted: the bytes written into each [`NarUpload`] (the compressed NAR, as the
-//! cache stores it) and the bodies of narinfo and other object PUTs (`.ls` listings, build
-//! logs). Not counted: request headers, HEAD/GET/list requests and their answers, bytes a
+//! cache stores it, or a streamed object: a build log) and the bodies of narinfo and other
+//! object PUTs (`.ls` listings). Not counted: request headers, HEAD/GET/list requests and their answers, bytes a
 //! retry sends again, and `nix-cache-info`; all small next to NARs.
 //!
 //! Where it is approximate: a cache may buffer what it is given before sending it. A local
@@ -206,6 +206,16 @@ impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
             bucket: self.bucket.clone(),
         }))
     }
+    fn begin_object(
+        &self,
+        size_hint: u64,
+        content_type: &str,
+    ) -> Result<Box<dyn NarUpload>, CacheError> {
+        Ok(Box::new(RateLimitedUpload {
+            inner: self.inner.begin_object(size_hint, content_type)?,
+            bucket: self.bucket.clone(),
+        }))
+    }
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError> {
         self.bucket.take(text.len() as u64);
         self.inner.put_narinfo(path, text)
@@ -258,8 +268,8 @@ impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
     }
 }
 
-/// A NAR upload whose bytes wait for the bucket before they go in, at most a burst at a
-/// time.
+/// An upload (a NAR or a streamed object) whose bytes wait for the bucket before they go in,
+/// at most a burst at a time.
 struct RateLimitedUpload<C: Clock> {
     inner: Box<dyn NarUpload>,
     bucket: Arc<TokenBucket<C>>,
@@ -426,7 +436,7 @@ mod tests {
     }
 
     #[test]
-    fn nar_bytes_and_object_bodies_are_charged_and_reads_are_not() {
+    fn nar_bytes_streamed_objects_and_object_bodies_are_charged_and_reads_are_not() {
         let dir = tempfile::tempdir().unwrap();
         let inner = super::super::file::FileCache::open(dir.path(), "file:///x").unwrap();
         // 1 GB/s, so a byte is a nanosecond; a standing clock and a burst so large nothing
@@ -447,15 +457,19 @@ mod tests {
         cache
             .put_object("x.ls", &[0; 1000], "application/json")
             .unwrap();
+        let mut log = cache.begin_object(10, "text/plain").unwrap();
+        log.write_all(&[b'x'; 2000]).unwrap();
+        log.commit("log/x.drv").unwrap();
         let p = StorePath::from_base_name("qs2vcw1sd6lzsvgvq6gggnw1v31qrm28-p").unwrap();
         cache.put_narinfos(&[(p.clone(), "x".repeat(300))]).unwrap();
         cache.sync().unwrap();
-        assert_eq!(charged(), Duration::from_nanos((3 << 20) + 1300));
+        assert_eq!(charged(), Duration::from_nanos((3 << 20) + 3300));
         cache.has_narinfo(&p).unwrap();
         cache.get_narinfo(&p).unwrap();
         assert_eq!(cache.object_size("nar/x.nar").unwrap(), Some(3 << 20));
         assert_eq!(cache.object_size("x.ls").unwrap(), Some(1000));
-        assert_eq!(charged(), Duration::from_nanos((3 << 20) + 1300));
+        assert_eq!(cache.object_size("log/x.drv").unwrap(), Some(2000));
+        assert_eq!(charged(), Duration::from_nanos((3 << 20) + 3300));
         assert!(clock.sleeps().is_empty());
     }
 

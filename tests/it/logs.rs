@@ -1,7 +1,10 @@
 //! `--upload-logs` against real Nix 2.8: a fresh `nix-build`'s log reaches the cache as
 //! `log/<drv>`, and `nix log --store URL <out>` prints it; through `narflow push`, through
-//! the daemon (hand-off by `narflow hook`), and on S3 with its Content-Type.
+//! the daemon (hand-off by `narflow hook`), and on S3 with its Content-Type. Logs far
+//! larger than `--memory` go up whole while the peak RSS stays within the budget.
 use crate::helpers::*;
+use crate::memory::{assert_bounded, peak_rss_of_push_with};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -199,4 +202,115 @@ fn on_s3_a_log_is_text_plain_utf8() {
     );
     let text = String::from_utf8(client.get(&key).unwrap()).unwrap();
     assert!(text.contains(&line), "{text}");
+}
+
+const MIB: u64 = 1 << 20;
+
+/// A log of `parts` parts of about 1 MiB, each after a line naming its number: its text,
+/// and a bzip2 file of it with one stream per name and per part (the part is compressed
+/// once: cheap to make; the names make a part lost, repeated or out of place show).
+fn large_log(parts: usize) -> (Vec<u8>, Vec<u8>) {
+    let bzip2 = |text: &[u8]| {
+        let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+        e.write_all(text).unwrap();
+        e.finish().unwrap()
+    };
+    let part: Vec<u8> = (0..30_000)
+        .flat_map(|i| format!("{i:06} a line of a large build log\n").into_bytes())
+        .collect();
+    let packed_part = bzip2(&part);
+    let (mut text, mut packed) = (Vec::new(), Vec::new());
+    for i in 0..parts {
+        let name = format!("part {i}\n");
+        text.extend_from_slice(name.as_bytes());
+        text.extend_from_slice(&part);
+        packed.extend(bzip2(name.as_bytes()));
+        packed.extend_from_slice(&packed_part);
+    }
+    (text, packed)
+}
+
+/// Replaces the log Nix kept of `drv` (compressed, where Nix 2.8 keeps it) with `packed`.
+fn replace_log(drv: &str, packed: &[u8]) {
+    let base = base_name(drv);
+    let file = Path::new("/nix/var/log/nix/drvs")
+        .join(&base[..2])
+        .join(format!("{}.bz2", &base[2..]));
+    assert!(
+        file.is_file(),
+        "Nix kept no log of {drv} at {}",
+        file.display()
+    );
+    std::fs::write(&file, packed).unwrap();
+}
+
+/// `push --upload-logs --memory BUDGET --json` of `outs` under GNU time: its summary and
+/// peak RSS.
+fn push_logs_measured(url: &str, budget: u64, outs: &[String]) -> (serde_json::Value, u64) {
+    let mut args: Vec<String> = ["--unsigned", "--json", "--upload-logs"]
+        .map(str::to_owned)
+        .to_vec();
+    args.extend_from_slice(outs);
+    let (rss, stdout) = peak_rss_of_push_with(url, budget, &args);
+    (serde_json::from_slice(&stdout).unwrap(), rss)
+}
+
+#[test]
+fn a_log_of_200_mib_goes_up_whole_within_the_memory_budget() {
+    let (out, drv, _) = build_with_log("log-large-file");
+    let (text, packed) = large_log(200);
+    assert!(text.len() as u64 > 200 * MIB && packed.len() < text.len() / 8);
+    replace_log(&drv, &packed);
+    let cache = tempdir();
+    // Near the smallest budget (one chunk and one compression output beside the cache's
+    // half): the push of one small path needs some 25 MiB, so a log held whole, or even
+    // 64 MiB of it, would go past the bound.
+    let budget = 20 * MIB;
+    let (summary, rss) = push_logs_measured(&file_url(cache.path()), budget, &[out]);
+    assert_eq!(
+        summary["logs"],
+        serde_json::json!({"uploaded": 1, "missing": 0, "failed": 0}),
+        "{summary}"
+    );
+    let got = std::fs::read(cache.path().join("log").join(base_name(&drv))).unwrap();
+    assert_eq!(got.len(), text.len());
+    assert!(got == text, "the log's bytes differ");
+    assert_bounded("file:// with a 200 MiB log", budget, rss);
+}
+
+#[test]
+fn on_s3_logs_larger_than_the_upload_memory_go_up_whole_within_the_memory_budget() {
+    let Some(env) = s3_env() else { return };
+    // As many logs as go up at once (`logs::LOG_THREADS`), each larger than the 32 MiB of
+    // upload memory S3 gets from the budget below.
+    let built: Vec<(String, String, String)> = (0..narflow::logs::LOG_THREADS)
+        .map(|i| build_with_log(&format!("log-large-s3-{i}")))
+        .collect();
+    let (text, packed) = large_log(72);
+    for (_, drv, _) in &built {
+        replace_log(drv, &packed);
+    }
+    let outs: Vec<String> = built.iter().map(|(out, _, _)| out.clone()).collect();
+    // The smallest budget S3 takes (8 MiB parts in a quarter of its half).
+    let budget = 64 * MIB;
+    let (summary, rss) = push_logs_measured(&env.url(""), budget, &outs);
+    assert_eq!(
+        summary["logs"],
+        serde_json::json!({"uploaded": built.len(), "missing": 0, "failed": 0}),
+        "{summary}"
+    );
+    let client = env.client();
+    for (_, drv, _) in &built {
+        let key = format!("log/{}", base_name(drv));
+        let head = client.head(&key).expect("the log object");
+        assert_eq!(
+            head.content_type.as_deref(),
+            Some("text/plain; charset=utf-8")
+        );
+        let got = client.get(&key).unwrap();
+        client.delete(&key);
+        assert_eq!(got.len(), text.len(), "{key}");
+        assert!(got == text, "{key}: the log's bytes differ");
+    }
+    assert_bounded("S3 with 4 logs of 72 MiB", budget, rss);
 }

@@ -9,6 +9,7 @@
 //! included.
 use crate::helpers::*;
 use narflow::pipeline::MEMORY_OVERHEAD;
+use std::ffi::{OsStr, OsString};
 use std::process::Command;
 
 const MIB: u64 = 1 << 20;
@@ -36,6 +37,14 @@ impl Workload {
 
 /// Runs `narflow push --memory BUDGET` under GNU time; returns its peak RSS in bytes.
 fn peak_rss_of_push(url: &str, key: &NixKey, budget: u64, paths: &[String]) -> u64 {
+    let mut args: Vec<OsString> = vec!["--key-file".into(), key.secret.clone().into()];
+    args.extend(paths.iter().map(OsString::from));
+    peak_rss_of_push_with(url, budget, &args).0
+}
+
+/// Runs `narflow push --to URL --memory BUDGET ARGS...` under GNU time, which must succeed;
+/// returns its peak RSS in bytes and its standard output.
+pub fn peak_rss_of_push_with(url: &str, budget: u64, args: &[impl AsRef<OsStr>]) -> (u64, Vec<u8>) {
     let dir = tempdir();
     let rss = dir.path().join("rss");
     let out = Command::new("/usr/bin/time")
@@ -46,9 +55,7 @@ fn peak_rss_of_push(url: &str, key: &NixKey, budget: u64, paths: &[String]) -> u
         .arg(env!("CARGO_BIN_EXE_narflow"))
         .args(["push", "--to", url, "--memory"])
         .arg(format!("{}M", budget / MIB))
-        .arg("--key-file")
-        .arg(&key.secret)
-        .args(paths)
+        .args(args)
         .output()
         .expect("run /usr/bin/time (GNU time)");
     assert!(
@@ -64,10 +71,11 @@ fn peak_rss_of_push(url: &str, key: &NixKey, budget: u64, paths: &[String]) -> u
         .last()
         .and_then(|l| l.trim().parse().ok())
         .unwrap_or_else(|| panic!("GNU time wrote {text:?}"));
-    kib * 1024
+    (kib * 1024, out.stdout)
 }
 
-fn assert_bounded(what: &str, budget: u64, rss: u64) {
+/// Asserts that `rss` is within `budget` plus [`MEMORY_OVERHEAD`] (and prints both).
+pub fn assert_bounded(what: &str, budget: u64, rss: u64) {
     let bound = budget + MEMORY_OVERHEAD;
     println!(
         "{what}: --memory {} MiB: peak RSS {} MiB (bound {} MiB)",

@@ -381,3 +381,76 @@ fn sweep_removes_only_stale_temporary_files() {
     assert_eq!(listing(dir.path()), expect);
     assert_eq!(c.sweep_orphans(Duration::from_secs(3600)).unwrap(), 0);
 }
+
+#[test]
+fn a_streamed_object_is_named_by_its_commit_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, c) = cache();
+    let mut up = c.begin_object(0, "text/plain").unwrap();
+    for _ in 0..4 {
+        up.write_all(&[b'x'; 5 << 20]).unwrap();
+    }
+    // Being written for days, it is still this process's: a sweep leaves it.
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(3 * 86_400);
+    for p in walk(dir.path()) {
+        File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+    }
+    assert_eq!(c.sweep_orphans(Duration::from_secs(86_400)).unwrap(), 0);
+    up.written();
+    up.commit("log/x.drv").unwrap();
+    // No sync: the commit made it durable and named it, in a directory of its own.
+    assert_eq!(listing(dir.path()), vec!["log/x.drv"]);
+    let p = dir.path().join("log/x.drv");
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), 20 << 20);
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    // Uncommitted: nothing, not even its temporary file.
+    let mut up = c.begin_object(0, "text/plain").unwrap();
+    up.write_all(b"partial").unwrap();
+    drop(up);
+    assert_eq!(listing(dir.path()), vec!["log/x.drv"]);
+}
+
+/// Writes `log/x.drv` (three writes) through `c`'s streaming upload.
+fn stream_object(c: &FileCache) -> Result<(), String> {
+    let mut up = c.begin_object(0, "text/plain").map_err(|e| e.to_string())?;
+    for _ in 0..3 {
+        up.write_all(&[b'x'; 1000]).map_err(|e| e.to_string())?;
+    }
+    up.written();
+    up.commit("log/x.drv").map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_streamed_object_failing_at_any_operation_leaves_no_partial_object() {
+    let (_dir, c, plan) = faulty(Fail::Never);
+    stream_object(&c).unwrap();
+    let ops = plan.ops();
+    assert!(ops >= 7, "{ops}");
+    for k in 0..ops {
+        let (dir, c, plan) = faulty(Fail::Nth(k));
+        let e = stream_object(&c).unwrap_err();
+        assert_eq!(plan.fired().len(), 1, "operation {k}: {e}");
+        // No temporary file is left; the object is whole or absent (only the last
+        // operation, the directory's fsync, fails after the rename).
+        let left = listing(dir.path());
+        assert!(
+            left.is_empty() || left == ["log/x.drv"],
+            "operation {k}: {left:?}"
+        );
+        if !left.is_empty() {
+            assert_eq!(k, ops - 1, "named before operation {k} failed: {e}");
+            let len = std::fs::metadata(dir.path().join("log/x.drv"))
+                .unwrap()
+                .len();
+            assert_eq!(len, 3000);
+        }
+    }
+}

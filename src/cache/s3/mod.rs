@@ -174,6 +174,21 @@ impl BinaryCache for S3Cache {
         )?))
     }
 
+    /// The NAR upload's way, with `content_type`: one PUT when it stays below a part,
+    /// else parts (reserved from the upload memory like a NAR's) to a staging key, copied
+    /// to `key` by the commit.
+    fn begin_object(
+        &self,
+        size_hint: u64,
+        content_type: &str,
+    ) -> Result<Box<dyn NarUpload>, CacheError> {
+        Ok(Box::new(upload::S3NarUpload::begin_object(
+            &self.shared,
+            size_hint,
+            content_type,
+        )?))
+    }
+
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError> {
         let body = bytes::Bytes::copy_from_slice(text.as_bytes());
         self.block_on(

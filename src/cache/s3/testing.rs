@@ -22,12 +22,19 @@ struct Traffic {
     most_waiting: usize,
     /// Request lines answered with a fault once already.
     failed: std::collections::HashSet<String>,
+    /// Each request's line and Content-Type, in the order they were read.
+    log: Vec<(String, Option<String>)>,
 }
 
 impl Seen {
     /// The most requests that were waiting for their answers at once.
     pub(super) fn most_in_flight(&self) -> usize {
         self.state.lock().unwrap().most_waiting
+    }
+
+    /// Each request so far: its request line and its Content-Type.
+    pub(super) fn requests(&self) -> Vec<(String, Option<String>)> {
+        self.state.lock().unwrap().log.clone()
     }
 }
 
@@ -86,6 +93,7 @@ fn serve(conn: std::net::TcpStream, seen: &Seen, hold: usize) {
             let mut st = seen.state.lock().unwrap();
             let me = st.requests;
             st.requests += 1;
+            st.log.push((first.clone(), header("content-type")));
             st.waiting += 1;
             st.most_waiting = st.most_waiting.max(st.waiting);
             seen.arrived.notify_all();

@@ -1,5 +1,7 @@
 //! NAR uploads: one PutObject for a NAR below one part, else a multipart upload to a
 //! staging key copied server-side to its final key; the upload memory its buffers reserve.
+//! Other objects streamed in ([`crate::cache::BinaryCache::begin_object`]: build logs) go
+//! up the same way, with their own Content-Type.
 use super::retry::{Answer, Op, join_error, unreadable_success};
 use super::{NAR_TYPE, STAGING_PREFIX, Shared};
 use crate::cache::{CacheError, NarUpload};
@@ -35,6 +37,12 @@ const COPY_PART: u64 = 512 << 20;
 /// fewer when `S3Tuning::concurrency` is lower).
 const COPY_PARTS_IN_FLIGHT: usize = 8;
 
+/// S3's most parts in one multipart upload.
+const S3_MAX_PARTS: i32 = 10_000;
+/// Parts sent at one size before it doubles, once an object has outgrown the size its
+/// parts were planned for (see [`grown_part_size`]).
+const GROW_EVERY: i32 = 1_000;
+
 /// Part size for a NAR of `nar_size` bytes: at least [`MIN_PART`], and large enough that
 /// even a NAR that does not compress at all fits in [`MAX_PARTS`] parts.
 pub fn part_size(nar_size: u64) -> u64 {
@@ -50,6 +58,20 @@ pub fn part_size(nar_size: u64) -> u64 {
 /// (chunks are at least 64 KiB, so 1/64 covers those too) and per stream.
 fn compressed_bound(nar_size: u64) -> u64 {
     nar_size + nar_size / 64 + (64 << 10)
+}
+
+/// The size of the parts after part number `parts` of an upload whose parts of `part`
+/// bytes were planned for `planned` bytes, `sent` bytes of which are sent: the same while
+/// the object stays within its plan (a NAR always does: its plan is a bound on its
+/// compressed size); beyond it (an object whose size was only a hint, such as a
+/// compressed log's), doubled every [`GROW_EVERY`] parts, as far as `largest` (a
+/// [`PART_SHARE`] of the upload memory) allows. From [`MIN_PART`], doubling every 1,000
+/// parts reaches S3's largest object (5 TiB) within its 10,000 parts.
+fn grown_part_size(part: u64, parts: i32, sent: u64, planned: u64, largest: u64) -> u64 {
+    if sent <= planned || parts % GROW_EVERY != 0 {
+        return part;
+    }
+    (part * 2).min(largest).max(part)
 }
 
 /// Parts of one upload in flight at once, for parts of `part` bytes and `capacity` bytes
@@ -176,8 +198,15 @@ impl Drop for Reservation {
 }
 
 impl Shared {
-    /// Copies `staging` (`size` bytes) to `key` with one CopyObject.
-    async fn copy(&self, staging: &str, key: &str, size: u64) -> Result<(), CacheError> {
+    /// Copies `staging` (`size` bytes) to `key`, stored with `content_type`, with one
+    /// CopyObject.
+    async fn copy(
+        &self,
+        staging: &str,
+        key: &str,
+        size: u64,
+        content_type: &str,
+    ) -> Result<(), CacheError> {
         let source = format!("{}/{staging}", self.bucket);
         let answer = self
             .retry(Op::CopyObject, key, || async {
@@ -187,7 +216,7 @@ impl Shared {
                     .bucket(&self.bucket)
                     .key(key)
                     .copy_source(&source)
-                    .content_type(NAR_TYPE)
+                    .content_type(content_type)
                     .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
                     .set_storage_class(self.storage_class.clone())
                     .send()
@@ -205,14 +234,15 @@ impl Shared {
         Ok(())
     }
 
-    /// Copies `staging` (`size` bytes) to `key` server-side in parts (UploadPartCopy),
-    /// for objects beyond what one CopyObject may copy. A failure aborts the copy's
-    /// multipart upload.
+    /// Copies `staging` (`size` bytes) to `key`, stored with `content_type`, server-side
+    /// in parts (UploadPartCopy), for objects beyond what one CopyObject may copy. A
+    /// failure aborts the copy's multipart upload.
     async fn copy_in_parts(
         self: &Arc<Self>,
         staging: &str,
         key: &str,
         size: u64,
+        content_type: &str,
     ) -> Result<(), CacheError> {
         let part = self
             .copy_part
@@ -225,7 +255,7 @@ impl Shared {
                     .create_multipart_upload()
                     .bucket(&self.bucket)
                     .key(key)
-                    .content_type(NAR_TYPE)
+                    .content_type(content_type)
                     .set_storage_class(self.storage_class.clone())
                     .send()
             })
@@ -382,12 +412,17 @@ struct Multipart {
     done: Vec<CompletedPart>,
 }
 
-/// A NAR on its way to S3: buffered until it is known to be small (one PUT) or a part is
-/// full (multipart). Dropped without commit, it cleans up after itself.
+/// A NAR (or another object) on its way to S3: buffered until it is known to be small (one
+/// PUT) or a part is full (multipart). Dropped without commit, it cleans up after itself.
 pub(super) struct S3NarUpload {
     shared: Arc<Shared>,
+    /// The Content-Type of the object ([`NAR_TYPE`] for a NAR).
+    content_type: String,
     part_size: usize,
     parts_in_flight: usize,
+    /// The bytes `part_size` was chosen for; parts grow once more are sent
+    /// ([`grown_part_size`]).
+    planned: u64,
     /// What the first buffer reserves: the whole compressed NAR when it fits in a part.
     first_reserve: u64,
     buf: Vec<u8>,
@@ -404,12 +439,35 @@ impl S3NarUpload {
     /// # Errors
     /// [`CacheError::Config`] when its parts cannot fit the upload memory.
     pub(super) fn begin(shared: &Arc<Shared>, nar_size: u64) -> Result<Self, CacheError> {
-        let part = part_size(nar_size).max(shared.min_part);
+        Self::begin_as(shared, "a NAR", nar_size, NAR_TYPE)
+    }
+
+    /// Starts the upload of another object of about `size_hint` bytes, stored with
+    /// `content_type` (nothing is sent yet). It may turn out larger: its parts then grow.
+    ///
+    /// # Errors
+    /// [`CacheError::Config`] when its parts cannot fit the upload memory.
+    pub(super) fn begin_object(
+        shared: &Arc<Shared>,
+        size_hint: u64,
+        content_type: &str,
+    ) -> Result<Self, CacheError> {
+        Self::begin_as(shared, "an object", size_hint, content_type)
+    }
+
+    /// Starts the upload of `what`, of `size` bytes (a NAR's uncompressed size).
+    fn begin_as(
+        shared: &Arc<Shared>,
+        what: &str,
+        size: u64,
+        content_type: &str,
+    ) -> Result<Self, CacheError> {
+        let part = part_size(size).max(shared.min_part);
         let capacity = shared.memory.capacity;
         if part > capacity / PART_SHARE {
             let memory = part * PART_SHARE;
             return Err(CacheError::Config(format!(
-                "{}: a NAR of {nar_size} bytes goes up in parts of {part} bytes, more than \
+                "{}: {what} of {size} bytes goes up in parts of {part} bytes, more than \
                  1/{PART_SHARE} of the S3 upload memory ({capacity} bytes); it needs an upload \
                  memory of {} or more (raise --memory)",
                 shared.url,
@@ -418,10 +476,12 @@ impl S3NarUpload {
         }
         Ok(S3NarUpload {
             shared: shared.clone(),
+            content_type: content_type.to_owned(),
             part_size: part as usize,
             parts_in_flight: parts_in_flight(part, capacity, shared.concurrency),
+            planned: compressed_bound(size),
             // The first buffer holds the whole NAR when it stays below one part.
-            first_reserve: compressed_bound(nar_size).min(part),
+            first_reserve: compressed_bound(size).min(part),
             buf: Vec::new(),
             reservation: None,
             written: false,
@@ -452,7 +512,7 @@ impl S3NarUpload {
                         .create_multipart_upload()
                         .bucket(&s.bucket)
                         .key(&staging)
-                        .content_type(NAR_TYPE)
+                        .content_type(&self.content_type)
                         .set_storage_class(s.storage_class.clone())
                         .send()
                 }))?;
@@ -469,6 +529,13 @@ impl S3NarUpload {
             });
         }
         let m = self.multipart.as_mut().expect("started above");
+        if m.next_part > S3_MAX_PARTS {
+            return Err(CacheError::Config(format!(
+                "{}: {} bytes sent in {S3_MAX_PARTS} parts (S3's most) of up to {} bytes, \
+                 and more to come; larger parts need more upload memory (raise --memory)",
+                s.url, m.sent, self.part_size
+            )));
+        }
         let body = bytes::Bytes::from(std::mem::take(&mut self.buf));
         m.sent += body.len() as u64;
         let reservation = self.reservation.take().map(Reservation::handed_on);
@@ -479,6 +546,17 @@ impl S3NarUpload {
             s.clone(),
         );
         m.next_part += 1;
+        let grown = grown_part_size(
+            self.part_size as u64,
+            number,
+            m.sent,
+            self.planned,
+            s.memory.capacity / PART_SHARE,
+        );
+        if grown != self.part_size as u64 {
+            self.part_size = grown as usize;
+            self.parts_in_flight = parts_in_flight(grown, s.memory.capacity, s.concurrency);
+        }
         let _guard = s.rt.enter();
         m.in_flight.spawn(async move {
             let s = task_shared;
@@ -569,9 +647,9 @@ impl S3NarUpload {
         // upload on the same (unique) staging key: abort any such orphan.
         s.rt.block_on(abort_others(&s, &staging, &upload_id));
         if size > s.copy_part {
-            s.rt.block_on(s.copy_in_parts(&staging, key, size))?;
+            s.rt.block_on(s.copy_in_parts(&staging, key, size, &self.content_type))?;
         } else {
-            s.rt.block_on(s.copy(&staging, key, size))?;
+            s.rt.block_on(s.copy(&staging, key, size, &self.content_type))?;
         }
         let staging = std::mem::take(&mut m.staging);
         // Owned until it is deleted: the staging key stays this upload's till then.
@@ -644,7 +722,7 @@ impl NarUpload for S3NarUpload {
         // Released when the PUT is done, without waiting for anyone.
         let _reservation = self.reservation.take().map(Reservation::handed_on);
         let s = self.shared.clone();
-        s.rt.block_on(s.put(key, body, NAR_TYPE))
+        s.rt.block_on(s.put(key, body, &self.content_type))
     }
 }
 
@@ -873,6 +951,81 @@ mod tests {
             }
             assert!(owned.is_empty(), "owned after commit={commit}: {owned:?}");
         }
+    }
+
+    #[test]
+    fn parts_grow_only_past_the_plan_and_within_the_memory() {
+        let (part, largest) = (MIN_PART, 64 << 20);
+        // Within the plan: never, whatever the part number.
+        assert_eq!(
+            grown_part_size(part, 1000, 100 << 30, 200 << 30, largest),
+            part
+        );
+        // Past it: doubled at every thousandth part, not between.
+        assert_eq!(grown_part_size(part, 999, 8 << 30, 1 << 20, largest), part);
+        assert_eq!(
+            grown_part_size(part, 1000, 8 << 30, 1 << 20, largest),
+            2 * part
+        );
+        // Never beyond a part's share of the memory, and never smaller.
+        assert_eq!(
+            grown_part_size(48 << 20, 3000, 1 << 40, 1 << 20, largest),
+            largest
+        );
+        assert_eq!(
+            grown_part_size(largest, 4000, 1 << 40, 1 << 20, largest),
+            largest
+        );
+        assert_eq!(
+            grown_part_size(part, 1000, 8 << 30, 1 << 20, part / 2),
+            part
+        );
+        // Doubling from the smallest part covers S3's largest object (5 TiB) in its parts.
+        let (mut part, mut sent) = (MIN_PART, 0u64);
+        for n in 1..=S3_MAX_PARTS {
+            sent += part;
+            part = grown_part_size(part, n, sent, 0, u64::MAX);
+        }
+        assert!(sent >= 5 << 40, "{sent}");
+    }
+
+    /// An object whose size was a low estimate (a compressed log's) goes up whole with its
+    /// Content-Type, one part more than a single PUT takes.
+    #[test]
+    fn an_object_larger_than_its_hint_goes_up_in_parts() {
+        let (endpoint, seen) = stand_in(1);
+        let cache = cache_at(&endpoint, 64 << 20);
+        let mut up = cache
+            .begin_object(4096, "text/plain; charset=utf-8")
+            .unwrap();
+        for _ in 0..5 {
+            up.write_all(&[b'x'; 4 << 20]).unwrap();
+        }
+        up.written();
+        up.commit("log/x.drv").unwrap();
+        let requests = seen.requests();
+        let typed = |what: &str, pick: &dyn Fn(&str) -> bool| {
+            let (line, content_type) = requests
+                .iter()
+                .find(|(line, _)| pick(line))
+                .unwrap_or_else(|| panic!("no {what} in {requests:?}"));
+            assert_eq!(
+                content_type.as_deref(),
+                Some("text/plain; charset=utf-8"),
+                "{what}: {line}"
+            );
+        };
+        // The staging upload and the copy to the final key both name the object's type.
+        typed("CreateMultipartUpload", &|l| {
+            l.starts_with("POST") && l.contains("?uploads")
+        });
+        typed("CopyObject", &|l| l.starts_with("PUT /b/log/x.drv"));
+        let parts = requests
+            .iter()
+            .filter(|(l, _)| l.contains("partNumber="))
+            .count();
+        assert_eq!(parts, 3, "{requests:?}");
+        assert_eq!(cache.shared.memory.state.lock().unwrap().reserved, 0);
     }
 
     #[test]
