@@ -38,11 +38,14 @@ const COPY_PARTS_IN_FLIGHT: usize = 8;
 /// Part size for a NAR of `nar_size` bytes: at least [`MIN_PART`], and large enough that
 /// even a NAR that does not compress at all fits in [`MAX_PARTS`] parts.
 pub fn part_size(nar_size: u64) -> u64 {
+    part_size_at_least(nar_size, MIN_PART)
+}
+
+/// [`part_size`] with `min` (`S3Tuning::min_part_size`) in place of [`MIN_PART`]: a NAR
+/// small enough goes up in parts of exactly `min`, below the default as well as above.
+fn part_size_at_least(nar_size: u64, min: u64) -> u64 {
     let worst = nar_size + nar_size / 64 + (1 << 20);
-    worst
-        .div_ceil(MAX_PARTS)
-        .next_multiple_of(1 << 20)
-        .max(MIN_PART)
+    worst.div_ceil(MAX_PARTS).next_multiple_of(1 << 20).max(min)
 }
 
 /// An upper bound on the compressed size of a NAR of `nar_size` bytes: zstd and xz add
@@ -399,7 +402,7 @@ impl S3NarUpload {
     /// # Errors
     /// [`CacheError::Config`] when its parts cannot fit the upload memory.
     pub(super) fn begin(shared: &Arc<Shared>, nar_size: u64) -> Result<Self, CacheError> {
-        let part = part_size(nar_size).max(shared.min_part);
+        let part = part_size_at_least(nar_size, shared.min_part);
         let capacity = shared.memory.capacity;
         if part > capacity / PART_SHARE {
             let memory = part * PART_SHARE;
@@ -841,6 +844,25 @@ mod tests {
         assert!(cache.shared.memory.state.lock().unwrap().reserved <= memory);
         drop((next, waiting));
         assert_eq!(cache.shared.memory.state.lock().unwrap().reserved, 0);
+    }
+
+    /// `S3Tuning::min_part_size` (`--s3-part-size`) is the part size of a NAR that needs
+    /// no larger parts, below the default as well as above it.
+    #[test]
+    fn the_configured_part_size_is_the_part_size_of_a_small_enough_nar() {
+        for (min, parts) in [(MIN_S3_PART, 4), (MIN_PART, 3), (16 << 20, 2)] {
+            let cache = cache_with(&accepting_server(), 128 << 20, |t| t.min_part_size = min);
+            let mut nar = cache.begin_nar(20 << 20).unwrap();
+            nar.write_all(&vec![2; 20 << 20]).unwrap();
+            nar.commit("nar/large.nar").unwrap();
+            let sent = cache
+                .request_counts()
+                .into_iter()
+                .find(|c| c.operation == "UploadPart")
+                .unwrap()
+                .requests;
+            assert_eq!(sent, parts, "20 MiB in parts of at least {min} bytes");
+        }
     }
 
     #[test]
