@@ -337,7 +337,8 @@ fn human_size(bytes: u64) -> String {
     format!("{}M", bytes.div_ceil(1 << 20))
 }
 
-/// Aborts every multipart upload on `key` but `keep` (best effort: failures are logged).
+/// Aborts every multipart upload on `key` but `keep` (all of them when `keep` is empty;
+/// best effort: failures are logged).
 async fn abort_others(s: &Shared, key: &str, keep: &str) {
     let listed = s
         .retry(Op::ListMultipartUploads, key, || {
@@ -442,7 +443,7 @@ impl S3NarUpload {
         let s = self.shared.clone();
         if self.multipart.is_none() {
             let staging = Self::staging_key();
-            let id =
+            let created =
                 s.rt.block_on(s.retry(Op::CreateMultipartUpload, &staging, || {
                     s.client
                         .create_multipart_upload()
@@ -451,7 +452,18 @@ impl S3NarUpload {
                         .content_type(NAR_TYPE)
                         .set_storage_class(s.storage_class.clone())
                         .send()
-                }))?;
+                }));
+            let id = match created {
+                Ok(id) => id,
+                Err(e) => {
+                    // An answer lost or unreadable may hide an upload the server started:
+                    // the staging key is this upload's own, so whatever is there is.
+                    if e.is_transient() {
+                        s.rt.block_on(abort_others(&s, &staging, ""));
+                    }
+                    return Err(e);
+                }
+            };
             let upload_id = id.upload_id().unwrap_or_default().to_owned();
             self.multipart = Some(Multipart {
                 staging,
