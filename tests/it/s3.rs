@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-const STAGING_PREFIX: &str = ".narflow-staging/";
+pub(crate) const STAGING_PREFIX: &str = ".narflow-staging/";
 
 /// `narflow push --json --to URL --key-file KEY EXTRA... PATHS...`
 fn push(url: &str, key: &NixKey, extra: &[&str], paths: &[String]) -> Output {
@@ -54,7 +54,7 @@ fn assert_pushed(out: &Output, proxy: Option<&Proxy>) {
 
 /// The staging keys of the multipart uploads a proxy saw being created (not those of
 /// multi-part copies to final keys).
-fn staging_keys(proxy: &Proxy) -> BTreeSet<String> {
+pub(crate) fn staging_keys(proxy: &Proxy) -> BTreeSet<String> {
     proxy
         .log()
         .iter()
@@ -65,7 +65,7 @@ fn staging_keys(proxy: &Proxy) -> BTreeSet<String> {
 
 /// Asserts that nothing of these staging keys is left: no multipart upload in progress,
 /// no object.
-fn assert_no_staging_leftovers(c: &S3Client, keys: &BTreeSet<String>) {
+pub(crate) fn assert_no_staging_leftovers(c: &S3Client, keys: &BTreeSet<String>) {
     for key in keys {
         assert!(key.starts_with(STAGING_PREFIX), "{key}");
         let uploads = c.multipart_uploads(key);
