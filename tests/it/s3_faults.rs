@@ -36,6 +36,10 @@
 //! removal was the request that failed (with no retries narflow can only log it; the
 //! sweep removes it once old).
 //!
+//! A run whose checks fail while the server itself failed a request (a 5xx the proxy
+//! forwarded: moto does under concurrent requests on one multipart upload) had two
+//! faults, not the one planned: it is run again with fresh paths, a few times at most.
+//!
 //! The bucket is shared: each run makes store paths (and NARs) of its own, checks only
 //! their objects, and deletes its large NAR afterwards.
 use crate::helpers::{S3Client, S3Env, open_options, s3_env, unique};
@@ -68,6 +72,9 @@ const STALL: Duration = Duration::from_millis(1200);
 /// The server does the work and the connection closes before its answer: a lost answer,
 /// as after a stall, without the wait.
 const LOST: Fault = Fault::Stall(Duration::ZERO);
+
+/// Tries of a run that met a fault of the server's own ([`ServerFailed`]).
+const TRIES: usize = 3;
 
 /// Runs of one mode going at once: a run waits on the server (and a stall on the read
 /// timeout) much of its time.
@@ -132,6 +139,7 @@ struct Suite {
 /// One run: fresh store paths (and NARs: the names, in the NARs, are fresh too), the
 /// cache already holding [`PRESENT`] and [`KEPT`], and the proxy in front of the server.
 struct Run {
+    suite: Arc<Suite>,
     what: String,
     /// No fault is planned.
     clean: bool,
@@ -156,7 +164,7 @@ impl Suite {
     }
 
     /// A run whose proxy applies `rules`; `what` names it in messages.
-    fn run(&self, what: String, rules: Vec<Rule>) -> Run {
+    fn run(self: &Arc<Self>, what: String, rules: Vec<Rule>) -> Run {
         // On tmpfs where there is one: the run's time is the cache's, not the disk's.
         let store = tempfile::tempdir_in("/dev/shm")
             .or_else(|_| tempfile::tempdir())
@@ -211,6 +219,7 @@ impl Suite {
         let opts = opts(Compression::Zstd, our_key());
         let cache = S3Cache::open(&self.env.bucket, &url, &opts.cache_options(tuning)).unwrap();
         Run {
+            suite: self.clone(),
             what,
             clean,
             _store: store,
@@ -256,6 +265,27 @@ impl Run {
 
     /// Fails the test with `why`, the run's name and the proxy's log.
     fn fail(&self, why: impl std::fmt::Display) -> ! {
+        let server: Vec<String> = self
+            .proxy
+            .log()
+            .iter()
+            .filter(|r| r.fault.is_none() && r.status.is_some_and(|s| s >= 500))
+            .map(|r| format!("{} {} -> {:?}", r.method, r.target, r.status))
+            .collect();
+        if !server.is_empty() {
+            // Leave no staging behind for the next runs, whatever is there.
+            let c = &self.suite.client;
+            for key in staging_keys(&self.proxy) {
+                for (k, id) in c.multipart_uploads(&key) {
+                    c.abort_multipart(&k, &id);
+                }
+                c.delete(&key);
+            }
+            std::panic::panic_any(ServerFailed(format!(
+                "{}: {why}; the server itself failed {server:?}",
+                self.what
+            )));
+        }
         panic!("{}: {why}\n{}", self.what, self.proxy.dump())
     }
 
@@ -421,15 +451,20 @@ impl Run {
     }
 }
 
-/// Runs `f` on a thread of its own and returns its result, or fails the test when it has
-/// not ended within [`WEDGED`].
+/// A run whose checks failed while the server itself had failed a request (a 5xx the
+/// proxy forwarded): a fault beside the one planned, which the run cannot be judged by.
+struct ServerFailed(String);
+
+/// Runs `f` on a thread of its own and returns its result (or its panic), or fails the
+/// test when it has not ended within [`WEDGED`].
 fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = crossbeam_channel::bounded(1);
     std::thread::spawn(move || {
-        let _ = tx.send(f());
+        let _ = tx.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
     });
     match rx.recv_timeout(WEDGED) {
-        Ok(t) => t,
+        Ok(Ok(t)) => t,
+        Ok(Err(p)) => std::panic::resume_unwind(p),
         Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
             panic!("{what}: the run did not end: wedged")
         }
@@ -587,6 +622,32 @@ fn fault_for(k: usize) -> Fault {
     }
 }
 
+/// Runs `once`; a run that met a fault of the server's own ([`ServerFailed`]) is run again
+/// with fresh paths, up to [`TRIES`] times in all, and counted in `voided`.
+fn judged(
+    suite: &Arc<Suite>,
+    once: fn(&Arc<Suite>, String, Vec<Rule>) -> Ran,
+    what: String,
+    rules: Vec<Rule>,
+    voided: &AtomicUsize,
+) -> Ran {
+    for attempt in 1..=TRIES {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            once(suite, what.clone(), rules.clone())
+        }));
+        match r.map_err(|p| p.downcast::<ServerFailed>()) {
+            Ok(ran) => return ran,
+            Err(Ok(f)) if attempt < TRIES => {
+                eprintln!("void, run again: {}", f.0);
+                voided.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(Ok(f)) => panic!("{} (void {TRIES} times in a row)", f.0),
+            Err(Err(p)) => std::panic::resume_unwind(p),
+        }
+    }
+    unreachable!("the last try returns or panics")
+}
+
 /// Runs `once` for every k over the requests of a clean run (and a few past them: runs
 /// differ a little in order and count), and with an unreadable answer to each request
 /// whose document tells narflow the outcome, [`RUNS_AT_ONCE`] at a time; checks that
@@ -595,7 +656,8 @@ fn every_k(mode: &str, once: fn(&Arc<Suite>, String, Vec<Rule>) -> Ran) {
     let Some(env) = s3_env() else { return };
     let started = Instant::now();
     let suite = Arc::new(Suite::new(env));
-    let clean = once(&suite, format!("{mode}: clean"), vec![]);
+    let voided = AtomicUsize::new(0);
+    let clean = judged(&suite, once, format!("{mode}: clean"), vec![], &voided);
     assert_eq!(clean.fired, 0);
     assert!(
         clean.parts > 2,
@@ -640,7 +702,7 @@ fn every_k(mode: &str, once: fn(&Arc<Suite>, String, Vec<Rule>) -> Ran) {
                         }
                         let (what, rules) = planned[i].clone();
                         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            once(&suite, what, rules)
+                            judged(&suite, once, what, rules, &voided)
                         }));
                         match r {
                             Ok(r) => ran.push((i, r)),
@@ -670,10 +732,11 @@ fn every_k(mode: &str, once: fn(&Arc<Suite>, String, Vec<Rule>) -> Ran) {
     );
     println!(
         "{mode} on {}: {requests} requests in a clean run; {} runs ({fired} faults at k, {} \
-         unreadable answers) in {:.1?}",
+         unreadable answers; {} run again after a fault of the server's own) in {:.1?}",
         suite.env.server,
         planned.len() + 1,
         unreadable.len(),
+        voided.load(Ordering::SeqCst),
         started.elapsed()
     );
 }
