@@ -17,6 +17,7 @@ mod proxy;
 mod push_nix;
 mod rate;
 mod s3;
+mod s3_faults;
 mod store_nix;
 mod watch;
 mod writers;

@@ -316,6 +316,14 @@ impl Proxy {
             .count()
     }
 
+    /// Ends every rule's faults: from now on each request is forwarded as it is (a rule
+    /// whose turn never came does not fire later).
+    pub fn heal(&self) {
+        for r in &mut self.shared.state.lock().unwrap().rules {
+            r.fired = r.rule.limit;
+        }
+    }
+
     /// A one-line-per-request dump for assertion messages.
     pub fn dump(&self) -> String {
         self.log()

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-const STAGING_PREFIX: &str = ".narflow-staging/";
+pub(crate) const STAGING_PREFIX: &str = ".narflow-staging/";
 
 /// `narflow push --json --to URL --key-file KEY EXTRA... PATHS...`
 fn push(url: &str, key: &NixKey, extra: &[&str], paths: &[String]) -> Output {
@@ -54,7 +54,7 @@ fn assert_pushed(out: &Output, proxy: Option<&Proxy>) {
 
 /// The staging keys of the multipart uploads a proxy saw being created (not those of
 /// multi-part copies to final keys).
-fn staging_keys(proxy: &Proxy) -> BTreeSet<String> {
+pub(crate) fn staging_keys(proxy: &Proxy) -> BTreeSet<String> {
     proxy
         .log()
         .iter()
@@ -65,7 +65,7 @@ fn staging_keys(proxy: &Proxy) -> BTreeSet<String> {
 
 /// Asserts that nothing of these staging keys is left: no multipart upload in progress,
 /// no object.
-fn assert_no_staging_leftovers(c: &S3Client, keys: &BTreeSet<String>) {
+pub(crate) fn assert_no_staging_leftovers(c: &S3Client, keys: &BTreeSet<String>) {
     for key in keys {
         assert!(key.starts_with(STAGING_PREFIX), "{key}");
         let uploads = c.multipart_uploads(key);
@@ -697,6 +697,45 @@ fn a_lost_create_multipart_response_leaves_no_upload_behind() {
     c.delete(&url);
     assert!(left.is_empty(), "orphaned multipart uploads: {left:?}");
     assert_no_staging_leftovers(&c, &staging);
+}
+
+/// With no retries, a CreateMultipartUpload the server carried out but whose answer was
+/// lost (a stall past the read timeout) or could not be read fails the path, transiently,
+/// and the upload the server started is aborted: its staging key is the upload's own.
+#[test]
+fn a_create_multipart_answer_lost_or_unreadable_with_no_retries_leaves_no_upload_behind() {
+    let Some(s3) = s3_env() else { return };
+    let key = nix_generate_key("narflow-s3-test-1");
+    for fault in [Fault::Stall(Duration::from_secs(2)), Fault::UnreadableIn200] {
+        let big = BigPath::new("s3-create-no-retries", 20 << 20);
+        let proxy = Proxy::start(
+            &s3.endpoint,
+            vec![Rule::after(Kind::CreateMultipart, 0, 1, fault)],
+        );
+        let out = push(
+            &s3.url_at(&proxy.endpoint(), "&retries=0&read-timeout=1"),
+            &key,
+            &[],
+            std::slice::from_ref(&big.path),
+        );
+        let c = s3.client();
+        let left: Vec<_> = staging_keys(&proxy)
+            .iter()
+            .flat_map(|k| c.multipart_uploads(k))
+            .collect();
+        for (k, id) in &left {
+            c.abort_multipart(k, id);
+        }
+        let s = summary(&out);
+        assert_eq!(out.status.code(), Some(1), "{fault:?}: {}", stderr(&out));
+        assert_eq!(s["failures"][0]["transient"], true, "{fault:?}: {s}");
+        assert!(!c.exists(&narinfo_key(&big.path)), "{fault:?}: published");
+        assert!(
+            left.is_empty(),
+            "{fault:?}: orphaned multipart uploads: {left:?}\n{}",
+            proxy.dump()
+        );
+    }
 }
 
 /// S3 may answer CompleteMultipartUpload (and CopyObject) with `200 OK` and an error in

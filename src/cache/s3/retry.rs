@@ -107,9 +107,12 @@ fn classify<E: ProvideErrorMetadata, R>(
             Failure::Retry(retry_after)
         }
         // S3 may answer 200 with an error document (CompleteMultipartUpload, CopyObject):
-        // the code, not the status, says whether to retry.
+        // the code, not the status, says whether to retry. A 2xx with no code is a
+        // success whose document could not be read: its outcome is unknown, as after a
+        // lost answer (callers that must know it check, see `unreadable_success`).
         SdkError::ServiceError(_) => match (status, e.code()) {
             (Some(408 | 429) | Some(500..=599), _)
+            | (Some(200..=299), None)
             | (_, Some("InternalError" | "SlowDown" | "ServiceUnavailable" | "RequestTimeout")) => {
                 Failure::Retry(retry_after)
             }

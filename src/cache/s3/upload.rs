@@ -46,11 +46,14 @@ const GROW_EVERY: i32 = 1_000;
 /// Part size for a NAR of `nar_size` bytes: at least [`MIN_PART`], and large enough that
 /// even a NAR that does not compress at all fits in [`MAX_PARTS`] parts.
 pub fn part_size(nar_size: u64) -> u64 {
+    part_size_at_least(nar_size, MIN_PART)
+}
+
+/// [`part_size`] with `min` (`S3Tuning::min_part_size`) in place of [`MIN_PART`]: a NAR
+/// small enough goes up in parts of exactly `min`, below the default as well as above.
+fn part_size_at_least(nar_size: u64, min: u64) -> u64 {
     let worst = nar_size + nar_size / 64 + (1 << 20);
-    worst
-        .div_ceil(MAX_PARTS)
-        .next_multiple_of(1 << 20)
-        .max(MIN_PART)
+    worst.div_ceil(MAX_PARTS).next_multiple_of(1 << 20).max(min)
 }
 
 /// An upper bound on the compressed size of a NAR of `nar_size` bytes: zstd and xz add
@@ -366,7 +369,8 @@ fn human_size(bytes: u64) -> String {
     format!("{}M", bytes.div_ceil(1 << 20))
 }
 
-/// Aborts every multipart upload on `key` but `keep` (best effort: failures are logged).
+/// Aborts every multipart upload on `key` but `keep` (all of them when `keep` is empty;
+/// best effort: failures are logged).
 async fn abort_others(s: &Shared, key: &str, keep: &str) {
     let listed = s
         .retry(Op::ListMultipartUploads, key, || {
@@ -462,7 +466,7 @@ impl S3NarUpload {
         size: u64,
         content_type: &str,
     ) -> Result<Self, CacheError> {
-        let part = part_size(size).max(shared.min_part);
+        let part = part_size_at_least(size, shared.min_part);
         let capacity = shared.memory.capacity;
         if part > capacity / PART_SHARE {
             let memory = part * PART_SHARE;
@@ -506,7 +510,7 @@ impl S3NarUpload {
             let staging = Self::staging_key();
             // Before the upload exists, so that no sweep can see it unowned.
             let owning = s.owned.staging_key(&staging);
-            let id =
+            let created =
                 s.rt.block_on(s.retry(Op::CreateMultipartUpload, &staging, || {
                     s.client
                         .create_multipart_upload()
@@ -515,7 +519,18 @@ impl S3NarUpload {
                         .content_type(&self.content_type)
                         .set_storage_class(s.storage_class.clone())
                         .send()
-                }))?;
+                }));
+            let id = match created {
+                Ok(id) => id,
+                Err(e) => {
+                    // An answer lost or unreadable may hide an upload the server started:
+                    // the staging key is this upload's own, so whatever is there is.
+                    if e.is_transient() {
+                        s.rt.block_on(abort_others(&s, &staging, ""));
+                    }
+                    return Err(e);
+                }
+            };
             let upload_id = id.upload_id().unwrap_or_default().to_owned();
             self.multipart = Some(Multipart {
                 staging,
@@ -1026,6 +1041,25 @@ mod tests {
             .count();
         assert_eq!(parts, 3, "{requests:?}");
         assert_eq!(cache.shared.memory.state.lock().unwrap().reserved, 0);
+    }
+
+    /// `S3Tuning::min_part_size` (`--s3-part-size`) is the part size of a NAR that needs
+    /// no larger parts, below the default as well as above it.
+    #[test]
+    fn the_configured_part_size_is_the_part_size_of_a_small_enough_nar() {
+        for (min, parts) in [(MIN_S3_PART, 4), (MIN_PART, 3), (16 << 20, 2)] {
+            let cache = cache_with(&accepting_server(), 128 << 20, |t| t.min_part_size = min);
+            let mut nar = cache.begin_nar(20 << 20).unwrap();
+            nar.write_all(&vec![2; 20 << 20]).unwrap();
+            nar.commit("nar/large.nar").unwrap();
+            let sent = cache
+                .request_counts()
+                .into_iter()
+                .find(|c| c.operation == "UploadPart")
+                .unwrap()
+                .requests;
+            assert_eq!(sent, parts, "20 MiB in parts of at least {min} bytes");
+        }
     }
 
     #[test]
