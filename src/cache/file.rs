@@ -607,8 +607,7 @@ impl BinaryCache for FileCache {
         Ok(Box::new(FileNarUpload {
             out: BufWriter::with_capacity(NAR_WRITE_BUFFER, out),
             written: 0,
-            writeback_from: 0,
-            writing: None,
+            writeback: Writeback::default(),
             tmp,
             root: self.root.clone(),
             url: self.url.clone(),
@@ -750,8 +749,7 @@ impl BinaryCache for FileCache {
                 fs: self.fs.clone(),
             },
             written: 0,
-            writeback_from: 0,
-            writing: None,
+            writeback: Writeback::default(),
             tmp,
             root: self.root.clone(),
             url: self.url.clone(),
@@ -781,10 +779,7 @@ struct FileNarUpload {
     out: BufWriter<HookedFile>,
     /// Bytes accepted so far.
     written: u64,
-    /// Where the range not yet handed to writeback starts.
-    writeback_from: u64,
-    /// The range last handed to writeback, not yet waited for.
-    writing: Option<(u64, u64)>,
+    writeback: Writeback,
     tmp: OwnedTemp,
     root: PathBuf,
     url: String,
@@ -792,26 +787,39 @@ struct FileNarUpload {
 }
 
 impl FileNarUpload {
-    /// Once [`WRITEBACK_STEP`] bytes of the file have gathered in the kernel, starts their
-    /// writeback and waits for the step before them to be on disk: at most two steps of a
-    /// NAR are ever dirty or being written (a step is one write when a chunk's output is
-    /// larger: `BufWriter` passes large writes straight through). The `fdatasync`s of a publish wave then find
-    /// little to wait for: on ext4 an `fdatasync` of a small file just published commits
-    /// the journal, which first writes the data of every file in the transaction, so a
-    /// large NAR's gigabyte of dirty pages made a small path wait behind it. The final sync
-    /// of the large NAR finds most of it on disk already, too. Only hints: an error
-    /// changes nothing but timing.
     fn start_writeback(&mut self) {
         let in_kernel = self.written - self.out.buffer().len() as u64;
-        if in_kernel - self.writeback_from < WRITEBACK_STEP {
+        self.writeback.advance(&self.out.get_ref().file, in_kernel);
+    }
+}
+
+/// The bounded writeback of a file being written (a NAR's or another object's).
+#[derive(Debug, Default)]
+struct Writeback {
+    /// Where the range not yet handed to writeback starts.
+    from: u64,
+    /// The range last handed to writeback, not yet waited for.
+    writing: Option<(u64, u64)>,
+}
+
+impl Writeback {
+    /// Once [`WRITEBACK_STEP`] bytes of `file` have gathered in the kernel (`in_kernel`:
+    /// the bytes handed to it so far), starts their writeback and waits for the step
+    /// before them to be on disk, so at most two steps are ever dirty or being written (a
+    /// step is one write when a chunk's output is larger: `BufWriter` passes large writes
+    /// straight through). On ext4 an `fdatasync` of a small file commits the journal,
+    /// which first writes the data of every file in the transaction: with this bound, a
+    /// small path published beside a large NAR finds little to wait for, and so does the
+    /// large NAR's own final sync. Only hints: an error changes nothing but timing.
+    fn advance(&mut self, file: &File, in_kernel: u64) {
+        if in_kernel - self.from < WRITEBACK_STEP {
             return;
         }
-        let (from, len) = (self.writeback_from, in_kernel - self.writeback_from);
-        let file = &self.out.get_ref().file;
+        let (from, len) = (self.from, in_kernel - self.from);
         writeback(file, from, len, false);
         if let Some((before, before_len)) = self.writing.replace((from, len)) {
             writeback(file, before, before_len, true);
-            // Written: its clean pages are dropped (the NAR is not read back).
+            // Written: its clean pages are dropped (the file is not read back).
             let _ = rustix::fs::fadvise(
                 file,
                 before,
@@ -819,7 +827,7 @@ impl FileNarUpload {
                 rustix::fs::Advice::DontNeed,
             );
         }
-        self.writeback_from = in_kernel;
+        self.from = in_kernel;
     }
 }
 
@@ -905,30 +913,15 @@ struct FileObjectUpload {
     out: HookedFile,
     /// Bytes written so far.
     written: u64,
-    /// Where the range not yet handed to writeback starts.
-    writeback_from: u64,
-    /// The range last handed to writeback, not yet waited for.
-    writing: Option<(u64, u64)>,
+    writeback: Writeback,
     tmp: OwnedTemp,
     root: PathBuf,
     url: String,
 }
 
 impl FileObjectUpload {
-    /// [`FileNarUpload::start_writeback`]'s bound: at most two [`WRITEBACK_STEP`]s of the
-    /// object dirty or being written, so the commit's `fdatasync` (and a publishing wave's
-    /// beside it) finds little left to write.
     fn start_writeback(&mut self) {
-        if self.written - self.writeback_from < WRITEBACK_STEP {
-            return;
-        }
-        let (from, len) = (self.writeback_from, self.written - self.writeback_from);
-        let file = &self.out.file;
-        writeback(file, from, len, false);
-        if let Some((before, before_len)) = self.writing.replace((from, len)) {
-            writeback(file, before, before_len, true);
-        }
-        self.writeback_from = self.written;
+        self.writeback.advance(&self.out.file, self.written);
     }
 }
 
