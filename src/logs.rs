@@ -328,6 +328,36 @@ fn upload_error(cache: &dyn BinaryCache, key: &str, e: io::Error) -> LogError {
     })
 }
 
+/// For tests: a log of `parts` parts of about 1 MiB, each after a line naming its
+/// number: its text, and a bzip2 file of it with one stream per name and per part (the
+/// part is compressed once: cheap to make; the names make a part lost, repeated or out of
+/// place show).
+///
+/// # Panics
+/// Never in practice: compressing into memory cannot fail.
+#[doc(hidden)]
+pub fn large_test_log(parts: usize) -> (Vec<u8>, Vec<u8>) {
+    use std::io::Write;
+    let bzip2 = |text: &[u8]| {
+        let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+        e.write_all(text).expect("compressing into memory");
+        e.finish().expect("compressing into memory")
+    };
+    let part: Vec<u8> = (0..30_000)
+        .flat_map(|i| format!("{i:06} a line of a large build log\n").into_bytes())
+        .collect();
+    let packed_part = bzip2(&part);
+    let (mut text, mut packed) = (Vec::new(), Vec::new());
+    for i in 0..parts {
+        let name = format!("part {i}\n");
+        text.extend_from_slice(name.as_bytes());
+        text.extend_from_slice(&part);
+        packed.extend(bzip2(name.as_bytes()));
+        packed.extend_from_slice(&packed_part);
+    }
+    (text, packed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,32 +459,13 @@ mod tests {
         assert_eq!(listing(cache_dir.path()), Vec::<String>::new());
     }
 
-    /// A log of `parts` parts of about 1 MiB, each after a line naming its number: its text,
-    /// and a bzip2 file of it with one stream per name and per part (the part is compressed
-    /// once: cheap to make; the names make a part lost, repeated or out of place show).
-    fn large_log(parts: usize) -> (Vec<u8>, Vec<u8>) {
-        let part: Vec<u8> = (0..30_000)
-            .flat_map(|i| format!("{i:06} a line of a large build log\n").into_bytes())
-            .collect();
-        let packed_part = bzip2(&part);
-        let (mut text, mut packed) = (Vec::new(), Vec::new());
-        for i in 0..parts {
-            let name = format!("part {i}\n");
-            text.extend_from_slice(name.as_bytes());
-            text.extend_from_slice(&part);
-            packed.extend(bzip2(name.as_bytes()));
-            packed.extend_from_slice(&packed_part);
-        }
-        (text, packed)
-    }
-
     #[test]
     fn a_log_of_any_size_is_streamed_whole_into_the_cache() {
         let root = tempfile::tempdir().unwrap();
         let cache_dir = tempfile::tempdir().unwrap();
         let cache = FileCache::open(cache_dir.path(), "file:///c").unwrap();
         // 80 MiB of text, far more than any buffer on its way, in a file of a few MiB.
-        let (text, packed) = large_log(80);
+        let (text, packed) = large_test_log(80);
         assert!(text.len() > 80 << 20 && packed.len() < text.len() / 8);
         put(
             root.path(),

@@ -603,17 +603,9 @@ pub fn jobs_for(
         .iter()
         .zip(&skip)
         .filter(|(_, skip)| !**skip)
-        .map(|(info, _)| NewJob {
-            info: info.clone(),
-            // A reference in the run is waited for; the others are seen (the refusal
-            // took out every path with a reference that is neither).
-            waits_for: info
-                .references
-                .iter()
-                .filter(|r| in_run.contains(r))
-                .cloned()
-                .collect(),
-        })
+        // A reference in the run is waited for; the others are seen (the refusal took
+        // out every path with a reference that is neither).
+        .map(|(info, _)| NewJob::waiting_for(info.clone(), |r| in_run.contains(r)))
         .collect();
     (jobs, refused)
 }

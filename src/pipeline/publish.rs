@@ -38,6 +38,20 @@ pub struct NewJob {
     pub waits_for: Vec<StorePath>,
 }
 
+impl NewJob {
+    /// A job for `info` that waits for each of its references `pending` says this
+    /// pipeline will publish (the others are in the cache already).
+    pub fn waiting_for(info: PathInfo, pending: impl Fn(&StorePath) -> bool) -> Self {
+        let waits_for = info
+            .references
+            .iter()
+            .filter(|r| pending(r))
+            .cloned()
+            .collect();
+        NewJob { info, waits_for }
+    }
+}
+
 /// What the pipeline decided for one job.
 #[derive(Debug, Clone)]
 pub struct Settled {

@@ -4,7 +4,6 @@
 //! larger than `--memory` go up whole while the peak RSS stays within the budget.
 use crate::helpers::*;
 use crate::memory::{assert_bounded, peak_rss_of_push_with};
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -206,30 +205,6 @@ fn on_s3_a_log_is_text_plain_utf8() {
 
 const MIB: u64 = 1 << 20;
 
-/// A log of `parts` parts of about 1 MiB, each after a line naming its number: its text,
-/// and a bzip2 file of it with one stream per name and per part (the part is compressed
-/// once: cheap to make; the names make a part lost, repeated or out of place show).
-fn large_log(parts: usize) -> (Vec<u8>, Vec<u8>) {
-    let bzip2 = |text: &[u8]| {
-        let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
-        e.write_all(text).unwrap();
-        e.finish().unwrap()
-    };
-    let part: Vec<u8> = (0..30_000)
-        .flat_map(|i| format!("{i:06} a line of a large build log\n").into_bytes())
-        .collect();
-    let packed_part = bzip2(&part);
-    let (mut text, mut packed) = (Vec::new(), Vec::new());
-    for i in 0..parts {
-        let name = format!("part {i}\n");
-        text.extend_from_slice(name.as_bytes());
-        text.extend_from_slice(&part);
-        packed.extend(bzip2(name.as_bytes()));
-        packed.extend_from_slice(&packed_part);
-    }
-    (text, packed)
-}
-
 /// Replaces the log Nix kept of `drv` (compressed, where Nix 2.8 keeps it) with `packed`.
 fn replace_log(drv: &str, packed: &[u8]) {
     let base = base_name(drv);
@@ -258,7 +233,7 @@ fn push_logs_measured(url: &str, budget: u64, outs: &[String]) -> (serde_json::V
 #[test]
 fn a_log_of_200_mib_goes_up_whole_within_the_memory_budget() {
     let (out, drv, _) = build_with_log("log-large-file");
-    let (text, packed) = large_log(200);
+    let (text, packed) = narflow::logs::large_test_log(200);
     assert!(text.len() as u64 > 200 * MIB && packed.len() < text.len() / 8);
     replace_log(&drv, &packed);
     let cache = tempdir();
@@ -286,7 +261,7 @@ fn on_s3_logs_larger_than_the_upload_memory_go_up_whole_within_the_memory_budget
     let built: Vec<(String, String, String)> = (0..narflow::logs::LOG_THREADS)
         .map(|i| build_with_log(&format!("log-large-s3-{i}")))
         .collect();
-    let (text, packed) = large_log(72);
+    let (text, packed) = narflow::logs::large_test_log(72);
     for (_, drv, _) in &built {
         replace_log(drv, &packed);
     }

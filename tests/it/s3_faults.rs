@@ -244,15 +244,7 @@ impl Run {
             .iter()
             .enumerate()
             .filter(|(i, _)| which(*i))
-            .map(|(_, info)| NewJob {
-                info: info.clone(),
-                waits_for: info
-                    .references
-                    .iter()
-                    .filter(|r| !in_cache(r))
-                    .cloned()
-                    .collect(),
-            })
+            .map(|(_, info)| NewJob::waiting_for(info.clone(), |r| !in_cache(r)))
             .collect()
     }
 
