@@ -288,26 +288,6 @@ impl FileCache {
         }
     }
 
-    /// Writes `contents` to `key` durably and atomically (temp file, fdatasync, rename,
-    /// fsync of the directory). For single objects (`nix-cache-info`, listings).
-    fn put_atomic(&self, key: &str, contents: &[u8]) -> Result<(), CacheError> {
-        let target = self.root.join(key);
-        let dir = target.parent().unwrap_or(&self.root);
-        let mut tmp = self.fs.temp_in(dir).map_err(|e| self.io(key, e))?;
-        let path = tmp.path().to_owned();
-        self.fs
-            .run(FsOp::Write(&path), || tmp.write_all(contents))
-            .map_err(|e| self.io(key, e))?;
-        set_readable(tmp.as_file()).map_err(|e| self.io(key, e))?;
-        self.fs
-            .sync_data(&path, tmp.as_file())
-            .map_err(|e| self.io(key, e))?;
-        self.fs
-            .persist(tmp.into_temp_path(), &target)
-            .map_err(|e| self.io(key, e))?;
-        self.fs.sync_dir(dir).map_err(|e| self.io(key, e))
-    }
-
     /// One `syncfs` of each file system the cache's files are on: every byte written
     /// so far is durable.
     fn syncfs(&self) -> Result<(), CacheError> {
@@ -543,7 +523,7 @@ impl BinaryCache for FileCache {
             Err(e) => return Err(self.io(key, e)),
         };
         match super::cache_info_to_write(&self.url, existing.as_deref(), store_dir)? {
-            Some(text) => self.put_atomic(key, text.as_bytes()),
+            Some(text) => self.put_object(key, text.as_bytes(), "text/x-nix-cache-info"),
             None => Ok(()),
         }
     }
@@ -650,15 +630,12 @@ impl BinaryCache for FileCache {
         })
     }
 
-    fn put_object(&self, key: &str, bytes: &[u8], _content_type: &str) -> Result<(), CacheError> {
-        // An object in a directory of its own (`log/<drv>`) creates it on first use, durably.
-        if let Some((sub, _)) = key.rsplit_once('/')
-            && !self.root.join(sub).is_dir()
-        {
-            std::fs::create_dir_all(self.root.join(sub)).map_err(|e| self.io(key, e))?;
-            self.fs.sync_dir(&self.root).map_err(|e| self.io("", e))?;
-        }
-        self.put_atomic(key, bytes)
+    /// An object written whole: [`BinaryCache::begin_object`]'s upload in one piece.
+    fn put_object(&self, key: &str, bytes: &[u8], content_type: &str) -> Result<(), CacheError> {
+        let mut up = self.begin_object(bytes.len() as u64, content_type)?;
+        up.write_all(bytes).map_err(|e| self.io(key, e))?;
+        up.written();
+        up.commit(key)
     }
 
     /// Syncs and renames the waiting NARs. On a failed sync they are discarded (Linux may
