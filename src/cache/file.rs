@@ -26,7 +26,6 @@
 use super::{BinaryCache, CacheError, NarUpload, Published};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
-use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -133,25 +132,25 @@ impl Fs {
 
 /// The temporary files of this process's uploads: a sweep leaves them, however old (a NAR
 /// written for days at `--max-rate`, or committed and waiting for a slow reference).
-type Owned = Arc<Mutex<HashSet<PathBuf>>>;
+type Owned = Arc<super::owned::Owned<PathBuf>>;
 
-/// One temporary file registered in [`Owned`] while this value lives (its file is
-/// deleted with it unless taken first).
+/// One temporary file owned while this value lives (its file is deleted with it unless
+/// taken first).
 #[derive(Debug)]
 struct OwnedTemp {
+    // Fields drop in order: the file is deleted before its name is released.
     path: Option<tempfile::TempPath>,
     at: PathBuf,
-    owned: Owned,
+    _claim: super::owned::Claim<PathBuf>,
 }
 
 impl OwnedTemp {
     fn new(path: tempfile::TempPath, owned: &Owned) -> Self {
         let at = path.to_path_buf();
-        lock(owned).insert(at.clone());
         OwnedTemp {
             path: Some(path),
+            _claim: owned.claim(at.clone()),
             at,
-            owned: owned.clone(),
         }
     }
     fn path(&self) -> &Path {
@@ -160,12 +159,6 @@ impl OwnedTemp {
     /// The path, to be renamed: it stays protected from sweeps until this value drops.
     fn take(&mut self) -> tempfile::TempPath {
         self.path.take().expect("a temporary file is taken once")
-    }
-}
-
-impl Drop for OwnedTemp {
-    fn drop(&mut self) {
-        lock(&self.owned).remove(&self.at);
     }
 }
 
@@ -682,7 +675,7 @@ impl BinaryCache for FileCache {
                     .file_name()
                     .as_encoded_bytes()
                     .starts_with(TEMP_PREFIX.as_bytes())
-                    || lock(&self.owned).contains(&entry.path())
+                    || self.owned.contains(&entry.path())
                 {
                     continue;
                 }

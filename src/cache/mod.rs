@@ -6,6 +6,7 @@
 pub(crate) mod fault;
 pub mod file;
 pub mod null;
+pub(crate) mod owned;
 pub mod rate;
 pub mod s3;
 pub mod url;

@@ -86,7 +86,7 @@ struct Shared {
     /// Requests sent and retried, by operation.
     counts: retry::Counts,
     /// What live uploads own: never swept.
-    owned: Arc<sweep::Owned>,
+    owned: sweep::Owned,
 }
 
 #[derive(Debug)]

@@ -4,97 +4,54 @@
 use super::retry::Op;
 use super::{S3Cache, STAGING_PREFIX};
 use crate::cache::CacheError;
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use crate::cache::owned::{self, Claim};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 /// What the live uploads of this process own in the bucket: the staging key of each NAR
 /// going up in parts (its multipart upload, then the staging object that upload completes
 /// to, until the object is copied and deleted or the upload is dropped), and the multipart
-/// upload of each copy to a final key in parts. Age tells a sweep what a killed upload
-/// left, but not what a slow live one still needs (a NAR taking longer than the grace at
-/// a low `--max-rate`, a staging object still being copied): this does.
-///
-/// Each entry belongs to an [`Owning`] guard and goes when the guard is dropped, so an
-/// upload that ends in any way (committed, failed, dropped) leaves nothing behind here.
+/// upload of each copy to a final key in parts.
 #[derive(Debug, Default)]
-pub(super) struct Owned(Mutex<OwnedSets>);
-
-#[derive(Debug, Default)]
-struct OwnedSets {
+pub(super) struct Owned {
     /// Staging keys (unique to their upload: see `S3NarUpload::staging_key`).
-    keys: HashSet<String>,
+    keys: Arc<owned::Owned<String>>,
     /// Upload ids of multi-part copies (their keys, under `nar/`, are not unique to us).
-    uploads: HashSet<String>,
+    uploads: Arc<owned::Owned<String>>,
 }
 
 impl Owned {
-    fn sets(&self) -> std::sync::MutexGuard<'_, OwnedSets> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Owns the staging key `key` until the guard is dropped: every multipart upload on
+    /// Owns the staging key `key` until the claim is dropped: every multipart upload on
     /// it and the object under it. Taken before the upload is created, so no sweep ever
     /// lists the upload before it is owned.
-    pub(super) fn staging_key(self: &Arc<Self>, key: &str) -> Owning {
-        let fresh = self.sets().keys.insert(key.to_owned());
-        debug_assert!(fresh, "staging key {key} owned twice");
-        Owning {
-            owned: self.clone(),
-            entry: Entry::Key(key.to_owned()),
-        }
+    pub(super) fn staging_key(&self, key: &str) -> Claim<String> {
+        debug_assert!(
+            !self.keys.contains(&key.to_owned()),
+            "staging key {key} owned twice"
+        );
+        self.keys.claim(key.to_owned())
     }
 
-    /// Owns the multipart upload `id` until the guard is dropped. Taken as soon as its
+    /// Owns the multipart upload `id` until the claim is dropped. Taken as soon as its
     /// CreateMultipartUpload answers; a sweep's cutoff (a day ago by default) cannot take
     /// an upload that young.
-    pub(super) fn upload(self: &Arc<Self>, id: &str) -> Owning {
-        self.sets().uploads.insert(id.to_owned());
-        Owning {
-            owned: self.clone(),
-            entry: Entry::Upload(id.to_owned()),
-        }
+    pub(super) fn upload(&self, id: &str) -> Claim<String> {
+        self.uploads.claim(id.to_owned())
     }
 
     /// Whether the multipart upload `id` on `key` is a live upload's.
     fn owns_upload(&self, key: &str, id: &str) -> bool {
-        let sets = self.sets();
-        sets.keys.contains(key) || sets.uploads.contains(id)
+        self.keys.contains(&key.to_owned()) || self.uploads.contains(&id.to_owned())
     }
 
     /// Whether the object `key` is a live upload's staging object.
     fn owns_object(&self, key: &str) -> bool {
-        self.sets().keys.contains(key)
+        self.keys.contains(&key.to_owned())
     }
 
     #[cfg(test)]
     pub(super) fn is_empty(&self) -> bool {
-        let sets = self.sets();
-        sets.keys.is_empty() && sets.uploads.is_empty()
-    }
-}
-
-/// One entry of [`Owned`], removed when this is dropped.
-#[derive(Debug)]
-#[must_use = "what it owns is unprotected once it is dropped"]
-pub(super) struct Owning {
-    owned: Arc<Owned>,
-    entry: Entry,
-}
-
-#[derive(Debug)]
-enum Entry {
-    Key(String),
-    Upload(String),
-}
-
-impl Drop for Owning {
-    fn drop(&mut self) {
-        let mut sets = self.owned.sets();
-        match &self.entry {
-            Entry::Key(k) => sets.keys.remove(k),
-            Entry::Upload(id) => sets.uploads.remove(id),
-        };
+        self.keys.is_empty() && self.uploads.is_empty()
     }
 }
 

@@ -404,7 +404,7 @@ struct Multipart {
     staging: String,
     /// The staging key is this upload's: no sweep removes its upload or its object.
     /// Dropped last, once both are gone (or the upload is dropped).
-    _owning: super::sweep::Owning,
+    _owning: crate::cache::owned::Claim<String>,
     /// Cleared once the upload is known to be complete (nothing left to abort).
     upload_id: String,
     /// Bytes sent in parts so far: what the staging object must hold once complete.
