@@ -522,6 +522,29 @@ struct Held {
 
 impl Held {
     const LARGE: u64 = 1 << 20;
+
+    /// A cache in a new directory (and its URL) whose large NAR commits wait for a send
+    /// on the returned sender.
+    fn in_new_dir() -> (
+        tempfile::TempDir,
+        String,
+        crossbeam_channel::Sender<()>,
+        Held,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let (release, gate) = crossbeam_channel::bounded(0);
+        let inner = FileCache::open(dir.path(), &url).unwrap();
+        (dir, url, release, Held { inner, gate })
+    }
+
+    /// Makes `large`'s contents [`Held::LARGE`] bytes, registered with their NarHash.
+    fn make_large(s: &TestStore, large: &StorePath) {
+        std::fs::write(s.full(large), vec![b'x'; Held::LARGE as usize]).unwrap();
+        let (hash, size) = crate::nar_fs::hash_path(std::path::Path::new(&s.full(large))).unwrap();
+        s.set(large, "hash", &format!("sha256:{}", hash.to_base16()));
+        s.set(large, "narSize", &(size as i64));
+    }
 }
 
 struct HeldUpload(
@@ -613,20 +636,11 @@ fn the_next_window_goes_up_while_the_last_path_of_one_is_held_and_the_cursor_wai
     s.add(&a, &[]);
     s.add(&large, &[]);
     // Window 1 ends with a path whose NAR commit the cache holds back.
-    std::fs::write(s.full(&large), vec![b'x'; Held::LARGE as usize]).unwrap();
-    let (hash, size) = crate::nar_fs::hash_path(std::path::Path::new(&s.full(&large))).unwrap();
-    s.set(&large, "hash", &format!("sha256:{}", hash.to_base16()));
-    s.set(&large, "narSize", &(size as i64));
+    Held::make_large(&s, &large);
     // Window 2: c refers to the held path (in flight when c is planned), d to nothing.
     s.add(&c, &[&large]);
     s.add(&d, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("file://{}", dir.path().display());
-    let (release, gate) = crossbeam_channel::bounded(0);
-    let cache = Held {
-        inner: FileCache::open(dir.path(), &url).unwrap(),
-        gate,
-    };
+    let (dir, url, release, cache) = Held::in_new_dir();
     let has = |p: &StorePath| {
         dir.path()
             .join(format!("{}.narinfo", p.hash_part()))
@@ -690,17 +704,8 @@ fn named_paths_move_the_cursor_window_by_window_within_a_group() {
     s.add(&p2, &[&p1]);
     s.add(&large, &[&p2]);
     s.add(&top, &[&large]);
-    std::fs::write(s.full(&large), vec![b'x'; Held::LARGE as usize]).unwrap();
-    let (hash, size) = crate::nar_fs::hash_path(std::path::Path::new(&s.full(&large))).unwrap();
-    s.set(&large, "hash", &format!("sha256:{}", hash.to_base16()));
-    s.set(&large, "narSize", &(size as i64));
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("file://{}", dir.path().display());
-    let (release, gate) = crossbeam_channel::bounded(0);
-    let cache = Held {
-        inner: FileCache::open(dir.path(), &url).unwrap(),
-        gate,
-    };
+    Held::make_large(&s, &large);
+    let (dir, url, release, cache) = Held::in_new_dir();
     let state = dir.path().join("state.json");
     let mut opts = options(2, Some(state.clone()));
     opts.selection = Selection::Paths(vec![top.clone()]);
