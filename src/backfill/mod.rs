@@ -130,7 +130,8 @@ pub trait BackfillProgress: Send + Sync {
     /// Paths (and their NAR bytes) the backfill expects to consider; called again when a
     /// walk over named paths learns of more.
     fn total(&self, _paths: u64, _nar_bytes: u64) {}
-    /// `paths` more were settled (uploaded, present, skipped or failed).
+    /// `paths` more were settled (uploaded, present, skipped or failed) and taken in by
+    /// the backfilling thread: the cursor has moved past them if it can (called from it).
     fn advanced(&self, _paths: u64) {}
     /// NAR bytes written to the cache.
     fn nar_bytes(&self, _bytes: u64) {}
@@ -414,7 +415,6 @@ impl pipeline::Progress for WindowProgress<'_> {
         self.0.nar_bytes(bytes);
     }
     fn finished(&self, result: &PathResult) {
-        self.0.advanced(1);
         self.0.finished(result);
     }
 }
@@ -730,7 +730,10 @@ impl Run<'_> {
                 }
             }
         }
-        self.pass_settled()
+        self.pass_settled()?;
+        // After the cursor: a path counts as settled once the walk has taken it in.
+        self.progress.advanced(1);
+        Ok(())
     }
 
     /// Passes the cursor over the windows at the front that have settled: uploads their

@@ -620,13 +620,48 @@ impl BinaryCache for Held {
     }
 }
 
-/// Sends the full path of each path the pipeline finishes (its narinfo durable, or failed).
-struct Finished(crossbeam_channel::Sender<String>);
+/// Sends the full path of each path the pipeline finishes (its narinfo durable, or failed),
+/// and a count each time the backfill has taken settled paths in (its cursor moved, and
+/// was saved, if it could).
+struct Finished(
+    crossbeam_channel::Sender<String>,
+    crossbeam_channel::Sender<u64>,
+);
+
+impl Finished {
+    /// The progress, the finished paths and the paths taken in; room for `n` of each, so
+    /// the pipeline never waits on the test.
+    fn new(
+        n: usize,
+    ) -> (
+        Self,
+        crossbeam_channel::Receiver<String>,
+        crossbeam_channel::Receiver<u64>,
+    ) {
+        let (tx, finished) = crossbeam_channel::bounded(n);
+        let (taken_tx, taken) = crossbeam_channel::bounded(n);
+        (Finished(tx, taken_tx), finished, taken)
+    }
+}
 
 impl BackfillProgress for Finished {
     fn finished(&self, result: &PathResult) {
         self.0.send(result.path.clone()).unwrap();
     }
+    fn advanced(&self, paths: u64) {
+        self.1.send(paths).unwrap();
+    }
+}
+
+/// Waits until the backfill has taken `n` settled paths in.
+fn taken_in(taken: &crossbeam_channel::Receiver<u64>, n: u64) {
+    let mut seen = 0;
+    while seen < n {
+        seen += taken
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the backfill takes settled paths in");
+    }
+    assert_eq!(seen, n, "taken in one path at a time");
 }
 
 #[test]
@@ -649,8 +684,7 @@ fn the_next_window_goes_up_while_the_last_path_of_one_is_held_and_the_cursor_wai
     let state = dir.path().join("state.json");
     let opts = options(2, Some(state.clone()));
     // One message a path of the four, so the pipeline never waits on the test.
-    let (tx, finished) = crossbeam_channel::bounded(4);
-    let progress = Finished(tx);
+    let (progress, finished, taken) = Finished::new(4);
     let store = s.local();
     let sum = std::thread::scope(|scope| {
         let run = scope.spawn(|| backfill(&store, &cache, &[], &push_options(), &opts, &progress));
@@ -666,6 +700,9 @@ fn the_next_window_goes_up_while_the_last_path_of_one_is_held_and_the_cursor_wai
         expected.sort();
         assert_eq!(early, expected);
         assert!(!has(&large) && !has(&c), "c waits for its held reference");
+        // The walk has taken a and d in: had it passed the cursor over window 1, the state
+        // file would say so now.
+        taken_in(&taken, 2);
         assert_eq!(
             state::load(&state, &url).unwrap(),
             None,
@@ -709,8 +746,7 @@ fn named_paths_move_the_cursor_window_by_window_within_a_group() {
     let state = dir.path().join("state.json");
     let mut opts = options(2, Some(state.clone()));
     opts.selection = Selection::Paths(vec![top.clone()]);
-    let (tx, finished) = crossbeam_channel::bounded(4);
-    let progress = Finished(tx);
+    let (progress, finished, taken) = Finished::new(4);
     let store = s.local();
     let (sum, mid) = std::thread::scope(|scope| {
         let run = scope.spawn(|| backfill(&store, &cache, &[], &push_options(), &opts, &progress));
@@ -720,18 +756,11 @@ fn named_paths_move_the_cursor_window_by_window_within_a_group() {
                 .expect("window 1 goes up while window 2 is held")
         };
         assert_eq!([wait(), wait()], [s.full(&p1), s.full(&p2)]);
-        // Window 1 has settled; the cursor passes it (the state is written just after).
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let mid = loop {
-            if let Some(st) = state::load(&state, &url).unwrap() {
-                break st;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the cursor did not pass window 1 while window 2 of the group is held"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        // Window 1 has settled and the walk has taken it in: the cursor has passed it.
+        taken_in(&taken, 2);
+        let mid = state::load(&state, &url)
+            .unwrap()
+            .expect("the cursor passes window 1 while window 2 of the group is held");
         drop(release);
         (run.join().unwrap().unwrap(), mid)
     });
