@@ -158,60 +158,90 @@ fn generated_store(tag: &str, n: usize) -> Vec<String> {
     paths
 }
 
-#[test]
-fn a_backfill_killed_half_way_resumes_and_uploads_only_what_was_missing() {
-    let paths = generated_store("5k", 5000);
-    let key = nix_generate_key("narflow-backfill-1");
-    let cache = tempdir();
-    let url = cache_url(cache.path());
-    let state = cache.path().join("state.json");
-    let stdin = paths.join("\n");
-    let spawn = || {
-        let mut child = narflow()
-            .args([
-                "backfill",
-                "--json",
-                "--window",
-                "500",
-                "--to",
-                &url,
-                "--key-file",
-            ])
-            .arg(&key.secret)
-            .arg("--state")
-            .arg(&state)
-            .arg("-")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        child
-    };
-    let mut child = spawn();
+/// Starts `narflow backfill --json` into `url`, signed with `key`, its state in `state`,
+/// with `args` and, if given, the paths on its stdin.
+fn spawn_backfill(
+    url: &str,
+    key: &NixKey,
+    state: &std::path::Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> std::process::Child {
+    let mut child = narflow()
+        .args(["backfill", "--json", "--to", url, "--key-file"])
+        .arg(&key.secret)
+        .arg("--state")
+        .arg(state)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    child
+}
+
+/// Kills `child` (SIGKILL) once `dir` holds at least `n` narinfos, and reaps it.
+fn kill_once_it_has(child: &mut std::process::Child, dir: &std::path::Path, n: usize) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
-    while narinfos(cache.path()) < paths.len() / 2 {
+    while narinfos(dir) < n {
         assert!(
             child.try_wait().unwrap().is_none(),
-            "the backfill ended before half way"
+            "the backfill ended before {n} narinfos"
         );
         assert!(std::time::Instant::now() < deadline, "no progress");
         std::thread::yield_now();
     }
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// The saved state's cursor.
+fn saved_cursor(state: &std::path::Path) -> i64 {
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state).expect("a state file")).unwrap();
+    saved["cursor"].as_i64().unwrap()
+}
+
+#[test]
+fn a_backfill_killed_half_way_resumes_and_uploads_only_what_was_missing() {
+    const WINDOW: usize = 500;
+    let paths = generated_store("5k", 5000);
+    let key = nix_generate_key("narflow-backfill-1");
+    let cache = tempdir();
+    let url = cache_url(cache.path());
+    let state = cache.path().join("state.json");
+    let stdin = paths.join("\n");
+    let window = WINDOW.to_string();
+    let spawn = || {
+        spawn_backfill(
+            &url,
+            &key,
+            &state,
+            &["--window", &window, "-"],
+            Some(&stdin),
+        )
+    };
+    let mut child = spawn();
+    kill_once_it_has(&mut child, cache.path(), paths.len() / 2);
     let before = narinfos(cache.path());
     assert!(before < paths.len(), "killed after the end");
-    let saved: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&state).expect("a state file")).unwrap();
-    let cursor = saved["cursor"].as_i64().unwrap();
-    assert!(cursor > 0 && (cursor as usize) <= before, "{saved}");
+    // The cursor counts named paths done, in the order given (references first): every
+    // one before it is up, and at most the two windows in flight went up past it.
+    let cursor = saved_cursor(&state);
+    assert!(cursor > 0, "the cursor moved");
+    for p in &paths[..cursor as usize] {
+        assert!(has_narinfo(cache.path(), p), "{p} is before the cursor");
+    }
+    assert!(
+        before - cursor as usize <= 2 * WINDOW,
+        "{before} narinfos, but the cursor is at {cursor}: more than two windows in flight"
+    );
 
     let child = spawn();
     let out = child.wait_with_output().unwrap();
@@ -253,6 +283,83 @@ fn a_backfill_killed_half_way_resumes_and_uploads_only_what_was_missing() {
         .args(&paths[..1]));
     let again = summary(&again);
     assert_eq!(again["uploaded"].as_u64(), Some(0), "{again}");
+}
+
+/// The store walk (`--all`, here bounded by `--since` to a store generated for this run:
+/// other tests register paths meanwhile) killed half way: the saved cursor is a
+/// `ValidPaths` id that every path below it is up to, with at most two windows past it,
+/// and a rerun resumes there and finishes the rest.
+#[test]
+fn a_store_walk_killed_half_way_resumes_from_its_cursor() {
+    const WINDOW: usize = 200;
+    const N: usize = 2000;
+    let store = narflow::store::LocalStore::open(
+        STORE_DIR,
+        std::path::Path::new("/nix/var/nix/db/db.sqlite"),
+    );
+    let since = stdout(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]));
+    let first = store.last_valid_id().unwrap();
+    let paths = generated_store(&unique("walk"), N);
+    // Our paths' ids (others may be registered between them).
+    let mut ids = std::collections::HashMap::new();
+    let mut after = first;
+    while ids.len() < N {
+        let rows = store.valid_after(after, 1000).unwrap();
+        assert!(!rows.is_empty(), "our paths are registered");
+        after = rows.last().unwrap().id;
+        for r in rows {
+            ids.insert(r.path.to_absolute(STORE_DIR), r.id);
+        }
+        ids.retain(|p, _| paths.contains(p));
+    }
+    let key = nix_generate_key("narflow-backfill-5");
+    let cache = tempdir();
+    let url = cache_url(cache.path());
+    let state = cache.path().join("state.json");
+    let window = WINDOW.to_string();
+    let args = ["--window", &window, "--since", &since];
+    let mut child = spawn_backfill(&url, &key, &state, &args, None);
+    kill_once_it_has(&mut child, cache.path(), N / 2);
+    let cursor = saved_cursor(&state);
+    let ahead = paths
+        .iter()
+        .filter(|p| has_narinfo(cache.path(), p) && ids[*p] > cursor)
+        .count();
+    let behind: Vec<&String> = paths.iter().filter(|p| ids[*p] <= cursor).collect();
+    assert!(!behind.is_empty(), "the cursor moved past our first window");
+    assert!(behind.len() < N, "killed after the end");
+    for p in &behind {
+        assert!(
+            has_narinfo(cache.path(), p),
+            "{p} is below the cursor {cursor}"
+        );
+    }
+    assert!(
+        ahead <= 2 * WINDOW,
+        "{ahead} of our paths are up past the cursor {cursor}: more than two windows"
+    );
+
+    let out = spawn_backfill(&url, &key, &state, &args, None)
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = summary(&out);
+    assert_eq!(s["resumed_from"].as_i64(), Some(cursor), "{s}");
+    assert!(
+        s["already_present"].as_u64().unwrap() >= ahead as u64,
+        "what went up past the cursor is found present: {s}"
+    );
+    for p in &paths {
+        let text = std::fs::read_to_string(cache.path().join(narinfo_key(p)))
+            .unwrap_or_else(|e| panic!("{p}: {e}"));
+        assert!(text.contains("\nSig: narflow-backfill-5:"), "{p}:\n{text}");
+    }
+    let sample = [paths[0].clone(), paths[N / 2].clone(), paths[N - 1].clone()];
+    assert_nix_substitutes(&url, &key, &sample);
 }
 
 /// Three chained outputs built by real Nix (the last one's closure is all three), and the
