@@ -32,6 +32,9 @@ pub struct LaneReceiver {
     express: Receiver<Chunk>,
     bulk: Receiver<Chunk>,
     run: Cell<u32>,
+    /// Told each time `recv` is about to block on empty lanes.
+    #[cfg(test)]
+    blocking: Option<Sender<()>>,
 }
 
 /// Two lanes of `capacity` chunks each. Every chunk holds its budget permit, so the
@@ -48,6 +51,8 @@ pub fn bounded(capacity: usize) -> (LaneSender, LaneReceiver) {
             express: express_rx,
             bulk: bulk_rx,
             run: Cell::new(0),
+            #[cfg(test)]
+            blocking: None,
         },
     )
 }
@@ -114,6 +119,10 @@ impl LaneReceiver {
                     ready.recv(&self.bulk);
                 }
             }
+            #[cfg(test)]
+            if let Some(tell) = &self.blocking {
+                let _ = tell.try_send(());
+            }
             ready.ready();
         }
     }
@@ -177,25 +186,52 @@ mod tests {
         assert_eq!(order.len(), 22);
     }
 
-    /// A receiver blocked on empty lanes wakes for a chunk in either.
+    /// Waits until `thread` (a `/proc` task path) sleeps, having said it is about to block.
+    fn blocked(told: &Receiver<()>, thread: &str) {
+        told.recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the receiver reaches its wait");
+        // It said so just before blocking: wait until the kernel has it asleep.
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{thread}/stat")).unwrap();
+            let state = stat.rsplit(") ").next().unwrap().as_bytes()[0];
+            if state == b'S' {
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// A receiver blocked on empty lanes wakes for a chunk in either lane, and for their end.
     #[test]
     fn a_waiting_receiver_takes_a_chunk_from_either_lane() {
         let budget = ByteBudget::new(1);
-        let (tx, rx) = bounded(1);
+        let (tx, mut rx) = bounded(1);
+        let (tell, told) = crossbeam_channel::bounded(1);
+        rx.blocking = Some(tell);
+        let (got_tx, got) = crossbeam_channel::bounded(1);
+        let (id_tx, id) = crossbeam_channel::bounded(1);
         let waiter = std::thread::spawn(move || {
-            let a = rx.recv().map(|c| c.seq);
-            let b = rx.recv().map(|c| c.seq);
-            (a, b, rx.recv().is_none())
+            let me = std::fs::read_link("/proc/thread-self").unwrap();
+            id_tx.send(me.to_string_lossy().into_owned()).unwrap();
+            while let Some(c) = rx.recv() {
+                got_tx.send((c.seq, c.end.is_some())).unwrap();
+            }
         });
+        let thread = id.recv().unwrap();
+        let next = || {
+            got.recv_timeout(std::time::Duration::from_secs(60))
+                .expect("the blocked receiver wakes for the chunk")
+        };
         let j = Job::for_test(1);
+        blocked(&told, &thread);
         tx.send(chunk(&j, 3, false, &budget)).unwrap();
-        tx.send(chunk(&j, 0, true, &budget)).unwrap();
+        assert_eq!(next(), (3, false), "a bulk chunk wakes it");
+        blocked(&told, &thread);
+        tx.send(chunk(&Job::for_test(2), 0, true, &budget)).unwrap();
+        assert_eq!(next(), (0, true), "an express chunk wakes it");
+        blocked(&told, &thread);
         drop(tx);
-        let (a, b, ended) = waiter.join().unwrap();
-        assert_eq!(
-            (a.zip(b).map(|(a, b)| a + b), ended),
-            (Some(3), true),
-            "both chunks, then the end"
-        );
+        waiter.join().unwrap();
+        assert!(got.try_recv().is_err(), "the end, and nothing else");
     }
 }
