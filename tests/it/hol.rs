@@ -39,6 +39,20 @@ fn hand_off(socket: &Path, state: &Path, path: &str) {
     assert!(out.stderr.is_empty(), "not handed off at once: {out:?}");
 }
 
+/// The large path's size: 1,024 s of writes at the daemon's `--max-rate`.
+const LARGE: u64 = 256 << 20;
+
+/// At most the large path's bytes written while a tiny one goes through: 16 of its 64 KiB
+/// chunks. Queued behind the chunks ahead of it (the budget holds hundreds), a tiny path
+/// would wait for many more.
+const WAITED_BEHIND: u64 = 16 * (64 << 10);
+
+/// NAR bytes the daemon has written into the cache since it started.
+fn nar_bytes(socket: &Path) -> u64 {
+    let s = status(socket).expect("daemon status");
+    s["since_start"]["nar_bytes"].as_u64().unwrap()
+}
+
 #[test]
 fn tiny_paths_handed_off_during_a_large_upload_are_published_before_it() {
     let dir = tempdir();
@@ -46,15 +60,16 @@ fn tiny_paths_handed_off_during_a_large_upload_are_published_before_it() {
     let url = format!("file://{}", cache.display());
     let (socket, state) = (dir.path().join("daemon.sock"), dir.path().join("state"));
     let log = dir.path().join("daemon.log");
-    let big = BigPath::new("hol-large", 512 << 20);
+    // The large path cannot be published before this test ends, whatever the machine's
+    // speed: its 256 MiB (incompressible) go into the cache at 256 KiB/s, at least 1,024 s,
+    // longer than every deadline below together. In 64 KiB chunks, so that a small path
+    // waits behind at most one chunk's write (a quarter of a second).
+    let big = BigPath::new("hol-large", LARGE);
     let logf = std::fs::File::create(&log).unwrap();
     let daemon = Running(
         narflow()
-            // zstd -19 on incompressible data: a large upload that lasts a minute or more
-            // even on a fast machine, in 1 MiB chunks so that a compressing thread is
-            // free for a small path within a chunk's time.
-            .args(["daemon", "--to", &url, "--unsigned", "--level", "19"])
-            .args(["--chunk-size", "1M", "--socket"])
+            .args(["daemon", "--to", &url, "--unsigned", "--max-rate", "256K"])
+            .args(["--chunk-size", "64K", "--socket"])
             .arg(&socket)
             .arg("--state-dir")
             .arg(&state)
@@ -73,7 +88,7 @@ fn tiny_paths_handed_off_during_a_large_upload_are_published_before_it() {
 
     hand_off(&socket, &state, &big.path);
     let big_narinfo = cache.join(narinfo_key(&big.path));
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = status(&socket).expect("daemon status");
         if s["since_start"]["nar_bytes"].as_u64().unwrap() > 0 {
@@ -84,15 +99,16 @@ fn tiny_paths_handed_off_during_a_large_upload_are_published_before_it() {
     }
 
     let files = tempdir();
-    let mut took = Vec::new();
+    let (mut took, mut most_behind) = (Vec::new(), 0);
     for i in 0..20 {
         let file = files.path().join(unique(&format!("hol-tiny-{i}")));
         std::fs::write(&file, format!("tiny {i}\n")).unwrap();
         let path = nix_store_add(&file);
         let narinfo = cache.join(narinfo_key(&path));
+        let written = nar_bytes(&socket);
         let handed = Instant::now();
         hand_off(&socket, &state, &path);
-        let deadline = handed + Duration::from_secs(600);
+        let deadline = handed + Duration::from_secs(30);
         while !narinfo.exists() {
             assert!(
                 !big_narinfo.exists(),
@@ -109,6 +125,14 @@ fn tiny_paths_handed_off_during_a_large_upload_are_published_before_it() {
             std::thread::sleep(Duration::from_millis(1));
         }
         took.push(handed.elapsed());
+        // Not queued behind the large one's chunks: only a few of them were written while
+        // the tiny one went through (the one being written, and one in every EXPRESS_RUN).
+        let behind = nar_bytes(&socket) - written;
+        assert!(
+            behind <= WAITED_BEHIND,
+            "tiny path {i} waited while {behind} bytes of the large one went into the cache"
+        );
+        most_behind = most_behind.max(behind);
     }
     assert!(
         !big_narinfo.exists(),
@@ -127,8 +151,9 @@ fn tiny_paths_handed_off_during_a_large_upload_are_published_before_it() {
     }
     took.sort();
     println!(
-        "hand-off to narinfo of 20 tiny paths while {} MiB upload: median {:?}, max {:?}",
-        512,
+        "hand-off to narinfo of 20 tiny paths while {} MiB upload: median {:?}, max {:?}; \
+         at most {most_behind} bytes of it written meanwhile",
+        LARGE >> 20,
         took[took.len() / 2],
         took[took.len() - 1]
     );
