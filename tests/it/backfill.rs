@@ -208,6 +208,31 @@ fn saved_cursor(state: &std::path::Path) -> i64 {
     saved["cursor"].as_i64().unwrap()
 }
 
+/// The summary of the resumed backfill `child`, which must succeed from `cursor`.
+fn resumed(child: std::process::Child, cursor: i64) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = summary(&out);
+    assert_eq!(s["resumed_from"].as_i64(), Some(cursor), "{s}");
+    s
+}
+
+/// Every one of `paths` has a narinfo in `dir` signed by `key_name`.
+fn assert_signed(dir: &std::path::Path, paths: &[String], key_name: &str) {
+    for p in paths {
+        let text = std::fs::read_to_string(dir.join(narinfo_key(p)))
+            .unwrap_or_else(|e| panic!("{p}: {e}"));
+        assert!(
+            text.contains(&format!("\nSig: {key_name}:")),
+            "{p}:\n{text}"
+        );
+    }
+}
+
 #[test]
 fn a_backfill_killed_half_way_resumes_and_uploads_only_what_was_missing() {
     const WINDOW: usize = 500;
@@ -243,26 +268,14 @@ fn a_backfill_killed_half_way_resumes_and_uploads_only_what_was_missing() {
         "{before} narinfos, but the cursor is at {cursor}: more than two windows in flight"
     );
 
-    let child = spawn();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s = summary(&out);
-    assert_eq!(s["resumed_from"].as_i64(), Some(cursor), "{s}");
+    let s = resumed(spawn(), cursor);
     assert_eq!(
         s["uploaded"].as_u64(),
         Some((paths.len() - before) as u64),
         "{s}"
     );
     assert_eq!(s["failed"].as_u64(), Some(0), "{s}");
-    for p in &paths {
-        let text = std::fs::read_to_string(cache.path().join(narinfo_key(p)))
-            .unwrap_or_else(|e| panic!("{p}: {e}"));
-        assert!(text.contains("\nSig: narflow-backfill-1:"), "{p}:\n{text}");
-    }
+    assert_signed(cache.path(), &paths, "narflow-backfill-1");
     let sample: Vec<String> = [10, 2600, 4999].iter().map(|&i| paths[i].clone()).collect();
     assert_nix_substitutes(&url, &key, &sample);
 
@@ -339,25 +352,12 @@ fn a_store_walk_killed_half_way_resumes_from_its_cursor() {
         "{ahead} of our paths are up past the cursor {cursor}: more than two windows"
     );
 
-    let out = spawn_backfill(&url, &key, &state, &args, None)
-        .wait_with_output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s = summary(&out);
-    assert_eq!(s["resumed_from"].as_i64(), Some(cursor), "{s}");
+    let s = resumed(spawn_backfill(&url, &key, &state, &args, None), cursor);
     assert!(
         s["already_present"].as_u64().unwrap() >= ahead as u64,
         "what went up past the cursor is found present: {s}"
     );
-    for p in &paths {
-        let text = std::fs::read_to_string(cache.path().join(narinfo_key(p)))
-            .unwrap_or_else(|e| panic!("{p}: {e}"));
-        assert!(text.contains("\nSig: narflow-backfill-5:"), "{p}:\n{text}");
-    }
+    assert_signed(cache.path(), &paths, "narflow-backfill-5");
     let sample = [paths[0].clone(), paths[N / 2].clone(), paths[N - 1].clone()];
     assert_nix_substitutes(&url, &key, &sample);
 }
