@@ -58,7 +58,16 @@ impl S3Cache {
             }
         };
         let tuning = &opts.s3;
-        tuning.check().map_err(config_err)?;
+        tuning.check().map_err(|e| config_err(e.to_string()))?;
+        // The budget gave this share knowing the need (`crate::memory::Budget`); a share
+        // below it is refused rather than silently exceeded.
+        let need = tuning.memory_need();
+        if opts.upload_memory < need.bytes {
+            return Err(config_err(format!(
+                "an upload memory of {} bytes is less than {} bytes for {} (raise --memory)",
+                opts.upload_memory, need.bytes, need.what
+            )));
+        }
         let retries = tuning.retries;
         let concurrency = tuning.concurrency;
         let storage_class = url.param("storage-class").map(StorageClass::from);
@@ -130,9 +139,7 @@ impl S3Cache {
                 retries,
                 copy_part,
                 rt,
-                memory: Arc::new(UploadMemory::new(
-                    opts.upload_memory.max(tuning.min_part_size),
-                )),
+                memory: Arc::new(UploadMemory::new(opts.upload_memory)),
                 min_part: tuning.min_part_size,
                 concurrency,
                 counts: Default::default(),
