@@ -112,7 +112,7 @@ impl ConfigFile {
         let mut settings = Settings::default();
         for (key, line, value) in &found {
             let read = settings
-                .read(key, value)
+                .read_file_value(key, value)
                 .expect("every key found is a setting's");
             read.map_err(|message| SettingsError::BadValue {
                 path: path.to_owned(),

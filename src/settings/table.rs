@@ -212,7 +212,7 @@ macro_rules! settings_group {
 
             /// Sets the setting whose file key is `key` from the file's `value`; `None`
             /// when no setting here has that key.
-            fn read_file_value(
+            pub(super) fn read_file_value(
                 &mut self,
                 key: &str,
                 value: &FileValue<'_>,
@@ -541,16 +541,6 @@ pub fn tables() -> Vec<&'static str> {
         }
     }
     tables
-}
-
-impl Settings {
-    /// Sets the setting whose file key is `key` from the file's `value`.
-    ///
-    /// # Errors
-    /// What is wrong with the value; `None` when `key` is no setting's.
-    pub(super) fn read(&mut self, key: &str, value: &FileValue<'_>) -> Option<Result<(), String>> {
-        self.read_file_value(key, value)
-    }
 }
 
 /// Every default that is a value, read by the flags' own parsers: what a run uses for a

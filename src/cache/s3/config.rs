@@ -169,6 +169,28 @@ mod tests {
         assert!(e.contains("bad value \"many\" for retries"), "{e}");
     }
 
+    /// The share of the budget the cache is given is what it gets: one below four parts
+    /// is refused at open, not raised behind the budget's back.
+    #[test]
+    fn an_upload_memory_below_four_parts_is_refused() {
+        let url = CacheUrl::parse("s3://b?endpoint=http://127.0.0.1:1&region=us-east-1").unwrap();
+        let mut opts = OpenOptions {
+            upload_memory: (32 << 20) - 1,
+            max_rate: None,
+            s3: S3Tuning::default(),
+        };
+        let creds = || aws_sdk_s3::config::Credentials::new("t", "t", None, None, "tests");
+        let e = S3Cache::build("b", &url, &opts, Some(creds()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("less than 33554432 bytes for 4 S3 parts of 8.0 MiB (s3.part-size)"),
+            "{e}"
+        );
+        opts.upload_memory = 32 << 20;
+        assert!(S3Cache::build("b", &url, &opts, Some(creds())).is_ok());
+    }
+
     /// The client speaks TLS to an https:// endpoint: the first bytes the server gets are
     /// a TLS handshake record (a build without an HTTPS client fails before connecting).
     #[test]
