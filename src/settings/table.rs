@@ -250,7 +250,7 @@ settings_group! {
             env: "NARFLOW_TO",
             value: "URL",
             default: Fallback::Words("none (push and daemon need one)"),
-            help: "Destination cache, in Nix's store-URL syntax (file:///DIR, s3://BUCKET?...).",
+            help: "Destination cache, in Nix's store-URL syntax (file:///DIR, s3://BUCKET?...)",
             show: |r| {
                 r.url
                     .as_ref()
@@ -263,7 +263,7 @@ settings_group! {
             env: "NARFLOW_KEY_FILE",
             value: "FILE",
             default: Fallback::UrlAdds("secret-key"),
-            help: "Secret key file (Nix format) to sign narinfos with; repeatable.",
+            help: "Secret key file (Nix format) to sign narinfos with; repeatable",
             arg: [value_delimiter = ','],
             show: |r| json!(r.key_files),
         },
@@ -273,7 +273,7 @@ settings_group! {
             env: "NARFLOW_UNSIGNED",
             value: "BOOL",
             default: Fallback::Value("false"),
-            help: "Allow uploading without a signing key.",
+            help: "Allow uploading without a signing key",
             arg: [num_args = 0..=1, require_equals = true, default_missing_value = "true",
                   value_parser = clap::builder::BoolishValueParser::new()],
             show: |r| json!(r.unsigned),
@@ -285,7 +285,7 @@ settings_group! {
             value: "BOOL",
             default: Fallback::Value("false"),
             help: "Use a secret key file that group or others can access (refused otherwise, \
-                   as ssh refuses such a private key).",
+                   as ssh refuses such a private key)",
             arg: [num_args = 0..=1, require_equals = true, default_missing_value = "true",
                   value_parser = clap::builder::BoolishValueParser::new()],
             show: |r| json!(r.allow_insecure_key_file),
@@ -296,7 +296,7 @@ settings_group! {
             env: "NARFLOW_SOCKET",
             value: "PATH",
             default: Fallback::Value("/run/narflow/daemon.sock"),
-            help: "The daemon's Unix socket.",
+            help: "The daemon's Unix socket",
             show: |r| json!(r.socket),
         },
         state_dir: PathBuf {
@@ -305,7 +305,7 @@ settings_group! {
             env: "NARFLOW_STATE_DIR",
             value: "DIR",
             default: Fallback::Value("/var/lib/narflow"),
-            help: "The daemon's state directory (queue, the hook's spool).",
+            help: "The daemon's state directory (queue, the hook's spool)",
             show: |r| json!(r.state_dir),
         },
         max_rate: Size {
@@ -315,7 +315,7 @@ settings_group! {
             value: "BYTES_PER_S",
             default: Fallback::Words("no cap"),
             help: "Cap the upload bandwidth at this many bytes per second, e.g. 50M (K, M, G: \
-                   powers of 1024).",
+                   powers of 1024)",
             show: |r| json!(r.max_rate),
         },
         upload_logs: bool {
@@ -325,7 +325,7 @@ settings_group! {
             value: "BOOL",
             default: Fallback::Value("false"),
             help: "Upload each uploaded path's build log (from /nix/var/log/nix/drvs) as \
-                   log/<drv name>, so `nix log --store URL PATH` finds it.",
+                   log/<drv name>, so `nix log --store URL PATH` finds it",
             arg: [num_args = 0..=1, require_equals = true, default_missing_value = "true",
                   value_parser = clap::builder::BoolishValueParser::new()],
             show: |r| json!(r.upload_logs),
@@ -353,7 +353,7 @@ settings_group! {
             env: "NARFLOW_COMPRESSION",
             value: "zstd|xz|none",
             default: Fallback::Url("compression", "zstd"),
-            help: "NAR compression: zstd, xz or none.",
+            help: "NAR compression: zstd, xz or none",
             arg: [value_parser = Compression::parse],
             read: de_compression,
             show: |r| json!(r.compression.kind.nix_name()),
@@ -364,7 +364,7 @@ settings_group! {
             env: "NARFLOW_LEVEL",
             value: "N",
             default: Fallback::UrlWords("compression-level", "zstd 3, xz 6"),
-            help: "Compression level.",
+            help: "Compression level",
             show: |r| json!(r.compression.level),
         },
         jobs: usize {
@@ -373,7 +373,7 @@ settings_group! {
             env: "NARFLOW_JOBS",
             value: "N",
             default: Fallback::Words("one per core"),
-            help: "Compression threads.",
+            help: "Compression threads",
             show: |r| json!(r.jobs),
         },
         memory: Size {
@@ -383,7 +383,7 @@ settings_group! {
             value: "SIZE",
             default: Fallback::Value("128M"),
             help: "Memory budget for NAR data in flight, the cache's upload buffers included, \
-                   e.g. 64M, 1G (K, M, G: powers of 1024).",
+                   e.g. 64M, 1G (K, M, G: powers of 1024)",
             show: |r| json!(r.memory),
         },
         chunk_size: Size {
@@ -392,7 +392,7 @@ settings_group! {
             env: "NARFLOW_CHUNK_SIZE",
             value: "SIZE",
             default: Fallback::Value("4M"),
-            help: "Chunk size (64K to 256M): each chunk is compressed as an independent frame.",
+            help: "Chunk size (64K to 256M): each chunk is compressed as an independent frame",
             hidden: true,
             show: |r| json!(r.chunk_size),
         },
@@ -408,7 +408,7 @@ settings_group! {
             env: "NARFLOW_SOCKET_GROUP",
             value: "GROUP",
             default: Fallback::Words("none (socket 0600)"),
-            help: "Let this group (name or number) use the daemon's socket too.",
+            help: "Let this group (name or number) use the daemon's socket too",
             read: de_name_or_number,
             show: |r| json!(r.socket_group),
         },
@@ -419,7 +419,7 @@ settings_group! {
             value: "SECONDS",
             default: Fallback::Value("60"),
             help: "Seconds a shutdown may take: the batch in flight gets half of it to finish, \
-                   then is cancelled (what is unfinished stays queued).",
+                   then is cancelled (what is unfinished stays queued)",
             show: |r| secs(r.shutdown_timeout),
         },
         metrics_listen: SocketAddr {
@@ -428,7 +428,7 @@ settings_group! {
             env: "NARFLOW_METRICS_LISTEN",
             value: "ADDR",
             default: Fallback::Words("none"),
-            help: "Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).",
+            help: "Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464)",
             show: |r| json!(r.metrics_listen.map(|a| a.to_string())),
         },
         watch_store: WatchStore {
@@ -438,7 +438,7 @@ settings_group! {
             value: "built|all",
             default: Fallback::Words("off; bare: built"),
             help: "Follow the Nix database and queue each path that becomes valid: `built` \
-                   (paths built on this machine) or `all` (every new path).",
+                   (paths built on this machine) or `all` (every new path)",
             arg: [num_args = 0..=1, require_equals = true, default_missing_value = "built"],
             show: |r| json!(r.watch_store.map(WatchStore::as_str)),
         },
@@ -455,7 +455,7 @@ settings_group! {
             env: "NARFLOW_S3_CONCURRENCY",
             value: "N",
             default: Fallback::Url("concurrency", "32"),
-            help: "Requests in flight at once over all uploads.",
+            help: "Requests in flight at once over all uploads",
             show: |r| json!(r.s3.concurrency),
         },
         retries: u32 {
@@ -465,7 +465,7 @@ settings_group! {
             env: "NARFLOW_S3_RETRIES",
             value: "N",
             default: Fallback::Url("retries", "6"),
-            help: "Retries of a request that failed transiently.",
+            help: "Retries of a request that failed transiently",
             show: |r| json!(r.s3.retries),
         },
         connect_timeout: Seconds {
@@ -475,7 +475,7 @@ settings_group! {
             env: "NARFLOW_S3_CONNECT_TIMEOUT",
             value: "SECONDS",
             default: Fallback::Value("5"),
-            help: "Seconds to wait for a connection.",
+            help: "Seconds to wait for a connection",
             show: |r| secs(r.s3.connect_timeout),
         },
         read_timeout: Seconds {
@@ -485,7 +485,7 @@ settings_group! {
             env: "NARFLOW_S3_READ_TIMEOUT",
             value: "SECONDS",
             default: Fallback::Url("read-timeout", "30"),
-            help: "Seconds a response may be silent.",
+            help: "Seconds a response may be silent",
             show: |r| secs(r.s3.read_timeout),
         },
         part_size: Size {
@@ -496,7 +496,7 @@ settings_group! {
             value: "SIZE",
             default: Fallback::Value("8M"),
             help: "Smallest multipart part, at least 5M (larger NARs get larger parts; the \
-                   cache's half of --memory holds four).",
+                   cache's half of --memory holds four)",
             show: |r| json!(r.s3.min_part_size),
         },
     }
@@ -513,7 +513,7 @@ settings_group! {
             env: "NARFLOW_HOOK_TIMEOUT",
             value: "SECONDS",
             default: Fallback::Value("2"),
-            help: "Seconds the hook waits for the daemon before spooling.",
+            help: "Seconds the hook waits for the daemon before spooling",
             hidden: true,
             show: |r| secs(r.hook_timeout),
         },
