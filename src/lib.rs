@@ -11,6 +11,7 @@
 //! - [`handoff`]: what `narflow hook` and `narflow-hook` need to hand `$OUT_PATHS` to the
 //!   daemon, or spool them: the hook, the line protocol, the spool (std only, built
 //!   without `full`; `hook` is re-exported at the top).
+//! - `memory`: the one memory budget (`--memory`): its default, its shares and its floor.
 //! - `logs`: build logs of uploaded paths to `log/<drv>` (`--upload-logs`).
 //! - `settings`: one `Settings` type for every command: defaults < config file < env < flags.
 //! - `bench`: synthetic store-shaped workloads and the `narflow bench` measurements.
@@ -38,6 +39,7 @@ pub mod nar_fs;
 pub use handoff::hook;
 #[cfg(feature = "full")]
 pub mod logs;
+pub mod memory;
 #[cfg(feature = "full")]
 pub mod pipeline;
 #[cfg(feature = "full")]

@@ -452,8 +452,9 @@ pub fn narinfo_hash(key: &[u8]) -> Option<[u8; 20]> {
     crate::format::nix32::decode::<20>(hash).ok()
 }
 
-/// What a cache's constructor is given: its share of the one memory budget, derived by
-/// the pipeline ([`crate::pipeline::PushOptions::cache_options`]), and the S3 tuning.
+/// What a cache's constructor is given: its share of the one memory budget
+/// ([`crate::memory::Budget::cache_share`], through
+/// [`crate::pipeline::PushOptions::cache_options`]), and the S3 tuning.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpenOptions {
     /// Bytes of NAR data the cache may buffer on their way out (S3: small NARs whole
@@ -533,19 +534,49 @@ impl S3Tuning {
     /// Checks the values are usable.
     ///
     /// # Errors
-    /// A message naming the setting that is out of range.
-    pub fn check(&self) -> Result<(), String> {
+    /// [`TuningError`] naming the value that is out of range.
+    pub fn check(&self) -> Result<(), TuningError> {
         if self.concurrency == 0 {
-            return Err("concurrency must be at least 1".into());
+            return Err(TuningError::Concurrency);
         }
         if self.min_part_size < s3::MIN_S3_PART {
-            return Err(format!(
-                "part size {} is below S3's smallest part ({} bytes)",
-                self.min_part_size,
-                s3::MIN_S3_PART
-            ));
+            return Err(TuningError::PartSize(self.min_part_size));
         }
         Ok(())
+    }
+
+    /// What an S3 cache needs of its share of the memory budget: room for the parts of
+    /// one upload being filled while others are on their way (a part may take at most a
+    /// quarter of the upload memory).
+    pub fn memory_need(&self) -> crate::memory::CacheNeed {
+        let parts = s3::PART_SHARE;
+        crate::memory::CacheNeed {
+            bytes: self.min_part_size.saturating_mul(parts),
+            what: format!(
+                "{parts} S3 parts of {} (s3.part-size)",
+                crate::memory::Human(self.min_part_size)
+            ),
+        }
+    }
+}
+
+/// A value of [`S3Tuning`] that cannot be used. None is transient.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TuningError {
+    /// `concurrency` is 0.
+    #[error("concurrency must be at least 1")]
+    Concurrency,
+    /// `min_part_size` is below what S3 takes.
+    #[error("part size {0} is below S3's smallest part ({min} bytes)", min = s3::MIN_S3_PART)]
+    PartSize(u64),
+}
+
+/// What the cache `url` names needs of its share of the memory budget, tuned by `s3`
+/// (nothing for a local directory, which buffers nothing).
+pub fn memory_need(url: &url::CacheUrl, s3: &S3Tuning) -> crate::memory::CacheNeed {
+    match url.location {
+        url::CacheLocation::File(_) => crate::memory::CacheNeed::default(),
+        url::CacheLocation::S3 { .. } => s3.memory_need(),
     }
 }
 

@@ -14,8 +14,8 @@ use narflow::bench::{
 };
 use narflow::cache::url::{CacheLocation, CacheUrl};
 use narflow::pipeline::PushOptions;
-use narflow::pipeline::compress::{Compression, CompressionSettings};
-use narflow::settings::{self, Merged, Size, Source};
+use narflow::pipeline::compress::CompressionSettings;
+use narflow::settings::{self, Merged, PipelineSettings, clap_source};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -53,21 +53,10 @@ pub struct BenchArgs {
     /// Seed of the generated workloads (compare only reports made with the same one).
     #[arg(long, value_name = "N", default_value_t = bench::DEFAULT_SEED)]
     pub seed: u64,
-    /// NAR compression [default: zstd, or the --to URL's compression=].
-    #[arg(long, value_parser = Compression::parse)]
-    pub compression: Option<Compression>,
-    /// Compression level [default: zstd 3, xz 6, or the --to URL's compression-level=].
-    #[arg(long)]
-    pub level: Option<i32>,
-    /// Compression threads, for the pipeline and the ceiling [default: one per core].
-    #[arg(long)]
-    pub jobs: Option<usize>,
-    /// Memory budget for NAR data in flight, e.g. 64M [default: 128M].
-    #[arg(long, value_parser = settings::parse_size)]
-    pub memory: Option<u64>,
-    /// Chunk size: each chunk is compressed as an independent frame [default: 4M].
-    #[arg(long, value_parser = settings::parse_size, hide = true)]
-    pub chunk_size: Option<u64>,
+    /// Compression, threads (for the pipeline and the ceiling) and the memory budget, as
+    /// push takes them.
+    #[command(flatten)]
+    pub pipeline: PipelineSettings,
     /// Runs per workload and sink; the median run is reported
     /// [default: 3; 1 for a large workload of 1 GiB or more].
     #[arg(long, value_name = "N")]
@@ -167,7 +156,7 @@ fn usage(msg: String) -> CliError {
 }
 
 /// Resolves and checks the arguments.
-fn plan(args: &BenchArgs) -> Result<Plan, CliError> {
+fn plan(args: &BenchArgs, matches: &clap::ArgMatches) -> Result<Plan, CliError> {
     if !(args.threshold.is_finite() && args.threshold >= 0.0) {
         return Err(usage(format!(
             "--threshold {}: expected a percentage, 0 or more",
@@ -194,28 +183,23 @@ fn plan(args: &BenchArgs) -> Result<Plan, CliError> {
     };
     // Compression and pipeline settings as push resolves them (the --to URL's
     // compression= and compression-level= fill in what the flags leave out), from the
-    // flags alone: a benchmark measures what it is told, not this machine's config file.
+    // flags and their variables alone: a benchmark measures what it is told, not this
+    // machine's config file.
     let flags = settings::Settings {
         to: args.to.clone(),
-        compression: args.compression,
-        level: args.level,
-        jobs: args.jobs,
-        memory: args.memory.map(Size),
-        chunk_size: args.chunk_size.map(Size),
+        pipeline: args.pipeline.clone(),
         ..settings::Settings::default()
     };
-    let given = |id: &str| match id {
-        "to" => args.to.is_some(),
-        "compression" => args.compression.is_some(),
-        "level" => args.level.is_some(),
-        "jobs" => args.jobs.is_some(),
-        "memory" => args.memory.is_some(),
-        "chunk_size" => args.chunk_size.is_some(),
-        _ => false,
-    };
+    let cmd = <PipelineSettings as clap::Args>::augment_args(clap::Command::new("bench"));
     let resolved = Merged::new(
         flags,
-        |id| given(id).then(|| Source::Flag(format!("--{}", id.replace('_', "-")))),
+        |id| match id {
+            "to" => args
+                .to
+                .is_some()
+                .then(|| settings::Source::Flag("--to".into())),
+            id => clap_source(matches, id, &cmd),
+        },
         None,
         None,
     )
@@ -299,13 +283,13 @@ fn default_repeat(spec: &WorkloadSpec) -> usize {
     }
 }
 
-pub fn run(args: BenchArgs) -> Result<u8, CliError> {
+pub fn run(args: BenchArgs, matches: &clap::ArgMatches) -> Result<u8, CliError> {
     if let Some(BenchCommand::MakeStore(a)) = &args.command {
         return make_store(a);
     }
     // Before any work of ours, so the load average is the machine's, not ours.
     let machine = bench::Machine::detect();
-    let plan = plan(&args)?;
+    let plan = plan(&args, matches)?;
     let rss = match args.rss.as_str() {
         "auto" => RssMethod::detect(),
         "clear-refs" => match RssMethod::detect() {

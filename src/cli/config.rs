@@ -2,7 +2,7 @@
 //! would see them with the same flags (every command reads the same file and variables;
 //! `push` ignores the `[daemon]` and `[hook]` tables).
 use super::{CliError, exit};
-use narflow::settings::{Merged, SIZE_KEYS, Settings, format_size};
+use narflow::settings::{KEYS, Merged, Settings, format_size};
 
 #[derive(Debug, clap::Args)]
 pub struct ConfigArgs {
@@ -41,7 +41,9 @@ pub fn run(args: &ConfigArgs, merged: &Merged) -> Result<u8, CliError> {
     );
     for e in &entries {
         let note = match e.value.as_u64() {
-            Some(n) if SIZE_KEYS.contains(&e.key) => format!(" ({})", format_size(n)),
+            Some(n) if KEYS.iter().any(|k| k.name == e.key && k.is_size()) => {
+                format!(" ({})", format_size(n))
+            }
             _ => String::new(),
         };
         if e.value.is_null() {

@@ -96,7 +96,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<u8, CliError> {
         Command::Backfill(ref args) => {
             backfill::run(args, &merge(&args.settings, sub("backfill"), choice())?)
         }
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(args, sub("bench")),
         Command::Daemon(ref args) => {
             daemon::run(args, &merge(&args.settings, sub("daemon"), choice())?)
         }
@@ -138,14 +138,12 @@ fn refuse_other_commands_flags(
     resolved: &narflow::settings::Resolved,
     command: &str,
 ) -> Result<(), CliError> {
-    for (key, _) in narflow::settings::KEYS {
-        if let (true, narflow::settings::Source::Flag(flag)) = (
-            key.starts_with("daemon.") || key.starts_with("hook."),
-            resolved.source(key),
-        ) {
+    for key in narflow::settings::KEYS.iter() {
+        if let (Some(table @ ("daemon" | "hook")), narflow::settings::Source::Flag(flag)) =
+            (key.table(), resolved.source(key.name))
+        {
             return Err(CliError::usage(anyhow::anyhow!(
-                "{flag} is a setting of narflow {}, not of {command}",
-                key.split('.').next().unwrap_or_default()
+                "{flag} is a setting of narflow {table}, not of {command}"
             )));
         }
     }

@@ -15,11 +15,7 @@ use crossbeam_channel::{Receiver, Sender};
 /// store paths are a few KiB.
 const MIN_POOLED: usize = 256 << 10;
 
-/// The buffer a chunk of `len` bytes is compressed into: compressed data can be slightly
-/// larger than the input (zstd and xz add well under 1/128, plus framing).
-pub fn output_bound(len: usize) -> usize {
-    len + len / 128 + 1024
-}
+pub use crate::memory::output_bound;
 
 /// Two free lists: buffers whose contents are mostly initialized (NAR chunks coming back
 /// from compression; reused by the walker, which reads files straight into them and must

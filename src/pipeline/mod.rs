@@ -56,25 +56,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// Default memory budget: the whole run's NAR data in flight, the cache's upload buffers
-/// included (see [`Capacities`]). Half goes to the pipeline's chunks (14 chunks of the
-/// default size beside two compression outputs: work for both walkers, every compressor and
-/// the sink's reorder buffer), half to the cache (S3: 64 MiB of parts on their way out).
-pub const DEFAULT_MEMORY: u64 = 128 << 20;
-
-/// What the process needs besides its `--memory` budget, at most: code, the tokio runtime
-/// and HTTP client of S3, one zstd or xz context per compressing thread, SQLite's page
-/// cache, thread stacks and the allocator's slack. Peak RSS stays under `--memory` plus
-/// this, for every cache (`tests/it/memory.rs` measures it).
-pub const MEMORY_OVERHEAD: u64 = 64 << 20;
-
-/// The share of the budget the cache's constructor is given, as a fraction: half.
-const CACHE_SHARE_DIVISOR: u64 = 2;
-
-/// Default chunk size: each chunk becomes one independent zstd frame (or xz stream).
-/// Larger chunks compress slightly better; smaller ones spread a large path over more
-/// cores sooner and need less budget. 4 MiB loses well under 1% of ratio at zstd -3.
-pub const DEFAULT_CHUNK_SIZE: usize = 4 << 20;
+/// The budget's default and overhead, and the default chunk size: the memory budget's
+/// ([`crate::memory`]), which splits `--memory` for every user.
+pub use crate::memory::{DEFAULT_CHUNK_SIZE, DEFAULT_MEMORY, MEMORY_OVERHEAD};
 
 /// Walker threads: two, so one can read files while the other waits on the disk or on a
 /// permit; more would only add memory, since one walker outruns two compressors.
@@ -129,13 +113,14 @@ pub struct PushOptions {
 }
 
 impl PushOptions {
-    /// Defaults: zstd 3, closure, one compression thread per core, 64 MiB, 4 MiB chunks.
+    /// Defaults: closure, one compression thread per core ([`crate::memory::default_jobs`]),
+    /// [`DEFAULT_MEMORY`], [`DEFAULT_CHUNK_SIZE`].
     pub fn new(compression: CompressionSettings, keys: Vec<SigningKey>) -> Self {
         PushOptions {
             compression,
             keys,
             closure: true,
-            jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            jobs: crate::memory::default_jobs(),
             memory: DEFAULT_MEMORY,
             chunk_size: DEFAULT_CHUNK_SIZE,
             cancel: Cancel::new(),
@@ -145,10 +130,10 @@ impl PushOptions {
         }
     }
     /// What the cache's constructor is given: its share of the memory budget
-    /// ([`Capacities::cache_memory`]; half of `memory`) and `s3`, the S3 tuning.
+    /// ([`crate::memory::Budget::cache_share`]) and `s3`, the S3 tuning.
     pub fn cache_options(&self, s3: crate::cache::S3Tuning) -> crate::cache::OpenOptions {
         crate::cache::OpenOptions {
-            upload_memory: Capacities::cache_memory(self.memory),
+            upload_memory: crate::memory::Budget::cache_share(self.memory),
             max_rate: self.max_rate,
             s3,
         }
@@ -823,7 +808,8 @@ pub fn stream<R>(
     body: impl FnOnce(Feeder<'_>, crossbeam_channel::Receiver<Settled>) -> R,
 ) -> Result<(R, Vec<StageStats>), PushError> {
     let config = |e: String| PushError::Cache(crate::cache::CacheError::Config(e));
-    let caps = Capacities::new(opts, cache.upload_concurrency()).map_err(config)?;
+    let caps = Capacities::new(opts, cache.upload_concurrency())
+        .map_err(|e| config(format!("--memory {e}")))?;
     let stop = stage::Stop::new(opts.cancel.clone());
     let budget = budget::ByteBudget::new(caps.chunk_memory);
     let buffers = buffers::BufferPool::new(caps.free_buffers, opts.chunk_size);
@@ -899,14 +885,11 @@ pub fn stream<R>(
     Ok((out, stages))
 }
 
-/// Every capacity of one run, derived in one place from the options: the `--memory`
-/// budget is split between
-/// - the cache ([`Capacities::cache_memory`], half: S3's part buffers; a local directory
-///   buffers nothing and leaves it unused),
-/// - one compression output buffer per compressing thread (a chunk is compressed into a
-///   buffer of the pool's size, beside the chunk), and
-/// - the chunk budget: NAR chunks held from the walker to the sink, each charged the
-///   whole buffer it holds ([`buffers::BufferPool::charge`]).
+/// Every capacity of one run, derived in one place from the options. The `--memory`
+/// budget's shares come from [`crate::memory::Budget::split`]: the cache's half, one
+/// compression output buffer per compressing thread, and the chunk budget (NAR chunks held
+/// from the walker to the sink, each charged the whole buffer it holds,
+/// [`buffers::BufferPool::charge`]).
 ///
 /// Every queue between stages is bounded by its length here, and the bytes in it by the
 /// chunk budget, so peak memory is the budget plus [`MEMORY_OVERHEAD`], whatever the NAR
@@ -936,46 +919,24 @@ pub struct Capacities {
 }
 
 impl Capacities {
-    /// The cache's share of a `memory` budget (given to it by
-    /// [`PushOptions::cache_options`]).
-    pub fn cache_memory(memory: u64) -> u64 {
-        memory / CACHE_SHARE_DIVISOR
-    }
-
-    /// The smallest budget that admits one chunk and one compression output beside the
-    /// cache's share.
-    pub fn min_memory(chunk_size: usize) -> u64 {
-        2 * Self::output_buffer(chunk_size) * CACHE_SHARE_DIVISOR
-    }
-
-    /// The buffer a chunk is compressed into: compressed data can be slightly larger than
-    /// the input. A pooled chunk is charged this too, compressed or not.
-    fn output_buffer(chunk_size: usize) -> u64 {
-        buffers::output_bound(chunk_size) as u64
-    }
-
     /// The capacities for `opts`, with a cache that hides its latency with
     /// `cache_concurrency` requests at once.
     ///
     /// # Errors
-    /// A message naming `--memory` when it cannot hold one chunk and one compression
-    /// output beside the cache's share.
-    pub fn new(opts: &PushOptions, cache_concurrency: usize) -> Result<Self, String> {
-        let min = Self::min_memory(opts.chunk_size);
-        if opts.memory < min {
-            return Err(format!(
-                "--memory {} is too small for chunks of {} bytes: it needs at least {min} \
-                 bytes (half for the cache, and one chunk and its compression output)",
-                opts.memory, opts.chunk_size
-            ));
-        }
-        let pipeline = opts.memory - Self::cache_memory(opts.memory);
-        let out = Self::output_buffer(opts.chunk_size);
-        // Compression outputs take at most half of the pipeline's share, so a small budget
-        // runs fewer compressors instead of starving the walkers of chunks.
-        let compress_jobs = opts.jobs.clamp(1, ((pipeline / 2) / out).max(1) as usize);
-        let chunk_memory = pipeline - compress_jobs as u64 * out;
-        debug_assert!(chunk_memory >= out, "one full chunk fits");
+    /// [`crate::memory::TooSmall`] when the budget cannot hold one chunk and one
+    /// compression output beside the cache's share (settings refuse such a budget first).
+    pub fn new(
+        opts: &PushOptions,
+        cache_concurrency: usize,
+    ) -> Result<Self, crate::memory::TooSmall> {
+        let budget = crate::memory::Budget::new(
+            opts.memory,
+            opts.chunk_size,
+            &crate::memory::CacheNeed::default(),
+        )?;
+        let split = budget.split(opts.jobs);
+        let (chunk_memory, compress_jobs) = (split.chunks, split.compress_jobs);
+        let out = split.output_buffer;
         Ok(Capacities {
             chunk_memory,
             // As many pooled chunks as the budget admits (each is charged a whole pooled

@@ -729,7 +729,9 @@ fn the_budget_is_split_between_cache_chunks_and_compressors() {
     assert_eq!((c.compress_jobs, c.finishers), (2, 32));
     // Everything the run may hold of NAR data adds up to the budget.
     assert!(
-        Capacities::cache_memory(o.memory) + c.chunk_memory + c.compress_jobs as u64 * out
+        crate::memory::Budget::cache_share(o.memory)
+            + c.chunk_memory
+            + c.compress_jobs as u64 * out
             <= o.memory
     );
     // A small budget runs fewer compressors rather than holding more than it was given.
@@ -740,11 +742,8 @@ fn the_budget_is_split_between_cache_chunks_and_compressors() {
     assert_eq!(c.chunk_memory, (16 << 20) - out);
     // Too small for one chunk and its compression output beside the cache's half.
     o.memory = 12 << 20;
-    let e = Capacities::new(&o, 1).unwrap_err();
-    assert!(
-        e.starts_with("--memory 12582912 is too small for chunks of 4194304 bytes"),
-        "{e}"
-    );
+    let e = Capacities::new(&o, 1).unwrap_err().to_string();
+    assert!(e.starts_with("12.0 MiB is too small: at least 17M"), "{e}");
 }
 
 #[test]

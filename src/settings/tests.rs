@@ -1,5 +1,8 @@
 use super::*;
+use crate::pipeline::PushOptions;
+use crate::pipeline::compress::Compression;
 use clap::{Args, FromArgMatches};
+use std::time::Duration;
 
 /// The flag layer as `narflow` parses it from `args` and `env` (`NARFLOW_*` variables),
 /// merged over a file with `file_text`.
@@ -282,7 +285,10 @@ fn values_that_parse_but_cannot_be_used_name_the_key_and_source() {
     let m = merged(&["--memory", "1K"], &[], None);
     let e = m.resolve().unwrap_err().to_string();
     assert!(
-        e.starts_with("memory (from flag:--memory): 1.0 KiB is less than one chunk"),
+        e.starts_with(
+            "memory (from flag:--memory): 1.0 KiB is too small: at least 17M is needed (one \
+             4.0 MiB chunk and its compression output beside half for the cache); raise --memory"
+        ),
         "{e}"
     );
     let m = merged(&[], &[], Some("\n[s3]\npart-size = \"1M\"\n"));
@@ -315,12 +321,17 @@ fn values_that_parse_but_cannot_be_used_name_the_key_and_source() {
 fn every_setting_has_one_file_key_and_every_file_key_is_read() {
     let cmd = Settings::augment_args(clap::Command::new("t"));
     let ids: Vec<&str> = cmd.get_arguments().map(|a| a.get_id().as_str()).collect();
-    for (key, id) in KEYS {
-        assert!(ids.contains(id), "{key}: no argument {id}");
+    for key in KEYS.iter() {
+        assert!(
+            ids.contains(&key.id),
+            "{}: no argument {}",
+            key.name,
+            key.id
+        );
     }
     for id in &ids {
         assert_eq!(
-            KEYS.iter().filter(|(_, i)| i == id).count(),
+            KEYS.iter().filter(|k| k.id == *id).count(),
             1,
             "argument {id}"
         );
@@ -333,8 +344,8 @@ fn every_setting_has_one_file_key_and_every_file_key_is_read() {
         watch-store = \"all\"\n[s3]\nconcurrency = 3\nretries = 4\n\
         connect-timeout = 2\nread-timeout = 9\npart-size = \"16M\"\n[hook]\ntimeout = 0.5\n";
     let f = ConfigFile::parse(Path::new("/f"), file).unwrap();
-    for (key, _) in KEYS {
-        assert!(f.line(key).is_some(), "{key} not read");
+    for key in KEYS.iter() {
+        assert!(f.line(key.name).is_some(), "{} not read", key.name);
     }
     let r = Merged::new(Settings::default(), |_| None, None, Some(f))
         .resolve()
@@ -424,10 +435,11 @@ fn the_example_file_names_every_key_with_its_default() {
         }
         uncommented.push('\n');
     }
-    for (key, _) in KEYS {
+    for key in KEYS.iter() {
         assert!(
-            seen.iter().any(|k| k == key),
-            "{key} is not in contrib/narflow.toml"
+            seen.iter().any(|k| k == key.name),
+            "{} is not in contrib/narflow.toml",
+            key.name
         );
     }
     let file = ConfigFile::parse(Path::new("narflow.toml"), &uncommented).unwrap();
@@ -456,4 +468,79 @@ fn the_example_file_names_every_key_with_its_default() {
         example.metrics_listen,
         Some("127.0.0.1:9464".parse().unwrap())
     );
+}
+
+#[test]
+fn a_budget_too_small_for_the_cache_names_the_least_that_works() {
+    let m = merged(&["--to", "s3://b", "--memory", "32M"], &[], None);
+    let e = m.resolve().unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "memory (from flag:--memory): 32.0 MiB is too small: at least 64M is needed (half for \
+         the cache, which needs 4 S3 parts of 8.0 MiB (s3.part-size)); raise --memory"
+    );
+    // The same budget is enough for a directory, which buffers nothing.
+    let m = merged(&["--to", "file:///c", "--memory", "32M"], &[], None);
+    assert_eq!(m.resolve().unwrap().memory, 32 << 20);
+    // Larger parts need more of the default budget.
+    let m = merged(
+        &["--to", "s3://b"],
+        &[],
+        Some("[s3]\npart-size = \"64M\"\n"),
+    );
+    let e = m.resolve().unwrap_err().to_string();
+    assert!(
+        e.starts_with("memory (from default): 128.0 MiB is too small: at least 512M"),
+        "{e}"
+    );
+}
+
+#[test]
+fn each_declared_default_is_the_value_a_run_uses() {
+    let none = merged(&[], &[], None).resolve().unwrap();
+    let flags: Vec<String> = KEYS
+        .iter()
+        .filter_map(|k| k.default.value().map(|v| format!("--{}={v}", k.flag)))
+        .collect();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let given = merged(&flags, &[], None).resolve().unwrap();
+    for (d, g) in none.entries().iter().zip(given.entries()) {
+        assert_eq!(d.value, g.value, "{}", d.key);
+    }
+    // And they are the library's own defaults, for what is used without settings.
+    let o = PushOptions::new(none.compression, Vec::new());
+    assert_eq!(
+        (o.memory, o.chunk_size, o.jobs),
+        (none.memory, none.chunk_size, none.jobs)
+    );
+    assert_eq!(none.s3, crate::cache::S3Tuning::default());
+    assert_eq!(none.socket, Path::new(crate::hook::DEFAULT_SOCKET));
+    assert_eq!(none.state_dir, Path::new(crate::hook::DEFAULT_STATE_DIR));
+    assert_eq!(none.hook_timeout, crate::hook::DEFAULT_TIMEOUT);
+}
+
+#[test]
+fn the_list_says_each_settings_name_variable_flag_default_and_help() {
+    let cmd = Settings::augment_args(clap::Command::new("t"));
+    let mut envs = Vec::new();
+    for key in KEYS.iter() {
+        assert!(
+            key.env.starts_with("NARFLOW_") && !envs.contains(&key.env),
+            "{key:?}"
+        );
+        envs.push(key.env);
+        assert!(!key.help.is_empty() && !key.help.contains('\n'), "{key:?}");
+        let arg = cmd.get_arguments().find(|a| a.get_id() == key.id).unwrap();
+        assert_eq!(arg.get_long(), Some(key.flag));
+        assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(key.env));
+        assert_eq!(arg.is_hide_set(), key.hidden, "{}", key.name);
+        let help = arg.get_help().unwrap().to_string();
+        assert_eq!(help, format!("{} [default: {}]", key.help, key.default));
+    }
+    let sizes: Vec<&str> = KEYS
+        .iter()
+        .filter(|k| k.is_size())
+        .map(|k| k.name)
+        .collect();
+    assert_eq!(sizes, ["max-rate", "memory", "chunk-size", "s3.part-size"]);
 }

@@ -290,3 +290,62 @@ fn a_daemon_started_with_only_its_config_file_uploads_where_the_file_says() {
         .arg(daemon.id().to_string()));
     assert!(daemon.wait().unwrap().success());
 }
+
+#[test]
+fn a_budget_too_small_is_refused_at_start_by_every_command() {
+    let dir = tempdir();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let url = format!("file://{}", cache.display());
+    let (socket, state) = (dir.path().join("daemon.sock"), dir.path().join("state"));
+    let (socket, state) = (socket.to_str().unwrap(), state.to_str().unwrap());
+    let bench_dir = dir.path().join("bench");
+    let path = "/nix/store/00000000000000000000000000000000-x";
+    let common = ["--unsigned", "--to", &url, "--memory", "8M"];
+    for args in [
+        [&["push"][..], &common, &[path]].concat(),
+        [&["backfill"][..], &common, &["--all"]].concat(),
+        [
+            &["daemon"][..],
+            &common,
+            &["--socket", socket, "--state-dir", state],
+        ]
+        .concat(),
+        vec![
+            "bench",
+            "--memory",
+            "8M",
+            "--sink",
+            "null",
+            "--dir",
+            bench_dir.to_str().unwrap(),
+        ],
+    ] {
+        let child = isolated(narflow().args(&args), &[])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(child.wait_with_output()));
+        // A command that started instead (a daemon would run on) fails the test.
+        let Ok(out) = rx.recv_timeout(Duration::from_secs(60)) else {
+            run(Command::new("kill").arg("-KILL").arg(pid.to_string()));
+            panic!("{args:?} did not refuse its budget at start");
+        };
+        let out = out.unwrap();
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(
+                "memory (from flag:--memory): 8.0 MiB is too small: at least 17M is needed"
+            ),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("raise --memory"), "{args:?}: {err}");
+    }
+    assert!(std::fs::read_dir(&cache).unwrap().next().is_none());
+    assert!(!Path::new(state).exists() && !bench_dir.exists());
+}

@@ -58,7 +58,16 @@ impl S3Cache {
             }
         };
         let tuning = &opts.s3;
-        tuning.check().map_err(config_err)?;
+        tuning.check().map_err(|e| config_err(e.to_string()))?;
+        // The budget gave this share knowing the need (`crate::memory::Budget`); a share
+        // below it is refused rather than silently exceeded.
+        let need = tuning.memory_need();
+        if opts.upload_memory < need.bytes {
+            return Err(config_err(format!(
+                "an upload memory of {} bytes is less than {} bytes for {} (raise --memory)",
+                opts.upload_memory, need.bytes, need.what
+            )));
+        }
         let retries = tuning.retries;
         let concurrency = tuning.concurrency;
         let storage_class = url.param("storage-class").map(StorageClass::from);
@@ -130,9 +139,7 @@ impl S3Cache {
                 retries,
                 copy_part,
                 rt,
-                memory: Arc::new(UploadMemory::new(
-                    opts.upload_memory.max(tuning.min_part_size),
-                )),
+                memory: Arc::new(UploadMemory::new(opts.upload_memory)),
                 min_part: tuning.min_part_size,
                 concurrency,
                 counts: Default::default(),
@@ -160,6 +167,28 @@ mod tests {
         let url = CacheUrl::parse("s3://b?retries=many").unwrap();
         let e = S3Tuning::from_url(&url).unwrap_err().to_string();
         assert!(e.contains("bad value \"many\" for retries"), "{e}");
+    }
+
+    /// The share of the budget the cache is given is what it gets: one below four parts
+    /// is refused at open, not raised behind the budget's back.
+    #[test]
+    fn an_upload_memory_below_four_parts_is_refused() {
+        let url = CacheUrl::parse("s3://b?endpoint=http://127.0.0.1:1&region=us-east-1").unwrap();
+        let mut opts = OpenOptions {
+            upload_memory: (32 << 20) - 1,
+            max_rate: None,
+            s3: S3Tuning::default(),
+        };
+        let creds = || aws_sdk_s3::config::Credentials::new("t", "t", None, None, "tests");
+        let e = S3Cache::build("b", &url, &opts, Some(creds()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("less than 33554432 bytes for 4 S3 parts of 8.0 MiB (s3.part-size)"),
+            "{e}"
+        );
+        opts.upload_memory = 32 << 20;
+        assert!(S3Cache::build("b", &url, &opts, Some(creds())).is_ok());
     }
 
     /// The client speaks TLS to an https:// endpoint: the first bytes the server gets are

@@ -56,7 +56,7 @@ use std::time::{Duration, SystemTime};
 use tokio::task::JoinSet;
 use upload::UploadMemory;
 pub use upload::part_size;
-pub(crate) use upload::{MIN_PART, MIN_S3_PART};
+pub(crate) use upload::{MIN_PART, MIN_S3_PART, PART_SHARE};
 
 pub const NARINFO_TYPE: &str = "text/x-nix-narinfo";
 pub const NAR_TYPE: &str = "application/x-nix-nar";

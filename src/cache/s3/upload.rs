@@ -24,7 +24,7 @@ const MAX_PARTS: u64 = 9_000;
 const PARTS_IN_FLIGHT: usize = 4;
 /// A part may take at most this share of the upload memory, so that the parts being
 /// filled of several NARs assembled at once fit beside each other.
-const PART_SHARE: u64 = 4;
+pub(crate) const PART_SHARE: u64 = 4;
 /// The smallest part S3 takes (all but the last part of an upload).
 pub(crate) const MIN_S3_PART: u64 = 5 << 20;
 /// The largest object one CopyObject may copy on AWS (5 GiB); larger staging objects are
