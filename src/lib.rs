@@ -10,7 +10,7 @@
 //! - `daemon`: `narflow daemon`: the durable queue, the socket and the upload worker.
 //! - [`handoff`]: what `narflow hook` and `narflow-hook` need to hand `$OUT_PATHS` to the
 //!   daemon, or spool them: the hook, the line protocol, the spool (std only, built
-//!   without `full`; `hook` is re-exported at the top).
+//!   without `full`).
 //! - `logs`: build logs of uploaded paths to `log/<drv>` (`--upload-logs`).
 //! - `settings`: one `Settings` type for every command: defaults < config file < env < flags.
 //! - `bench`: synthetic store-shaped workloads and the `narflow bench` measurements.
@@ -20,7 +20,7 @@
 //! let store = store::LocalStore::open("/nix/store", Path::new("/nix/var/nix/db/db.sqlite"));
 //! let url = cache::url::CacheUrl::parse("file:///var/cache/nix")?;
 //! let cache = cache::open(&url, &opts.cache_options(cache::S3Tuning::from_url(&url)?))?;
-//! let report = pipeline::push(&store, cache.as_ref(), &paths, &opts, &pipeline::NoProgress)?;
+//! let report = pipeline::push(&store, cache.as_ref(), &paths, &opts, &pipeline::outcome::NoProgress)?;
 //! ```
 
 #[cfg(feature = "full")]
@@ -33,11 +33,9 @@ pub mod cache;
 pub mod daemon;
 pub mod format;
 pub mod handoff;
-pub mod nar_fs;
-/// The post-build-hook client, at its old path.
-pub use handoff::hook;
 #[cfg(feature = "full")]
 pub mod logs;
+pub mod nar_fs;
 #[cfg(feature = "full")]
 pub mod pipeline;
 #[cfg(feature = "full")]

@@ -207,12 +207,17 @@ pub fn upload_build_logs_from(
 /// The paths of `results` that were uploaded (not those the cache had): the ones whose
 /// logs go up.
 pub fn uploaded_paths<'a>(
-    results: impl IntoIterator<Item = &'a crate::pipeline::PathResult>,
+    results: impl IntoIterator<Item = &'a crate::pipeline::outcome::PathResult>,
     store_dir: &str,
 ) -> Vec<StorePath> {
     results
         .into_iter()
-        .filter(|r| matches!(r.outcome, crate::pipeline::Outcome::Uploaded { .. }))
+        .filter(|r| {
+            matches!(
+                r.outcome,
+                crate::pipeline::outcome::Outcome::Uploaded { .. }
+            )
+        })
         .filter_map(|r| StorePath::from_absolute_path(&r.path, store_dir).ok())
         .collect()
 }

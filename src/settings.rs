@@ -15,9 +15,9 @@
 //! a setting given by flag, environment or file wins over the URL's.
 use crate::cache::url::CacheUrl;
 use crate::cache::{CacheError, S3Tuning};
+use crate::format::compression::{Compression, CompressionSettings};
 use crate::format::signing::SigningKey;
 use crate::pipeline::PushOptions;
-use crate::pipeline::compress::{Compression, CompressionSettings};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -869,11 +869,11 @@ impl Merged {
             socket: s
                 .socket
                 .clone()
-                .unwrap_or_else(|| crate::hook::DEFAULT_SOCKET.into()),
+                .unwrap_or_else(|| crate::handoff::hook::DEFAULT_SOCKET.into()),
             state_dir: s
                 .state_dir
                 .clone()
-                .unwrap_or_else(|| crate::hook::DEFAULT_STATE_DIR.into()),
+                .unwrap_or_else(|| crate::handoff::hook::DEFAULT_STATE_DIR.into()),
             socket_group: s.daemon.socket_group.clone(),
             shutdown_timeout: s
                 .daemon
@@ -884,7 +884,10 @@ impl Merged {
             max_rate: s.max_rate.map(|r| r.0),
             upload_logs: s.upload_logs.unwrap_or(false),
             s3,
-            hook_timeout: s.hook.timeout.map_or(crate::hook::DEFAULT_TIMEOUT, |t| t.0),
+            hook_timeout: s
+                .hook
+                .timeout
+                .map_or(crate::handoff::hook::DEFAULT_TIMEOUT, |t| t.0),
             sources,
         })
     }

@@ -452,8 +452,8 @@ pub fn narinfo_hash(key: &[u8]) -> Option<[u8; 20]> {
     crate::format::nix32::decode::<20>(hash).ok()
 }
 
-/// What a cache's constructor is given: its share of the one memory budget, derived by
-/// the pipeline ([`crate::pipeline::PushOptions::cache_options`]), and the S3 tuning.
+/// What a cache's constructor is given: its share of the one memory budget, and the S3
+/// tuning.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpenOptions {
     /// Bytes of NAR data the cache may buffer on their way out (S3: small NARs whole

@@ -13,8 +13,8 @@ use narflow::bench::{
     self, BenchReport, RssMethod, RunResult, Settings, Sink, SinkKind, WorkloadKind, WorkloadSpec,
 };
 use narflow::cache::url::{CacheLocation, CacheUrl};
+use narflow::format::compression::{Compression, CompressionSettings};
 use narflow::pipeline::PushOptions;
-use narflow::pipeline::compress::{Compression, CompressionSettings};
 use narflow::settings::{self, Merged, Size, Source};
 use std::path::PathBuf;
 

@@ -31,11 +31,9 @@
 mod intake;
 mod lifecycle;
 mod metrics;
-pub mod protocol;
 pub mod queue;
 mod server;
 mod socket;
-pub mod spool;
 mod status;
 mod watch;
 mod worker;

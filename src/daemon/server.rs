@@ -2,7 +2,7 @@
 //! queues or reports, replies. Queue commits run on tokio's blocking pool, never on its
 //! workers; nothing here uploads.
 use super::Shared;
-use super::protocol::{EnqueueReply, MAX_REQUEST, Request, one_line, rejection, truncate};
+use crate::handoff::protocol::{EnqueueReply, MAX_REQUEST, Request, one_line, rejection, truncate};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};

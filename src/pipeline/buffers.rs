@@ -215,7 +215,7 @@ mod tests {
                 "{len}: {} > {charge}",
                 o.capacity()
             );
-            use super::super::compress::{Compression, CompressionSettings};
+            use crate::format::compression::{Compression, CompressionSettings};
             for settings in [
                 CompressionSettings::new(Compression::Zstd, Some(3)).unwrap(),
                 CompressionSettings::new(Compression::Xz, Some(1)).unwrap(),

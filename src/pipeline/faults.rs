@@ -12,13 +12,15 @@
 //! there, whole; every failure is transient (a full or failing disk heals); and once the
 //! fault clears, a second push (or the same daemon pipeline, resubmitting what failed)
 //! brings every path to the cache, our signature beside the other key's.
+use super::outcome::*;
+use super::publish::*;
 use super::tests::{decompress, make_store, opts};
 use super::*;
 use crate::cache::fault::{Errno, Fail, FaultPlan};
 use crate::cache::file::{FileCache, FsOp};
+use crate::format::compression::Compression;
 use crate::format::narinfo::NarInfo;
 use crate::format::signing::SigningKey;
-use crate::pipeline::compress::Compression;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

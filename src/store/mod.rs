@@ -12,6 +12,7 @@
 
 pub mod closure;
 pub mod db;
+pub mod lookup;
 pub mod path_info_cmd;
 
 use crate::format::hash::Sha256;

@@ -1,10 +1,10 @@
 //! NAR encoder: writes the NAR grammar's tokens into a [`NarBuffer`] or any `Write`, and
 //! serialises an in-memory [`Node`].
 //!
-//! Pure and synchronous: it never touches the file system. The walker that archives a
-//! tree on disk ([`crate::nar_fs`]) drives the same [`Encoder`], so a tree on disk and the
-//! same tree in memory make the same bytes. It never holds memory that grows with file
-//! size: large contents pass through to the output in large slices.
+//! Pure and synchronous: it never touches the file system. A walker of trees on disk
+//! drives the same [`Encoder`], so a tree on disk and the same tree in memory make the
+//! same bytes. It never holds memory that grows with file size: large contents pass
+//! through to the output in large slices.
 use super::{NAR_MAGIC, Node, check_entry_name, padding_len};
 use std::io::{self, Write};
 
