@@ -1,8 +1,6 @@
 //! `narflow daemon`: takes store paths from `narflow hook` over a Unix socket, queues them
 //! durably, and uploads their closures through the pipeline, retrying failures.
 //!
-//! - [`protocol`]: the request/reply lines (std only; the hook links it).
-//! - [`spool`]: the file the hook appends to when the daemon is unreachable (std only).
 //! - [`queue`]: the durable queue (SQLite, WAL, `synchronous=FULL`).
 //! - `lifecycle`: [`Daemon::bind`] and [`Daemon::run`]: start, serve, shut down in order.
 //! - `socket`: the socket's file: bound privately, a live one never replaced, only our
@@ -18,6 +16,9 @@
 //!   path (`built`: those built here; `all`: every one), like a hand-off.
 //! - `status`: what `narflow status` shows.
 //! - `metrics`: Prometheus metrics, served at `/metrics` with `--metrics-listen`.
+//! - `accept`: the accept loop of the socket and the metrics address, with its limit.
+//!
+//! The request lines and the spool are the hook's ([`crate::handoff`]).
 //!
 //! A path is acknowledged only after it is committed to the queue, and marked done only
 //! after its narinfo is in the cache; a crash anywhere leaves it pending, and the next
@@ -28,6 +29,7 @@
 //! The daemon (root, usually) trusts its state directory and its socket's directory only
 //! when they are its own and writable by nobody else, and opens the files there without
 //! following symlinks.
+mod accept;
 mod intake;
 mod lifecycle;
 mod metrics;
