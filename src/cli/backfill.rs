@@ -7,7 +7,6 @@ use narflow::cache::{self, CacheError, url::CacheUrl};
 use narflow::format::store_path::DEFAULT_STORE_DIR;
 use narflow::settings::{Merged, Settings, SettingsError, format_size};
 use narflow::store::{LocalStore, StoreError};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
@@ -151,20 +150,7 @@ fn named_paths(
     args: &[String],
     store_dir: &str,
 ) -> Result<Vec<narflow::format::store_path::StorePath>, CliError> {
-    let mut inputs = Vec::new();
-    for p in args {
-        if p == "-" {
-            let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .context("reading paths from stdin")
-                .map_err(CliError::usage)?;
-            inputs.extend(s.split_whitespace().map(str::to_owned));
-        } else {
-            inputs.push(p.clone());
-        }
-    }
-    inputs
+    super::path_arguments(args, std::io::stdin())?
         .iter()
         .map(|a| {
             narflow::store::lookup::resolve_argument(a, store_dir)

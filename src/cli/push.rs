@@ -1,12 +1,10 @@
 //! `narflow push`: upload store paths and their closure to a cache.
 use super::{CliError, exit};
-use anyhow::Context;
 use narflow::cache;
 use narflow::format::store_path::DEFAULT_STORE_DIR;
 use narflow::pipeline::{self, outcome::Outcome};
 use narflow::settings::{Merged, Settings, format_size};
 use narflow::store::LocalStore;
-use std::io::Read;
 use std::path::Path;
 
 #[derive(Debug, clap::Args)]
@@ -33,19 +31,7 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
     super::refuse_other_commands_flags(&resolved, "push")?;
     let url = resolved.cache_url().map_err(CliError::usage)?;
     let mut opts = resolved.push_options().map_err(CliError::usage)?;
-    let mut inputs = Vec::new();
-    for p in &args.paths {
-        if p == "-" {
-            let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .context("reading paths from stdin")
-                .map_err(CliError::usage)?;
-            inputs.extend(s.split_whitespace().map(str::to_owned));
-        } else {
-            inputs.push(p.clone());
-        }
-    }
+    let inputs = super::path_arguments(&args.paths, std::io::stdin())?;
 
     opts.closure = !args.no_closure;
     let store = LocalStore::open(DEFAULT_STORE_DIR, Path::new("/nix/var/nix/db/db.sqlite"));
