@@ -37,6 +37,8 @@
 
 mod batch;
 mod config;
+mod copy;
+mod memory;
 mod object;
 mod retry;
 mod sweep;
@@ -50,11 +52,11 @@ use crate::format::store_path::StorePath;
 use aws_sdk_s3::types::StorageClass;
 use batch::{LIST_THRESHOLD, concurrently};
 pub use config::http_client;
+use memory::UploadMemory;
 use retry::join_error;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::task::JoinSet;
-use upload::UploadMemory;
 pub use upload::part_size;
 pub(crate) use upload::{MIN_PART, MIN_S3_PART};
 
