@@ -1,4 +1,6 @@
-//! Pushing store paths to a binary cache: a staged pipeline over bounded channels.
+//! Pushing store paths to a binary cache: a staged pipeline over bounded channels. This
+//! file wires the stages and sets every capacity; the stages' work is in their files,
+//! planning in [`plan`], what a push reports in [`outcome`].
 //!
 //! ```text
 //! plan ─► Feeder ─jobs─► walk (2 threads) ─chunks─► hash ─► compress (rayon, --jobs) ─chunks─► sink ─results─► publish ─settled─► caller
@@ -6,22 +8,10 @@
 //!         skip present   chunks                     small paths first                   FileHash, upload  (closure order)
 //! ```
 //!
-//! [`stream`] runs these stages for as long as its caller feeds them: they stay up
-//! between jobs, and each job comes out as a [`Settled`] as soon as its narinfo is
-//! durable. [`upload_after`] (and so [`upload`] and [`push`]) is one submission to a
-//! pipeline that ends with it; the daemon keeps one fed.
-//!
-//! Each stage (`walk.rs`, `compress.rs`, `sink.rs`, `publish.rs`) owns its threads and
-//! statistics and is started with its input and output channels; [`stage::Running::finish`]
-//! waits for it to drain and returns its [`StageStats`]. One [`stage::Stop`] is checked by
-//! every stage: a cancel or a failed publish stops them all mid-NAR, and a job the cache
-//! fails is dropped by every stage at once.
-//!
-//! This file is the one place that wires the stages and sets every capacity. Memory is
-//! bounded by [`PushOptions::memory`]: each chunk of NAR data holds a permit of that budget
-//! from the moment the walker starts filling it until the sink has written it, so peak
-//! memory does not depend on NAR size. CPU work runs on the walker threads and the rayon
-//! pool; the publisher (a thread of its own) only writes narinfos and syncs.
+//! [`stream`] keeps the stages up for as long as its caller feeds them, settling each job
+//! as soon as its narinfo is durable; [`upload_after`] (and so [`upload`] and [`push`]) is
+//! one submission to a pipeline that ends with it. One [`stage::Stop`] stops every stage.
+//! Memory is bounded by [`PushOptions::memory`] (see [`Capacities`]), never by NAR size.
 //!
 //! Invariants, in the order a path goes through them:
 //! 1. its NAR is read once: NAR → NarHash → chunks → compressed frames → FileHash → cache;

@@ -346,9 +346,7 @@ mod tests {
 
     /// With the publisher gone (a failed wave halted the run), the finishers still take
     /// every hand-off queued and drop it, freeing what its upload holds, while the
-    /// assembler may still be running. They used to stop at the first result they could
-    /// not send, and the uploads queued behind kept their memory: an assembler waiting
-    /// for S3 upload memory then waited forever.
+    /// assembler may still be running (it may be waiting for that memory).
     #[test]
     fn finishers_drop_every_queued_upload_once_the_publisher_is_gone() {
         let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,6 @@
 //! The walk stage: walker threads taking jobs from the pipeline's input and turning each
-//! store path into a stream of fixed-size NAR chunks; and the hash stage
-//! after it, which computes NarHash over each job's chunks in order. Each chunk holds a
+//! store path into a stream of fixed-size NAR chunks; and the hash stage after it, which
+//! computes NarHash over each job's chunks in order. Each chunk holds a
 //! permit of the memory budget from the moment it starts filling until the sink has
 //! written it. Neither stage reads another byte once the run stops.
 //!
@@ -263,8 +263,7 @@ mod tests {
     /// With full-size buffers free in the pool (a large path just went through), a path of
     /// a few hundred KiB and a large path's short last chunk are sent in recycled buffers
     /// whose every page is resident: each permit covers its whole buffer, so the budget
-    /// counts what the queues really hold. Charged by length, a 300 KiB chunk held a
-    /// 1 MiB buffer on a 300 KiB permit.
+    /// counts what the queues really hold.
     #[test]
     fn every_chunk_permit_covers_its_whole_buffer() {
         const CHUNK: usize = 1 << 20;

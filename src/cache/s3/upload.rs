@@ -544,7 +544,7 @@ mod tests {
     }
 
     /// A NAR whose parts cannot fit the upload memory fails at once, saying which
-    /// --memory would do (it used to wait forever for memory that could never be free).
+    /// --memory would do, rather than wait for memory that can never be free.
     #[test]
     fn a_nar_too_large_for_the_memory_fails_naming_the_memory_it_needs() {
         let cache = cache_at("http://127.0.0.1:1", 64 << 20);
