@@ -2,7 +2,7 @@
 //!
 //! Modules, lowest layer first; a module uses only modules of lower layers
 //! (`tests/it/layers.rs` checks it):
-//! - [`format`]: pure Nix formats (nix32, hashes, store paths, NAR, narinfo, signing,
+//! - [`format`](mod@format): pure Nix formats (nix32, hashes, store paths, NAR, narinfo, signing,
 //!   compression names).
 //! - [`handoff`]: what `narflow hook` and `narflow-hook` need to hand `$OUT_PATHS` to the
 //!   daemon, or spool them: the hook, the line protocol, the spool (std only, built

@@ -493,7 +493,7 @@ impl Default for S3Tuning {
 
 impl S3Tuning {
     /// The defaults, with the URL's `concurrency=`, `retries=` and `read-timeout=` applied
-    /// (narflow's own parameters, kept for URLs written for earlier versions).
+    /// (narflow's own parameters).
     ///
     /// # Errors
     /// [`CacheError::Config`] naming the URL and the parameter with a bad value.

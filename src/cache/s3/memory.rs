@@ -10,9 +10,9 @@ use std::sync::Arc;
 /// keeps its reservation until its request is done. Reservations of buffers still being
 /// filled are counted apart: they are only released by the thread that fills them, which
 /// may be the very thread that waits. A buffer stops counting as being filled once it is
-/// full and sent as a part, or once its NAR is all written ([`crate::cache::NarUpload::written`]): from
-/// then on another thread (a request in flight, or the finisher that commits it) releases
-/// it without help. So a reservation waits while such buffers can still free enough; when
+/// full and sent as a part, or once its NAR is all written
+/// ([`crate::cache::NarUpload::written`]): from then on another thread (a request in
+/// flight, or the finisher that commits it) releases it without help. So a reservation waits while such buffers can still free enough; when
 /// only buffers being filled hold the memory, waiting could never end, and the
 /// reservation is granted beyond the capacity instead (by at most those buffers) — never
 /// a deadlock.

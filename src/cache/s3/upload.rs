@@ -36,8 +36,8 @@ const S3_MAX_PARTS: i32 = 10_000;
 /// parts were planned for (see [`grown_part_size`]).
 const GROW_EVERY: i32 = 1_000;
 
-/// Part size for a NAR of `nar_size` bytes: at least [`MIN_PART`], and large enough that
-/// even a NAR that does not compress at all fits in [`MAX_PARTS`] parts.
+/// Part size for a NAR of `nar_size` bytes: at least `MIN_PART` (8 MiB), and large enough
+/// that even a NAR that does not compress at all fits in `MAX_PARTS` (9,000) parts.
 pub fn part_size(nar_size: u64) -> u64 {
     part_size_at_least(nar_size, MIN_PART)
 }

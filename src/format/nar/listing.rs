@@ -90,8 +90,8 @@ fn tokens_len(tokens: &[&[u8]]) -> u64 {
 
 /// Builds a listing from the nodes of a NAR, given in NAR order (which is also the
 /// listing's order), following the NAR's layout to know each file's offset.
-/// [`super::writer::dump_path_listed_into`] drives one while it writes the NAR, so that
-/// the listing costs no system call of its own.
+/// A walker of trees on disk drives one while it writes the NAR, so that the listing
+/// costs no system call of its own.
 #[derive(Debug)]
 pub struct ListingBuilder {
     json: Vec<u8>,
