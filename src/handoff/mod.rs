@@ -1,7 +1,6 @@
 //! The hand-off from a finished build to the daemon: the post-build-hook client
-//! ([`hook`]), the line protocol both ends speak ([`protocol`]) and the spool the hook
-//! falls back to ([`spool`]), and the
-//! three keys of the config file the hook reads ([`config`]).
+//! ([`hook`]), the line protocol both ends speak ([`protocol`]), the spool the hook falls
+//! back to ([`spool`]), and the three keys of the config file the hook reads ([`config`]).
 //!
 //! Std, rustix and sha2 only, and compiled without the `full` feature: the
 //! `narflow-hook` binary, which Nix runs after every build, links this module and nothing
