@@ -122,22 +122,9 @@ impl Drop for Reservation {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::within_deadline;
     use super::*;
     use std::time::Duration;
-
-    /// Runs `f` on a thread and fails (instead of hanging) if it takes more than 30 s.
-    fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-        let worker = std::thread::spawn(f);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !worker.is_finished() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "stuck waiting for memory"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        worker.join().unwrap()
-    }
 
     /// Three buffers filled by one thread, as the sink fills its open uploads: the third
     /// does not fit, and nothing but the other two (which only this thread can finish)
@@ -145,7 +132,7 @@ mod tests {
     #[test]
     fn a_reservation_only_buffers_being_filled_could_free_is_granted() {
         let memory = Arc::new(UploadMemory::new(100));
-        let held = within_deadline({
+        let held = within_deadline(Duration::from_secs(30), "waiting for memory", {
             let memory = memory.clone();
             move || [memory.reserve(40), memory.reserve(40), memory.reserve(40)]
         });
