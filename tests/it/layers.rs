@@ -1,7 +1,9 @@
 //! The crate's layers, read from `src/`: a top-level module uses (or doc-links) only
 //! modules of lower layers, and the files of one module never form a circle. Every path
 //! is read with `syn`: `use` trees, paths in code and types, `crate::`/`super::` paths
-//! inside macros, and the `crate::`/`super::`/`self::` paths in doc comments.
+//! inside macros, and the `crate::`/`super::`/`self::` paths in doc comments. Test code
+//! (`#[cfg(test)]` items and files) is left out: a test may build its fixtures with any
+//! module of the crate.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
