@@ -2,8 +2,9 @@
 //! stream) of 4 MiB of store-like data, at the levels users pick: zstd 1, 3 (default) and
 //! 9, and xz 6 (Nix's default for binary caches; slow, so at one level only).
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use narflow::pipeline::DEFAULT_CHUNK_SIZE;
-use narflow::pipeline::compress::{Compression, CompressionSettings, compress_chunk};
+use narflow::format::compression::{Compression, CompressionSettings};
+use narflow::memory::DEFAULT_CHUNK_SIZE;
+use narflow::pipeline::compress::compress_chunk;
 use std::hint::black_box;
 
 mod common;

@@ -5,9 +5,10 @@
 //! options: one compression thread per core, 64 MiB budget, 4 MiB chunks.
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use narflow::cache::null::NullCache;
+use narflow::format::compression::CompressionSettings;
 use narflow::format::signing::SigningKey;
-use narflow::pipeline::compress::CompressionSettings;
-use narflow::pipeline::{NoProgress, Outcome, PushOptions, upload};
+use narflow::pipeline::outcome::{NoProgress, Outcome};
+use narflow::pipeline::{PushOptions, upload};
 use narflow::store::PathInfo;
 
 mod common;

@@ -1,19 +1,21 @@
 //! narflow: upload Nix store paths to binary caches, fast and with bounded memory.
 //!
-//! Modules:
-//! - `backfill`: `narflow backfill`: a whole store (or closures) in resumable windows.
-//! - [`format`]: pure Nix formats (nix32, hashes, store paths, NAR, narinfo, signing).
-//! - [`nar_fs`]: the NAR walker: archives, hashes and lists trees on disk (std only).
-//! - `store`: the local Nix store, read-only (path info, closures, order).
-//! - `cache`: binary cache destinations (`file://`, `s3://`, a null sink).
-//! - `pipeline`: pushing a set of paths to a cache (plan, upload, publish).
-//! - `daemon`: `narflow daemon`: the durable queue, the socket and the upload worker.
+//! Modules, lowest layer first; a module uses only modules of lower layers
+//! (`tests/it/layers.rs` checks it):
+//! - [`format`](mod@format): pure Nix formats (nix32, hashes, store paths, NAR, narinfo, signing,
+//!   compression names).
 //! - [`handoff`]: what `narflow hook` and `narflow-hook` need to hand `$OUT_PATHS` to the
 //!   daemon, or spool them: the hook, the line protocol, the spool (std only, built
-//!   without `full`; `hook` is re-exported at the top).
-//! - `memory`: the one memory budget (`--memory`): its default, its shares and its floor.
+//!   without `full`).
+//! - [`memory`]: the one memory budget (`--memory`): its default, its shares and its floor.
+//! - [`nar_fs`]: the NAR walker: archives, hashes and lists trees on disk (std only).
+//! - `store`: the local Nix store, read-only (path info, closures, order, arguments).
+//! - `cache`: binary cache destinations (`file://`, `s3://`, a null sink).
+//! - `pipeline`: pushing a set of paths to a cache (plan, upload, publish).
 //! - `logs`: build logs of uploaded paths to `log/<drv>` (`--upload-logs`).
 //! - `settings`: one `Settings` type for every command: defaults < config file < env < flags.
+//! - `backfill`: `narflow backfill`: a whole store (or closures) in resumable windows.
+//! - `daemon`: `narflow daemon`: the durable queue, the socket and the upload worker.
 //! - `bench`: synthetic store-shaped workloads and the `narflow bench` measurements.
 //!
 //! ```text
@@ -21,7 +23,7 @@
 //! let store = store::LocalStore::open("/nix/store", Path::new("/nix/var/nix/db/db.sqlite"));
 //! let url = cache::url::CacheUrl::parse("file:///var/cache/nix")?;
 //! let cache = cache::open(&url, &opts.cache_options(cache::S3Tuning::from_url(&url)?))?;
-//! let report = pipeline::push(&store, cache.as_ref(), &paths, &opts, &pipeline::NoProgress)?;
+//! let report = pipeline::push(&store, cache.as_ref(), &paths, &opts, &NoProgress)?;
 //! ```
 
 #[cfg(feature = "full")]
@@ -34,12 +36,10 @@ pub mod cache;
 pub mod daemon;
 pub mod format;
 pub mod handoff;
-pub mod nar_fs;
-/// The post-build-hook client, at its old path.
-pub use handoff::hook;
 #[cfg(feature = "full")]
 pub mod logs;
 pub mod memory;
+pub mod nar_fs;
 #[cfg(feature = "full")]
 pub mod pipeline;
 #[cfg(feature = "full")]

@@ -30,7 +30,7 @@ pub const COPY_BUFFER: usize = 64 << 10;
 /// What each costs is fixed, whatever the log's size: a [`COPY_BUFFER`], and for a
 /// compressed log a bzip2 decoder (some 3.5 MiB for the 900 kB blocks Nix writes) and its
 /// 8 KiB read buffer: at most some 15 MiB for all of them, part of what the process needs
-/// beside `--memory` (`pipeline::MEMORY_OVERHEAD`). What the cache holds of a log on its way
+/// beside `--memory` (`memory::MEMORY_OVERHEAD`). What the cache holds of a log on its way
 /// out is inside the budget: a local directory holds nothing (the log goes to a temporary
 /// file), and S3 buffers parts in the upload memory it reserves from the cache's half of
 /// `--memory`, shared with the NARs of any push running beside the logs (backfill's next
@@ -207,12 +207,17 @@ pub fn upload_build_logs_from(
 /// The paths of `results` that were uploaded (not those the cache had): the ones whose
 /// logs go up.
 pub fn uploaded_paths<'a>(
-    results: impl IntoIterator<Item = &'a crate::pipeline::PathResult>,
+    results: impl IntoIterator<Item = &'a crate::pipeline::outcome::PathResult>,
     store_dir: &str,
 ) -> Vec<StorePath> {
     results
         .into_iter()
-        .filter(|r| matches!(r.outcome, crate::pipeline::Outcome::Uploaded { .. }))
+        .filter(|r| {
+            matches!(
+                r.outcome,
+                crate::pipeline::outcome::Outcome::Uploaded { .. }
+            )
+        })
         .filter_map(|r| StorePath::from_absolute_path(&r.path, store_dir).ok())
         .collect()
 }

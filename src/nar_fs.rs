@@ -83,8 +83,8 @@ pub fn dump_path_into<B: NarBuffer + ?Sized>(
 }
 
 /// Like [`dump_path_into`], and when `listing` is given, hands it every node as it is
-/// written, so the NAR's listing ([`super::listing`]) comes with no system call of its
-/// own. On error the listing is incomplete and must be dropped.
+/// written, so the NAR's listing ([`crate::format::nar::listing`]) comes with no system
+/// call of its own. On error the listing is incomplete and must be dropped.
 ///
 /// # Errors
 /// As [`dump_path`]; [`NarWriteError::Write`] carries the errors of `out`.
@@ -359,7 +359,7 @@ pub enum ListingError {
 }
 
 /// Lists the tree at `path` (not followed when it is a symlink) as the NAR that
-/// [`super::writer::dump_path`] makes of it, reading only metadata.
+/// [`dump_path`] makes of it, reading only metadata.
 ///
 /// # Errors
 /// [`ListingError::Read`] naming what could not be read; [`ListingError::UnsupportedFileType`]

@@ -10,7 +10,7 @@
 //! Overlap: window N+1 is planned and submitted while window N uploads, so the pipeline
 //! does not drain after each window. A path submitted and not yet settled is *in flight*:
 //! it counts as available to the next window's pull-in and reference check, and its
-//! referrers wait for it ([`pipeline::NewJob::waits_for`]; if it fails, the publisher
+//! referrers wait for it ([`pipeline::publish::NewJob::waits_for`]; if it fails, the publisher
 //! refuses them). At most two windows are in flight (the one uploading and the one being
 //! submitted): a window is planned only once the window two before it has settled. The
 //! cursor passes a window only once it and every earlier window have settled.
@@ -33,7 +33,9 @@ pub mod state;
 
 use crate::cache::{BinaryCache, CacheError};
 use crate::format::store_path::StorePath;
-use crate::pipeline::{self, Failure, NewJob, Outcome, PathResult, PushOptions, Settled};
+use crate::pipeline::outcome::{Failure, Outcome, PathResult, UploadedBytes};
+use crate::pipeline::publish::{NewJob, Settled};
+use crate::pipeline::{self, PushOptions};
 use crate::store::{LocalStore, PathInfo, StoreError};
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -157,9 +159,8 @@ pub struct Summary {
     pub failed: u64,
     /// The first failures, with their cause.
     pub failures: Vec<PathResult>,
-    /// NAR bytes uploaded (dry: that would be).
-    pub nar_bytes: u64,
-    pub file_bytes: u64,
+    /// Bytes uploaded (dry: the NAR bytes that would be).
+    pub bytes: UploadedBytes,
     /// Paths a window pulled in because a reference of it was not available.
     pub pulled_in: u64,
     pub windows: u64,
@@ -185,7 +186,7 @@ pub enum BackfillError {
     #[error(transparent)]
     State(#[from] state::StateError),
     #[error(transparent)]
-    Push(#[from] pipeline::PushError),
+    Push(#[from] pipeline::outcome::PushError),
 }
 
 /// Backfills `cache` from `store` as `opts` say, uploading with `push`; `upstreams` are the
@@ -263,7 +264,7 @@ pub fn backfill(
             store.store_dir(),
             push,
             &window_progress,
-            pipeline::OnPublishError::Halt,
+            pipeline::publish::OnPublishError::Halt,
             |feeder, settled| {
                 std::thread::scope(|s| {
                     // One window waiting for the submitter: the walk sends a window only
@@ -410,7 +411,7 @@ struct Mark {
 /// the backfill's totals come from the walk).
 struct WindowProgress<'a>(&'a dyn BackfillProgress);
 
-impl pipeline::Progress for WindowProgress<'_> {
+impl pipeline::outcome::Progress for WindowProgress<'_> {
     fn nar_bytes(&self, bytes: u64) {
         self.0.nar_bytes(bytes);
     }
@@ -519,7 +520,7 @@ impl Run<'_> {
                 break;
             }
             let group_end = group_start + chunk.len();
-            let (valid, invalid) = pipeline::split_valid(self.store, chunk)?;
+            let (valid, invalid) = crate::store::lookup::split_valid(self.store, chunk)?;
             // A named path that is not valid pins the cursor before the group.
             let ok = invalid.is_empty();
             for (path, _) in invalid {
@@ -705,13 +706,9 @@ impl Run<'_> {
         debug_assert_eq!(mark.seq, seq);
         mark.outstanding -= 1;
         match done.result.outcome {
-            Outcome::Uploaded {
-                nar_size,
-                file_size,
-            } => {
+            Outcome::Uploaded { .. } => {
                 self.summary.uploaded += 1;
-                self.summary.nar_bytes += nar_size;
-                self.summary.file_bytes += file_size;
+                self.summary.bytes.add(&done.result.outcome);
                 self.available.insert(hash_key(&done.path), true);
                 if self.push.upload_logs {
                     mark.uploaded.push(done.path);
@@ -894,7 +891,7 @@ impl Run<'_> {
         let todo = crate::store::closure::topo_sort(todo);
         if self.opts.dry_run {
             self.summary.uploaded += todo.len() as u64;
-            self.summary.nar_bytes += todo.iter().map(|i| i.nar_size).sum::<u64>();
+            self.summary.bytes.nar += todo.iter().map(|i| i.nar_size).sum::<u64>();
             self.progress.advanced(todo.len() as u64);
             self.available
                 .extend(todo.iter().map(|i| (hash_key(&i.path), true)));
@@ -915,7 +912,7 @@ impl Run<'_> {
             .cloned()
             .collect();
         drop(in_todo);
-        let (mut jobs, refused) = pipeline::jobs_for(&todo, &seen, &self.store_dir);
+        let (mut jobs, refused) = pipeline::plan::jobs_for(&todo, &seen, &self.store_dir);
         drop(seen);
         for (i, why) in refused {
             mark.ok = false;

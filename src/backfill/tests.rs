@@ -2,7 +2,7 @@
 //! database whose order each test controls, backfilled into a local directory cache.
 use super::*;
 use crate::cache::file::FileCache;
-use crate::pipeline::compress::{Compression, CompressionSettings};
+use crate::format::compression::{Compression, CompressionSettings};
 use crate::store::db::testdb::{Row, TestDb};
 
 struct TestStore {
@@ -352,7 +352,7 @@ fn a_dry_run_counts_what_would_go_up_and_writes_nothing() {
         .iter()
         .map(|i| i.nar_size)
         .sum();
-    assert_eq!((sum.uploaded, sum.nar_bytes), (2, sizes));
+    assert_eq!((sum.uploaded, sum.bytes.nar), (2, sizes));
     assert!(!cache.has(&a) && !cache.has(&b) && !state.exists());
     assert!(!cache.dir.path().join("nix-cache-info").exists());
 }

@@ -156,8 +156,8 @@ fn a_small_workload_runs_through_the_real_pipeline() {
         "{:?}",
         report.failed().next()
     );
-    assert_eq!(report.nar_bytes, w.nar_bytes());
-    assert_eq!(report.file_bytes, cache.nar_bytes());
+    assert_eq!(report.bytes.nar, w.nar_bytes());
+    assert_eq!(report.bytes.file, cache.nar_bytes());
     assert_eq!(cache.narinfos(), 40);
     // And through run_once, both sinks.
     for sink in [

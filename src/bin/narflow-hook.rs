@@ -8,7 +8,7 @@
 //! `--timeout`; the file is `--config FILE`, `NARFLOW_CONFIG` or
 //! `/etc/narflow/narflow.toml`. It exits 0 whatever happens: a failing hook stops Nix's
 //! build loop, so a config file it cannot use is reported and left out.
-use narflow::hook;
+use narflow::handoff::hook;
 
 fn main() {
     match hook::settings_from(std::env::args_os().skip(1)) {

@@ -453,8 +453,7 @@ pub fn narinfo_hash(key: &[u8]) -> Option<[u8; 20]> {
 }
 
 /// What a cache's constructor is given: its share of the one memory budget
-/// ([`crate::memory::Budget::cache_share`], through
-/// [`crate::pipeline::PushOptions::cache_options`]), and the S3 tuning.
+/// ([`crate::memory::Budget::cache_share`]), and the S3 tuning.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpenOptions {
     /// Bytes of NAR data the cache may buffer on their way out (S3: small NARs whole
@@ -494,7 +493,7 @@ impl Default for S3Tuning {
 
 impl S3Tuning {
     /// The defaults, with the URL's `concurrency=`, `retries=` and `read-timeout=` applied
-    /// (narflow's own parameters, kept for URLs written for earlier versions).
+    /// (narflow's own parameters).
     ///
     /// # Errors
     /// [`CacheError::Config`] naming the URL and the parameter with a bad value.

@@ -5,8 +5,8 @@
 //!
 //! What is counted: the bytes written into each [`NarUpload`] (the compressed NAR, as the
 //! cache stores it, or a streamed object: a build log) and the bodies of narinfo and other
-//! object PUTs (`.ls` listings). Not counted: request headers, HEAD/GET/list requests and their answers, bytes a
-//! retry sends again, and `nix-cache-info`; all small next to NARs.
+//! object PUTs (`.ls` listings). Not counted: request headers, HEAD/GET/list requests and
+//! their answers, bytes a retry sends again, and `nix-cache-info`; all small next to NARs.
 //!
 //! Where it is approximate: a cache may buffer what it is given before sending it. A local
 //! directory writes at once. An S3 cache holds a small NAR whole until its PUT and a large
@@ -14,11 +14,8 @@
 //! sees the cap on average over any window longer than a part takes to fill at the cap,
 //! while a shorter window may carry a part at full speed.
 //!
-//! The bucket is hand-written rather than `governor`: that crate is built for request
-//! counts (its quotas and bursts are `u32` cells, and a take larger than the burst is an
-//! error the caller must split), and it waits only asynchronously, while the writers here
-//! are plain threads that must block. What a byte bucket needs is the few lines of GCRA
-//! below.
+//! Hand-written GCRA rather than `governor`, which counts requests in `u32` cells and
+//! waits only asynchronously; the writers here are plain threads that must block.
 //!
 //! It never busy-waits: a taker reserves its bytes under a lock (which gives it the moment
 //! they are paid for) and sleeps until then without the lock.

@@ -7,7 +7,6 @@ use narflow::cache::{self, CacheError, url::CacheUrl};
 use narflow::format::store_path::DEFAULT_STORE_DIR;
 use narflow::settings::{Merged, Settings, SettingsError, format_size};
 use narflow::store::{LocalStore, StoreError};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
@@ -132,7 +131,7 @@ pub fn run(args: &BackfillArgs, merged: &Merged) -> Result<u8, CliError> {
         | BackfillError::Upstream { .. }
         | BackfillError::State(_)
         | BackfillError::Store(StoreError::Command(_)) => CliError::usage(e),
-        BackfillError::Push(narflow::pipeline::PushError::Cache(
+        BackfillError::Push(narflow::pipeline::outcome::PushError::Cache(
             CacheError::Config(_) | CacheError::Unreachable(_),
         )) => CliError::usage(e),
         e => CliError::failed(e),
@@ -151,23 +150,10 @@ fn named_paths(
     args: &[String],
     store_dir: &str,
 ) -> Result<Vec<narflow::format::store_path::StorePath>, CliError> {
-    let mut inputs = Vec::new();
-    for p in args {
-        if p == "-" {
-            let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .context("reading paths from stdin")
-                .map_err(CliError::usage)?;
-            inputs.extend(s.split_whitespace().map(str::to_owned));
-        } else {
-            inputs.push(p.clone());
-        }
-    }
-    inputs
+    super::path_arguments(args, std::io::stdin())?
         .iter()
         .map(|a| {
-            narflow::pipeline::resolve_argument(a, store_dir)
+            narflow::store::lookup::resolve_argument(a, store_dir)
                 .map_err(|why| CliError::usage(anyhow::anyhow!(why)))
         })
         .collect()
@@ -181,7 +167,7 @@ fn report(args: &BackfillArgs, s: &backfill::Summary) {
                 "{}",
                 serde_json::json!({
                     "paths": s.uploaded,
-                    "nar_bytes": s.nar_bytes,
+                    "nar_bytes": s.bytes.nar,
                     "already_present": s.present,
                     "skipped": {"signed_by": s.skipped_signed_by, "upstream": s.skipped_upstream},
                 })
@@ -190,20 +176,20 @@ fn report(args: &BackfillArgs, s: &backfill::Summary) {
             println!(
                 "{} paths would go up ({} of NAR); {} already in the cache, {} skipped",
                 s.uploaded,
-                format_size(s.nar_bytes),
+                format_size(s.bytes.nar),
                 s.present,
                 s.skipped_signed_by + s.skipped_upstream
             );
         }
         return;
     }
-    let mbps = s.nar_bytes as f64 / 1e6 / secs.max(1e-9);
+    let mbps = s.bytes.nar as f64 / 1e6 / secs.max(1e-9);
     if args.json {
         let failures: Vec<serde_json::Value> = s
             .failures
             .iter()
             .map(|r| match &r.outcome {
-                narflow::pipeline::Outcome::Failed(why) => serde_json::json!({
+                narflow::pipeline::outcome::Outcome::Failed(why) => serde_json::json!({
                     "path": r.path, "error": why.to_string(), "transient": why.is_transient()
                 }),
                 _ => serde_json::json!({"path": r.path}),
@@ -216,8 +202,8 @@ fn report(args: &BackfillArgs, s: &backfill::Summary) {
                 "already_present": s.present,
                 "skipped": {"signed_by": s.skipped_signed_by, "upstream": s.skipped_upstream},
                 "failed": s.failed,
-                "nar_bytes": s.nar_bytes,
-                "file_bytes": s.file_bytes,
+                "nar_bytes": s.bytes.nar,
+                "file_bytes": s.bytes.file,
                 "seconds": secs,
                 "nar_mb_per_s": mbps,
                 "pulled_in": s.pulled_in,
@@ -232,8 +218,8 @@ fn report(args: &BackfillArgs, s: &backfill::Summary) {
     eprintln!(
         "narflow: backfill: {} uploaded ({} NAR → {}), {} already in cache, {} skipped ({} signed by an upstream key, {} served upstream), {} failed, {secs:.2} s ({mbps:.0} MB/s)",
         s.uploaded,
-        format_size(s.nar_bytes),
-        format_size(s.file_bytes),
+        format_size(s.bytes.nar),
+        format_size(s.bytes.file),
         s.present,
         s.skipped_signed_by + s.skipped_upstream,
         s.skipped_signed_by,

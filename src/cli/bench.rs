@@ -13,8 +13,8 @@ use narflow::bench::{
     self, BenchReport, RssMethod, RunResult, Settings, Sink, SinkKind, WorkloadKind, WorkloadSpec,
 };
 use narflow::cache::url::{CacheLocation, CacheUrl};
+use narflow::format::compression::CompressionSettings;
 use narflow::pipeline::PushOptions;
-use narflow::pipeline::compress::CompressionSettings;
 use narflow::settings::{self, Merged, PipelineSettings, clap_source};
 use std::path::PathBuf;
 

@@ -5,7 +5,7 @@
 //! flags, with the file read by the hand-off's own reader ([`narflow::handoff::config`]),
 //! so both hooks read the same three keys the same way.
 use narflow::handoff::config;
-use narflow::hook::{self, HookSettings};
+use narflow::handoff::hook::{self, HookSettings};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

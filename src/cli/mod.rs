@@ -12,7 +12,8 @@ pub mod status;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, Parser, Subcommand};
-use narflow::settings::{CONFIG_ENV, ConfigChoice, Merged, Settings, clap_source};
+use narflow::handoff::config::CONFIG_ENV;
+use narflow::settings::{ConfigChoice, Merged, Settings, clap_source};
 use std::path::PathBuf;
 
 /// Exit codes (documented in the README).
@@ -126,11 +127,6 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<u8, CliError> {
     }
 }
 
-/// The command's settings: its flags and `NARFLOW_*` variables (`flags`, parsed from
-/// `matches`) over the config file.
-///
-/// # Errors
-/// A usage error for a config file that cannot be read or used.
 /// Refuses a daemon's or hook's setting given to `command` (push, backfill) on its command
 /// line: a mistake there (in the shared file or environment it is simply not the
 /// command's).
@@ -150,6 +146,32 @@ fn refuse_other_commands_flags(
     Ok(())
 }
 
+/// The path arguments of push and backfill: each `-` replaced by the whitespace-separated
+/// words of `stdin`, read whole.
+///
+/// # Errors
+/// A usage error when `stdin` cannot be read.
+fn path_arguments(args: &[String], mut stdin: impl std::io::Read) -> Result<Vec<String>, CliError> {
+    let mut inputs = Vec::new();
+    for p in args {
+        if p == "-" {
+            let mut s = String::new();
+            stdin
+                .read_to_string(&mut s)
+                .map_err(|e| CliError::usage(anyhow::anyhow!("reading paths from stdin: {e}")))?;
+            inputs.extend(s.split_whitespace().map(str::to_owned));
+        } else {
+            inputs.push(p.clone());
+        }
+    }
+    Ok(inputs)
+}
+
+/// The command's settings: its flags and `NARFLOW_*` variables (`flags`, parsed from
+/// `matches`) over the config file.
+///
+/// # Errors
+/// A usage error for a config file that cannot be read or used.
 fn merge(flags: &Settings, matches: &ArgMatches, choice: ConfigChoice) -> Result<Merged, CliError> {
     let file = choice.load().map_err(CliError::usage)?;
     let cmd = Settings::augment_args(clap::Command::new("settings"));
@@ -168,5 +190,13 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_dash_among_path_arguments_is_replaced_by_the_words_of_stdin() {
+        let args: Vec<String> = ["/a", "-", "/b"].map(String::from).to_vec();
+        let stdin = &b"/x\n /y\t/z\n\n"[..];
+        let got = super::path_arguments(&args, stdin).unwrap();
+        assert_eq!(got, ["/a", "/x", "/y", "/z", "/b"]);
     }
 }

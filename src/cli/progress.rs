@@ -1,6 +1,6 @@
 //! Drawing progress: indicatif bars when stderr is a terminal, tracing lines otherwise.
 //! Failures are always printed, one line each, whatever the mode.
-use narflow::pipeline::{Outcome, PathResult, Progress};
+use narflow::pipeline::outcome::{Outcome, PathResult, Progress};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug)]

@@ -1,12 +1,10 @@
 //! `narflow push`: upload store paths and their closure to a cache.
 use super::{CliError, exit};
-use anyhow::Context;
 use narflow::cache;
 use narflow::format::store_path::DEFAULT_STORE_DIR;
-use narflow::pipeline::{self, Outcome};
+use narflow::pipeline::{self, outcome::Outcome};
 use narflow::settings::{Merged, Settings, format_size};
 use narflow::store::LocalStore;
-use std::io::Read;
 use std::path::Path;
 
 #[derive(Debug, clap::Args)]
@@ -33,19 +31,7 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
     super::refuse_other_commands_flags(&resolved, "push")?;
     let url = resolved.cache_url().map_err(CliError::usage)?;
     let mut opts = resolved.push_options().map_err(CliError::usage)?;
-    let mut inputs = Vec::new();
-    for p in &args.paths {
-        if p == "-" {
-            let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .context("reading paths from stdin")
-                .map_err(CliError::usage)?;
-            inputs.extend(s.split_whitespace().map(str::to_owned));
-        } else {
-            inputs.push(p.clone());
-        }
-    }
+    let inputs = super::path_arguments(&args.paths, std::io::stdin())?;
 
     opts.closure = !args.no_closure;
     let store = LocalStore::open(DEFAULT_STORE_DIR, Path::new("/nix/var/nix/db/db.sqlite"));
@@ -54,7 +40,7 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
     let mut bad_inputs = Vec::new();
     let mut paths = Vec::new();
     for arg in &inputs {
-        match pipeline::resolve_argument(arg, store.store_dir()) {
+        match narflow::store::lookup::resolve_argument(arg, store.store_dir()) {
             Ok(p) => paths.push(p),
             Err(why) => {
                 eprintln!("narflow: {why}");
@@ -65,7 +51,7 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
     let progress = super::progress::CliProgress::new();
     let report =
         pipeline::push(&store, cache.as_ref(), &paths, &opts, &progress).map_err(|e| match e {
-            pipeline::PushError::Cache(
+            pipeline::outcome::PushError::Cache(
                 cache::CacheError::Config(_) | cache::CacheError::Unreachable(_),
             ) => CliError::usage(e),
             e => CliError::failed(e),
@@ -80,7 +66,7 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
     let present = report.count(|o| matches!(o, Outcome::AlreadyPresent));
     let failed = report.failed().count() + bad_inputs.len();
     let secs = report.elapsed.as_secs_f64();
-    let mbps = report.nar_bytes as f64 / 1e6 / secs.max(1e-9);
+    let mbps = report.bytes.nar as f64 / 1e6 / secs.max(1e-9);
     if args.json {
         let failures: Vec<serde_json::Value> = report
             .failed()
@@ -100,8 +86,8 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
             "uploaded": uploaded,
             "already_present": present,
             "failed": failed,
-            "nar_bytes": report.nar_bytes,
-            "file_bytes": report.file_bytes,
+            "nar_bytes": report.bytes.nar,
+            "file_bytes": report.bytes.file,
             "seconds": secs,
             "nar_mb_per_s": mbps,
             "failures": failures,
@@ -111,8 +97,8 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
     }
     eprintln!(
         "narflow: {uploaded} uploaded ({} NAR → {}), {present} already in cache, {failed} failed, {secs:.2} s ({mbps:.0} MB/s)",
-        format_size(report.nar_bytes),
-        format_size(report.file_bytes),
+        format_size(report.bytes.nar),
+        format_size(report.bytes.file),
     );
     if let Some(l) = logs {
         eprintln!(

@@ -1,9 +1,9 @@
 //! `narflow status`: what the daemon is doing, from its socket; from its queue file when
 //! the daemon is not running.
 use super::{CliError, exit};
-use narflow::daemon::protocol::{Request, exchange};
 use narflow::daemon::{Status, queue::Queue, queue::RetryClass, status_from_queue};
-use narflow::hook::{DEFAULT_SOCKET, DEFAULT_STATE_DIR};
+use narflow::handoff::hook::{DEFAULT_SOCKET, DEFAULT_STATE_DIR};
+use narflow::handoff::protocol::{Request, exchange};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

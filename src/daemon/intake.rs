@@ -3,9 +3,10 @@
 //! reason is kept (the hook spools it, the spool drain writes it back) rather than lost.
 //! The spool drain runs on its own thread every second, so a long batch never holds up
 //! the hook's spooled hand-offs.
-use super::protocol::{self, EnqueueReply, Request};
-use super::{Shared, queue, spool};
+use super::{Shared, queue};
 use crate::format::store_path::StorePath;
+use crate::handoff::protocol::{self, EnqueueReply, Request};
+use crate::handoff::spool;
 use std::time::Duration;
 
 /// How often the spool is checked while the daemon runs (a hook spools when the daemon is

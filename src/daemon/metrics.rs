@@ -256,31 +256,17 @@ pub(super) async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     cache: Arc<dyn BinaryCache>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = tokio::select! {
-            _ = stop.changed() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    // E.g. out of file descriptors: wait rather than spin.
-                    tracing::warn!("metrics: accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
+    let handle = move |stream| {
         let (shared, cache) = (shared.clone(), cache.clone());
-        tokio::spawn(async move {
+        async move {
             let _ = tokio::time::timeout(IO_TIMEOUT, handle(stream, shared, cache)).await;
-            drop(permit);
-        });
-    }
+        }
+    };
+    // Past the limit a scraper's connection is closed unanswered.
+    let busy = drop::<TcpStream>;
+    super::accept::serve("metrics", listener, MAX_CONNECTIONS, stop, handle, busy).await;
 }
 
 /// What a request asks for.

@@ -1,23 +1,13 @@
 //! `narflow daemon`: takes store paths from `narflow hook` over a Unix socket, queues them
 //! durably, and uploads their closures through the pipeline, retrying failures.
 //!
-//! - [`protocol`]: the request/reply lines (std only; the hook links it).
-//! - [`spool`]: the file the hook appends to when the daemon is unreachable (std only).
-//! - [`queue`]: the durable queue (SQLite, WAL, `synchronous=FULL`).
-//! - `lifecycle`: [`Daemon::bind`] and [`Daemon::run`]: start, serve, shut down in order.
-//! - `socket`: the socket's file: bound privately, a live one never replaced, only our
-//!   own removed; the trusted directories.
-//! - `server`: the socket's connections, on a tokio runtime; it validates and queues,
-//!   nothing more.
-//! - `intake`: checks hand-offs and commits them to the queue; drains the spool every
-//!   second.
-//! - `worker`: feeds due paths into one long-lived pipeline ([`crate::pipeline::stream`])
-//!   as they arrive and records each as soon as it is settled; a thread that sweeps
-//!   orphaned uploads hourly.
-//! - `watch`: with `--watch-store`, follows the Nix database and queues each new valid
-//!   path (`built`: those built here; `all`: every one), like a hand-off.
-//! - `status`: what `narflow status` shows.
-//! - `metrics`: Prometheus metrics, served at `/metrics` with `--metrics-listen`.
+//! Files: [`queue`] (durable, SQLite); `lifecycle` (start, serve, shut down in order);
+//! `socket` (the socket file and the trusted directories); `accept` (the listeners' accept
+//! loop); `server` (the socket's requests: validates and queues, nothing more); `intake`
+//! (hand-offs and the spool into the queue); `worker` (due paths into one long-lived
+//! pipeline, results into the queue); `watch` (`--watch-store`: new valid paths into the
+//! queue); `status` (`narflow status`); `metrics` (`/metrics`). The request lines and the
+//! spool are the hook's ([`crate::handoff`]).
 //!
 //! A path is acknowledged only after it is committed to the queue, and marked done only
 //! after its narinfo is in the cache; a crash anywhere leaves it pending, and the next
@@ -28,14 +18,13 @@
 //! The daemon (root, usually) trusts its state directory and its socket's directory only
 //! when they are its own and writable by nobody else, and opens the files there without
 //! following symlinks.
+mod accept;
 mod intake;
 mod lifecycle;
 mod metrics;
-pub mod protocol;
 pub mod queue;
 mod server;
 mod socket;
-pub mod spool;
 mod status;
 mod watch;
 mod worker;

@@ -67,7 +67,7 @@ pub struct Failing {
     pub path: String,
     pub attempts: u32,
     pub last_error: String,
-    /// What kind of thing went wrong last: a [`crate::pipeline::FailureKind`] label.
+    /// What kind of thing went wrong last: a [`crate::pipeline::outcome::FailureKind`] label.
     pub kind: String,
     /// Whether retrying the last failure can help.
     pub retry: RetryClass,
@@ -97,7 +97,7 @@ impl RetryClass {
 /// Why an attempt failed, as the queue records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failed {
-    /// A [`crate::pipeline::FailureKind`] label (the queue stores it as given).
+    /// A [`crate::pipeline::outcome::FailureKind`] label (the queue stores it as given).
     pub kind: &'static str,
     pub message: String,
 }

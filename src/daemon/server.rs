@@ -2,7 +2,7 @@
 //! queues or reports, replies. Queue commits run on tokio's blocking pool, never on its
 //! workers; nothing here uploads.
 use super::Shared;
-use super::protocol::{EnqueueReply, MAX_REQUEST, Request, one_line, rejection, truncate};
+use crate::handoff::protocol::{EnqueueReply, MAX_REQUEST, Request, one_line, rejection, truncate};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -38,39 +38,21 @@ impl PeerPolicy {
     }
 }
 
+/// Serves hand-offs and status requests on `listener` until `stop` changes.
 pub(super) async fn serve(
     listener: UnixListener,
     shared: Arc<Shared>,
     policy: PeerPolicy,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = tokio::select! {
-            _ = stop.changed() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    // E.g. out of file descriptors: wait rather than spin.
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    handle(stream, &shared, policy).await;
-                    drop(permit);
-                });
-            }
-            Err(_) => {
-                let _ = stream.try_write(b"ERR the daemon is busy (too many connections)\n");
-            }
-        }
-    }
+    let handle = move |stream| {
+        let shared = shared.clone();
+        async move { handle(stream, &shared, policy).await }
+    };
+    let busy = |stream: UnixStream| {
+        let _ = stream.try_write(b"ERR the daemon is busy (too many connections)\n");
+    };
+    super::accept::serve("socket", listener, MAX_CONNECTIONS, stop, handle, busy).await;
 }
 
 async fn handle(stream: UnixStream, shared: &Arc<Shared>, policy: PeerPolicy) {

@@ -2,7 +2,7 @@
 //! telling a live daemon's socket from a stale one, and removing only our own on the way
 //! out. Serving connections is `server`'s.
 use super::DaemonError;
-use super::protocol;
+use crate::handoff::protocol;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 

@@ -33,9 +33,9 @@ pub struct Status {
     pub done: u64,
     /// Gone from the store before they could be uploaded.
     pub dropped: u64,
-    /// Up to [`STATUS_LIST`] failing paths, those that need attention first.
+    /// Up to `STATUS_LIST` failing paths, those that need attention first.
     pub failures: Vec<Failing>,
-    /// Up to [`STATUS_LIST`] dropped paths, most recent first.
+    /// Up to `STATUS_LIST` dropped paths, most recent first.
     pub dropped_paths: Vec<DroppedPath>,
     /// Queued paths being planned or uploaded (the paths asked for, not their closures).
     #[serde(deserialize_with = "required")]

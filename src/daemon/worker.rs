@@ -20,9 +20,9 @@ use super::queue::{self, Due, Outcomes};
 use super::status::BatchSummary;
 use crate::cache::BinaryCache;
 use crate::format::store_path::StorePath;
-use crate::pipeline::{
-    self, Failure, Feeder, OnPublishError, Outcome, PathResult, Progress, PushOptions, Settled,
-};
+use crate::pipeline::outcome::{Failure, Outcome, PathResult, Progress, UploadedBytes};
+use crate::pipeline::publish::{OnPublishError, Settled};
+use crate::pipeline::{self, Feeder, PushOptions};
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
@@ -104,7 +104,7 @@ pub(super) fn run(
         let tally = work.tally.into_inner().unwrap_or_else(|p| p.into_inner());
         let failed_to_start = match ran {
             Ok(((), stages)) => {
-                shared.metrics.ran(tally.file_bytes, &stages);
+                shared.metrics.ran(tally.bytes.file, &stages);
                 false
             }
             Err(e) => {
@@ -145,8 +145,7 @@ struct Tally {
     present: usize,
     failed: usize,
     dropped: usize,
-    nar_bytes: u64,
-    file_bytes: u64,
+    bytes: UploadedBytes,
 }
 
 /// Takes due paths and submits them until nothing is due or in flight, or the daemon
@@ -291,8 +290,8 @@ fn plan_isolating(
     let paths: Vec<StorePath> = items.iter().map(|(p, _)| p.clone()).collect();
     let planned = cache
         .ensure_cache_info(shared.store_dir())
-        .map_err(pipeline::PushError::from)
-        .and_then(|()| pipeline::plan(&shared.store, cache, &paths, opts));
+        .map_err(pipeline::outcome::PushError::from)
+        .and_then(|()| pipeline::plan::plan(&shared.store, cache, &paths, opts));
     let e = match planned {
         Ok(plan) => return submit_plan(shared, plan, items, feeder, work, out),
         Err(e) => e,
@@ -303,7 +302,7 @@ fn plan_isolating(
     let failure = Failure::from_push(&e);
     // Paths that left the store meanwhile are dropped rather than retried forever.
     let mut items = items.to_vec();
-    if let Ok((_, invalid)) = pipeline::split_valid(&shared.store, &paths)
+    if let Ok((_, invalid)) = crate::store::lookup::split_valid(&shared.store, &paths)
         && !invalid.is_empty()
     {
         let gone: HashSet<String> = invalid.into_iter().map(|(p, _)| p).collect();
@@ -340,7 +339,7 @@ fn plan_isolating(
 /// their jobs.
 fn submit_plan(
     shared: &Shared,
-    plan: pipeline::Plan,
+    plan: pipeline::plan::Plan,
     items: &[(StorePath, Due)],
     feeder: &Feeder<'_>,
     work: &Work,
@@ -348,7 +347,7 @@ fn submit_plan(
 ) {
     let store_dir = shared.store_dir();
     let present: HashSet<&StorePath> = plan.present.iter().collect();
-    let (jobs, refused) = pipeline::jobs_for(&plan.todo, &plan.seen, store_dir);
+    let (jobs, refused) = pipeline::plan::jobs_for(&plan.todo, &plan.seen, store_dir);
     let refused: HashMap<&StorePath, &Failure> = refused
         .iter()
         .map(|(i, why)| (&plan.todo[*i].path, why))
@@ -391,14 +390,7 @@ fn record_settled(
             let flight = work.flight();
             let mut tally = work.tally();
             for s in &batch {
-                if let Outcome::Uploaded {
-                    nar_size,
-                    file_size,
-                } = s.result.outcome
-                {
-                    tally.nar_bytes += nar_size;
-                    tally.file_bytes += file_size;
-                }
+                tally.bytes.add(&s.result.outcome);
                 let Some(due) = flight.get(&s.result.path) else {
                     continue; // a path of some closure, not one queued
                 };
@@ -501,7 +493,7 @@ fn summarise(shared: &Shared, t: &Tally, started: Instant) {
         present: t.present,
         failed: t.failed,
         dropped: t.dropped,
-        nar_bytes: t.nar_bytes,
+        nar_bytes: t.bytes.nar,
         seconds: started.elapsed().as_secs_f64(),
     };
     tracing::info!(

@@ -2,9 +2,8 @@
 //! FILE`, or `$NARFLOW_CONFIG`): exactly the three keys it needs, top-level `socket` and
 //! `state-dir`, and `timeout` in the table `[hook]` (or `hook.timeout` at the top).
 //!
-//! A reader of exactly those keys, not a TOML parser. Why: the `toml` crate (without
-//! serde, its document parser only) adds 171 KB to `narflow-hook` (532 KB → 703 KB,
-//! release), past the hook's 600 KB budget. What it reads: `[table]` headers, one-line
+//! A reader of exactly those keys, not a TOML parser (the `toml` crate would take
+//! `narflow-hook` past its 600 KB budget). What it reads: `[table]` headers, one-line
 //! `key = value` with a basic (`"..."`, with escapes) or literal (`'...'`) string, or an
 //! integer or float, and `#` comments; it skips the lines of multi-line strings and
 //! arrays, so no text inside them is taken for a key. Every other key and construct

@@ -14,8 +14,7 @@
 //! damages another: each is one line, `<checksum> <request line>`, where the checksum is
 //! the first 4 bytes of the SHA-256 of the request line, in hex; and an append first ends
 //! a torn last record with a newline, so every record starts on a fresh line. A line
-//! whose checksum does not match is skipped. Lines without a checksum (written before
-//! records were framed) are read as they are.
+//! whose checksum does not match is skipped; a line without a checksum is read as it is.
 //!
 //! Every file here is opened with `O_NOFOLLOW`, and the spool must be a regular file with
 //! one link: root's hook never writes through a planted symlink or hard link.

@@ -1,21 +1,18 @@
-//! Recycled chunk buffers. Large buffers go round walker → compressor → sink → here and
-//! back, instead of being freed and allocated again: the allocator would keep freed
-//! multi-MiB buffers in per-thread arenas (peak memory would creep towards twice the
-//! budget) and fresh buffers cost page faults on every chunk.
+//! Recycled chunk buffers: large buffers go round walker → compressor → sink → here and
+//! back, never freed mid-run (freed multi-MiB buffers linger in the allocator's
+//! per-thread arenas, and fresh ones cost page faults on every chunk).
 //!
 //! Every pooled buffer has one capacity (a full chunk's compression output), and a chunk
 //! held in one is charged that whole capacity ([`BufferPool::charge`]), whatever its
 //! length: a recycled buffer's pages are all resident, so a short chunk in it costs as
-//! much memory as a full one. Charged by length, the last chunk of every NAR (and every
-//! path of a few hundred KiB) held a whole chunk's memory on a fraction of the budget,
-//! and the buffers in the queues could reach several times what the budget counted.
+//! much memory as a full one.
 use crossbeam_channel::{Receiver, Sender};
 
 /// Buffers smaller than this are left to the allocator, which handles them well; most
 /// store paths are a few KiB.
 const MIN_POOLED: usize = 256 << 10;
 
-pub use crate::memory::output_bound;
+use crate::memory::output_bound;
 
 /// Two free lists: buffers whose contents are mostly initialized (NAR chunks coming back
 /// from compression; reused by the walker, which reads files straight into them and must
@@ -211,7 +208,7 @@ mod tests {
                 "{len}: {} > {charge}",
                 o.capacity()
             );
-            use super::super::compress::{Compression, CompressionSettings};
+            use crate::format::compression::{Compression, CompressionSettings};
             for settings in [
                 CompressionSettings::new(Compression::Zstd, Some(3)).unwrap(),
                 CompressionSettings::new(Compression::Xz, Some(1)).unwrap(),

@@ -1,96 +1,7 @@
-//! NAR compression as Nix names it: zstd, xz or none, with the file extension and
-//! narinfo `Compression:` value of each.
+//! The compress stage, and the codecs it runs: a streaming [`Encoder`] and
+//! [`compress_chunk`], which makes one chunk a self-contained zstd frame or xz stream.
+use crate::format::compression::{Compression, CompressionSettings};
 use std::io::{self, Write};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    Zstd,
-    Xz,
-    None,
-}
-
-impl Compression {
-    /// Parses a Nix compression name.
-    ///
-    /// # Errors
-    /// A message naming the value and the accepted ones.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "zstd" => Ok(Compression::Zstd),
-            "xz" => Ok(Compression::Xz),
-            "none" => Ok(Compression::None),
-            other => Err(format!(
-                "unsupported compression {other:?} (zstd, xz or none)"
-            )),
-        }
-    }
-    /// The narinfo `Compression:` value.
-    pub fn nix_name(self) -> &'static str {
-        match self {
-            Compression::Zstd => "zstd",
-            Compression::Xz => "xz",
-            Compression::None => "none",
-        }
-    }
-    /// The NAR file extension, as Nix names NAR files.
-    pub fn extension(self) -> &'static str {
-        match self {
-            Compression::Zstd => ".nar.zst",
-            Compression::Xz => ".nar.xz",
-            Compression::None => ".nar",
-        }
-    }
-    /// Default level: zstd 3 (zstd's own default, fast), xz 6 (xz's default).
-    pub fn default_level(self) -> i32 {
-        match self {
-            Compression::Zstd => 3,
-            Compression::Xz => 6,
-            Compression::None => 0,
-        }
-    }
-    /// Valid levels.
-    pub fn levels(self) -> std::ops::RangeInclusive<i32> {
-        match self {
-            Compression::Zstd => 1..=19,
-            Compression::Xz => 0..=9,
-            Compression::None => 0..=0,
-        }
-    }
-}
-
-/// Compression and level, validated together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CompressionSettings {
-    pub kind: Compression,
-    pub level: i32,
-}
-
-impl CompressionSettings {
-    /// # Errors
-    /// A message when `level` is outside the range `kind` accepts.
-    pub fn new(kind: Compression, level: Option<i32>) -> Result<Self, String> {
-        let level = level.unwrap_or_else(|| kind.default_level());
-        if !kind.levels().contains(&level) {
-            let r = kind.levels();
-            return Err(format!(
-                "compression level {level} is out of range for {} ({}..={})",
-                kind.nix_name(),
-                r.start(),
-                r.end()
-            ));
-        }
-        Ok(Self { kind, level })
-    }
-}
-
-impl Default for CompressionSettings {
-    fn default() -> Self {
-        Self {
-            kind: Compression::Zstd,
-            level: 3,
-        }
-    }
-}
 
 /// A streaming compressor over `W`.
 pub enum Encoder<W: Write> {
@@ -310,7 +221,7 @@ impl CompressStage {
     pub fn spawn<'scope>(
         &'scope self,
         s: &'scope std::thread::Scope<'scope, '_>,
-        chunks: crossbeam_channel::Receiver<super::walk::Chunk>,
+        chunks: crossbeam_channel::Receiver<super::stage::Chunk>,
         out: super::lanes::LaneSender,
     ) -> super::stage::Running<'scope> {
         let t = s.spawn(move || self.run(chunks, out));
@@ -320,7 +231,7 @@ impl CompressStage {
     /// Returns the pool's summed busy time and bytes.
     fn run(
         &self,
-        chunks: crossbeam_channel::Receiver<super::walk::Chunk>,
+        chunks: crossbeam_channel::Receiver<super::stage::Chunk>,
         out: super::lanes::LaneSender,
     ) -> super::stats::StageStats {
         use std::sync::Mutex;
@@ -338,7 +249,7 @@ impl CompressStage {
         self.pool.in_place_scope(|scope| {
             // Chunks waiting for a thread, by (NAR size of their path, arrival): each
             // holds its permit, so the budget bounds this.
-            let mut waiting: std::collections::BTreeMap<(u64, u64), super::walk::Chunk> =
+            let mut waiting: std::collections::BTreeMap<(u64, u64), super::stage::Chunk> =
                 std::collections::BTreeMap::new();
             let (mut arrived, mut running, mut open) = (0u64, 0usize, true);
             while open || !waiting.is_empty() {
@@ -388,7 +299,7 @@ fn compress_one(
     settings: CompressionSettings,
     buffers: &super::buffers::BufferPool,
     stop: &super::stage::Stop,
-    mut chunk: super::walk::Chunk,
+    mut chunk: super::stage::Chunk,
     out: &super::lanes::LaneSender,
     totals: &std::sync::Mutex<super::stats::StageStats>,
 ) {
@@ -397,7 +308,7 @@ fn compress_one(
     }
     let started = std::time::Instant::now();
     let passthrough = settings.kind == Compression::None
-        || matches!(chunk.end, Some(super::walk::NarEnd::Failed(_)));
+        || matches!(chunk.end, Some(super::stage::NarEnd::Failed(_)));
     if !passthrough {
         // The permit stays as it is: it covers the output buffer too (see
         // `BufferPool::charge`), which the sink recycles.
@@ -408,7 +319,7 @@ fn compress_one(
             }
             Err(e) => {
                 chunk.data.clear();
-                chunk.end = Some(super::walk::NarEnd::Failed(format!("compressing: {e}")));
+                chunk.end = Some(super::stage::NarEnd::Failed(format!("compressing: {e}")));
             }
         }
     }

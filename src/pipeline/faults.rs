@@ -5,20 +5,22 @@
 //! The run: eleven paths, one of them a slow reference two others wait for, a large NAR
 //! in flight, paths whose narinfo is already in the cache under another key (ours is
 //! merged in), and one the cache has for another NAR (its narinfo is kept, the NAR the
-//! run commits is named by the sync of an idle pipeline). Each k is run in push's mode (a failed wave halts) and in the daemon's
-//! (failed paths fail, the pipeline goes on). After each: at every narinfo rename the
+//! run commits is named by the sync of an idle pipeline). Each k is run in push's mode (a
+//! failed wave halts) and in the daemon's (failed paths fail, the pipeline goes on). After each: at every narinfo rename the
 //! invariant held against the durability model ([`FaultPlan`]); every job settled (a run
 //! that does not end within a minute is a wedge); every path reported published is
 //! there, whole; every failure is transient (a full or failing disk heals); and once the
 //! fault clears, a second push (or the same daemon pipeline, resubmitting what failed)
 //! brings every path to the cache, our signature beside the other key's.
+use super::outcome::*;
+use super::publish::*;
 use super::tests::{decompress, make_store, opts};
 use super::*;
 use crate::cache::fault::{Errno, Fail, FaultPlan};
 use crate::cache::file::{FileCache, FsOp};
+use crate::format::compression::Compression;
 use crate::format::narinfo::NarInfo;
 use crate::format::signing::SigningKey;
-use crate::pipeline::compress::Compression;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

@@ -10,7 +10,7 @@
 //! The express lane does not starve the bulk one: after [`EXPRESS_RUN`] express chunks in
 //! a row, a waiting bulk chunk goes next, so a large NAR still moves (and frees its
 //! permits) while a backfill streams small paths through.
-use super::walk::Chunk;
+use super::stage::Chunk;
 use crossbeam_channel::{Receiver, Select, SendError, Sender, TryRecvError};
 use std::cell::Cell;
 
@@ -133,7 +133,7 @@ mod tests {
     use super::*;
     use crate::pipeline::budget::ByteBudget;
     use crate::pipeline::stage::Job;
-    use crate::pipeline::walk::NarEnd;
+    use crate::pipeline::stage::NarEnd;
     use std::sync::Arc;
 
     fn chunk(job: &Arc<Job>, seq: u32, last: bool, budget: &ByteBudget) -> Chunk {

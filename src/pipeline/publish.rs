@@ -18,9 +18,9 @@
 //! a job is in it from submission until settled, and a known (or failed) path only while
 //! a job of it or a job waiting for it is unsettled. A reference the caller vouches for
 //! (found in the cache before the job was submitted) is not remembered at all.
+use super::outcome::{Failure, Outcome, PathResult, Progress, Retry};
 use super::sink::SinkResult;
 use super::stage::{Job, JobId, Stop};
-use super::{Failure, Outcome, PathResult, Progress, Retry};
 use crate::cache::{BinaryCache, CacheError, Merged};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;

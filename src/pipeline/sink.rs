@@ -5,11 +5,12 @@
 //! Chunks of many jobs arrive interleaved and out of order; each job's are buffered until
 //! their turn. The buffer is bounded by the memory budget, since every buffered chunk
 //! still holds its permit.
+use super::PushOptions;
 use super::lanes::LaneReceiver;
+use super::outcome::{Failure, FailureKind, Progress};
+use super::stage::{Chunk, NarEnd};
 use super::stage::{Job, JobId, Running, Stop};
 use super::stats::{StageClock, StageStats};
-use super::walk::{Chunk, NarEnd};
-use super::{Failure, FailureKind, PushOptions};
 use crate::cache::{BinaryCache, NarUpload};
 use crate::format::hash::HashingWriter;
 use crate::format::narinfo::NarInfo;
@@ -43,7 +44,7 @@ pub struct SinkStage<'a> {
     pub cache: &'a dyn BinaryCache,
     pub store_dir: &'a str,
     pub opts: &'a PushOptions,
-    pub progress: &'a dyn super::Progress,
+    pub progress: &'a dyn Progress,
     /// Threads committing finished uploads (1: commit inline).
     pub finishers: usize,
     /// Where written chunk buffers go back to.
@@ -345,9 +346,7 @@ mod tests {
 
     /// With the publisher gone (a failed wave halted the run), the finishers still take
     /// every hand-off queued and drop it, freeing what its upload holds, while the
-    /// assembler may still be running. They used to stop at the first result they could
-    /// not send, and the uploads queued behind kept their memory: an assembler waiting
-    /// for S3 upload memory then waited forever.
+    /// assembler may still be running (it may be waiting for that memory).
     #[test]
     fn finishers_drop_every_queued_upload_once_the_publisher_is_gone() {
         let dir = tempfile::tempdir().unwrap();
@@ -357,7 +356,7 @@ mod tests {
             cache: &cache,
             store_dir: "/nix/store",
             opts: &opts,
-            progress: &super::super::NoProgress,
+            progress: &super::super::outcome::NoProgress,
             finishers: 2,
             buffers: super::super::buffers::BufferPool::new(1, 1 << 20),
             stop: super::super::stage::Stop::new(Default::default()),
@@ -397,7 +396,7 @@ mod tests {
     fn a_cache_error_inside_a_write_error_keeps_its_retry_class() {
         let denied = std::io::Error::other(CacheError::Config("access denied to bucket".into()));
         let f = write_failure(&denied);
-        assert_eq!(f.retry(), super::super::Retry::Permanent, "{f}");
+        assert_eq!(f.retry(), super::super::outcome::Retry::Permanent, "{f}");
         assert_eq!(f.to_string(), "writing the NAR: access denied to bucket");
         let reset = std::io::Error::other(CacheError::Remote {
             cache: "s3://b".into(),
@@ -412,7 +411,7 @@ mod tests {
         let denied = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied");
         assert_eq!(
             write_failure(&denied).retry(),
-            super::super::Retry::Permanent
+            super::super::outcome::Retry::Permanent
         );
     }
 }

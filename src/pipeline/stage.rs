@@ -1,12 +1,16 @@
-//! What every stage of the pipeline shares: [`Running`], the handle of a stage whose
-//! threads are at work, with the explicit [`Running::finish`] that waits for them to
-//! drain their input and returns the stage's statistics; and [`Stop`], the one flag every
-//! stage checks so that an error or a cancel stops all of them early, mid-NAR.
+//! What every stage of the pipeline shares: the [`Job`] and the [`Chunk`]s of it that flow
+//! between stages; [`Running`], the handle of a stage whose threads are at work, with the
+//! explicit [`Running::finish`] that waits for them to drain their input and returns the
+//! stage's statistics; and [`Stop`], the one flag every stage checks so that an error or a
+//! cancel stops all of them early, mid-NAR.
 //!
 //! A stage never decides its own capacities: `pipeline/mod.rs` creates every channel and
 //! hands each stage its receiver and sender.
 use super::Cancel;
+use super::budget::Permit;
 use super::stats::StageStats;
+use crate::format::hash::Sha256;
+use crate::format::nar::listing::NarListing;
 use crate::store::PathInfo;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,6 +59,41 @@ impl Job {
             },
         )
     }
+}
+
+/// How a job's NAR stream ended; carried by its last chunk.
+#[derive(Debug)]
+pub enum NarEnd {
+    /// Set by the walker: every chunk of the NAR has been sent. The hash stage turns it
+    /// into [`NarEnd::Complete`].
+    Walked {
+        nar_size: u64,
+        listing: Option<Box<NarListing>>,
+    },
+    Complete {
+        nar_hash: Sha256,
+        nar_size: u64,
+        /// The NAR's listing, built as it was written, when the push writes listings
+        /// (boxed: it rides on a chunk, which stays small).
+        listing: Option<Box<NarListing>>,
+    },
+    /// Walking failed (unreadable file, path vanished): the job must be aborted.
+    Failed(String),
+}
+
+/// A piece of one job's NAR (or, after compression, of its compressed file).
+#[derive(Debug)]
+pub struct Chunk {
+    /// The job this chunk is a piece of.
+    pub job: Arc<Job>,
+    /// Position in the job's stream, from 0.
+    pub seq: u32,
+    pub data: Vec<u8>,
+    /// NAR bytes this chunk stands for (equal to `data.len()` before compression).
+    pub nar_len: u64,
+    pub permit: Permit,
+    /// Set on the job's last chunk only.
+    pub end: Option<NarEnd>,
 }
 
 /// Why a run stops early: the caller's cancel (a shutdown), or the run's own halt (the

@@ -1,12 +1,16 @@
 //! Pipeline tests on synthetic store paths (no Nix needed): what goes in comes out, in
 //! closure order, within the budget, and nothing is published for a failed path.
+use super::outcome::*;
+use super::publish::*;
 use super::*;
 use crate::cache::file::FileCache;
+use crate::format::compression::Compression;
 use crate::format::hash::Sha256;
 use crate::format::narinfo::NarInfo;
-use crate::pipeline::compress::Compression;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A fake store: `(store dir, infos)` where each info's NarHash is computed from disk.
 pub(super) fn make_store(dir: &Path, specs: &[(&str, usize, &[usize])]) -> Vec<PathInfo> {

@@ -1,6 +1,6 @@
 //! The walk stage: walker threads taking jobs from the pipeline's input and turning each
-//! store path into a stream of fixed-size NAR chunks; and the hash stage
-//! after it, which computes NarHash over each job's chunks in order. Each chunk holds a
+//! store path into a stream of fixed-size NAR chunks; and the hash stage after it, which
+//! computes NarHash over each job's chunks in order. Each chunk holds a
 //! permit of the memory budget from the moment it starts filling until the sink has
 //! written it. Neither stage reads another byte once the run stops.
 //!
@@ -9,7 +9,7 @@
 use super::budget::{ByteBudget, Permit};
 use super::buffers::BufferPool;
 use super::lanes::{LaneReceiver, LaneSender};
-use super::stage::{Job, Running, Stop};
+use super::stage::{Chunk, Job, NarEnd, Running, Stop};
 use super::stats::StageClock;
 use crate::format::hash::Sha256;
 use crate::format::nar::listing::{ListingBuilder, NarListing};
@@ -21,41 +21,6 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::Scope;
-
-/// How a job's NAR stream ended; carried by its last chunk.
-#[derive(Debug)]
-pub enum NarEnd {
-    /// Set by the walker: every chunk of the NAR has been sent. The hash stage turns it
-    /// into [`NarEnd::Complete`].
-    Walked {
-        nar_size: u64,
-        listing: Option<Box<NarListing>>,
-    },
-    Complete {
-        nar_hash: Sha256,
-        nar_size: u64,
-        /// The NAR's listing, built as it was written, when the push writes listings
-        /// (boxed: it rides on a chunk, which stays small).
-        listing: Option<Box<NarListing>>,
-    },
-    /// Walking failed (unreadable file, path vanished): the job must be aborted.
-    Failed(String),
-}
-
-/// A piece of one job's NAR (or, after compression, of its compressed file).
-#[derive(Debug)]
-pub struct Chunk {
-    /// The job this chunk is a piece of.
-    pub job: Arc<Job>,
-    /// Position in the job's stream, from 0.
-    pub seq: u32,
-    pub data: Vec<u8>,
-    /// NAR bytes this chunk stands for (equal to `data.len()` before compression).
-    pub nar_len: u64,
-    pub permit: Permit,
-    /// Set on the job's last chunk only.
-    pub end: Option<NarEnd>,
-}
 
 /// The [`NarBuffer`] the NAR writer fills in place: chunk buffers, sent on when full.
 struct Chunker<'a> {
@@ -138,7 +103,10 @@ impl NarBuffer for Chunker<'_> {
     fn spare(&mut self) -> io::Result<&mut [u8]> {
         // A stopped run, or a job the sink has failed, stops mid-NAR.
         if self.stop.is_job_stopped(&self.job) {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, super::CANCELLED));
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                super::outcome::CANCELLED,
+            ));
         }
         if self.permit.is_none() {
             self.start_chunk();
@@ -222,7 +190,9 @@ impl<'env> WalkStage<'env> {
                 Err(_) if self.stop.is_stopped() => break,
                 // The job's end still goes down the line, so the stages after drop what
                 // they keep of it.
-                Err(_) if self.stop.is_job_stopped(&job) => chunker.fail(super::CANCELLED.into()),
+                Err(_) if self.stop.is_job_stopped(&job) => {
+                    chunker.fail(super::outcome::CANCELLED.into())
+                }
                 Err(e) => chunker.fail(e.to_string()),
             };
             if sent.is_err() {
@@ -293,8 +263,7 @@ mod tests {
     /// With full-size buffers free in the pool (a large path just went through), a path of
     /// a few hundred KiB and a large path's short last chunk are sent in recycled buffers
     /// whose every page is resident: each permit covers its whole buffer, so the budget
-    /// counts what the queues really hold. Charged by length, a 300 KiB chunk held a
-    /// 1 MiB buffer on a 300 KiB permit.
+    /// counts what the queues really hold.
     #[test]
     fn every_chunk_permit_covers_its_whole_buffer() {
         const CHUNK: usize = 1 << 20;

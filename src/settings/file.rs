@@ -2,7 +2,8 @@
 //! ([`ConfigFile`]): TOML whose keys are the settings' file keys, each value read by its
 //! setting's own reader, each key remembered with its line. It never merges layers.
 use super::table::{FileValue, KEYS, Settings, tables};
-use super::{CONFIG_ENV, DEFAULT_CONFIG, SettingsError, Source};
+use super::{SettingsError, Source};
+use crate::handoff::config::{CONFIG_ENV, DEFAULT_CONFIG};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

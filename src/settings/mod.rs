@@ -35,10 +35,6 @@ pub use table::{
 };
 pub use values::{Seconds, Size, WatchStore, format_size, parse_size};
 
-/// The config file's default path and its environment variable: the hook's, so that every
-/// command and the hook read the same file.
-pub use crate::handoff::config::{CONFIG_ENV, DEFAULT_CONFIG};
-
 /// Why settings cannot be used. Each names the input (file and line, flag, variable, URL
 /// or key file) and what is wrong with it. None is transient.
 #[derive(Debug, thiserror::Error)]

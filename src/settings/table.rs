@@ -7,7 +7,7 @@
 //! Nothing here resolves a setting against another (that is [`super::Merged::resolve`]).
 use super::Resolved;
 use super::values::{Seconds, Size, WatchStore, de_compression, de_name_or_number};
-use crate::pipeline::compress::Compression;
+use crate::format::compression::Compression;
 use serde_json::{Value, json};
 use std::fmt;
 use std::net::SocketAddr;

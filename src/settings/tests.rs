@@ -1,6 +1,7 @@
 use super::*;
+use crate::format::compression::Compression;
+use crate::handoff::config::DEFAULT_CONFIG;
 use crate::pipeline::PushOptions;
-use crate::pipeline::compress::Compression;
 use clap::{Args, FromArgMatches};
 use std::time::Duration;
 
@@ -69,7 +70,7 @@ fn flags_win_over_env_which_wins_over_the_file_which_wins_over_defaults() {
     assert_eq!(source(&m, "jobs"), "file:/etc/narflow/narflow.toml:5");
 
     let m = merged(&[], &[], None);
-    assert_eq!(m.resolve().unwrap().memory, crate::pipeline::DEFAULT_MEMORY);
+    assert_eq!(m.resolve().unwrap().memory, crate::memory::DEFAULT_MEMORY);
     assert_eq!(source(&m, "memory"), "default");
 }
 
@@ -514,9 +515,12 @@ fn each_declared_default_is_the_value_a_run_uses() {
         (none.memory, none.chunk_size, none.jobs)
     );
     assert_eq!(none.s3, crate::cache::S3Tuning::default());
-    assert_eq!(none.socket, Path::new(crate::hook::DEFAULT_SOCKET));
-    assert_eq!(none.state_dir, Path::new(crate::hook::DEFAULT_STATE_DIR));
-    assert_eq!(none.hook_timeout, crate::hook::DEFAULT_TIMEOUT);
+    assert_eq!(none.socket, Path::new(crate::handoff::hook::DEFAULT_SOCKET));
+    assert_eq!(
+        none.state_dir,
+        Path::new(crate::handoff::hook::DEFAULT_STATE_DIR)
+    );
+    assert_eq!(none.hook_timeout, crate::handoff::hook::DEFAULT_TIMEOUT);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The value types of settings and how each is read: sizes (`64M`), seconds (`2.5`),
 //! groups (a name or a number), compressions and `--watch-store`'s choice, from a flag,
 //! a variable or the config file alike. Parsing only: nothing here knows a setting's key.
-use crate::pipeline::compress::Compression;
+use crate::format::compression::Compression;
 use serde::Deserialize;
 use std::fmt;
 use std::str::FromStr;

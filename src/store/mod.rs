@@ -9,9 +9,11 @@
 //! - [`db`]: the database reader.
 //! - [`path_info_cmd`]: the `nix path-info` fallback; it gives the same [`PathInfo`]s.
 //! - [`closure`]: closures, one store query per level, and [`closure::topo_sort`].
+//! - [`lookup`]: which store path a user's argument names, and which paths are valid.
 
 pub mod closure;
 pub mod db;
+pub mod lookup;
 pub mod path_info_cmd;
 
 use crate::format::hash::Sha256;

@@ -3,10 +3,10 @@
 //! paths, SIGTERM mid-upload, unsafe state directories, a socket path taken over, one bad
 //! path in a batch.
 use crate::helpers::*;
-use narflow::daemon::protocol::exchange;
 use narflow::format::hash::Sha256;
 use narflow::format::narinfo::NarInfo;
 use narflow::format::signing::VerifyingKey;
+use narflow::handoff::protocol::exchange;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -1218,7 +1218,7 @@ struct InProcessDaemon {
 
 impl InProcessDaemon {
     fn start(dir: &Path, cache: RefusingCache) -> InProcessDaemon {
-        use narflow::pipeline::compress::{Compression, CompressionSettings};
+        use narflow::format::compression::{Compression, CompressionSettings};
         let socket = dir.join("daemon.sock");
         let opts = narflow::pipeline::PushOptions::new(
             CompressionSettings::new(Compression::Zstd, None).unwrap(),

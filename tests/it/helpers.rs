@@ -602,8 +602,8 @@ impl S3Client {
 /// What `narflow push` opens a cache with at the default settings, for `url`.
 pub fn open_options(url: &narflow::cache::url::CacheUrl) -> narflow::cache::OpenOptions {
     let opts = narflow::pipeline::PushOptions::new(
-        narflow::pipeline::compress::CompressionSettings::new(
-            narflow::pipeline::compress::Compression::Zstd,
+        narflow::format::compression::CompressionSettings::new(
+            narflow::format::compression::Compression::Zstd,
             None,
         )
         .unwrap(),

@@ -1,7 +1,7 @@
 //! No head-of-line blocking: small paths handed to a daemon while it uploads a large one
 //! are published before the large one, each on its own.
 use crate::helpers::*;
-use narflow::daemon::protocol::exchange;
+use narflow::handoff::protocol::exchange;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};

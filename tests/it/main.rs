@@ -7,6 +7,7 @@ mod daemon;
 mod durability;
 mod helpers;
 mod hol;
+mod layers;
 mod logs;
 mod make_store;
 mod memory;

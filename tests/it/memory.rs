@@ -1,14 +1,14 @@
 //! `--memory` bounds the whole process: the real `narflow push` of large, incompressible
 //! store paths, at two budgets, into a `file://` cache and into S3, with its peak RSS
 //! (GNU time's maximum resident set size) held under the budget plus
-//! `pipeline::MEMORY_OVERHEAD`.
+//! `memory::MEMORY_OVERHEAD`.
 //!
 //! The workload has one large path (chunked, compressed in parallel, multipart on S3) and
 //! many medium ones (each below one S3 part, so S3 buffers every one whole until its PUT,
 //! many at once): together they fill every buffer the budget pays for, the cache's
 //! included.
 use crate::helpers::*;
-use narflow::pipeline::MEMORY_OVERHEAD;
+use narflow::memory::MEMORY_OVERHEAD;
 use std::ffi::{OsStr, OsString};
 use std::process::Command;
 

@@ -470,7 +470,8 @@ impl BinaryCache for DeletesAfterFirstLook {
 
 #[test]
 fn a_reference_is_trusted_only_as_the_cache_was_seen() {
-    use narflow::pipeline::{self, Outcome, PushOptions};
+    use narflow::pipeline::outcome::Outcome;
+    use narflow::pipeline::{self, PushOptions};
     // d0 <- d1 <- d2, with d0 in the cache already; d0's narinfo disappears right after
     // the first look. Whatever the push publishes must refer only to paths a look found
     // or that the push itself published.
@@ -499,15 +500,22 @@ fn a_reference_is_trusted_only_as_the_cache_was_seen() {
         narflow::format::signing::SigningKey::parse(&std::fs::read_to_string(&key.secret).unwrap())
             .unwrap();
     let opts = PushOptions::new(
-        narflow::pipeline::compress::CompressionSettings::new(
-            narflow::pipeline::compress::Compression::Zstd,
+        narflow::format::compression::CompressionSettings::new(
+            narflow::format::compression::Compression::Zstd,
             None,
         )
         .unwrap(),
         vec![sk],
     );
     let paths = [StorePath::from_absolute_path_prefix(&top, "/nix/store").unwrap()];
-    let report = pipeline::push(&store, &wrapped, &paths, &opts, &pipeline::NoProgress).unwrap();
+    let report = pipeline::push(
+        &store,
+        &wrapped,
+        &paths,
+        &opts,
+        &pipeline::outcome::NoProgress,
+    )
+    .unwrap();
     let uploaded: std::collections::HashSet<String> = report
         .results
         .iter()

@@ -48,15 +48,14 @@ use crate::s3::{STAGING_PREFIX, assert_no_staging_leftovers, staging_keys};
 use narflow::cache::s3::S3Cache;
 use narflow::cache::url::CacheUrl;
 use narflow::cache::{S3Tuning, narinfo_key};
+use narflow::format::compression::{Compression, CompressionSettings};
 use narflow::format::hash::Sha256;
 use narflow::format::narinfo::NarInfo;
 use narflow::format::signing::SigningKey;
 use narflow::format::store_path::StorePath;
-use narflow::pipeline::compress::{Compression, CompressionSettings};
-use narflow::pipeline::{
-    Feeder, NewJob, NoProgress, OnPublishError, Outcome, PushOptions, Settled, stream, upload,
-    upload_after,
-};
+use narflow::pipeline::outcome::{NoProgress, Outcome};
+use narflow::pipeline::publish::{NewJob, OnPublishError, Settled};
+use narflow::pipeline::{Feeder, PushOptions, stream, upload, upload_after};
 use narflow::store::PathInfo;
 use std::collections::HashSet;
 use std::sync::Arc;

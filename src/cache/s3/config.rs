@@ -1,5 +1,7 @@
 //! Building the S3 client and its runtime from the cache URL and [`OpenOptions`].
-use super::upload::{COPY_LIMIT, MIN_S3_PART, UploadMemory};
+use super::copy::COPY_LIMIT;
+use super::memory::UploadMemory;
+use super::upload::MIN_S3_PART;
 use super::{S3Cache, Shared};
 use crate::cache::url::CacheUrl;
 use crate::cache::{CacheError, OpenOptions};

@@ -1,42 +1,25 @@
-//! An S3 (or S3-compatible: MinIO, Garage, R2) binary cache, with aws-sdk-s3.
+//! An S3 (or S3-compatible) binary cache, with aws-sdk-s3: the cache type and its
+//! [`BinaryCache`] methods. Accepts Nix's store-URL parameters (`region`, `endpoint`,
+//! `scheme`, `profile`, `addressing-style`, `storage-class`) and narflow's tuning
+//! (`concurrency`, `retries`, `read-timeout`); credentials come from the standard AWS chain.
 //!
-//! Accepts Nix's store-URL parameters (`region`, `endpoint`, `scheme`, `profile`,
-//! `addressing-style`, `storage-class`) plus narflow's tuning (`concurrency`, `retries`,
-//! `read-timeout`). Credentials come from the standard AWS chain (environment, profile,
-//! SSO, web identity, IMDS).
+//! It never leaves a partial object under a final name: a NAR larger than one part goes
+//! up to a staging key and is copied to `nar/<FileHash>` once whole, and an upload dropped
+//! uncommitted aborts and deletes what it made. A lost or unreadable answer is checked
+//! (the object exists with the bytes sent), never assumed. It buffers at most
+//! `OpenOptions::upload_memory`. Requests run on this cache's own tokio runtime; callers
+//! are plain threads that block on them, never a runtime's workers.
 //!
-//! Uploads: a NAR whose compressed size stays below one part goes up with one PutObject
-//! under its final key. A larger one goes up as a multipart upload to a staging key (its
-//! final name, `nar/<FileHash>`, is only known once the last byte is hashed), then is
-//! copied server-side to its final key (CopyObject, or UploadPartCopy parts beyond 5 GiB)
-//! and the staging object deleted. An upload dropped before it is committed aborts its
-//! multipart upload and deletes its staging object: no orphaned uploads and no partial
-//! object under a final name. An answer that is lost or cannot be read leaves the outcome
-//! unknown, so it is checked (the object exists with the bytes sent), never assumed.
-//!
-//! Memory: uploads buffer at most `OpenOptions::upload_memory`, the share of the memory
-//! budget the pipeline gives this cache; each buffer reserves its whole part before it is filled (see `UploadMemory`).
-//! Orphans that a killed push left under the staging prefix are swept by age, never what
-//! a live upload of this process still owns (`sweep::Owned`), however old.
-//!
-//! Every request is retried with jittered exponential backoff on 5xx, 503 SlowDown,
-//! timeouts and connection errors, honouring Retry-After; a 403, bad credentials or a
-//! missing bucket fail at once with a configuration error. Every request and retry is counted by
-//! operation ([`BinaryCache::request_counts`]).
-//!
-//! The SDK runs on this cache's own tokio runtime. The pipeline calls it from plain
-//! threads (never from a runtime worker) and blocks on each request; concurrency comes
-//! from the pipeline's finishing threads and from the batch methods, which run their
-//! requests concurrently on the runtime.
-//!
-//! This module owns the cache type and its [`BinaryCache`] methods; the rest is split by
-//! concern: `config` builds the client from the URL and [`OpenOptions`], `retry` decides
-//! what is retried and how long to wait, `object` sends the requests on one object,
-//! `upload` carries NARs up (parts, upload memory, server-side copy), `batch` runs many
-//! requests at once, and `sweep` removes what killed uploads left behind.
+//! Files: `config` (the client, from the URL and options), `retry` (what is retried and
+//! how long to wait), `object` (requests on one object), `upload` (NARs and other objects
+//! going up, part sizes), `memory` (the upload memory), `copy` (server-side copies),
+//! `batch` (many requests at once), `sweep` (what killed uploads left behind, by age,
+//! never what a live upload owns).
 
 mod batch;
 mod config;
+mod copy;
+mod memory;
 mod object;
 mod retry;
 mod sweep;
@@ -50,11 +33,11 @@ use crate::format::store_path::StorePath;
 use aws_sdk_s3::types::StorageClass;
 use batch::{LIST_THRESHOLD, concurrently};
 pub use config::http_client;
+use memory::UploadMemory;
 use retry::join_error;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::task::JoinSet;
-use upload::UploadMemory;
 pub use upload::part_size;
 pub(crate) use upload::{MIN_PART, MIN_S3_PART, PART_SHARE};
 

@@ -171,3 +171,21 @@ pub(super) fn cache_with(endpoint: &str, memory: u64, tune: impl FnOnce(&mut S3T
     };
     S3Cache::build("b", &url, &opts, Some(creds)).unwrap()
 }
+
+/// Runs `f` on a thread of its own and returns what it returns; fails the test, naming
+/// `what`, when `f` has not returned within `limit` (a wait that never ends), or panicked.
+pub(super) fn within_deadline<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("stuck: {what}"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("panicked: {what}"),
+    }
+}

@@ -1,7 +1,9 @@
 //! NAR uploads: one PutObject for a NAR below one part, else a multipart upload to a
-//! staging key copied server-side to its final key; the upload memory its buffers reserve.
+//! staging key copied server-side to its final key; the size of the parts and how many
+//! go at once.
 //! Other objects streamed in ([`crate::cache::BinaryCache::begin_object`]: build logs) go
 //! up the same way, with their own Content-Type.
+use super::memory::Reservation;
 use super::retry::{Answer, Op, join_error, unreadable_success};
 use super::{NAR_TYPE, STAGING_PREFIX, Shared};
 use crate::cache::{CacheError, NarUpload};
@@ -27,15 +29,6 @@ const PARTS_IN_FLIGHT: usize = 4;
 pub(crate) const PART_SHARE: u64 = 4;
 /// The smallest part S3 takes (all but the last part of an upload).
 pub(crate) const MIN_S3_PART: u64 = 5 << 20;
-/// The largest object one CopyObject may copy on AWS (5 GiB); larger staging objects are
-/// copied in parts with UploadPartCopy.
-pub(super) const COPY_LIMIT: u64 = 5 << 30;
-/// Part size of a multi-part copy: a tenth of the copy limit keeps each server-side copy
-/// request short; more parts are used when 10,000 of these would not cover the object.
-const COPY_PART: u64 = 512 << 20;
-/// Most part copies of one object in flight at once (server-side work, no memory here;
-/// fewer when `S3Tuning::concurrency` is lower).
-const COPY_PARTS_IN_FLIGHT: usize = 8;
 
 /// S3's most parts in one multipart upload.
 const S3_MAX_PARTS: i32 = 10_000;
@@ -43,8 +36,8 @@ const S3_MAX_PARTS: i32 = 10_000;
 /// parts were planned for (see [`grown_part_size`]).
 const GROW_EVERY: i32 = 1_000;
 
-/// Part size for a NAR of `nar_size` bytes: at least [`MIN_PART`], and large enough that
-/// even a NAR that does not compress at all fits in [`MAX_PARTS`] parts.
+/// Part size for a NAR of `nar_size` bytes: at least `MIN_PART` (8 MiB), and large enough
+/// that even a NAR that does not compress at all fits in `MAX_PARTS` (9,000) parts.
 pub fn part_size(nar_size: u64) -> u64 {
     part_size_at_least(nar_size, MIN_PART)
 }
@@ -84,284 +77,6 @@ fn parts_in_flight(part: u64, capacity: u64, concurrency: usize) -> usize {
     usize::try_from(capacity / PART_SHARE / part.max(1))
         .unwrap_or(usize::MAX)
         .clamp(1, PARTS_IN_FLIGHT.min(concurrency).max(1))
-}
-
-/// The S3 upload memory: bytes of NAR data buffered on their way to S3.
-///
-/// A buffer reserves the whole part it will hold before the first byte goes in (no
-/// hold-and-wait: a writer never holds part of a buffer while waiting for the rest), and
-/// keeps its reservation until its request is done. Reservations of buffers still being
-/// filled are counted apart: they are only released by the thread that fills them, which
-/// may be the very thread that waits. A buffer stops counting as being filled once it is
-/// full and sent as a part, or once its NAR is all written ([`NarUpload::written`]): from
-/// then on another thread (a request in flight, or the finisher that commits it) releases
-/// it without help. So a reservation waits while such buffers can still free enough; when
-/// only buffers being filled hold the memory, waiting could never end, and the
-/// reservation is granted beyond the capacity instead (by at most those buffers) — never
-/// a deadlock.
-///
-/// Without the second rule, every finished small NAR waiting for a finisher (up to twice
-/// `S3Tuning::concurrency` of them, and one more the assembler is handing on) counted as
-/// being filled, and reservations went that far beyond the capacity.
-#[derive(Debug)]
-pub(super) struct UploadMemory {
-    capacity: u64,
-    state: std::sync::Mutex<MemoryState>,
-    freed: std::sync::Condvar,
-}
-
-#[derive(Debug, Default)]
-struct MemoryState {
-    /// Bytes reserved in all.
-    reserved: u64,
-    /// Of those, reserved by buffers being filled (see [`Reservation::handed_on`]).
-    filling: u64,
-}
-
-impl UploadMemory {
-    pub(super) fn new(capacity: u64) -> Self {
-        UploadMemory {
-            capacity,
-            state: std::sync::Mutex::new(MemoryState::default()),
-            freed: std::sync::Condvar::new(),
-        }
-    }
-
-    /// Reserves `bytes` for a buffer about to be filled.
-    fn reserve(self: &Arc<Self>, bytes: u64) -> Reservation {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        while st.reserved + bytes > self.capacity
-            && st.filling + bytes <= self.capacity
-            && st.reserved > st.filling
-        {
-            st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-        if st.reserved + bytes > self.capacity {
-            tracing::debug!(
-                "S3 upload memory: {bytes} bytes granted beyond {} ({} held by buffers being filled)",
-                self.capacity,
-                st.filling
-            );
-        }
-        st.reserved += bytes;
-        st.filling += bytes;
-        Reservation {
-            memory: self.clone(),
-            bytes,
-            filling: true,
-        }
-    }
-}
-
-/// Bytes of [`UploadMemory`], returned when dropped.
-#[derive(Debug)]
-struct Reservation {
-    memory: Arc<UploadMemory>,
-    bytes: u64,
-    /// Held by a buffer being filled (else by one that is full or all written, which
-    /// another thread releases).
-    filling: bool,
-}
-
-impl Reservation {
-    /// The buffer takes no more bytes: it goes out in a request, or waits, all written,
-    /// for the finisher that commits it. Either releases it without the filling thread.
-    fn handed_on(mut self) -> Self {
-        if self.filling {
-            let mut st = self.memory.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.filling -= self.bytes;
-            self.filling = false;
-            drop(st);
-            // A waiter may now see that waiting can succeed.
-            self.memory.freed.notify_all();
-        }
-        self
-    }
-}
-
-impl Reservation {
-    /// Takes over `other`'s bytes (both held by the same buffer being filled).
-    fn absorb(&mut self, mut other: Reservation) {
-        debug_assert!(self.filling && other.filling);
-        self.bytes += other.bytes;
-        other.bytes = 0;
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        let mut st = self.memory.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.reserved -= self.bytes;
-        if self.filling {
-            st.filling -= self.bytes;
-        }
-        drop(st);
-        self.memory.freed.notify_all();
-    }
-}
-
-impl Shared {
-    /// Copies `staging` (`size` bytes) to `key`, stored with `content_type`, with one
-    /// CopyObject.
-    async fn copy(
-        &self,
-        staging: &str,
-        key: &str,
-        size: u64,
-        content_type: &str,
-    ) -> Result<(), CacheError> {
-        let source = format!("{}/{staging}", self.bucket);
-        let answer = self
-            .retry(Op::CopyObject, key, || async {
-                let r = self
-                    .client
-                    .copy_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .copy_source(&source)
-                    .content_type(content_type)
-                    .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
-                    .set_storage_class(self.storage_class.clone())
-                    .send()
-                    .await;
-                match r {
-                    Ok(_) => Ok(Answer::Done),
-                    Err(e) if unreadable_success(&e) => Ok(Answer::Unknown),
-                    Err(e) => Err(e),
-                }
-            })
-            .await?;
-        if answer == Answer::Unknown {
-            self.check_size(key, size, "CopyObject").await?;
-        }
-        Ok(())
-    }
-
-    /// Copies `staging` (`size` bytes) to `key`, stored with `content_type`, server-side
-    /// in parts (UploadPartCopy), for objects beyond what one CopyObject may copy. A
-    /// failure aborts the copy's multipart upload.
-    async fn copy_in_parts(
-        self: &Arc<Self>,
-        staging: &str,
-        key: &str,
-        size: u64,
-        content_type: &str,
-    ) -> Result<(), CacheError> {
-        let part = self
-            .copy_part
-            .min(COPY_PART)
-            .max(size.div_ceil(10_000).next_multiple_of(1 << 20))
-            .max(MIN_S3_PART);
-        let created = self
-            .retry(Op::CreateMultipartUpload, key, || {
-                self.client
-                    .create_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .content_type(content_type)
-                    .set_storage_class(self.storage_class.clone())
-                    .send()
-            })
-            .await?;
-        let id = created.upload_id().unwrap_or_default().to_owned();
-        // Owned (never swept) until it is completed or aborted.
-        let _owning = self.owned.upload(&id);
-        let r = self.copy_parts(staging, key, &id, size, part).await;
-        if r.is_err() {
-            let abort = self.abort(key, &id).await;
-            if let Err(e) = abort {
-                tracing::warn!("could not abort the multi-part copy {id} to {key}: {e}");
-            }
-        }
-        r
-    }
-
-    async fn copy_parts(
-        self: &Arc<Self>,
-        staging: &str,
-        key: &str,
-        id: &str,
-        size: u64,
-        part: u64,
-    ) -> Result<(), CacheError> {
-        let source = format!("{}/{staging}", self.bucket);
-        let ranges: Vec<(i32, u64, u64)> = (0..size.div_ceil(part))
-            .map(|i| {
-                let start = i * part;
-                (i as i32 + 1, start, (start + part).min(size) - 1)
-            })
-            .collect();
-        let mut done = Vec::with_capacity(ranges.len());
-        let mut parts = ranges.into_iter();
-        let mut set = JoinSet::new();
-        loop {
-            while set.len() < COPY_PARTS_IN_FLIGHT.min(self.concurrency) {
-                let Some((number, first, last)) = parts.next() else {
-                    break;
-                };
-                let (s, source, key, id) =
-                    (self.clone(), source.clone(), key.to_owned(), id.to_owned());
-                set.spawn(async move {
-                    let out = s
-                        .retry(Op::UploadPartCopy, &key, || {
-                            s.client
-                                .upload_part_copy()
-                                .bucket(&s.bucket)
-                                .key(&key)
-                                .upload_id(&id)
-                                .part_number(number)
-                                .copy_source(&source)
-                                .copy_source_range(format!("bytes={first}-{last}"))
-                                .send()
-                        })
-                        .await?;
-                    Ok::<_, CacheError>(
-                        CompletedPart::builder()
-                            .part_number(number)
-                            .set_e_tag(
-                                out.copy_part_result()
-                                    .and_then(|r| r.e_tag())
-                                    .map(str::to_owned),
-                            )
-                            .build(),
-                    )
-                });
-            }
-            match set.join_next().await {
-                None => break,
-                Some(r) => done.push(r.map_err(|e| join_error(&self.url, e))??),
-            }
-        }
-        done.sort_by_key(|p| p.part_number());
-        let completed = CompletedMultipartUpload::builder()
-            .set_parts(Some(done))
-            .build();
-        let answer = self
-            .retry(Op::CompleteMultipartUpload, key, || async {
-                let r = self
-                    .client
-                    .complete_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .upload_id(id)
-                    .multipart_upload(completed.clone())
-                    .send()
-                    .await;
-                match r {
-                    Ok(_) => Ok(Answer::Done),
-                    Err(e) if e.code() == Some("NoSuchUpload") || unreadable_success(&e) => {
-                        Ok(Answer::Unknown)
-                    }
-                    Err(e) => Err(e),
-                }
-            })
-            .await?;
-        if answer == Answer::Unknown {
-            self.check_size(key, size, "CompleteMultipartUpload")
-                .await?;
-        }
-        Ok(())
-    }
 }
 
 /// `bytes` in MiB, rounded up, as `--memory` takes it (`123M`).
@@ -792,19 +507,17 @@ mod tests {
     }
 
     /// Two NARs of about 560 GiB (parts of 65 MiB) assembled at once by one thread, as
-    /// the sink does: with a budget taken a write at a time, each buffer held half the
-    /// memory and waited for the rest forever. Reserving whole parts, both go on.
+    /// the sink does, both go on: each buffer reserves its whole part before it is filled.
     #[test]
     fn two_huge_nars_assembled_together_do_not_deadlock() {
         let endpoint = accepting_server();
         let nar: u64 = 560 << 30;
         let memory = 320 << 20;
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = done.clone();
-        let worker = std::thread::spawn(move || {
+        let stuck = "the two uploads wait for each other's memory";
+        within_deadline(Duration::from_secs(60), stuck, move || {
             let cache = cache_at(&endpoint, memory);
             let part = part_size(nar);
-            assert!(part > (128 << 20) / 2, "the case that deadlocked: {part}");
+            assert!(part > (128 << 20) / 2, "parts over half of 128 MiB: {part}");
             let mut a = cache.begin_nar(nar).unwrap();
             let mut b = cache.begin_nar(nar).unwrap();
             let chunk = vec![7u8; 4 << 20];
@@ -814,22 +527,9 @@ mod tests {
                 b.write_all(&chunk).unwrap();
             }
             drop((a, b)); // aborts both uploads
-            flag.store(true, std::sync::atomic::Ordering::SeqCst);
         });
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !worker.is_finished() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the two uploads are stuck waiting for each other's memory"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        worker.join().unwrap();
-        assert!(done.load(std::sync::atomic::Ordering::SeqCst));
     }
 
-    /// A NAR whose parts cannot fit the upload memory fails at once, saying which
-    /// --memory would do (it used to wait forever for memory that could never be free).
     #[test]
     fn a_nar_too_large_for_the_memory_fails_naming_the_memory_it_needs() {
         let cache = cache_at("http://127.0.0.1:1", 64 << 20);
@@ -850,65 +550,9 @@ mod tests {
         assert!(cache.begin_nar(nar).is_ok());
     }
 
-    /// Runs `f` on a thread and fails (instead of hanging) if it takes more than 30 s.
-    fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-        let worker = std::thread::spawn(f);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !worker.is_finished() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "stuck waiting for memory"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        worker.join().unwrap()
-    }
-
-    /// Three buffers filled by one thread, as the sink fills its open uploads: the third
-    /// does not fit, and nothing but the other two (which only this thread can finish)
-    /// holds the memory, so waiting would never end; it is granted instead.
-    #[test]
-    fn a_reservation_only_buffers_being_filled_could_free_is_granted() {
-        let memory = Arc::new(UploadMemory::new(100));
-        let held = within_deadline({
-            let memory = memory.clone();
-            move || [memory.reserve(40), memory.reserve(40), memory.reserve(40)]
-        });
-        assert_eq!(memory.state.lock().unwrap().reserved, 120);
-        drop(held);
-        assert_eq!(memory.state.lock().unwrap().reserved, 0);
-    }
-
-    /// While parts in flight hold the memory, a reservation waits for them (they finish
-    /// on their own) instead of going beyond the capacity.
-    #[test]
-    fn a_reservation_waits_for_parts_in_flight() {
-        let memory = Arc::new(UploadMemory::new(100));
-        let part = memory.reserve(70).handed_on();
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let waiter = {
-            let memory = memory.clone();
-            std::thread::spawn(move || {
-                let r = memory.reserve(50);
-                tx.send(()).unwrap();
-                r
-            })
-        };
-        // Not granted while the part is in flight: 70 + 50 > 100.
-        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
-        drop(part);
-        rx.recv_timeout(Duration::from_secs(30))
-            .expect("granted once the part is done");
-        let r = waiter.join().unwrap();
-        assert_eq!(memory.state.lock().unwrap().reserved, 50);
-        drop(r);
-    }
-
     /// Small NARs all written and waiting for a finisher to commit them (as the sink
     /// hands them on) hold their buffers until they are committed or dropped, on another
-    /// thread: a new upload waits for them instead of going beyond the memory. Counted as
-    /// being filled, they let it through at once, and 64 of them waiting went some 200 MiB
-    /// beyond a 128 MiB memory.
+    /// thread: a new upload waits for them instead of going beyond the memory.
     #[test]
     fn an_upload_waits_for_nars_all_written_that_a_finisher_will_release() {
         let memory: u64 = 32 << 20;
@@ -916,7 +560,7 @@ mod tests {
         let nar: u64 = 6 << 20;
         let data = vec![7u8; nar as usize];
         let mut waiting = Vec::new();
-        while cache.shared.memory.state.lock().unwrap().reserved + compressed_bound(nar) <= memory {
+        while cache.shared.memory.reserved() + compressed_bound(nar) <= memory {
             let mut u = cache.begin_nar(nar).unwrap();
             u.write_all(&data).unwrap();
             u.written();
@@ -937,15 +581,15 @@ mod tests {
             rx.recv_timeout(Duration::from_millis(300)).is_err(),
             "a sixth NAR's buffer was granted beyond the memory"
         );
-        assert!(cache.shared.memory.state.lock().unwrap().reserved <= memory);
+        assert!(cache.shared.memory.reserved() <= memory);
         // A finisher commits one (or drops it): its memory goes to the waiting upload.
         waiting.pop().unwrap().commit("nar/one.nar.zst").unwrap();
         rx.recv_timeout(Duration::from_secs(30))
             .expect("granted once one NAR is committed");
         let next = next.join().unwrap();
-        assert!(cache.shared.memory.state.lock().unwrap().reserved <= memory);
+        assert!(cache.shared.memory.reserved() <= memory);
         drop((next, waiting));
-        assert_eq!(cache.shared.memory.state.lock().unwrap().reserved, 0);
+        assert_eq!(cache.shared.memory.reserved(), 0);
     }
 
     /// A NAR going up in parts owns its staging key (no sweep takes its upload or its
@@ -1040,7 +684,7 @@ mod tests {
             .filter(|(l, _)| l.contains("partNumber="))
             .count();
         assert_eq!(parts, 3, "{requests:?}");
-        assert_eq!(cache.shared.memory.state.lock().unwrap().reserved, 0);
+        assert_eq!(cache.shared.memory.reserved(), 0);
     }
 
     /// `S3Tuning::min_part_size` (`--s3-part-size`) is the part size of a NAR that needs

@@ -14,9 +14,9 @@
 //!
 //! `narOffset` is where a file's contents start in the NAR. A NAR's layout follows from the
 //! tree's names, types, sizes and symlink targets alone, so a listing needs only metadata
-//! (lstat, readdir, readlink), never file contents: [`crate::nar_fs::list_path`] reads a
-//! tree on disk that way and must agree with [`super::writer`] byte for byte, which the
-//! tests check. This module reads no file system itself. The writer can also build the
+//! (lstat, readdir, readlink), never file contents: a walker of trees on disk reads them
+//! that way and must agree with [`super::writer`] byte for byte, which the tests check.
+//! This module reads no file system itself. The writer can also build the
 //! listing as it writes the NAR ([`ListingBuilder`]), at no cost in system calls. Every
 //! walk is iterative, so a deep tree costs heap, not stack.
 use super::{NAR_MAGIC, Node, padding_len};
@@ -90,8 +90,8 @@ fn tokens_len(tokens: &[&[u8]]) -> u64 {
 
 /// Builds a listing from the nodes of a NAR, given in NAR order (which is also the
 /// listing's order), following the NAR's layout to know each file's offset.
-/// [`super::writer::dump_path_listed_into`] drives one while it writes the NAR, so that
-/// the listing costs no system call of its own.
+/// A walker of trees on disk drives one while it writes the NAR, so that the listing
+/// costs no system call of its own.
 #[derive(Debug)]
 pub struct ListingBuilder {
     json: Vec<u8>,

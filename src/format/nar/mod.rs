@@ -3,7 +3,7 @@
 //! This module owns the wire grammar, the in-memory [`Node`] tree and the rules shared by
 //! the [`writer`] and the [`reader`] (tokens, padding, valid entry names). It is pure and
 //! synchronous: it never touches tokio, the network, the local store database or the
-//! file system (the walker that reads trees on disk is [`crate::nar_fs`]).
+//! file system.
 //!
 //! Wire grammar (every string is a u64 little-endian length, the bytes, zero padding to a
 //! multiple of 8):
@@ -22,8 +22,7 @@ pub mod reader;
 pub mod writer;
 
 /// An in-memory file system tree, as a NAR describes it. Used by tests, the fuzzer and
-/// small tools; large trees are streamed from disk with [`crate::nar_fs::dump_path`] and read with
-/// [`reader::parse`].
+/// small tools; large NARs are read with [`reader::parse`], never whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
     /// A regular file; `executable` is the owner x bit.

@@ -1,10 +1,10 @@
 //! NAR encoder: writes the NAR grammar's tokens into a [`NarBuffer`] or any `Write`, and
 //! serialises an in-memory [`Node`].
 //!
-//! Pure and synchronous: it never touches the file system. The walker that archives a
-//! tree on disk ([`crate::nar_fs`]) drives the same [`Encoder`], so a tree on disk and the
-//! same tree in memory make the same bytes. It never holds memory that grows with file
-//! size: large contents pass through to the output in large slices.
+//! Pure and synchronous: it never touches the file system. A walker of trees on disk
+//! drives the same [`Encoder`], so a tree on disk and the same tree in memory make the
+//! same bytes. It never holds memory that grows with file size: large contents pass
+//! through to the output in large slices.
 use super::{NAR_MAGIC, Node, check_entry_name, padding_len};
 use std::io::{self, Write};
 
@@ -13,7 +13,8 @@ use std::io::{self, Write};
 const NODE_BUFFER_SIZE: usize = 16 * 1024;
 
 /// Memory the NAR encoder writes into in place: it asks for writable space and says how
-/// much of it it used. [`dump_path_into`] reads file contents straight into it.
+/// much of it it used, so a walker of trees on disk can read file contents straight
+/// into it.
 pub trait NarBuffer {
     /// Writable space at the end of the output; never empty.
     ///
@@ -41,8 +42,8 @@ pub trait NarBuffer {
     }
 }
 
-/// A fixed buffer in front of a `Write`: the [`NarBuffer`] of [`dump_path`] and
-/// [`write_node`], so `out` sees few, large writes.
+/// A fixed buffer in front of a `Write`: the [`NarBuffer`] of [`write_node`] (and of a
+/// walker of trees on disk), so `out` sees few, large writes.
 pub struct BufferedOut<'a, W: Write> {
     out: &'a mut W,
     buf: Box<[u8]>,
@@ -115,7 +116,7 @@ impl<W: Write> NarBuffer for BufferedOut<'_, W> {
 
 /// Serialises an in-memory tree as a NAR to `out`, returning the NAR size in bytes.
 ///
-/// Like [`dump_path`], it batches small writes internally and does not flush `out`.
+/// It batches small writes internally and does not flush `out`.
 ///
 /// # Errors
 /// The error of `out`, or [`io::ErrorKind::InvalidInput`] when a directory entry name

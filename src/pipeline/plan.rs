@@ -1,0 +1,221 @@
+//! Planning a push: one look at the store (closure, topological order, validity) and one
+//! at the cache (what it has, with our signatures added where missing), then the jobs for
+//! what is left, each path refused up front whose references cannot be published.
+use super::PushOptions;
+use super::outcome::{Failure, PushError};
+use super::publish::NewJob;
+use crate::cache::BinaryCache;
+use crate::format::store_path::StorePath;
+use crate::store::lookup::split_valid;
+use crate::store::{LocalStore, PathInfo};
+use std::collections::{HashMap, HashSet};
+
+/// What a push of some paths has to do, from one look at the store and one at the cache.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Paths asked for that are not valid in the store (full paths).
+    pub not_valid: Vec<String>,
+    /// Paths whose narinfo the cache has (now with our signatures), in plan order.
+    pub present: Vec<StorePath>,
+    /// What to upload, references first.
+    pub todo: Vec<PathInfo>,
+    /// The paths found in the cache: the references `todo` may name besides its own.
+    pub seen: HashSet<StorePath>,
+}
+
+/// Plans pushing `paths` (and, with `opts.closure`, everything they reference): their
+/// closure in topological order, what the cache has already (adding our signatures where
+/// missing; a damaged narinfo is uploaded again), and what is left to upload.
+///
+/// # Errors
+/// [`PushError`] when the store or the cache cannot be read.
+pub fn plan(
+    store: &LocalStore,
+    cache: &dyn BinaryCache,
+    paths: &[StorePath],
+    opts: &PushOptions,
+) -> Result<Plan, PushError> {
+    let store_dir = store.store_dir().to_owned();
+    let (valid, invalid) = split_valid(store, paths)?;
+    let infos = if opts.closure {
+        store.closure(&valid)?
+    } else {
+        crate::store::closure::topo_sort(store.path_infos(&valid)?)
+    };
+
+    // One look at the cache for the run's paths and, with --no-closure, the references
+    // outside them: what it finds is what the publisher may refer to.
+    let in_plan: HashSet<&StorePath> = infos.iter().map(|i| &i.path).collect();
+    let mut asked: Vec<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
+    let outside: std::collections::BTreeSet<&StorePath> = infos
+        .iter()
+        .flat_map(|i| i.references.iter())
+        .filter(|r| !in_plan.contains(r))
+        .collect();
+    asked.extend(outside.into_iter().cloned());
+    let mut seen: HashSet<StorePath> = asked
+        .iter()
+        .cloned()
+        .zip(cache.has_narinfos(&asked)?)
+        .filter(|(_, p)| *p)
+        .map(|(p, _)| p)
+        .collect();
+    let present: Vec<&PathInfo> = infos.iter().filter(|i| seen.contains(&i.path)).collect();
+    let damaged = add_our_signatures(cache, &store_dir, &present, opts)?;
+    for p in &damaged {
+        seen.remove(p);
+    }
+    let mut plan = Plan {
+        not_valid: invalid.into_iter().map(|(p, _)| p).collect(),
+        ..Plan::default()
+    };
+    for info in infos {
+        if seen.contains(&info.path) {
+            plan.present.push(info.path);
+        } else {
+            plan.todo.push(info);
+        }
+    }
+    plan.seen = seen;
+    Ok(plan)
+}
+
+/// The jobs that upload `todo` (references first) given `seen`, the paths found in the
+/// cache, and the paths of `todo` refused before any upload (a reference neither in
+/// `todo` nor seen, or refused itself), with why, by index into `todo`.
+pub fn jobs_for(
+    todo: &[PathInfo],
+    seen: &HashSet<StorePath>,
+    store_dir: &str,
+) -> (Vec<NewJob>, Vec<(usize, Failure)>) {
+    let refused = refuse_unreachable(todo, seen, store_dir);
+    let mut skip = vec![false; todo.len()];
+    for (i, _) in &refused {
+        skip[*i] = true;
+    }
+    let in_run: HashSet<&StorePath> = todo.iter().map(|i| &i.path).collect();
+    let jobs = todo
+        .iter()
+        .zip(&skip)
+        .filter(|(_, skip)| !**skip)
+        // A reference in the run is waited for; the others are seen (the refusal took
+        // out every path with a reference that is neither).
+        .map(|(info, _)| NewJob::waiting_for(info.clone(), |r| in_run.contains(r)))
+        .collect();
+    (jobs, refused)
+}
+
+/// Gives the narinfos the cache already has for `present` the signatures of our keys
+/// they lack (merged under the cache's rule, so the signatures there stay). A narinfo for
+/// another NAR of the path is left alone: our keys vouch only for the NAR in our store.
+/// Returns the paths whose narinfo turned out damaged (it does not parse, or its NAR is
+/// missing or short): they are uploaded again.
+///
+/// # Errors
+/// [`PushError::Cache`] when the cache cannot be read or written.
+fn add_our_signatures(
+    cache: &dyn BinaryCache,
+    store_dir: &str,
+    present: &[&PathInfo],
+    opts: &PushOptions,
+) -> Result<Vec<StorePath>, PushError> {
+    if opts.keys.is_empty() || present.is_empty() {
+        return Ok(Vec::new());
+    }
+    let paths: Vec<StorePath> = present.iter().map(|i| i.path.clone()).collect();
+    let ours: Vec<_> = opts.keys.iter().map(|k| k.verifying_key()).collect();
+    let mut damaged = Vec::new();
+    let mut resign = Vec::new();
+    for (info, text) in present.iter().zip(cache.get_narinfos(&paths)?) {
+        let old = text
+            .as_deref()
+            .and_then(|t| crate::format::narinfo::NarInfo::parse(t, store_dir).ok())
+            .filter(|o| o.store_path == info.path);
+        let Some(mut old) = old else {
+            damaged.push(info.path.clone());
+            continue;
+        };
+        let same_nar = (old.nar_hash, old.nar_size, &old.references)
+            == (info.nar_hash, info.nar_size, &info.references);
+        let signed = ours
+            .iter()
+            .all(|k| old.valid_signatures(store_dir, std::slice::from_ref(k)) > 0);
+        if !same_nar || signed {
+            continue;
+        }
+        if !crate::cache::nar_intact(cache, &old)? {
+            damaged.push(info.path.clone());
+            continue;
+        }
+        for key in &opts.keys {
+            old.sign(key, store_dir);
+        }
+        resign.push(old);
+    }
+    let paths: Vec<StorePath> = resign.iter().map(|n| n.store_path.clone()).collect();
+    let mut signed = 0;
+    for (path, r) in paths
+        .into_iter()
+        .zip(cache.publish_narinfos(store_dir, resign)?)
+    {
+        match r {
+            Ok(_) => signed += 1,
+            // Its NAR went missing meanwhile: uploaded again, like any damaged one.
+            Err(e) => {
+                tracing::warn!("{}: {e}", cache.url());
+                damaged.push(path);
+            }
+        }
+    }
+    if signed > 0 {
+        tracing::info!("added our signatures to {signed} narinfos already in the cache");
+    }
+    Ok(damaged)
+}
+
+/// The paths of `infos` that cannot be published, with why: a reference neither in
+/// `infos` nor `seen` in the cache, or a reference refused itself (transitively).
+fn refuse_unreachable(
+    infos: &[PathInfo],
+    seen: &HashSet<StorePath>,
+    store_dir: &str,
+) -> Vec<(usize, Failure)> {
+    let index: HashMap<&StorePath, usize> = infos
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (&p.path, i))
+        .collect();
+    let mut refused: HashMap<usize, Failure> = HashMap::new();
+    // Until nothing changes, so the order of `infos` does not matter.
+    loop {
+        let before = refused.len();
+        for (i, info) in infos.iter().enumerate() {
+            if refused.contains_key(&i) {
+                continue;
+            }
+            let why = info
+                .references
+                .iter()
+                .filter(|r| **r != info.path)
+                .find_map(|r| match index.get(r) {
+                    Some(j) => refused.get(j).map(|f| Failure::ReferenceFailed {
+                        reference: r.to_absolute(store_dir),
+                        retry: f.retry(),
+                    }),
+                    None if seen.contains(r) => None,
+                    None => Some(Failure::ReferenceMissing {
+                        reference: r.to_absolute(store_dir),
+                    }),
+                });
+            if let Some(why) = why {
+                refused.insert(i, why);
+            }
+        }
+        if refused.len() == before {
+            break;
+        }
+    }
+    let mut out: Vec<(usize, Failure)> = refused.into_iter().collect();
+    out.sort_by_key(|(i, _)| *i);
+    out
+}
