@@ -14,6 +14,7 @@ use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode};
 use narflow::format::hash::Sha256;
 use narflow::format::nar::Node;
+use narflow::format::narinfo::NarInfo;
 use narflow::format::store_path::StorePath;
 use narflow::store::PathInfo;
 use std::collections::BTreeMap;
@@ -268,4 +269,43 @@ pub fn small_store(store_dir: &Path, paths: usize, seed: u64) -> Vec<PathInfo> {
         infos.push(add_to_store(store_dir, &format!("small-{i}"), &tree, refs));
     }
     infos
+}
+
+const REFERENCES: [&str; 12] = [
+    "glibc-2.40-66",
+    "gcc-14.3.0-lib",
+    "zlib-1.3.1",
+    "openssl-3.4.1",
+    "libxml2-2.13.8",
+    "ncurses-6.5",
+    "bash-5.2p37",
+    "coreutils-9.7",
+    "curl-8.14.1",
+    "libssh2-1.11.1",
+    "xz-5.8.1",
+    "rustc-1.95.0",
+];
+
+/// A narinfo of realistic size: a toolchain-like path with 12 references and a deriver,
+/// unsigned.
+pub fn sample_narinfo() -> NarInfo {
+    let nar_hash = Sha256::digest(b"nar");
+    let file_hash = Sha256::digest(b"file");
+    NarInfo {
+        store_path: store_path("rustc-1.95.0"),
+        url: format!("nar/{}.nar.zst", file_hash.to_nix32()),
+        compression: "zstd".to_owned(),
+        file_hash: Some(file_hash),
+        file_size: Some(312_459_102),
+        nar_hash,
+        nar_size: 1_176_214_232,
+        references: {
+            let mut r: Vec<_> = REFERENCES.iter().map(|n| store_path(n)).collect();
+            r.sort();
+            r
+        },
+        deriver: Some(store_path("rustc-1.95.0.drv")),
+        sigs: vec![],
+        ca: None,
+    }
 }
