@@ -849,7 +849,6 @@ mod tests {
             .query_row("PRAGMA cache_size", [], |r| r.get(0))
             .unwrap();
         assert_eq!(kib, -PAGE_CACHE_KIB);
-        assert!(PAGE_CACHE_KIB <= 16 * 1024, "{PAGE_CACHE_KIB} KiB");
     }
 
     /// The `immutable=1` trap: rows a writer has committed to the WAL but not checkpointed
