@@ -3,11 +3,12 @@
 //!
 //! Owns those sets and their size: one bit per `ValidPaths.id` for what this run
 //! settled or learnt is in the cache (125 KB for a million ids), and the cache's listing
-//! as a sorted array of 20-byte hash parts (20 bytes a narinfo, binary search). A path
+//! ([`NarinfoSet`]: sorted 20-byte hash parts, 20 bytes a narinfo). A path
 //! without a database id (a store read through `nix path-info`) is kept by its hash part.
 //! It never asks the store or the cache anything: the walk resolves ids and lists.
 
 use super::hash_key;
+use crate::cache::NarinfoSet;
 use crate::format::store_path::StorePath;
 use fixedbitset::FixedBitSet;
 use std::collections::HashMap;
@@ -30,33 +31,6 @@ impl Key {
     }
 }
 
-/// A set of 20-byte hash parts, sorted: 20 bytes an entry, looked up by binary search.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HashKeys(Vec<[u8; 20]>);
-
-impl HashKeys {
-    /// The set of `keys` (in any order, repeats allowed).
-    pub fn new(keys: impl IntoIterator<Item = [u8; 20]>) -> Self {
-        let mut v: Vec<[u8; 20]> = keys.into_iter().collect();
-        v.sort_unstable();
-        v.dedup();
-        v.shrink_to_fit();
-        HashKeys(v)
-    }
-
-    pub fn contains(&self, key: &[u8; 20]) -> bool {
-        self.0.binary_search(key).is_ok()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
 /// Where a path stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Known {
@@ -70,7 +44,7 @@ pub enum Known {
 #[derive(Debug, Default)]
 pub struct Available {
     /// The cache's listing, when it was listed.
-    listing: HashKeys,
+    listing: NarinfoSet,
     /// Ids this run settled.
     counted: FixedBitSet,
     /// Ids found in the cache by a question, not counted yet.
@@ -81,7 +55,7 @@ pub struct Available {
 
 impl Available {
     /// Takes the cache's listing.
-    pub fn set_listing(&mut self, listing: HashKeys) {
+    pub fn set_listing(&mut self, listing: NarinfoSet) {
         self.listing = listing;
     }
 
@@ -115,7 +89,7 @@ impl Available {
         match self.by_hash.get(&hash) {
             Some(true) => Some(Known::Counted),
             Some(false) => Some(Known::InCache),
-            None if self.listing.contains(&hash) => Some(Known::InCache),
+            None if self.listing.contains_key(&hash) => Some(Known::InCache),
             None => None,
         }
     }
@@ -176,19 +150,18 @@ mod tests {
     }
 
     #[test]
-    fn hash_keys_are_found_whatever_the_order_they_came_in() {
+    fn a_listing_finds_its_hash_parts_whatever_the_order_they_came_in() {
         let keys: Vec<[u8; 20]> = (0u8..200).rev().map(|i| [i.wrapping_mul(37); 20]).collect();
-        let set = HashKeys::new(keys.iter().copied().chain(keys.iter().copied()));
+        let set: NarinfoSet = keys.iter().chain(keys.iter()).copied().collect();
         assert_eq!(set.len(), 200, "repeats are one entry");
-        for k in &keys {
-            assert!(set.contains(k));
+        for i in 0u8..=255 {
+            assert_eq!(set.contains_key(&[i; 20]), keys.contains(&[i; 20]), "{i}");
         }
-        let absent = (0u8..=255).filter(|i| !keys.contains(&[*i; 20])).count();
-        let found = (0u8..=255).filter(|i| set.contains(&[*i; 20])).count();
-        assert_eq!(found + absent, 256);
-        assert_eq!(found, 200);
-        assert!(!HashKeys::default().contains(&[0; 20]));
-        assert!(HashKeys::default().is_empty());
+        let p = sp(9);
+        let with_p: NarinfoSet = [hash_key(&p)].into_iter().collect();
+        assert!(with_p.contains(&p) && !with_p.contains(&sp(10)));
+        assert!(!NarinfoSet::default().contains_key(&[0; 20]));
+        assert!(NarinfoSet::default().is_empty());
     }
 
     #[test]
@@ -230,7 +203,7 @@ mod tests {
     fn paths_without_an_id_are_kept_by_hash_and_the_listing_counts_as_in_cache() {
         let mut a = Available::default();
         let (p, q, r) = (sp(1), sp(2), sp(3));
-        a.set_listing(HashKeys::new([hash_key(&q)]));
+        a.set_listing([hash_key(&q)].into_iter().collect());
         assert_eq!(a.listed(), 1);
         let kp = Key::of(&p, None);
         assert_eq!(kp, Key::Hash(hash_key(&p)));

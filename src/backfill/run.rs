@@ -5,10 +5,10 @@
 //! Owns [`Run`]'s fields and the settling side of it. It never plans a window (that is
 //! [`super::window`]'s) and never walks the store ([`super::walk`]'s).
 
-use super::available::{Available, HashKeys, Key};
+use super::available::{Available, Key};
 use super::state;
 use super::{BackfillError, BackfillOptions, BackfillProgress, LIST_ABOVE, Summary};
-use crate::cache::BinaryCache;
+use crate::cache::{BinaryCache, NarinfoSet};
 use crate::format::store_path::StorePath;
 use crate::pipeline::{self, NewJob, Outcome, PathResult, PushOptions, Settled};
 use crate::store::LocalStore;
@@ -34,7 +34,7 @@ pub(super) struct Run<'a> {
     /// `available` holds the cache's listing: a path not in it is not in the cache.
     pub(super) listed: bool,
     /// Each upstream's listing, when it was listed.
-    pub(super) upstream_sets: Vec<Option<HashKeys>>,
+    pub(super) upstream_sets: Vec<Option<NarinfoSet>>,
     /// `ValidPaths.id`s of the paths the current window (or group) deals with: its
     /// paths, their references and what it pulls in; `None` when the store has none to
     /// give. Cleared for each window of the store and each group of named paths.
@@ -200,8 +200,8 @@ impl<'a> Run<'a> {
             return Ok(());
         }
         if let Some(set) = self.cache.list_narinfos()? {
-            tracing::info!("{}: {} narinfos listed", self.cache.url(), set.0.len());
-            self.available.set_listing(HashKeys::new(set.0));
+            tracing::info!("{}: {} narinfos listed", self.cache.url(), set.len());
+            self.available.set_listing(set);
             self.listed = true;
             self.summary.listed = true;
         }
@@ -211,8 +211,7 @@ impl<'a> Run<'a> {
                 .map_err(|source| BackfillError::Upstream {
                     url: u.url().to_owned(),
                     source,
-                })?
-                .map(|s| HashKeys::new(s.0));
+                })?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@
 //! does, [`super::run`]) and never reads more of the store than the window's closure.
 
 use super::run::{Mark, Position, Run};
-use super::{BackfillError, SkipReason, hash_key};
+use super::{BackfillError, SkipReason};
 use crate::format::store_path::StorePath;
 use crate::pipeline::{self, Outcome, PathResult};
 use crate::store::PathInfo;
@@ -233,7 +233,7 @@ impl Run<'_> {
             match set {
                 Some(set) => {
                     for (s, i) in served.iter_mut().zip(infos) {
-                        *s |= set.contains(&hash_key(&i.path));
+                        *s |= set.contains(&i.path);
                     }
                 }
                 None => {
