@@ -52,6 +52,9 @@ pub const DEFAULT_REFS: usize = 3;
 /// [`StorePlan::batches`]).
 const BATCH: usize = 1000;
 
+/// Bytes of text in a tiny path, after its references.
+const TINY_TEXT: usize = 64;
+
 /// Version of the generator: part of every hash part, so a changed generator makes new
 /// paths instead of finding old ones with other contents valid.
 const STORE_GENERATOR_VERSION: u32 = 1;
@@ -75,6 +78,9 @@ pub struct StoreSpec {
     pub refs: usize,
     /// Per thousand paths, how many are registered before one of their references.
     pub disorder_permille: u32,
+    /// Each path one small regular file (its references and a little text) instead of a
+    /// tree: one inode and one block a path, for stores of a million paths.
+    pub tiny: bool,
 }
 
 impl StoreSpec {
@@ -119,15 +125,17 @@ impl StoreSpec {
         Ok(())
     }
 
-    /// The manifest's file name: `<tag>-<paths>.paths`.
+    /// The manifest's file name: `<tag>-<paths>.paths` (`<tag>-<paths>-tiny.paths`).
     pub fn manifest_name(&self) -> String {
-        format!("{}-{}.paths", self.tag, self.paths)
+        let tiny = if self.tiny { "-tiny" } else { "" };
+        format!("{}-{}{tiny}.paths", self.tag, self.paths)
     }
 
     /// Everything the hash parts and contents are derived from.
     fn key(&self) -> String {
+        let tiny = if self.tiny { ":tiny" } else { "" };
         format!(
-            "narflow-bench-store:{STORE_GENERATOR_VERSION}:{}:{}:{}:{}",
+            "narflow-bench-store:{STORE_GENERATOR_VERSION}:{}:{}:{}:{}{tiny}",
             self.tag, self.paths, self.refs, self.disorder_permille
         )
     }
@@ -151,6 +159,8 @@ pub struct PlannedPath {
 /// the order they are registered in.
 #[derive(Debug)]
 pub struct StorePlan {
+    /// Paths are single files ([`StoreSpec::tiny`]).
+    pub tiny: bool,
     /// By index: `paths[i]` is `bf-<tag>-<i>`.
     pub paths: Vec<PlannedPath>,
     /// Indices in registration order.
@@ -267,6 +277,7 @@ pub fn plan_store(spec: &StoreSpec) -> StorePlan {
         });
     }
     StorePlan {
+        tiny: spec.tiny,
         paths,
         order,
         batches,
@@ -442,6 +453,26 @@ fn write_path(plan: &StorePlan, i: usize) -> Result<PathInfo, BenchError> {
         .map(|r| r.to_absolute(NIX_STORE_DIR))
         .collect();
     let mut rng = planned.rng.clone();
+    if plan.tiny {
+        let mut bytes = mentioned.join(" ").into_bytes();
+        bytes.push(b'\n');
+        let ctx = TreeCtx {
+            vocab: &plan.vocab,
+            pkg: name,
+            refs: &[],
+        };
+        let mut words = Vec::new();
+        text(&mut words, TINY_TEXT, &mut rng, &ctx);
+        words.truncate(TINY_TEXT);
+        bytes.extend_from_slice(&words);
+        write_mode(&root, &bytes, 0o444)?;
+        return Ok(PathInfo::of_tree(
+            planned.path.clone(),
+            &root,
+            planned.references.clone(),
+            Some(planned.deriver.clone()),
+        )?);
+    }
     let ctx = TreeCtx {
         vocab: &plan.vocab,
         pkg: name,
@@ -589,6 +620,7 @@ mod tests {
             paths,
             refs,
             disorder_permille,
+            tiny: false,
         }
     }
 
@@ -668,6 +700,21 @@ mod tests {
         let theirs: std::collections::HashSet<&str> =
             b.paths.iter().map(|x| x.path.hash_part()).collect();
         assert!(a.paths.iter().all(|x| !theirs.contains(x.path.hash_part())));
+    }
+
+    #[test]
+    fn a_tiny_store_has_names_and_a_manifest_of_its_own() {
+        let tree = spec("a", 50, 3, 20);
+        let tiny = StoreSpec {
+            tiny: true,
+            ..tree.clone()
+        };
+        assert_ne!(tree.manifest_name(), tiny.manifest_name());
+        let (a, b) = (plan_store(&tree), plan_store(&tiny));
+        assert!(b.tiny && !a.tiny);
+        let theirs: std::collections::HashSet<&str> =
+            a.paths.iter().map(|x| x.path.hash_part()).collect();
+        assert!(b.paths.iter().all(|x| !theirs.contains(x.path.hash_part())));
     }
 
     #[test]

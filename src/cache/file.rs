@@ -645,7 +645,7 @@ impl BinaryCache for FileCache {
     /// a nix32 hash part, or a temporary file, is not a narinfo). The narinfos are not
     /// opened: unlike [`BinaryCache::has_narinfo`] this does not look for damage.
     fn list_narinfos(&self) -> Result<Option<super::NarinfoSet>, CacheError> {
-        let mut set = std::collections::HashSet::new();
+        let mut set = Vec::new();
         let entries = self
             .fs
             .run(FsOp::List(&self.root), || std::fs::read_dir(&self.root))
@@ -654,10 +654,10 @@ impl BinaryCache for FileCache {
             let entry = entry.map_err(|e| self.io("", e))?;
             let name = entry.file_name();
             if let Some(key) = super::narinfo_hash(name.as_encoded_bytes()) {
-                set.insert(key);
+                set.push(key);
             }
         }
-        Ok(Some(super::NarinfoSet(set)))
+        Ok(Some(set.into_iter().collect()))
     }
 
     /// Stale temporary files (older than `grace`) that no upload of this process owns.

@@ -428,12 +428,33 @@ pub fn open(url: &url::CacheUrl, opts: &OpenOptions) -> Result<Box<dyn BinaryCac
 }
 
 /// The hash parts of the narinfos a cache holds ([`BinaryCache::list_narinfos`]), kept as
-/// the 20 bytes each nix32 hash part stands for: about 40 bytes per path in a set, so a
-/// cache of a million paths lists into some 40 MiB.
+/// the 20 bytes each nix32 hash part stands for, sorted: 20 bytes a narinfo (a cache of a
+/// million paths lists into 20 MB), looked up by binary search.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NarinfoSet(pub std::collections::HashSet<[u8; 20]>);
+pub struct NarinfoSet(Vec<[u8; 20]>);
+
+impl FromIterator<[u8; 20]> for NarinfoSet {
+    fn from_iter<I: IntoIterator<Item = [u8; 20]>>(keys: I) -> Self {
+        let mut v: Vec<[u8; 20]> = keys.into_iter().collect();
+        v.sort_unstable();
+        v.dedup();
+        v.shrink_to_fit();
+        NarinfoSet(v)
+    }
+}
 
 impl NarinfoSet {
+    /// Narinfos in the set.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// Whether the set holds the hash part `key` stands for.
+    pub fn contains_key(&self, key: &[u8; 20]) -> bool {
+        self.0.binary_search(key).is_ok()
+    }
     /// The 20 bytes `path`'s hash part stands for: what the set holds.
     pub fn key(path: &StorePath) -> [u8; 20] {
         crate::format::nix32::decode::<20>(path.hash_part().as_bytes())
@@ -441,7 +462,7 @@ impl NarinfoSet {
     }
     /// Whether the cache listed a narinfo for `path`.
     pub fn contains(&self, path: &StorePath) -> bool {
-        self.0.contains(&Self::key(path))
+        self.contains_key(&Self::key(path))
     }
 }
 

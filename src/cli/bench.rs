@@ -94,6 +94,9 @@ pub struct MakeStoreArgs {
     /// Per thousand paths, how many are registered before one of their references.
     #[arg(long, value_name = "PERMILLE", default_value_t = 0)]
     pub disorder: u32,
+    /// Each path one small file instead of a tree (for stores of a million paths).
+    #[arg(long)]
+    pub tiny: bool,
     /// Where the manifest is kept.
     #[arg(long, value_name = "DIR", default_value = bench::DEFAULT_MANIFEST_DIR)]
     pub manifest_dir: PathBuf,
@@ -106,6 +109,7 @@ fn make_store(args: &MakeStoreArgs) -> Result<u8, CliError> {
         paths: args.paths,
         refs: args.refs,
         disorder_permille: args.disorder,
+        tiny: args.tiny,
     };
     spec.check().map_err(usage)?;
     let made = bench::make_store(&spec, &args.manifest_dir).map_err(CliError::failed)?;

@@ -25,6 +25,14 @@ use crate::format::store_path::StorePath;
 /// wedged writer from hanging narflow forever.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// SQLite's page cache for this connection, in KiB (allocated as used, kept until the
+/// connection closes). A long-lived reader (the daemon, a backfill of a million paths)
+/// touches every page of the database in time, so this is a fixed share of the memory
+/// budget, not a fraction of the database: misses are re-read from the kernel's page
+/// cache. 8 MiB holds the upper levels of the path and `Refs` indexes of a store of
+/// millions of paths and one batch's leaf pages.
+pub const PAGE_CACHE_KIB: i64 = 8 * 1024;
+
 /// One valid path by its full path. `path` is UNIQUE, so this is an index lookup.
 const QUERY_INFO: &str =
     "SELECT id, hash, deriver, narSize, sigs, ca FROM ValidPaths WHERE path = ?1";
@@ -37,6 +45,8 @@ const QUERY_AFTER: &str = "SELECT id, path, registrationTime, ultimate FROM Vali
 /// time, `.drv` files only when ?3 is 1: the total a backfill shows its progress against.
 const QUERY_COUNT_AFTER: &str = "SELECT COUNT(*), COALESCE(SUM(narSize), 0) FROM ValidPaths \
      WHERE id > ?1 AND registrationTime >= ?2 AND (?3 OR path NOT LIKE '%.drv')";
+/// One valid path's id by its full path (an index lookup).
+const QUERY_ID: &str = "SELECT id FROM ValidPaths WHERE path = ?1";
 /// A path by id, for references not seen yet in this batch.
 const QUERY_PATH: &str = "SELECT path FROM ValidPaths WHERE id = ?1";
 
@@ -84,9 +94,7 @@ impl StoreDb {
         )
         .map_err(db_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
-        // Up to 64 MiB of page cache (allocated as used) instead of SQLite's 2 MiB: a batch
-        // touches pages all over the path index; this halved `path_infos` on 100,000 paths.
-        conn.pragma_update(None, "cache_size", -65536)
+        conn.pragma_update(None, "cache_size", -PAGE_CACHE_KIB)
             .map_err(db_err)?;
         // Compiling the queries reads the schema, so every reason we cannot use this
         // database shows here rather than on the first query; they stay cached for later.
@@ -177,6 +185,34 @@ impl StoreDb {
         // Ends the read snapshot (nothing was written).
         tx.commit().map_err(|e| self.db_err(e))?;
         Ok(infos)
+    }
+
+    /// See [`super::LocalStore::ids`].
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn ids(&self, paths: &[StorePath]) -> Result<Vec<Option<i64>>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let tx = conn.unchecked_transaction().map_err(|e| self.db_err(e))?;
+        let ids = {
+            let mut stmt = tx.prepare_cached(QUERY_ID).map_err(|e| self.db_err(e))?;
+            let mut ids = Vec::with_capacity(paths.len());
+            let mut full = String::new();
+            for path in paths {
+                full.clear();
+                full.push_str(&self.store_dir);
+                full.push('/');
+                full.push_str(path.base_name());
+                let id: Option<i64> = stmt
+                    .query_row([&full], |r| r.get(0))
+                    .optional()
+                    .map_err(|e| self.db_err(e))?;
+                ids.push(id);
+            }
+            ids
+        };
+        tx.commit().map_err(|e| self.db_err(e))?;
+        Ok(ids)
     }
 
     /// See [`super::LocalStore::derivation_outputs`].
@@ -784,6 +820,35 @@ mod tests {
         let parsed = Signature::parse(sig).unwrap();
         assert_eq!(parsed.key_name, "exp-1");
         assert_eq!(info.sigs, [parsed.clone(), parsed]);
+    }
+
+    #[test]
+    fn ids_are_the_registration_ids_and_none_for_paths_not_valid() {
+        let db = chain(true);
+        let store = open(&db);
+        let rows = store.valid_after(0, 100).unwrap();
+        assert!(rows.len() >= 2);
+        let mut paths: Vec<StorePath> = rows.iter().rev().map(|r| r.path.clone()).collect();
+        paths.push(sp("/nix/store/00000000000000000000000000000000-gone"));
+        let ids = store.ids(&paths).unwrap();
+        let want: Vec<Option<i64>> = rows
+            .iter()
+            .rev()
+            .map(|r| Some(r.id))
+            .chain([None])
+            .collect();
+        assert_eq!(ids, want);
+    }
+
+    #[test]
+    fn the_page_cache_is_a_fixed_size() {
+        let db = chain(true);
+        let store = open(&db);
+        let conn = store.conn.lock().unwrap();
+        let kib: i64 = conn
+            .query_row("PRAGMA cache_size", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kib, -PAGE_CACHE_KIB);
     }
 
     /// The `immutable=1` trap: rows a writer has committed to the WAL but not checkpointed

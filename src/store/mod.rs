@@ -210,6 +210,19 @@ impl LocalStore {
         }
     }
 
+    /// The `ValidPaths.id` of each of `paths`, in order (`None`: not valid), in one read
+    /// transaction; `None` when the store is read through `nix path-info`, which has no
+    /// ids.
+    ///
+    /// # Errors
+    /// [`StoreError::Db`].
+    pub fn ids(&self, paths: &[StorePath]) -> Result<Option<Vec<Option<i64>>>, StoreError> {
+        match self {
+            LocalStore::Db(d) => d.ids(paths).map(Some),
+            LocalStore::Command(_) => Ok(None),
+        }
+    }
+
     /// See [`db::StoreDb::valid_after`]: valid paths in registration order, past an id.
     ///
     /// # Errors

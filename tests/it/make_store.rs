@@ -103,6 +103,7 @@ fn make_store_registers_the_planned_store_and_reuses_it() {
         paths: 1100,
         refs: 3,
         disorder_permille: 10,
+        tiny: false,
     };
     let dir = helpers::tempdir();
     let store = LocalStore::open(STORE, Path::new(DB));

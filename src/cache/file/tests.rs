@@ -18,8 +18,8 @@ fn the_listing_names_every_narinfo_and_nothing_else() {
     std::fs::write(dir.path().join("not-a-hash.narinfo"), "x").unwrap();
     std::fs::write(dir.path().join(format!("{}.ls", a.hash_part())), "{}").unwrap();
     std::fs::write(dir.path().join(format!("{TEMP_PREFIX}x.narinfo")), "x").unwrap();
-    let set = c.list_narinfos().unwrap().unwrap().0;
-    let want: std::collections::HashSet<[u8; 20]> = [&a, &b]
+    let set = c.list_narinfos().unwrap().unwrap();
+    let want: super::super::NarinfoSet = [&a, &b]
         .iter()
         .map(|p| crate::format::nix32::decode::<20>(p.hash_part().as_bytes()).unwrap())
         .collect();

@@ -16,8 +16,8 @@ impl Shared {
     pub(super) async fn list_narinfos(
         &self,
         budget: usize,
-    ) -> Result<Option<std::collections::HashSet<[u8; 20]>>, CacheError> {
-        let mut hashes = std::collections::HashSet::new();
+    ) -> Result<Option<crate::cache::NarinfoSet>, CacheError> {
+        let mut hashes = Vec::new();
         let mut token: Option<String> = None;
         for _ in 0..budget.max(1) {
             let page = self
@@ -38,7 +38,7 @@ impl Shared {
             );
             match page.next_continuation_token() {
                 Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
-                _ => return Ok(Some(hashes)),
+                _ => return Ok(Some(hashes.into_iter().collect())),
             }
         }
         Ok(None)

@@ -136,10 +136,7 @@ impl BinaryCache for S3Cache {
                 // cache holds no more than a few times the paths asked about.
                 let pages = keys.len().div_ceil(1000) * 4;
                 if let Some(present) = s.list_narinfos(pages).await? {
-                    return Ok(paths
-                        .iter()
-                        .map(|p| present.contains(&super::NarinfoSet::key(p)))
-                        .collect());
+                    return Ok(paths.iter().map(|p| present.contains(p)).collect());
                 }
             }
             concurrently(&s, keys, |s, key| async move { s.exists(&key).await }).await
@@ -256,7 +253,7 @@ impl BinaryCache for S3Cache {
     fn list_narinfos(&self) -> Result<Option<super::NarinfoSet>, CacheError> {
         let s = self.shared.clone();
         let set = self.block_on(async move { s.list_narinfos(usize::MAX).await })?;
-        Ok(set.map(super::NarinfoSet))
+        Ok(set)
     }
 
     /// Aborts the multipart uploads under the staging prefix and under `nar/` (a
