@@ -13,13 +13,13 @@ use gungraun::{
 };
 use narflow::bench::{DEFAULT_SEED, WorkloadKind, WorkloadSpec, bench_key, prepare};
 use narflow::cache::null::NullCache;
+use narflow::format::compression::{Compression, CompressionSettings};
 use narflow::format::hash::{HashingWriter, Sha256};
 use narflow::format::narinfo::NarInfo;
 use narflow::format::signing::{Signature, SigningKey};
 use narflow::format::store_path::DEFAULT_STORE_DIR;
-use narflow::nar_fs::dump_path;
-use narflow::format::compression::{Compression, CompressionSettings};
 use narflow::memory::DEFAULT_CHUNK_SIZE;
+use narflow::nar_fs::dump_path;
 use narflow::pipeline::compress::compress_chunk;
 use narflow::pipeline::outcome::{NoProgress, Outcome};
 use narflow::pipeline::{PushOptions, upload};

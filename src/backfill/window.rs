@@ -8,8 +8,8 @@
 use super::run::{Mark, Position, Run};
 use super::{BackfillError, SkipReason};
 use crate::format::store_path::StorePath;
-use crate::pipeline::outcome::{Outcome, PathResult};
 use crate::pipeline;
+use crate::pipeline::outcome::{Outcome, PathResult};
 use crate::store::PathInfo;
 use std::collections::{BTreeSet, HashSet};
 
