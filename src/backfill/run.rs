@@ -3,7 +3,7 @@
 //! and the state file's saves.
 //!
 //! Owns [`Run`]'s fields and the settling side of it. It never plans a window (that is
-//! [`super::window`]'s) and never walks the store ([`super::walk`]'s).
+//! `window`'s) and never walks the store (`walk`'s).
 
 use super::available::{Available, Key};
 use super::state;
