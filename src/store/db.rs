@@ -137,10 +137,7 @@ impl StoreDb {
             let mut infos = Vec::with_capacity(paths.len());
             let mut full = String::new();
             for path in paths {
-                full.clear();
-                full.push_str(&self.store_dir);
-                full.push('/');
-                full.push_str(path.base_name());
+                self.full_path_into(&mut full, path);
                 let mut rows = info_stmt.query([&full]).map_err(|e| self.db_err(e))?;
                 let Some(row) = rows.next().map_err(|e| self.db_err(e))? else {
                     return Err(StoreError::NotValid(full));
@@ -187,6 +184,14 @@ impl StoreDb {
         Ok(infos)
     }
 
+    /// Writes `path`'s full path (as `ValidPaths` has it) into `full`, reusing its buffer.
+    fn full_path_into(&self, full: &mut String, path: &StorePath) {
+        full.clear();
+        full.push_str(&self.store_dir);
+        full.push('/');
+        full.push_str(path.base_name());
+    }
+
     /// See [`super::LocalStore::ids`].
     ///
     /// # Errors
@@ -199,10 +204,7 @@ impl StoreDb {
             let mut ids = Vec::with_capacity(paths.len());
             let mut full = String::new();
             for path in paths {
-                full.clear();
-                full.push_str(&self.store_dir);
-                full.push('/');
-                full.push_str(path.base_name());
+                self.full_path_into(&mut full, path);
                 let id: Option<i64> = stmt
                     .query_row([&full], |r| r.get(0))
                     .optional()
