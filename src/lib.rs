@@ -12,6 +12,7 @@
 //! - `store`: the local Nix store, read-only (path info, closures, order, arguments).
 //! - `cache`: binary cache destinations (`file://`, `s3://`, a null sink).
 //! - `pipeline`: pushing a set of paths to a cache (plan, upload, publish).
+//! - `maintain`: verifying a cache from its listing (`narflow verify`).
 //! - `logs`: build logs of uploaded paths to `log/<drv>` (`--upload-logs`).
 //! - `settings`: one `Settings` type for every command: defaults < config file < env < flags.
 //! - `backfill`: `narflow backfill`: a whole store (or closures) in resumable windows.
@@ -38,6 +39,8 @@ pub mod format;
 pub mod handoff;
 #[cfg(feature = "full")]
 pub mod logs;
+#[cfg(feature = "full")]
+pub mod maintain;
 pub mod memory;
 pub mod nar_fs;
 #[cfg(feature = "full")]

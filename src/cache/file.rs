@@ -660,6 +660,61 @@ impl BinaryCache for FileCache {
         Ok(Some(set.into_iter().collect()))
     }
 
+    /// One read each of the cache's directory, `nar/` and `log/` (a missing `nar/` or
+    /// `log/` is empty). Subdirectories are not objects; names that are not UTF-8 are
+    /// passed on lossily converted.
+    fn list_objects(
+        &self,
+        visit: &mut dyn FnMut(super::ObjectInfo<'_>),
+    ) -> Result<bool, CacheError> {
+        let mut key = String::new();
+        for (dir, prefix) in [
+            (self.root.clone(), ""),
+            (self.nar_dir(), "nar/"),
+            (self.root.join("log"), "log/"),
+        ] {
+            let entries = match self.fs.run(FsOp::List(&dir), || std::fs::read_dir(&dir)) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !prefix.is_empty() => continue,
+                Err(e) => return Err(self.io(prefix, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| self.io(prefix, e))?;
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    // Renamed or removed by a writer since the directory was read.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(self.io(prefix, e)),
+                };
+                if !meta.is_file() {
+                    continue;
+                }
+                key.clear();
+                key.push_str(prefix);
+                key.push_str(&entry.file_name().to_string_lossy());
+                visit(super::ObjectInfo {
+                    key: &key,
+                    size: meta.len(),
+                    modified: meta.modified().ok(),
+                });
+            }
+        }
+        Ok(true)
+    }
+
+    fn get_texts(&self, keys: &[String]) -> Result<Vec<Option<String>>, CacheError> {
+        keys.iter()
+            .map(|key| {
+                let at = self.root.join(key);
+                match self.fs.run(FsOp::Read(&at), || std::fs::read(&at)) {
+                    Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(self.io(key, e)),
+                }
+            })
+            .collect()
+    }
+
     /// Stale temporary files (older than `grace`) that no upload of this process owns.
     fn sweep_orphans(&self, grace: Duration) -> Result<u64, CacheError> {
         let mut removed = 0;

@@ -233,6 +233,36 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     fn list_narinfos(&self) -> Result<Option<NarinfoSet>, CacheError> {
         Ok(None)
     }
+    /// Every object of the cache, each handed to `visit` with its size and modification
+    /// time as one listing gives them (ListObjectsV2 pages on S3; one read of the cache's
+    /// directory and of `nar/` and `log/` for a local one), never a request per object.
+    /// Returns false when the cache cannot list (nothing was visited).
+    ///
+    /// # Errors
+    /// [`CacheError`] when the listing fails part-way (some objects may have been visited).
+    fn list_objects(&self, _visit: &mut dyn FnMut(ObjectInfo<'_>)) -> Result<bool, CacheError> {
+        Ok(false)
+    }
+    /// The multipart uploads started and neither completed nor aborted (S3); none for a
+    /// cache that has no such thing.
+    ///
+    /// # Errors
+    /// [`CacheError`] when they cannot be listed.
+    fn list_unfinished_uploads(&self) -> Result<Vec<UnfinishedUpload>, CacheError> {
+        Ok(Vec::new())
+    }
+    /// The text of each object `keys` names (as UTF-8, lossily), `None` where there is
+    /// none, in order. Remote caches ask concurrently.
+    ///
+    /// # Errors
+    /// The first [`CacheError`]; [`CacheError::Config`] from a cache that cannot read
+    /// objects by key.
+    fn get_texts(&self, _keys: &[String]) -> Result<Vec<Option<String>>, CacheError> {
+        Err(CacheError::Config(format!(
+            "{}: this cache cannot read objects by key",
+            self.url()
+        )))
+    }
     /// Removes what interrupted uploads left behind (temporary files, staging objects,
     /// unfinished multipart uploads) that is older than `grace`, so that an upload still
     /// running elsewhere is never touched. Returns how many leftovers were removed.
@@ -247,6 +277,27 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     fn request_counts(&self) -> Vec<RequestCount> {
         Vec::new()
     }
+}
+
+/// One object of a listing ([`BinaryCache::list_objects`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectInfo<'a> {
+    /// Its key (`<hash part>.narinfo`, `nar/<FileHash>.nar.zst`, ...).
+    pub key: &'a str,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was last written, where the cache says.
+    pub modified: Option<std::time::SystemTime>,
+}
+
+/// A multipart upload neither completed nor aborted ([`BinaryCache::list_unfinished_uploads`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnfinishedUpload {
+    /// The key it would complete to.
+    pub key: String,
+    pub upload_id: String,
+    /// When it was started, where the server says.
+    pub initiated: Option<std::time::SystemTime>,
 }
 
 /// What publishing one narinfo did.

@@ -260,6 +260,18 @@ impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
     fn sweep_orphans(&self, grace: Duration) -> Result<u64, CacheError> {
         self.inner.sweep_orphans(grace)
     }
+    fn list_objects(
+        &self,
+        visit: &mut dyn FnMut(super::ObjectInfo<'_>),
+    ) -> Result<bool, CacheError> {
+        self.inner.list_objects(visit)
+    }
+    fn list_unfinished_uploads(&self) -> Result<Vec<super::UnfinishedUpload>, CacheError> {
+        self.inner.list_unfinished_uploads()
+    }
+    fn get_texts(&self, keys: &[String]) -> Result<Vec<Option<String>>, CacheError> {
+        self.inner.get_texts(keys)
+    }
     fn request_counts(&self) -> Vec<RequestCount> {
         self.inner.request_counts()
     }

@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["nar_fs"],
     &["store"],
     &["cache"],
-    &["pipeline"],
+    &["pipeline", "maintain"],
     &["logs"],
     &["settings"],
     &["backfill", "daemon", "bench"],

@@ -13,12 +13,13 @@
 //! Files: `config` (the client, from the URL and options), `retry` (what is retried and
 //! how long to wait), `object` (requests on one object), `upload` (NARs and other objects
 //! going up, part sizes), `memory` (the upload memory), `copy` (server-side copies),
-//! `batch` (many requests at once), `sweep` (what killed uploads left behind, by age,
+//! `batch` (many requests at once), `list` (the whole bucket), `sweep` (what killed uploads left behind, by age,
 //! never what a live upload owns).
 
 mod batch;
 mod config;
 mod copy;
+mod list;
 mod memory;
 mod object;
 mod retry;
@@ -46,7 +47,7 @@ pub const NAR_TYPE: &str = "application/x-nix-nar";
 pub const CACHE_INFO_TYPE: &str = "text/x-nix-cache-info";
 
 /// Prefix of staging objects for multipart uploads (never referenced by a narinfo).
-const STAGING_PREFIX: &str = ".narflow-staging/";
+pub const STAGING_PREFIX: &str = ".narflow-staging/";
 
 /// What the pipeline and the batch tasks share.
 #[derive(Debug)]
@@ -254,6 +255,31 @@ impl BinaryCache for S3Cache {
         let s = self.shared.clone();
         let set = self.block_on(async move { s.list_narinfos(usize::MAX).await })?;
         Ok(set)
+    }
+
+    fn list_objects(
+        &self,
+        visit: &mut dyn FnMut(super::ObjectInfo<'_>),
+    ) -> Result<bool, CacheError> {
+        self.list_all(visit)?;
+        Ok(true)
+    }
+
+    fn list_unfinished_uploads(&self) -> Result<Vec<super::UnfinishedUpload>, CacheError> {
+        self.unfinished_uploads()
+    }
+
+    fn get_texts(&self, keys: &[String]) -> Result<Vec<Option<String>>, CacheError> {
+        let s = self.shared.clone();
+        let keys = keys.to_vec();
+        self.block_on(async move {
+            concurrently(
+                &s,
+                keys,
+                |s, key| async move { s.get_text_lossy(&key).await },
+            )
+            .await
+        })
     }
 
     /// Aborts the multipart uploads under the staging prefix and under `nar/` (a

@@ -1,0 +1,342 @@
+//! `narflow verify` without downloading NARs: one listing of the cache (objects and their
+//! sizes, unfinished multipart uploads), then every narinfo checked against it — it parses
+//! and names its own hash part, a trusted key signs it, its NAR is there with exactly its
+//! FileSize, every reference's narinfo is there — and what nothing names reported
+//! (orphan NARs, temporary files and staging objects, unfinished uploads).
+//!
+//! Memory grows with the listing, compactly: 20 bytes a narinfo (its hash part), a NAR's
+//! key, size and one flag; narinfo texts are read [`BATCH`] at a time. It never writes to
+//! the cache.
+use crate::cache::{BinaryCache, CacheError, NarinfoSet, ObjectInfo, narinfo_hash};
+use crate::format::narinfo::NarInfo;
+use crate::format::nix32;
+use crate::format::signing::VerifyingKey;
+use crate::format::store_path::StorePath;
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+
+/// Narinfos read per request batch: enough to keep a remote cache's concurrency busy,
+/// while their texts (a few KiB each) stay a few MiB at most.
+pub const BATCH: usize = 512;
+
+/// What is wrong with an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// A narinfo that does not parse.
+    Unparsable,
+    /// A narinfo whose StorePath has another hash part than its key.
+    WrongStorePath,
+    /// A narinfo with a signature by a trusted key's name that does not verify, and none
+    /// that does.
+    BadSignature,
+    /// A narinfo signed by no trusted key (or not at all).
+    Untrusted,
+    /// A narinfo whose NAR (its URL) is not in the cache.
+    NarMissing,
+    /// A narinfo whose NAR is in the cache with another size than its FileSize.
+    NarSize,
+    /// A narinfo with a reference whose narinfo is not in the cache.
+    MissingReference,
+    /// A path asked about that has no narinfo in the cache.
+    MissingNarinfo,
+    /// A NAR no narinfo names (only looked for when the whole cache is verified).
+    OrphanNar,
+    /// A temporary file or staging object an upload left behind (or one still running).
+    Leftover,
+    /// A multipart upload neither completed nor aborted.
+    UnfinishedUpload,
+}
+
+impl Kind {
+    /// Every kind, in report order.
+    pub const ALL: [Kind; 11] = [
+        Kind::Unparsable,
+        Kind::WrongStorePath,
+        Kind::BadSignature,
+        Kind::Untrusted,
+        Kind::NarMissing,
+        Kind::NarSize,
+        Kind::MissingReference,
+        Kind::MissingNarinfo,
+        Kind::OrphanNar,
+        Kind::Leftover,
+        Kind::UnfinishedUpload,
+    ];
+
+    /// The kind's name in reports and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Unparsable => "unparsable-narinfo",
+            Kind::WrongStorePath => "wrong-store-path",
+            Kind::BadSignature => "bad-signature",
+            Kind::Untrusted => "untrusted",
+            Kind::NarMissing => "nar-missing",
+            Kind::NarSize => "nar-size",
+            Kind::MissingReference => "missing-reference",
+            Kind::MissingNarinfo => "missing-narinfo",
+            Kind::OrphanNar => "orphan-nar",
+            Kind::Leftover => "leftover",
+            Kind::UnfinishedUpload => "unfinished-upload",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One problem: the object and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub kind: Kind,
+    /// The object's key (`<hash>.narinfo`, `nar/...`), or a store path asked about.
+    pub object: String,
+    /// What is wrong, in words.
+    pub detail: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.object, self.kind, self.detail)
+    }
+}
+
+/// What to verify.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    pub store_dir: String,
+    /// A narinfo needs a valid signature by one of these.
+    pub trusted: Vec<VerifyingKey>,
+    /// `None`: the whole cache (orphan NARs included). Some: these paths and every path
+    /// their narinfos reach through References.
+    pub paths: Option<Vec<StorePath>>,
+}
+
+/// What a run looked at, and the problems it found by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Narinfos checked.
+    pub narinfos: u64,
+    /// NARs in the listing, and their bytes.
+    pub nars: u64,
+    pub nar_bytes: u64,
+    /// Problems, by [`Kind::ALL`]'s order.
+    pub problems: [u64; Kind::ALL.len()],
+}
+
+impl Summary {
+    /// Problems of every kind.
+    pub fn total_problems(&self) -> u64 {
+        self.problems.iter().sum()
+    }
+    /// Problems of `kind`.
+    pub fn count(&self, kind: Kind) -> u64 {
+        self.problems[kind as usize]
+    }
+}
+
+/// The cache as its listing shows it, compactly.
+#[derive(Debug, Default)]
+struct Listing {
+    narinfos: Vec<[u8; 20]>,
+    /// NAR keys (under `nar/`) and sizes, sorted by key once listed.
+    nars: Vec<(Box<str>, u64)>,
+    leftovers: Vec<(String, u64)>,
+}
+
+/// Whether `key` is what an interrupted upload leaves behind: a `file://` cache's
+/// temporary file or an S3 cache's staging object.
+pub fn is_leftover(key: &str) -> bool {
+    use crate::cache::file::TEMP_PREFIX;
+    let name = key.strip_prefix("nar/").unwrap_or(key);
+    name.starts_with(TEMP_PREFIX) || key.starts_with(crate::cache::s3::STAGING_PREFIX)
+}
+
+impl Listing {
+    fn add(&mut self, o: ObjectInfo<'_>) {
+        if let Some(h) = narinfo_hash(o.key.as_bytes()) {
+            self.narinfos.push(h);
+        } else if is_leftover(o.key) {
+            self.leftovers.push((o.key.to_owned(), o.size));
+        } else if o.key.starts_with("nar/") {
+            self.nars.push((o.key.into(), o.size));
+        }
+    }
+
+    fn finish(&mut self) {
+        self.narinfos.sort_unstable();
+        self.narinfos.dedup();
+        self.narinfos.shrink_to_fit();
+        self.nars.sort_unstable();
+        self.nars.shrink_to_fit();
+    }
+
+    fn has_narinfo(&self, h: &[u8; 20]) -> bool {
+        self.narinfos.binary_search(h).is_ok()
+    }
+
+    fn nar(&self, key: &str) -> Option<usize> {
+        self.nars.binary_search_by(|(k, _)| (**k).cmp(key)).ok()
+    }
+}
+
+/// Verifies `cache` as `opts` says, handing each problem to `report` as it is found.
+///
+/// # Errors
+/// [`CacheError`] when the cache cannot be listed or read ([`CacheError::Config`] for a
+/// cache that cannot list at all).
+pub fn verify(
+    cache: &dyn BinaryCache,
+    opts: &VerifyOptions,
+    report: &mut dyn FnMut(Problem),
+) -> Result<Summary, CacheError> {
+    let mut summary = Summary::default();
+    let mut emit = |summary: &mut Summary, kind: Kind, object: String, detail: String| {
+        summary.problems[kind as usize] += 1;
+        report(Problem {
+            kind,
+            object,
+            detail,
+        });
+    };
+
+    let mut listing = Listing::default();
+    if !cache.list_objects(&mut |o| listing.add(o))? {
+        return Err(CacheError::Config(format!(
+            "{}: this cache cannot be listed, so it cannot be verified",
+            cache.url()
+        )));
+    }
+    listing.finish();
+    summary.nars = listing.nars.len() as u64;
+    summary.nar_bytes = listing.nars.iter().map(|(_, s)| s).sum();
+    let mut named = vec![false; listing.nars.len()];
+
+    // The narinfos to read: all, or the given paths and what they reach.
+    let mut queue: VecDeque<[u8; 20]> = VecDeque::new();
+    let mut seen: HashSet<[u8; 20]> = HashSet::new();
+    match &opts.paths {
+        None => queue.extend(listing.narinfos.iter().copied()),
+        Some(paths) => {
+            for p in paths {
+                let h = NarinfoSet::key(p);
+                if !listing.has_narinfo(&h) {
+                    emit(
+                        &mut summary,
+                        Kind::MissingNarinfo,
+                        p.to_absolute(&opts.store_dir),
+                        "the cache has no narinfo for it".into(),
+                    );
+                } else if seen.insert(h) {
+                    queue.push_back(h);
+                }
+            }
+        }
+    }
+
+    while !queue.is_empty() {
+        let batch: Vec<[u8; 20]> = queue.drain(..queue.len().min(BATCH)).collect();
+        let keys: Vec<String> = batch
+            .iter()
+            .map(|h| format!("{}.narinfo", nix32::encode(h)))
+            .collect();
+        let texts = cache.get_texts(&keys)?;
+        for ((h, key), text) in batch.iter().zip(keys).zip(texts) {
+            // Removed since the listing: nothing left to check.
+            let Some(text) = text else { continue };
+            summary.narinfos += 1;
+            let n = match NarInfo::parse(&text, &opts.store_dir) {
+                Ok(n) => n,
+                Err(e) => {
+                    emit(&mut summary, Kind::Unparsable, key, e.to_string());
+                    continue;
+                }
+            };
+            if NarinfoSet::key(&n.store_path) != *h {
+                let detail = format!("names {}", n.store_path.to_absolute(&opts.store_dir));
+                emit(&mut summary, Kind::WrongStorePath, key, detail);
+                continue;
+            }
+            if n.valid_signatures(&opts.store_dir, &opts.trusted) == 0 {
+                let by_trusted_name = n
+                    .sigs
+                    .iter()
+                    .any(|s| opts.trusted.iter().any(|k| k.name() == s.key_name));
+                let names: Vec<&str> = n.sigs.iter().map(|s| s.key_name.as_str()).collect();
+                if by_trusted_name {
+                    let detail = "a signature by a trusted key's name does not verify".into();
+                    emit(&mut summary, Kind::BadSignature, key.clone(), detail);
+                } else {
+                    let detail = if names.is_empty() {
+                        "not signed".to_owned()
+                    } else {
+                        format!("signed only by untrusted keys: {}", names.join(", "))
+                    };
+                    emit(&mut summary, Kind::Untrusted, key.clone(), detail);
+                }
+            }
+            match listing.nar(&n.url) {
+                None => emit(
+                    &mut summary,
+                    Kind::NarMissing,
+                    key.clone(),
+                    format!("its NAR {} is not in the cache", n.url),
+                ),
+                Some(i) => {
+                    named[i] = true;
+                    let have = listing.nars[i].1;
+                    if let Some(want) = n.file_size.filter(|&w| w != have) {
+                        emit(
+                            &mut summary,
+                            Kind::NarSize,
+                            key.clone(),
+                            format!("its NAR {} has {have} bytes, FileSize says {want}", n.url),
+                        );
+                    }
+                }
+            }
+            for r in n.references.iter().filter(|r| **r != n.store_path) {
+                let rh = NarinfoSet::key(r);
+                if !listing.has_narinfo(&rh) {
+                    emit(
+                        &mut summary,
+                        Kind::MissingReference,
+                        key.clone(),
+                        format!(
+                            "its reference {} has no narinfo in the cache",
+                            r.to_absolute(&opts.store_dir)
+                        ),
+                    );
+                } else if opts.paths.is_some() && seen.insert(rh) {
+                    queue.push_back(rh);
+                }
+            }
+        }
+    }
+
+    if opts.paths.is_none() {
+        for ((key, size), named) in listing.nars.iter().zip(&named) {
+            if !named {
+                let detail = format!("no narinfo names it ({size} bytes)");
+                emit(&mut summary, Kind::OrphanNar, key.to_string(), detail);
+            }
+        }
+    }
+    for (key, size) in std::mem::take(&mut listing.leftovers) {
+        let detail = format!("left behind by an upload, or one still running ({size} bytes)");
+        emit(&mut summary, Kind::Leftover, key, detail);
+    }
+    for u in cache.list_unfinished_uploads()? {
+        let detail = format!(
+            "multipart upload {} was never completed nor aborted",
+            u.upload_id
+        );
+        emit(&mut summary, Kind::UnfinishedUpload, u.key, detail);
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests;
