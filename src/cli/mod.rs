@@ -9,6 +9,7 @@ pub mod hook;
 pub mod progress;
 pub mod push;
 pub mod status;
+pub mod verify;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, Parser, Subcommand};
@@ -78,6 +79,9 @@ pub enum Command {
     Hook(hook::HookArgs),
     /// Show the daemon's queue: pending, in flight, done, failing with the last error.
     Status(status::StatusArgs),
+    /// Check a cache: every narinfo parses, is signed by a trusted key, has its NAR at
+    /// its FileSize and its references' narinfos; report orphan NARs and leftovers.
+    Verify(verify::VerifyArgs),
     /// Print the merged settings (the daemon's view, with the same flags) and where each
     /// value came from.
     Config(config::ConfigArgs),
@@ -100,6 +104,9 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<u8, CliError> {
         Command::Bench(args) => bench::run(args, sub("bench")),
         Command::Daemon(ref args) => {
             daemon::run(args, &merge(&args.settings, sub("daemon"), choice())?)
+        }
+        Command::Verify(ref args) => {
+            verify::run(args, &merge(&args.settings, sub("verify"), choice())?)
         }
         Command::Config(ref args) => {
             config::run(args, &merge(&args.settings, sub("config"), choice())?)

@@ -187,6 +187,7 @@ impl Merged {
                 &s.allow_insecure_key_file,
                 &d.allow_insecure_key_file,
             ),
+            trusted_keys: s.trusted_key.clone().unwrap_or_default(),
             jobs,
             memory,
             chunk_size,
@@ -216,6 +217,8 @@ pub struct Resolved {
     pub key_files: Vec<PathBuf>,
     pub unsigned: bool,
     pub allow_insecure_key_file: bool,
+    /// `trusted-key`'s public keys, as given (parsed by the command that uses them).
+    pub trusted_keys: Vec<String>,
     pub jobs: usize,
     /// The memory budget, checked against the chunk size and the cache's need.
     pub memory: u64,

@@ -249,8 +249,10 @@ settings_group! {
             flag: "to",
             env: "NARFLOW_TO",
             value: "URL",
-            default: Fallback::Words("none (push and daemon need one)"),
-            help: "Destination cache, in Nix's store-URL syntax (file:///DIR, s3://BUCKET?...)",
+            default: Fallback::Words("none (push, daemon and verify need one)"),
+            help: "The cache, in Nix's store-URL syntax (file:///DIR, s3://BUCKET?...); \
+                   --cache is the same flag",
+            arg: [visible_alias = "cache"],
             show: |r| {
                 r.url
                     .as_ref()
@@ -289,6 +291,16 @@ settings_group! {
             arg: [num_args = 0..=1, require_equals = true, default_missing_value = "true",
                   value_parser = clap::builder::BoolishValueParser::new()],
             show: |r| json!(r.allow_insecure_key_file),
+        },
+        trusted_key: Vec<String> {
+            key: "trusted-key",
+            flag: "trusted-key",
+            env: "NARFLOW_TRUSTED_KEY",
+            value: "NAME:KEY",
+            default: Fallback::Words("the public halves of the key files"),
+            help: "Public key (Nix format) whose signatures `narflow verify` trusts; repeatable",
+            arg: [value_delimiter = ','],
+            show: |r| json!(r.trusted_keys),
         },
         socket: PathBuf {
             key: "socket",

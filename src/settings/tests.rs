@@ -340,7 +340,7 @@ fn every_setting_has_one_file_key_and_every_file_key_is_read() {
     // A file that sets every key, each on its own line, is read whole.
     let file = "to = \"file:///c\"\nkey-file = [\"/k\"]\ncompression = \"xz\"\nlevel = 2\njobs = 1\n\
         memory = \"1G\"\nchunk-size = 1048576\nunsigned = true\nallow-insecure-key-file = false\n\
-        socket = \"/s\"\nstate-dir = \"/d\"\nmax-rate = \"50M\"\nupload-logs = true\n[daemon]\n\
+        trusted-key = [\"k-1:AAAA\"]\nsocket = \"/s\"\nstate-dir = \"/d\"\nmax-rate = \"50M\"\nupload-logs = true\n[daemon]\n\
         socket-group = 30000\nshutdown-timeout = 1.5\nmetrics-listen = \"127.0.0.1:9464\"\n\
         watch-store = \"all\"\n[s3]\nconcurrency = 3\nretries = 4\n\
         connect-timeout = 2\nread-timeout = 9\npart-size = \"16M\"\n[hook]\ntimeout = 0.5\n";
