@@ -39,7 +39,8 @@ pub enum Kind {
     MissingReference,
     /// A path asked about that has no narinfo in the cache.
     MissingNarinfo,
-    /// A NAR no narinfo names (only looked for when the whole cache is verified).
+    /// A NAR no narinfo names. This kind and the two after it are looked for only when
+    /// the whole cache is verified.
     OrphanNar,
     /// A temporary file or staging object an upload left behind (or one still running).
     Leftover,
@@ -109,8 +110,9 @@ pub struct VerifyOptions {
     pub store_dir: String,
     /// A narinfo needs a valid signature by one of these.
     pub trusted: Vec<VerifyingKey>,
-    /// `None`: the whole cache (orphan NARs included). Some: these paths and every path
-    /// their narinfos reach through References.
+    /// `None`: the whole cache, with what nothing names (orphan NARs, leftovers,
+    /// unfinished uploads). Some: these paths and every path their narinfos reach through
+    /// References, nothing else.
     pub paths: Option<Vec<StorePath>>,
 }
 
@@ -324,16 +326,18 @@ pub fn verify(
             }
         }
     }
-    for (key, size) in std::mem::take(&mut listing.leftovers) {
-        let detail = format!("left behind by an upload, or one still running ({size} bytes)");
-        emit(&mut summary, Kind::Leftover, key, detail);
-    }
-    for u in cache.list_unfinished_uploads()? {
-        let detail = format!(
-            "multipart upload {} was never completed nor aborted",
-            u.upload_id
-        );
-        emit(&mut summary, Kind::UnfinishedUpload, u.key, detail);
+    if opts.paths.is_none() {
+        for (key, size) in std::mem::take(&mut listing.leftovers) {
+            let detail = format!("left behind by an upload, or one still running ({size} bytes)");
+            emit(&mut summary, Kind::Leftover, key, detail);
+        }
+        for u in cache.list_unfinished_uploads()? {
+            let detail = format!(
+                "multipart upload {} was never completed nor aborted",
+                u.upload_id
+            );
+            emit(&mut summary, Kind::UnfinishedUpload, u.key, detail);
+        }
     }
     Ok(summary)
 }

@@ -278,7 +278,7 @@ fn each_damage_is_named_with_its_kind_and_object() {
 #[test]
 fn given_paths_are_verified_with_what_they_reach_and_nothing_else() {
     let (mut c, [_top, mid, leaf]) = closure();
-    // Damage outside mid's closure, and an orphan: neither is looked at.
+    // Damage outside mid's closure, an orphan and leftovers: none is looked at.
     let other = path('f', "other");
     add(
         &mut c,
@@ -287,6 +287,12 @@ fn given_paths_are_verified_with_what_they_reach_and_nothing_else() {
         &SigningKey::from_seed("other-1", [3; 32]),
     );
     c.objects.insert("nar/orphan.nar".into(), b"x".to_vec());
+    c.objects.insert(".narflow-tmp-x".into(), b"x".to_vec());
+    c.uploads.push(UnfinishedUpload {
+        key: ".narflow-staging/nar/y".into(),
+        upload_id: "id-1".into(),
+        initiated: None,
+    });
     let (s, problems) = run(&c, Some(vec![mid.clone()]));
     assert_eq!(problems, vec![]);
     assert_eq!(s.narinfos, 2);
