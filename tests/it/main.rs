@@ -20,5 +20,6 @@ mod rate;
 mod s3;
 mod s3_faults;
 mod store_nix;
+mod verify;
 mod watch;
 mod writers;
