@@ -4,8 +4,9 @@
 //! FileSize, every reference's narinfo is there — and what nothing names reported
 //! (orphan NARs, temporary files and staging objects, unfinished uploads).
 //!
-//! Memory grows with the listing, compactly: 20 bytes a narinfo (its hash part), a NAR's
-//! key, size and one flag; narinfo texts are read [`BATCH`] at a time. It never writes to
+//! Memory grows with the listing, compactly: 20 bytes a narinfo (its hash part), about 50
+//! a NAR (its FileHash's 32 bytes, a suffix index, its size, one flag); narinfo texts are
+//! read [`BATCH`] at a time. It never writes to
 //! the cache.
 use crate::cache::{BinaryCache, CacheError, NarinfoSet, ObjectInfo, narinfo_hash};
 use crate::format::narinfo::NarInfo;
@@ -139,12 +140,26 @@ impl Summary {
     }
 }
 
+/// Characters of a SHA-256 in nix32, as NAR keys spell FileHash.
+const FILE_HASH_LEN: usize = nix32::encoded_len(32);
+
+/// A NAR's key, compactly: `nar/<FileHash in nix32><suffix>` as the hash's 32 bytes and
+/// the index of its suffix (`.nar.zst`, `.nar.xz`, ...) in [`Listing::suffixes`]; any other
+/// key as itself.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum NarKey {
+    Hashed([u8; 32], u8),
+    Other(Box<str>),
+}
+
 /// The cache as its listing shows it, compactly.
 #[derive(Debug, Default)]
 struct Listing {
     narinfos: Vec<[u8; 20]>,
     /// NAR keys (under `nar/`) and sizes, sorted by key once listed.
-    nars: Vec<(Box<str>, u64)>,
+    nars: Vec<(NarKey, u64)>,
+    /// The suffixes of [`NarKey::Hashed`] keys (a handful: one per compression).
+    suffixes: Vec<Box<str>>,
     leftovers: Vec<(String, u64)>,
 }
 
@@ -163,7 +178,55 @@ impl Listing {
         } else if is_leftover(o.key) {
             self.leftovers.push((o.key.to_owned(), o.size));
         } else if o.key.starts_with("nar/") {
-            self.nars.push((o.key.into(), o.size));
+            let key = self.nar_key(o.key, true).expect("a key is added");
+            self.nars.push((key, o.size));
+        }
+    }
+
+    /// The compact form of the NAR key `key`; `None` when it has a suffix the listing
+    /// does not know (so no NAR of the listing has that key), unless `add`, which adds
+    /// the suffix.
+    fn nar_key(&mut self, key: &str, add: bool) -> Option<NarKey> {
+        let hashed = key
+            .strip_prefix("nar/")
+            .filter(|rest| rest.len() >= FILE_HASH_LEN && rest.is_char_boundary(FILE_HASH_LEN))
+            .and_then(|rest| {
+                let (hash, suffix) = rest.split_at(FILE_HASH_LEN);
+                let bytes = nix32::decode::<32>(hash.as_bytes()).ok()?;
+                // Only the canonical spelling, so that the key reads back the same.
+                (nix32::encode(&bytes) == hash).then_some((bytes, suffix))
+            });
+        let Some((bytes, suffix)) = hashed else {
+            return Some(NarKey::Other(key.into()));
+        };
+        let index = match self.suffixes.iter().position(|s| **s == *suffix) {
+            Some(i) => i,
+            None if !add => return None,
+            None if self.suffixes.len() > usize::from(u8::MAX) => {
+                return Some(NarKey::Other(key.into()));
+            }
+            None => {
+                self.suffixes.push(suffix.into());
+                self.suffixes.len() - 1
+            }
+        };
+        Some(NarKey::Hashed(
+            bytes,
+            u8::try_from(index).expect("at most 256 suffixes"),
+        ))
+    }
+
+    /// The key a [`NarKey`] stands for.
+    fn nar_name(&self, key: &NarKey) -> String {
+        match key {
+            NarKey::Hashed(bytes, i) => {
+                format!(
+                    "nar/{}{}",
+                    nix32::encode(bytes),
+                    self.suffixes[usize::from(*i)]
+                )
+            }
+            NarKey::Other(k) => k.to_string(),
         }
     }
 
@@ -179,8 +242,9 @@ impl Listing {
         self.narinfos.binary_search(h).is_ok()
     }
 
-    fn nar(&self, key: &str) -> Option<usize> {
-        self.nars.binary_search_by(|(k, _)| (**k).cmp(key)).ok()
+    fn nar(&mut self, key: &str) -> Option<usize> {
+        let key = self.nar_key(key, false)?;
+        self.nars.binary_search_by(|(k, _)| k.cmp(&key)).ok()
     }
 }
 
@@ -322,7 +386,7 @@ pub fn verify(
         for ((key, size), named) in listing.nars.iter().zip(&named) {
             if !named {
                 let detail = format!("no narinfo names it ({size} bytes)");
-                emit(&mut summary, Kind::OrphanNar, key.to_string(), detail);
+                emit(&mut summary, Kind::OrphanNar, listing.nar_name(key), detail);
             }
         }
     }

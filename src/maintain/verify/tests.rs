@@ -342,3 +342,25 @@ fn a_cache_that_cannot_list_is_a_configuration_error() {
     let r = verify(&Unlisted(Memory::default()), &opts(None), &mut |_| {});
     assert!(matches!(r, Err(CacheError::Config(_))), "{r:?}");
 }
+
+#[test]
+fn orphan_nars_are_named_by_their_keys_whatever_their_shape() {
+    let (mut c, _) = closure();
+    let hashed = format!("nar/{}.nar.zst", Sha256::digest(b"orphan").to_nix32());
+    let odd = [
+        hashed.as_str(),
+        "nar/not-a-hash.nar",
+        "nar/0000000000000000000000000000000000000000000000000zzz.nar",
+    ];
+    for key in odd {
+        c.objects.insert(key.into(), b"x".to_vec());
+    }
+    let (s, problems) = run(&c, None);
+    let mut named: Vec<&str> = problems.iter().map(|p| &*p.object).collect();
+    named.sort_unstable();
+    let mut want = odd.to_vec();
+    want.sort_unstable();
+    assert_eq!(named, want);
+    assert_eq!(s.count(Kind::OrphanNar), 3);
+    assert_eq!(s.total_problems(), 3);
+}
