@@ -13,6 +13,7 @@ use crate::format::narinfo::NarInfo;
 use crate::format::nix32;
 use crate::format::signing::VerifyingKey;
 use crate::format::store_path::StorePath;
+use rayon::prelude::*;
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 
@@ -248,6 +249,44 @@ impl Listing {
     }
 }
 
+/// A narinfo read and checked on its own (before the listing is consulted).
+enum Read {
+    /// It does not parse, or names another path: nothing more can be checked.
+    Damaged(Kind, String),
+    /// It parsed; what is wrong with its signatures, if anything.
+    Parsed(Box<NarInfo>, Option<(Kind, String)>),
+}
+
+/// Parses `text`, the narinfo listed as hash part `h`, and checks its signatures.
+fn read_narinfo(text: &str, h: &[u8; 20], opts: &VerifyOptions) -> Read {
+    let n = match NarInfo::parse(text, &opts.store_dir) {
+        Ok(n) => n,
+        Err(e) => return Read::Damaged(Kind::Unparsable, e.to_string()),
+    };
+    if NarinfoSet::key(&n.store_path) != *h {
+        let detail = format!("names {}", n.store_path.to_absolute(&opts.store_dir));
+        return Read::Damaged(Kind::WrongStorePath, detail);
+    }
+    if n.valid_signatures(&opts.store_dir, &opts.trusted) > 0 {
+        return Read::Parsed(Box::new(n), None);
+    }
+    let by_trusted_name = n
+        .sigs
+        .iter()
+        .any(|s| opts.trusted.iter().any(|k| k.name() == s.key_name));
+    let problem = if by_trusted_name {
+        let detail = "a signature by a trusted key's name does not verify".to_owned();
+        (Kind::BadSignature, detail)
+    } else if n.sigs.is_empty() {
+        (Kind::Untrusted, "not signed".to_owned())
+    } else {
+        let names: Vec<&str> = n.sigs.iter().map(|s| s.key_name.as_str()).collect();
+        let detail = format!("signed only by untrusted keys: {}", names.join(", "));
+        (Kind::Untrusted, detail)
+    };
+    Read::Parsed(Box::new(n), Some(problem))
+}
+
 /// Verifies `cache` as `opts` says, handing each problem to `report` as it is found.
 ///
 /// # Errors
@@ -309,40 +348,29 @@ pub fn verify(
             .map(|h| format!("{}.narinfo", nix32::encode(h)))
             .collect();
         let texts = cache.get_texts(&keys)?;
-        for ((h, key), text) in batch.iter().zip(keys).zip(texts) {
+        // Parsing and signature checks (the CPU work) run across the batch in parallel.
+        let read: Vec<Option<Read>> = texts
+            .par_iter()
+            .zip(&batch)
+            .map(|(text, h)| text.as_deref().map(|t| read_narinfo(t, h, opts)))
+            .collect();
+        drop(texts);
+        for (key, read) in keys.into_iter().zip(read) {
             // Removed since the listing: nothing left to check.
-            let Some(text) = text else { continue };
+            let Some(read) = read else { continue };
             summary.narinfos += 1;
-            let n = match NarInfo::parse(&text, &opts.store_dir) {
-                Ok(n) => n,
-                Err(e) => {
-                    emit(&mut summary, Kind::Unparsable, key, e.to_string());
+            let n = match read {
+                Read::Damaged(kind, detail) => {
+                    emit(&mut summary, kind, key, detail);
                     continue;
                 }
-            };
-            if NarinfoSet::key(&n.store_path) != *h {
-                let detail = format!("names {}", n.store_path.to_absolute(&opts.store_dir));
-                emit(&mut summary, Kind::WrongStorePath, key, detail);
-                continue;
-            }
-            if n.valid_signatures(&opts.store_dir, &opts.trusted) == 0 {
-                let by_trusted_name = n
-                    .sigs
-                    .iter()
-                    .any(|s| opts.trusted.iter().any(|k| k.name() == s.key_name));
-                let names: Vec<&str> = n.sigs.iter().map(|s| s.key_name.as_str()).collect();
-                if by_trusted_name {
-                    let detail = "a signature by a trusted key's name does not verify".into();
-                    emit(&mut summary, Kind::BadSignature, key.clone(), detail);
-                } else {
-                    let detail = if names.is_empty() {
-                        "not signed".to_owned()
-                    } else {
-                        format!("signed only by untrusted keys: {}", names.join(", "))
-                    };
-                    emit(&mut summary, Kind::Untrusted, key.clone(), detail);
+                Read::Parsed(n, signature) => {
+                    if let Some((kind, detail)) = signature {
+                        emit(&mut summary, kind, key.clone(), detail);
+                    }
+                    n
                 }
-            }
+            };
             match listing.nar(&n.url) {
                 None => emit(
                     &mut summary,
