@@ -364,3 +364,14 @@ fn orphan_nars_are_named_by_their_keys_whatever_their_shape() {
     assert_eq!(s.count(Kind::OrphanNar), 3);
     assert_eq!(s.total_problems(), 3);
 }
+
+#[test]
+fn kinds_are_counted_in_their_own_slots_under_distinct_names() {
+    for (i, k) in Kind::ALL.iter().enumerate() {
+        assert_eq!(*k as usize, i, "{k}");
+    }
+    let mut names: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), Kind::ALL.len());
+}
