@@ -26,6 +26,45 @@ fn the_listing_names_every_narinfo_and_nothing_else() {
     assert_eq!(set, want);
 }
 
+#[test]
+fn the_object_listing_names_every_file_with_its_size_and_reads_them_back() {
+    let (dir, c) = cache();
+    // A new cache: `nar/` may exist or not; `log/` does not.
+    let mut seen = Vec::new();
+    assert!(
+        c.list_objects(&mut |o| seen.push(o.key.to_owned()))
+            .unwrap()
+    );
+    assert_eq!(seen, Vec::<String>::new());
+    std::fs::create_dir_all(dir.path().join("nar/sub")).unwrap();
+    std::fs::create_dir_all(dir.path().join("log")).unwrap();
+    for (key, bytes) in [
+        ("a.narinfo", &b"narinfo"[..]),
+        ("nar/x.nar.zst", b"12345"),
+        ("nar/sub/not-listed", b"x"),
+        ("log/d.drv", b"log"),
+    ] {
+        std::fs::write(dir.path().join(key), bytes).unwrap();
+    }
+    let mut seen = Vec::new();
+    assert!(
+        c.list_objects(&mut |o| {
+            assert!(o.modified.is_some(), "{}", o.key);
+            seen.push((o.key.to_owned(), o.size));
+        })
+        .unwrap()
+    );
+    seen.sort();
+    let want =
+        [("a.narinfo", 7), ("log/d.drv", 3), ("nar/x.nar.zst", 5)].map(|(k, n)| (k.to_owned(), n));
+    assert_eq!(seen, want);
+    let keys = ["a.narinfo".to_owned(), "missing.narinfo".to_owned()];
+    assert_eq!(
+        c.get_texts(&keys).unwrap(),
+        vec![Some("narinfo".to_owned()), None]
+    );
+}
+
 fn cache() -> (tempfile::TempDir, FileCache) {
     let dir = tempfile::tempdir().unwrap();
     let c = FileCache::open(dir.path(), "file:///test").unwrap();
