@@ -20,7 +20,7 @@ const LAYERS: &[&[&str]] = &[
     &["pipeline"],
     &["logs"],
     &["settings"],
-    &["backfill", "daemon", "bench"],
+    &["backfill", "daemon", "bench", "maintain"],
 ];
 
 /// A module path inside one crate, `crate` left out: `["pipeline", "walk"]`.

@@ -1,0 +1,15 @@
+//! Maintaining a cache: `narflow gc`'s mark and sweep (and, beside it, verify and repair).
+//! This module decides what may go and in which order; it never lists or deletes objects
+//! itself: a cache listing fills an [`index::CacheIndex`], and the sweep's batches are
+//! handed to the cache in order.
+//!
+//! - [`index`]: the compact in-memory index of a cache's narinfos, NARs, `.ls` files and
+//!   logs that the planner reads (hash parts as 20 bytes, sizes, modification times).
+//! - [`gc_plan`]: roots, reachability through References, and the deletion batches,
+//!   referrers first.
+
+pub mod gc_plan;
+pub mod index;
+
+#[cfg(test)]
+mod tests;
