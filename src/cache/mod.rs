@@ -5,6 +5,7 @@
 #[cfg(test)]
 pub(crate) mod fault;
 pub mod file;
+pub mod gc_marker;
 pub mod null;
 pub(crate) mod owned;
 pub mod rate;
