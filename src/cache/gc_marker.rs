@@ -1,6 +1,7 @@
-//! The marker a running `narflow gc` keeps in a cache (`narflow-gc`), and the writer's
-//! reading of it: whether a publishing wave may go, must wait for a gc, or must first
-//! check again what it relies on because a gc ran since the writer looked at the cache.
+//! The marker a running `narflow gc` keeps in a cache (`narflow-gc`), and a writer's
+//! reading of it: whether a gc is running (wait), or which gc the cache is past (the
+//! epoch a job is planned in; a later one before its narinfo is written means a check
+//! again of what the job relies on).
 //! This file owns the marker's text and the timing rules; it never reads or writes a
 //! cache itself (callers hand it what they read, and the time on their monotonic clock).
 
@@ -90,20 +91,15 @@ impl Marker {
     }
 }
 
-/// What a writer may do now.
+/// The gc a writer's look at the cache postdates. Every job planned from that look
+/// carries it; a job whose epoch differs from the one read before its publishing wave
+/// saw the cache before a gc that has run since: what it relies on (the narinfos it
+/// refers to that it found in the cache, the NAR it found instead of writing) is checked
+/// again before its narinfo is written, and what vanished is uploaded again or fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// No gc ran since the writer looked at the cache: publish.
-    Publish,
-    /// A gc is running: read the marker again later (after about [`HEARTBEAT`]).
-    Wait,
-    /// A gc ran since the writer looked at the cache: check that every narinfo the wave
-    /// refers to outside the run and every NAR it found instead of writing is still there,
-    /// then call [`MarkerWatch::rechecked`] and publish what passed.
-    Recheck,
-}
+pub struct Epoch(Seen);
 
-/// Which marker a writer's view of the cache is known to postdate.
+/// Which marker an epoch is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Seen {
     /// There was no marker.
@@ -117,14 +113,10 @@ enum Seen {
 /// A reading of the marker: `None` when there is none, `Some(None)` when it does not parse.
 pub type Reading = Option<Option<Marker>>;
 
-/// A writer's view of the marker: the gc its look at the cache postdates, and the
-/// heartbeat it last saw change.
+/// A writer's reading of the marker over time: tells a running gc from a dead one by
+/// whether its heartbeat changes.
 #[derive(Debug, Clone, Default)]
 pub struct MarkerWatch {
-    /// `None` until the writer first looks at the cache.
-    looked_after: Option<Seen>,
-    /// What a [`Verdict::Recheck`] moves `looked_after` to once the caller has checked.
-    recheck_to: Option<Seen>,
     /// The running marker last read, and when it was first read like that.
     beat: Option<(Marker, Instant)>,
     /// When an unparsable marker was first read (in a row).
@@ -132,60 +124,28 @@ pub struct MarkerWatch {
 }
 
 impl MarkerWatch {
-    /// The verdict before the writer looks at the cache (plans, reads a listing), from the
-    /// marker read just before: [`Verdict::Wait`] while a gc runs, else
-    /// [`Verdict::Publish`] (go and look).
-    pub fn before_look(&mut self, reading: Reading, now: Instant) -> Verdict {
-        match self.settled(reading, now) {
-            None => Verdict::Wait,
-            Some(seen) => {
-                self.looked_after = Some(seen);
-                self.recheck_to = None;
-                Verdict::Publish
-            }
-        }
-    }
-
-    /// The verdict for a publishing wave, from the marker read just before it (its writes
-    /// start within [`WAVE_FRESH`] of that reading).
-    pub fn before_wave(&mut self, reading: Reading, now: Instant) -> Verdict {
-        let Some(seen) = self.settled(reading, now) else {
-            return Verdict::Wait;
-        };
-        if self.looked_after == Some(seen) {
-            return Verdict::Publish;
-        }
-        self.recheck_to = Some(seen);
-        Verdict::Recheck
-    }
-
-    /// The caller checked, after a [`Verdict::Recheck`], that what its waves rely on is
-    /// still there: its view of the cache now postdates that gc.
-    pub fn rechecked(&mut self) {
-        if let Some(seen) = self.recheck_to.take() {
-            self.looked_after = Some(seen);
-        }
-    }
-
-    /// Which marker is settled (no gc running), or `None` while one runs.
-    fn settled(&mut self, reading: Reading, now: Instant) -> Option<Seen> {
+    /// The epoch, from the marker read just now, or `None` while a gc runs: the writer
+    /// reads the marker again after about [`HEARTBEAT`], and neither looks at the cache
+    /// nor writes a narinfo meanwhile.
+    pub fn settled(&mut self, reading: Reading, now: Instant) -> Option<Epoch> {
         let marker = match reading {
             None => {
                 self.beat = None;
                 self.unreadable_since = None;
-                return Some(Seen::Nothing);
+                return Some(Epoch(Seen::Nothing));
             }
             Some(None) => {
                 self.beat = None;
                 let since = *self.unreadable_since.get_or_insert(now);
-                return (now.duration_since(since) >= STALE).then_some(Seen::Unreadable);
+                return (now.duration_since(since) >= STALE).then_some(Epoch(Seen::Unreadable));
             }
             Some(Some(m)) => m,
         };
         self.unreadable_since = None;
+        let settled = Some(Epoch(Seen::Generation(marker.generation)));
         if !marker.running {
             self.beat = None;
-            return Some(Seen::Generation(marker.generation));
+            return settled;
         }
         let since = match self.beat {
             Some((last, since)) if last == marker => since,
@@ -194,7 +154,11 @@ impl MarkerWatch {
                 now
             }
         };
-        (now.duration_since(since) >= STALE).then_some(Seen::Generation(marker.generation))
+        if now.duration_since(since) >= STALE {
+            settled
+        } else {
+            None
+        }
     }
 }
 
@@ -244,78 +208,65 @@ mod tests {
         }
     }
 
-    #[test]
-    fn with_no_gc_ever_every_wave_publishes() {
-        let t = Instant::now();
-        let mut w = MarkerWatch::default();
-        assert_eq!(w.before_look(None, t), Verdict::Publish);
-        assert_eq!(w.before_wave(None, t), Verdict::Publish);
+    fn epoch(reading: Reading) -> Epoch {
+        MarkerWatch::default()
+            .settled(reading, Instant::now())
+            .expect("settled")
     }
 
     #[test]
-    fn a_gc_that_ran_since_the_look_at_the_cache_makes_the_wave_recheck_once() {
+    fn with_no_gc_ever_the_epoch_never_changes() {
         let t = Instant::now();
         let mut w = MarkerWatch::default();
-        assert_eq!(w.before_look(done(1), t), Verdict::Publish);
-        assert_eq!(w.before_wave(done(1), t), Verdict::Publish);
-        // A gc started, beating: the wave waits.
-        assert_eq!(w.before_wave(running(2, 0), t), Verdict::Wait);
-        assert_eq!(w.before_wave(running(2, 1), t + HEARTBEAT), Verdict::Wait);
-        // It is done: whatever the writer found in the cache may be gone.
-        assert_eq!(w.before_wave(done(2), t + 2 * HEARTBEAT), Verdict::Recheck);
-        assert_eq!(w.before_wave(done(2), t + 2 * HEARTBEAT), Verdict::Recheck);
-        w.rechecked();
-        assert_eq!(w.before_wave(done(2), t + 2 * HEARTBEAT), Verdict::Publish);
-        // A gc that ran and finished between two waves is caught too.
-        assert_eq!(w.before_wave(done(3), t + 3 * HEARTBEAT), Verdict::Recheck);
+        assert_eq!(w.settled(None, t), Some(epoch(None)));
+        assert_eq!(w.settled(None, t + STALE), Some(epoch(None)));
     }
 
     #[test]
-    fn a_writer_looks_at_the_cache_only_after_a_running_gc() {
+    fn a_running_gc_is_waited_for_and_a_gc_that_ran_is_a_new_epoch() {
         let t = Instant::now();
         let mut w = MarkerWatch::default();
-        assert_eq!(w.before_look(running(4, 0), t), Verdict::Wait);
-        assert_eq!(w.before_look(done(4), t + HEARTBEAT), Verdict::Publish);
-        assert_eq!(w.before_wave(done(4), t + HEARTBEAT), Verdict::Publish);
+        let planned = w.settled(done(1), t).unwrap();
+        assert_eq!(w.settled(done(1), t), Some(planned));
+        // A gc started, beating: nothing settles.
+        assert_eq!(w.settled(running(2, 0), t), None);
+        assert_eq!(w.settled(running(2, 1), t + HEARTBEAT), None);
+        assert_eq!(w.settled(running(2, 2), t + 2 * HEARTBEAT), None);
+        // Done: a new epoch, so what was planned before it is checked again.
+        let after = w.settled(done(2), t + 3 * HEARTBEAT).unwrap();
+        assert_ne!(after, planned);
+        // A gc that ran and finished between two readings is a new epoch too.
+        assert_ne!(w.settled(done(3), t + 4 * HEARTBEAT).unwrap(), after);
+        // And one that removed the marker.
+        assert_ne!(w.settled(None, t + 4 * HEARTBEAT).unwrap(), after);
     }
 
     #[test]
-    fn a_heartbeat_that_stops_is_a_dead_gc_after_stale_and_its_work_is_rechecked() {
+    fn a_heartbeat_that_stops_is_a_dead_gc_after_stale() {
         let t = Instant::now();
         let mut w = MarkerWatch::default();
-        assert_eq!(w.before_look(None, t), Verdict::Publish);
-        assert_eq!(w.before_wave(running(5, 3), t), Verdict::Wait);
-        assert_eq!(
-            w.before_wave(running(5, 3), t + STALE - Duration::from_secs(1)),
-            Verdict::Wait
-        );
+        let s = Duration::from_secs(1);
+        assert_eq!(w.settled(running(5, 3), t), None);
+        assert_eq!(w.settled(running(5, 3), t + STALE - s), None);
         // Beating again restarts the count.
-        assert_eq!(w.before_wave(running(5, 4), t + STALE), Verdict::Wait);
-        assert_eq!(
-            w.before_wave(running(5, 4), t + 2 * STALE - Duration::from_secs(1)),
-            Verdict::Wait
-        );
-        assert_eq!(
-            w.before_wave(running(5, 4), t + 2 * STALE),
-            Verdict::Recheck
-        );
-        w.rechecked();
-        assert_eq!(
-            w.before_wave(running(5, 4), t + 2 * STALE),
-            Verdict::Publish
-        );
+        assert_eq!(w.settled(running(5, 4), t + STALE), None);
+        assert_eq!(w.settled(running(5, 4), t + 2 * STALE - s), None);
+        let dead = w.settled(running(5, 4), t + 2 * STALE).unwrap();
+        // The dead gc's epoch is the one it leaves when it is done.
+        assert_eq!(dead, epoch(done(5)));
     }
 
     #[test]
-    fn an_unreadable_marker_is_waited_on_then_rechecked() {
+    fn an_unreadable_marker_is_waited_on_then_is_an_epoch_of_its_own() {
         let t = Instant::now();
         let mut w = MarkerWatch::default();
-        assert_eq!(w.before_look(None, t), Verdict::Publish);
-        assert_eq!(w.before_wave(Some(None), t), Verdict::Wait);
-        assert_eq!(w.before_wave(Some(None), t + STALE), Verdict::Recheck);
-        w.rechecked();
-        assert_eq!(w.before_wave(Some(None), t + STALE), Verdict::Publish);
-        // A marker that vanishes after one was seen: a gc may have run in between.
-        assert_eq!(w.before_wave(None, t + STALE), Verdict::Recheck);
+        assert_eq!(w.settled(Some(None), t), None);
+        assert_eq!(
+            w.settled(Some(None), t + STALE - Duration::from_secs(1)),
+            None
+        );
+        let e = w.settled(Some(None), t + STALE).unwrap();
+        assert_ne!(e, epoch(None));
+        assert_ne!(e, epoch(done(0)));
     }
 }
