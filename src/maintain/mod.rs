@@ -5,11 +5,13 @@
 //!
 //! - [`index`]: the compact in-memory index of a cache's narinfos, NARs, `.ls` files and
 //!   logs that the planner reads (hash parts as 20 bytes, sizes, modification times).
+//! - [`roots`]: the roots as the user names them (`--keep-closure-of`, `--keep-file`).
 //! - [`gc_plan`]: roots, reachability through References, and the deletion batches,
 //!   referrers first.
 
 pub mod gc_plan;
 pub mod index;
+pub mod roots;
 
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,6 @@
 use super::gc_plan::{GcOptions, MAX_BATCH, Phase, RootReason, Roots, plan};
 use super::index::{CacheIndex, HashPart, IndexBuilder, Stat, listing_key, narinfo_key};
+use super::roots::{parse_keep_file, parse_root};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -496,4 +497,39 @@ proptest! {
             prop_assert_eq!(left.contains(&key), of_kept || !of_deleted || young(age), "log {}", log);
         }
     }
+}
+
+#[test]
+fn a_root_is_a_store_path_a_path_below_one_a_basename_or_a_hash_part() {
+    let hash_part = "0c6kzph7l0dcbfmjap64f0czdafn3b7x";
+    let want = super::index::parse_hash_part(hash_part).unwrap();
+    for text in [
+        format!("/nix/store/{hash_part}-hello-2.12"),
+        format!("/nix/store/{hash_part}-hello-2.12/bin/hello"),
+        format!("{hash_part}-hello-2.12"),
+        hash_part.to_owned(),
+    ] {
+        assert_eq!(parse_root(&text, "/nix/store"), Ok(want), "{text}");
+    }
+    for bad in [
+        "/tmp/x",
+        "hello",
+        "/nix/store/short-x",
+        "0c6kzph7l0dcbfmjap64f0czdafn3b7e",
+    ] {
+        assert!(parse_root(bad, "/nix/store").is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn a_keep_file_skips_blanks_and_comments_and_any_bad_line_refuses_it_all() {
+    let good = "# kept\n\n  /nix/store/0c6kzph7l0dcbfmjap64f0czdafn3b7x-a  \n1c6kzph7l0dcbfmjap64f0czdafn3b7x\n";
+    assert_eq!(parse_keep_file(good, "/nix/store").map(|r| r.len()), Ok(2));
+    let bad = format!("{good}typo\n/nix/store/x\n");
+    let lines: Vec<usize> = parse_keep_file(&bad, "/nix/store")
+        .unwrap_err()
+        .iter()
+        .map(|b| b.line)
+        .collect();
+    assert_eq!(lines, vec![5, 6]);
 }
