@@ -17,6 +17,7 @@
 //! - `settings`: one `Settings` type for every command: defaults < config file < env < flags.
 //! - `backfill`: `narflow backfill`: a whole store (or closures) in resumable windows.
 //! - `daemon`: `narflow daemon`: the durable queue, the socket and the upload worker.
+//! - `maintain`: cache maintenance: gc's mark and sweep planned over an index of the cache.
 //! - `bench`: synthetic store-shaped workloads and the `narflow bench` measurements.
 //!
 //! ```text

@@ -595,6 +595,9 @@ impl BinaryCache for Held {
     fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, CacheError> {
         self.inner.get_narinfo(path)
     }
+    fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
+        self.inner.get_text(key)
+    }
     fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn crate::cache::NarUpload>, CacheError> {
         let u = self.inner.begin_nar(nar_size)?;
         if nar_size < Self::LARGE {

@@ -565,6 +565,15 @@ impl BinaryCache for FileCache {
         }
     }
 
+    fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
+        let at = self.root.join(key);
+        match self.fs.run(FsOp::Read(&at), || std::fs::read(&at)) {
+            Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(key, e)),
+        }
+    }
+
     fn begin_nar(&self, _nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
         let tmp = self
             .fs

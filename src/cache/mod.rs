@@ -5,6 +5,7 @@
 #[cfg(test)]
 pub(crate) mod fault;
 pub mod file;
+pub mod gc_marker;
 pub mod null;
 pub(crate) mod owned;
 pub mod rate;
@@ -149,6 +150,9 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     fn get_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
         paths.iter().map(|p| self.get_narinfo(p)).collect()
     }
+    /// The text of a small object (the gc marker), or `None` when there is none; text that
+    /// is not UTF-8 comes back lossily converted.
+    fn get_text(&self, key: &str) -> Result<Option<String>, CacheError>;
     /// Starts a NAR upload. `nar_size` (the uncompressed size) lets a remote cache choose
     /// how to upload it (one request, or parts of a size that fits any NAR).
     fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError>;
@@ -448,6 +452,18 @@ pub fn publish_merged_with<C: BinaryCache + ?Sized>(
                 .map(|()| Merged::Written),
         })
         .collect())
+}
+
+/// Reads the gc marker ([`gc_marker::MARKER_KEY`]) of `cache`.
+///
+/// # Errors
+/// [`CacheError`] when the cache cannot be read.
+pub fn read_gc_marker<C: BinaryCache + ?Sized>(
+    cache: &C,
+) -> Result<gc_marker::Reading, CacheError> {
+    Ok(cache
+        .get_text(gc_marker::MARKER_KEY)?
+        .map(|t| gc_marker::Marker::parse(&t)))
 }
 
 /// Opens the cache a URL names. `opts.upload_memory` sizes a remote cache's upload

@@ -45,6 +45,9 @@ impl BinaryCache for NullCache {
     fn get_narinfo(&self, _path: &StorePath) -> Result<Option<String>, CacheError> {
         Ok(None)
     }
+    fn get_text(&self, _key: &str) -> Result<Option<String>, CacheError> {
+        Ok(None)
+    }
     fn begin_nar(&self, _nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
         Ok(Box::new(NullUpload {
             bytes: self.bytes.clone(),

@@ -197,6 +197,9 @@ impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
     fn get_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
         self.inner.get_narinfos(paths)
     }
+    fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
+        self.inner.get_text(key)
+    }
     fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
         Ok(Box::new(RateLimitedUpload {
             inner: self.inner.begin_nar(nar_size)?,

@@ -1,3 +1,19 @@
-//! Maintenance of a cache read from its listing: `verify` (what is wrong with it). It
-//! reads the cache and never writes to it.
+//! Maintaining a cache: `narflow verify` (what is wrong with it; it reads the cache and
+//! never writes to it) and `narflow gc`'s mark and sweep. gc's planner decides what may go
+//! and in which order; it never lists or deletes objects itself: a cache listing fills an
+//! [`index::CacheIndex`], and the sweep's batches are handed to the cache in order.
+//!
+//! - [`verify`]: checks a cache from one listing.
+//! - [`index`]: the compact in-memory index of a cache's narinfos, NARs, `.ls` files and
+//!   logs that the planner reads (hash parts as 20 bytes, sizes, modification times).
+//! - [`roots`]: the roots as the user names them (`--keep-closure-of`, `--keep-file`).
+//! - [`gc_plan`]: roots, reachability through References, and the deletion batches,
+//!   referrers first.
+
+pub mod gc_plan;
+pub mod index;
+pub mod roots;
 pub mod verify;
+
+#[cfg(test)]
+mod tests;

@@ -305,6 +305,9 @@ impl BinaryCache for Concurrent {
     fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, crate::cache::CacheError> {
         self.0.get_narinfo(path)
     }
+    fn get_text(&self, key: &str) -> Result<Option<String>, crate::cache::CacheError> {
+        self.0.get_text(key)
+    }
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), crate::cache::CacheError> {
         self.0.put_narinfo(path, text)
     }
@@ -861,6 +864,9 @@ impl BinaryCache for Gated {
     }
     fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, crate::cache::CacheError> {
         self.0.get_narinfo(path)
+    }
+    fn get_text(&self, key: &str) -> Result<Option<String>, crate::cache::CacheError> {
+        self.0.get_text(key)
     }
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), crate::cache::CacheError> {
         self.0.put_narinfo(path, text)

@@ -1179,6 +1179,9 @@ impl narflow::cache::BinaryCache for RefusingCache {
     ) -> Result<Option<String>, narflow::cache::CacheError> {
         self.inner.get_narinfo(path)
     }
+    fn get_text(&self, key: &str) -> Result<Option<String>, narflow::cache::CacheError> {
+        self.inner.get_text(key)
+    }
     fn begin_nar(
         &self,
         nar_size: u64,

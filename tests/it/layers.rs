@@ -17,10 +17,10 @@ const LAYERS: &[&[&str]] = &[
     &["nar_fs"],
     &["store"],
     &["cache"],
-    &["pipeline", "maintain"],
+    &["pipeline"],
     &["logs"],
     &["settings"],
-    &["backfill", "daemon", "bench"],
+    &["backfill", "daemon", "bench", "maintain"],
 ];
 
 /// A module path inside one crate, `crate` left out: `["pipeline", "walk"]`.

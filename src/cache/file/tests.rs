@@ -493,3 +493,19 @@ fn a_streamed_object_failing_at_any_operation_leaves_no_partial_object() {
         }
     }
 }
+
+#[test]
+fn the_gc_marker_is_read_as_written_and_its_absence_is_none() {
+    use crate::cache::gc_marker::{MARKER_KEY, Marker};
+    let (dir, c) = cache();
+    assert_eq!(crate::cache::read_gc_marker(&c).unwrap(), None);
+    let m = Marker {
+        generation: 0xabc,
+        running: true,
+        beat: 3,
+    };
+    std::fs::write(dir.path().join(MARKER_KEY), m.render()).unwrap();
+    assert_eq!(crate::cache::read_gc_marker(&c).unwrap(), Some(Some(m)));
+    std::fs::write(dir.path().join(MARKER_KEY), "not a marker").unwrap();
+    assert_eq!(crate::cache::read_gc_marker(&c).unwrap(), Some(None));
+}

@@ -231,6 +231,10 @@ impl BinaryCache for S3Cache {
         self.block_on(self.shared.get_text_lossy(&super::narinfo_key(path)))
     }
 
+    fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
+        self.block_on(self.shared.get_text_lossy(key))
+    }
+
     fn get_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
         let s = self.shared.clone();
         let keys: Vec<String> = paths.iter().map(super::narinfo_key).collect();

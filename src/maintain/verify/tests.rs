@@ -15,6 +15,9 @@ struct Memory {
 }
 
 impl BinaryCache for Memory {
+    fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
+        Ok(self.get_texts(&[key.to_owned()])?.pop().flatten())
+    }
     fn url(&self) -> &str {
         "memory://"
     }
@@ -311,6 +314,9 @@ fn a_cache_that_cannot_list_is_a_configuration_error() {
     #[derive(Debug)]
     struct Unlisted(Memory);
     impl BinaryCache for Unlisted {
+        fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
+            Ok(self.get_texts(&[key.to_owned()])?.pop().flatten())
+        }
         fn url(&self) -> &str {
             self.0.url()
         }
