@@ -711,19 +711,6 @@ impl BinaryCache for FileCache {
         Ok(true)
     }
 
-    fn get_texts(&self, keys: &[String]) -> Result<Vec<Option<String>>, CacheError> {
-        keys.iter()
-            .map(|key| {
-                let at = self.root.join(key);
-                match self.fs.run(FsOp::Read(&at), || std::fs::read(&at)) {
-                    Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(self.io(key, e)),
-                }
-            })
-            .collect()
-    }
-
     /// Stale temporary files (older than `grace`) that no upload of this process owns.
     fn sweep_orphans(&self, grace: Duration) -> Result<u64, CacheError> {
         let mut removed = 0;

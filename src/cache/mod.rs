@@ -150,8 +150,8 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     fn get_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
         paths.iter().map(|p| self.get_narinfo(p)).collect()
     }
-    /// The text of a small object (the gc marker), or `None` when there is none; text that
-    /// is not UTF-8 comes back lossily converted.
+    /// The text of a small object (a narinfo, the gc marker), or `None` when there is none;
+    /// text that is not UTF-8 comes back lossily converted.
     fn get_text(&self, key: &str) -> Result<Option<String>, CacheError>;
     /// Starts a NAR upload. `nar_size` (the uncompressed size) lets a remote cache choose
     /// how to upload it (one request, or parts of a size that fits any NAR).
@@ -255,17 +255,13 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     fn list_unfinished_uploads(&self) -> Result<Vec<UnfinishedUpload>, CacheError> {
         Ok(Vec::new())
     }
-    /// The text of each object `keys` names (as UTF-8, lossily), `None` where there is
-    /// none, in order. Remote caches ask concurrently.
+    /// The text of each object `keys` names (as [`BinaryCache::get_text`] reads one), in
+    /// order. Remote caches ask concurrently; the default asks one at a time.
     ///
     /// # Errors
-    /// The first [`CacheError`]; [`CacheError::Config`] from a cache that cannot read
-    /// objects by key.
-    fn get_texts(&self, _keys: &[String]) -> Result<Vec<Option<String>>, CacheError> {
-        Err(CacheError::Config(format!(
-            "{}: this cache cannot read objects by key",
-            self.url()
-        )))
+    /// The first [`CacheError`].
+    fn get_texts(&self, keys: &[String]) -> Result<Vec<Option<String>>, CacheError> {
+        keys.iter().map(|k| self.get_text(k)).collect()
     }
     /// Removes what interrupted uploads left behind (temporary files, staging objects,
     /// unfinished multipart uploads) that is older than `grace`, so that an upload still

@@ -16,7 +16,10 @@ struct Memory {
 
 impl BinaryCache for Memory {
     fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
-        Ok(self.get_texts(&[key.to_owned()])?.pop().flatten())
+        Ok(self
+            .objects
+            .get(key)
+            .map(|b| String::from_utf8_lossy(b).into_owned()))
     }
     fn url(&self) -> &str {
         "memory://"
@@ -57,16 +60,6 @@ impl BinaryCache for Memory {
     }
     fn list_unfinished_uploads(&self) -> Result<Vec<UnfinishedUpload>, CacheError> {
         Ok(self.uploads.clone())
-    }
-    fn get_texts(&self, keys: &[String]) -> Result<Vec<Option<String>>, CacheError> {
-        Ok(keys
-            .iter()
-            .map(|k| {
-                self.objects
-                    .get(k)
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-            })
-            .collect())
     }
 }
 
@@ -315,7 +308,7 @@ fn a_cache_that_cannot_list_is_a_configuration_error() {
     struct Unlisted(Memory);
     impl BinaryCache for Unlisted {
         fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
-            Ok(self.get_texts(&[key.to_owned()])?.pop().flatten())
+            self.0.get_text(key)
         }
         fn url(&self) -> &str {
             self.0.url()
