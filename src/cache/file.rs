@@ -752,6 +752,47 @@ impl BinaryCache for FileCache {
         Ok(removed)
     }
 
+    /// Removes each file, then fsyncs every directory a file was removed from, so that
+    /// the next call's removals cannot outlive these in a crash (a narinfo's removal is
+    /// durable before its NAR's is made). A key that leaves the cache directory (an
+    /// absolute path, `..`) is refused.
+    fn delete_objects(&self, keys: &[String]) -> Result<Vec<(String, CacheError)>, CacheError> {
+        let mut failed = Vec::new();
+        let mut dirs: Vec<(PathBuf, String)> = Vec::new();
+        for key in keys {
+            let inside = Path::new(key)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !inside || key.is_empty() {
+                let e = CacheError::Config(format!("{}: {key:?} is not an object key", self.url));
+                failed.push((key.clone(), e));
+                continue;
+            }
+            let at = self.root.join(key);
+            match self.fs.run(FsOp::Remove(&at), || std::fs::remove_file(&at)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    failed.push((key.clone(), self.io(key, e)));
+                    continue;
+                }
+            }
+            let dir = at.parent().unwrap_or(&self.root).to_owned();
+            if !dirs.iter().any(|(d, _)| *d == dir) {
+                dirs.push((dir, key.clone()));
+            }
+        }
+        for (dir, key) in dirs {
+            // Whether the removals in `dir` survive a crash is unknown: the caller must
+            // not go on to what they protect.
+            self.fs.sync_dir(&dir).map_err(|e| {
+                let at = key.rsplit_once('/').map_or("", |(d, _)| d);
+                self.io(&format!("{at}/ (the removal of {key} and others)"), e)
+            })?;
+        }
+        Ok(failed)
+    }
+
     /// A temporary file in the cache directory (where [`BinaryCache::sweep_orphans`] looks
     /// for what a killed upload left, and leaves this one), renamed into place by the
     /// commit.

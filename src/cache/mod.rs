@@ -263,6 +263,24 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     fn get_texts(&self, keys: &[String]) -> Result<Vec<Option<String>>, CacheError> {
         keys.iter().map(|k| self.get_text(k)).collect()
     }
+    /// Deletes the objects `keys` names, which the caller has ordered so that they may go
+    /// in any order among themselves: a local directory removes each file and then makes
+    /// the removals durable (an fsync of each directory involved) before it returns; S3
+    /// sends DeleteObjects requests of at most [`MAX_DELETE`] keys. A key that is not
+    /// there counts as deleted. Returns the keys that are still there, each with why; an
+    /// answer that is lost or cannot be read is checked (the key is looked up), never
+    /// taken for done.
+    ///
+    /// # Errors
+    /// [`CacheError`] when what happened cannot be known (the removals could not be made
+    /// durable, or the check after a lost answer failed too); [`CacheError::Config`] from
+    /// a cache that cannot delete.
+    fn delete_objects(&self, _keys: &[String]) -> Result<Vec<(String, CacheError)>, CacheError> {
+        Err(CacheError::Config(format!(
+            "{}: this cache cannot delete objects",
+            self.url()
+        )))
+    }
     /// Removes what interrupted uploads left behind (temporary files, staging objects,
     /// unfinished multipart uploads) that is older than `grace`, so that an upload still
     /// running elsewhere is never touched. Returns how many leftovers were removed.
@@ -278,6 +296,9 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
         Vec::new()
     }
 }
+
+/// Most keys one S3 DeleteObjects request takes.
+pub const MAX_DELETE: usize = 1000;
 
 /// One object of a listing ([`BinaryCache::list_objects`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -509,3 +509,61 @@ fn the_gc_marker_is_read_as_written_and_its_absence_is_none() {
     std::fs::write(dir.path().join(MARKER_KEY), "not a marker").unwrap();
     assert_eq!(crate::cache::read_gc_marker(&c).unwrap(), Some(None));
 }
+
+#[test]
+fn deleting_removes_each_file_and_syncs_each_directory_a_file_left() {
+    let (dir, c, plan) = faulty(Fail::Never);
+    std::fs::create_dir_all(dir.path().join("nar")).unwrap();
+    for key in ["a.narinfo", "a.ls", "nar/a.nar.zst", "b.narinfo"] {
+        std::fs::write(dir.path().join(key), key).unwrap();
+    }
+    let keys: Vec<String> = ["a.narinfo", "a.ls", "nar/a.nar.zst", "gone.narinfo"]
+        .map(String::from)
+        .to_vec();
+    let failed = c.delete_objects(&keys).unwrap();
+    assert!(failed.is_empty(), "a missing key counts as deleted: {failed:?}");
+    assert_eq!(listing(dir.path()), vec!["b.narinfo"]);
+    let ops = plan.ops();
+    assert!(ops >= 6, "four removals and two directory syncs: {ops}");
+    // Keys that leave the cache directory are refused, and nothing outside is touched.
+    let outside = dir.path().parent().unwrap().join("outside-gc-test");
+    let keys: Vec<String> = ["../outside-gc-test", "/etc/passwd", ""]
+        .map(String::from)
+        .to_vec();
+    let failed = c.delete_objects(&keys).unwrap();
+    assert_eq!(failed.len(), 3, "{failed:?}");
+    assert!(!outside.exists());
+}
+
+#[test]
+fn a_failed_removal_is_named_and_a_failed_directory_sync_is_an_error() {
+    fn is_remove_of_b(op: FsOp<'_>) -> bool {
+        matches!(op, FsOp::Remove(p) if p.ends_with("b.narinfo"))
+    }
+    let (dir, c, plan) = faulty(Fail::Matching {
+        matches: is_remove_of_b,
+        times: 1,
+    });
+    for key in ["a.narinfo", "b.narinfo"] {
+        std::fs::write(dir.path().join(key), key).unwrap();
+    }
+    let keys: Vec<String> = ["a.narinfo", "b.narinfo"].map(String::from).to_vec();
+    let failed = c.delete_objects(&keys).unwrap();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, "b.narinfo");
+    assert!(failed[0].1.is_transient(), "a full disk heals: {}", failed[0].1);
+    assert_eq!(plan.fired().len(), 1);
+    assert_eq!(listing(dir.path()), vec!["b.narinfo"]);
+
+    // The removal went, but whether it survives a crash is unknown: an error, not done.
+    fn is_dir_sync(op: FsOp<'_>) -> bool {
+        matches!(op, FsOp::SyncDir(_))
+    }
+    let (dir, c, _plan) = faulty(Fail::Matching {
+        matches: is_dir_sync,
+        times: 1,
+    });
+    std::fs::write(dir.path().join("a.narinfo"), "a").unwrap();
+    let e = c.delete_objects(&["a.narinfo".to_owned()]).unwrap_err();
+    assert!(e.to_string().contains("a.narinfo"), "{e}");
+}

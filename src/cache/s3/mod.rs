@@ -13,12 +13,13 @@
 //! Files: `config` (the client, from the URL and options), `retry` (what is retried and
 //! how long to wait), `object` (requests on one object), `upload` (NARs and other objects
 //! going up, part sizes), `memory` (the upload memory), `copy` (server-side copies),
-//! `batch` (many requests at once), `list` (the whole bucket), `sweep` (what killed uploads left behind, by age,
+//! `batch` (many requests at once), `delete` (DeleteObjects), `list` (the whole bucket), `sweep` (what killed uploads left behind, by age,
 //! never what a live upload owns).
 
 mod batch;
 mod config;
 mod copy;
+mod delete;
 mod list;
 mod memory;
 mod object;
@@ -284,6 +285,12 @@ impl BinaryCache for S3Cache {
             )
             .await
         })
+    }
+
+    fn delete_objects(&self, keys: &[String]) -> Result<Vec<(String, CacheError)>, CacheError> {
+        let s = self.shared.clone();
+        let keys = keys.to_vec();
+        self.block_on(async move { s.delete_many(&keys).await })
     }
 
     /// Aborts the multipart uploads under the staging prefix and under `nar/` (a

@@ -15,6 +15,7 @@ pub(super) enum Op {
     HeadObject,
     GetObject,
     DeleteObject,
+    DeleteObjects,
     CopyObject,
     CreateMultipartUpload,
     UploadPart,
@@ -26,11 +27,12 @@ pub(super) enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 12] = [
+    const ALL: [Op; 13] = [
         Op::PutObject,
         Op::HeadObject,
         Op::GetObject,
         Op::DeleteObject,
+        Op::DeleteObjects,
         Op::CopyObject,
         Op::CreateMultipartUpload,
         Op::UploadPart,
@@ -48,6 +50,7 @@ impl Op {
             Op::HeadObject => "HeadObject",
             Op::GetObject => "GetObject",
             Op::DeleteObject => "DeleteObject",
+            Op::DeleteObjects => "DeleteObjects",
             Op::CopyObject => "CopyObject",
             Op::CreateMultipartUpload => "CreateMultipartUpload",
             Op::UploadPart => "UploadPart",
@@ -216,7 +219,7 @@ impl Shared {
 }
 
 /// Jittered exponential backoff: a random wait up to 200 ms × 2^attempt, at most 10 s.
-fn backoff(attempt: u32) -> Duration {
+pub(super) fn backoff(attempt: u32) -> Duration {
     let cap = (200u64 << attempt.min(10)).min(10_000);
     Duration::from_millis(fastrand::u64(cap / 2..=cap))
 }

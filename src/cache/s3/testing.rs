@@ -47,7 +47,9 @@ pub(super) fn accepting_server() -> String {
 /// [`accepting_server`], answering in groups: a request is answered once `hold` requests
 /// (its own included) have arrived since the group began, or after 2 s, so that a test
 /// sees how many requests the client sends at once. A request whose target contains
-/// `fail-once` is answered `503 SlowDown` the first time.
+/// `fail-once` is answered `503 SlowDown` the first time. A DeleteObjects answer refuses
+/// `nar/refused` (AccessDenied) and `nar/busy` (SlowDown); in bucket `garbled` it is a
+/// document that is not S3's.
 pub(super) fn stand_in(hold: usize) -> (String, Arc<Seen>) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -113,6 +115,16 @@ fn serve(conn: std::net::TcpStream, seen: &Seen, hold: usize) {
                 "503 Slow Down",
                 "<Error><Code>SlowDown</Code><Message>slow down</Message></Error>",
             )
+        } else if method == "POST" && target.contains("?delete") && target.contains("garbled") {
+            ("200 OK", "<NotWhatS3Sends/>")
+        } else if method == "POST" && target.contains("?delete") {
+            (
+                "200 OK",
+                "<DeleteResult>\
+                 <Error><Key>nar/refused</Key><Code>AccessDenied</Code><Message>no</Message></Error>\
+                 <Error><Key>nar/busy</Key><Code>SlowDown</Code><Message>later</Message></Error>\
+                 </DeleteResult>",
+            )
         } else if method == "POST" && target.contains("?uploads") {
             (
                 "200 OK",
@@ -157,8 +169,19 @@ pub(super) fn cache_at(endpoint: &str, memory: u64) -> S3Cache {
 /// A cache at `endpoint` with `memory` of upload memory, no retries unless `tune` says
 /// otherwise, and fixed credentials.
 pub(super) fn cache_with(endpoint: &str, memory: u64, tune: impl FnOnce(&mut S3Tuning)) -> S3Cache {
+    bucket_with(endpoint, "b", memory, tune)
+}
+
+/// [`cache_with`] for another bucket (the stand-in answers some buckets' requests its
+/// own way).
+pub(super) fn bucket_with(
+    endpoint: &str,
+    bucket: &str,
+    memory: u64,
+    tune: impl FnOnce(&mut S3Tuning),
+) -> S3Cache {
     let url = CacheUrl::parse(&format!(
-        "s3://b?endpoint={endpoint}&region=us-east-1&retries=0"
+        "s3://{bucket}?endpoint={endpoint}&region=us-east-1&retries=0"
     ))
     .unwrap();
     let creds = aws_sdk_s3::config::Credentials::new("test", "test", None, None, "tests");
@@ -169,7 +192,7 @@ pub(super) fn cache_with(endpoint: &str, memory: u64, tune: impl FnOnce(&mut S3T
         max_rate: None,
         s3,
     };
-    S3Cache::build("b", &url, &opts, Some(creds)).unwrap()
+    S3Cache::build(bucket, &url, &opts, Some(creds)).unwrap()
 }
 
 /// Runs `f` on a thread of its own and returns what it returns; fails the test, naming
