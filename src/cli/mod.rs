@@ -5,6 +5,7 @@ pub mod backfill;
 pub mod bench;
 pub mod config;
 pub mod daemon;
+pub mod gc;
 pub mod hook;
 pub mod progress;
 pub mod push;
@@ -82,6 +83,9 @@ pub enum Command {
     /// Check a cache: every narinfo parses, is signed by a trusted key, has its NAR at
     /// its FileSize and its references' narinfos; report orphan NARs and leftovers.
     Verify(verify::VerifyArgs),
+    /// Delete from a cache what no root keeps (closures of named paths, recent narinfos),
+    /// referrers before what they refer to, so no reader sees a broken closure.
+    Gc(gc::GcArgs),
     /// Print the merged settings (the daemon's view, with the same flags) and where each
     /// value came from.
     Config(config::ConfigArgs),
@@ -108,6 +112,7 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<u8, CliError> {
         Command::Verify(ref args) => {
             verify::run(args, &merge(&args.settings, sub("verify"), choice())?)
         }
+        Command::Gc(ref args) => gc::run(args, &merge(&args.settings, sub("gc"), choice())?),
         Command::Config(ref args) => {
             config::run(args, &merge(&args.settings, sub("config"), choice())?)
         }
@@ -134,16 +139,17 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<u8, CliError> {
     }
 }
 
-/// Refuses a daemon's or hook's setting given to `command` (push, backfill) on its command
-/// line: a mistake there (in the shared file or environment it is simply not the
-/// command's).
+/// Refuses a setting of the daemon, the hook or gc given to another `command` (push,
+/// backfill, verify) on its command line: a mistake there (in the shared file or
+/// environment it is simply not the command's).
 fn refuse_other_commands_flags(
     resolved: &narflow::settings::Resolved,
     command: &str,
 ) -> Result<(), CliError> {
     for key in narflow::settings::KEYS.iter() {
-        if let (Some(table @ ("daemon" | "hook")), narflow::settings::Source::Flag(flag)) =
+        if let (Some(table @ ("daemon" | "hook" | "gc")), narflow::settings::Source::Flag(flag)) =
             (key.table(), resolved.source(key.name))
+            && table != command
         {
             return Err(CliError::usage(anyhow::anyhow!(
                 "{flag} is a setting of narflow {table}, not of {command}"

@@ -1,7 +1,7 @@
 //! Maintaining a cache: `narflow verify` (what is wrong with it; it reads the cache and
 //! never writes to it) and `narflow gc`'s mark and sweep. gc's planner decides what may go
-//! and in which order; it never lists or deletes objects itself: a cache listing fills an
-//! [`index::CacheIndex`], and the sweep's batches are handed to the cache in order.
+//! and in which order and never touches a cache; the run lists the cache into an
+//! [`index::CacheIndex`] and hands the planner's batches to the cache in order.
 //!
 //! - [`verify`]: checks a cache from one listing.
 //! - [`index`]: the compact in-memory index of a cache's narinfos, NARs, `.ls` files and
@@ -9,7 +9,10 @@
 //! - [`roots`]: the roots as the user names them (`--keep-closure-of`, `--keep-file`).
 //! - [`gc_plan`]: roots, reachability through References, and the deletion batches,
 //!   referrers first.
+//! - [`gc`]: one run of gc: its marker and heartbeat, the listing, the plan and the
+//!   deletions, batch after batch.
 
+pub mod gc;
 pub mod gc_plan;
 pub mod index;
 pub mod roots;

@@ -10,7 +10,7 @@
 //! `file` reads the config file; `resolve` merges the layers and fills in the rest.
 //!
 //! The file is TOML; its keys are the long flag names (`to`, `key-file`, `memory`, ...),
-//! and keys of one part are in that part's table (`[daemon]`, `[s3]`, `[hook]`). The
+//! and keys of one part are in that part's table (`[daemon]`, `[s3]`, `[hook]`, `[gc]`). The
 //! top-level `socket` and `state-dir` and `[hook] timeout` are also read by the std-only
 //! hook, so those three names are fixed.
 //!
@@ -30,10 +30,10 @@ mod values;
 pub use file::{ConfigChoice, ConfigFile};
 pub use resolve::{Entry, Merged, Resolved};
 pub use table::{
-    DaemonSettings, Fallback, HookSettings, KEYS, Key, PipelineSettings, S3Settings, Settings,
-    defaults,
+    DaemonSettings, Fallback, GcSettings, HookSettings, KEYS, Key, PipelineSettings, S3Settings,
+    Settings, defaults,
 };
-pub use values::{Seconds, Size, WatchStore, format_size, parse_size};
+pub use values::{Seconds, Size, Span, WatchStore, format_size, parse_size};
 
 /// Why settings cannot be used. Each names the input (file and line, flag, variable, URL
 /// or key file) and what is wrong with it. None is transient.

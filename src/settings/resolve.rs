@@ -177,6 +177,17 @@ impl Merged {
             .unwrap_or_default();
         Budget::new(memory, chunk_size, &need).map_err(|e| invalid("memory", e.to_string()))?;
 
+        let gc_batch_size = or_default(&s.gc.batch_size, &d.gc.batch_size);
+        if !(2..=crate::cache::MAX_DELETE).contains(&gc_batch_size) {
+            return Err(invalid(
+                "gc.batch-size",
+                format!(
+                    "{gc_batch_size} keys: give 2 to {}",
+                    crate::cache::MAX_DELETE
+                ),
+            ));
+        }
+
         Ok(Resolved {
             nar_listing: url.as_ref().is_some_and(CacheUrl::write_nar_listing),
             url,
@@ -201,6 +212,9 @@ impl Merged {
             upload_logs: or_default(&s.upload_logs, &d.upload_logs),
             s3,
             hook_timeout: or_default(&s.hook.timeout, &d.hook.timeout).0,
+            gc_grace: or_default(&s.gc.grace, &d.gc.grace).0,
+            gc_settle: or_default(&s.gc.settle, &d.gc.settle).0,
+            gc_batch_size,
             sources,
         })
     }
@@ -236,6 +250,12 @@ pub struct Resolved {
     pub upload_logs: bool,
     pub s3: S3Tuning,
     pub hook_timeout: Duration,
+    /// gc: nothing younger is deleted.
+    pub gc_grace: Duration,
+    /// gc: the wait between its marker and its listing.
+    pub gc_settle: Duration,
+    /// gc: keys per deletion request.
+    pub gc_batch_size: usize,
     sources: BTreeMap<&'static str, Source>,
 }
 

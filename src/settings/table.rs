@@ -6,7 +6,7 @@
 //! line; [`KEYS`] lists every row for whatever else needs them (the manual's reference).
 //! Nothing here resolves a setting against another (that is [`super::Merged::resolve`]).
 use super::Resolved;
-use super::values::{Seconds, Size, WatchStore, de_compression, de_name_or_number};
+use super::values::{Seconds, Size, Span, WatchStore, de_compression, de_name_or_number};
 use crate::format::compression::Compression;
 use serde_json::{Value, json};
 use std::fmt;
@@ -352,6 +352,8 @@ settings_group! {
         s3: S3Settings,
         #[command(flatten)]
         hook: HookSettings,
+        #[command(flatten, next_help_heading = "gc")]
+        gc: GcSettings,
     }
 }
 
@@ -528,6 +530,44 @@ settings_group! {
             help: "Seconds the hook waits for the daemon before spooling",
             hidden: true,
             show: |r| secs(r.hook_timeout),
+        },
+    }
+}
+
+settings_group! {
+    /// `[gc]`: how `narflow gc` sweeps.
+    pub struct GcSettings {
+        grace: Span {
+            key: "gc.grace",
+            flag: "grace",
+            env: "NARFLOW_GC_GRACE",
+            value: "DURATION",
+            default: Fallback::Value("24h"),
+            help: "gc deletes nothing modified this recently (e.g. 24h, 30m, 7d, 0), and \
+                   keeps every narinfo that young with its closure",
+            show: |r| secs(r.gc_grace),
+        },
+        settle: Span {
+            key: "gc.settle",
+            flag: "gc-settle",
+            env: "NARFLOW_GC_SETTLE",
+            value: "DURATION",
+            default: Fallback::Value("2m"),
+            help: "How long gc waits between announcing itself and listing the cache, so \
+                   that what writers published before they saw it is listed (shorter is \
+                   unsafe beside writers)",
+            show: |r| secs(r.gc_settle),
+        },
+        batch_size: usize {
+            key: "gc.batch-size",
+            flag: "gc-batch-size",
+            id: "gc_batch_size",
+            env: "NARFLOW_GC_BATCH_SIZE",
+            value: "N",
+            default: Fallback::Value("1000"),
+            help: "Keys gc deletes in one request (2 to 1000)",
+            hidden: true,
+            show: |r| json!(r.gc_batch_size),
         },
     }
 }

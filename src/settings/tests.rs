@@ -343,7 +343,8 @@ fn every_setting_has_one_file_key_and_every_file_key_is_read() {
         trusted-key = [\"k-1:AAAA\"]\nsocket = \"/s\"\nstate-dir = \"/d\"\nmax-rate = \"50M\"\nupload-logs = true\n[daemon]\n\
         socket-group = 30000\nshutdown-timeout = 1.5\nmetrics-listen = \"127.0.0.1:9464\"\n\
         watch-store = \"all\"\n[s3]\nconcurrency = 3\nretries = 4\n\
-        connect-timeout = 2\nread-timeout = 9\npart-size = \"16M\"\n[hook]\ntimeout = 0.5\n";
+        connect-timeout = 2\nread-timeout = 9\npart-size = \"16M\"\n[hook]\ntimeout = 0.5\n\
+        [gc]\ngrace = \"1d\"\nsettle = 30\nbatch-size = 500\n";
     let f = ConfigFile::parse(Path::new("/f"), file).unwrap();
     for key in KEYS.iter() {
         assert!(f.line(key.name).is_some(), "{} not read", key.name);
@@ -360,6 +361,9 @@ fn every_setting_has_one_file_key_and_every_file_key_is_read() {
     assert_eq!(r.watch_store, Some(crate::settings::WatchStore::All));
     assert_eq!(r.s3.min_part_size, 16 << 20);
     assert_eq!(r.hook_timeout, Duration::from_millis(500));
+    assert_eq!(r.gc_grace, Duration::from_secs(86400));
+    assert_eq!(r.gc_settle, Duration::from_secs(30));
+    assert_eq!(r.gc_batch_size, 500);
     assert_eq!(r.entries().len(), KEYS.len());
     assert!(r.entries().iter().all(|e| e.source.starts_with("file:/f:")));
 }
@@ -547,4 +551,39 @@ fn the_list_says_each_settings_name_variable_flag_default_and_help() {
         .map(|k| k.name)
         .collect();
     assert_eq!(sizes, ["max-rate", "memory", "chunk-size", "s3.part-size"]);
+}
+
+#[test]
+fn gc_durations_take_units_or_seconds_from_every_layer() {
+    let d = |s: &str| s.parse::<Span>().map(|s| s.0);
+    assert_eq!(d("24h"), Ok(Duration::from_secs(24 * 3600)));
+    assert_eq!(d("30m"), Ok(Duration::from_secs(1800)));
+    assert_eq!(d("7d"), Ok(Duration::from_secs(7 * 86400)));
+    assert_eq!(d("1h 30m"), Ok(Duration::from_secs(5400)));
+    assert_eq!(d("0"), Ok(Duration::ZERO));
+    assert_eq!(d("2.5"), Ok(Duration::from_millis(2500)));
+    assert!(d("soon").unwrap_err().contains("\"soon\" is not a duration"));
+    assert!(d("-1h").is_err());
+
+    let r = merged(&[], &[], None).resolve().unwrap();
+    assert_eq!(r.gc_grace, Duration::from_secs(86400));
+    assert_eq!(r.gc_settle, Duration::from_secs(120));
+    assert_eq!(r.gc_batch_size, 1000);
+    let m = merged(
+        &["--grace=0"],
+        &[("NARFLOW_GC_SETTLE", "1s")],
+        Some("[gc]\ngrace = \"2h\"\nbatch-size = 2\n"),
+    );
+    let r = m.resolve().unwrap();
+    assert_eq!(
+        (r.gc_grace, r.gc_settle, r.gc_batch_size),
+        (Duration::ZERO, Duration::from_secs(1), 2)
+    );
+    assert_eq!(source(&m, "gc.grace"), "flag:--grace");
+    assert_eq!(source(&m, "gc.settle"), "env:NARFLOW_GC_SETTLE");
+    let e = merged(&["--gc-batch-size=1001"], &[], None)
+        .resolve()
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("gc.batch-size (from flag:--gc-batch-size)"), "{e}");
 }

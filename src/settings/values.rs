@@ -125,6 +125,57 @@ impl<'de> Deserialize<'de> for Seconds {
     }
 }
 
+/// A duration given with its unit (`24h`, `30m`, `7d`, `90s`, `1h 30m`), or as seconds
+/// (`0`, `2.5`). Units as the `humantime` crate reads them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Span(pub Duration);
+
+impl FromStr for Span {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if let Ok(Seconds(d)) = t.parse::<Seconds>() {
+            return Ok(Span(d));
+        }
+        humantime::parse_duration(t).map(Span).map_err(|e| {
+            format!("{s:?} is not a duration ({e}): give e.g. 24h, 30m, 7d, or seconds")
+        })
+    }
+}
+
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Span;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration: a string such as \"24h\" or \"30m\", or seconds")
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Span, E> {
+                Seconds::deserialize(serde::de::value::F64Deserializer::<E>::new(v))
+                    .map(|s| Span(s.0))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Span, E> {
+                Seconds::deserialize(serde::de::value::I64Deserializer::<E>::new(v))
+                    .map(|s| Span(s.0))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Span, E> {
+                Ok(Span(Duration::from_secs(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Span, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// A compression by name (`zstd`, `xz`, `none`), as `--compression` takes it.
 pub(super) fn de_compression<'de, D: serde::Deserializer<'de>>(
     d: D,
