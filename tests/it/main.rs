@@ -5,6 +5,7 @@ mod backfill;
 mod config;
 mod daemon;
 mod durability;
+mod gc;
 mod helpers;
 mod hol;
 mod layers;
