@@ -426,3 +426,58 @@ fn gc_on_s3_deletes_in_batches_while_a_watcher_reads() {
     assert_only_others_went(cache.as_ref(), &c, &before, &others_nars);
     assert_eq!(verify_all(&url, &key).0, 0);
 }
+
+#[test]
+fn a_gc_that_finds_another_generation_in_its_marker_stops_and_deletes_nothing() {
+    let dir = tempdir();
+    let url = format!("file://{}", dir.path().display());
+    let key = nix_generate_key(&unique("gc-l").replace('-', "")[..20]);
+    let top = nix_build_chain("gc-lost", 2);
+    run(narflow()
+        .args(["push", "--to", &url, "--key-file"])
+        .arg(&key.secret)
+        .arg(&top));
+    let cache = open(&url);
+    let before = keys(cache.as_ref());
+    let cfg = narflow::maintain::gc::GcConfig {
+        store_dir: STORE_DIR.to_owned(),
+        roots: Vec::new(),
+        keep_newer_than: None,
+        grace: std::time::Duration::ZERO,
+        // Longer than a heartbeat: the read-back before it finds the other marker.
+        settle: cache::gc_marker::HEARTBEAT * 2,
+        batch_size: 2,
+        dry_run: false,
+    };
+    let gc = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            narflow::maintain::gc::run(open(&url).as_ref(), &cfg, &mut ())
+        })
+    };
+    // Once its marker is there, another gc (started in the same moment) writes its own.
+    let started = std::time::Instant::now();
+    while cache::read_gc_marker(cache.as_ref()).unwrap().is_none() {
+        assert!(started.elapsed().as_secs() < 60, "no marker");
+        std::thread::yield_now();
+    }
+    let other = cache::gc_marker::Marker {
+        generation: 7,
+        running: true,
+        beat: 0,
+    };
+    cache
+        .put_object(cache::gc_marker::MARKER_KEY, other.render().as_bytes(), "text/plain")
+        .unwrap();
+    let e = gc.join().unwrap().unwrap_err();
+    assert!(
+        matches!(e, narflow::maintain::gc::GcError::Lost { .. }),
+        "{e}"
+    );
+    assert_eq!(keys(cache.as_ref()), before, "nothing deleted");
+    assert_eq!(
+        cache::read_gc_marker(cache.as_ref()).unwrap(),
+        Some(Some(other)),
+        "the other gc's marker is left as it is"
+    );
+}
