@@ -44,7 +44,13 @@ pub fn run(args: &GcArgs, merged: &Merged) -> Result<u8, CliError> {
     let url = resolved.cache_url().map_err(CliError::usage)?;
     let mut roots = Vec::new();
     for p in &args.keep_closure_of {
+        // A symlink to a store path (`./result`, `/run/current-system`) names its target;
+        // the store itself is not read.
         let h = parse_root(p, DEFAULT_STORE_DIR)
+            .or_else(|e| {
+                let target = std::fs::canonicalize(p).map_err(|_| e.clone())?;
+                parse_root(&target.to_string_lossy(), DEFAULT_STORE_DIR).map_err(|_| e)
+            })
             .map_err(|e| CliError::usage(anyhow::anyhow!("--keep-closure-of {p:?}: {e}")))?;
         roots.push((h, RootReason::Closure));
     }
@@ -114,7 +120,11 @@ impl GcObserver for Printer {
         if self.json {
             return;
         }
-        let verb = if self.dry_run { "would delete" } else { "deleting" };
+        let verb = if self.dry_run {
+            "would delete"
+        } else {
+            "deleting"
+        };
         println!(
             "{}: {} roots; keeping {}; {verb} {}",
             self.url,

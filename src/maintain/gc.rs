@@ -155,7 +155,9 @@ struct BeatState {
 
 impl Beat {
     fn lock(&self) -> MutexGuard<'_, BeatState> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -211,7 +213,8 @@ pub fn run(
             (s.lost.is_some(), s.beat)
         };
         // Done, unless another gc holds the marker now (it is then that one's).
-        if !lost && check_ours(cache, generation).is_ok()
+        if !lost
+            && check_ours(cache, generation).is_ok()
             && let Err(e) = write(last + 1, false)
         {
             tracing::warn!(

@@ -562,7 +562,11 @@ fn gc_durations_take_units_or_seconds_from_every_layer() {
     assert_eq!(d("1h 30m"), Ok(Duration::from_secs(5400)));
     assert_eq!(d("0"), Ok(Duration::ZERO));
     assert_eq!(d("2.5"), Ok(Duration::from_millis(2500)));
-    assert!(d("soon").unwrap_err().contains("\"soon\" is not a duration"));
+    assert!(
+        d("soon")
+            .unwrap_err()
+            .contains("\"soon\" is not a duration")
+    );
     assert!(d("-1h").is_err());
 
     let r = merged(&[], &[], None).resolve().unwrap();
@@ -585,5 +589,8 @@ fn gc_durations_take_units_or_seconds_from_every_layer() {
         .resolve()
         .unwrap_err()
         .to_string();
-    assert!(e.starts_with("gc.batch-size (from flag:--gc-batch-size)"), "{e}");
+    assert!(
+        e.starts_with("gc.batch-size (from flag:--gc-batch-size)"),
+        "{e}"
+    );
 }

@@ -156,7 +156,14 @@ fn to_delete(json: &serde_json::Value) -> [u64; 4] {
 /// `narflow verify --all` of `url`, trusting `key`: its exit code and output.
 fn verify_all(url: &str, key: &NixKey) -> (i32, String) {
     let out = narflow()
-        .args(["verify", "--all", "--cache", url, "--trusted-key", &key.public])
+        .args([
+            "verify",
+            "--all",
+            "--cache",
+            url,
+            "--trusted-key",
+            &key.public,
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -179,7 +186,10 @@ fn assert_only_others_went(
     gone.extend(others_nars.iter().cloned());
     let after = keys(cache);
     let want: BTreeSet<String> = before.difference(&gone).cloned().collect();
-    assert_eq!(after, want, "exactly B's and C's other paths and their NARs went");
+    assert_eq!(
+        after, want,
+        "exactly B's and C's other paths and their NARs went"
+    );
 }
 
 #[test]
@@ -199,7 +209,10 @@ fn gc_keeps_a_closure_and_deletes_the_rest_in_an_order_no_reader_can_see_broken(
     assert_eq!(verify_all(&url, &key).0, 0);
 
     // A dry run says what would go and deletes nothing (nor writes its marker).
-    let (code, dry, err) = gc(&url, &["--keep-closure-of", &c.a, "--grace", "0", "--dry-run"]);
+    let (code, dry, err) = gc(
+        &url,
+        &["--keep-closure-of", &c.a, "--grace", "0", "--dry-run"],
+    );
     assert_eq!(code, 0, "{err}");
     assert_eq!(to_delete(&dry), [4, 0, 4, 0], "{dry}");
     let roots = dry["roots"].as_array().unwrap();
@@ -261,19 +274,30 @@ fn gc_keeps_a_closure_and_deletes_the_rest_in_an_order_no_reader_can_see_broken(
     stop.store(true, Ordering::SeqCst);
     let broken = watcher.join().unwrap();
     assert_eq!(broken, Vec::<String>::new());
-    assert_eq!(handshake.1, 4, "two layers of narinfos, then two batches of NARs");
+    assert_eq!(
+        handshake.1, 4,
+        "two layers of narinfos, then two batches of NARs"
+    );
     assert!(looks.load(Ordering::SeqCst) >= 4);
     assert!(!outcome.has_problems(), "{outcome:?}");
     let d = outcome.plan.deleted;
     assert_eq!(
-        [d.narinfos.objects, d.listings.objects, d.nars.objects, d.logs.objects],
+        [
+            d.narinfos.objects,
+            d.listings.objects,
+            d.nars.objects,
+            d.logs.objects
+        ],
         to_delete(&dry),
         "the dry run said the same"
     );
     assert_eq!((outcome.deleted.narinfos, outcome.deleted.nars), (4, 4));
 
     assert_only_others_went(cache.as_ref(), &c, &before, &others_nars);
-    let marker = cache.get_text(cache::gc_marker::MARKER_KEY).unwrap().unwrap();
+    let marker = cache
+        .get_text(cache::gc_marker::MARKER_KEY)
+        .unwrap()
+        .unwrap();
     assert!(marker.contains("state done"), "{marker}");
     let (code, text) = verify_all(&url, &key);
     assert_eq!(code, 0, "{text}");
@@ -326,7 +350,15 @@ fn a_second_gc_is_refused_while_one_runs() {
     // The first gc waits longer than one heartbeat before it lists.
     let settle = cache::gc_marker::HEARTBEAT.as_secs() + 10;
     let mut first = narflow()
-        .args(["gc", "--cache", &url, "--keep-closure-of", &top, "--grace", "0"])
+        .args([
+            "gc",
+            "--cache",
+            &url,
+            "--keep-closure-of",
+            &top,
+            "--grace",
+            "0",
+        ])
         .arg(format!("--gc-settle={settle}"))
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -336,7 +368,10 @@ fn a_second_gc_is_refused_while_one_runs() {
     // Wait for its marker: the event the second gc must see.
     let started = std::time::Instant::now();
     while cache::read_gc_marker(cache.as_ref()).unwrap().is_none() {
-        assert!(started.elapsed().as_secs() < 60, "the first gc never wrote {marker:?}");
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "the first gc never wrote {marker:?}"
+        );
         std::thread::yield_now();
     }
     let (code, _, err) = gc(&url, &["--keep-closure-of", &top, "--grace", "0"]);
@@ -371,7 +406,9 @@ fn gc_on_s3_deletes_in_batches_while_a_watcher_reads() {
     let Some((_env, url)) = s3_gc_bucket() else {
         return;
     };
-    let _one = S3_GC.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = S3_GC
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // Start from an empty bucket: an empty keep-file keeps nothing.
     let empty = tempdir();
     let none = empty.path().join("keep");
@@ -391,7 +428,10 @@ fn gc_on_s3_deletes_in_batches_while_a_watcher_reads() {
         .map(|p| narinfo(cache.as_ref(), p).unwrap().url)
         .collect();
 
-    let (code, dry, err) = gc(&url, &["--keep-closure-of", &c.a, "--grace", "0", "--dry-run"]);
+    let (code, dry, err) = gc(
+        &url,
+        &["--keep-closure-of", &c.a, "--grace", "0", "--dry-run"],
+    );
     assert_eq!(code, 0, "{err}");
     assert_eq!(to_delete(&dry), [4, 0, 4, 0], "{dry}");
     assert_eq!(keys(cache.as_ref()), before);
@@ -414,7 +454,14 @@ fn gc_on_s3_deletes_in_batches_while_a_watcher_reads() {
     };
     let (code, real, err) = gc(
         &url,
-        &["--keep-closure-of", &c.a, "--grace", "0", "--gc-batch-size", "2"],
+        &[
+            "--keep-closure-of",
+            &c.a,
+            "--grace",
+            "0",
+            "--gc-batch-size",
+            "2",
+        ],
     );
     stop.store(true, Ordering::SeqCst);
     let (broken, looks) = watcher.join().unwrap();
@@ -451,9 +498,7 @@ fn a_gc_that_finds_another_generation_in_its_marker_stops_and_deletes_nothing() 
     };
     let gc = {
         let url = url.clone();
-        std::thread::spawn(move || {
-            narflow::maintain::gc::run(open(&url).as_ref(), &cfg, &mut ())
-        })
+        std::thread::spawn(move || narflow::maintain::gc::run(open(&url).as_ref(), &cfg, &mut ()))
     };
     // Once its marker is there, another gc (started in the same moment) writes its own.
     let started = std::time::Instant::now();
@@ -467,7 +512,11 @@ fn a_gc_that_finds_another_generation_in_its_marker_stops_and_deletes_nothing() 
         beat: 0,
     };
     cache
-        .put_object(cache::gc_marker::MARKER_KEY, other.render().as_bytes(), "text/plain")
+        .put_object(
+            cache::gc_marker::MARKER_KEY,
+            other.render().as_bytes(),
+            "text/plain",
+        )
         .unwrap();
     let e = gc.join().unwrap().unwrap_err();
     assert!(

@@ -521,7 +521,10 @@ fn deleting_removes_each_file_and_syncs_each_directory_a_file_left() {
         .map(String::from)
         .to_vec();
     let failed = c.delete_objects(&keys).unwrap();
-    assert!(failed.is_empty(), "a missing key counts as deleted: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "a missing key counts as deleted: {failed:?}"
+    );
     assert_eq!(listing(dir.path()), vec!["b.narinfo"]);
     let ops = plan.ops();
     assert!(ops >= 6, "four removals and two directory syncs: {ops}");
@@ -551,7 +554,11 @@ fn a_failed_removal_is_named_and_a_failed_directory_sync_is_an_error() {
     let failed = c.delete_objects(&keys).unwrap();
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0].0, "b.narinfo");
-    assert!(failed[0].1.is_transient(), "a full disk heals: {}", failed[0].1);
+    assert!(
+        failed[0].1.is_transient(),
+        "a full disk heals: {}",
+        failed[0].1
+    );
     assert_eq!(plan.fired().len(), 1);
     assert_eq!(listing(dir.path()), vec!["b.narinfo"]);
 

@@ -108,9 +108,11 @@ impl Shared {
         keys: Vec<String>,
         why: &CacheError,
     ) -> Result<Vec<(String, CacheError)>, CacheError> {
-        let present = concurrently(self, keys.clone(), |s, key| async move {
-            s.exists(&key).await
-        })
+        let present = concurrently(
+            self,
+            keys.clone(),
+            |s, key| async move { s.exists(&key).await },
+        )
         .await?;
         Ok(keys
             .into_iter()
@@ -178,10 +180,16 @@ mod tests {
     fn an_unreadable_answer_is_checked_by_looking_the_keys_up() {
         let (endpoint, seen) = stand_in(1);
         let cache = bucket_with(&endpoint, "garbled", 64 << 20, |_| {});
-        let failed = cache.delete_objects(&keys(&["nar/a", "b.narinfo"])).unwrap();
+        let failed = cache
+            .delete_objects(&keys(&["nar/a", "b.narinfo"]))
+            .unwrap();
         let named: Vec<&str> = failed.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(named, ["nar/a", "b.narinfo"]);
-        assert!(failed[0].1.to_string().contains("still there"), "{}", failed[0].1);
+        assert!(
+            failed[0].1.to_string().contains("still there"),
+            "{}",
+            failed[0].1
+        );
         let heads = seen
             .requests()
             .iter()
