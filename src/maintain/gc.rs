@@ -570,3 +570,112 @@ fn parse(text: &str, store_dir: &str) -> Result<Parsed, ()> {
         url: n.url,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::fault::{Errno, Fail, FaultPlan};
+    use crate::cache::file::{FileCache, FsOp};
+    use crate::format::hash::Sha256;
+    use crate::format::store_path::StorePath;
+    use std::sync::Arc;
+
+    const SD: &str = "/nix/store";
+
+    fn hash(i: usize) -> String {
+        format!("{i:0>32}")
+    }
+
+    /// Writes path `i` (its NAR and narinfo, referring to `refs`) straight into `dir`.
+    fn write_path(dir: &std::path::Path, i: usize, refs: &[usize]) {
+        let nar = format!("the NAR of {i}").into_bytes();
+        let n = NarInfo {
+            store_path: StorePath::from_base_name(&format!("{}-p{i}", hash(i))).unwrap(),
+            url: format!("nar/{}.nar", hash(i)),
+            compression: "none".into(),
+            file_hash: Some(Sha256::digest(&nar)),
+            file_size: Some(nar.len() as u64),
+            nar_hash: Sha256::digest(&nar),
+            nar_size: nar.len() as u64,
+            references: refs
+                .iter()
+                .map(|r| StorePath::from_base_name(&format!("{}-p{r}", hash(*r))).unwrap())
+                .collect(),
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
+        std::fs::create_dir_all(dir.join("nar")).unwrap();
+        std::fs::write(dir.join(&n.url), &nar).unwrap();
+        std::fs::write(dir.join(format!("{}.narinfo", hash(i))), n.render(SD)).unwrap();
+    }
+
+    fn is_removal_of_p1(op: FsOp<'_>) -> bool {
+        matches!(op, FsOp::Remove(p) if p.ends_with("00000000000000000000000000000001.narinfo"))
+    }
+
+    /// p2 → p1 → p0, nothing kept: the removal of p1's narinfo fails (a full disk). p2's
+    /// narinfo went in the batch before; nothing after p1's batch goes (p0's narinfo and
+    /// every NAR), so no narinfo is left without what it needs; the failure is named.
+    #[test]
+    fn a_batch_that_does_not_go_whole_stops_the_sweep_and_the_cache_stays_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        write_path(dir.path(), 0, &[]);
+        write_path(dir.path(), 1, &[0]);
+        write_path(dir.path(), 2, &[1]);
+        let plan = Arc::new(FaultPlan::new(
+            dir.path(),
+            SD,
+            Fail::Matching {
+                matches: is_removal_of_p1,
+                times: 1,
+            },
+            Errno::NoSpace,
+        ));
+        let cache = FileCache::open_with_hook(dir.path(), "file:///t", Some(plan.clone())).unwrap();
+        let cfg = GcConfig {
+            store_dir: SD.into(),
+            roots: Vec::new(),
+            keep_newer_than: None,
+            grace: Duration::ZERO,
+            settle: Duration::ZERO,
+            batch_size: 2,
+            dry_run: false,
+        };
+        let out = run(&cache, &cfg, &mut ()).unwrap();
+        assert_eq!(plan.fired().len(), 1);
+        let failed: Vec<&str> = out.failed.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(failed, [format!("{}.narinfo", hash(1))]);
+        assert!(out.failed[0].1.is_transient(), "{}", out.failed[0].1);
+        assert!(out.stopped.is_some() && out.has_problems());
+        assert_eq!(
+            out.deleted,
+            Deleted {
+                narinfos: 1,
+                ..Deleted::default()
+            }
+        );
+        let there = |k: String| dir.path().join(k).exists();
+        assert!(!there(format!("{}.narinfo", hash(2))));
+        for i in [0, 1] {
+            assert!(there(format!("{}.narinfo", hash(i))), "p{i}");
+        }
+        for i in [0, 1, 2] {
+            assert!(there(format!("nar/{}.nar", hash(i))), "the NAR of p{i}");
+        }
+        let marker = std::fs::read_to_string(dir.path().join(MARKER_KEY)).unwrap();
+        assert!(marker.contains("state done"), "{marker}");
+
+        // Run again (the disk has room now), it finishes the work.
+        let out = run(&cache, &cfg, &mut ()).unwrap();
+        assert!(!out.has_problems(), "{out:?}");
+        assert_eq!(
+            out.deleted,
+            Deleted {
+                narinfos: 2,
+                nars: 3,
+                ..Deleted::default()
+            }
+        );
+    }
+}
