@@ -21,6 +21,8 @@ const POLL: Duration = Duration::from_secs(1);
 /// What a run is asked to do.
 #[derive(Debug, Clone)]
 pub struct GcConfig {
+    /// The store directory narinfos name paths in, when the cache's `nix-cache-info`
+    /// does not say.
     pub store_dir: String,
     /// The named roots (`--keep-closure-of`, `--keep-file`), each with why.
     pub roots: Vec<(HashPart, RootReason)>,
@@ -497,6 +499,11 @@ fn survey(
         }
     };
     narinfos.shrink_to_fit();
+    // Narinfos name paths of the cache's own store directory.
+    let store_dir = cache
+        .get_text("nix-cache-info")?
+        .and_then(|t| crate::format::cache_info::CacheInfo::parse(&t).ok())
+        .map_or_else(|| cfg.store_dir.clone(), |i| i.store_dir);
 
     let mut out = GcOutcome::default();
     for chunk in narinfos.chunks(super::verify::BATCH) {
@@ -507,7 +514,7 @@ fn survey(
         let texts = cache.get_texts(&keys)?;
         let parsed: Vec<Option<Result<Parsed, ()>>> = texts
             .par_iter()
-            .map(|t| t.as_deref().map(|t| parse(t, &cfg.store_dir)))
+            .map(|t| t.as_deref().map(|t| parse(t, &store_dir)))
             .collect();
         drop(texts);
         for (((h, st), key), p) in chunk.iter().zip(keys).zip(parsed) {
