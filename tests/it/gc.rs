@@ -530,3 +530,105 @@ fn a_gc_that_finds_another_generation_in_its_marker_stops_and_deletes_nothing() 
         "the other gc's marker is left as it is"
     );
 }
+
+/// Pushes A, B and C into an emptied gc bucket; its URL through `proxy`, with the
+/// closures, the key and the bucket's keys.
+fn fresh_bucket_through(
+    env: &S3Env,
+    url: &str,
+    proxy: &crate::proxy::Proxy,
+) -> (String, Closures, BTreeSet<String>) {
+    let empty = tempdir();
+    let none = empty.path().join("keep");
+    std::fs::write(&none, "").unwrap();
+    let (code, _, err) = gc(
+        url,
+        &["--keep-file", none.to_str().unwrap(), "--grace", "0"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let key = nix_generate_key(&unique("gc-p").replace('-', "")[..20]);
+    let c = build();
+    push(url, &key, &c);
+    let before = keys(open(url).as_ref());
+    (env.url_at(&proxy.endpoint(), "&retries=1"), c, before)
+}
+
+#[test]
+fn gc_on_s3_checks_deletions_whose_answer_is_lost_and_stops_at_one_that_failed() {
+    use crate::proxy::{Fault, Kind, Proxy, Rule};
+    let Some((env, url)) = s3_gc_bucket() else {
+        return;
+    };
+    let _one = S3_GC
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+
+    // Every DeleteObjects is done by the server, but its answer cannot be read: each key
+    // is looked up, found gone, and the sweep goes on to the end.
+    let proxy = Proxy::start(
+        &env.endpoint,
+        vec![Rule::after(
+            Kind::DeleteObjects,
+            0,
+            usize::MAX,
+            Fault::UnreadableIn200,
+        )],
+    );
+    let (via, c, before) = fresh_bucket_through(&env, &url, &proxy);
+    let cache = open(&url);
+    let others_nars: Vec<String> = c
+        .others
+        .iter()
+        .map(|p| narinfo(cache.as_ref(), p).unwrap().url)
+        .collect();
+    let (code, out, err) = gc(&via, &["--keep-closure-of", &c.a, "--grace", "0"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out["deleted"]["narinfos"], 4, "{out}");
+    assert_eq!(out["deleted"]["nars"], 4, "{out}");
+    assert!(
+        proxy.faults(|f| f == Fault::UnreadableIn200) >= 3,
+        "{}",
+        proxy.dump()
+    );
+    assert!(proxy.forwarded(Kind::Head) >= 8, "each key was looked up");
+    assert_only_others_went(cache.as_ref(), &c, &before, &others_nars);
+    drop(proxy);
+
+    // The second DeleteObjects never reaches the server (a reset, retried once): its keys
+    // are still there, named, and nothing after it goes.
+    let proxy = Proxy::start(
+        &env.endpoint,
+        vec![Rule::after(
+            Kind::DeleteObjects,
+            1,
+            usize::MAX,
+            Fault::Reset,
+        )],
+    );
+    let (via, c, before) = fresh_bucket_through(&env, &url, &proxy);
+    let (code, out, err) = gc(
+        &via,
+        &[
+            "--keep-closure-of",
+            &c.a,
+            "--grace",
+            "0",
+            "--gc-batch-size",
+            "2",
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(out["deleted"]["narinfos"], 2, "{out}");
+    assert_eq!(out["failed"].as_array().unwrap().len(), 2, "{out}");
+    assert!(out["stopped"].is_string(), "{out}");
+    let cache = open(&url);
+    assert_eq!(broken_closures(cache.as_ref()), Vec::<String>::new());
+    let after = keys(cache.as_ref());
+    assert_eq!(before.len() - after.len(), 2, "only the first batch went");
+    assert!(
+        before
+            .iter()
+            .filter(|k| k.starts_with("nar/"))
+            .all(|k| after.contains(k))
+    );
+}

@@ -68,6 +68,8 @@ pub enum Kind {
     CopyObject,
     /// DeleteObject (not an abort).
     Delete,
+    /// DeleteObjects (`POST ?delete`, many keys).
+    DeleteObjects,
     Head,
     Get,
 }
@@ -128,6 +130,7 @@ impl Request {
             Kind::AbortMultipart => m == "DELETE" && upload_id,
             Kind::CopyObject => m == "PUT" && self.copy && !upload_id,
             Kind::Delete => m == "DELETE" && !upload_id,
+            Kind::DeleteObjects => m == "POST" && self.has_param("delete"),
             Kind::Head => m == "HEAD",
             Kind::Get => m == "GET",
         }
