@@ -9,8 +9,8 @@
 use super::index::{CacheIndex, HashPart, Stat, listing_key, narinfo_key};
 use fixedbitset::FixedBitSet;
 
-/// Most keys one S3 DeleteObjects request takes.
-pub const MAX_BATCH: usize = 1000;
+/// Most keys a batch holds: what one S3 DeleteObjects request takes.
+pub const MAX_BATCH: usize = crate::cache::MAX_DELETE;
 
 /// Why a narinfo is a root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

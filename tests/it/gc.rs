@@ -251,6 +251,7 @@ fn gc_keeps_a_closure_and_deletes_the_rest_in_an_order_no_reader_can_see_broken(
     struct Handshake(mpsc::SyncSender<mpsc::SyncSender<()>>, usize);
     impl narflow::maintain::gc::GcObserver for Handshake {
         fn deleted(&mut self, _batch: &narflow::maintain::gc_plan::Batch) {
+            // One acknowledgement, of this batch.
             let (ack, acked) = mpsc::sync_channel(1);
             self.0.send(ack).unwrap();
             acked.recv().unwrap();
