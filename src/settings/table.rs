@@ -249,7 +249,7 @@ settings_group! {
             flag: "to",
             env: "NARFLOW_TO",
             value: "URL",
-            default: Fallback::Words("none (push, daemon and verify need one)"),
+            default: Fallback::Words("none (push, daemon, verify and gc need one)"),
             help: "The cache, in Nix's store-URL syntax (file:///DIR, s3://BUCKET?...); \
                    --cache is the same flag",
             arg: [visible_alias = "cache"],
