@@ -287,6 +287,13 @@ fn read_narinfo(text: &str, h: &[u8; 20], opts: &VerifyOptions) -> Read {
     Read::Parsed(Box::new(n), Some(problem))
 }
 
+/// A batch of narinfos read from the cache: their hash parts, keys and texts.
+struct Fetched {
+    batch: Vec<[u8; 20]>,
+    keys: Vec<String>,
+    texts: Vec<Option<String>>,
+}
+
 /// Verifies `cache` as `opts` says, handing each problem to `report` as it is found.
 ///
 /// # Errors
@@ -341,75 +348,98 @@ pub fn verify(
         }
     }
 
-    while !queue.is_empty() {
-        let batch: Vec<[u8; 20]> = queue.drain(..queue.len().min(BATCH)).collect();
+    let fetch = |batch: Vec<[u8; 20]>| -> Result<Fetched, CacheError> {
         let keys: Vec<String> = batch
             .iter()
             .map(|h| format!("{}.narinfo", nix32::encode(h)))
             .collect();
         let texts = cache.get_texts(&keys)?;
-        // Parsing and signature checks (the CPU work) run across the batch in parallel.
-        let read: Vec<Option<Read>> = texts
-            .par_iter()
-            .zip(&batch)
-            .map(|(text, h)| text.as_deref().map(|t| read_narinfo(t, h, opts)))
-            .collect();
-        drop(texts);
-        for (key, read) in keys.into_iter().zip(read) {
-            // Removed since the listing: nothing left to check.
-            let Some(read) = read else { continue };
-            summary.narinfos += 1;
-            let n = match read {
-                Read::Damaged(kind, detail) => {
-                    emit(&mut summary, kind, key, detail);
-                    continue;
-                }
-                Read::Parsed(n, signature) => {
-                    if let Some((kind, detail)) = signature {
-                        emit(&mut summary, kind, key.clone(), detail);
+        Ok(Fetched { batch, keys, texts })
+    };
+    let take = |queue: &mut VecDeque<[u8; 20]>| -> Vec<[u8; 20]> {
+        queue.drain(..queue.len().min(BATCH)).collect()
+    };
+    // One batch is read from the cache while the one before it is checked: two batches'
+    // texts in memory at most.
+    std::thread::scope(|scope| -> Result<(), CacheError> {
+        let mut next = if queue.is_empty() {
+            None
+        } else {
+            Some(fetch(take(&mut queue))?)
+        };
+        while let Some(Fetched { batch, keys, texts }) = next.take() {
+            let ahead = (!queue.is_empty()).then(|| {
+                let batch = take(&mut queue);
+                scope.spawn(|| fetch(batch))
+            });
+            // Parsing and signature checks (the CPU work) run across the batch in parallel.
+            let read: Vec<Option<Read>> = texts
+                .par_iter()
+                .zip(&batch)
+                .map(|(text, h)| text.as_deref().map(|t| read_narinfo(t, h, opts)))
+                .collect();
+            drop(texts);
+            for (key, read) in keys.into_iter().zip(read) {
+                // Removed since the listing: nothing left to check.
+                let Some(read) = read else { continue };
+                summary.narinfos += 1;
+                let n = match read {
+                    Read::Damaged(kind, detail) => {
+                        emit(&mut summary, kind, key, detail);
+                        continue;
                     }
-                    n
+                    Read::Parsed(n, signature) => {
+                        if let Some((kind, detail)) = signature {
+                            emit(&mut summary, kind, key.clone(), detail);
+                        }
+                        n
+                    }
+                };
+                match listing.nar(&n.url) {
+                    None => emit(
+                        &mut summary,
+                        Kind::NarMissing,
+                        key.clone(),
+                        format!("its NAR {} is not in the cache", n.url),
+                    ),
+                    Some(i) => {
+                        named[i] = true;
+                        let have = listing.nars[i].1;
+                        if let Some(want) = n.file_size.filter(|&w| w != have) {
+                            emit(
+                                &mut summary,
+                                Kind::NarSize,
+                                key.clone(),
+                                format!("its NAR {} has {have} bytes, FileSize says {want}", n.url),
+                            );
+                        }
+                    }
                 }
-            };
-            match listing.nar(&n.url) {
-                None => emit(
-                    &mut summary,
-                    Kind::NarMissing,
-                    key.clone(),
-                    format!("its NAR {} is not in the cache", n.url),
-                ),
-                Some(i) => {
-                    named[i] = true;
-                    let have = listing.nars[i].1;
-                    if let Some(want) = n.file_size.filter(|&w| w != have) {
+                for r in n.references.iter().filter(|r| **r != n.store_path) {
+                    let rh = NarinfoSet::key(r);
+                    if !listing.has_narinfo(&rh) {
                         emit(
                             &mut summary,
-                            Kind::NarSize,
+                            Kind::MissingReference,
                             key.clone(),
-                            format!("its NAR {} has {have} bytes, FileSize says {want}", n.url),
+                            format!(
+                                "its reference {} has no narinfo in the cache",
+                                r.to_absolute(&opts.store_dir)
+                            ),
                         );
+                    } else if opts.paths.is_some() && seen.insert(rh) {
+                        queue.push_back(rh);
                     }
                 }
             }
-            for r in n.references.iter().filter(|r| **r != n.store_path) {
-                let rh = NarinfoSet::key(r);
-                if !listing.has_narinfo(&rh) {
-                    emit(
-                        &mut summary,
-                        Kind::MissingReference,
-                        key.clone(),
-                        format!(
-                            "its reference {} has no narinfo in the cache",
-                            r.to_absolute(&opts.store_dir)
-                        ),
-                    );
-                } else if opts.paths.is_some() && seen.insert(rh) {
-                    queue.push_back(rh);
-                }
-            }
+            next = match ahead {
+                Some(h) => Some(h.join().expect("a batch read does not panic")?),
+                None if queue.is_empty() => None,
+                None => Some(fetch(take(&mut queue))?),
+            };
         }
-    }
-
+        Ok(())
+    })?;
     if opts.paths.is_none() {
         for ((key, size), named) in listing.nars.iter().zip(&named) {
             if !named {
