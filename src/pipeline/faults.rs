@@ -108,7 +108,9 @@ impl Setup {
             .iter()
             .enumerate()
             .filter(|(i, _)| which(*i))
-            .map(|(_, info)| NewJob::waiting_for(info.clone(), Default::default(), |r| !in_cache(r)))
+            .map(|(_, info)| {
+                NewJob::waiting_for(info.clone(), Default::default(), |r| !in_cache(r))
+            })
             .collect()
     }
 

@@ -191,13 +191,7 @@ pub fn push(
         );
     }
     let uploaded = upload_after(
-        cache,
-        &store_dir,
-        &plan.todo,
-        &plan.seen,
-        plan.epoch,
-        opts,
-        progress,
+        cache, &store_dir, &plan.todo, &plan.seen, plan.epoch, opts, progress,
     )?;
     report.results.extend(uploaded.results);
     report.bytes = uploaded.bytes;

@@ -3,10 +3,10 @@
 //! what is left, each path refused up front whose references cannot be published.
 //! The look at the cache waits while a gc of it runs, and gives the jobs its epoch.
 use super::PushOptions;
-use crate::cache::gc_marker::Epoch;
 use super::outcome::{Failure, PushError};
 use super::publish::NewJob;
 use crate::cache::BinaryCache;
+use crate::cache::gc_marker::Epoch;
 use crate::format::store_path::StorePath;
 use crate::store::lookup::split_valid;
 use crate::store::{LocalStore, PathInfo};

@@ -18,10 +18,10 @@
 //! a job is in it from submission until settled, and a known (or failed) path only while
 //! a job of it or a job waiting for it is unsettled. A reference the caller vouches for
 //! (found in the cache before the job was submitted) is not remembered at all.
+use super::gc_gate::{Gate, Reading};
 use super::outcome::{Failure, Outcome, PathResult, Progress, Retry};
 use super::sink::SinkResult;
 use super::stage::{Job, JobId, Stop};
-use super::gc_gate::{Gate, Reading};
 use crate::cache::gc_marker::{Epoch, WAVE_FRESH};
 use crate::cache::{BinaryCache, CacheError, Merged};
 use crate::format::narinfo::NarInfo;
@@ -480,7 +480,11 @@ impl Run<'_, '_> {
                 let book = stage.book();
                 ready
                     .iter()
-                    .map(|w| book.jobs.get(&w.id).is_some_and(|e| e.epoch != reading.epoch))
+                    .map(|w| {
+                        book.jobs
+                            .get(&w.id)
+                            .is_some_and(|e| e.epoch != reading.epoch)
+                    })
                     .collect()
             };
             if !older.contains(&true) {
@@ -491,7 +495,8 @@ impl Run<'_, '_> {
                 .zip(older)
                 .partition(|(_, older)| *older);
             *ready = keep.into_iter().map(|(w, _)| w).collect();
-            let passed = self.recheck(check.into_iter().map(|(w, _)| w).collect(), reading.epoch)?;
+            let passed =
+                self.recheck(check.into_iter().map(|(w, _)| w).collect(), reading.epoch)?;
             ready.extend(passed);
             ready.sort_by_key(|w| w.id);
             // The check took time: the reading may have to be renewed.

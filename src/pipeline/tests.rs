@@ -474,7 +474,16 @@ fn a_refused_path_fails_every_referrer_and_nothing_of_them_goes_up() {
     let run: Vec<PathInfo> = all[1..].to_vec();
     let cache = FileCache::open(cache_dir.path(), "file:///t").unwrap();
     let o = opts(Compression::Zstd, 64 << 10, 256 << 10);
-    let report = upload_after(&cache, sd, &run, &HashSet::new(), Default::default(), &o, &NoProgress).unwrap();
+    let report = upload_after(
+        &cache,
+        sd,
+        &run,
+        &HashSet::new(),
+        Default::default(),
+        &o,
+        &NoProgress,
+    )
+    .unwrap();
     let outcome = |name: &str| {
         report
             .results
@@ -512,7 +521,8 @@ fn a_refused_path_fails_every_referrer_and_nothing_of_them_goes_up() {
 
     // Once r is seen in the cache, the same run publishes everything.
     let seen: HashSet<StorePath> = [all[0].path.clone()].into();
-    let report = upload_after(&cache, sd, &run, &seen, Default::default(), &o, &NoProgress).unwrap();
+    let report =
+        upload_after(&cache, sd, &run, &seen, Default::default(), &o, &NoProgress).unwrap();
     assert_eq!(report.failed().count(), 0, "{:?}", report.results);
 }
 

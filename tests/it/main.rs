@@ -5,6 +5,7 @@ mod backfill;
 mod config;
 mod daemon;
 mod durability;
+mod gc_writers;
 mod helpers;
 mod hol;
 mod layers;
