@@ -15,13 +15,16 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
+/// What runs once after a size check of one object.
+type Hook = Box<dyn FnOnce() + Send>;
+
 /// A local cache that counts its marker readings and publishing waves, and runs a hook
 /// once after the first size check of one object (the sink's look for its NAR).
 struct Watched {
     inner: FileCache,
     marker_reads: AtomicUsize,
     waves: AtomicUsize,
-    after_size_of: Mutex<Option<(String, Box<dyn FnOnce() + Send>)>>,
+    after_size_of: Mutex<Option<(String, Hook)>>,
 }
 
 impl std::fmt::Debug for Watched {

@@ -6,7 +6,7 @@ use super::PushOptions;
 use super::outcome::{Failure, PushError};
 use super::publish::NewJob;
 use crate::cache::BinaryCache;
-use crate::cache::gc_marker::Epoch;
+use crate::cache::gc_marker::{Epoch, WAVE_FRESH};
 use crate::format::store_path::StorePath;
 use crate::store::lookup::split_valid;
 use crate::store::{LocalStore, PathInfo};
@@ -74,7 +74,7 @@ pub fn plan_with(
         .collect();
     asked.extend(outside.into_iter().cloned());
     let mut gate = super::gc_gate::Gate::new(opts.gc_wait);
-    let mut settle = || -> Result<Epoch, PushError> {
+    let mut settle = || -> Result<super::gc_gate::Reading, PushError> {
         let reading = gate
             .settle(cache, &|| opts.cancel.is_cancelled(), progress)?
             .ok_or_else(|| crate::cache::CacheError::Remote {
@@ -83,10 +83,10 @@ pub fn plan_with(
                 message: "cancelled while waiting for a running gc".into(),
                 transient: true,
             })?;
-        Ok(reading.epoch)
+        Ok(reading)
     };
     let (seen, epoch) = loop {
-        let epoch = settle()?;
+        let epoch = settle()?.epoch;
         let mut seen: HashSet<StorePath> = asked
             .iter()
             .cloned()
@@ -97,7 +97,7 @@ pub fn plan_with(
         let present: Vec<&PathInfo> = infos.iter().filter(|i| seen.contains(&i.path)).collect();
         // The signatures' wave is a publishing wave: it reads the marker again, and a gc
         // that ran since the look means looking again.
-        let mut still = || settle().map(|now| now == epoch);
+        let mut still = || settle().map(|now| (now.epoch == epoch).then_some(now.at + WAVE_FRESH));
         let Some(damaged) = add_our_signatures(cache, &store_dir, &present, opts, &mut still)?
         else {
             tracing::info!(
@@ -159,8 +159,8 @@ pub fn jobs_for(
 /// another NAR of the path is left alone: our keys vouch only for the NAR in our store.
 /// Returns the paths whose narinfo turned out damaged (it does not parse, or its NAR is
 /// missing or short): they are uploaded again. `still` is asked right before the
-/// narinfos are written whether the gc epoch is still the look's; `None` when it is not
-/// (nothing was written).
+/// narinfos are written whether the gc epoch is still the look's, and until when they may
+/// be written if so; `None` when it is not (nothing was written).
 ///
 /// # Errors
 /// [`PushError::Cache`] when the cache cannot be read or written.
@@ -169,7 +169,7 @@ fn add_our_signatures(
     store_dir: &str,
     present: &[&PathInfo],
     opts: &PushOptions,
-    still: &mut dyn FnMut() -> Result<bool, PushError>,
+    still: &mut dyn FnMut() -> Result<Option<std::time::Instant>, PushError>,
 ) -> Result<Option<Vec<StorePath>>, PushError> {
     if opts.keys.is_empty() || present.is_empty() {
         return Ok(Some(Vec::new()));
@@ -204,14 +204,17 @@ fn add_our_signatures(
         }
         resign.push(old);
     }
-    if !resign.is_empty() && !still()? {
-        return Ok(None);
+    if resign.is_empty() {
+        return Ok(Some(damaged));
     }
+    let Some(deadline) = still()? else {
+        return Ok(None);
+    };
     let paths: Vec<StorePath> = resign.iter().map(|n| n.store_path.clone()).collect();
     let mut signed = 0;
     for (path, r) in paths
         .into_iter()
-        .zip(cache.publish_narinfos(store_dir, resign)?)
+        .zip(cache.publish_narinfos_by(store_dir, resign, deadline)?)
     {
         match r {
             Ok(_) => signed += 1,

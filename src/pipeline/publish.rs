@@ -626,7 +626,12 @@ impl Run<'_, '_> {
         // Everything ready in one wave is independent of the rest of the wave (its
         // references are known already), so the cache may write the wave concurrently.
         let narinfos: Vec<NarInfo> = ready.iter().map(|w| w.narinfo.clone()).collect();
-        match stage.cache.publish_narinfos(stage.store_dir, narinfos) {
+        // No write starts later than gc's protocol allows after the reading `clear` took.
+        let read = self.reading.map_or_else(std::time::Instant::now, |r| r.at);
+        match stage
+            .cache
+            .publish_narinfos_by(stage.store_dir, narinfos, read + WAVE_FRESH)
+        {
             Ok(merged) => {
                 if merged.iter().any(|m| matches!(m, Ok(Merged::Written))) {
                     self.dirty = false;

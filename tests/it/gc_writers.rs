@@ -22,14 +22,14 @@ use std::time::{Duration, Instant};
 /// Where a test's cache is, and how the test plays gc on it.
 enum Dest {
     File(PathBuf),
-    S3 { env: S3Env, client: S3Client },
+    S3 { url: String, client: Box<S3Client> },
 }
 
 impl Dest {
     fn url(&self) -> String {
         match self {
             Dest::File(dir) => format!("file://{}", dir.display()),
-            Dest::S3 { env, .. } => env.url(""),
+            Dest::S3 { url, .. } => url.clone(),
         }
     }
     fn put(&self, key: &str, body: &[u8]) {
@@ -242,8 +242,10 @@ fn dest_file(dir: &Path) -> Dest {
 
 fn dest_s3() -> Option<Dest> {
     let env = s3_env()?;
-    let client = env.client();
-    Some(Dest::S3 { env, client })
+    Some(Dest::S3 {
+        url: env.url(""),
+        client: Box::new(env.client()),
+    })
 }
 
 fn store() -> narflow::store::LocalStore {
