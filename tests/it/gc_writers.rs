@@ -157,6 +157,23 @@ impl GcCache {
     }
 }
 
+impl GcCache {
+    /// Records each of `narinfos` about to be written while a reference of it is not in
+    /// the cache.
+    fn check_references(&self, store_dir: &str, narinfos: &[NarInfo]) {
+        for n in narinfos {
+            for r in n.references.iter().filter(|r| **r != n.store_path) {
+                if !self.s.dest.has(&narinfo_key(&r.to_absolute(store_dir))) {
+                    self.s.broken.lock().unwrap().push(format!(
+                        "{} written while its reference {r} is not in the cache",
+                        n.store_path
+                    ));
+                }
+            }
+        }
+    }
+}
+
 impl BinaryCache for GcCache {
     fn url(&self) -> &str {
         self.inner.url()
@@ -212,18 +229,18 @@ impl BinaryCache for GcCache {
         store_dir: &str,
         narinfos: Vec<NarInfo>,
     ) -> Result<Vec<Published>, CacheError> {
-        // What each narinfo needs, as the cache holds it when the narinfo is written.
-        for n in &narinfos {
-            for r in n.references.iter().filter(|r| **r != n.store_path) {
-                if !self.s.dest.has(&narinfo_key(&r.to_absolute(store_dir))) {
-                    self.s.broken.lock().unwrap().push(format!(
-                        "{} written while its reference {r} is not in the cache",
-                        n.store_path
-                    ));
-                }
-            }
-        }
+        self.check_references(store_dir, &narinfos);
         self.inner.publish_narinfos(store_dir, narinfos)
+    }
+    fn publish_narinfos_by(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<NarInfo>,
+        deadline: Instant,
+    ) -> Result<Vec<Published>, CacheError> {
+        self.check_references(store_dir, &narinfos);
+        self.inner
+            .publish_narinfos_by(store_dir, narinfos, deadline)
     }
     fn put_object(&self, key: &str, bytes: &[u8], content_type: &str) -> Result<(), CacheError> {
         self.inner.put_object(key, bytes, content_type)
