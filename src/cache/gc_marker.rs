@@ -153,7 +153,7 @@ impl MarkerWatch {
     }
 
     /// The epoch, from the marker read just now, or `None` while a gc runs: the writer
-    /// reads the marker again after about [`HEARTBEAT`], and neither looks at the cache
+    /// reads the marker again after [`WAIT_POLL`], and neither looks at the cache
     /// nor writes a narinfo meanwhile.
     pub fn settled(&mut self, reading: Reading, now: Instant) -> Option<Epoch> {
         let marker = match reading {
