@@ -51,6 +51,10 @@ pub struct Available {
     in_cache: FixedBitSet,
     /// Paths without an id: true once counted.
     by_hash: HashMap<[u8; 20], bool>,
+    /// Ids skipped as served upstream: available, but never in this cache.
+    upstream: FixedBitSet,
+    /// Paths without an id skipped as served upstream.
+    upstream_by_hash: std::collections::HashSet<[u8; 20]>,
 }
 
 impl Available {
@@ -117,6 +121,29 @@ impl Available {
         }
     }
 
+    /// Records that this run skipped the path of `key` as served upstream (it counts as
+    /// settled, and is never looked for in this cache).
+    pub fn skip(&mut self, key: Key) {
+        self.count(key);
+        match key {
+            Key::Id(i) => {
+                grow_to(&mut self.upstream, i);
+                self.upstream.insert(i as usize);
+            }
+            Key::Hash(h) => {
+                self.upstream_by_hash.insert(h);
+            }
+        }
+    }
+
+    /// Whether this run skipped the path of `key` as served upstream.
+    pub fn skipped(&self, key: Key) -> bool {
+        match key {
+            Key::Id(i) => self.upstream.contains(i as usize),
+            Key::Hash(h) => self.upstream_by_hash.contains(&h),
+        }
+    }
+
     /// Records that the cache has the path of `key` (unless it is counted already).
     pub fn found_in_cache(&mut self, key: Key) {
         match key {
@@ -162,6 +189,17 @@ mod tests {
         assert!(with_p.contains(&p) && !with_p.contains(&sp(10)));
         assert!(!NarinfoSet::default().contains_key(&[0; 20]));
         assert!(NarinfoSet::default().is_empty());
+    }
+
+    #[test]
+    fn a_skipped_path_is_counted_and_known_as_served_upstream() {
+        let mut a = Available::default();
+        a.skip(Key::Id(7));
+        a.skip(Key::Hash([3; 20]));
+        a.count(Key::Id(8));
+        assert!(a.counted(&sp(7), Key::Id(7)));
+        assert!(a.skipped(Key::Id(7)) && a.skipped(Key::Hash([3; 20])));
+        assert!(!a.skipped(Key::Id(8)) && !a.skipped(Key::Id(100_000)));
     }
 
     #[test]

@@ -60,6 +60,11 @@ pub(super) struct Run<'a> {
     pub(super) halted: bool,
     /// A window with a failed path has been passed: the cursor stays where it was.
     pinned: bool,
+    /// The run's reading of the cache's gc marker.
+    gate: crate::pipeline::gc_gate::Gate,
+    /// The gc epoch of the run's first look at the cache: what it learnt of the cache
+    /// (the listing, what windows found) dates from it, so every job carries it.
+    epoch: Option<crate::cache::gc_marker::Epoch>,
     /// Where the cursor is (everything below it durable or skipped), and where the state
     /// file last put it.
     pub(super) cursor: Position,
@@ -152,6 +157,8 @@ impl<'a> Run<'a> {
             next_seq: 0,
             halted: false,
             pinned: false,
+            gate: crate::pipeline::gc_gate::Gate::new(push.gc_wait),
+            epoch: None,
             cursor: Position::default(),
             saved: Position::default(),
             summary: Summary {
@@ -195,11 +202,41 @@ impl<'a> Run<'a> {
         self.available.contains(path, self.key(path))
     }
 
+    /// Reads the cache's gc marker before a look at the cache, waiting while a gc runs,
+    /// and returns the epoch of the run's first look: what the run knows of the cache
+    /// dates from then, so a job relying on it is checked again if a gc ran since.
+    ///
+    /// # Errors
+    /// [`BackfillError::Cache`] when the marker cannot be read, or the run was cancelled
+    /// while it waited.
+    pub(super) fn look(&mut self) -> Result<crate::cache::gc_marker::Epoch, BackfillError> {
+        let cancel = self.push.cancel.clone();
+        let progress = WindowProgress(self.progress);
+        let reading = self
+            .gate
+            .settle(self.cache, &|| cancel.is_cancelled(), &progress)?
+            .ok_or_else(|| crate::cache::CacheError::Remote {
+                cache: self.cache.url().to_owned(),
+                key: crate::cache::gc_marker::MARKER_KEY.to_owned(),
+                message: "cancelled while waiting for a running gc".into(),
+                transient: true,
+            })?;
+        let first = *self.epoch.get_or_insert(reading.epoch);
+        if first != reading.epoch {
+            tracing::debug!(
+                "{}: a gc ran during the backfill: jobs relying on what was found before it are checked again before they are published",
+                self.cache.url()
+            );
+        }
+        Ok(first)
+    }
+
     /// Lists the cache and the upstreams when `to_check` paths make it worth it.
     pub(super) fn decide_listing(&mut self, to_check: u64) -> Result<(), BackfillError> {
         if to_check <= LIST_ABOVE {
             return Ok(());
         }
+        self.look()?;
         if let Some(set) = self.cache.list_narinfos()? {
             tracing::info!("{}: {} narinfos listed", self.cache.url(), set.len());
             self.available.set_listing(set);

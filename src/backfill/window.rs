@@ -61,6 +61,9 @@ impl Run<'_> {
             self.marks.push_back(mark);
             return self.pass_settled();
         }
+        // The window's look at the cache (its questions, and what earlier ones found)
+        // waits while a gc runs.
+        let epoch = self.look()?;
         let pulled = self.pull_in_references(&mut window)?;
         self.summary.pulled_in += pulled;
 
@@ -135,7 +138,7 @@ impl Run<'_> {
             .cloned()
             .collect();
         drop(in_todo);
-        let (mut jobs, refused) = pipeline::plan::jobs_for(&todo, &seen, &self.store_dir);
+        let (mut jobs, refused) = pipeline::plan::jobs_for(&todo, &seen, &self.store_dir, epoch);
         drop(seen);
         for (i, why) in refused {
             mark.ok = false;
@@ -152,6 +155,12 @@ impl Run<'_> {
                 .iter()
                 .filter(|r| **r != job.info.path && self.in_flight.contains_key(*r));
             job.waits_for.extend(earlier.cloned());
+            let skipped = job
+                .info
+                .references
+                .iter()
+                .filter(|r| **r != job.info.path && self.available.skipped(self.key(r)));
+            job.elsewhere.extend(skipped.cloned());
         }
         mark.outstanding = jobs.len();
         for job in &jobs {
@@ -172,7 +181,7 @@ impl Run<'_> {
             SkipReason::Upstream => self.summary.skipped_upstream += 1,
         }
         tracing::debug!("skipped {} ({why:?})", path.to_absolute(&self.store_dir));
-        self.available.count(self.key(path));
+        self.available.skip(self.key(path));
         self.progress.advanced(1);
     }
 

@@ -25,6 +25,9 @@ pub const STALE: Duration = Duration::from_secs(60);
 /// later ones read it again.
 pub const WAVE_FRESH: Duration = Duration::from_secs(10);
 
+/// How often a writer waiting for a running gc reads the marker again.
+pub const WAIT_POLL: Duration = Duration::from_secs(5);
+
 /// How long a gc waits after announcing itself before it lists the cache: a wave that read
 /// the marker before it appeared has finished its writes by then ([`WAVE_FRESH`] to start
 /// them, each attempt within the request timeouts: 5 s to connect, 30 s to read), with
@@ -99,6 +102,13 @@ impl Marker {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Epoch(Seen);
 
+impl Default for Epoch {
+    /// The epoch of a cache that has never had a gc marker.
+    fn default() -> Self {
+        Epoch(Seen::Nothing)
+    }
+}
+
 /// Which marker an epoch is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Seen {
@@ -115,17 +125,35 @@ pub type Reading = Option<Option<Marker>>;
 
 /// A writer's reading of the marker over time: tells a running gc from a dead one by
 /// whether its heartbeat changes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MarkerWatch {
     /// The running marker last read, and when it was first read like that.
     beat: Option<(Marker, Instant)>,
     /// When an unparsable marker was first read (in a row).
     unreadable_since: Option<Instant>,
+    /// How long an unchanged running (or unreadable) marker is waited for: [`STALE`].
+    stale: Duration,
+}
+
+impl Default for MarkerWatch {
+    fn default() -> Self {
+        MarkerWatch::with_stale(STALE)
+    }
 }
 
 impl MarkerWatch {
+    /// A watch that takes a marker unchanged for `stale` for a dead gc ([`STALE`]
+    /// everywhere but in tests, which cannot wait a minute).
+    pub fn with_stale(stale: Duration) -> Self {
+        MarkerWatch {
+            beat: None,
+            unreadable_since: None,
+            stale,
+        }
+    }
+
     /// The epoch, from the marker read just now, or `None` while a gc runs: the writer
-    /// reads the marker again after about [`HEARTBEAT`], and neither looks at the cache
+    /// reads the marker again after [`WAIT_POLL`], and neither looks at the cache
     /// nor writes a narinfo meanwhile.
     pub fn settled(&mut self, reading: Reading, now: Instant) -> Option<Epoch> {
         let marker = match reading {
@@ -137,7 +165,8 @@ impl MarkerWatch {
             Some(None) => {
                 self.beat = None;
                 let since = *self.unreadable_since.get_or_insert(now);
-                return (now.duration_since(since) >= STALE).then_some(Epoch(Seen::Unreadable));
+                return (now.duration_since(since) >= self.stale)
+                    .then_some(Epoch(Seen::Unreadable));
             }
             Some(Some(m)) => m,
         };
@@ -154,7 +183,7 @@ impl MarkerWatch {
                 now
             }
         };
-        if now.duration_since(since) >= STALE {
+        if now.duration_since(since) >= self.stale {
             settled
         } else {
             None

@@ -45,6 +45,14 @@ pub enum CacheError {
         narinfo: String,
         nar: String,
     },
+    /// A narinfo write (or a retry of one) was not sent: it would have started later than
+    /// gc's protocol allows after its wave read the gc marker
+    /// ([`BinaryCache::publish_narinfos_by`]). Uploading the path again mends it.
+    #[error(
+        "{cache}: {key}: not written: too late after its wave read the gc marker {marker} (the path goes up again on a retry)",
+        marker = gc_marker::MARKER_KEY
+    )]
+    Late { cache: String, key: String },
     /// A request to a remote cache failed (after retries when `transient`).
     #[error("{cache}: {key}: {message}")]
     Remote {
@@ -63,7 +71,9 @@ impl CacheError {
         match self {
             CacheError::Io { source, .. } => io_is_transient(source),
             CacheError::Config(_) => false,
-            CacheError::Unreachable(_) | CacheError::NarLost { .. } => true,
+            CacheError::Unreachable(_) | CacheError::NarLost { .. } | CacheError::Late { .. } => {
+                true
+            }
             CacheError::Remote { transient, .. } => *transient,
         }
     }
@@ -186,6 +196,22 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
         narinfos: Vec<NarInfo>,
     ) -> Result<Vec<Published>, CacheError> {
         publish_merged(self, store_dir, narinfos)
+    }
+    /// [`BinaryCache::publish_narinfos`] by a writer beside a gc: no narinfo write, nor a
+    /// retry of one, is sent after `deadline` (gc's protocol: each starts within
+    /// [`gc_marker::WAVE_FRESH`] of a reading of the marker); a narinfo not written by
+    /// then fails alone with [`CacheError::Late`]. A cache that sends no requests that
+    /// could take that long (a local directory) publishes as `publish_narinfos` does.
+    ///
+    /// # Errors
+    /// As [`BinaryCache::publish_narinfos`].
+    fn publish_narinfos_by(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<NarInfo>,
+        _deadline: std::time::Instant,
+    ) -> Result<Vec<Published>, CacheError> {
+        self.publish_narinfos(store_dir, narinfos)
     }
     /// Writes any other object (e.g. a `.ls` listing) atomically under `key`, with
     /// `content_type` where the cache keeps one. A cache that stores only NARs and

@@ -170,6 +170,30 @@ impl<C: Clock + 'static> RateLimited<C> {
     pub fn bucket(&self) -> &TokenBucket<C> {
         &self.bucket
     }
+
+    /// Publishes `narinfos` with `publish` (the inner cache decides what it writes, under
+    /// its own lock for a local directory) and charges the narinfos written afterwards,
+    /// at the size of ours (a merged one differs by a signature line or so).
+    fn charged(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<NarInfo>,
+        publish: impl FnOnce(Vec<NarInfo>) -> Result<Vec<Published>, CacheError>,
+    ) -> Result<Vec<Published>, CacheError> {
+        let sizes: Vec<u64> = narinfos
+            .iter()
+            .map(|n| n.render(store_dir).len() as u64)
+            .collect();
+        let merged = publish(narinfos)?;
+        let written = merged
+            .iter()
+            .zip(sizes)
+            .filter(|(m, _)| matches!(m, Ok(Merged::Written)))
+            .map(|(_, s)| s)
+            .sum();
+        self.bucket.take(written);
+        Ok(merged)
+    }
 }
 
 impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
@@ -230,22 +254,19 @@ impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
         store_dir: &str,
         narinfos: Vec<NarInfo>,
     ) -> Result<Vec<Published>, CacheError> {
-        // The inner cache decides what it writes (under its own lock, for a local
-        // directory); the narinfos written are charged afterwards, at the size of ours
-        // (a merged one differs by a signature line or so).
-        let sizes: Vec<u64> = narinfos
-            .iter()
-            .map(|n| n.render(store_dir).len() as u64)
-            .collect();
-        let merged = self.inner.publish_narinfos(store_dir, narinfos)?;
-        let written = merged
-            .iter()
-            .zip(sizes)
-            .filter(|(m, _)| matches!(m, Ok(Merged::Written)))
-            .map(|(_, s)| s)
-            .sum();
-        self.bucket.take(written);
-        Ok(merged)
+        self.charged(store_dir, narinfos, |n| {
+            self.inner.publish_narinfos(store_dir, n)
+        })
+    }
+    fn publish_narinfos_by(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<NarInfo>,
+        deadline: std::time::Instant,
+    ) -> Result<Vec<Published>, CacheError> {
+        self.charged(store_dir, narinfos, |n| {
+            self.inner.publish_narinfos_by(store_dir, n, deadline)
+        })
     }
     fn put_object(&self, key: &str, bytes: &[u8], content_type: &str) -> Result<(), CacheError> {
         self.bucket.take(bytes.len() as u64);

@@ -108,7 +108,9 @@ impl Setup {
             .iter()
             .enumerate()
             .filter(|(i, _)| which(*i))
-            .map(|(_, info)| NewJob::waiting_for(info.clone(), |r| !in_cache(r)))
+            .map(|(_, info)| {
+                NewJob::waiting_for(info.clone(), Default::default(), |r| !in_cache(r))
+            })
             .collect()
     }
 
@@ -394,10 +396,7 @@ fn a_failed_idle_sync_never_stops_the_daemons_pipeline() {
         Errno::Io,
     ));
     let cache = FileCache::open_with_hook(dir.path(), "file:///c", Some(plan.clone())).unwrap();
-    let job = |info: &PathInfo| NewJob {
-        info: info.clone(),
-        waits_for: vec![],
-    };
+    let job = |info: &PathInfo| NewJob::waiting_for(info.clone(), Default::default(), |_| false);
     let ((), _) = stream(
         &cache,
         &s.sd,

@@ -26,6 +26,7 @@
 pub mod budget;
 pub mod buffers;
 pub mod compress;
+pub mod gc_gate;
 pub mod lanes;
 pub mod outcome;
 pub mod plan;
@@ -36,6 +37,7 @@ pub mod stats;
 pub mod walk;
 
 use crate::cache::BinaryCache;
+use crate::cache::gc_marker::Epoch;
 use crate::format::compression::CompressionSettings;
 use crate::format::signing::SigningKey;
 use crate::format::store_path::StorePath;
@@ -101,6 +103,9 @@ pub struct PushOptions {
     pub max_rate: Option<u64>,
     /// Upload each published path's build log as `log/<drv name>` (`--upload-logs`).
     pub upload_logs: bool,
+    /// How a running gc of the cache is waited for: never a setting (the protocol's
+    /// timing); only tests shorten it.
+    pub gc_wait: gc_gate::GcWait,
 }
 
 impl PushOptions {
@@ -118,6 +123,7 @@ impl PushOptions {
             nar_listing: false,
             max_rate: None,
             upload_logs: false,
+            gc_wait: gc_gate::GcWait::default(),
         }
     }
     /// What the cache's constructor is given: its share of the memory budget
@@ -171,7 +177,7 @@ pub fn push(
     };
 
     cache.ensure_cache_info(&store_dir)?;
-    let plan = plan::plan(store, cache, paths, opts)?;
+    let plan = plan::plan_with(store, cache, paths, opts, progress)?;
     for path in plan.not_valid {
         report.not_valid.push(path.clone());
         let why = Failure::NotValid { path: path.clone() };
@@ -184,7 +190,9 @@ pub fn push(
             Outcome::AlreadyPresent,
         );
     }
-    let uploaded = upload_after(cache, &store_dir, &plan.todo, &plan.seen, opts, progress)?;
+    let uploaded = upload_after(
+        cache, &store_dir, &plan.todo, &plan.seen, plan.epoch, opts, progress,
+    )?;
     report.results.extend(uploaded.results);
     report.bytes = uploaded.bytes;
     report.stages = uploaded.stages;
@@ -203,16 +211,25 @@ pub fn upload(
     opts: &PushOptions,
     progress: &dyn Progress,
 ) -> Result<PushReport, PushError> {
-    upload_after(cache, store_dir, infos, &HashSet::new(), opts, progress)
+    upload_after(
+        cache,
+        store_dir,
+        infos,
+        &HashSet::new(),
+        Epoch::default(),
+        opts,
+        progress,
+    )
 }
 
 /// Uploads planned paths (in an order where references come first) and publishes their
 /// narinfos. The store is not consulted: `infos` are trusted for NarHash, NarSize and
 /// references. `narflow bench` calls this directly with synthetic store paths.
 ///
-/// `seen` are the paths found in the cache: a reference must be one of them or in
-/// `infos`. A path with a reference that is neither, or that refers to a path refused or
-/// failed, is not uploaded or published (refusals propagate to every referrer).
+/// `seen` are the paths found in the cache (by a look in gc epoch `epoch`): a reference
+/// must be one of them or in `infos`. A path with a reference that is neither, or that
+/// refers to a path refused or failed, is not uploaded or published (refusals propagate
+/// to every referrer).
 ///
 /// This is one submission to a [`stream`] pipeline that ends with it.
 ///
@@ -223,6 +240,7 @@ pub fn upload_after(
     store_dir: &str,
     infos: &[PathInfo],
     seen: &HashSet<StorePath>,
+    epoch: Epoch,
     opts: &PushOptions,
     progress: &dyn Progress,
 ) -> Result<PushReport, PushError> {
@@ -232,7 +250,7 @@ pub fn upload_after(
     if infos.is_empty() {
         return Ok(report);
     }
-    let (jobs, refused) = plan::jobs_for(infos, seen, store_dir);
+    let (jobs, refused) = plan::jobs_for(infos, seen, store_dir, epoch);
     for (i, why) in refused {
         let r = PathResult {
             path: infos[i].path.to_absolute(store_dir),
@@ -368,6 +386,7 @@ pub fn stream<R>(
         stop: stop.clone(),
         book: &book,
         on_error,
+        gc_wait: opts.gc_wait,
     };
 
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(caps.job_queue);
@@ -482,5 +501,7 @@ impl Capacities {
 
 #[cfg(test)]
 mod faults;
+#[cfg(test)]
+mod gc_tests;
 #[cfg(test)]
 mod tests;

@@ -123,6 +123,12 @@ pub enum Failure {
     /// A reference is neither in this run nor in the cache.
     #[error("its reference {reference} is not in the cache (push without --no-closure)")]
     ReferenceMissing { reference: String },
+    /// A gc of the cache ran since the push found `object` there (a reference's narinfo,
+    /// or the NAR it did not write again), and removed it: the narinfo is not written.
+    #[error(
+        "not published: {object} was in the cache when the push looked, and a gc of the cache has removed it since (a retry uploads it again)"
+    )]
+    RemovedByGc { object: String },
     /// Its references never became durable (a path the run lost).
     #[error("not published: its references never became durable")]
     ReferencesNotDurable,
@@ -183,9 +189,10 @@ impl Failure {
         match self {
             // The path changed or vanished under us, or the disk hiccuped: the next look
             // may find it readable (a path that is gone for good is dropped by its caller).
-            Failure::Read { .. } | Failure::Cancelled | Failure::ReferencesNotDurable => {
-                Retry::Transient
-            }
+            Failure::Read { .. }
+            | Failure::Cancelled
+            | Failure::ReferencesNotDurable
+            | Failure::RemovedByGc { .. } => Retry::Transient,
             Failure::NotValid { .. }
             | Failure::Corrupt { .. }
             | Failure::ReferenceMissing { .. } => Retry::Permanent,
@@ -207,7 +214,8 @@ impl Failure {
             Failure::Cache { .. } => FailureKind::Cache,
             Failure::ReferenceFailed { .. }
             | Failure::ReferenceMissing { .. }
-            | Failure::ReferencesNotDurable => FailureKind::Reference,
+            | Failure::ReferencesNotDurable
+            | Failure::RemovedByGc { .. } => FailureKind::Reference,
             Failure::Cancelled => FailureKind::Cancelled,
             Failure::Other { kind, .. } => *kind,
         }
@@ -257,6 +265,8 @@ pub trait Progress: Send + Sync {
     fn nar_bytes(&self, _bytes: u64) {}
     /// A path finished (uploaded, skipped or failed).
     fn finished(&self, _result: &PathResult) {}
+    /// A gc of the cache is running: the push waits until it is done (called once a wait).
+    fn waiting_for_gc(&self) {}
 }
 
 /// A [`Progress`] that ignores everything.

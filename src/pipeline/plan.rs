@@ -1,10 +1,12 @@
 //! Planning a push: one look at the store (closure, topological order, validity) and one
 //! at the cache (what it has, with our signatures added where missing), then the jobs for
 //! what is left, each path refused up front whose references cannot be published.
+//! The look at the cache waits while a gc of it runs, and gives the jobs its epoch.
 use super::PushOptions;
 use super::outcome::{Failure, PushError};
 use super::publish::NewJob;
 use crate::cache::BinaryCache;
+use crate::cache::gc_marker::{Epoch, WAVE_FRESH};
 use crate::format::store_path::StorePath;
 use crate::store::lookup::split_valid;
 use crate::store::{LocalStore, PathInfo};
@@ -21,19 +23,37 @@ pub struct Plan {
     pub todo: Vec<PathInfo>,
     /// The paths found in the cache: the references `todo` may name besides its own.
     pub seen: HashSet<StorePath>,
+    /// The gc epoch the look at the cache was taken in (its jobs carry it).
+    pub epoch: Epoch,
 }
 
 /// Plans pushing `paths` (and, with `opts.closure`, everything they reference): their
 /// closure in topological order, what the cache has already (adding our signatures where
-/// missing; a damaged narinfo is uploaded again), and what is left to upload.
+/// missing; a damaged narinfo is uploaded again), and what is left to upload. The cache's
+/// gc marker is read first: while a gc runs, the plan waits ([`super::gc_gate`]).
 ///
 /// # Errors
-/// [`PushError`] when the store or the cache cannot be read.
+/// [`PushError`] when the store or the cache cannot be read, or the push was cancelled
+/// while it waited for a gc.
 pub fn plan(
     store: &LocalStore,
     cache: &dyn BinaryCache,
     paths: &[StorePath],
     opts: &PushOptions,
+) -> Result<Plan, PushError> {
+    plan_with(store, cache, paths, opts, &super::outcome::NoProgress)
+}
+
+/// [`plan`], reporting a wait for a running gc to `progress`.
+///
+/// # Errors
+/// As [`plan`].
+pub fn plan_with(
+    store: &LocalStore,
+    cache: &dyn BinaryCache,
+    paths: &[StorePath],
+    opts: &PushOptions,
+    progress: &dyn super::outcome::Progress,
 ) -> Result<Plan, PushError> {
     let store_dir = store.store_dir().to_owned();
     let (valid, invalid) = split_valid(store, paths)?;
@@ -53,18 +73,44 @@ pub fn plan(
         .filter(|r| !in_plan.contains(r))
         .collect();
     asked.extend(outside.into_iter().cloned());
-    let mut seen: HashSet<StorePath> = asked
-        .iter()
-        .cloned()
-        .zip(cache.has_narinfos(&asked)?)
-        .filter(|(_, p)| *p)
-        .map(|(p, _)| p)
-        .collect();
-    let present: Vec<&PathInfo> = infos.iter().filter(|i| seen.contains(&i.path)).collect();
-    let damaged = add_our_signatures(cache, &store_dir, &present, opts)?;
-    for p in &damaged {
-        seen.remove(p);
-    }
+    let mut gate = super::gc_gate::Gate::new(opts.gc_wait);
+    let mut settle = || -> Result<super::gc_gate::Reading, PushError> {
+        let reading = gate
+            .settle(cache, &|| opts.cancel.is_cancelled(), progress)?
+            .ok_or_else(|| crate::cache::CacheError::Remote {
+                cache: cache.url().to_owned(),
+                key: crate::cache::gc_marker::MARKER_KEY.to_owned(),
+                message: "cancelled while waiting for a running gc".into(),
+                transient: true,
+            })?;
+        Ok(reading)
+    };
+    let (seen, epoch) = loop {
+        let epoch = settle()?.epoch;
+        let mut seen: HashSet<StorePath> = asked
+            .iter()
+            .cloned()
+            .zip(cache.has_narinfos(&asked)?)
+            .filter(|(_, p)| *p)
+            .map(|(p, _)| p)
+            .collect();
+        let present: Vec<&PathInfo> = infos.iter().filter(|i| seen.contains(&i.path)).collect();
+        // The signatures' wave is a publishing wave: it reads the marker again, and a gc
+        // that ran since the look means looking again.
+        let mut still = || settle().map(|now| (now.epoch == epoch).then_some(now.at + WAVE_FRESH));
+        let Some(damaged) = add_our_signatures(cache, &store_dir, &present, opts, &mut still)?
+        else {
+            tracing::info!(
+                "{}: a gc ran while the push looked at the cache: looking again",
+                cache.url()
+            );
+            continue;
+        };
+        for p in &damaged {
+            seen.remove(p);
+        }
+        break (seen, epoch);
+    };
     let mut plan = Plan {
         not_valid: invalid.into_iter().map(|(p, _)| p).collect(),
         ..Plan::default()
@@ -77,16 +123,19 @@ pub fn plan(
         }
     }
     plan.seen = seen;
+    plan.epoch = epoch;
     Ok(plan)
 }
 
 /// The jobs that upload `todo` (references first) given `seen`, the paths found in the
-/// cache, and the paths of `todo` refused before any upload (a reference neither in
-/// `todo` nor seen, or refused itself), with why, by index into `todo`.
+/// cache in gc epoch `epoch`, and the paths of `todo` refused before any upload (a
+/// reference neither in `todo` nor seen, or refused itself), with why, by index into
+/// `todo`.
 pub fn jobs_for(
     todo: &[PathInfo],
     seen: &HashSet<StorePath>,
     store_dir: &str,
+    epoch: Epoch,
 ) -> (Vec<NewJob>, Vec<(usize, Failure)>) {
     let refused = refuse_unreachable(todo, seen, store_dir);
     let mut skip = vec![false; todo.len()];
@@ -100,7 +149,7 @@ pub fn jobs_for(
         .filter(|(_, skip)| !**skip)
         // A reference in the run is waited for; the others are seen (the refusal took
         // out every path with a reference that is neither).
-        .map(|(info, _)| NewJob::waiting_for(info.clone(), |r| in_run.contains(r)))
+        .map(|(info, _)| NewJob::waiting_for(info.clone(), epoch, |r| in_run.contains(r)))
         .collect();
     (jobs, refused)
 }
@@ -109,7 +158,9 @@ pub fn jobs_for(
 /// they lack (merged under the cache's rule, so the signatures there stay). A narinfo for
 /// another NAR of the path is left alone: our keys vouch only for the NAR in our store.
 /// Returns the paths whose narinfo turned out damaged (it does not parse, or its NAR is
-/// missing or short): they are uploaded again.
+/// missing or short): they are uploaded again. `still` is asked right before the
+/// narinfos are written whether the gc epoch is still the look's, and until when they may
+/// be written if so; `None` when it is not (nothing was written).
 ///
 /// # Errors
 /// [`PushError::Cache`] when the cache cannot be read or written.
@@ -118,9 +169,10 @@ fn add_our_signatures(
     store_dir: &str,
     present: &[&PathInfo],
     opts: &PushOptions,
-) -> Result<Vec<StorePath>, PushError> {
+    still: &mut dyn FnMut() -> Result<Option<std::time::Instant>, PushError>,
+) -> Result<Option<Vec<StorePath>>, PushError> {
     if opts.keys.is_empty() || present.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     }
     let paths: Vec<StorePath> = present.iter().map(|i| i.path.clone()).collect();
     let ours: Vec<_> = opts.keys.iter().map(|k| k.verifying_key()).collect();
@@ -152,11 +204,17 @@ fn add_our_signatures(
         }
         resign.push(old);
     }
+    if resign.is_empty() {
+        return Ok(Some(damaged));
+    }
+    let Some(deadline) = still()? else {
+        return Ok(None);
+    };
     let paths: Vec<StorePath> = resign.iter().map(|n| n.store_path.clone()).collect();
     let mut signed = 0;
     for (path, r) in paths
         .into_iter()
-        .zip(cache.publish_narinfos(store_dir, resign)?)
+        .zip(cache.publish_narinfos_by(store_dir, resign, deadline)?)
     {
         match r {
             Ok(_) => signed += 1,
@@ -170,7 +228,7 @@ fn add_our_signatures(
     if signed > 0 {
         tracing::info!("added our signatures to {signed} narinfos already in the cache");
     }
-    Ok(damaged)
+    Ok(Some(damaged))
 }
 
 /// The paths of `infos` that cannot be published, with why: a reference neither in

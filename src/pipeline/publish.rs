@@ -18,9 +18,11 @@
 //! a job is in it from submission until settled, and a known (or failed) path only while
 //! a job of it or a job waiting for it is unsettled. A reference the caller vouches for
 //! (found in the cache before the job was submitted) is not remembered at all.
+use super::gc_gate::{Gate, Reading};
 use super::outcome::{Failure, Outcome, PathResult, Progress, Retry};
 use super::sink::SinkResult;
 use super::stage::{Job, JobId, Stop};
+use crate::cache::gc_marker::{Epoch, WAVE_FRESH};
 use crate::cache::{BinaryCache, CacheError, Merged};
 use crate::format::narinfo::NarInfo;
 use crate::format::store_path::StorePath;
@@ -36,19 +38,31 @@ pub struct NewJob {
     /// The references whose narinfos must be published by this pipeline before this one:
     /// every reference but the path itself and those the caller found in the cache.
     pub waits_for: Vec<StorePath>,
+    /// The gc epoch of the caller's look at the cache: when a gc has run since, what the
+    /// job relies on in the cache is checked again before its narinfo is written.
+    pub epoch: Epoch,
+    /// References served from elsewhere (an upstream cache), never looked for in this
+    /// one, so not checked again after a gc either.
+    pub elsewhere: Vec<StorePath>,
 }
 
 impl NewJob {
-    /// A job for `info` that waits for each of its references `pending` says this
-    /// pipeline will publish (the others are in the cache already).
-    pub fn waiting_for(info: PathInfo, pending: impl Fn(&StorePath) -> bool) -> Self {
+    /// A job for `info`, planned from a look at the cache in `epoch`, that waits for each
+    /// of its references `pending` says this pipeline will publish (the others are in the
+    /// cache already).
+    pub fn waiting_for(info: PathInfo, epoch: Epoch, pending: impl Fn(&StorePath) -> bool) -> Self {
         let waits_for = info
             .references
             .iter()
             .filter(|r| pending(r))
             .cloned()
             .collect();
-        NewJob { info, waits_for }
+        NewJob {
+            info,
+            waits_for,
+            epoch,
+            elsewhere: Vec::new(),
+        }
     }
 }
 
@@ -76,6 +90,9 @@ const WAVE_MAX: usize = 512;
 struct Entry {
     path: StorePath,
     waits_for: Vec<StorePath>,
+    /// [`NewJob::epoch`], moved on once what the job relies on was checked again.
+    epoch: Epoch,
+    elsewhere: Vec<StorePath>,
 }
 
 /// Where a reference stands for the publisher.
@@ -108,7 +125,13 @@ impl Book {
     /// already is not submitted twice (that job's result covers it).
     pub fn register(&mut self, jobs: Vec<NewJob>) -> Vec<Arc<Job>> {
         let mut out = Vec::with_capacity(jobs.len());
-        for NewJob { info, waits_for } in jobs {
+        for NewJob {
+            info,
+            waits_for,
+            epoch,
+            elsewhere,
+        } in jobs
+        {
             if self.unsettled.contains_key(&info.path) {
                 continue;
             }
@@ -125,6 +148,8 @@ impl Book {
                 Entry {
                     path: info.path.clone(),
                     waits_for,
+                    epoch,
+                    elsewhere,
                 },
             );
             out.push(Job::new(id, info));
@@ -192,6 +217,8 @@ struct Waiting {
     id: JobId,
     narinfo: NarInfo,
     file_size: u64,
+    /// The sink found the NAR in the cache and did not write it again.
+    nar_reused: bool,
 }
 
 /// The publish stage of one pipeline.
@@ -202,6 +229,8 @@ pub struct PublishStage<'a> {
     pub stop: Stop,
     pub book: &'a Mutex<Book>,
     pub on_error: OnPublishError,
+    /// How a running gc of the cache is waited for before a wave.
+    pub gc_wait: super::gc_gate::GcWait,
 }
 
 impl std::fmt::Debug for PublishStage<'_> {
@@ -218,6 +247,10 @@ struct Run<'s, 'a> {
     /// A NAR was committed since the last wave that renamed the committed NARs: a sync
     /// is owed before the pipeline goes idle or ends.
     dirty: bool,
+    /// The publisher's reading of the gc marker over time.
+    gate: Gate,
+    /// The last reading that found no gc running.
+    reading: Option<Reading>,
 }
 
 impl<'a> PublishStage<'a> {
@@ -243,6 +276,8 @@ impl<'a> PublishStage<'a> {
             out,
             pending: Vec::new(),
             dirty: false,
+            gate: Gate::new(self.gc_wait),
+            reading: None,
         };
         while let Ok(first) = results.recv() {
             let mut batch = vec![first];
@@ -317,6 +352,7 @@ impl Run<'_, '_> {
                     id: r.job.id,
                     narinfo: *narinfo,
                     file_size,
+                    nar_reused: r.nar_reused,
                 });
             }
             Err(why) => {
@@ -386,8 +422,202 @@ impl Run<'_, '_> {
         if ready.is_empty() {
             return Ok(progressed);
         }
-        self.publish(ready)?;
+        self.publish_cleared(ready)?;
         Ok(true)
+    }
+
+    /// Publishes `ready` in slices the cache writes at once (its upload concurrency; all
+    /// of it for a local directory, whose wave is a rename each), each started within
+    /// half of [`WAVE_FRESH`] of a reading of the gc marker that found no gc running
+    /// ([`Run::clear`]), so its writes start within [`WAVE_FRESH`] of it.
+    fn publish_cleared(&mut self, mut ready: Vec<Waiting>) -> Result<(), CacheError> {
+        let slice = match self.stage.cache.upload_concurrency() {
+            0 | 1 => WAVE_MAX,
+            n => n,
+        };
+        while !ready.is_empty() {
+            if !self.clear(&mut ready)? {
+                // Stopped while a gc ran: left for `finish` to settle.
+                self.pending.append(&mut ready);
+                return Ok(());
+            }
+            let rest = ready.split_off(slice.min(ready.len()));
+            let now = std::mem::replace(&mut ready, rest);
+            if !now.is_empty() {
+                self.publish(now)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure the publisher holds a fresh reading of the gc marker that found no gc
+    /// running (reading it again, and waiting while a gc runs, when the last one is older
+    /// than half of [`WAVE_FRESH`]), and that every job of `ready` was planned or checked
+    /// in that reading's epoch: the others are checked again ([`Run::recheck`]), and
+    /// those whose reference or NAR a gc removed are settled failed and leave `ready`.
+    /// False when the run stopped while waiting.
+    fn clear(&mut self, ready: &mut Vec<Waiting>) -> Result<bool, CacheError> {
+        let stage = self.stage;
+        loop {
+            let reading = match self.reading {
+                Some(r) if r.at.elapsed() < WAVE_FRESH / 2 => r,
+                _ => {
+                    let stopped = || stage.stop.is_stopped();
+                    match self.gate.settle(stage.cache, &stopped, stage.progress) {
+                        Ok(Some(r)) => {
+                            self.reading = Some(r);
+                            r
+                        }
+                        Ok(None) => return Ok(false),
+                        Err(e) => {
+                            self.fail_cache(std::mem::take(ready), e)?;
+                            return Ok(true);
+                        }
+                    }
+                }
+            };
+            let older: Vec<bool> = {
+                let book = stage.book();
+                ready
+                    .iter()
+                    .map(|w| {
+                        book.jobs
+                            .get(&w.id)
+                            .is_some_and(|e| e.epoch != reading.epoch)
+                    })
+                    .collect()
+            };
+            if !older.contains(&true) {
+                return Ok(true);
+            }
+            let (check, keep): (Vec<_>, Vec<_>) = std::mem::take(ready)
+                .into_iter()
+                .zip(older)
+                .partition(|(_, older)| *older);
+            *ready = keep.into_iter().map(|(w, _)| w).collect();
+            let passed =
+                self.recheck(check.into_iter().map(|(w, _)| w).collect(), reading.epoch)?;
+            ready.extend(passed);
+            ready.sort_by_key(|w| w.id);
+            // The check took time: the reading may have to be renewed.
+        }
+    }
+
+    /// Jobs planned before a gc that has run since (`epoch` is the reading's now): checks
+    /// that every reference's narinfo (but those served from elsewhere) and the NAR each
+    /// found in the cache instead of writing are still there. Returns those that pass,
+    /// now in `epoch`; the others are settled failed ([`Failure::RemovedByGc`]).
+    fn recheck(&mut self, jobs: Vec<Waiting>, epoch: Epoch) -> Result<Vec<Waiting>, CacheError> {
+        let stage = self.stage;
+        let mut refs: Vec<StorePath> = Vec::new();
+        {
+            let book = stage.book();
+            for w in &jobs {
+                let elsewhere = book
+                    .jobs
+                    .get(&w.id)
+                    .map(|e| e.elsewhere.as_slice())
+                    .unwrap_or_default();
+                refs.extend(
+                    w.narinfo
+                        .references
+                        .iter()
+                        .filter(|r| **r != w.narinfo.store_path && !elsewhere.contains(r))
+                        .cloned(),
+                );
+            }
+        }
+        refs.sort();
+        refs.dedup();
+        tracing::info!(
+            "{}: a gc ran since {} paths were planned: checking that the {} narinfos they refer to are still there",
+            stage.cache.url(),
+            jobs.len(),
+            refs.len()
+        );
+        let present = match stage.cache.has_narinfos(&refs) {
+            Ok(p) => p,
+            Err(e) => {
+                self.fail_cache(jobs, e)?;
+                return Ok(Vec::new());
+            }
+        };
+        let gone: HashSet<&StorePath> = refs
+            .iter()
+            .zip(present)
+            .filter(|(_, there)| !there)
+            .map(|(r, _)| r)
+            .collect();
+        let mut passed = Vec::with_capacity(jobs.len());
+        let mut decided = Vec::new();
+        let mut jobs = jobs.into_iter();
+        while let Some(w) = jobs.next() {
+            let mut missing = w
+                .narinfo
+                .references
+                .iter()
+                .find(|r| gone.contains(r))
+                .map(|r| {
+                    format!(
+                        "the narinfo {} of its reference {}",
+                        crate::cache::narinfo_key(r),
+                        r.to_absolute(stage.store_dir)
+                    )
+                });
+            if missing.is_none() && w.nar_reused {
+                match stage.cache.object_size(&w.narinfo.url) {
+                    Ok(size) if size == Some(w.file_size) => {}
+                    Ok(_) => missing = Some(format!("its NAR {}", w.narinfo.url)),
+                    Err(e) => {
+                        let mut rest: Vec<Waiting> = vec![w];
+                        rest.extend(jobs);
+                        self.emit(decided);
+                        self.fail_cache(rest, e)?;
+                        return Ok(passed);
+                    }
+                }
+            }
+            match missing {
+                Some(object) => {
+                    tracing::warn!(
+                        "{}: {}: {object} was removed by a gc: not published",
+                        stage.cache.url(),
+                        w.narinfo.store_path.to_absolute(stage.store_dir)
+                    );
+                    let why = Failure::RemovedByGc { object };
+                    decided.push((w.id, w.narinfo.store_path, Outcome::Failed(why)));
+                }
+                None => passed.push(w),
+            }
+        }
+        {
+            let mut book = stage.book();
+            for w in &passed {
+                if let Some(e) = book.jobs.get_mut(&w.id) {
+                    e.epoch = epoch;
+                }
+            }
+        }
+        self.emit(decided);
+        Ok(passed)
+    }
+
+    /// A cache error kept `jobs` from being published: the run halts
+    /// ([`OnPublishError::Halt`]), or they fail with it.
+    fn fail_cache(&mut self, jobs: Vec<Waiting>, e: CacheError) -> Result<(), CacheError> {
+        let stage = self.stage;
+        if stage.on_error == OnPublishError::Halt {
+            stage.stop.halt();
+            return Err(e);
+        }
+        tracing::warn!("{}: {e}", stage.cache.url());
+        let why = Failure::from_cache(&e);
+        let decided = jobs
+            .into_iter()
+            .map(|w| (w.id, w.narinfo.store_path, Outcome::Failed(why.clone())))
+            .collect();
+        self.emit(decided);
+        Ok(())
     }
 
     /// Publishes `ready` (narinfos whose references are all known) and settles them.
@@ -396,7 +626,12 @@ impl Run<'_, '_> {
         // Everything ready in one wave is independent of the rest of the wave (its
         // references are known already), so the cache may write the wave concurrently.
         let narinfos: Vec<NarInfo> = ready.iter().map(|w| w.narinfo.clone()).collect();
-        match stage.cache.publish_narinfos(stage.store_dir, narinfos) {
+        // No write starts later than gc's protocol allows after the reading `clear` took.
+        let read = self.reading.map_or_else(std::time::Instant::now, |r| r.at);
+        match stage
+            .cache
+            .publish_narinfos_by(stage.store_dir, narinfos, read + WAVE_FRESH)
+        {
             Ok(merged) => {
                 if merged.iter().any(|m| matches!(m, Ok(Merged::Written))) {
                     self.dirty = false;

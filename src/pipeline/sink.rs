@@ -26,6 +26,27 @@ pub struct SinkResult {
     pub job: Arc<Job>,
     /// The narinfo to publish and the compressed size, or why the job failed.
     pub outcome: Result<(Box<NarInfo>, u64), Failure>,
+    /// The NAR was in the cache already (its FileHash names it) and was not written again.
+    pub nar_reused: bool,
+}
+
+impl SinkResult {
+    /// The result of `job` from what [`SinkStage::finish`] made of it: the narinfo, its
+    /// compressed size and whether the NAR was found in the cache, or the failure.
+    fn of(job: Arc<Job>, finished: Result<(Box<NarInfo>, u64, bool), Failure>) -> Self {
+        match finished {
+            Ok((narinfo, file_size, nar_reused)) => SinkResult {
+                job,
+                outcome: Ok((narinfo, file_size)),
+                nar_reused,
+            },
+            Err(why) => SinkResult {
+                job,
+                outcome: Err(why),
+                nar_reused: false,
+            },
+        }
+    }
 }
 
 /// A job whose last chunk is written, on its way to a finisher.
@@ -85,7 +106,7 @@ impl<'env> SinkStage<'env> {
             let t = s.spawn(move || {
                 self.assemble(chunks, &results, |job, state, end| {
                     let outcome = self.finish(&job, state, end);
-                    results.send(SinkResult { job, outcome }).is_ok()
+                    results.send(SinkResult::of(job, outcome)).is_ok()
                 })
                 .into_stats("sink")
             });
@@ -102,12 +123,13 @@ impl<'env> SinkStage<'env> {
                         continue; // dropping the state aborts its upload
                     }
                     let outcome = self.finish(&job, state, end);
+                    let result = SinkResult::of(job, outcome);
                     // The publisher is gone (it failed, and halted the run): the
                     // hand-offs queued behind still go, each dropped here, so the
                     // memory their uploads hold is freed. Stopping at once would
                     // leave them in the queue, and an assembler waiting for that
                     // memory (S3's) would wait forever.
-                    let _ = results.send(SinkResult { job, outcome });
+                    let _ = results.send(result);
                 }
                 StageStats::default()
             }));
@@ -175,10 +197,7 @@ impl<'env> SinkStage<'env> {
                 // Dropping the state aborts the upload and frees the chunks waiting.
                 jobs.remove(&job.id);
                 self.stop.abort(&job);
-                let result = SinkResult {
-                    job,
-                    outcome: Err(why),
-                };
+                let result = SinkResult::of(job, Err(why));
                 if clock.wait(|| results.send(result)).is_err() {
                     break;
                 }
@@ -212,14 +231,15 @@ impl<'env> SinkStage<'env> {
         }
     }
 
-    /// Checks, commits and signs a job whose last chunk has been written. Dropping the
-    /// upload on any failure aborts it.
+    /// Checks, commits and signs a job whose last chunk has been written: its narinfo,
+    /// compressed size, and whether its NAR was in the cache already (and not written).
+    /// Dropping the upload on any failure aborts it.
     fn finish(
         &self,
         job: &Job,
         state: JobState,
         end: NarEnd,
-    ) -> Result<(Box<NarInfo>, u64), Failure> {
+    ) -> Result<(Box<NarInfo>, u64, bool), Failure> {
         let info = &job.info;
         let full = info.path.to_absolute(self.store_dir);
         let (nar_hash, nar_size, listing) = match end {
@@ -268,7 +288,8 @@ impl<'env> SinkStage<'env> {
             .cache
             .object_size(&url)
             .map_err(|e| Failure::from_cache(&e))?;
-        if there != Some(file_size) {
+        let reused = there == Some(file_size);
+        if !reused {
             upload.commit(&url).map_err(|e| Failure::from_cache(&e))?;
         }
         // The listing (built as the NAR was written) goes up before the narinfo that
@@ -293,7 +314,7 @@ impl<'env> SinkStage<'env> {
         for key in &self.opts.keys {
             narinfo.sign(key, self.store_dir);
         }
-        Ok((Box::new(narinfo), file_size))
+        Ok((Box::new(narinfo), file_size, reused))
     }
 }
 

@@ -474,7 +474,16 @@ fn a_refused_path_fails_every_referrer_and_nothing_of_them_goes_up() {
     let run: Vec<PathInfo> = all[1..].to_vec();
     let cache = FileCache::open(cache_dir.path(), "file:///t").unwrap();
     let o = opts(Compression::Zstd, 64 << 10, 256 << 10);
-    let report = upload_after(&cache, sd, &run, &HashSet::new(), &o, &NoProgress).unwrap();
+    let report = upload_after(
+        &cache,
+        sd,
+        &run,
+        &HashSet::new(),
+        Default::default(),
+        &o,
+        &NoProgress,
+    )
+    .unwrap();
     let outcome = |name: &str| {
         report
             .results
@@ -512,7 +521,8 @@ fn a_refused_path_fails_every_referrer_and_nothing_of_them_goes_up() {
 
     // Once r is seen in the cache, the same run publishes everything.
     let seen: HashSet<StorePath> = [all[0].path.clone()].into();
-    let report = upload_after(&cache, sd, &run, &seen, &o, &NoProgress).unwrap();
+    let report =
+        upload_after(&cache, sd, &run, &seen, Default::default(), &o, &NoProgress).unwrap();
     assert_eq!(report.failed().count(), 0, "{:?}", report.results);
 }
 
@@ -895,8 +905,8 @@ fn a_path_submitted_behind_a_large_one_is_published_while_the_large_one_uploads(
     );
     let o = opts(Compression::Zstd, 64 << 10, 1 << 20);
     let job = |i: usize, waits: &[usize]| NewJob {
-        info: infos[i].clone(),
         waits_for: waits.iter().map(|&j| infos[j].path.clone()).collect(),
+        ..NewJob::waiting_for(infos[i].clone(), Default::default(), |_| false)
     };
     let ((), _) = stream(
         &cache,

@@ -6,6 +6,7 @@ mod config;
 mod daemon;
 mod durability;
 mod gc;
+mod gc_writers;
 mod helpers;
 mod hol;
 mod layers;

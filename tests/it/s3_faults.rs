@@ -243,7 +243,9 @@ impl Run {
             .iter()
             .enumerate()
             .filter(|(i, _)| which(*i))
-            .map(|(_, info)| NewJob::waiting_for(info.clone(), |r| !in_cache(r)))
+            .map(|(_, info)| {
+                NewJob::waiting_for(info.clone(), Default::default(), |r| !in_cache(r))
+            })
             .collect()
     }
 
@@ -522,7 +524,15 @@ fn push_once(suite: &Arc<Suite>, what: String, rules: Vec<Rule>) -> Ran {
     let again = {
         let run = run.clone();
         bounded(&what, move || {
-            upload_after(&run.cache, &run.sd, &todo, &seen, &run.opts, &NoProgress)
+            upload_after(
+                &run.cache,
+                &run.sd,
+                &todo,
+                &seen,
+                Default::default(),
+                &run.opts,
+                &NoProgress,
+            )
         })
     }
     .unwrap_or_else(|e| run.fail(format_args!("healed, the push still failed: {e:#}")));

@@ -215,6 +215,52 @@ impl BinaryCache for S3Cache {
         })
     }
 
+    /// The merge of [`super::publish_merged`], each narinfo PUT (every attempt) sent only
+    /// until `deadline`, concurrently; each narinfo has its own outcome.
+    fn publish_narinfos_by(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<crate::format::narinfo::NarInfo>,
+        deadline: std::time::Instant,
+    ) -> Result<Vec<super::Published>, CacheError> {
+        super::publish_merged_with(self, store_dir, narinfos, |writes| {
+            let s = self.shared.clone();
+            let items: Vec<(String, bytes::Bytes)> = writes
+                .iter()
+                .map(|n| {
+                    let text = n.render(store_dir);
+                    (super::narinfo_key(&n.store_path), bytes::Bytes::from(text))
+                })
+                .collect();
+            self.block_on(async move {
+                let mut out: Vec<Option<Result<(), CacheError>>> =
+                    (0..items.len()).map(|_| None).collect();
+                let mut items = items.into_iter().enumerate();
+                let mut set = JoinSet::new();
+                loop {
+                    while set.len() < s.concurrency {
+                        let Some((i, (key, body))) = items.next() else {
+                            break;
+                        };
+                        let s = s.clone();
+                        set.spawn(async move {
+                            (i, s.put_by(&key, body, NARINFO_TYPE, Some(deadline)).await)
+                        });
+                    }
+                    let Some(done) = set.join_next().await else {
+                        break;
+                    };
+                    let (i, r) = done.map_err(|e| join_error(&s.url, e))?;
+                    out[i] = Some(r);
+                }
+                Ok(out
+                    .into_iter()
+                    .map(|r| r.expect("every narinfo answered"))
+                    .collect())
+            })
+        })
+    }
+
     fn sync(&self) -> Result<(), CacheError> {
         // A successful PUT or CompleteMultipartUpload is durable on S3.
         Ok(())

@@ -13,7 +13,18 @@ impl Shared {
         body: bytes::Bytes,
         content_type: &str,
     ) -> Result<(), CacheError> {
-        self.retry(Op::PutObject, key, || {
+        self.put_by(key, body, content_type, None).await
+    }
+
+    /// [`Shared::put`], sending no attempt after `deadline`.
+    pub(super) async fn put_by(
+        &self,
+        key: &str,
+        body: bytes::Bytes,
+        content_type: &str,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<(), CacheError> {
+        self.retry_by(Op::PutObject, key, deadline, || {
             self.client
                 .put_object()
                 .bucket(&self.bucket)

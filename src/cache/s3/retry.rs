@@ -131,6 +131,24 @@ impl Shared {
         &self,
         operation: Op,
         key: &str,
+        op: F,
+    ) -> Result<T, CacheError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<
+                Output = Result<T, SdkError<E, aws_sdk_s3::config::http::HttpResponse>>,
+            >,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        self.retry_by(operation, key, None, op).await
+    }
+
+    /// [`Shared::retry`], sending no attempt after `deadline`: [`CacheError::Late`] then.
+    pub(super) async fn retry_by<T, E, F, Fut>(
+        &self,
+        operation: Op,
+        key: &str,
+        deadline: Option<std::time::Instant>,
         mut op: F,
     ) -> Result<T, CacheError>
     where
@@ -143,6 +161,12 @@ impl Shared {
         let what = operation.as_str();
         let mut attempt = 0u32;
         loop {
+            if deadline.is_some_and(|d| std::time::Instant::now() > d) {
+                return Err(CacheError::Late {
+                    cache: self.url.clone(),
+                    key: key.to_owned(),
+                });
+            }
             // Counted when sent: a request dropped before its answer (a cancelled upload)
             // was sent all the same.
             self.counts.sent(operation, attempt > 0);
@@ -277,6 +301,81 @@ mod tests {
                 "{attempt}: {b:?}"
             );
         }
+    }
+
+    /// A narinfo write by a writer beside gc is sent, and retried, only until its
+    /// deadline: past it, nothing more goes out and each narinfo fails alone, transiently.
+    #[test]
+    fn narinfo_writes_and_their_retries_are_sent_only_until_the_deadline() {
+        use crate::cache::{BinaryCache, CacheError, Merged};
+        use std::time::{Duration, Instant};
+        let (endpoint, _) = super::super::testing::stand_in(1);
+        let cache = super::super::testing::cache_with(&endpoint, 128 << 20, |t| t.retries = 3);
+        let puts = |cache: &super::super::S3Cache| {
+            let c = cache
+                .request_counts()
+                .into_iter()
+                .find(|c| c.operation == "PutObject")
+                .unwrap();
+            (c.requests, c.retries)
+        };
+        let narinfo = |name: &str| crate::format::narinfo::NarInfo {
+            store_path: crate::format::store_path::StorePath::from_base_name(&format!(
+                "qs2vcw1sd6lzsvgvq6gggnw1v31qrm28-{name}"
+            ))
+            .unwrap(),
+            url: format!("nar/{name}.nar"),
+            compression: "none".into(),
+            file_hash: None,
+            file_size: Some(1),
+            nar_hash: crate::format::hash::Sha256::digest(name.as_bytes()),
+            nar_size: 1,
+            references: vec![],
+            deriver: None,
+            sigs: vec![],
+            ca: None,
+        };
+        let past = Instant::now() - Duration::from_millis(1);
+        let r = cache
+            .publish_narinfos_by("/nix/store", vec![narinfo("a"), narinfo("b")], past)
+            .unwrap();
+        assert_eq!(r.len(), 2);
+        for p in &r {
+            let e = p.as_ref().unwrap_err();
+            assert!(
+                matches!(e, CacheError::Late { .. }) && e.is_transient(),
+                "{e}"
+            );
+            assert!(e.to_string().contains("narflow-gc"), "{e}");
+        }
+        assert_eq!(puts(&cache), (0, 0));
+        let r = cache
+            .publish_narinfos_by(
+                "/nix/store",
+                vec![narinfo("a")],
+                Instant::now() + Duration::from_secs(600),
+            )
+            .unwrap();
+        assert!(matches!(r[..], [Ok(Merged::Written)]), "{r:?}");
+        assert_eq!(puts(&cache), (1, 0));
+        // Answered 503 first; the retry waits at least 100 ms, past the deadline.
+        let soon = Instant::now() + Duration::from_millis(50);
+        let late = cache
+            .shared
+            .rt
+            .block_on(cache.shared.put_by(
+                "fail-once",
+                bytes::Bytes::from_static(b"x"),
+                "text/plain",
+                Some(soon),
+            ))
+            .unwrap_err();
+        assert!(matches!(late, CacheError::Late { .. }), "{late}");
+        let (requests, retries) = puts(&cache);
+        assert!(
+            requests <= 2 && retries == 0,
+            "{requests} PUTs, {retries} retries"
+        );
     }
 
     /// Every request is counted under its operation, and a retry as a retry: one small

@@ -1,0 +1,632 @@
+//! Writers beside a gc (README, "What may run beside gc"): a push or the daemon waits
+//! while a live gc marker is in the cache and goes on once it is done, or once its
+//! heartbeat has stopped long enough; and a push planned before a gc never publishes a
+//! narinfo whose reference a gc removed meanwhile: that path fails transiently, and a
+//! rerun (or the daemon's retry) uploads it again.
+//!
+//! The gc is played by hand: the test writes the marker (`running`, then `done` with the
+//! same generation) and deletes what the gc would. On S3 the bucket is shared (see
+//! `s3.rs`) and the marker sits at its root, where every other test's writer would see
+//! it: here the writers read it under a key of this test's own ([`GcCache`]).
+use crate::helpers::*;
+use narflow::cache::gc_marker::{MARKER_KEY, Marker};
+use narflow::cache::{BinaryCache, CacheError, NarUpload, Published};
+use narflow::format::narinfo::NarInfo;
+use narflow::format::store_path::StorePath;
+use narflow::pipeline::outcome::{Failure, NoProgress, Outcome, Progress, PushReport};
+use narflow::pipeline::{self, PushOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where a test's cache is, and how the test plays gc on it.
+enum Dest {
+    File(PathBuf),
+    S3 { url: String, client: Box<S3Client> },
+}
+
+impl Dest {
+    fn url(&self) -> String {
+        match self {
+            Dest::File(dir) => format!("file://{}", dir.display()),
+            Dest::S3 { url, .. } => url.clone(),
+        }
+    }
+    fn put(&self, key: &str, body: &[u8]) {
+        match self {
+            Dest::File(dir) => std::fs::write(dir.join(key), body).unwrap(),
+            Dest::S3 { client, .. } => client.put(key, body),
+        }
+    }
+    fn delete(&self, key: &str) {
+        match self {
+            Dest::File(dir) => std::fs::remove_file(dir.join(key)).unwrap(),
+            Dest::S3 { client, .. } => client.delete(key),
+        }
+    }
+    fn has(&self, key: &str) -> bool {
+        match self {
+            Dest::File(dir) => dir.join(key).exists(),
+            Dest::S3 { client, .. } => client.exists(key),
+        }
+    }
+    fn text(&self, key: &str) -> Option<String> {
+        match self {
+            Dest::File(dir) => std::fs::read_to_string(dir.join(key)).ok(),
+            Dest::S3 { client, .. } => client.get_text(key),
+        }
+    }
+}
+
+/// The marker a test's writers read: at the root of a file:// cache of its own, under a
+/// key of its own in the shared bucket.
+fn marker_key(dest: &Dest) -> String {
+    match dest {
+        Dest::File(_) => MARKER_KEY.to_owned(),
+        Dest::S3 { .. } => format!("{}/{MARKER_KEY}", unique("gc-writers-marker")),
+    }
+}
+
+/// Writes the marker as a gc would.
+fn write_marker(dest: &Dest, key: &str, generation: u64, running: bool, beat: u64) {
+    let m = Marker {
+        generation,
+        running,
+        beat,
+    };
+    dest.put(key, m.render().as_bytes());
+}
+
+/// A gc played by hand between a push's look at the cache and its first upload: marker
+/// running, `victims` deleted (referrers first, as gc does), marker done.
+struct GcAtFirstUpload {
+    generation: u64,
+    victims: Vec<String>,
+}
+
+/// What a test and its writers' caches share: where the cache is, the marker's key,
+/// the readings of the marker so far (to await a writer's wait), the gc to play, and
+/// every narinfo written while a reference of it was not in the cache.
+struct GcState {
+    dest: Dest,
+    marker: String,
+    reads: (Mutex<usize>, Condvar),
+    gc: Mutex<Option<GcAtFirstUpload>>,
+    broken: Mutex<Vec<String>>,
+}
+
+impl GcState {
+    fn new(dest: Dest) -> Arc<Self> {
+        let marker = marker_key(&dest);
+        Arc::new(GcState {
+            dest,
+            marker,
+            reads: Default::default(),
+            gc: Mutex::new(None),
+            broken: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn readings(&self) -> usize {
+        *self.reads.0.lock().unwrap()
+    }
+
+    /// Waits until the marker has been read `n` times.
+    fn await_reads(&self, n: usize) {
+        let (count, cv) = &self.reads;
+        let (count, timeout) = cv
+            .wait_timeout_while(count.lock().unwrap(), Duration::from_secs(120), |c| *c < n)
+            .unwrap();
+        assert!(
+            !timeout.timed_out(),
+            "{} readings of the marker, not {n}",
+            *count
+        );
+    }
+
+    /// Writes the marker as a gc would.
+    fn marker(&self, generation: u64, running: bool, beat: u64) {
+        write_marker(&self.dest, &self.marker, generation, running, beat);
+    }
+
+    fn broken(&self) -> Vec<String> {
+        self.broken.lock().unwrap().clone()
+    }
+}
+
+/// The cache a test's writers use: the real one, reading the gc marker at the test's key,
+/// playing the test's gc at the first upload, recording broken narinfos.
+struct GcCache {
+    inner: Box<dyn BinaryCache>,
+    s: Arc<GcState>,
+}
+
+impl std::fmt::Debug for GcCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcCache").finish_non_exhaustive()
+    }
+}
+
+impl GcCache {
+    fn new(s: &Arc<GcState>) -> Self {
+        let url = narflow::cache::url::CacheUrl::parse(&s.dest.url()).unwrap();
+        GcCache {
+            inner: narflow::cache::open(&url, &open_options(&url)).unwrap(),
+            s: s.clone(),
+        }
+    }
+}
+
+impl GcCache {
+    /// Records each of `narinfos` about to be written while a reference of it is not in
+    /// the cache.
+    fn check_references(&self, store_dir: &str, narinfos: &[NarInfo]) {
+        for n in narinfos {
+            for r in n.references.iter().filter(|r| **r != n.store_path) {
+                if !self.s.dest.has(&narinfo_key(&r.to_absolute(store_dir))) {
+                    self.s.broken.lock().unwrap().push(format!(
+                        "{} written while its reference {r} is not in the cache",
+                        n.store_path
+                    ));
+                }
+            }
+        }
+    }
+}
+
+impl BinaryCache for GcCache {
+    fn url(&self) -> &str {
+        self.inner.url()
+    }
+    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError> {
+        self.inner.ensure_cache_info(store_dir)
+    }
+    fn has_narinfo(&self, path: &StorePath) -> Result<bool, CacheError> {
+        self.inner.has_narinfo(path)
+    }
+    fn has_narinfos(&self, paths: &[StorePath]) -> Result<Vec<bool>, CacheError> {
+        self.inner.has_narinfos(paths)
+    }
+    fn has_object(&self, key: &str) -> Result<bool, CacheError> {
+        self.inner.has_object(key)
+    }
+    fn object_size(&self, key: &str) -> Result<Option<u64>, CacheError> {
+        self.inner.object_size(key)
+    }
+    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, CacheError> {
+        self.inner.get_narinfo(path)
+    }
+    fn get_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
+        self.inner.get_narinfos(paths)
+    }
+    fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
+        if key != MARKER_KEY {
+            return self.inner.get_text(key);
+        }
+        let text = self.inner.get_text(&self.s.marker);
+        *self.s.reads.0.lock().unwrap() += 1;
+        self.s.reads.1.notify_all();
+        text
+    }
+    fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
+        if let Some(gc) = self.s.gc.lock().unwrap().take() {
+            self.s.marker(gc.generation, true, 0);
+            for key in &gc.victims {
+                self.s.dest.delete(key);
+            }
+            self.s.marker(gc.generation, false, 1);
+        }
+        self.inner.begin_nar(nar_size)
+    }
+    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError> {
+        self.inner.put_narinfo(path, text)
+    }
+    fn put_narinfos(&self, narinfos: &[(StorePath, String)]) -> Result<(), CacheError> {
+        self.inner.put_narinfos(narinfos)
+    }
+    fn publish_narinfos(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<NarInfo>,
+    ) -> Result<Vec<Published>, CacheError> {
+        self.check_references(store_dir, &narinfos);
+        self.inner.publish_narinfos(store_dir, narinfos)
+    }
+    fn publish_narinfos_by(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<NarInfo>,
+        deadline: Instant,
+    ) -> Result<Vec<Published>, CacheError> {
+        self.check_references(store_dir, &narinfos);
+        self.inner
+            .publish_narinfos_by(store_dir, narinfos, deadline)
+    }
+    fn put_object(&self, key: &str, bytes: &[u8], content_type: &str) -> Result<(), CacheError> {
+        self.inner.put_object(key, bytes, content_type)
+    }
+    fn upload_concurrency(&self) -> usize {
+        self.inner.upload_concurrency()
+    }
+    fn sync(&self) -> Result<(), CacheError> {
+        self.inner.sync()
+    }
+}
+
+fn dest_file(dir: &Path) -> Dest {
+    Dest::File(dir.join("cache"))
+}
+
+fn dest_s3() -> Option<Dest> {
+    let env = s3_env()?;
+    Some(Dest::S3 {
+        url: env.url(""),
+        client: Box::new(env.client()),
+    })
+}
+
+fn store() -> narflow::store::LocalStore {
+    narflow::store::LocalStore::open("/nix/store", Path::new("/nix/var/nix/db/db.sqlite"))
+}
+
+fn push_options(key: &NixKey) -> PushOptions {
+    let sk =
+        narflow::format::signing::SigningKey::parse(&std::fs::read_to_string(&key.secret).unwrap())
+            .unwrap();
+    PushOptions::new(
+        narflow::format::compression::CompressionSettings::new(
+            narflow::format::compression::Compression::Zstd,
+            None,
+        )
+        .unwrap(),
+        vec![sk],
+    )
+}
+
+fn store_path(full: &str) -> StorePath {
+    StorePath::from_absolute_path(full, "/nix/store").unwrap()
+}
+
+fn push(
+    cache: &GcCache,
+    opts: &PushOptions,
+    paths: &[String],
+    progress: &dyn Progress,
+) -> PushReport {
+    let paths: Vec<StorePath> = paths.iter().map(|p| store_path(p)).collect();
+    pipeline::push(&store(), cache, &paths, opts, progress).unwrap()
+}
+
+fn outcome<'r>(report: &'r PushReport, path: &str) -> &'r Outcome {
+    &report
+        .results
+        .iter()
+        .find(|r| r.path == path)
+        .unwrap_or_else(|| panic!("no result for {path}: {:?}", report.results))
+        .outcome
+}
+
+/// The closure invariant over `paths`: every visible narinfo's references are visible.
+fn assert_closed(dest: &Dest, paths: &[String]) {
+    for p in paths {
+        let Some(text) = dest.text(&narinfo_key(p)) else {
+            continue;
+        };
+        let n = NarInfo::parse(&text, "/nix/store").unwrap();
+        assert!(dest.has(&n.url), "{p}: its NAR {} is missing", n.url);
+        for r in &n.references {
+            assert!(
+                dest.has(&narinfo_key(&r.to_absolute("/nix/store"))),
+                "{p}: its reference {r} is missing"
+            );
+        }
+    }
+}
+
+/// dep <- app: dep is pushed, the push of app finds it present; a gc removes dep's
+/// narinfo after that look and before app's wave. app is not published (transiently);
+/// a rerun uploads dep again and publishes app.
+fn a_reference_removed_after_the_look_is_not_referred_to(dest: Dest) {
+    let key = nix_generate_key("gc-writers-ref");
+    let app = nix_build_chain("gc-writers-ref", 2);
+    let closure = nix_closure(&app);
+    let dep = closure.iter().find(|p| **p != app).unwrap().clone();
+    let gc = GcState::new(dest);
+    let cache = GcCache::new(&gc);
+    let opts = push_options(&key);
+    let first = push(&cache, &opts, std::slice::from_ref(&dep), &NoProgress);
+    assert_eq!(first.failed().count(), 0, "{:?}", first.results);
+
+    *gc.gc.lock().unwrap() = Some(GcAtFirstUpload {
+        generation: 0x9c_0001,
+        victims: vec![narinfo_key(&dep)],
+    });
+    let report = push(&cache, &opts, std::slice::from_ref(&app), &NoProgress);
+    assert!(gc.gc.lock().unwrap().is_none(), "the gc ran");
+    assert_eq!(outcome(&report, &dep), &Outcome::AlreadyPresent);
+    match outcome(&report, &app) {
+        Outcome::Failed(f @ Failure::RemovedByGc { .. }) => {
+            assert!(f.is_transient(), "{f}");
+            assert!(f.to_string().contains(&narinfo_key(&dep)), "{f}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!gc.dest.has(&narinfo_key(&app)));
+    assert_eq!(gc.broken(), Vec::<String>::new());
+
+    let rerun = push(&cache, &opts, std::slice::from_ref(&app), &NoProgress);
+    assert_eq!(rerun.failed().count(), 0, "{:?}", rerun.results);
+    assert!(matches!(outcome(&rerun, &dep), Outcome::Uploaded { .. }));
+    assert!(matches!(outcome(&rerun, &app), Outcome::Uploaded { .. }));
+    assert_eq!(gc.broken(), Vec::<String>::new());
+    assert_closed(&gc.dest, &closure);
+    if let Dest::File(_) = gc.dest {
+        assert_nix_substitutes(&gc.dest.url(), &key, &closure);
+    }
+}
+
+#[test]
+fn a_reference_a_gc_removed_after_the_plan_fails_the_referrer_and_a_rerun_publishes_it_file() {
+    let dir = tempdir();
+    a_reference_removed_after_the_look_is_not_referred_to(dest_file(dir.path()));
+}
+
+#[test]
+fn a_reference_a_gc_removed_after_the_plan_fails_the_referrer_and_a_rerun_publishes_it_s3() {
+    if let Some(dest) = dest_s3() {
+        a_reference_removed_after_the_look_is_not_referred_to(dest);
+    }
+}
+
+/// Reports each wait for a gc on a channel.
+struct WaitSignal(Mutex<std::sync::mpsc::Sender<()>>);
+
+impl Progress for WaitSignal {
+    fn waiting_for_gc(&self) {
+        let _ = self.0.lock().unwrap().send(());
+    }
+}
+
+/// Quick readings of the marker, and a gc never stale within a test: only `done` lets a
+/// writer go on.
+fn patient(opts: &mut PushOptions) {
+    opts.gc_wait.stale = Duration::from_secs(3600);
+    opts.gc_wait.poll = Duration::from_millis(50);
+}
+
+/// A push started while a gc runs waits, and publishes once the gc is done.
+fn a_push_waits_for_a_running_gc(dest: Dest) {
+    let key = nix_generate_key("gc-writers-wait");
+    let top = nix_build_chain("gc-writers-wait", 3);
+    let closure = nix_closure(&top);
+    let gc = GcState::new(dest);
+    let cache = GcCache::new(&gc);
+    let mut opts = push_options(&key);
+    patient(&mut opts);
+    cache.ensure_cache_info("/nix/store").unwrap();
+    gc.marker(0x9c_0002, true, 0);
+    let (tx, waits) = std::sync::mpsc::channel();
+    let progress = WaitSignal(Mutex::new(tx));
+    std::thread::scope(|s| {
+        let pushing = s.spawn(|| push(&cache, &opts, std::slice::from_ref(&top), &progress));
+        waits
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the push reports its wait");
+        // Beating: the push reads the marker again and again, publishing nothing.
+        gc.marker(0x9c_0002, true, 1);
+        gc.await_reads(gc.readings() + 2);
+        for p in &closure {
+            assert!(
+                !gc.dest.has(&narinfo_key(p)),
+                "{p} published while the gc runs"
+            );
+        }
+        gc.marker(0x9c_0002, false, 2);
+        let report = pushing
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        assert_eq!(report.failed().count(), 0, "{:?}", report.results);
+    });
+    for p in &closure {
+        assert!(gc.dest.has(&narinfo_key(p)), "{p}");
+    }
+    assert_closed(&gc.dest, &closure);
+    assert_eq!(gc.broken(), Vec::<String>::new());
+}
+
+#[test]
+fn a_push_started_while_a_gc_runs_publishes_only_after_it_is_done_file() {
+    let dir = tempdir();
+    a_push_waits_for_a_running_gc(dest_file(dir.path()));
+}
+
+#[test]
+fn a_push_started_while_a_gc_runs_publishes_only_after_it_is_done_s3() {
+    if let Some(dest) = dest_s3() {
+        a_push_waits_for_a_running_gc(dest);
+    }
+}
+
+/// A marker whose heartbeat never changes (a gc that died) holds a push only until it is
+/// stale.
+fn a_stale_marker_does_not_block(dest: Dest) {
+    let key = nix_generate_key("gc-writers-stale");
+    let top = nix_build_chain("gc-writers-stale", 2);
+    let closure = nix_closure(&top);
+    let gc = GcState::new(dest);
+    let cache = GcCache::new(&gc);
+    let mut opts = push_options(&key);
+    opts.gc_wait.stale = Duration::from_millis(500);
+    opts.gc_wait.poll = Duration::from_millis(50);
+    cache.ensure_cache_info("/nix/store").unwrap();
+    gc.marker(0x9c_0003, true, 4);
+    let (tx, waits) = std::sync::mpsc::channel();
+    let report = push(
+        &cache,
+        &opts,
+        std::slice::from_ref(&top),
+        &WaitSignal(Mutex::new(tx)),
+    );
+    assert!(waits.try_recv().is_ok(), "it waited first");
+    assert_eq!(report.failed().count(), 0, "{:?}", report.results);
+    assert!(gc.dest.text(&gc.marker).unwrap().contains("state running"));
+    for p in &closure {
+        assert!(gc.dest.has(&narinfo_key(p)), "{p}");
+    }
+    assert_closed(&gc.dest, &closure);
+}
+
+#[test]
+fn a_stale_gc_marker_does_not_block_a_push_forever_file() {
+    let dir = tempdir();
+    a_stale_marker_does_not_block(dest_file(dir.path()));
+}
+
+#[test]
+fn a_stale_gc_marker_does_not_block_a_push_forever_s3() {
+    if let Some(dest) = dest_s3() {
+        a_stale_marker_does_not_block(dest);
+    }
+}
+
+/// `narflow push` itself: it says it waits for the gc, and publishes after `done`.
+#[test]
+fn narflow_push_says_it_waits_for_a_running_gc_and_publishes_after_it() {
+    use std::io::BufRead;
+    let dir = tempdir();
+    let dest = dest_file(dir.path());
+    let key = nix_generate_key("gc-writers-cli");
+    let top = nix_build_chain("gc-writers-cli", 2);
+    let closure = nix_closure(&top);
+    std::fs::create_dir_all(dir.path().join("cache")).unwrap();
+    write_marker(&dest, MARKER_KEY, 0x9c_0004, true, 0);
+    let mut child = narflow()
+        .args(["push", "--json", "--to", &dest.url(), "--key-file"])
+        .arg(&key.secret)
+        .arg(&top)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let said = lines
+        .by_ref()
+        .map(Result::unwrap)
+        .find(|l| l.contains("is running: waiting until it is done"))
+        .expect("push says it waits for the gc");
+    assert!(said.contains("00000000009c0004"), "{said}");
+    for p in &closure {
+        assert!(
+            !dest.has(&narinfo_key(p)),
+            "{p} published while the gc runs"
+        );
+    }
+    write_marker(&dest, MARKER_KEY, 0x9c_0004, false, 1);
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{rest:?}");
+    for p in &closure {
+        assert!(dest.has(&narinfo_key(p)), "{p}");
+    }
+    assert_closed(&dest, &closure);
+}
+
+/// Waits until `key` is in the cache.
+fn await_object(dest: &Dest, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !dest.has(key) {
+        assert!(Instant::now() < deadline, "{key} never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The daemon: a path planned before a gc that removed its reference fails transiently
+/// and is retried (after the queue's backoff) into a closed cache; a path handed over
+/// while a gc runs waits for it to be done.
+#[test]
+fn the_daemon_retries_a_path_whose_reference_a_gc_removed_and_waits_for_a_running_gc() {
+    let dir = tempdir();
+    let key = nix_generate_key("gc-writers-daemon");
+    let app = nix_build_chain("gc-writers-daemon", 2);
+    let closure = nix_closure(&app);
+    let dep = closure.iter().find(|p| **p != app).unwrap().clone();
+    let later = nix_build_chain("gc-writers-daemon-later", 1);
+    let gc = GcState::new(dest_file(dir.path()));
+    let mut opts = push_options(&key);
+    patient(&mut opts);
+    let first = push(
+        &GcCache::new(&gc),
+        &opts,
+        std::slice::from_ref(&dep),
+        &NoProgress,
+    );
+    assert_eq!(first.failed().count(), 0, "{:?}", first.results);
+    *gc.gc.lock().unwrap() = Some(GcAtFirstUpload {
+        generation: 0x9c_0005,
+        victims: vec![narinfo_key(&dep)],
+    });
+
+    let socket = dir.path().join("daemon.sock");
+    let state = dir.path().join("state");
+    let daemon = narflow::daemon::Daemon::bind(narflow::daemon::DaemonConfig {
+        socket: socket.clone(),
+        state_dir: state.clone(),
+        socket_group: None,
+        opts,
+        batch: narflow::daemon::DEFAULT_BATCH,
+        shutdown_timeout: Duration::from_secs(10),
+        metrics_listen: None,
+        watch_store: None,
+    })
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let cache = Box::new(GcCache::new(&gc));
+    let running = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(daemon.run(store(), cache, async {
+            let _ = stopped.await;
+        }))
+        .unwrap();
+    });
+    let hook = |path: &str| {
+        let out = narflow()
+            .args(["hook", "--socket"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state)
+            .env("OUT_PATHS", path)
+            .env(
+                "DRV_PATH",
+                "/nix/store/00000000000000000000000000000000-x.drv",
+            )
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    hook(&app);
+    // The first attempt fails (the gc removed dep after the plan); the retry publishes.
+    await_object(&gc.dest, &narinfo_key(&app));
+    assert!(gc.gc.lock().unwrap().is_none(), "the gc ran");
+    assert_closed(&gc.dest, &closure);
+
+    // A gc runs: a path handed over now waits until it is done.
+    gc.marker(0x9c_0006, true, 0);
+    let seen = gc.readings();
+    hook(&later);
+    gc.await_reads(seen + 2);
+    gc.marker(0x9c_0006, true, 1);
+    gc.await_reads(gc.readings() + 2);
+    assert!(
+        !gc.dest.has(&narinfo_key(&later)),
+        "published while the gc runs"
+    );
+    gc.marker(0x9c_0006, false, 2);
+    await_object(&gc.dest, &narinfo_key(&later));
+
+    let _ = stop.send(());
+    running.join().unwrap();
+    assert_eq!(gc.broken(), Vec::<String>::new());
+}
