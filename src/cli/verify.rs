@@ -14,6 +14,10 @@ pub struct VerifyArgs {
     /// Print the problems, by kind, and the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Also read every NAR: FileHash over its bytes, NarHash and NarSize over it
+    /// decompressed, and its path's `.ls` listing, if any, against it.
+    #[arg(long)]
+    pub contents: bool,
     /// Store paths to verify, with every path their narinfos reach through References.
     #[arg(required_unless_present = "all")]
     pub paths: Vec<String>,
@@ -57,10 +61,22 @@ pub fn run(args: &VerifyArgs, merged: &Merged) -> Result<u8, CliError> {
             .collect::<Result<Vec<_>, _>>()?;
         Some(paths)
     };
+    // NARs read at once: one per thread (`--jobs`), twice that from a remote cache
+    // (while one waits on the network another decompresses), as many as the memory
+    // budget holds.
+    let readers = match url.location {
+        cache::url::CacheLocation::File(_) => resolved.jobs,
+        cache::url::CacheLocation::S3 { .. } => resolved.jobs * 2,
+    };
+    let by_memory = resolved.memory / narflow::maintain::contents::MEMORY_PER_NAR;
+    let readers = readers
+        .min(usize::try_from(by_memory).unwrap_or(usize::MAX))
+        .max(1);
     let opts = VerifyOptions {
         store_dir: DEFAULT_STORE_DIR.to_owned(),
         trusted,
         paths,
+        contents: args.contents.then_some(readers),
     };
     let cache = cache::open(
         url,
@@ -72,17 +88,22 @@ pub fn run(args: &VerifyArgs, merged: &Merged) -> Result<u8, CliError> {
 
     let mut found: Vec<Problem> = Vec::new();
     let json = args.json;
-    let summary = verify::verify(cache.as_ref(), &opts, &mut |p| {
+    let bar = super::progress::VerifyBar::new();
+    let started = std::time::Instant::now();
+    let summary = verify::verify_with(cache.as_ref(), &opts, &bar, &mut |p| {
         if json {
             found.push(p);
         } else {
-            println!("{p}");
+            bar.println(&p.to_string());
         }
     })
     .map_err(|e| match e {
         cache::CacheError::Config(_) | cache::CacheError::Unreachable(_) => CliError::usage(e),
         e => CliError::failed(e),
     })?;
+    bar.done();
+    let seconds = started.elapsed().as_secs_f64();
+    let nar_mb_per_s = summary.nar_bytes_decoded as f64 / 1e6 / seconds.max(1e-9);
 
     let counts: Vec<String> = Kind::ALL
         .iter()
@@ -106,6 +127,11 @@ pub fn run(args: &VerifyArgs, merged: &Merged) -> Result<u8, CliError> {
             "narinfos": summary.narinfos,
             "nars": summary.nars,
             "nar_bytes": summary.nar_bytes,
+            "nars_read": summary.nars_read,
+            "file_bytes_read": summary.file_bytes_read,
+            "nar_bytes_decoded": summary.nar_bytes_decoded,
+            "seconds": seconds,
+            "nar_mb_per_s": nar_mb_per_s,
             "problem_count": summary.total_problems(),
             "problems": by_kind,
         });
@@ -124,6 +150,12 @@ pub fn run(args: &VerifyArgs, merged: &Merged) -> Result<u8, CliError> {
             summary.nar_bytes,
             summary.total_problems(),
             counts.join(", ")
+        );
+    }
+    if args.contents && !json {
+        println!(
+            "{}: {} NARs read ({} bytes, {} decompressed) in {seconds:.1} s ({nar_mb_per_s:.0} MB/s of NAR)",
+            url.original, summary.nars_read, summary.file_bytes_read, summary.nar_bytes_decoded
         );
     }
     Ok(if summary.total_problems() == 0 {

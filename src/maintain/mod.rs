@@ -4,12 +4,14 @@
 //! [`index::CacheIndex`], and the sweep's batches are handed to the cache in order.
 //!
 //! - [`verify`]: checks a cache from one listing.
+//! - [`contents`]: `verify --contents`'s check of one NAR, streamed, and its ceiling.
 //! - [`index`]: the compact in-memory index of a cache's narinfos, NARs, `.ls` files and
 //!   logs that the planner reads (hash parts as 20 bytes, sizes, modification times).
 //! - [`roots`]: the roots as the user names them (`--keep-closure-of`, `--keep-file`).
 //! - [`gc_plan`]: roots, reachability through References, and the deletion batches,
 //!   referrers first.
 
+pub mod contents;
 pub mod gc_plan;
 pub mod index;
 pub mod roots;
