@@ -436,5 +436,55 @@ pub fn measure_ceiling(
     })
 }
 
+/// Up to `limit` bytes of `cache`'s NARs, read into memory with what their narinfos say
+/// of them: the sample [`measure_ceiling`] checks. Narinfos that do not parse, or whose
+/// NAR is missing, are passed over.
+///
+/// # Errors
+/// [`CacheError`] when the cache cannot be listed or read.
+pub fn load_sample(
+    cache: &dyn crate::cache::BinaryCache,
+    store_dir: &str,
+    limit: u64,
+) -> Result<Vec<(Expected, Vec<u8>)>, crate::cache::CacheError> {
+    let mut keys = Vec::new();
+    cache.list_objects(&mut |o| {
+        if o.key.ends_with(".narinfo") && !o.key.contains('/') {
+            keys.push(o.key.to_owned());
+        }
+    })?;
+    let mut sample = Vec::new();
+    let mut bytes = 0;
+    for batch in keys.chunks(super::verify::BATCH) {
+        for text in cache.get_texts(batch)?.into_iter().flatten() {
+            let Ok(n) = crate::format::narinfo::NarInfo::parse(&text, store_dir) else {
+                continue;
+            };
+            let Some(mut r) = cache.read_object(&n.url)? else {
+                continue;
+            };
+            let mut file = Vec::new();
+            r.read_to_end(&mut file)
+                .map_err(|source| crate::cache::CacheError::Io {
+                    cache: cache.url().to_owned(),
+                    key: n.url.clone(),
+                    source,
+                })?;
+            bytes += file.len() as u64;
+            let want = Expected {
+                compression: n.compression,
+                file_hash: n.file_hash,
+                nar_hash: n.nar_hash,
+                nar_size: n.nar_size,
+            };
+            sample.push((want, file));
+            if bytes >= limit {
+                return Ok(sample);
+            }
+        }
+    }
+    Ok(sample)
+}
+
 #[cfg(test)]
 mod tests;
