@@ -588,6 +588,24 @@ impl BinaryCache for FileCache {
         }
     }
 
+    fn delete_objects(&self, keys: &[String]) -> Result<(), CacheError> {
+        for key in keys {
+            if key.starts_with('/') || key.split('/').any(|c| c == "..") {
+                return Err(CacheError::Config(format!(
+                    "{}: {key} is not a key of this cache",
+                    self.url
+                )));
+            }
+            match std::fs::remove_file(self.root.join(key)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(self.io(key, e)),
+            }
+        }
+        // The removals are durable before the next batch's.
+        if keys.is_empty() { Ok(()) } else { self.sync() }
+    }
+
     fn read_object(&self, key: &str) -> Result<Option<Box<dyn io::Read + Send>>, CacheError> {
         // A key names an object inside the cache, never a file beside it.
         if key.starts_with('/') || key.split('/').any(|c| c == "..") {

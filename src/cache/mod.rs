@@ -164,6 +164,22 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
             self.url()
         )))
     }
+    /// Deletes the objects `keys` name (one that is not there counts as deleted), durably
+    /// when it returns. The caller orders calls so that no visible state breaks the
+    /// closure invariant: referrers go before what they refer to. A cache that cannot
+    /// delete refuses.
+    ///
+    /// # Errors
+    /// [`CacheError`]: some of the objects may be gone.
+    fn delete_objects(&self, keys: &[String]) -> Result<(), CacheError> {
+        match keys.first() {
+            None => Ok(()),
+            Some(key) => Err(CacheError::Config(format!(
+                "{}: this cache cannot delete {key}",
+                self.url()
+            ))),
+        }
+    }
     /// Starts a NAR upload. `nar_size` (the uncompressed size) lets a remote cache choose
     /// how to upload it (one request, or parts of a size that fits any NAR).
     fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError>;
