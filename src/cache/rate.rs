@@ -275,6 +275,13 @@ impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
     fn get_texts(&self, keys: &[String]) -> Result<Vec<Option<String>>, CacheError> {
         self.inner.get_texts(keys)
     }
+    // Reads and deletes are not uploads: the cap is on bytes sent.
+    fn read_object(&self, key: &str) -> Result<Option<Box<dyn std::io::Read + Send>>, CacheError> {
+        self.inner.read_object(key)
+    }
+    fn delete_objects(&self, keys: &[String]) -> Result<(), CacheError> {
+        self.inner.delete_objects(keys)
+    }
     fn request_counts(&self) -> Vec<RequestCount> {
         self.inner.request_counts()
     }

@@ -265,6 +265,17 @@ impl BinaryCache for S3Cache {
         self.block_on(self.shared.get_text_lossy(key))
     }
 
+    /// One DeleteObject per key, `concurrency` at a time (a missing key counts as
+    /// deleted on S3).
+    fn delete_objects(&self, keys: &[String]) -> Result<(), CacheError> {
+        let s = self.shared.clone();
+        let keys = keys.to_vec();
+        self.block_on(async move {
+            concurrently(&s, keys, |s, key| async move { s.delete(&key).await }).await
+        })
+        .map(drop)
+    }
+
     fn read_object(&self, key: &str) -> Result<Option<Box<dyn std::io::Read + Send>>, CacheError> {
         let body = self.block_on(self.shared.open(key))?;
         Ok(body.map(|body| {
