@@ -509,3 +509,30 @@ fn the_gc_marker_is_read_as_written_and_its_absence_is_none() {
     std::fs::write(dir.path().join(MARKER_KEY), "not a marker").unwrap();
     assert_eq!(crate::cache::read_gc_marker(&c).unwrap(), Some(None));
 }
+
+#[test]
+fn objects_are_read_streamed_and_deleted_by_key_and_only_inside_the_cache() {
+    let (dir, c) = cache();
+    std::fs::create_dir_all(dir.path().join("nar")).unwrap();
+    std::fs::write(dir.path().join("nar/a.nar"), b"nar bytes").unwrap();
+    let mut back = Vec::new();
+    c.read_object("nar/a.nar")
+        .unwrap()
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert_eq!(back, b"nar bytes");
+    assert!(c.read_object("nar/missing.nar").unwrap().is_none());
+    // A key never reaches outside the cache's directory.
+    let outside = dir.path().parent().unwrap().join("outside-the-cache");
+    assert!(c.read_object("../outside-the-cache").unwrap().is_none());
+    assert!(
+        c.delete_objects(&["nar/../../outside-the-cache".into()])
+            .is_err()
+    );
+    assert!(!outside.exists() || outside.is_dir());
+    // Deleting what is there and what is not.
+    c.delete_objects(&["nar/a.nar".into(), "nar/never.nar".into()])
+        .unwrap();
+    assert!(!dir.path().join("nar/a.nar").exists());
+}
