@@ -499,6 +499,20 @@ fn set_readable(f: &File) -> io::Result<()> {
     f.set_permissions(std::fs::Permissions::from_mode(0o644))
 }
 
+/// An object of a local cache being read: its errors name the object.
+struct ObjectReader {
+    file: std::fs::File,
+    key: String,
+    url: String,
+}
+
+impl io::Read for ObjectReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        io::Read::read(&mut self.file, buf)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {}: {e}", self.url, self.key)))
+    }
+}
+
 impl BinaryCache for FileCache {
     fn url(&self) -> &str {
         &self.url
@@ -569,6 +583,23 @@ impl BinaryCache for FileCache {
         let at = self.root.join(key);
         match self.fs.run(FsOp::Read(&at), || std::fs::read(&at)) {
             Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(key, e)),
+        }
+    }
+
+
+    fn read_object(&self, key: &str) -> Result<Option<Box<dyn io::Read + Send>>, CacheError> {
+        // A key names an object inside the cache, never a file beside it.
+        if key.starts_with('/') || key.split('/').any(|c| c == "..") {
+            return Ok(None);
+        }
+        match std::fs::File::open(self.root.join(key)) {
+            Ok(f) => Ok(Some(Box::new(ObjectReader {
+                file: f,
+                key: key.to_owned(),
+                url: self.url.clone(),
+            }))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(self.io(key, e)),
         }

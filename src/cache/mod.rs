@@ -163,6 +163,17 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     /// The text of a small object (a narinfo, the gc marker), or `None` when there is none;
     /// text that is not UTF-8 comes back lossily converted.
     fn get_text(&self, key: &str) -> Result<Option<String>, CacheError>;
+    /// Opens object `key` for reading, streamed (a NAR: never read whole into memory), or
+    /// `None` when there is none. A cache that cannot read objects back refuses.
+    ///
+    /// # Errors
+    /// [`CacheError`]; [`CacheError::Config`] from a cache that cannot read objects.
+    fn read_object(&self, key: &str) -> Result<Option<Box<dyn std::io::Read + Send>>, CacheError> {
+        Err(CacheError::Config(format!(
+            "{}: this cache cannot read {key} back",
+            self.url()
+        )))
+    }
     /// Starts a NAR upload. `nar_size` (the uncompressed size) lets a remote cache choose
     /// how to upload it (one request, or parts of a size that fits any NAR).
     fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError>;

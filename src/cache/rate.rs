@@ -296,6 +296,13 @@ impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
     fn get_texts(&self, keys: &[String]) -> Result<Vec<Option<String>>, CacheError> {
         self.inner.get_texts(keys)
     }
+    // Reads and deletes are not uploads: the cap is on bytes sent.
+    fn read_object(&self, key: &str) -> Result<Option<Box<dyn std::io::Read + Send>>, CacheError> {
+        self.inner.read_object(key)
+    }
+    fn delete_objects(&self, keys: &[String]) -> Result<Vec<(String, CacheError)>, CacheError> {
+        self.inner.delete_objects(keys)
+    }
     fn request_counts(&self) -> Vec<RequestCount> {
         self.inner.request_counts()
     }
@@ -502,6 +509,13 @@ mod tests {
         assert_eq!(cache.object_size("nar/x.nar").unwrap(), Some(3 << 20));
         assert_eq!(cache.object_size("x.ls").unwrap(), Some(1000));
         assert_eq!(cache.object_size("log/x.drv").unwrap(), Some(2000));
+        // Objects read back and deleted through the limiter, free.
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut cache.read_object("x.ls").unwrap().unwrap(), &mut back)
+            .unwrap();
+        assert_eq!(back, [0; 1000]);
+        cache.delete_objects(&["x.ls".to_owned()]).unwrap();
+        assert_eq!(cache.object_size("x.ls").unwrap(), None);
         assert_eq!(charged(), Duration::from_nanos((3 << 20) + 3300));
         assert!(clock.sleeps().is_empty());
     }

@@ -77,6 +77,61 @@ pub enum BenchCommand {
     /// per machine: a valid store from an earlier run is reused); print its manifest's
     /// path (one store path per line, in registration order).
     MakeStore(MakeStoreArgs),
+    /// The ceiling of `narflow verify --contents`: up to --limit bytes of a cache's NARs
+    /// read into memory, then checked (FileHash, decompression, NarHash) on --jobs
+    /// threads, best of three passes; prints NAR MB/s (JSON with --json).
+    VerifyCeiling(VerifyCeilingArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyCeilingArgs {
+    /// The cache whose NARs are the sample.
+    #[arg(long, value_name = "URL")]
+    pub cache: String,
+    /// Threads [default: one per core].
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Compressed bytes of NARs in the sample.
+    #[arg(long, value_name = "SIZE", value_parser = settings::parse_size, default_value = "1G")]
+    pub limit: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `narflow bench verify-ceiling`.
+fn verify_ceiling(args: &VerifyCeilingArgs) -> Result<u8, CliError> {
+    let url = CacheUrl::parse(&args.cache).map_err(|e| usage(e.to_string()))?;
+    let s3 = narflow::cache::S3Tuning::from_url(&url).map_err(CliError::usage)?;
+    let options = narflow::cache::OpenOptions {
+        upload_memory: 0,
+        max_rate: None,
+        s3,
+    };
+    let cache = narflow::cache::open(&url, &options).map_err(CliError::usage)?;
+    let sample = narflow::maintain::contents::load_sample(cache.as_ref(), "/nix/store", args.limit)
+        .map_err(CliError::failed)?;
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let c = narflow::maintain::contents::measure_ceiling(&sample, jobs, CEILING_PASSES)
+        .map_err(CliError::failed)?;
+    if args.json {
+        let out = serde_json::json!({
+            "threads": c.threads,
+            "nars": c.nars,
+            "file_bytes": c.file_bytes,
+            "nar_bytes": c.nar_bytes,
+            "seconds": c.seconds,
+            "nar_mb_per_s": c.nar_mb_per_s,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "verify ceiling: {} NARs ({} bytes, {} of NAR) checked in {:.2} s on {} threads: {:.0} MB/s of NAR",
+            c.nars, c.file_bytes, c.nar_bytes, c.seconds, c.threads, c.nar_mb_per_s
+        );
+    }
+    Ok(exit::OK)
 }
 
 #[derive(Debug, clap::Args)]
@@ -288,8 +343,10 @@ fn default_repeat(spec: &WorkloadSpec) -> usize {
 }
 
 pub fn run(args: BenchArgs, matches: &clap::ArgMatches) -> Result<u8, CliError> {
-    if let Some(BenchCommand::MakeStore(a)) = &args.command {
-        return make_store(a);
+    match &args.command {
+        Some(BenchCommand::MakeStore(a)) => return make_store(a),
+        Some(BenchCommand::VerifyCeiling(a)) => return verify_ceiling(a),
+        None => {}
     }
     // Before any work of ours, so the load average is the machine's, not ours.
     let machine = bench::Machine::detect();

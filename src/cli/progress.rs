@@ -183,3 +183,76 @@ impl narflow::backfill::BackfillProgress for BackfillBar {
         }
     }
 }
+
+/// `narflow verify`'s progress, on a terminal only: a bar of narinfos checked (of NAR
+/// bytes read, with `--contents`). Problems printed while it is drawn go above it.
+#[derive(Debug)]
+pub struct VerifyBar {
+    bar: Option<indicatif::ProgressBar>,
+    /// The bar counts NAR bytes (`--contents`) rather than narinfos.
+    bytes: std::sync::atomic::AtomicBool,
+    narinfos: AtomicU64,
+    total: AtomicU64,
+}
+
+impl VerifyBar {
+    pub fn new() -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr()
+            .is_terminal()
+            .then(|| indicatif::ProgressBar::new(0));
+        VerifyBar {
+            bar,
+            bytes: std::sync::atomic::AtomicBool::new(false),
+            narinfos: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+        }
+    }
+
+    /// Prints a line on stdout, above the bar.
+    pub fn println(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| println!("{line}")),
+            None => println!("{line}"),
+        }
+    }
+
+    pub fn done(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl narflow::maintain::verify::VerifyProgress for VerifyBar {
+    fn listed(&self, narinfos: u64, nar_bytes: u64) {
+        let Some(bar) = &self.bar else { return };
+        self.total.store(narinfos, Ordering::Relaxed);
+        let template = if nar_bytes > 0 {
+            self.bytes.store(true, Ordering::Relaxed);
+            bar.set_length(nar_bytes);
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} of NARs {binary_bytes_per_sec} {msg}"
+        } else {
+            bar.set_length(narinfos);
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} narinfos ETA {eta}"
+        };
+        bar.set_style(indicatif::ProgressStyle::with_template(template).expect("valid template"));
+    }
+    fn narinfos(&self, n: u64) {
+        let Some(bar) = &self.bar else { return };
+        let done = self.narinfos.fetch_add(n, Ordering::Relaxed) + n;
+        if self.bytes.load(Ordering::Relaxed) {
+            bar.set_message(format!(
+                "{done}/{} narinfos",
+                self.total.load(Ordering::Relaxed)
+            ));
+        } else {
+            bar.inc(n);
+        }
+    }
+    fn nar_bytes(&self, n: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(n);
+        }
+    }
+}

@@ -8,6 +8,7 @@
 //! a NAR (its FileHash's 32 bytes, a suffix index, its size, one flag); narinfo texts are
 //! read [`BATCH`] at a time. It never writes to
 //! the cache.
+use super::contents::{Checked, Expected, check_nar};
 use crate::cache::{BinaryCache, CacheError, NarinfoSet, ObjectInfo, narinfo_hash};
 use crate::format::narinfo::NarInfo;
 use crate::format::nix32;
@@ -37,6 +38,20 @@ pub enum Kind {
     NarMissing,
     /// A narinfo whose NAR is in the cache with another size than its FileSize.
     NarSize,
+    /// A narinfo whose NAR's bytes do not hash to its FileHash (`--contents`).
+    FileHash,
+    /// A narinfo whose NAR does not decompress by its Compression, or is not a NAR
+    /// (`--contents`).
+    Undecodable,
+    /// A narinfo whose NAR decompresses to another size than its NarSize (`--contents`).
+    NarSizeMismatch,
+    /// A narinfo whose NAR decompresses to bytes that do not hash to its NarHash
+    /// (`--contents`).
+    NarHash,
+    /// A `.ls` listing that is not a listing (`--contents`).
+    UnparsableListing,
+    /// A `.ls` listing that describes another tree than its path's NAR (`--contents`).
+    ListingMismatch,
     /// A narinfo with a reference whose narinfo is not in the cache.
     MissingReference,
     /// A path asked about that has no narinfo in the cache.
@@ -52,13 +67,19 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in report order.
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 17] = [
         Kind::Unparsable,
         Kind::WrongStorePath,
         Kind::BadSignature,
         Kind::Untrusted,
         Kind::NarMissing,
         Kind::NarSize,
+        Kind::FileHash,
+        Kind::Undecodable,
+        Kind::NarSizeMismatch,
+        Kind::NarHash,
+        Kind::UnparsableListing,
+        Kind::ListingMismatch,
         Kind::MissingReference,
         Kind::MissingNarinfo,
         Kind::OrphanNar,
@@ -75,6 +96,12 @@ impl Kind {
             Kind::Untrusted => "untrusted",
             Kind::NarMissing => "nar-missing",
             Kind::NarSize => "nar-size",
+            Kind::FileHash => "file-hash",
+            Kind::Undecodable => "undecodable-nar",
+            Kind::NarSizeMismatch => "decompressed-size",
+            Kind::NarHash => "nar-hash",
+            Kind::UnparsableListing => "unparsable-listing",
+            Kind::ListingMismatch => "listing-mismatch",
             Kind::MissingReference => "missing-reference",
             Kind::MissingNarinfo => "missing-narinfo",
             Kind::OrphanNar => "orphan-nar",
@@ -116,6 +143,8 @@ pub struct VerifyOptions {
     /// unfinished uploads). Some: these paths and every path their narinfos reach through
     /// References, nothing else.
     pub paths: Option<Vec<StorePath>>,
+    /// `Some(n)`: every NAR read and checked (`--contents`), `n` at a time.
+    pub contents: Option<usize>,
 }
 
 /// What a run looked at, and the problems it found by kind.
@@ -126,6 +155,10 @@ pub struct Summary {
     /// NARs in the listing, and their bytes.
     pub nars: u64,
     pub nar_bytes: u64,
+    /// With `--contents`: NARs read, their bytes, and the NAR bytes they decompressed to.
+    pub nars_read: u64,
+    pub file_bytes_read: u64,
+    pub nar_bytes_decoded: u64,
     /// Problems, by [`Kind::ALL`]'s order.
     pub problems: [u64; Kind::ALL.len()],
 }
@@ -162,6 +195,8 @@ struct Listing {
     /// The suffixes of [`NarKey::Hashed`] keys (a handful: one per compression).
     suffixes: Vec<Box<str>>,
     leftovers: Vec<(String, u64)>,
+    /// The hash parts of the `.ls` listings, sorted once listed.
+    listings: Vec<[u8; 20]>,
 }
 
 /// Whether `key` is what an interrupted upload leaves behind: a `file://` cache's
@@ -176,6 +211,12 @@ impl Listing {
     fn add(&mut self, o: ObjectInfo<'_>) {
         if let Some(h) = narinfo_hash(o.key.as_bytes()) {
             self.narinfos.push(h);
+        } else if let Some(h) = o
+            .key
+            .strip_suffix(".ls")
+            .and_then(super::index::parse_hash_part)
+        {
+            self.listings.push(h);
         } else if is_leftover(o.key) {
             self.leftovers.push((o.key.to_owned(), o.size));
         } else if o.key.starts_with("nar/") {
@@ -237,6 +278,12 @@ impl Listing {
         self.narinfos.shrink_to_fit();
         self.nars.sort_unstable();
         self.nars.shrink_to_fit();
+        self.listings.sort_unstable();
+        self.listings.shrink_to_fit();
+    }
+
+    fn has_listing(&self, h: &[u8; 20]) -> bool {
+        self.listings.binary_search(h).is_ok()
     }
 
     fn has_narinfo(&self, h: &[u8; 20]) -> bool {
@@ -287,31 +334,133 @@ fn read_narinfo(text: &str, h: &[u8; 20], opts: &VerifyOptions) -> Read {
     Read::Parsed(Box::new(n), Some(problem))
 }
 
-/// A batch of narinfos read from the cache: their hash parts, keys and texts.
-struct Fetched {
-    batch: Vec<[u8; 20]>,
-    keys: Vec<String>,
-    texts: Vec<Option<String>>,
+/// Hears how far a run has got (the CLI draws it on a terminal). Called from the thread
+/// that runs [`verify_with`] and from the threads that read NARs.
+pub trait VerifyProgress: Sync {
+    /// The listing is read: how many narinfos, and the bytes of the NARs to read (with
+    /// `--contents`; 0 without).
+    fn listed(&self, _narinfos: u64, _nar_bytes: u64) {}
+    /// `n` more narinfos checked.
+    fn narinfos(&self, _n: u64) {}
+    /// `n` more bytes of NAR objects read.
+    fn nar_bytes(&self, _n: u64) {}
 }
+
+/// No progress shown.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+impl VerifyProgress for NoProgress {}
 
 /// Verifies `cache` as `opts` says, handing each problem to `report` as it is found.
 ///
 /// # Errors
-/// [`CacheError`] when the cache cannot be listed or read ([`CacheError::Config`] for a
-/// cache that cannot list at all).
+/// As [`verify_with`].
 pub fn verify(
     cache: &dyn BinaryCache,
     opts: &VerifyOptions,
     report: &mut dyn FnMut(Problem),
 ) -> Result<Summary, CacheError> {
-    let mut summary = Summary::default();
-    let mut emit = |summary: &mut Summary, kind: Kind, object: String, detail: String| {
-        summary.problems[kind as usize] += 1;
-        report(Problem {
+    verify_with(cache, opts, &NoProgress, report)
+}
+
+/// A run's summary and where its problems go.
+struct Out<'r> {
+    summary: Summary,
+    report: &'r mut dyn FnMut(Problem),
+}
+
+impl Out<'_> {
+    fn emit(&mut self, kind: Kind, object: String, detail: String) {
+        self.summary.problems[kind as usize] += 1;
+        (self.report)(Problem {
             kind,
             object,
             detail,
         });
+    }
+
+    /// Takes in what checking one NAR came to.
+    fn checked(
+        &mut self,
+        job: NarJob,
+        checked: Result<Checked, CacheError>,
+        error: &mut Option<CacheError>,
+    ) {
+        match checked {
+            Ok(c) => {
+                self.summary.nars_read += 1;
+                self.summary.file_bytes_read += c.file_bytes;
+                self.summary.nar_bytes_decoded += c.nar_bytes;
+                for (kind, detail) in c.problems {
+                    let object = match kind {
+                        Kind::UnparsableListing | Kind::ListingMismatch => {
+                            format!("{}.ls", nix32::encode(&job.hash))
+                        }
+                        _ => job.narinfo_key.clone(),
+                    };
+                    self.emit(kind, object, detail);
+                }
+            }
+            Err(e) => {
+                error.get_or_insert(e);
+            }
+        }
+    }
+}
+
+/// One NAR to read and check (`--contents`).
+#[derive(Debug)]
+struct NarJob {
+    hash: [u8; 20],
+    narinfo_key: String,
+    nar_key: String,
+    want: Expected,
+    /// The cache has the path's `.ls`.
+    listing: bool,
+}
+
+/// Reads `job`'s NAR (and `.ls`) from `cache` and checks it.
+fn check_job(
+    cache: &dyn BinaryCache,
+    job: &NarJob,
+    progress: &dyn VerifyProgress,
+) -> Result<Checked, CacheError> {
+    let listing = if job.listing {
+        let key = format!("{}.ls", nix32::encode(&job.hash));
+        cache.get_text(&key)?.map(String::into_bytes)
+    } else {
+        None
+    };
+    // Removed since the listing: nothing left to check.
+    let Some(mut nar) = cache.read_object(&job.nar_key)? else {
+        return Ok(Checked::default());
+    };
+    check_nar(&mut nar, &job.want, listing.as_deref(), &|n| {
+        progress.nar_bytes(n);
+    })
+    .map_err(|source| CacheError::Io {
+        cache: cache.url().to_owned(),
+        key: job.nar_key.clone(),
+        source,
+    })
+}
+
+/// Verifies `cache` as `opts` says, handing each problem to `report` as it is found and
+/// telling `progress` how far it got. With `opts.contents`, NARs are read by that many
+/// threads while the narinfos are still being read.
+///
+/// # Errors
+/// [`CacheError`] when the cache cannot be listed or read ([`CacheError::Config`] for a
+/// cache that cannot list at all).
+pub fn verify_with(
+    cache: &dyn BinaryCache,
+    opts: &VerifyOptions,
+    progress: &dyn VerifyProgress,
+    report: &mut dyn FnMut(Problem),
+) -> Result<Summary, CacheError> {
+    let mut out = Out {
+        summary: Summary::default(),
+        report,
     };
 
     let mut listing = Listing::default();
@@ -322,10 +471,97 @@ pub fn verify(
         )));
     }
     listing.finish();
-    summary.nars = listing.nars.len() as u64;
-    summary.nar_bytes = listing.nars.iter().map(|(_, s)| s).sum();
-    let mut named = vec![false; listing.nars.len()];
+    out.summary.nars = listing.nars.len() as u64;
+    out.summary.nar_bytes = listing.nars.iter().map(|(_, s)| s).sum();
+    let to_read = if opts.contents.is_some() {
+        out.summary.nar_bytes
+    } else {
+        0
+    };
+    progress.listed(listing.narinfos.len() as u64, to_read);
 
+    let workers = opts.contents.unwrap_or(0);
+    // NARs queued for the readers, and checked ones waiting to be reported: twice the
+    // readers, so none waits for the next while this thread reads a batch of narinfos
+    // (a job is a few hundred bytes; the NARs' memory is the readers').
+    let (job_tx, job_rx) = crossbeam_channel::bounded::<NarJob>(workers * 2);
+    let (done_tx, done_rx) = crossbeam_channel::bounded(workers * 2);
+    let mut error = None;
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            let (jobs, done) = (job_rx.clone(), done_tx.clone());
+            s.spawn(move || {
+                for job in jobs {
+                    let checked = check_job(cache, &job, progress);
+                    if done.send((job, checked)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop((job_rx, done_tx));
+        let submit = |out: &mut Out, job: NarJob, error: &mut Option<CacheError>| {
+            let mut job = Some(job);
+            while let Some(j) = job.take() {
+                crossbeam_channel::select! {
+                    send(job_tx, j) -> r => {
+                        r.expect("the readers run until the queue closes");
+                    }
+                    recv(done_rx) -> r => {
+                        let (done, checked) = r.expect("the readers run until the queue closes");
+                        out.checked(done, checked, error);
+                        job = Some(j);
+                    }
+                }
+            }
+        };
+        let read = read_narinfos(
+            cache,
+            opts,
+            progress,
+            &mut listing,
+            &mut out,
+            &mut |out, job| submit(out, job, &mut error),
+        );
+        drop(job_tx);
+        for (job, checked) in done_rx.iter() {
+            out.checked(job, checked, &mut error);
+        }
+        if let Err(e) = read {
+            error = Some(e);
+        }
+    });
+    if let Some(e) = error {
+        return Err(e);
+    }
+
+    if opts.paths.is_none() {
+        for (key, size) in std::mem::take(&mut listing.leftovers) {
+            let detail = format!("left behind by an upload, or one still running ({size} bytes)");
+            out.emit(Kind::Leftover, key, detail);
+        }
+        for u in cache.list_unfinished_uploads()? {
+            let detail = format!(
+                "multipart upload {} was never completed nor aborted",
+                u.upload_id
+            );
+            out.emit(Kind::UnfinishedUpload, u.key, detail);
+        }
+    }
+    Ok(out.summary)
+}
+
+/// Reads and checks the narinfos `opts` asks for against `listing`, handing each NAR to
+/// read to `submit` (with `--contents`), then reports the NARs nothing names.
+fn read_narinfos(
+    cache: &dyn BinaryCache,
+    opts: &VerifyOptions,
+    progress: &dyn VerifyProgress,
+    listing: &mut Listing,
+    out: &mut Out,
+    submit: &mut dyn FnMut(&mut Out, NarJob),
+) -> Result<(), CacheError> {
+    let mut named = vec![false; listing.nars.len()];
     // The narinfos to read: all, or the given paths and what they reach.
     let mut queue: VecDeque<[u8; 20]> = VecDeque::new();
     let mut seen: HashSet<[u8; 20]> = HashSet::new();
@@ -335,8 +571,7 @@ pub fn verify(
             for p in paths {
                 let h = NarinfoSet::key(p);
                 if !listing.has_narinfo(&h) {
-                    emit(
-                        &mut summary,
+                    out.emit(
                         Kind::MissingNarinfo,
                         p.to_absolute(&opts.store_dir),
                         "the cache has no narinfo for it".into(),
@@ -348,120 +583,96 @@ pub fn verify(
         }
     }
 
-    let fetch = |batch: Vec<[u8; 20]>| -> Result<Fetched, CacheError> {
+    while !queue.is_empty() {
+        let batch: Vec<[u8; 20]> = queue.drain(..queue.len().min(BATCH)).collect();
         let keys: Vec<String> = batch
             .iter()
             .map(|h| format!("{}.narinfo", nix32::encode(h)))
             .collect();
         let texts = cache.get_texts(&keys)?;
-        Ok(Fetched { batch, keys, texts })
-    };
-    let take = |queue: &mut VecDeque<[u8; 20]>| -> Vec<[u8; 20]> {
-        queue.drain(..queue.len().min(BATCH)).collect()
-    };
-    // One batch is read from the cache while the one before it is checked: two batches'
-    // texts in memory at most.
-    std::thread::scope(|scope| -> Result<(), CacheError> {
-        let mut next = if queue.is_empty() {
-            None
-        } else {
-            Some(fetch(take(&mut queue))?)
-        };
-        while let Some(Fetched { batch, keys, texts }) = next.take() {
-            let ahead = (!queue.is_empty()).then(|| {
-                let batch = take(&mut queue);
-                scope.spawn(|| fetch(batch))
-            });
-            // Parsing and signature checks (the CPU work) run across the batch in parallel.
-            let read: Vec<Option<Read>> = texts
-                .par_iter()
-                .zip(&batch)
-                .map(|(text, h)| text.as_deref().map(|t| read_narinfo(t, h, opts)))
-                .collect();
-            drop(texts);
-            for (key, read) in keys.into_iter().zip(read) {
-                // Removed since the listing: nothing left to check.
-                let Some(read) = read else { continue };
-                summary.narinfos += 1;
-                let n = match read {
-                    Read::Damaged(kind, detail) => {
-                        emit(&mut summary, kind, key, detail);
-                        continue;
-                    }
-                    Read::Parsed(n, signature) => {
-                        if let Some((kind, detail)) = signature {
-                            emit(&mut summary, kind, key.clone(), detail);
-                        }
-                        n
-                    }
-                };
-                match listing.nar(&n.url) {
-                    None => emit(
-                        &mut summary,
-                        Kind::NarMissing,
-                        key.clone(),
-                        format!("its NAR {} is not in the cache", n.url),
-                    ),
-                    Some(i) => {
-                        named[i] = true;
-                        let have = listing.nars[i].1;
-                        if let Some(want) = n.file_size.filter(|&w| w != have) {
-                            emit(
-                                &mut summary,
-                                Kind::NarSize,
-                                key.clone(),
-                                format!("its NAR {} has {have} bytes, FileSize says {want}", n.url),
-                            );
-                        }
-                    }
+        // Parsing and signature checks (the CPU work) run across the batch in parallel.
+        let read: Vec<Option<Read>> = texts
+            .par_iter()
+            .zip(&batch)
+            .map(|(text, h)| text.as_deref().map(|t| read_narinfo(t, h, opts)))
+            .collect();
+        drop(texts);
+        progress.narinfos(batch.len() as u64);
+        for ((key, read), h) in keys.into_iter().zip(read).zip(&batch) {
+            // Removed since the listing: nothing left to check.
+            let Some(read) = read else { continue };
+            out.summary.narinfos += 1;
+            let n = match read {
+                Read::Damaged(kind, detail) => {
+                    out.emit(kind, key, detail);
+                    continue;
                 }
-                for r in n.references.iter().filter(|r| **r != n.store_path) {
-                    let rh = NarinfoSet::key(r);
-                    if !listing.has_narinfo(&rh) {
-                        emit(
-                            &mut summary,
-                            Kind::MissingReference,
+                Read::Parsed(n, signature) => {
+                    if let Some((kind, detail)) = signature {
+                        out.emit(kind, key.clone(), detail);
+                    }
+                    n
+                }
+            };
+            match listing.nar(&n.url) {
+                None => out.emit(
+                    Kind::NarMissing,
+                    key.clone(),
+                    format!("its NAR {} is not in the cache", n.url),
+                ),
+                Some(i) => {
+                    named[i] = true;
+                    let have = listing.nars[i].1;
+                    if let Some(want) = n.file_size.filter(|&w| w != have) {
+                        out.emit(
+                            Kind::NarSize,
                             key.clone(),
-                            format!(
-                                "its reference {} has no narinfo in the cache",
-                                r.to_absolute(&opts.store_dir)
-                            ),
+                            format!("its NAR {} has {have} bytes, FileSize says {want}", n.url),
                         );
-                    } else if opts.paths.is_some() && seen.insert(rh) {
-                        queue.push_back(rh);
+                    } else if opts.contents.is_some() {
+                        let job = NarJob {
+                            hash: *h,
+                            narinfo_key: key.clone(),
+                            nar_key: listing.nar_name(&listing.nars[i].0),
+                            want: Expected {
+                                compression: n.compression.clone(),
+                                file_hash: n.file_hash,
+                                nar_hash: n.nar_hash,
+                                nar_size: n.nar_size,
+                            },
+                            listing: listing.has_listing(h),
+                        };
+                        submit(out, job);
                     }
                 }
             }
-            next = match ahead {
-                Some(h) => Some(h.join().expect("a batch read does not panic")?),
-                None if queue.is_empty() => None,
-                None => Some(fetch(take(&mut queue))?),
-            };
+            for r in n.references.iter().filter(|r| **r != n.store_path) {
+                let rh = NarinfoSet::key(r);
+                if !listing.has_narinfo(&rh) {
+                    out.emit(
+                        Kind::MissingReference,
+                        key.clone(),
+                        format!(
+                            "its reference {} has no narinfo in the cache",
+                            r.to_absolute(&opts.store_dir)
+                        ),
+                    );
+                } else if opts.paths.is_some() && seen.insert(rh) {
+                    queue.push_back(rh);
+                }
+            }
         }
-        Ok(())
-    })?;
+    }
+
     if opts.paths.is_none() {
         for ((key, size), named) in listing.nars.iter().zip(&named) {
             if !named {
                 let detail = format!("no narinfo names it ({size} bytes)");
-                emit(&mut summary, Kind::OrphanNar, listing.nar_name(key), detail);
+                out.emit(Kind::OrphanNar, listing.nar_name(key), detail);
             }
         }
     }
-    if opts.paths.is_none() {
-        for (key, size) in std::mem::take(&mut listing.leftovers) {
-            let detail = format!("left behind by an upload, or one still running ({size} bytes)");
-            emit(&mut summary, Kind::Leftover, key, detail);
-        }
-        for u in cache.list_unfinished_uploads()? {
-            let detail = format!(
-                "multipart upload {} was never completed nor aborted",
-                u.upload_id
-            );
-            emit(&mut summary, Kind::UnfinishedUpload, u.key, detail);
-        }
-    }
-    Ok(summary)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ mod params;
 mod proxy;
 mod push_nix;
 mod rate;
+mod repair;
 mod s3;
 mod s3_faults;
 mod store_nix;

@@ -111,8 +111,33 @@ fn damage_one_kind_at_a_time(url: &str, objects: &Objects, whole: bool) {
     let top_nar = top_info.url.clone();
     clean();
 
+    // Reading every NAR finds nothing either.
+    let contents: Vec<&str> = scope.iter().copied().chain(["--contents"]).collect();
+    assert_eq!(
+        verify(url, &key, &contents),
+        (0, Found::new()),
+        "clean NARs"
+    );
+
     // Each damage, what verify must say, and the mending.
     let mid_nar_bytes = objects.get(&mid_nar);
+    // A flipped byte keeps the size: only reading the NAR finds it.
+    let mut flipped = mid_nar_bytes.clone();
+    let at = flipped.len() / 2;
+    flipped[at] ^= 0x20;
+    objects.put(&mid_nar, &flipped);
+    assert_eq!(
+        verify(url, &key, &scope),
+        (0, Found::new()),
+        "flipped byte unread"
+    );
+    assert_eq!(
+        verify(url, &key, &contents),
+        (1, found(&[("file-hash", &mid_key)])),
+        "flipped byte"
+    );
+    objects.put(&mid_nar, &mid_nar_bytes);
+
     objects.put(&mid_nar, &mid_nar_bytes[..mid_nar_bytes.len() - 1]);
     assert_eq!(
         verify(url, &key, &scope),
@@ -248,5 +273,57 @@ fn verify_refuses_without_a_trusted_key_or_a_scope() {
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+}
+
+/// `.ls` listings as real Nix writes them (`write-nar-listing=1`, xz NARs) and as narflow
+/// does (zstd): with `--contents` both match their NARs; a listing describing another
+/// tree, or not a listing at all, is named.
+#[test]
+fn listings_by_nix_and_by_narflow_match_their_nars() {
+    let key = nix_generate_key(&unique("verify-ls").replace('-', "")[..20]);
+    let top = nix_build_chain("verify-ls", 2);
+    let theirs = tempdir();
+    let ours = tempdir();
+    run(std::process::Command::new("nix")
+        .arg("copy")
+        .arg("--to")
+        .arg(format!(
+            "file://{}?write-nar-listing=1&secret-key={}",
+            theirs.path().display(),
+            key.secret.display()
+        ))
+        .arg(&top));
+    let ours_url = format!("file://{}?write-nar-listing=1", ours.path().display());
+    run(narflow()
+        .args(["push", "--to", &ours_url, "--key-file"])
+        .arg(&key.secret)
+        .arg(&top));
+    for dir in [theirs.path(), ours.path()] {
+        let url = format!("file://{}", dir.display());
+        let ls = dir.join(format!("{}.ls", hash_part(&top)));
+        let text = std::fs::read_to_string(&ls).unwrap();
+        assert_eq!(
+            verify(&url, &key, &["--all", "--contents"]),
+            (0, Found::new()),
+            "{url}"
+        );
+        let object = format!("{}.ls", hash_part(&top));
+        // The chain's paths hold one file each; another size is another tree.
+        let other = text.replacen(r#""size":"#, r#""size":1"#, 1);
+        assert_ne!(other, text);
+        std::fs::write(&ls, &other).unwrap();
+        assert_eq!(
+            verify(&url, &key, &["--all", "--contents"]),
+            (1, found(&[("listing-mismatch", &object)])),
+            "{url}"
+        );
+        assert_eq!(verify(&url, &key, &["--all"]), (0, Found::new()), "unread");
+        std::fs::write(&ls, "not a listing").unwrap();
+        assert_eq!(
+            verify(&url, &key, &["--all", "--contents"]),
+            (1, found(&[("unparsable-listing", &object)])),
+            "{url}"
+        );
     }
 }

@@ -574,3 +574,32 @@ fn a_failed_removal_is_named_and_a_failed_directory_sync_is_an_error() {
     let e = c.delete_objects(&["a.narinfo".to_owned()]).unwrap_err();
     assert!(e.to_string().contains("a.narinfo"), "{e}");
 }
+
+#[test]
+fn objects_are_read_streamed_and_deleted_by_key_and_only_inside_the_cache() {
+    let (dir, c) = cache();
+    std::fs::create_dir_all(dir.path().join("nar")).unwrap();
+    std::fs::write(dir.path().join("nar/a.nar"), b"nar bytes").unwrap();
+    let mut back = Vec::new();
+    c.read_object("nar/a.nar")
+        .unwrap()
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert_eq!(back, b"nar bytes");
+    assert!(c.read_object("nar/missing.nar").unwrap().is_none());
+    // A key never reaches outside the cache's directory.
+    let outside = dir.path().parent().unwrap().join("outside-the-cache");
+    assert!(c.read_object("../outside-the-cache").unwrap().is_none());
+    let failed = c
+        .delete_objects(&["nar/../../outside-the-cache".into()])
+        .unwrap();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(!outside.exists() || outside.is_dir());
+    // Deleting what is there and what is not.
+    let failed = c
+        .delete_objects(&["nar/a.nar".into(), "nar/never.nar".into()])
+        .unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(!dir.path().join("nar/a.nar").exists());
+}

@@ -95,6 +95,36 @@ impl S3Cache {
     }
 }
 
+/// An object's body being read: each read waits on this cache's runtime for the next
+/// piece the server sends (the caller is a plain thread, never one of its workers). It
+/// holds one piece of the body at a time.
+struct ObjectReader {
+    shared: Arc<Shared>,
+    key: String,
+    body: aws_sdk_s3::primitives::ByteStream,
+    chunk: bytes::Bytes,
+}
+
+impl std::io::Read for ObjectReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.shared.rt.block_on(self.body.next()) {
+                None => return Ok(0),
+                Some(Ok(b)) => self.chunk = b,
+                Some(Err(e)) => {
+                    return Err(std::io::Error::other(format!(
+                        "{}: {}: reading the body: {e}",
+                        self.shared.url, self.key
+                    )));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
+    }
+}
+
 impl BinaryCache for S3Cache {
     fn url(&self) -> &str {
         &self.shared.url
@@ -280,6 +310,19 @@ impl BinaryCache for S3Cache {
 
     fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
         self.block_on(self.shared.get_text_lossy(key))
+    }
+
+
+    fn read_object(&self, key: &str) -> Result<Option<Box<dyn std::io::Read + Send>>, CacheError> {
+        let body = self.block_on(self.shared.open(key))?;
+        Ok(body.map(|body| {
+            Box::new(ObjectReader {
+                shared: self.shared.clone(),
+                key: key.to_owned(),
+                body,
+                chunk: bytes::Bytes::new(),
+            }) as Box<dyn std::io::Read + Send>
+        }))
     }
 
     fn get_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {

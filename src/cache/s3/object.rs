@@ -139,6 +139,27 @@ impl Shared {
         Ok(bytes.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
+    /// The body of `key`, streamed, or `None` when it does not exist.
+    pub(super) async fn open(&self, key: &str) -> Result<Option<ByteStream>, CacheError> {
+        let out = self
+            .retry(Op::GetObject, key, || async {
+                match self
+                    .client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .send()
+                    .await
+                {
+                    Ok(o) => Ok(Some(o)),
+                    Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        Ok(out.map(|o| o.body))
+    }
+
     pub(super) async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
         let out = self
             .retry(Op::GetObject, key, || async {

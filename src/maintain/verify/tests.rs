@@ -61,6 +61,15 @@ impl BinaryCache for Memory {
     fn list_unfinished_uploads(&self) -> Result<Vec<UnfinishedUpload>, CacheError> {
         Ok(self.uploads.clone())
     }
+    fn read_object(&self, key: &str) -> Result<Option<Box<dyn std::io::Read + Send>>, CacheError> {
+        if key.ends_with(".unreadable") {
+            return Err(CacheError::Config(format!("{key}: refused")));
+        }
+        Ok(self
+            .objects
+            .get(key)
+            .map(|b| Box::new(std::io::Cursor::new(b.clone())) as Box<dyn std::io::Read + Send>))
+    }
 }
 
 fn path(c: char, name: &str) -> StorePath {
@@ -118,6 +127,7 @@ fn closure() -> (Memory, [StorePath; 3]) {
 
 fn opts(paths: Option<Vec<StorePath>>) -> VerifyOptions {
     VerifyOptions {
+        contents: None,
         store_dir: SD.into(),
         trusted: vec![key().verifying_key()],
         paths,
@@ -373,4 +383,65 @@ fn kinds_are_counted_in_their_own_slots_under_distinct_names() {
     names.sort_unstable();
     names.dedup();
     assert_eq!(names.len(), Kind::ALL.len());
+}
+
+#[test]
+fn contents_are_read_by_every_reader_and_damage_inside_a_nar_is_named() {
+    // More paths than the queues hold, so the submitting thread waits on the readers.
+    let mut c = Memory::default();
+    let k = key();
+    const NIX32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let paths: Vec<StorePath> = (0..40)
+        .map(|i| {
+            let (a, b) = (NIX32[i / 32] as char, NIX32[i % 32] as char);
+            StorePath::from_base_name(&format!("{}{a}{b}-p{i}", "d".repeat(30))).unwrap()
+        })
+        .collect();
+    for p in &paths {
+        add(&mut c, p, &[], &k);
+    }
+    let contents = |c: &Memory, readers| {
+        let mut problems = Vec::new();
+        let o = VerifyOptions {
+            contents: Some(readers),
+            ..opts(None)
+        };
+        let s = verify(c, &o, &mut |p| problems.push(p)).unwrap();
+        (s, problems)
+    };
+    for readers in [1, 3] {
+        let (s, problems) = contents(&c, readers);
+        assert_eq!(problems, vec![]);
+        assert_eq!((s.narinfos, s.nars_read), (40, 40));
+        assert_eq!(s.file_bytes_read, s.nar_bytes);
+    }
+
+    // A flipped byte keeps the NAR's size: only reading it finds it.
+    let victim = &paths[17];
+    let text = String::from_utf8(c.objects[&narinfo_key(victim)].clone()).unwrap();
+    let url = NarInfo::parse(&text, SD).unwrap().url;
+    c.objects.get_mut(&url).unwrap()[3] ^= 1;
+    assert_eq!(run(&c, None).1, vec![]);
+    let (s, problems) = contents(&c, 3);
+    let named: Vec<(Kind, &str)> = problems.iter().map(|p| (p.kind, &*p.object)).collect();
+    assert_eq!(named, [(Kind::FileHash, &*narinfo_key(victim))]);
+    assert_eq!(s.count(Kind::FileHash), 1);
+}
+
+#[test]
+fn a_nar_that_cannot_be_read_fails_the_run() {
+    let (mut c, [_, mid, _]) = closure();
+    // mid's narinfo names a NAR the cache refuses to read.
+    let key_of = narinfo_key(&mid);
+    let mut n = NarInfo::parse(std::str::from_utf8(&c.objects[&key_of]).unwrap(), SD).unwrap();
+    let bytes = c.objects.remove(&n.url).unwrap();
+    n.url = format!("{}.unreadable", n.url);
+    c.objects.insert(n.url.clone(), bytes);
+    c.objects.insert(key_of, n.render(SD).into_bytes());
+    let o = VerifyOptions {
+        contents: Some(2),
+        ..opts(None)
+    };
+    let e = verify(&c, &o, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("refused"), "{e}");
 }
