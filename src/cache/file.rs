@@ -588,7 +588,6 @@ impl BinaryCache for FileCache {
         }
     }
 
-
     fn read_object(&self, key: &str) -> Result<Option<Box<dyn io::Read + Send>>, CacheError> {
         // A key names an object inside the cache, never a file beside it.
         if key.starts_with('/') || key.split('/').any(|c| c == "..") {

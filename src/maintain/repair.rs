@@ -507,7 +507,8 @@ pub fn repair(
             .filter_map(|(p, there)| there.then_some(p))
             .collect();
         push.nar_listing = listing;
-        let uploaded = pipeline::upload_after(cache, store_dir, &infos, &seen, epoch, push, uploads);
+        let uploaded =
+            pipeline::upload_after(cache, store_dir, &infos, &seen, epoch, push, uploads);
         push.nar_listing = nar_listing;
         record(&mut out, uploaded?);
     }

@@ -312,7 +312,6 @@ impl BinaryCache for S3Cache {
         self.block_on(self.shared.get_text_lossy(key))
     }
 
-
     fn read_object(&self, key: &str) -> Result<Option<Box<dyn std::io::Read + Send>>, CacheError> {
         let body = self.block_on(self.shared.open(key))?;
         Ok(body.map(|body| {
