@@ -15,7 +15,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What the proxy does to a request instead of forwarding it normally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +86,9 @@ pub struct Request {
     pub fault: Option<Fault>,
     /// The server's status, when a response was forwarded to the client.
     pub status: Option<u16>,
+    /// How long the server took to answer once the whole request was forwarded, for a
+    /// request forwarded to it.
+    pub waited: Option<Duration>,
 }
 
 impl Request {
@@ -217,6 +220,10 @@ impl Shared {
         req.fault = fault;
         st.log.push(req);
         (st.log.len() - 1, fault)
+    }
+
+    fn set_waited(&self, i: usize, waited: Duration) {
+        self.state.lock().unwrap().log[i].waited = Some(waited);
     }
 
     fn set_status(&self, i: usize, status: u16) {
@@ -538,6 +545,7 @@ fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
             copy: head.header("x-amz-copy-source").is_some(),
             fault: None,
             status: None,
+            waited: None,
         };
         let (index, fault) = shared.admit(req);
         match fault {
@@ -583,6 +591,7 @@ fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
             copy_body(&head, &mut client, &mut w)?;
             w.flush()?;
         }
+        let forwarded = Instant::now();
         let is_head = head.first.0 == "HEAD";
         // Interim 1xx responses are relayed as they come.
         let response = loop {
@@ -596,6 +605,7 @@ fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
             }
             break r;
         };
+        shared.set_waited(index, forwarded.elapsed());
         let status: u16 = response.first.1.parse().map_err(|_| bad("status"))?;
         let no_body = is_head || status == 204 || status == 304;
         let framed = response.chunked() || response.content_length()?.is_some();

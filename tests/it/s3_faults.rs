@@ -7,7 +7,7 @@
 //! final key, delete the staging object), two paths whose narinfo is already in the cache
 //! under another key (ours is merged in, theirs kept), and one the cache has for another
 //! NAR (uncompressed, signed by our key: its narinfo is kept). The cache URL goes through
-//! the proxy with `retries=0`, so narflow's own retries do not hide a fault, and a 1 s
+//! the proxy with `retries=0`, so narflow's own retries do not hide a fault, and a 2 s
 //! read timeout.
 //!
 //! The fault of request k, by k in rotation: a 503 SlowDown and a reset (neither reaches
@@ -16,9 +16,10 @@
 //! two the outcome is unknown: narflow must check it, or fail transiently, never assume
 //! it. A stall costs a read timeout, so every k gets a fault but only every fourth a
 //! stall; the lost answer, which costs nothing, covers the same outcome on another
-//! quarter. The read timeout is 1 s: the code takes any fraction of a second, but with no
+//! quarter. The read timeout is 2 s: the code takes any fraction of a second, but with no
 //! retries a request answered later fails the healed run, and on a loaded machine a part
-//! can take a good part of a second. A `200 OK` whose document cannot be read applies
+//! can take a good part of a second (a run in which the server took nearly the timeout to
+//! answer is void, as below). A `200 OK` whose document cannot be read applies
 //! where narflow reads the answer's document to learn the outcome
 //! (CreateMultipartUpload, CompleteMultipartUpload, CopyObject; elsewhere it would be a
 //! server lying about an object's bytes): it has runs of its own, one for each.
@@ -37,7 +38,8 @@
 //! sweep removes it once old).
 //!
 //! A run whose checks fail while the server itself failed a request (a 5xx the proxy
-//! forwarded: moto does under concurrent requests on one multipart upload) had two
+//! forwarded: moto does under concurrent requests on one multipart upload; or an answer
+//! that took the server nearly the read timeout, on a loaded machine) had two
 //! faults, not the one planned: it is run again with fresh paths, a few times at most.
 //!
 //! The bucket is shared: each run makes store paths (and NARs) of its own, checks only
@@ -66,8 +68,12 @@ use std::time::{Duration, Instant};
 const WEDGED: Duration = Duration::from_secs(60);
 
 /// The read timeout in the cache URL, in seconds, and a stall just past it.
-const READ_TIMEOUT: &str = "1";
-const STALL: Duration = Duration::from_millis(1200);
+const READ_TIMEOUT: &str = "2";
+const STALL: Duration = Duration::from_millis(2200);
+/// An answer the server itself took this long to give (the proxy's overhead short of the
+/// read timeout) may have reached narflow after it gave up: on a loaded machine that is a
+/// fault of the server's own, like a 5xx ([`ServerFailed`]).
+const SLOW_ANSWER: Duration = Duration::from_millis(1800);
 /// The server does the work and the connection closes before its answer: a lost answer,
 /// as after a stall, without the wait.
 const LOST: Fault = Fault::Stall(Duration::ZERO);
@@ -262,8 +268,17 @@ impl Run {
             .proxy
             .log()
             .iter()
-            .filter(|r| r.fault.is_none() && r.status.is_some_and(|s| s >= 500))
-            .map(|r| format!("{} {} -> {:?}", r.method, r.target, r.status))
+            .filter(|r| {
+                r.fault.is_none()
+                    && (r.status.is_some_and(|s| s >= 500)
+                        || r.waited.is_some_and(|w| w >= SLOW_ANSWER))
+            })
+            .map(|r| {
+                format!(
+                    "{} {} -> {:?} after {:?}",
+                    r.method, r.target, r.status, r.waited
+                )
+            })
             .collect();
         if !server.is_empty() {
             // Leave no staging behind for the next runs, whatever is there.
@@ -445,7 +460,8 @@ impl Run {
 }
 
 /// A run whose checks failed while the server itself had failed a request (a 5xx the
-/// proxy forwarded): a fault beside the one planned, which the run cannot be judged by.
+/// proxy forwarded, or an answer it took [`SLOW_ANSWER`] to give): a fault beside the one
+/// planned, which the run cannot be judged by.
 struct ServerFailed(String);
 
 /// Runs `f` on a thread of its own and returns its result (or its panic), or fails the
