@@ -68,7 +68,7 @@ fn parse_since(s: &str) -> Result<i64, String> {
 
 pub fn run(args: &BackfillArgs, merged: &Merged) -> Result<u8, CliError> {
     let resolved = merged.resolve().map_err(CliError::usage)?;
-    super::refuse_other_commands_flags(&resolved, "backfill")?;
+    super::refuse_other_commands_flags(&resolved, "backfill", &[])?;
     if args.window == 0 {
         return Err(CliError::usage(anyhow::anyhow!(
             "--window must be at least 1"

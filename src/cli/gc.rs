@@ -40,7 +40,7 @@ pub struct GcArgs {
 
 pub fn run(args: &GcArgs, merged: &Merged) -> Result<u8, CliError> {
     let resolved = merged.resolve().map_err(CliError::usage)?;
-    super::refuse_other_commands_flags(&resolved, "gc")?;
+    super::refuse_other_commands_flags(&resolved, "gc", &[])?;
     let url = resolved.cache_url().map_err(CliError::usage)?;
     let mut roots = Vec::new();
     for p in &args.keep_closure_of {

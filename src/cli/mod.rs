@@ -140,16 +140,18 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<u8, CliError> {
 }
 
 /// Refuses a setting of the daemon, the hook or gc given to another `command` (push,
-/// backfill, verify) on its command line: a mistake there (in the shared file or
-/// environment it is simply not the command's).
+/// backfill, verify) on its command line, but the keys `allowed` it: a mistake there (in
+/// the shared file or environment it is simply not the command's).
 fn refuse_other_commands_flags(
     resolved: &narflow::settings::Resolved,
     command: &str,
+    allowed: &[&str],
 ) -> Result<(), CliError> {
     for key in narflow::settings::KEYS.iter() {
         if let (Some(table @ ("daemon" | "hook" | "gc")), narflow::settings::Source::Flag(flag)) =
             (key.table(), resolved.source(key.name))
             && table != command
+            && !allowed.contains(&key.name)
         {
             return Err(CliError::usage(anyhow::anyhow!(
                 "{flag} is a setting of narflow {table}, not of {command}"

@@ -28,7 +28,7 @@ pub struct PushArgs {
 
 pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
     let resolved = merged.resolve().map_err(CliError::usage)?;
-    super::refuse_other_commands_flags(&resolved, "push")?;
+    super::refuse_other_commands_flags(&resolved, "push", &[])?;
     let url = resolved.cache_url().map_err(CliError::usage)?;
     let mut opts = resolved.push_options().map_err(CliError::usage)?;
     let inputs = super::path_arguments(&args.paths, std::io::stdin())?;

@@ -19,17 +19,13 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub contents: bool,
     /// Mend what the local store can (upload its paths again through push's pipeline,
-    /// signed with --key-file), sweep leftovers older than --grace, then verify again.
+    /// signed with --key-file), sweep leftovers older than --grace ([gc] grace), then verify again.
     #[arg(long)]
     pub repair: bool,
     /// With --repair: delete what the store cannot mend, with every narinfo that refers
     /// to it (referrers first).
     #[arg(long, requires = "repair")]
     pub delete_unrepairable: bool,
-    /// With --repair: leftovers and unfinished uploads younger than this are left to the
-    /// upload that may still own them (e.g. 30m, 24h, 0).
-    #[arg(long, value_name = "DURATION", value_parser = parse_grace, default_value = "24h", requires = "repair")]
-    pub grace: std::time::Duration,
     /// Store paths to verify, with every path their narinfos reach through References.
     #[arg(required_unless_present = "all")]
     pub paths: Vec<String>,
@@ -39,7 +35,10 @@ pub struct VerifyArgs {
 
 pub fn run(args: &VerifyArgs, merged: &Merged) -> Result<u8, CliError> {
     let resolved = merged.resolve().map_err(CliError::usage)?;
-    super::refuse_other_commands_flags(&resolved, "verify")?;
+    // `--grace` (gc's, the one age below which an object may still belong to an upload)
+    // is repair's too.
+    let allowed: &[&str] = if args.repair { &["gc.grace"] } else { &[] };
+    super::refuse_other_commands_flags(&resolved, "verify", allowed)?;
     let url = resolved.cache_url().map_err(CliError::usage)?;
     let mut trusted = resolved
         .trusted_keys
@@ -202,25 +201,6 @@ fn contents_line(cache: &str, summary: &verify::Summary, seconds: f64) -> String
     )
 }
 
-/// Parses `--grace`: a number of seconds, or one with `s`, `m`, `h` or `d`.
-fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
-    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?}: a duration is a number with s, m, h or d"))?;
-    let seconds = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("{s:?}: a duration's unit is s, m, h or d")),
-    };
-    Ok(std::time::Duration::from_secs(n.saturating_mul(seconds)))
-}
-
 /// `narflow verify --repair`.
 fn repair(
     args: &VerifyArgs,
@@ -247,7 +227,7 @@ fn repair(
     let ropts = RepairOptions {
         verify: opts,
         delete_unrepairable: args.delete_unrepairable,
-        grace: args.grace,
+        grace: resolved.gc_grace,
     };
     let r = repair::repair(cache, &store, &mut push, &ropts, &bar, &uploads, &mut |p| {
         if json {
@@ -258,6 +238,7 @@ fn repair(
     })
     .map_err(|e| match e {
         repair::RepairError::Cache(e) => run_error(e),
+        repair::RepairError::Gc(e) if e.is_refusal() => CliError::usage(e),
         e => CliError::failed(e),
     })?;
     bar.done();

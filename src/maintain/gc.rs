@@ -49,8 +49,9 @@ pub enum GcError {
         "another gc is running on {cache} (its marker {MARKER_KEY} has generation {generation:016x} and is beating); try again once it is done"
     )]
     Running { cache: String, generation: u64 },
-    /// Another gc wrote its marker over this one's (two started at once).
-    #[error("{cache}: another gc started at the same time ({why}); this one stops")]
+    /// This gc's marker is no longer its own to trust: another gc wrote over it (two
+    /// started at once), or its heartbeat lapsed.
+    #[error("{cache}: the gc stops: {why}")]
     Lost { cache: String, why: String },
     /// Named roots the cache has no narinfo for.
     #[error("{cache}: no narinfo in the cache for {}", .paths.join(", "))]
@@ -203,20 +204,16 @@ pub fn run(
         changed: Condvar::new(),
     };
     std::thread::scope(|scope| {
-        let beating = scope.spawn(|| heartbeat(cache, generation, &beat));
+        let beating = scope.spawn(|| heartbeat(cache, generation, &beat, PACE));
         let result = sweep_run(cache, cfg, generation, &beat, observer);
         beat.lock().stop = true;
         beat.changed.notify_all();
         if beating.join().is_err() {
             tracing::error!("{}: the gc marker's heartbeat thread panicked", cache.url());
         }
-        let (lost, last) = {
-            let s = beat.lock();
-            (s.lost.is_some(), s.beat)
-        };
+        let last = beat.lock().beat;
         // Done, unless another gc holds the marker now (it is then that one's).
-        if !lost
-            && check_ours(cache, generation).is_ok()
+        if check_ours(cache, generation).is_ok()
             && let Err(e) = write(last + 1, false)
         {
             tracing::warn!(
@@ -234,7 +231,7 @@ pub fn run(
 ///
 /// # Errors
 /// [`GcError::Running`] as soon as the marker is seen to beat.
-fn wait_for_other_gc(cache: &dyn BinaryCache) -> Result<(), GcError> {
+pub(crate) fn wait_for_other_gc(cache: &dyn BinaryCache) -> Result<(), GcError> {
     let first = read_gc_marker(cache)?;
     match first {
         None | Some(Some(Marker { running: false, .. })) => return Ok(()),
@@ -277,9 +274,17 @@ fn check_ours(cache: &dyn BinaryCache, generation: u64) -> Result<(), GcError> {
         Some(Some(m)) if m.generation == generation => Ok(()),
         other => Err(GcError::Lost {
             cache: cache.url().to_owned(),
-            why: describe_marker(other),
+            why: taken(other),
         }),
     }
+}
+
+/// Why the marker is not this gc's any more.
+fn taken(r: crate::cache::gc_marker::Reading) -> String {
+    format!(
+        "another gc started at the same time ({})",
+        describe_marker(r)
+    )
 }
 
 fn describe_marker(r: crate::cache::gc_marker::Reading) -> String {
@@ -290,11 +295,30 @@ fn describe_marker(r: crate::cache::gc_marker::Reading) -> String {
     }
 }
 
-/// The heartbeat thread: every [`HEARTBEAT`] (sooner after a failed write), reads the
+/// How often the heartbeat beats, and the longest lapse between two successful beats
+/// after which this gc may have been taken for dead.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    every: Duration,
+    lapse: Duration,
+}
+
+/// The marker's rules: a beat every [`HEARTBEAT`]; a lapse past [`DELETE_DEADLINE`] (from
+/// the start of one successful rewrite to the end of the next) leaves less than
+/// [`STALE`] minus that before a writer that saw the older beat takes this gc for dead.
+const PACE: Pace = Pace {
+    every: HEARTBEAT,
+    lapse: DELETE_DEADLINE,
+};
+
+/// The heartbeat thread: every [`Pace::every`] (sooner after a failed write), reads the
 /// marker back and rewrites it with the next beat; stops when told, or at once when the
-/// marker is another generation's.
-fn heartbeat(cache: &dyn BinaryCache, generation: u64, beat: &Beat) {
-    let mut wait = HEARTBEAT;
+/// marker is another generation's. A rewrite that ends more than [`Pace::lapse`] after
+/// the start of the last successful one (failed writes, a stopped process) ends the
+/// heartbeat as lost: a writer may have taken this gc for dead and trusted what it saw
+/// since, so this gc must not delete any more under the same generation.
+fn heartbeat(cache: &dyn BinaryCache, generation: u64, beat: &Beat, pace: Pace) {
+    let mut wait = pace.every;
     loop {
         let next = {
             let s = beat.lock();
@@ -310,13 +334,13 @@ fn heartbeat(cache: &dyn BinaryCache, generation: u64, beat: &Beat) {
         match read_gc_marker(cache) {
             Ok(Some(Some(m))) if m.generation == generation => {}
             Ok(other) => {
-                beat.lock().lost = Some(describe_marker(other));
+                beat.lock().lost = Some(taken(other));
                 beat.changed.notify_all();
                 return;
             }
             Err(e) => {
                 tracing::warn!("{}: reading the gc marker back: {e}", cache.url());
-                wait = HEARTBEAT / 4;
+                wait = pace.every / 4;
                 continue;
             }
         }
@@ -329,14 +353,23 @@ fn heartbeat(cache: &dyn BinaryCache, generation: u64, beat: &Beat) {
         match cache.put_object(MARKER_KEY, m.render().as_bytes(), "text/plain") {
             Ok(()) => {
                 let mut s = beat.lock();
+                let gap = s.last.elapsed();
+                if gap > pace.lapse {
+                    s.lost = Some(format!(
+                        "its heartbeat lapsed for {} s, so a writer may have taken it for dead",
+                        gap.as_secs()
+                    ));
+                    beat.changed.notify_all();
+                    return;
+                }
                 s.last = started;
                 s.beat = next;
                 beat.changed.notify_all();
-                wait = HEARTBEAT;
+                wait = pace.every;
             }
             Err(e) => {
                 tracing::warn!("{}: rewriting the gc marker: {e}", cache.url());
-                wait = HEARTBEAT / 4;
+                wait = pace.every / 4;
             }
         }
     }
@@ -421,7 +454,7 @@ fn fresh(beat: &Beat) -> Result<(), String> {
     let mut s = beat.lock();
     loop {
         if let Some(why) = &s.lost {
-            return Err(format!("another gc took the marker ({why})"));
+            return Err(why.clone());
         }
         if s.last.elapsed() < DELETE_DEADLINE {
             return Ok(());
@@ -684,5 +717,92 @@ mod tests {
                 ..Deleted::default()
             }
         );
+    }
+
+    fn beat_state() -> Beat {
+        Beat {
+            state: Mutex::new(BeatState {
+                last: Instant::now(),
+                beat: 0,
+                lost: None,
+                stop: false,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// Runs the heartbeat at `pace` until it ends on its own (lost) or `enough` beats went;
+    /// what it left.
+    fn beat_until(cache: &FileCache, pace: Pace, enough: u64) -> (Option<String>, u64) {
+        let generation = 7;
+        let m = Marker {
+            generation,
+            running: true,
+            beat: 0,
+        };
+        let dir = cache.url().trim_start_matches("file://");
+        std::fs::write(std::path::Path::new(dir).join(MARKER_KEY), m.render()).unwrap();
+        let beat = beat_state();
+        std::thread::scope(|scope| {
+            let beating = scope.spawn(|| heartbeat(cache, generation, &beat, pace));
+            {
+                let mut s = beat.lock();
+                while s.lost.is_none() && s.beat < enough {
+                    s = beat.changed.wait(s).unwrap();
+                }
+                s.stop = true;
+            }
+            beat.changed.notify_all();
+            beating.join().unwrap();
+        });
+        let s = beat.lock();
+        (s.lost.clone(), s.beat)
+    }
+
+    /// A rewrite of the marker that comes later than the lapse allows after the last
+    /// successful one ends the heartbeat as lost, and `fresh` then refuses every batch;
+    /// within it, failed rewrites are only retried.
+    #[test]
+    fn a_heartbeat_that_lapsed_stops_the_deletions() {
+        fn is_marker_rename(op: FsOp<'_>) -> bool {
+            matches!(op, FsOp::Rename { to, .. } if to.ends_with(MARKER_KEY))
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let failing = || {
+            let plan = Arc::new(FaultPlan::new(
+                dir.path(),
+                SD,
+                Fail::Matching {
+                    matches: is_marker_rename,
+                    times: 3,
+                },
+                Errno::Io,
+            ));
+            let url = format!("file://{}", dir.path().display());
+            let cache = FileCache::open_with_hook(dir.path(), &url, Some(plan.clone())).unwrap();
+            (plan, cache)
+        };
+        // Three failed rewrites within the lapse: retried, and the beats go on.
+        let (plan, cache) = failing();
+        let generous = Pace {
+            every: Duration::from_millis(4),
+            lapse: Duration::from_secs(3600),
+        };
+        assert_eq!(beat_until(&cache, generous, 3), (None, 3));
+        assert_eq!(plan.fired().len(), 3);
+        // No lapse allowed: the first rewrite after the failed ones is too late.
+        let (plan, cache) = failing();
+        let strict = Pace {
+            every: Duration::from_millis(4),
+            lapse: Duration::ZERO,
+        };
+        let (lost, beats) = beat_until(&cache, strict, 5);
+        assert_eq!(plan.fired().len(), 3);
+        assert_eq!(beats, 0, "no beat counts after a lapse");
+        let why = lost.expect("a lapsed heartbeat is lost");
+        assert!(why.contains("lapsed"), "{why}");
+        let beat = beat_state();
+        beat.lock().lost = Some(why);
+        assert!(fresh(&beat).unwrap_err().contains("lapsed"));
     }
 }

@@ -306,6 +306,9 @@ pub struct RepairReport {
 pub enum RepairError {
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// A gc of the cache is running (repair deletes and writes: one at a time).
+    #[error(transparent)]
+    Gc(#[from] super::gc::GcError),
     #[error(transparent)]
     Push(#[from] PushError),
 }
@@ -350,6 +353,8 @@ pub fn repair(
     uploads: &dyn Progress,
     report: &mut dyn FnMut(Problem),
 ) -> Result<RepairReport, RepairError> {
+    // Repair deletes and writes as gc does: never while a gc runs.
+    super::gc::wait_for_other_gc(cache)?;
     let store_dir = opts.verify.store_dir.as_str();
     let mut problems = Vec::new();
     let before = verify::verify_with(cache, &opts.verify, progress, &mut |p| {

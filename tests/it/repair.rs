@@ -359,3 +359,40 @@ fn repair_needs_a_key_to_sign_with() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--repair"), "{err}");
 }
+
+/// Repair deletes and writes as gc does: while another gc's marker beats, it is refused
+/// (exit 2) and touches nothing.
+#[test]
+fn repair_is_refused_while_a_gc_runs() {
+    let dir = tempdir();
+    let url = format!("file://{}", dir.path().display());
+    let key = nix_generate_key("repair-beside-gc");
+    let marker = dir.path().join("narflow-gc");
+    let stray = dir.path().join(".narflow-tmp-stray");
+    std::fs::write(&stray, b"left behind").unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let out = std::thread::scope(|s| {
+        // The other gc's heartbeat, faster than gc's own so the wait sees it soon.
+        s.spawn(|| {
+            let mut beat = 0u64;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let text = format!("generation 00000000000000aa\nstate running\nbeat {beat}\n");
+                std::fs::write(&marker, text).unwrap();
+                beat += 1;
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        });
+        let out = narflow()
+            .args(["verify", "--json", "--repair", "--grace", "0", "--all"])
+            .args(["--cache", &url, "--trusted-key", &key.public, "--key-file"])
+            .arg(&key.secret)
+            .output()
+            .unwrap();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        out
+    });
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("another gc is running"), "{err}");
+    assert!(stray.exists(), "nothing is swept while a gc runs");
+}
