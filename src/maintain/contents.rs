@@ -7,7 +7,7 @@
 //!
 //! It holds one read buffer and one decoder's window per NAR, never a NAR; it reads the
 //! cache and never writes to it.
-use super::verify::Kind;
+use super::problem::Kind;
 use crate::format::hash::Sha256;
 use crate::format::nar::listing::ListingBuilder;
 use crate::format::nar::reader::{self, NarReadError, NarVisitor};
@@ -455,7 +455,7 @@ pub fn load_sample(
     })?;
     let mut sample = Vec::new();
     let mut bytes = 0;
-    for batch in keys.chunks(super::verify::BATCH) {
+    for batch in keys.chunks(super::problem::BATCH) {
         for text in cache.get_texts(batch)?.into_iter().flatten() {
             let Ok(n) = crate::format::narinfo::NarInfo::parse(&text, store_dir) else {
                 continue;

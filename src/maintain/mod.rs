@@ -4,6 +4,7 @@
 //! [`index::CacheIndex`] and hands the planner's batches to the cache in order.
 //!
 //! - [`verify`]: checks a cache from one listing.
+//! - [`problem`]: the kinds of problem verify reports, and one problem.
 //! - [`contents`]: `verify --contents`'s check of one NAR, streamed, and its ceiling.
 //! - [`repair`]: `verify --repair`: what the local store can mend goes up again through
 //!   the push pipeline; what it cannot is deleted referrers first, when asked.
@@ -19,6 +20,7 @@ pub mod contents;
 pub mod gc;
 pub mod gc_plan;
 pub mod index;
+pub mod problem;
 pub mod repair;
 pub mod roots;
 pub mod verify;
