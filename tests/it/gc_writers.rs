@@ -92,6 +92,8 @@ struct GcState {
     marker: String,
     reads: (Mutex<usize>, Condvar),
     gc: Mutex<Option<GcAtFirstUpload>>,
+    /// Run at the first NAR upload, every upload waiting until it returns.
+    at_first_upload: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     broken: Mutex<Vec<String>>,
 }
 
@@ -103,6 +105,7 @@ impl GcState {
             marker,
             reads: Default::default(),
             gc: Mutex::new(None),
+            at_first_upload: Mutex::new(None),
             broken: Mutex::new(Vec::new()),
         })
     }
@@ -215,6 +218,13 @@ impl BinaryCache for GcCache {
                 self.s.dest.delete(key);
             }
             self.s.marker(gc.generation, false, 1);
+        }
+        {
+            // Held while the hook runs: the other uploads wait for it too.
+            let mut hook = self.s.at_first_upload.lock().unwrap();
+            if let Some(hook) = hook.take() {
+                hook();
+            }
         }
         self.inner.begin_nar(nar_size)
     }
@@ -629,4 +639,318 @@ fn the_daemon_retries_a_path_whose_reference_a_gc_removed_and_waits_for_a_runnin
     let _ = stop.send(());
     running.join().unwrap();
     assert_eq!(gc.broken(), Vec::<String>::new());
+}
+
+/// The real gc and a real push at the same time (README, "What may run beside gc"): the
+/// gc runs in this process (`narflow gc` runs the same), the push is the pipeline
+/// `narflow push` runs, and they hand off so that the gc runs while the push is in flight.
+mod beside_a_real_gc {
+    use super::*;
+    use crate::gc::{STORE_DIR, broken_closures, narinfo, open, verify_all};
+    use narflow::maintain::gc::{GcConfig, GcError, GcObserver, GcOutcome};
+    use narflow::maintain::gc_plan::{Batch, GcPlan, RootReason};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+
+    /// gc's default grace (`[gc] grace`).
+    const GRACE: Duration = Duration::from_secs(24 * 3600);
+    /// Older than the grace: what a test makes of the objects it pushed before.
+    const OLD: Duration = Duration::from_secs(2 * 24 * 3600);
+
+    /// Sets every object of the `file://` cache at `dir` as written `ago` (ages on the
+    /// cache's clock are modification times).
+    fn age_objects(dir: &Path, ago: Duration) {
+        let when = std::time::SystemTime::now() - ago;
+        let mut dirs = vec![dir.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    dirs.push(e.path());
+                } else {
+                    std::fs::File::open(e.path())
+                        .unwrap()
+                        .set_modified(when)
+                        .unwrap();
+                }
+            }
+        }
+    }
+
+    /// A reader looking at the whole cache on another thread until stopped: every
+    /// narinfo it found without its NAR or a reference, and how many looks it took.
+    struct Watcher {
+        stop: Arc<AtomicBool>,
+        thread: std::thread::JoinHandle<(Vec<String>, usize)>,
+    }
+
+    impl Watcher {
+        fn start(url: &str) -> Self {
+            let stop = Arc::new(AtomicBool::new(false));
+            let thread = {
+                let (url, stop) = (url.to_owned(), stop.clone());
+                std::thread::spawn(move || {
+                    let cache = open(&url);
+                    let (mut broken, mut looks) = (Vec::new(), 0);
+                    while !stop.load(Ordering::SeqCst) {
+                        broken.extend(broken_closures(cache.as_ref()));
+                        looks += 1;
+                    }
+                    (broken, looks)
+                })
+            };
+            Watcher { stop, thread }
+        }
+
+        fn finish(self) -> (Vec<String>, usize) {
+            self.stop.store(true, Ordering::SeqCst);
+            self.thread.join().unwrap()
+        }
+    }
+
+    /// Where gc hands off to the push.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum At {
+        /// Planned (marker running, cache listed), nothing deleted yet.
+        Planned,
+        /// The first batch deleted.
+        FirstBatch,
+    }
+
+    /// gc's side of the hand-off: at `at` it lets the push's first upload go on, then
+    /// waits until the push says it waits for this gc before it deletes on.
+    struct HandOff {
+        at: At,
+        go: mpsc::SyncSender<()>,
+        push_waits: mpsc::Receiver<()>,
+        batches: usize,
+        /// Whether the push waited for the gc, once handed off.
+        handed_off: Option<bool>,
+    }
+
+    impl HandOff {
+        fn hand_off(&mut self) {
+            let _ = self.go.send(());
+            // Not a panic here: the heartbeat would keep the push waiting for ever.
+            let waited = self.push_waits.recv_timeout(Duration::from_secs(120));
+            self.handed_off = Some(waited.is_ok());
+        }
+    }
+
+    impl GcObserver for HandOff {
+        fn planned(&mut self, _plan: &GcPlan) {
+            if self.at == At::Planned {
+                self.hand_off();
+            }
+        }
+        fn deleted(&mut self, _batch: &Batch) {
+            self.batches += 1;
+            if self.at == At::FirstBatch && self.batches == 1 {
+                self.hand_off();
+            }
+        }
+    }
+
+    /// What happened when gc and push ran at once.
+    struct Beside {
+        gc: Result<GcOutcome, GcError>,
+        /// Whether gc handed off and the push then waited for it.
+        handed_off: Option<bool>,
+        report: PushReport,
+        /// What the watcher saw broken, in how many looks.
+        broken: Vec<String>,
+        looks: usize,
+    }
+
+    /// A push of `top` whose first NAR upload starts a real gc keeping `root`'s closure
+    /// (`grace`, no settle, two keys a batch) and waits (every upload with it) until the
+    /// gc reaches `at`; the gc waits there until the push, now with NARs to publish,
+    /// says it waits for the gc; then both go on. A watcher reads the cache all along.
+    fn gc_beside_a_push(
+        state: &Arc<GcState>,
+        opts: &PushOptions,
+        top: &str,
+        root: &str,
+        grace: Duration,
+        at: At,
+    ) -> Beside {
+        let url = state.dest.url();
+        let cfg = GcConfig {
+            store_dir: STORE_DIR.to_owned(),
+            roots: vec![(
+                narflow::maintain::roots::parse_root(root, STORE_DIR).unwrap(),
+                RootReason::Closure,
+            )],
+            keep_newer_than: None,
+            grace,
+            settle: Duration::ZERO,
+            batch_size: 2,
+            dry_run: false,
+        };
+        // One signal each way, sent once: capacity 1 so no sender blocks.
+        let (start, started) = mpsc::sync_channel::<()>(1);
+        let (go, gone) = mpsc::sync_channel::<()>(1);
+        *state.at_first_upload.lock().unwrap() = Some(Box::new(move || {
+            start.send(()).unwrap();
+            // On once gc is where the test wants it, or has ended (the sender dropped).
+            let _ = gone.recv();
+        }));
+        let (waits_tx, push_waits) = mpsc::channel();
+        let progress = WaitSignal(Mutex::new(waits_tx));
+        let cache = GcCache::new(state);
+        let watcher = Watcher::start(&url);
+        let (report, gc) = std::thread::scope(|s| {
+            let gc = s.spawn(move || {
+                started
+                    .recv_timeout(Duration::from_secs(120))
+                    .expect("the push uploads a NAR");
+                let mut hand = HandOff {
+                    at,
+                    go,
+                    push_waits,
+                    batches: 0,
+                    handed_off: None,
+                };
+                let out = narflow::maintain::gc::run(open(&url).as_ref(), &cfg, &mut hand);
+                (out, hand.handed_off)
+            });
+            let report = push(&cache, opts, &[top.to_owned()], &progress);
+            (report, gc.join().unwrap())
+        });
+        let (broken, looks) = watcher.finish();
+        Beside {
+            gc: gc.0,
+            handed_off: gc.1,
+            report,
+            broken,
+            looks,
+        }
+    }
+
+    /// Asserts `paths` are all in the cache, each with its NAR.
+    fn assert_all_there(dest: &Dest, paths: &[String]) {
+        for p in paths {
+            let text = dest
+                .text(&narinfo_key(p))
+                .unwrap_or_else(|| panic!("{p} is not in the cache"));
+            let n = NarInfo::parse(&text, STORE_DIR).unwrap();
+            assert!(dest.has(&n.url), "{p}: its NAR {} is not there", n.url);
+        }
+    }
+
+    /// A gc with the default grace runs while a push of new closures is in flight (it
+    /// starts after the push's look and first upload; the push's first wave finds it
+    /// running and waits). Old paths no root keeps go; nothing the push uploaded does,
+    /// no reader ever sees a narinfo without its NAR or a reference, and `verify --all`
+    /// is clean.
+    #[test]
+    fn a_gc_with_the_default_grace_beside_a_running_push_deletes_nothing_it_uploads_file() {
+        let dir = tempdir();
+        let state = GcState::new(dest_file(dir.path()));
+        let url = state.dest.url();
+        let key = nix_generate_key("gc-beside-push");
+        let c = crate::gc::build();
+        crate::gc::push(&url, &key, &c);
+        age_objects(&dir.path().join("cache"), OLD);
+        let reader = open(&url);
+        let others_nars: Vec<String> = c
+            .others
+            .iter()
+            .map(|p| narinfo(reader.as_ref(), p).unwrap().url)
+            .collect();
+        let top = nix_build_chain("gc-beside-push-new", 3);
+        let fresh = nix_closure(&top);
+        let mut opts = push_options(&key);
+        patient(&mut opts);
+
+        let b = gc_beside_a_push(&state, &opts, &top, &c.a, GRACE, At::FirstBatch);
+        assert_eq!(b.broken, Vec::<String>::new(), "after {} looks", b.looks);
+        assert!(b.looks > 0);
+        assert_eq!(
+            b.handed_off,
+            Some(true),
+            "the push waited for the gc mid-sweep"
+        );
+        let out = b.gc.unwrap();
+        assert!(!out.has_problems(), "{out:?}");
+        assert_eq!(
+            (out.deleted.narinfos, out.deleted.nars),
+            (4, 4),
+            "B's and C's own old paths went"
+        );
+        assert_eq!(b.report.failed().count(), 0, "{:?}", b.report.results);
+        for p in &fresh {
+            assert!(
+                matches!(outcome(&b.report, p), Outcome::Uploaded { .. }),
+                "{p}"
+            );
+        }
+        assert_eq!(state.broken(), Vec::<String>::new());
+
+        assert_all_there(&state.dest, &fresh);
+        assert_all_there(&state.dest, &c.a_closure);
+        for (p, nar) in c.others.iter().zip(&others_nars) {
+            assert!(!state.dest.has(&narinfo_key(p)), "{p} was kept");
+            assert!(!state.dest.has(nar), "{nar} was kept");
+        }
+        let (code, text) = verify_all(&url, &key);
+        assert_eq!(code, 0, "{text}");
+    }
+
+    /// An old path the push finds present and relies on (a reference of what it
+    /// uploads), which no root of the gc keeps: the gc starts after the push's look,
+    /// deletes it while the push waits to publish, and the push then publishes no
+    /// narinfo referring to it (its path fails transiently); no reader ever sees a
+    /// narinfo without a reference or its NAR, and a rerun of the push uploads the
+    /// reference again and publishes everything.
+    #[test]
+    fn a_gc_deleting_an_old_path_a_running_push_relies_on_never_leaves_it_referred_to_file() {
+        let dir = tempdir();
+        let state = GcState::new(dest_file(dir.path()));
+        let url = state.dest.url();
+        let key = nix_generate_key("gc-beside-push-old");
+        let keep = nix_build_chain("gc-beside-push-keep", 1);
+        let app = nix_build_chain("gc-beside-push-old", 2);
+        let closure = nix_closure(&app);
+        let dep = closure.iter().find(|p| **p != app).unwrap().clone();
+        run(narflow()
+            .args(["push", "--to", &url, "--key-file"])
+            .arg(&key.secret)
+            .args([&keep, &dep]));
+        age_objects(&dir.path().join("cache"), OLD);
+        let mut opts = push_options(&key);
+        patient(&mut opts);
+
+        let b = gc_beside_a_push(&state, &opts, &app, &keep, GRACE, At::Planned);
+        assert_eq!(b.broken, Vec::<String>::new(), "after {} looks", b.looks);
+        assert_eq!(
+            b.handed_off,
+            Some(true),
+            "the gc deleted while the push waited"
+        );
+        let out = b.gc.unwrap();
+        assert!(!out.has_problems(), "{out:?}");
+        assert_eq!((out.deleted.narinfos, out.deleted.nars), (1, 1), "dep went");
+        assert!(!state.dest.has(&narinfo_key(&dep)));
+        assert_eq!(outcome(&b.report, &dep), &Outcome::AlreadyPresent);
+        match outcome(&b.report, &app) {
+            Outcome::Failed(f @ Failure::RemovedByGc { .. }) => {
+                assert!(f.is_transient(), "{f}");
+                assert!(f.to_string().contains(&narinfo_key(&dep)), "{f}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!state.dest.has(&narinfo_key(&app)));
+        assert_eq!(state.broken(), Vec::<String>::new());
+        assert_all_there(&state.dest, std::slice::from_ref(&keep));
+
+        // The rerun is `narflow push` itself.
+        run(narflow()
+            .args(["push", "--to", &url, "--key-file"])
+            .arg(&key.secret)
+            .arg(&app));
+        assert_all_there(&state.dest, &closure);
+        let (code, text) = verify_all(&url, &key);
+        assert_eq!(code, 0, "{text}");
+    }
 }
