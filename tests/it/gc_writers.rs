@@ -92,8 +92,9 @@ struct GcState {
     marker: String,
     reads: (Mutex<usize>, Condvar),
     gc: Mutex<Option<GcAtFirstUpload>>,
-    /// Run at the first NAR upload, every upload waiting until it returns.
-    at_first_upload: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Run at the first time the push reaches its point; every upload and publishing
+    /// waits until it returns.
+    hook: Mutex<Option<(Point, Box<dyn FnOnce() + Send>)>>,
     broken: Mutex<Vec<String>>,
 }
 
@@ -105,7 +106,7 @@ impl GcState {
             marker,
             reads: Default::default(),
             gc: Mutex::new(None),
-            at_first_upload: Mutex::new(None),
+            hook: Mutex::new(None),
             broken: Mutex::new(Vec::new()),
         })
     }
@@ -160,7 +161,26 @@ impl GcCache {
     }
 }
 
+/// Where a test's hook runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Point {
+    /// At the first NAR upload (after the push's look).
+    FirstUpload,
+    /// Once the first narinfos (and, on `file://`, their NARs) are written.
+    AfterFirstWave,
+}
+
 impl GcCache {
+    /// Runs the test's hook if it is for `at`; held while it runs, so every NAR upload
+    /// waits for it too (and publishing, which it runs in).
+
+    fn hook(&self, at: Point) {
+        let mut hook = self.s.hook.lock().unwrap();
+        if hook.as_ref().is_some_and(|(p, _)| *p == at) {
+            (hook.take().unwrap().1)();
+        }
+    }
+
     /// Records each of `narinfos` about to be written while a reference of it is not in
     /// the cache.
     fn check_references(&self, store_dir: &str, narinfos: &[NarInfo]) {
@@ -219,13 +239,7 @@ impl BinaryCache for GcCache {
             }
             self.s.marker(gc.generation, false, 1);
         }
-        {
-            // Held while the hook runs: the other uploads wait for it too.
-            let mut hook = self.s.at_first_upload.lock().unwrap();
-            if let Some(hook) = hook.take() {
-                hook();
-            }
-        }
+        self.hook(Point::FirstUpload);
         self.inner.begin_nar(nar_size)
     }
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError> {
@@ -240,7 +254,9 @@ impl BinaryCache for GcCache {
         narinfos: Vec<NarInfo>,
     ) -> Result<Vec<Published>, CacheError> {
         self.check_references(store_dir, &narinfos);
-        self.inner.publish_narinfos(store_dir, narinfos)
+        let published = self.inner.publish_narinfos(store_dir, narinfos);
+        self.hook(Point::AfterFirstWave);
+        published
     }
     fn publish_narinfos_by(
         &self,
@@ -249,8 +265,11 @@ impl BinaryCache for GcCache {
         deadline: Instant,
     ) -> Result<Vec<Published>, CacheError> {
         self.check_references(store_dir, &narinfos);
-        self.inner
-            .publish_narinfos_by(store_dir, narinfos, deadline)
+        let published = self
+            .inner
+            .publish_narinfos_by(store_dir, narinfos, deadline);
+        self.hook(Point::AfterFirstWave);
+        published
     }
     fn put_object(&self, key: &str, bytes: &[u8], content_type: &str) -> Result<(), CacheError> {
         self.inner.put_object(key, bytes, content_type)
@@ -648,7 +667,8 @@ mod beside_a_real_gc {
     use super::*;
     use crate::gc::{STORE_DIR, broken_closures, narinfo, open, verify_all};
     use narflow::maintain::gc::{GcConfig, GcError, GcObserver, GcOutcome};
-    use narflow::maintain::gc_plan::{Batch, GcPlan, RootReason};
+    use narflow::maintain::gc_plan::{GcPlan, RootReason};
+    use std::collections::BTreeSet;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::mpsc;
 
@@ -677,8 +697,9 @@ mod beside_a_real_gc {
         }
     }
 
-    /// A reader looking at the whole cache on another thread until stopped: every
-    /// narinfo it found without its NAR or a reference, and how many looks it took.
+    /// A reader looking at the whole cache on another thread until stopped (the last
+    /// look starts after the stop): every narinfo it found without its NAR or a
+    /// reference, and how many looks it took.
     struct Watcher {
         stop: Arc<AtomicBool>,
         thread: std::thread::JoinHandle<(Vec<String>, usize)>,
@@ -692,11 +713,15 @@ mod beside_a_real_gc {
                 std::thread::spawn(move || {
                     let cache = open(&url);
                     let (mut broken, mut looks) = (Vec::new(), 0);
-                    while !stop.load(Ordering::SeqCst) {
+                    // Until a whole look started after the stop.
+                    loop {
+                        let last = stop.load(Ordering::SeqCst);
                         broken.extend(broken_closures(cache.as_ref()));
                         looks += 1;
+                        if last {
+                            return (broken, looks);
+                        }
                     }
-                    (broken, looks)
                 })
             };
             Watcher { stop, thread }
@@ -708,45 +733,32 @@ mod beside_a_real_gc {
         }
     }
 
-    /// Where gc hands off to the push.
+    /// What gc does once planned (its marker running, the cache listed, nothing
+    /// deleted yet), after it lets the push go on.
     #[derive(Clone, Copy, PartialEq, Eq)]
-    enum At {
-        /// Planned (marker running, cache listed), nothing deleted yet.
-        Planned,
-        /// The first batch deleted.
-        FirstBatch,
+    enum Then {
+        /// Deletes at once, while the push publishes.
+        Delete,
+        /// Deletes once the push says it waits for this gc.
+        DeleteOnceThePushWaits,
     }
 
-    /// gc's side of the hand-off: at `at` it lets the push's first upload go on, then
-    /// waits until the push says it waits for this gc before it deletes on.
+    /// gc's side of the hand-off.
     struct HandOff {
-        at: At,
+        then: Then,
         go: mpsc::SyncSender<()>,
         push_waits: mpsc::Receiver<()>,
-        batches: usize,
-        /// Whether the push waited for the gc, once handed off.
-        handed_off: Option<bool>,
-    }
-
-    impl HandOff {
-        fn hand_off(&mut self) {
-            let _ = self.go.send(());
-            // Not a panic here: the heartbeat would keep the push waiting for ever.
-            let waited = self.push_waits.recv_timeout(Duration::from_secs(120));
-            self.handed_off = Some(waited.is_ok());
-        }
+        /// Whether the push waited for the gc, when awaited.
+        push_waited: Option<bool>,
     }
 
     impl GcObserver for HandOff {
         fn planned(&mut self, _plan: &GcPlan) {
-            if self.at == At::Planned {
-                self.hand_off();
-            }
-        }
-        fn deleted(&mut self, _batch: &Batch) {
-            self.batches += 1;
-            if self.at == At::FirstBatch && self.batches == 1 {
-                self.hand_off();
+            let _ = self.go.send(());
+            if self.then == Then::DeleteOnceThePushWaits {
+                // Not a panic here: the heartbeat would keep the push waiting for ever.
+                let waited = self.push_waits.recv_timeout(Duration::from_secs(120));
+                self.push_waited = Some(waited.is_ok());
             }
         }
     }
@@ -754,26 +766,41 @@ mod beside_a_real_gc {
     /// What happened when gc and push ran at once.
     struct Beside {
         gc: Result<GcOutcome, GcError>,
-        /// Whether gc handed off and the push then waited for it.
-        handed_off: Option<bool>,
+        /// Whether the push waited for the gc, when awaited.
+        push_waited: Option<bool>,
         report: PushReport,
         /// What the watcher saw broken, in how many looks.
         broken: Vec<String>,
         looks: usize,
+        /// The NARs in the cache when the gc started.
+        nars_at_start: BTreeSet<String>,
     }
 
-    /// A push of `top` whose first NAR upload starts a real gc keeping `root`'s closure
-    /// (`grace`, no settle, two keys a batch) and waits (every upload with it) until the
-    /// gc reaches `at`; the gc waits there until the push, now with NARs to publish,
-    /// says it waits for the gc; then both go on. A watcher reads the cache all along.
+    /// The NARs of the `file://` cache at `dir` (not the files still being written).
+    fn nars(dir: &Path) -> BTreeSet<String> {
+        std::fs::read_dir(dir.join("nar"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_str().unwrap().to_owned())
+            .filter(|name| !name.starts_with('.'))
+            .map(|name| format!("nar/{name}"))
+            .collect()
+    }
+
+    /// A push of `top` that starts a real gc keeping `root`'s closure (`grace`, no
+    /// settle, two keys a batch) when it reaches `start_at`, and waits there until the
+    /// gc has planned; the gc then goes on as `then` says. A watcher reads the cache all
+    /// along.
     fn gc_beside_a_push(
         state: &Arc<GcState>,
         opts: &PushOptions,
         top: &str,
         root: &str,
         grace: Duration,
-        at: At,
+        (start_at, then): (Point, Then),
     ) -> Beside {
+        let Dest::File(dir) = &state.dest else {
+            unreachable!("file:// only")
+        };
         let url = state.dest.url();
         let cfg = GcConfig {
             store_dir: STORE_DIR.to_owned(),
@@ -790,11 +817,17 @@ mod beside_a_real_gc {
         // One signal each way, sent once: capacity 1 so no sender blocks.
         let (start, started) = mpsc::sync_channel::<()>(1);
         let (go, gone) = mpsc::sync_channel::<()>(1);
-        *state.at_first_upload.lock().unwrap() = Some(Box::new(move || {
-            start.send(()).unwrap();
-            // On once gc is where the test wants it, or has ended (the sender dropped).
-            let _ = gone.recv();
-        }));
+        let nars_at_start = Arc::new(Mutex::new(BTreeSet::new()));
+        let hook: Box<dyn FnOnce() + Send> = {
+            let (dir, nars_at_start) = (dir.clone(), nars_at_start.clone());
+            Box::new(move || {
+                *nars_at_start.lock().unwrap() = nars(&dir);
+                start.send(()).unwrap();
+                // On once gc is where the test wants it, or has ended (sender dropped).
+                let _ = gone.recv();
+            })
+        };
+        *state.hook.lock().unwrap() = Some((start_at, hook));
         let (waits_tx, push_waits) = mpsc::channel();
         let progress = WaitSignal(Mutex::new(waits_tx));
         let cache = GcCache::new(state);
@@ -805,14 +838,13 @@ mod beside_a_real_gc {
                     .recv_timeout(Duration::from_secs(120))
                     .expect("the push uploads a NAR");
                 let mut hand = HandOff {
-                    at,
+                    then,
                     go,
                     push_waits,
-                    batches: 0,
-                    handed_off: None,
+                    push_waited: None,
                 };
                 let out = narflow::maintain::gc::run(open(&url).as_ref(), &cfg, &mut hand);
-                (out, hand.handed_off)
+                (out, hand.push_waited)
             });
             let report = push(&cache, opts, &[top.to_owned()], &progress);
             (report, gc.join().unwrap())
@@ -820,10 +852,11 @@ mod beside_a_real_gc {
         let (broken, looks) = watcher.finish();
         Beside {
             gc: gc.0,
-            handed_off: gc.1,
+            push_waited: gc.1,
             report,
             broken,
             looks,
+            nars_at_start: std::mem::take(&mut *nars_at_start.lock().unwrap()),
         }
     }
 
@@ -839,8 +872,8 @@ mod beside_a_real_gc {
     }
 
     /// A gc with the default grace runs while a push of new closures is in flight (it
-    /// starts after the push's look and first upload; the push's first wave finds it
-    /// running and waits). Old paths no root keeps go; nothing the push uploaded does,
+    /// starts once the push's first wave is written, and lists it; the push's next waves
+    /// go on beside it). Old paths no root keeps go; nothing the push uploaded does,
     /// no reader ever sees a narinfo without its NAR or a reference, and `verify --all`
     /// is clean.
     #[test]
@@ -863,14 +896,17 @@ mod beside_a_real_gc {
         let mut opts = push_options(&key);
         patient(&mut opts);
 
-        let b = gc_beside_a_push(&state, &opts, &top, &c.a, GRACE, At::FirstBatch);
+        let old_nars = nars(&dir.path().join("cache"));
+        let b = gc_beside_a_push(
+            &state,
+            &opts,
+            &top,
+            &c.a,
+            GRACE,
+            (Point::AfterFirstWave, Then::Delete),
+        );
         assert_eq!(b.broken, Vec::<String>::new(), "after {} looks", b.looks);
         assert!(b.looks > 0);
-        assert_eq!(
-            b.handed_off,
-            Some(true),
-            "the push waited for the gc mid-sweep"
-        );
         let out = b.gc.unwrap();
         assert!(!out.has_problems(), "{out:?}");
         assert_eq!(
@@ -888,6 +924,15 @@ mod beside_a_real_gc {
         assert_eq!(state.broken(), Vec::<String>::new());
 
         assert_all_there(&state.dest, &fresh);
+        // The push's NARs gc listed (of its first wave) are still there.
+        let listed: Vec<&String> = b.nars_at_start.difference(&old_nars).collect();
+        assert!(
+            !listed.is_empty(),
+            "no NAR of the push was up when gc listed"
+        );
+        for nar in listed {
+            assert!(state.dest.has(nar), "{nar} went");
+        }
         assert_all_there(&state.dest, &c.a_closure);
         for (p, nar) in c.others.iter().zip(&others_nars) {
             assert!(!state.dest.has(&narinfo_key(p)), "{p} was kept");
@@ -921,10 +966,17 @@ mod beside_a_real_gc {
         let mut opts = push_options(&key);
         patient(&mut opts);
 
-        let b = gc_beside_a_push(&state, &opts, &app, &keep, GRACE, At::Planned);
+        let b = gc_beside_a_push(
+            &state,
+            &opts,
+            &app,
+            &keep,
+            GRACE,
+            (Point::FirstUpload, Then::DeleteOnceThePushWaits),
+        );
         assert_eq!(b.broken, Vec::<String>::new(), "after {} looks", b.looks);
         assert_eq!(
-            b.handed_off,
+            b.push_waited,
             Some(true),
             "the gc deleted while the push waited"
         );
