@@ -8,6 +8,9 @@
 //! same generation) and deletes what the gc would. On S3 the bucket is shared (see
 //! `s3.rs`) and the marker sits at its root, where every other test's writer would see
 //! it: here the writers read it under a key of this test's own ([`GcCache`]).
+//!
+//! In [`beside_a_real_gc`] the real gc runs beside a real push instead, in a cache of
+//! its own (a `file://` directory, or S3's gc bucket).
 use crate::helpers::*;
 use narflow::cache::gc_marker::{MARKER_KEY, Marker};
 use narflow::cache::{BinaryCache, CacheError, NarUpload, Published};
@@ -94,7 +97,7 @@ struct GcState {
     gc: Mutex<Option<GcAtFirstUpload>>,
     /// Run at the first time the push reaches its point; every upload and publishing
     /// waits until it returns.
-    hook: Mutex<Option<(Point, Box<dyn FnOnce() + Send>)>>,
+    hook: Mutex<Option<(Point, Hook)>>,
     broken: Mutex<Vec<String>>,
 }
 
@@ -161,6 +164,9 @@ impl GcCache {
     }
 }
 
+/// What a test runs at a point of its push ([`GcState::hook`]).
+type Hook = Box<dyn FnOnce() + Send>;
+
 /// Where a test's hook runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Point {
@@ -173,7 +179,6 @@ enum Point {
 impl GcCache {
     /// Runs the test's hook if it is for `at`; held while it runs, so every NAR upload
     /// waits for it too (and publishing, which it runs in).
-
     fn hook(&self, at: Point) {
         let mut hook = self.s.hook.lock().unwrap();
         if hook.as_ref().is_some_and(|(p, _)| *p == at) {
@@ -818,7 +823,7 @@ mod beside_a_real_gc {
         let (start, started) = mpsc::sync_channel::<()>(1);
         let (go, gone) = mpsc::sync_channel::<()>(1);
         let nars_at_start = Arc::new(Mutex::new(BTreeSet::new()));
-        let hook: Box<dyn FnOnce() + Send> = {
+        let hook: Hook = {
             let (dir, nars_at_start) = (dir.clone(), nars_at_start.clone());
             Box::new(move || {
                 *nars_at_start.lock().unwrap() = nars(&dir);
