@@ -135,7 +135,7 @@ pub(crate) fn broken_closures(cache: &dyn BinaryCache) -> Vec<String> {
 }
 
 /// Runs `narflow gc` with `args` on `url`; its exit code and JSON summary.
-fn gc(url: &str, args: &[&str]) -> (i32, serde_json::Value, String) {
+pub(crate) fn gc(url: &str, args: &[&str]) -> (i32, serde_json::Value, String) {
     let out = narflow()
         .args(["gc", "--json", "--gc-settle", "0", "--cache", url])
         .args(args)
@@ -385,7 +385,7 @@ fn a_second_gc_is_refused_while_one_runs() {
 }
 
 /// The S3 tests' gc bucket (none: skipped, saying why).
-fn s3_gc_bucket() -> Option<(S3Env, String)> {
+pub(crate) fn s3_gc_bucket() -> Option<(S3Env, String)> {
     let s3 = s3_env()?;
     let Ok(bucket) = std::env::var("NARFLOW_TEST_S3_GC_BUCKET") else {
         println!(
@@ -400,7 +400,7 @@ fn s3_gc_bucket() -> Option<(S3Env, String)> {
 }
 
 /// One S3 gc test at a time: gc empties what it does not keep in the whole bucket.
-static S3_GC: Mutex<()> = Mutex::new(());
+pub(crate) static S3_GC: Mutex<()> = Mutex::new(());
 
 #[test]
 fn gc_on_s3_deletes_in_batches_while_a_watcher_reads() {

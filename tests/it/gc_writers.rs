@@ -104,6 +104,11 @@ struct GcState {
 impl GcState {
     fn new(dest: Dest) -> Arc<Self> {
         let marker = marker_key(&dest);
+        Self::with_marker(dest, marker)
+    }
+
+    /// Writers reading the marker at `marker`.
+    fn with_marker(dest: Dest, marker: String) -> Arc<Self> {
         Arc::new(GcState {
             dest,
             marker,
@@ -777,7 +782,7 @@ mod beside_a_real_gc {
         /// What the watcher saw broken, in how many looks.
         broken: Vec<String>,
         looks: usize,
-        /// The NARs in the cache when the gc started.
+        /// The NARs in the cache when the gc started (`file://` only).
         nars_at_start: BTreeSet<String>,
     }
 
@@ -803,8 +808,9 @@ mod beside_a_real_gc {
         grace: Duration,
         (start_at, then): (Point, Then),
     ) -> Beside {
-        let Dest::File(dir) = &state.dest else {
-            unreachable!("file:// only")
+        let dir = match &state.dest {
+            Dest::File(dir) => Some(dir.clone()),
+            Dest::S3 { .. } => None,
         };
         let url = state.dest.url();
         let cfg = GcConfig {
@@ -824,9 +830,11 @@ mod beside_a_real_gc {
         let (go, gone) = mpsc::sync_channel::<()>(1);
         let nars_at_start = Arc::new(Mutex::new(BTreeSet::new()));
         let hook: Hook = {
-            let (dir, nars_at_start) = (dir.clone(), nars_at_start.clone());
+            let nars_at_start = nars_at_start.clone();
             Box::new(move || {
-                *nars_at_start.lock().unwrap() = nars(&dir);
+                if let Some(dir) = dir {
+                    *nars_at_start.lock().unwrap() = nars(&dir);
+                }
                 start.send(()).unwrap();
                 // On once gc is where the test wants it, or has ended (sender dropped).
                 let _ = gone.recv();
@@ -952,11 +960,13 @@ mod beside_a_real_gc {
     /// deletes it while the push waits to publish, and the push then publishes no
     /// narinfo referring to it (its path fails transiently); no reader ever sees a
     /// narinfo without a reference or its NAR, and a rerun of the push uploads the
-    /// reference again and publishes everything.
-    #[test]
-    fn a_gc_deleting_an_old_path_a_running_push_relies_on_never_leaves_it_referred_to_file() {
-        let dir = tempdir();
-        let state = GcState::new(dest_file(dir.path()));
+    /// reference again and publishes everything. `age` makes what is in the cache older
+    /// than `grace`.
+    fn a_gc_deleting_an_old_path_a_push_relies_on(
+        state: &Arc<GcState>,
+        grace: Duration,
+        age: &dyn Fn(),
+    ) {
         let url = state.dest.url();
         let key = nix_generate_key("gc-beside-push-old");
         let keep = nix_build_chain("gc-beside-push-keep", 1);
@@ -967,16 +977,16 @@ mod beside_a_real_gc {
             .args(["push", "--to", &url, "--key-file"])
             .arg(&key.secret)
             .args([&keep, &dep]));
-        age_objects(&dir.path().join("cache"), OLD);
+        age();
         let mut opts = push_options(&key);
         patient(&mut opts);
 
         let b = gc_beside_a_push(
-            &state,
+            state,
             &opts,
             &app,
             &keep,
-            GRACE,
+            grace,
             (Point::FirstUpload, Then::DeleteOnceThePushWaits),
         );
         assert_eq!(b.broken, Vec::<String>::new(), "after {} looks", b.looks);
@@ -1009,5 +1019,41 @@ mod beside_a_real_gc {
         assert_all_there(&state.dest, &closure);
         let (code, text) = verify_all(&url, &key);
         assert_eq!(code, 0, "{text}");
+    }
+
+    /// The objects pushed before are made older than gc's default grace.
+    #[test]
+    fn a_gc_deleting_an_old_path_a_running_push_relies_on_never_leaves_it_referred_to_file() {
+        let dir = tempdir();
+        let state = GcState::new(dest_file(dir.path()));
+        let cache = dir.path().join("cache");
+        a_gc_deleting_an_old_path_a_push_relies_on(&state, GRACE, &|| age_objects(&cache, OLD));
+    }
+
+    /// In S3's gc bucket, emptied first; ages cannot be set there, so the gc runs with
+    /// `--grace 0` (what the push uploads is not in its listing: it starts at the push's
+    /// first upload, every upload waiting).
+    #[test]
+    fn a_gc_deleting_an_old_path_a_running_push_relies_on_never_leaves_it_referred_to_s3() {
+        let Some((env, url)) = crate::gc::s3_gc_bucket() else {
+            return;
+        };
+        let _one = crate::gc::S3_GC
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let empty = tempdir();
+        let none = empty.path().join("keep");
+        std::fs::write(&none, "").unwrap();
+        let (code, _, err) = crate::gc::gc(
+            &url,
+            &["--keep-file", none.to_str().unwrap(), "--grace", "0"],
+        );
+        assert_eq!(code, 0, "{err}");
+        let dest = Dest::S3 {
+            url,
+            client: Box::new(env.client()),
+        };
+        let state = GcState::with_marker(dest, MARKER_KEY.to_owned());
+        a_gc_deleting_an_old_path_a_push_relies_on(&state, Duration::ZERO, &|| {});
     }
 }
