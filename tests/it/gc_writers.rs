@@ -1056,4 +1056,68 @@ mod beside_a_real_gc {
         let state = GcState::with_marker(dest, MARKER_KEY.to_owned());
         a_gc_deleting_an_old_path_a_push_relies_on(&state, Duration::ZERO, &|| {});
     }
+
+    /// `narflow gc` (default grace, no settle, two keys a request) and `narflow push` of
+    /// a new closure started at the same moment, as processes, three times; before each
+    /// round what the cache holds is made older than the grace, so each gc deletes the
+    /// closure the round before pushed (no root keeps it). The interleaving is whatever
+    /// the two processes make of it: a watcher reads the cache all along, and after each
+    /// round the new closure is all there and `verify --all` is clean.
+    #[test]
+    fn narflow_gc_and_narflow_push_run_at_once_and_keep_the_cache_closed_file() {
+        let dir = tempdir();
+        let cache = dir.path().join("cache");
+        let url = format!("file://{}", cache.display());
+        let key = nix_generate_key("gc-beside-push-cli");
+        let keep = nix_build_chain("gc-beside-push-cli-keep", 2);
+        run(narflow()
+            .args(["push", "--to", &url, "--key-file"])
+            .arg(&key.secret)
+            .arg(&keep));
+        let watcher = Watcher::start(&url);
+        let mut before: Option<Vec<String>> = None;
+        for round in 0..3 {
+            let top = nix_build_chain(&format!("gc-beside-push-cli-{round}"), 3);
+            let closure = nix_closure(&top);
+            age_objects(&cache, OLD);
+            let gc = narflow()
+                .args([
+                    "gc",
+                    "--gc-settle",
+                    "0",
+                    "--gc-batch-size",
+                    "2",
+                    "--cache",
+                    &url,
+                ])
+                .args(["--keep-closure-of", &keep])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            run(narflow()
+                .args(["push", "--to", &url, "--key-file"])
+                .arg(&key.secret)
+                .arg(&top));
+            let gc = gc.wait_with_output().unwrap();
+            assert!(
+                gc.status.success(),
+                "{}",
+                String::from_utf8_lossy(&gc.stderr)
+            );
+            let dest = Dest::File(cache.clone());
+            assert_all_there(&dest, &closure);
+            assert_all_there(&dest, &nix_closure(&keep));
+            if let Some(old) = &before {
+                for p in old {
+                    assert!(!dest.has(&narinfo_key(p)), "{p} (old, no root) was kept");
+                }
+            }
+            let (code, text) = verify_all(&url, &key);
+            assert_eq!(code, 0, "{text}");
+            before = Some(closure);
+        }
+        let (broken, looks) = watcher.finish();
+        assert_eq!(broken, Vec::<String>::new(), "after {looks} looks");
+    }
 }
