@@ -15,21 +15,21 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
-const STORE_DIR: &str = "/nix/store";
+pub(crate) const STORE_DIR: &str = "/nix/store";
 
 /// The three closures, as real Nix built them.
-struct Closures {
-    a: String,
-    b: String,
-    c: String,
+pub(crate) struct Closures {
+    pub(crate) a: String,
+    pub(crate) b: String,
+    pub(crate) c: String,
     /// Every path of A's closure (which shares its base with B's).
-    a_closure: Vec<String>,
+    pub(crate) a_closure: Vec<String>,
     /// Paths of B's and C's closures outside A's.
-    others: Vec<String>,
+    pub(crate) others: Vec<String>,
 }
 
 /// Builds A = a2 → a1 → s, B = b2 → b1 → s (sharing s with A), C = c2 → c1.
-fn build() -> Closures {
+pub(crate) fn build() -> Closures {
     let u = unique("gc");
     let drv = |name: &str, body: &str| {
         format!(
@@ -65,14 +65,14 @@ fn build() -> Closures {
     }
 }
 
-fn push(url: &str, key: &NixKey, c: &Closures) {
+pub(crate) fn push(url: &str, key: &NixKey, c: &Closures) {
     run(narflow()
         .args(["push", "--to", url, "--key-file"])
         .arg(&key.secret)
         .args([&c.a, &c.b, &c.c]));
 }
 
-fn open(url: &str) -> Box<dyn BinaryCache> {
+pub(crate) fn open(url: &str) -> Box<dyn BinaryCache> {
     let u = cache::url::CacheUrl::parse(url).unwrap();
     cache::open(&u, &open_options(&u)).unwrap()
 }
@@ -93,7 +93,7 @@ fn keys(cache: &dyn BinaryCache) -> BTreeSet<String> {
 }
 
 /// The narinfo of a store path, parsed.
-fn narinfo(cache: &dyn BinaryCache, path: &str) -> Option<NarInfo> {
+pub(crate) fn narinfo(cache: &dyn BinaryCache, path: &str) -> Option<NarInfo> {
     let text = cache.get_text(&narinfo_key(path)).unwrap()?;
     Some(NarInfo::parse(&text, STORE_DIR).unwrap())
 }
@@ -102,7 +102,7 @@ fn narinfo(cache: &dyn BinaryCache, path: &str) -> Option<NarInfo> {
 /// reference's narinfo. Objects only go, never come back, while gc runs: a narinfo read
 /// before, and still there after, a look that found its NAR or a reference missing
 /// existed with it missing.
-fn broken_closures(cache: &dyn BinaryCache) -> Vec<String> {
+pub(crate) fn broken_closures(cache: &dyn BinaryCache) -> Vec<String> {
     let mut narinfos = Vec::new();
     cache
         .list_objects(&mut |o| {
@@ -135,7 +135,7 @@ fn broken_closures(cache: &dyn BinaryCache) -> Vec<String> {
 }
 
 /// Runs `narflow gc` with `args` on `url`; its exit code and JSON summary.
-fn gc(url: &str, args: &[&str]) -> (i32, serde_json::Value, String) {
+pub(crate) fn gc(url: &str, args: &[&str]) -> (i32, serde_json::Value, String) {
     let out = narflow()
         .args(["gc", "--json", "--gc-settle", "0", "--cache", url])
         .args(args)
@@ -154,7 +154,7 @@ fn to_delete(json: &serde_json::Value) -> [u64; 4] {
 }
 
 /// `narflow verify --all` of `url`, trusting `key`: its exit code and output.
-fn verify_all(url: &str, key: &NixKey) -> (i32, String) {
+pub(crate) fn verify_all(url: &str, key: &NixKey) -> (i32, String) {
     let out = narflow()
         .args([
             "verify",
@@ -385,7 +385,7 @@ fn a_second_gc_is_refused_while_one_runs() {
 }
 
 /// The S3 tests' gc bucket (none: skipped, saying why).
-fn s3_gc_bucket() -> Option<(S3Env, String)> {
+pub(crate) fn s3_gc_bucket() -> Option<(S3Env, String)> {
     let s3 = s3_env()?;
     let Ok(bucket) = std::env::var("NARFLOW_TEST_S3_GC_BUCKET") else {
         println!(
@@ -400,7 +400,7 @@ fn s3_gc_bucket() -> Option<(S3Env, String)> {
 }
 
 /// One S3 gc test at a time: gc empties what it does not keep in the whole bucket.
-static S3_GC: Mutex<()> = Mutex::new(());
+pub(crate) static S3_GC: Mutex<()> = Mutex::new(());
 
 #[test]
 fn gc_on_s3_deletes_in_batches_while_a_watcher_reads() {

@@ -8,6 +8,9 @@
 //! same generation) and deletes what the gc would. On S3 the bucket is shared (see
 //! `s3.rs`) and the marker sits at its root, where every other test's writer would see
 //! it: here the writers read it under a key of this test's own ([`GcCache`]).
+//!
+//! In [`beside_a_real_gc`] the real gc runs beside a real push instead, in a cache of
+//! its own (a `file://` directory, or S3's gc bucket).
 use crate::helpers::*;
 use narflow::cache::gc_marker::{MARKER_KEY, Marker};
 use narflow::cache::{BinaryCache, CacheError, NarUpload, Published};
@@ -92,17 +95,26 @@ struct GcState {
     marker: String,
     reads: (Mutex<usize>, Condvar),
     gc: Mutex<Option<GcAtFirstUpload>>,
+    /// Run at the first time the push reaches its point; every upload and publishing
+    /// waits until it returns.
+    hook: Mutex<Option<(Point, Hook)>>,
     broken: Mutex<Vec<String>>,
 }
 
 impl GcState {
     fn new(dest: Dest) -> Arc<Self> {
         let marker = marker_key(&dest);
+        Self::with_marker(dest, marker)
+    }
+
+    /// Writers reading the marker at `marker`.
+    fn with_marker(dest: Dest, marker: String) -> Arc<Self> {
         Arc::new(GcState {
             dest,
             marker,
             reads: Default::default(),
             gc: Mutex::new(None),
+            hook: Mutex::new(None),
             broken: Mutex::new(Vec::new()),
         })
     }
@@ -157,7 +169,28 @@ impl GcCache {
     }
 }
 
+/// What a test runs at a point of its push ([`GcState::hook`]).
+type Hook = Box<dyn FnOnce() + Send>;
+
+/// Where a test's hook runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Point {
+    /// At the first NAR upload (after the push's look).
+    FirstUpload,
+    /// Once the first narinfos (and, on `file://`, their NARs) are written.
+    AfterFirstWave,
+}
+
 impl GcCache {
+    /// Runs the test's hook if it is for `at`; held while it runs, so every NAR upload
+    /// waits for it too (and publishing, which it runs in).
+    fn hook(&self, at: Point) {
+        let mut hook = self.s.hook.lock().unwrap();
+        if hook.as_ref().is_some_and(|(p, _)| *p == at) {
+            (hook.take().unwrap().1)();
+        }
+    }
+
     /// Records each of `narinfos` about to be written while a reference of it is not in
     /// the cache.
     fn check_references(&self, store_dir: &str, narinfos: &[NarInfo]) {
@@ -216,6 +249,7 @@ impl BinaryCache for GcCache {
             }
             self.s.marker(gc.generation, false, 1);
         }
+        self.hook(Point::FirstUpload);
         self.inner.begin_nar(nar_size)
     }
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError> {
@@ -230,7 +264,9 @@ impl BinaryCache for GcCache {
         narinfos: Vec<NarInfo>,
     ) -> Result<Vec<Published>, CacheError> {
         self.check_references(store_dir, &narinfos);
-        self.inner.publish_narinfos(store_dir, narinfos)
+        let published = self.inner.publish_narinfos(store_dir, narinfos);
+        self.hook(Point::AfterFirstWave);
+        published
     }
     fn publish_narinfos_by(
         &self,
@@ -239,8 +275,11 @@ impl BinaryCache for GcCache {
         deadline: Instant,
     ) -> Result<Vec<Published>, CacheError> {
         self.check_references(store_dir, &narinfos);
-        self.inner
-            .publish_narinfos_by(store_dir, narinfos, deadline)
+        let published = self
+            .inner
+            .publish_narinfos_by(store_dir, narinfos, deadline);
+        self.hook(Point::AfterFirstWave);
+        published
     }
     fn put_object(&self, key: &str, bytes: &[u8], content_type: &str) -> Result<(), CacheError> {
         self.inner.put_object(key, bytes, content_type)
@@ -629,4 +668,456 @@ fn the_daemon_retries_a_path_whose_reference_a_gc_removed_and_waits_for_a_runnin
     let _ = stop.send(());
     running.join().unwrap();
     assert_eq!(gc.broken(), Vec::<String>::new());
+}
+
+/// The real gc and a real push at the same time (README, "What may run beside gc"): the
+/// gc runs in this process (`narflow gc` runs the same), the push is the pipeline
+/// `narflow push` runs, and they hand off so that the gc runs while the push is in flight.
+mod beside_a_real_gc {
+    use super::*;
+    use crate::gc::{STORE_DIR, broken_closures, narinfo, open, verify_all};
+    use narflow::maintain::gc::{GcConfig, GcError, GcObserver, GcOutcome};
+    use narflow::maintain::gc_plan::{GcPlan, RootReason};
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+
+    /// gc's default grace (`[gc] grace`).
+    const GRACE: Duration = Duration::from_secs(24 * 3600);
+    /// Older than the grace: what a test makes of the objects it pushed before.
+    const OLD: Duration = Duration::from_secs(2 * 24 * 3600);
+
+    /// Sets every object of the `file://` cache at `dir` as written `ago` (ages on the
+    /// cache's clock are modification times).
+    fn age_objects(dir: &Path, ago: Duration) {
+        let when = std::time::SystemTime::now() - ago;
+        let mut dirs = vec![dir.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    dirs.push(e.path());
+                } else {
+                    std::fs::File::open(e.path())
+                        .unwrap()
+                        .set_modified(when)
+                        .unwrap();
+                }
+            }
+        }
+    }
+
+    /// A reader looking at the whole cache on another thread until stopped (the last
+    /// look starts after the stop): every narinfo it found without its NAR or a
+    /// reference, and how many looks it took.
+    struct Watcher {
+        stop: Arc<AtomicBool>,
+        thread: std::thread::JoinHandle<(Vec<String>, usize)>,
+    }
+
+    impl Watcher {
+        fn start(url: &str) -> Self {
+            let stop = Arc::new(AtomicBool::new(false));
+            let thread = {
+                let (url, stop) = (url.to_owned(), stop.clone());
+                std::thread::spawn(move || {
+                    let cache = open(&url);
+                    let (mut broken, mut looks) = (Vec::new(), 0);
+                    // Until a whole look started after the stop.
+                    loop {
+                        let last = stop.load(Ordering::SeqCst);
+                        broken.extend(broken_closures(cache.as_ref()));
+                        looks += 1;
+                        if last {
+                            return (broken, looks);
+                        }
+                    }
+                })
+            };
+            Watcher { stop, thread }
+        }
+
+        fn finish(self) -> (Vec<String>, usize) {
+            self.stop.store(true, Ordering::SeqCst);
+            self.thread.join().unwrap()
+        }
+    }
+
+    /// What gc does once planned (its marker running, the cache listed, nothing
+    /// deleted yet), after it lets the push go on.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Then {
+        /// Deletes at once, while the push publishes.
+        Delete,
+        /// Deletes once the push says it waits for this gc.
+        DeleteOnceThePushWaits,
+    }
+
+    /// gc's side of the hand-off.
+    struct HandOff {
+        then: Then,
+        go: mpsc::SyncSender<()>,
+        push_waits: mpsc::Receiver<()>,
+        /// Whether the push waited for the gc, when awaited.
+        push_waited: Option<bool>,
+    }
+
+    impl GcObserver for HandOff {
+        fn planned(&mut self, _plan: &GcPlan) {
+            let _ = self.go.send(());
+            if self.then == Then::DeleteOnceThePushWaits {
+                // Not a panic here: the heartbeat would keep the push waiting for ever.
+                let waited = self.push_waits.recv_timeout(Duration::from_secs(120));
+                self.push_waited = Some(waited.is_ok());
+            }
+        }
+    }
+
+    /// What happened when gc and push ran at once.
+    struct Beside {
+        gc: Result<GcOutcome, GcError>,
+        /// Whether the push waited for the gc, when awaited.
+        push_waited: Option<bool>,
+        report: PushReport,
+        /// What the watcher saw broken, in how many looks.
+        broken: Vec<String>,
+        looks: usize,
+        /// The NARs in the cache when the gc started (`file://` only).
+        nars_at_start: BTreeSet<String>,
+    }
+
+    /// The NARs of the `file://` cache at `dir` (not the files still being written).
+    fn nars(dir: &Path) -> BTreeSet<String> {
+        std::fs::read_dir(dir.join("nar"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_str().unwrap().to_owned())
+            .filter(|name| !name.starts_with('.'))
+            .map(|name| format!("nar/{name}"))
+            .collect()
+    }
+
+    /// A push of `top` that starts a real gc keeping `root`'s closure (`grace`, no
+    /// settle, two keys a batch) when it reaches `start_at`, and waits there until the
+    /// gc has planned; the gc then goes on as `then` says. A watcher reads the cache all
+    /// along.
+    fn gc_beside_a_push(
+        state: &Arc<GcState>,
+        opts: &PushOptions,
+        top: &str,
+        root: &str,
+        grace: Duration,
+        (start_at, then): (Point, Then),
+    ) -> Beside {
+        let dir = match &state.dest {
+            Dest::File(dir) => Some(dir.clone()),
+            Dest::S3 { .. } => None,
+        };
+        let url = state.dest.url();
+        let cfg = GcConfig {
+            store_dir: STORE_DIR.to_owned(),
+            roots: vec![(
+                narflow::maintain::roots::parse_root(root, STORE_DIR).unwrap(),
+                RootReason::Closure,
+            )],
+            keep_newer_than: None,
+            grace,
+            settle: Duration::ZERO,
+            batch_size: 2,
+            dry_run: false,
+        };
+        // One signal each way, sent once: capacity 1 so no sender blocks.
+        let (start, started) = mpsc::sync_channel::<()>(1);
+        let (go, gone) = mpsc::sync_channel::<()>(1);
+        let nars_at_start = Arc::new(Mutex::new(BTreeSet::new()));
+        let hook: Hook = {
+            let nars_at_start = nars_at_start.clone();
+            Box::new(move || {
+                if let Some(dir) = dir {
+                    *nars_at_start.lock().unwrap() = nars(&dir);
+                }
+                start.send(()).unwrap();
+                // On once gc is where the test wants it, or has ended (sender dropped).
+                let _ = gone.recv();
+            })
+        };
+        *state.hook.lock().unwrap() = Some((start_at, hook));
+        let (waits_tx, push_waits) = mpsc::channel();
+        let progress = WaitSignal(Mutex::new(waits_tx));
+        let cache = GcCache::new(state);
+        let watcher = Watcher::start(&url);
+        let (report, gc) = std::thread::scope(|s| {
+            let gc = s.spawn(move || {
+                started
+                    .recv_timeout(Duration::from_secs(120))
+                    .expect("the push uploads a NAR");
+                let mut hand = HandOff {
+                    then,
+                    go,
+                    push_waits,
+                    push_waited: None,
+                };
+                let out = narflow::maintain::gc::run(open(&url).as_ref(), &cfg, &mut hand);
+                (out, hand.push_waited)
+            });
+            let report = push(&cache, opts, &[top.to_owned()], &progress);
+            (report, gc.join().unwrap())
+        });
+        let (broken, looks) = watcher.finish();
+        Beside {
+            gc: gc.0,
+            push_waited: gc.1,
+            report,
+            broken,
+            looks,
+            nars_at_start: std::mem::take(&mut *nars_at_start.lock().unwrap()),
+        }
+    }
+
+    /// Asserts `paths` are all in the cache, each with its NAR.
+    fn assert_all_there(dest: &Dest, paths: &[String]) {
+        for p in paths {
+            let text = dest
+                .text(&narinfo_key(p))
+                .unwrap_or_else(|| panic!("{p} is not in the cache"));
+            let n = NarInfo::parse(&text, STORE_DIR).unwrap();
+            assert!(dest.has(&n.url), "{p}: its NAR {} is not there", n.url);
+        }
+    }
+
+    /// A gc with the default grace runs while a push of new closures is in flight (it
+    /// starts once the push's first wave is written, and lists it; the push's next waves
+    /// go on beside it). Old paths no root keeps go; nothing the push uploaded does,
+    /// no reader ever sees a narinfo without its NAR or a reference, and `verify --all`
+    /// is clean.
+    #[test]
+    fn a_gc_with_the_default_grace_beside_a_running_push_deletes_nothing_it_uploads_file() {
+        let dir = tempdir();
+        let state = GcState::new(dest_file(dir.path()));
+        let url = state.dest.url();
+        let key = nix_generate_key("gc-beside-push");
+        let c = crate::gc::build();
+        crate::gc::push(&url, &key, &c);
+        age_objects(&dir.path().join("cache"), OLD);
+        let reader = open(&url);
+        let others_nars: Vec<String> = c
+            .others
+            .iter()
+            .map(|p| narinfo(reader.as_ref(), p).unwrap().url)
+            .collect();
+        let top = nix_build_chain("gc-beside-push-new", 3);
+        let fresh = nix_closure(&top);
+        let mut opts = push_options(&key);
+        patient(&mut opts);
+
+        let old_nars = nars(&dir.path().join("cache"));
+        let b = gc_beside_a_push(
+            &state,
+            &opts,
+            &top,
+            &c.a,
+            GRACE,
+            (Point::AfterFirstWave, Then::Delete),
+        );
+        assert_eq!(b.broken, Vec::<String>::new(), "after {} looks", b.looks);
+        assert!(b.looks > 0);
+        let out = b.gc.unwrap();
+        assert!(!out.has_problems(), "{out:?}");
+        assert_eq!(
+            (out.deleted.narinfos, out.deleted.nars),
+            (4, 4),
+            "B's and C's own old paths went"
+        );
+        assert_eq!(b.report.failed().count(), 0, "{:?}", b.report.results);
+        for p in &fresh {
+            assert!(
+                matches!(outcome(&b.report, p), Outcome::Uploaded { .. }),
+                "{p}"
+            );
+        }
+        assert_eq!(state.broken(), Vec::<String>::new());
+
+        assert_all_there(&state.dest, &fresh);
+        // The push's NARs gc listed (of its first wave) are still there.
+        let listed: Vec<&String> = b.nars_at_start.difference(&old_nars).collect();
+        assert!(
+            !listed.is_empty(),
+            "no NAR of the push was up when gc listed"
+        );
+        for nar in listed {
+            assert!(state.dest.has(nar), "{nar} went");
+        }
+        assert_all_there(&state.dest, &c.a_closure);
+        for (p, nar) in c.others.iter().zip(&others_nars) {
+            assert!(!state.dest.has(&narinfo_key(p)), "{p} was kept");
+            assert!(!state.dest.has(nar), "{nar} was kept");
+        }
+        let (code, text) = verify_all(&url, &key);
+        assert_eq!(code, 0, "{text}");
+    }
+
+    /// An old path the push finds present and relies on (a reference of what it
+    /// uploads), which no root of the gc keeps: the gc starts after the push's look,
+    /// deletes it while the push waits to publish, and the push then publishes no
+    /// narinfo referring to it (its path fails transiently); no reader ever sees a
+    /// narinfo without a reference or its NAR, and a rerun of the push uploads the
+    /// reference again and publishes everything. `age` makes what is in the cache older
+    /// than `grace`.
+    fn a_gc_deleting_an_old_path_a_push_relies_on(
+        state: &Arc<GcState>,
+        grace: Duration,
+        age: &dyn Fn(),
+    ) {
+        let url = state.dest.url();
+        let key = nix_generate_key("gc-beside-push-old");
+        let keep = nix_build_chain("gc-beside-push-keep", 1);
+        let app = nix_build_chain("gc-beside-push-old", 2);
+        let closure = nix_closure(&app);
+        let dep = closure.iter().find(|p| **p != app).unwrap().clone();
+        run(narflow()
+            .args(["push", "--to", &url, "--key-file"])
+            .arg(&key.secret)
+            .args([&keep, &dep]));
+        age();
+        let mut opts = push_options(&key);
+        patient(&mut opts);
+
+        let b = gc_beside_a_push(
+            state,
+            &opts,
+            &app,
+            &keep,
+            grace,
+            (Point::FirstUpload, Then::DeleteOnceThePushWaits),
+        );
+        assert_eq!(b.broken, Vec::<String>::new(), "after {} looks", b.looks);
+        assert_eq!(
+            b.push_waited,
+            Some(true),
+            "the gc deleted while the push waited"
+        );
+        let out = b.gc.unwrap();
+        assert!(!out.has_problems(), "{out:?}");
+        assert_eq!((out.deleted.narinfos, out.deleted.nars), (1, 1), "dep went");
+        assert!(!state.dest.has(&narinfo_key(&dep)));
+        assert_eq!(outcome(&b.report, &dep), &Outcome::AlreadyPresent);
+        match outcome(&b.report, &app) {
+            Outcome::Failed(f @ Failure::RemovedByGc { .. }) => {
+                assert!(f.is_transient(), "{f}");
+                assert!(f.to_string().contains(&narinfo_key(&dep)), "{f}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!state.dest.has(&narinfo_key(&app)));
+        assert_eq!(state.broken(), Vec::<String>::new());
+        assert_all_there(&state.dest, std::slice::from_ref(&keep));
+
+        // The rerun is `narflow push` itself.
+        run(narflow()
+            .args(["push", "--to", &url, "--key-file"])
+            .arg(&key.secret)
+            .arg(&app));
+        assert_all_there(&state.dest, &closure);
+        let (code, text) = verify_all(&url, &key);
+        assert_eq!(code, 0, "{text}");
+    }
+
+    /// The objects pushed before are made older than gc's default grace.
+    #[test]
+    fn a_gc_deleting_an_old_path_a_running_push_relies_on_never_leaves_it_referred_to_file() {
+        let dir = tempdir();
+        let state = GcState::new(dest_file(dir.path()));
+        let cache = dir.path().join("cache");
+        a_gc_deleting_an_old_path_a_push_relies_on(&state, GRACE, &|| age_objects(&cache, OLD));
+    }
+
+    /// In S3's gc bucket, emptied first; ages cannot be set there, so the gc runs with
+    /// `--grace 0` (what the push uploads is not in its listing: it starts at the push's
+    /// first upload, every upload waiting).
+    #[test]
+    fn a_gc_deleting_an_old_path_a_running_push_relies_on_never_leaves_it_referred_to_s3() {
+        let Some((env, url)) = crate::gc::s3_gc_bucket() else {
+            return;
+        };
+        let _one = crate::gc::S3_GC
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let empty = tempdir();
+        let none = empty.path().join("keep");
+        std::fs::write(&none, "").unwrap();
+        let (code, _, err) = crate::gc::gc(
+            &url,
+            &["--keep-file", none.to_str().unwrap(), "--grace", "0"],
+        );
+        assert_eq!(code, 0, "{err}");
+        let dest = Dest::S3 {
+            url,
+            client: Box::new(env.client()),
+        };
+        let state = GcState::with_marker(dest, MARKER_KEY.to_owned());
+        a_gc_deleting_an_old_path_a_push_relies_on(&state, Duration::ZERO, &|| {});
+    }
+
+    /// `narflow gc` (default grace, no settle, two keys a request) and `narflow push` of
+    /// a new closure started at the same moment, as processes, three times; before each
+    /// round what the cache holds is made older than the grace, so each gc deletes the
+    /// closure the round before pushed (no root keeps it). The interleaving is whatever
+    /// the two processes make of it: a watcher reads the cache all along, and after each
+    /// round the new closure is all there and `verify --all` is clean.
+    #[test]
+    fn narflow_gc_and_narflow_push_run_at_once_and_keep_the_cache_closed_file() {
+        let dir = tempdir();
+        let cache = dir.path().join("cache");
+        let url = format!("file://{}", cache.display());
+        let key = nix_generate_key("gc-beside-push-cli");
+        let keep = nix_build_chain("gc-beside-push-cli-keep", 2);
+        run(narflow()
+            .args(["push", "--to", &url, "--key-file"])
+            .arg(&key.secret)
+            .arg(&keep));
+        let watcher = Watcher::start(&url);
+        let mut before: Option<Vec<String>> = None;
+        for round in 0..3 {
+            let top = nix_build_chain(&format!("gc-beside-push-cli-{round}"), 3);
+            let closure = nix_closure(&top);
+            age_objects(&cache, OLD);
+            let gc = narflow()
+                .args([
+                    "gc",
+                    "--gc-settle",
+                    "0",
+                    "--gc-batch-size",
+                    "2",
+                    "--cache",
+                    &url,
+                ])
+                .args(["--keep-closure-of", &keep])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            run(narflow()
+                .args(["push", "--to", &url, "--key-file"])
+                .arg(&key.secret)
+                .arg(&top));
+            let gc = gc.wait_with_output().unwrap();
+            assert!(
+                gc.status.success(),
+                "{}",
+                String::from_utf8_lossy(&gc.stderr)
+            );
+            let dest = Dest::File(cache.clone());
+            assert_all_there(&dest, &closure);
+            assert_all_there(&dest, &nix_closure(&keep));
+            if let Some(old) = &before {
+                for p in old {
+                    assert!(!dest.has(&narinfo_key(p)), "{p} (old, no root) was kept");
+                }
+            }
+            let (code, text) = verify_all(&url, &key);
+            assert_eq!(code, 0, "{text}");
+            before = Some(closure);
+        }
+        let (broken, looks) = watcher.finish();
+        assert_eq!(broken, Vec::<String>::new(), "after {looks} looks");
+    }
 }
