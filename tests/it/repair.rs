@@ -8,46 +8,13 @@
 //! The S3 bucket is shared by every test: there the closure is verified and repaired by
 //! path (which looks at and touches nothing outside it).
 use crate::helpers::*;
+use crate::verify::Objects;
 use narflow::format::narinfo::NarInfo;
 use narflow::format::signing::SigningKey;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Command;
 
 const STORE_DIR: &str = "/nix/store";
-
-/// The cache's objects, written and removed behind narflow's back.
-enum Objects {
-    Dir(PathBuf),
-    S3(S3Client),
-}
-
-impl Objects {
-    fn get(&self, key: &str) -> Vec<u8> {
-        match self {
-            Objects::Dir(d) => std::fs::read(d.join(key)).unwrap(),
-            Objects::S3(c) => c.get(key).unwrap_or_else(|| panic!("{key} is missing")),
-        }
-    }
-    fn put(&self, key: &str, bytes: &[u8]) {
-        match self {
-            Objects::Dir(d) => std::fs::write(d.join(key), bytes).unwrap(),
-            Objects::S3(c) => c.put(key, bytes),
-        }
-    }
-    fn delete(&self, key: &str) {
-        match self {
-            Objects::Dir(d) => std::fs::remove_file(d.join(key)).unwrap(),
-            Objects::S3(c) => c.delete(key),
-        }
-    }
-    fn exists(&self, key: &str) -> bool {
-        match self {
-            Objects::Dir(d) => d.join(key).exists(),
-            Objects::S3(c) => c.exists(key),
-        }
-    }
-}
 
 /// Problems by kind: the objects named, sorted.
 type Found = BTreeMap<String, Vec<String>>;

@@ -14,25 +14,31 @@ use std::path::PathBuf;
 const STORE_DIR: &str = "/nix/store";
 
 /// The cache's objects, written and removed behind narflow's back.
-enum Objects {
+pub(crate) enum Objects {
     Dir(PathBuf),
     S3(S3Client),
 }
 
 impl Objects {
-    fn get(&self, key: &str) -> Vec<u8> {
+    pub(crate) fn get(&self, key: &str) -> Vec<u8> {
         match self {
             Objects::Dir(d) => std::fs::read(d.join(key)).unwrap(),
             Objects::S3(c) => c.get(key).unwrap_or_else(|| panic!("{key} is missing")),
         }
     }
-    fn put(&self, key: &str, bytes: &[u8]) {
+    pub(crate) fn put(&self, key: &str, bytes: &[u8]) {
         match self {
             Objects::Dir(d) => std::fs::write(d.join(key), bytes).unwrap(),
             Objects::S3(c) => c.put(key, bytes),
         }
     }
-    fn delete(&self, key: &str) {
+    pub(crate) fn exists(&self, key: &str) -> bool {
+        match self {
+            Objects::Dir(d) => d.join(key).exists(),
+            Objects::S3(c) => c.exists(key),
+        }
+    }
+    pub(crate) fn delete(&self, key: &str) {
         match self {
             Objects::Dir(d) => std::fs::remove_file(d.join(key)).unwrap(),
             Objects::S3(c) => c.delete(key),

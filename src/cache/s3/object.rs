@@ -161,24 +161,10 @@ impl Shared {
     }
 
     pub(super) async fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        let out = self
-            .retry(Op::GetObject, key, || async {
-                match self
-                    .client
-                    .get_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .send()
-                    .await
-                {
-                    Ok(o) => Ok(Some(o)),
-                    Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => Ok(None),
-                    Err(e) => Err(e),
-                }
-            })
-            .await?;
-        let Some(out) = out else { return Ok(None) };
-        let body = out.body.collect().await.map_err(|e| CacheError::Remote {
+        let Some(body) = self.open(key).await? else {
+            return Ok(None);
+        };
+        let body = body.collect().await.map_err(|e| CacheError::Remote {
             cache: self.url.clone(),
             key: key.to_owned(),
             message: format!("reading the body: {e}"),
