@@ -310,16 +310,24 @@ fn gc_keeps_a_closure_and_deletes_the_rest_in_an_order_no_reader_can_see_broken(
     assert_eq!(to_delete(&again), [0, 0, 0, 0], "{again}");
 }
 
-#[test]
-fn a_root_the_cache_lacks_is_named_and_nothing_is_deleted() {
+/// A fresh `file://` cache with a chain of two paths Nix built (named after `name`) pushed
+/// into it, signed by a key of its own (named after `key_tag`): the cache's directory, its
+/// URL, the key and the chain's top path.
+fn pushed_chain(key_tag: &str, name: &str) -> (tempfile::TempDir, String, NixKey, String) {
     let dir = tempdir();
     let url = format!("file://{}", dir.path().display());
-    let key = nix_generate_key(&unique("gc-m").replace('-', "")[..20]);
-    let top = nix_build_chain("gc-missing", 2);
+    let key = nix_generate_key(&unique(key_tag).replace('-', "")[..20]);
+    let top = nix_build_chain(name, 2);
     run(narflow()
         .args(["push", "--to", &url, "--key-file"])
         .arg(&key.secret)
         .arg(&top));
+    (dir, url, key, top)
+}
+
+#[test]
+fn a_root_the_cache_lacks_is_named_and_nothing_is_deleted() {
+    let (_dir, url, _key, _top) = pushed_chain("gc-m", "gc-missing");
     let cache = open(&url);
     let before = keys(cache.as_ref());
     let absent = format!("{STORE_DIR}/0000000000000000000000000000000a-absent");
@@ -340,14 +348,7 @@ fn a_root_the_cache_lacks_is_named_and_nothing_is_deleted() {
 
 #[test]
 fn a_second_gc_is_refused_while_one_runs() {
-    let dir = tempdir();
-    let url = format!("file://{}", dir.path().display());
-    let key = nix_generate_key(&unique("gc-r").replace('-', "")[..20]);
-    let top = nix_build_chain("gc-refused", 2);
-    run(narflow()
-        .args(["push", "--to", &url, "--key-file"])
-        .arg(&key.secret)
-        .arg(&top));
+    let (dir, url, _key, top) = pushed_chain("gc-r", "gc-refused");
     // The first gc waits longer than one heartbeat before it lists.
     let settle = cache::gc_marker::HEARTBEAT.as_secs() + 10;
     let mut first = narflow()
@@ -477,14 +478,7 @@ fn gc_on_s3_deletes_in_batches_while_a_watcher_reads() {
 
 #[test]
 fn a_gc_that_finds_another_generation_in_its_marker_stops_and_deletes_nothing() {
-    let dir = tempdir();
-    let url = format!("file://{}", dir.path().display());
-    let key = nix_generate_key(&unique("gc-l").replace('-', "")[..20]);
-    let top = nix_build_chain("gc-lost", 2);
-    run(narflow()
-        .args(["push", "--to", &url, "--key-file"])
-        .arg(&key.secret)
-        .arg(&top));
+    let (_dir, url, _key, _top) = pushed_chain("gc-l", "gc-lost");
     let cache = open(&url);
     let before = keys(cache.as_ref());
     let cfg = narflow::maintain::gc::GcConfig {
