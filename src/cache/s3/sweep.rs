@@ -88,45 +88,19 @@ impl S3Cache {
             // Unfinished multipart uploads first: completing one would create a staging
             // object the listing below might miss.
             for &prefix in upload_prefixes {
-                let (mut key_marker, mut id_marker) = (None::<String>, None::<String>);
-                loop {
-                    let page = s
-                        .retry(Op::ListMultipartUploads, prefix, || {
-                            s.client
-                                .list_multipart_uploads()
-                                .bucket(&s.bucket)
-                                .prefix(prefix)
-                                .set_key_marker(key_marker.clone())
-                                .set_upload_id_marker(id_marker.clone())
-                                .send()
-                        })
-                        .await?;
-                    for u in page.uploads() {
-                        let (Some(key), Some(id)) = (u.key(), u.upload_id()) else {
-                            continue;
-                        };
-                        if !key.starts_with(prefix)
-                            || !older(u.initiated())
-                            || s.owned.owns_upload(key, id)
-                        {
-                            continue;
-                        }
-                        let r = s.abort(key, id).await;
-                        match r {
-                            Ok(_) => removed += 1,
-                            Err(e) => {
-                                tracing::warn!(
-                                    "could not abort the orphaned upload {id} of {key}: {e}"
-                                )
-                            }
-                        }
+                for u in s.multipart_uploads(Some(prefix)).await? {
+                    let (key, id) = (u.key.as_str(), u.upload_id.as_str());
+                    if !key.starts_with(prefix)
+                        || u.initiated.is_none_or(|t| t >= cutoff)
+                        || s.owned.owns_upload(key, id)
+                    {
+                        continue;
                     }
-                    match (page.next_key_marker(), page.next_upload_id_marker()) {
-                        (Some(k), id) if page.is_truncated() == Some(true) => {
-                            key_marker = Some(k.to_owned());
-                            id_marker = id.map(str::to_owned);
+                    match s.abort(key, id).await {
+                        Ok(_) => removed += 1,
+                        Err(e) => {
+                            tracing::warn!("could not abort the orphaned upload {id} of {key}: {e}")
                         }
-                        _ => break,
                     }
                 }
             }
