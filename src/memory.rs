@@ -53,11 +53,12 @@ pub fn output_bound(len: usize) -> usize {
 }
 
 /// What a cache needs of its share at least, and what for (said in the error when the
-/// budget cannot give it). A local directory needs nothing.
+/// budget cannot give it, in words of the user's settings). A local directory needs
+/// nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheNeed {
     pub bytes: u64,
-    /// E.g. `4 S3 parts of 8.0 MiB (s3.part-size)`.
+    /// E.g. `to fill one S3 part of 5.0 MiB, the smallest S3 takes`.
     pub what: String,
 }
 
@@ -107,14 +108,13 @@ impl Budget {
         let minimum = Self::minimum(chunk_size, cache);
         if memory < minimum {
             let out = output_bound(chunk_size) as u64;
-            let pipeline = format!(
-                "one {} chunk and its compression output beside half for the cache",
-                Human(chunk_size as u64)
-            );
-            let why = if cache.bytes * CACHE_SHARE_DIVISOR > Self::pipeline_floor(out) {
-                format!("half for the cache, which needs {}", cache.what)
+            let why = if Self::memory_for_cache(cache.bytes) > Self::pipeline_floor(out) {
+                cache.what.clone()
             } else {
-                pipeline
+                format!(
+                    "to read and compress one {} chunk (chunk-size) at a time",
+                    Human(chunk_size as u64)
+                )
             };
             return Err(TooSmall {
                 memory,
@@ -128,7 +128,13 @@ impl Budget {
     /// The least budget for chunks of `chunk_size` bytes and a cache that needs `cache`.
     pub fn minimum(chunk_size: usize, cache: &CacheNeed) -> u64 {
         let out = output_bound(chunk_size) as u64;
-        Self::pipeline_floor(out).max(cache.bytes * CACHE_SHARE_DIVISOR)
+        Self::pipeline_floor(out).max(Self::memory_for_cache(cache.bytes))
+    }
+
+    /// The least budget whose cache share ([`Budget::cache_share`]) is `bytes`: what a
+    /// cache names as `--memory` when it needs a share that large.
+    pub fn memory_for_cache(bytes: u64) -> u64 {
+        bytes.saturating_mul(CACHE_SHARE_DIVISOR)
     }
 
     /// The least budget whose pipeline share holds one chunk and one compression output.
@@ -206,10 +212,10 @@ mod tests {
 
     const OUT: u64 = (4 << 20) + (4 << 20) / 128 + 1024;
 
-    fn s3(part: u64) -> CacheNeed {
+    fn s3() -> CacheNeed {
         CacheNeed {
-            bytes: 4 * part,
-            what: format!("4 S3 parts of {}", Human(part)),
+            bytes: 5 << 20,
+            what: "to fill one S3 part of 5.0 MiB".into(),
         }
     }
 
@@ -249,8 +255,8 @@ mod tests {
         assert_eq!(e.minimum, floor);
         assert_eq!(
             e.to_string(),
-            "16.1 MiB is too small: at least 17M is needed (one 4.0 MiB chunk and its \
-             compression output beside half for the cache); raise --memory"
+            "16.1 MiB is too small: at least 17M is needed (to read and compress one 4.0 MiB \
+             chunk (chunk-size) at a time); raise --memory"
         );
         let e = Budget::new(8 << 20, 4 << 20, &CacheNeed::default()).unwrap_err();
         assert!(
@@ -264,17 +270,21 @@ mod tests {
 
     #[test]
     fn a_cache_that_needs_more_raises_the_floor_and_says_why() {
-        let need = s3(8 << 20);
-        assert_eq!(Budget::minimum(4 << 20, &need), 64 << 20);
-        assert!(Budget::new(64 << 20, 4 << 20, &need).is_ok());
-        let e = Budget::new(32 << 20, 4 << 20, &need).unwrap_err();
+        // With 4 MiB chunks the pipeline's floor is above S3's: 32M is plenty.
+        assert_eq!(Budget::minimum(4 << 20, &s3()), 4 * OUT);
+        assert!(Budget::new(32 << 20, 4 << 20, &s3()).is_ok());
+        // With 1 MiB chunks S3's one part is the floor, and the error says so.
+        assert_eq!(Budget::minimum(1 << 20, &s3()), 10 << 20);
+        assert!(Budget::new(10 << 20, 1 << 20, &s3()).is_ok());
+        let e = Budget::new(8 << 20, 1 << 20, &s3()).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "32.0 MiB is too small: at least 64M is needed (half for the cache, which needs \
-             4 S3 parts of 8.0 MiB); raise --memory"
+            "8.0 MiB is too small: at least 10M is needed (to fill one S3 part of 5.0 MiB); \
+             raise --memory"
         );
         // The cache's share is what it needs, never silently more.
-        assert_eq!(Budget::cache_share(64 << 20), need.bytes);
+        assert_eq!(Budget::cache_share(10 << 20), s3().bytes);
+        assert_eq!(Budget::memory_for_cache(s3().bytes), 10 << 20);
     }
 
     #[test]

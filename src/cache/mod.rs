@@ -617,7 +617,9 @@ pub struct S3Tuning {
     pub connect_timeout: std::time::Duration,
     /// How long a response may be silent (URL parameter `read-timeout=`, seconds).
     pub read_timeout: std::time::Duration,
-    /// Smallest multipart part (larger NARs get larger parts, to stay in S3's 10,000).
+    /// Multipart part size when the memory allows it (`s3.part-size`): a smaller upload
+    /// memory gets smaller parts, down to S3's 5 MiB; larger NARs get larger parts, to
+    /// stay in S3's 10,000.
     pub min_part_size: u64,
 }
 
@@ -686,18 +688,24 @@ impl S3Tuning {
         Ok(())
     }
 
-    /// What an S3 cache needs of its share of the memory budget: room for the parts of
-    /// one upload being filled while others are on their way (a part may take at most a
-    /// quarter of the upload memory).
+    /// What an S3 cache needs of its share of the memory budget at least: one part of
+    /// S3's smallest size, filled and sent one at a time. A larger share gets larger parts
+    /// (up to `min_part_size`) and more of them in flight.
     pub fn memory_need(&self) -> crate::memory::CacheNeed {
-        let parts = s3::PART_SHARE;
         crate::memory::CacheNeed {
-            bytes: self.min_part_size.saturating_mul(parts),
+            bytes: s3::MIN_S3_PART,
             what: format!(
-                "{parts} S3 parts of {} (s3.part-size)",
-                crate::memory::Human(self.min_part_size)
+                "to fill one S3 part of {}, the smallest S3 takes",
+                crate::memory::Human(s3::MIN_S3_PART)
             ),
         }
+    }
+
+    /// The least `--memory` whose S3 share takes parts of `part` bytes at the full size
+    /// (a part takes at most a [`s3::PART_SHARE`] of the share): what an explicit
+    /// `s3.part-size` and a NAR needing large parts ask for.
+    pub fn memory_for_part(part: u64) -> u64 {
+        crate::memory::Budget::memory_for_cache(part.saturating_mul(s3::PART_SHARE))
     }
 }
 

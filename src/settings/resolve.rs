@@ -176,6 +176,25 @@ impl Merged {
             .map(|u| crate::cache::memory_need(u, &s3))
             .unwrap_or_default();
         Budget::new(memory, chunk_size, &need).map_err(|e| invalid("memory", e.to_string()))?;
+        // A part size given is kept, never shrunk: the budget must take parts that large
+        // (the default part size shrinks to what the budget takes instead).
+        let s3_url = url
+            .as_ref()
+            .is_some_and(|u| matches!(u.location, crate::cache::url::CacheLocation::S3 { .. }));
+        if let (Some(part), true) = (s.s3.part_size, s3_url) {
+            let least = S3Tuning::memory_for_part(part.0);
+            if memory < least {
+                return Err(invalid(
+                    "s3.part-size",
+                    format!(
+                        "parts of {} need --memory {}M or more; raise --memory or lower \
+                         s3.part-size",
+                        crate::memory::Human(part.0),
+                        least.div_ceil(1 << 20)
+                    ),
+                ));
+            }
+        }
 
         let gc_batch_size = or_default(&s.gc.batch_size, &d.gc.batch_size);
         if !(2..=crate::cache::MAX_DELETE).contains(&gc_batch_size) {

@@ -509,8 +509,9 @@ settings_group! {
             env: "NARFLOW_S3_PART_SIZE",
             value: "SIZE",
             default: Fallback::Value("8M"),
-            help: "Smallest multipart part, at least 5M (larger NARs get larger parts; the \
-                   cache's half of --memory holds four)",
+            help: "Multipart part size, at least 5M; one given needs --memory 8 times it, the \
+                   default shrinks to fit a smaller --memory (5M at least); NARs over 76 GiB \
+                   get larger parts",
             show: |r| json!(r.s3.min_part_size),
         },
     }

@@ -287,8 +287,8 @@ fn values_that_parse_but_cannot_be_used_name_the_key_and_source() {
     let e = m.resolve().unwrap_err().to_string();
     assert!(
         e.starts_with(
-            "memory (from flag:--memory): 1.0 KiB is too small: at least 17M is needed (one \
-             4.0 MiB chunk and its compression output beside half for the cache); raise --memory"
+            "memory (from flag:--memory): 1.0 KiB is too small: at least 17M is needed (to \
+             read and compress one 4.0 MiB chunk (chunk-size) at a time); raise --memory"
         ),
         "{e}"
     );
@@ -477,27 +477,46 @@ fn the_example_file_names_every_key_with_its_default() {
 
 #[test]
 fn a_budget_too_small_for_the_cache_names_the_least_that_works() {
-    let m = merged(&["--to", "s3://b", "--memory", "32M"], &[], None);
+    // S3 takes any budget the pipeline takes: its parts shrink to what the memory holds.
+    let m = merged(&["--to", "s3://b", "--memory", "17M"], &[], None);
+    assert_eq!(m.resolve().unwrap().memory, 17 << 20);
+    // Below one part of S3's smallest (with chunks small enough for the pipeline).
+    let m = merged(
+        &["--to", "s3://b", "--memory", "8M", "--chunk-size", "1M"],
+        &[],
+        None,
+    );
     let e = m.resolve().unwrap_err().to_string();
     assert_eq!(
         e,
-        "memory (from flag:--memory): 32.0 MiB is too small: at least 64M is needed (half for \
-         the cache, which needs 4 S3 parts of 8.0 MiB (s3.part-size)); raise --memory"
+        "memory (from flag:--memory): 8.0 MiB is too small: at least 10M is needed (to fill \
+         one S3 part of 5.0 MiB, the smallest S3 takes); raise --memory"
     );
     // The same budget is enough for a directory, which buffers nothing.
-    let m = merged(&["--to", "file:///c", "--memory", "32M"], &[], None);
-    assert_eq!(m.resolve().unwrap().memory, 32 << 20);
-    // Larger parts need more of the default budget.
+    let m = merged(
+        &["--to", "file:///c", "--memory", "8M", "--chunk-size", "1M"],
+        &[],
+        None,
+    );
+    assert_eq!(m.resolve().unwrap().memory, 8 << 20);
+    // A part size given is kept: the budget must hold it.
     let m = merged(
         &["--to", "s3://b"],
         &[],
         Some("[s3]\npart-size = \"64M\"\n"),
     );
     let e = m.resolve().unwrap_err().to_string();
-    assert!(
-        e.starts_with("memory (from default): 128.0 MiB is too small: at least 512M"),
-        "{e}"
+    assert_eq!(
+        e,
+        "s3.part-size (from file:/etc/narflow/narflow.toml:2): parts of 64.0 MiB need \
+         --memory 512M or more; raise --memory or lower s3.part-size"
     );
+    let m = merged(
+        &["--to", "s3://b", "--memory", "512M"],
+        &[],
+        Some("[s3]\npart-size = \"64M\"\n"),
+    );
+    assert_eq!(m.resolve().unwrap().s3.min_part_size, 64 << 20);
 }
 
 #[test]

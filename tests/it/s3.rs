@@ -136,6 +136,74 @@ fn closure_of_derivations_is_substituted_by_nix_from_s3() {
     assert_nix_substitutes(&s3.http_url, &key, &closure);
 }
 
+/// `--memory 32M` takes a 300 MiB incompressible NAR to S3: in parts of S3's smallest
+/// size (5 MiB, counted at the proxy), within the budget plus its overhead (release
+/// figures against the 72 MiB target: `scripts/bench-small-memory`), leaving no staging
+/// object or upload behind; Nix substitutes it.
+#[test]
+fn a_300_mib_nar_goes_up_with_32m_of_memory_in_s3s_smallest_parts() {
+    const MIB: u64 = 1 << 20;
+    let Some(s3) = s3_env() else { return };
+    let big = BigPath::new("s3-small-memory", 300 * MIB);
+    let key = nix_generate_key("narflow-s3-test-1");
+    let proxy = Proxy::start(&s3.endpoint, vec![]);
+    let args: [&std::ffi::OsStr; 3] = [
+        "--key-file".as_ref(),
+        key.secret.as_ref(),
+        big.path.as_ref(),
+    ];
+    let url = s3.url_at(&proxy.endpoint(), "");
+    let (rss, _) = crate::memory::peak_rss_of_push_with(&url, 32 * MIB, &args);
+    crate::memory::assert_bounded("S3, a 300 MiB NAR", 32 * MIB, rss);
+
+    let c = s3.client();
+    let nar = assert_objects_of(&c, &big.path);
+    let file_size = c.head(&nar).unwrap().size;
+    let parts = proxy.succeeded(Kind::UploadPart) as u64;
+    assert_eq!(
+        parts,
+        file_size.div_ceil(5 * MIB),
+        "{file_size} bytes: {}",
+        proxy.dump()
+    );
+    assert_eq!(
+        proxy.forwarded(Kind::UploadPart) as u64,
+        parts,
+        "no retries"
+    );
+    assert_no_staging_leftovers(&c, &staging_keys(&proxy));
+    assert_nix_substitutes(&s3.http_url, &key, std::slice::from_ref(&big.path));
+    // Our own large object goes (the bucket is shared by every run).
+    c.delete(&nar);
+    c.delete(&narinfo_key(&big.path));
+}
+
+/// Below what can work at all, a push to S3 is refused at start (exit 2), naming
+/// `--memory` and the least that works, in words of the user's settings.
+#[test]
+fn a_memory_too_small_for_s3_is_refused_at_start_naming_the_least_that_works() {
+    let key = nix_generate_key("narflow-s3-test-1");
+    let url = "s3://b?endpoint=http://127.0.0.1:1&region=us-east-1";
+    for (extra, least) in [
+        (&["--memory", "16M"][..], "at least 17M"),
+        (
+            &["--memory", "8M", "--chunk-size", "1M"][..],
+            "at least 10M",
+        ),
+    ] {
+        let out = push(url, &key, extra, &["/nix/store/x".into()]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(
+            err.contains("--memory") && err.contains(least),
+            "{extra:?}: {err}"
+        );
+        for internal in ["half", "share", "upload memory"] {
+            assert!(!err.contains(internal), "{extra:?}: {err}");
+        }
+    }
+}
+
 #[test]
 fn a_large_nar_goes_up_in_parts_and_comes_back_byte_exact() {
     let Some(s3) = s3_env() else { return };

@@ -66,8 +66,10 @@ impl S3Cache {
         let need = tuning.memory_need();
         if opts.upload_memory < need.bytes {
             return Err(config_err(format!(
-                "an upload memory of {} bytes is less than {} bytes for {} (raise --memory)",
-                opts.upload_memory, need.bytes, need.what
+                "--memory {} is too small: at least {}M is needed ({}); raise --memory",
+                crate::memory::Human(crate::memory::Budget::memory_for_cache(opts.upload_memory)),
+                crate::memory::Budget::memory_for_cache(need.bytes).div_ceil(1 << 20),
+                need.what
             )));
         }
         let retries = tuning.retries;
@@ -171,13 +173,14 @@ mod tests {
         assert!(e.contains("bad value \"many\" for retries"), "{e}");
     }
 
-    /// The share of the budget the cache is given is what it gets: one below four parts
-    /// is refused at open, not raised behind the budget's back.
+    /// The share of the budget the cache is given is what it gets: one below S3's
+    /// smallest part is refused at open (naming `--memory`), not raised behind the
+    /// budget's back; one part's worth is enough, whatever `s3.part-size` says.
     #[test]
-    fn an_upload_memory_below_four_parts_is_refused() {
+    fn an_upload_memory_below_one_part_of_s3s_smallest_is_refused() {
         let url = CacheUrl::parse("s3://b?endpoint=http://127.0.0.1:1&region=us-east-1").unwrap();
         let mut opts = OpenOptions {
-            upload_memory: (32 << 20) - 1,
+            upload_memory: MIN_S3_PART - (1 << 20),
             max_rate: None,
             s3: S3Tuning::default(),
         };
@@ -186,10 +189,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("less than 33554432 bytes for 4 S3 parts of 8.0 MiB (s3.part-size)"),
+            e.ends_with(
+                "--memory 8.0 MiB is too small: at least 10M is needed (to fill one S3 part \
+                 of 5.0 MiB, the smallest S3 takes); raise --memory"
+            ),
             "{e}"
         );
-        opts.upload_memory = 32 << 20;
+        opts.upload_memory = MIN_S3_PART;
         assert!(S3Cache::build("b", &url, &opts, Some(creds())).is_ok());
     }
 

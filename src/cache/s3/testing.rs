@@ -24,6 +24,8 @@ struct Traffic {
     failed: std::collections::HashSet<String>,
     /// Each request's line and Content-Type, in the order they were read.
     log: Vec<(String, Option<String>)>,
+    /// Each request's body length, in the same order.
+    lengths: Vec<u64>,
 }
 
 impl Seen {
@@ -35,6 +37,17 @@ impl Seen {
     /// Each request so far: its request line and its Content-Type.
     pub(super) fn requests(&self) -> Vec<(String, Option<String>)> {
         self.state.lock().unwrap().log.clone()
+    }
+
+    /// The body length of each request whose line contains `part`, in order.
+    pub(super) fn lengths_of(&self, part: &str) -> Vec<u64> {
+        let st = self.state.lock().unwrap();
+        st.log
+            .iter()
+            .zip(&st.lengths)
+            .filter(|((line, _), _)| line.contains(part))
+            .map(|(_, len)| *len)
+            .collect()
     }
 }
 
@@ -96,6 +109,7 @@ fn serve(conn: std::net::TcpStream, seen: &Seen, hold: usize) {
             let me = st.requests;
             st.requests += 1;
             st.log.push((first.clone(), header("content-type")));
+            st.lengths.push(len);
             st.waiting += 1;
             st.most_waiting = st.most_waiting.max(st.waiting);
             seen.arrived.notify_all();

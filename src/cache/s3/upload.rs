@@ -14,18 +14,20 @@ use std::io::{self, Write};
 use std::sync::Arc;
 use tokio::task::JoinSet;
 
-/// Smallest part we upload: S3 requires 5 MiB for every part but the last; a little more
-/// keeps the request count down at no memory cost worth counting.
+/// Default part size (`s3.part-size`): S3 requires 5 MiB for every part but the last; a
+/// little more keeps the request count down where the memory allows it.
 pub(crate) const MIN_PART: u64 = 8 << 20;
-/// S3 allows 10,000 parts; leave room for compressed data a little larger than the NAR.
-const MAX_PARTS: u64 = 9_000;
 /// Most parts of one NAR uploading at once: enough to keep a link busy while one part
 /// waits for its answer. More would only take upload memory that other NARs finishing at
 /// the same time (up to `S3Tuning::concurrency` of them) could use; fewer when parts are
 /// large next to the upload memory or the concurrency is lower (see [`parts_in_flight`]).
 const PARTS_IN_FLIGHT: usize = 4;
+/// Parts of one NAR in flight whenever that many fit in the upload memory: one is filled
+/// while the other goes up.
+const OVERLAPPING_PARTS: u64 = 2;
 /// A part may take at most this share of the upload memory, so that the parts being
-/// filled of several NARs assembled at once fit beside each other.
+/// filled of several NARs assembled at once fit beside each other; but never less than
+/// S3's smallest part (see [`largest_part`]).
 pub(crate) const PART_SHARE: u64 = 4;
 /// The smallest part S3 takes (all but the last part of an upload).
 pub(crate) const MIN_S3_PART: u64 = 5 << 20;
@@ -36,17 +38,35 @@ const S3_MAX_PARTS: i32 = 10_000;
 /// parts were planned for (see [`grown_part_size`]).
 const GROW_EVERY: i32 = 1_000;
 
-/// Part size for a NAR of `nar_size` bytes: at least `MIN_PART` (8 MiB), and large enough
-/// that even a NAR that does not compress at all fits in `MAX_PARTS` (9,000) parts.
+/// Part size for a NAR of `nar_size` bytes with the default part size and memory enough:
+/// at least [`MIN_PART`] (8 MiB), and large enough that even a NAR that does not compress
+/// at all fits in S3's 10,000 parts.
 pub fn part_size(nar_size: u64) -> u64 {
-    part_size_at_least(nar_size, MIN_PART)
+    needed_part(nar_size).max(MIN_PART)
 }
 
-/// [`part_size`] with `min` (`S3Tuning::min_part_size`) in place of [`MIN_PART`]: a NAR
-/// small enough goes up in parts of exactly `min`, below the default as well as above.
-fn part_size_at_least(nar_size: u64, min: u64) -> u64 {
-    let worst = nar_size + nar_size / 64 + (1 << 20);
-    worst.div_ceil(MAX_PARTS).next_multiple_of(1 << 20).max(min)
+/// The smallest part (in whole MiB, at least S3's 5 MiB) that fits a NAR of `nar_size`
+/// bytes, compressed or not, in S3's 10,000 parts: 5 MiB up to about 48 GiB.
+fn needed_part(nar_size: u64) -> u64 {
+    compressed_bound(nar_size)
+        .div_ceil(S3_MAX_PARTS as u64)
+        .next_multiple_of(1 << 20)
+        .max(MIN_S3_PART)
+}
+
+/// The largest part `capacity` bytes of upload memory take: a [`PART_SHARE`] of it, but
+/// never below S3's smallest part (a memory that small holds fewer parts at once instead:
+/// see [`parts_in_flight`]).
+fn largest_part(capacity: u64) -> u64 {
+    (capacity / PART_SHARE).max(MIN_S3_PART)
+}
+
+/// Part size for a NAR of `nar_size` bytes, with parts of `preferred` bytes configured
+/// (`S3Tuning::min_part_size`) and `capacity` bytes of upload memory: `preferred` as far
+/// as the memory allows (S3's 5 MiB at least), larger where the NAR needs larger parts
+/// ([`needed_part`]; the caller checks those fit the memory).
+fn part_size_for(nar_size: u64, preferred: u64, capacity: u64) -> u64 {
+    needed_part(nar_size).max(preferred.min(largest_part(capacity)))
 }
 
 /// An upper bound on the compressed size of a NAR of `nar_size` bytes: zstd and xz add
@@ -60,9 +80,9 @@ fn compressed_bound(nar_size: u64) -> u64 {
 /// bytes were planned for `planned` bytes, `sent` bytes of which are sent: the same while
 /// the object stays within its plan (a NAR always does: its plan is a bound on its
 /// compressed size); beyond it (an object whose size was only a hint, such as a
-/// compressed log's), doubled every [`GROW_EVERY`] parts, as far as `largest` (a
-/// [`PART_SHARE`] of the upload memory) allows. From [`MIN_PART`], doubling every 1,000
-/// parts reaches S3's largest object (5 TiB) within its 10,000 parts.
+/// compressed log's), doubled every [`GROW_EVERY`] parts, as far as `largest`
+/// ([`largest_part`] of the upload memory) allows. From [`MIN_S3_PART`], doubling every
+/// 1,000 parts reaches S3's largest object (5 TiB) within its 10,000 parts.
 fn grown_part_size(part: u64, parts: i32, sent: u64, planned: u64, largest: u64) -> u64 {
     if sent <= planned || parts % GROW_EVERY != 0 {
         return part;
@@ -70,11 +90,14 @@ fn grown_part_size(part: u64, parts: i32, sent: u64, planned: u64, largest: u64)
     (part * 2).min(largest).max(part)
 }
 
-/// Parts of one upload in flight at once, for parts of `part` bytes and `capacity` bytes
-/// of upload memory: at most [`PARTS_IN_FLIGHT`] and `concurrency`, and together no more
-/// than a [`PART_SHARE`] of the memory (at least one).
+/// Parts of one upload held at once (the one being filled counts while the others are in
+/// flight), for parts of `part` bytes and `capacity` bytes of upload memory: a
+/// [`PART_SHARE`] of the memory's worth, or [`OVERLAPPING_PARTS`] where those fit, at
+/// most [`PARTS_IN_FLIGHT`] and `concurrency`; one (fill, send, wait) when only one fits.
 fn parts_in_flight(part: u64, capacity: u64, concurrency: usize) -> usize {
-    usize::try_from(capacity / PART_SHARE / part.max(1))
+    let part = part.max(1);
+    let parts = (capacity / PART_SHARE / part).max((capacity / part).min(OVERLAPPING_PARTS));
+    usize::try_from(parts)
         .unwrap_or(usize::MAX)
         .clamp(1, PARTS_IN_FLIGHT.min(concurrency).max(1))
 }
@@ -181,16 +204,15 @@ impl S3NarUpload {
         size: u64,
         content_type: &str,
     ) -> Result<Self, CacheError> {
-        let part = part_size_at_least(size, shared.min_part);
         let capacity = shared.memory.capacity;
-        if part > capacity / PART_SHARE {
-            let memory = part * PART_SHARE;
+        let part = part_size_for(size, shared.min_part, capacity);
+        if part > largest_part(capacity) {
             return Err(CacheError::Config(format!(
-                "{}: {what} of {size} bytes goes up in parts of {part} bytes, more than \
-                 1/{PART_SHARE} of the S3 upload memory ({capacity} bytes); it needs an upload \
-                 memory of {} or more (raise --memory)",
+                "{}: {what} of {size} bytes needs S3 parts of {} to fit in S3's \
+                 {S3_MAX_PARTS} parts, which need --memory {} or more",
                 shared.url,
-                human_size(memory)
+                crate::memory::Human(part),
+                human_size(crate::cache::S3Tuning::memory_for_part(part))
             )));
         }
         Ok(S3NarUpload {
@@ -262,7 +284,7 @@ impl S3NarUpload {
         if m.next_part > S3_MAX_PARTS {
             return Err(CacheError::Config(format!(
                 "{}: {} bytes sent in {S3_MAX_PARTS} parts (S3's most) of up to {} bytes, \
-                 and more to come; larger parts need more upload memory (raise --memory)",
+                 and more to come; larger parts need a larger --memory",
                 s.url, m.sent, self.part_size
             )));
         }
@@ -281,7 +303,7 @@ impl S3NarUpload {
             number,
             m.sent,
             self.planned,
-            s.memory.capacity / PART_SHARE,
+            largest_part(s.memory.capacity),
         );
         if grown != self.part_size as u64 {
             self.part_size = grown as usize;
@@ -506,12 +528,12 @@ mod tests {
         }
     }
 
-    /// Two NARs of about 560 GiB (parts of 65 MiB) assembled at once by one thread, as
+    /// Two NARs of about 620 GiB (parts of 65 MiB) assembled at once by one thread, as
     /// the sink does, both go on: each buffer reserves its whole part before it is filled.
     #[test]
     fn two_huge_nars_assembled_together_do_not_deadlock() {
         let endpoint = accepting_server();
-        let nar: u64 = 560 << 30;
+        let nar: u64 = 620 << 30;
         let memory = 320 << 20;
         let stuck = "the two uploads wait for each other's memory";
         within_deadline(Duration::from_secs(60), stuck, move || {
@@ -539,15 +561,77 @@ mod tests {
             Err(e) => e.to_string(),
         };
         let part = part_size(nar);
-        let needed = part * PART_SHARE;
+        let least = crate::cache::S3Tuning::memory_for_part(part);
         assert!(
-            e.contains(&format!("upload memory of {} or more", human_size(needed))),
+            e.ends_with(&format!(
+                "needs S3 parts of 115.0 MiB to fit in S3's 10000 parts, which need --memory \
+                 {} or more",
+                human_size(least)
+            )),
             "{e}"
         );
         assert!(e.contains(&format!("{nar} bytes")), "{e}");
-        // And that much memory does take it.
-        let cache = cache_at("http://127.0.0.1:1", needed);
-        assert!(cache.begin_nar(nar).is_ok());
+        assert!(!e.contains("upload memory"), "{e}");
+        // And that much memory does take it (the cache gets half), and no less.
+        let share = crate::memory::Budget::cache_share(least);
+        assert!(cache_at("http://127.0.0.1:1", share).begin_nar(nar).is_ok());
+        assert!(
+            cache_at("http://127.0.0.1:1", share - 1)
+                .begin_nar(nar)
+                .is_err()
+        );
+    }
+
+    /// The part size and the parts in flight, from the memory: S3's 5 MiB parts, two at
+    /// once, in the 16 MiB that `--memory 32M` gives S3; the default part size from the
+    /// default budget's 64 MiB up; larger parts only where the NAR needs them.
+    #[test]
+    fn parts_are_as_large_as_the_memory_allows_down_to_s3s_smallest() {
+        const MIB: u64 = 1 << 20;
+        let nar = 300 * MIB;
+        assert_eq!(part_size_for(nar, MIN_PART, 16 * MIB), MIN_S3_PART);
+        assert_eq!(parts_in_flight(MIN_S3_PART, 16 * MIB, 32), 2);
+        assert_eq!(part_size_for(nar, MIN_PART, 24 * MIB), 6 * MIB);
+        assert_eq!(part_size_for(nar, MIN_PART, 32 * MIB), MIN_PART);
+        assert_eq!(part_size_for(nar, MIN_PART, 64 * MIB), MIN_PART);
+        assert_eq!(parts_in_flight(MIN_PART, 64 * MIB, 32), 2);
+        // A part size asked for is used where the memory allows it.
+        assert_eq!(part_size_for(nar, 16 * MIB, 64 * MIB), 16 * MIB);
+        assert_eq!(part_size_for(nar, MIN_S3_PART, 64 * MIB), MIN_S3_PART);
+        // 5 MiB parts cover NARs up to about 48 GiB, incompressible, in 10,000 parts.
+        let largest_nar = 48 * 1024 * MIB;
+        assert_eq!(part_size_for(largest_nar, MIN_PART, 16 * MIB), MIN_S3_PART);
+        assert!(compressed_bound(largest_nar).div_ceil(MIN_S3_PART) <= 10_000);
+        let beyond = 49 * 1024 * MIB;
+        assert_eq!(part_size_for(beyond, MIN_PART, 16 * MIB), 6 * MIB);
+        assert!(6 * MIB > largest_part(16 * MIB), "refused at begin");
+        assert_eq!(crate::cache::S3Tuning::memory_for_part(6 * MIB), 48 * MIB);
+        // The least memory S3 takes: one part, filled, sent and waited for.
+        assert_eq!(parts_in_flight(MIN_S3_PART, MIN_S3_PART, 32), 1);
+        assert_eq!(parts_in_flight(MIN_S3_PART, 2 * MIN_S3_PART - 1, 32), 1);
+        assert_eq!(parts_in_flight(MIN_S3_PART, 2 * MIN_S3_PART, 32), 2);
+    }
+
+    /// With the 16 MiB `--memory 32M` gives S3, a NAR of many parts goes up in parts of
+    /// S3's smallest size, at most two at once, and its buffers never go beyond the memory.
+    #[test]
+    fn a_small_memory_sends_parts_of_s3s_smallest_two_at_a_time() {
+        let (endpoint, seen) = stand_in(1);
+        let memory = 16 << 20;
+        let cache = cache_at(&endpoint, memory);
+        let nar: u64 = 30 << 20;
+        let mut up = cache.begin_nar(nar).unwrap();
+        let chunk = vec![5u8; 1 << 20];
+        for _ in 0..nar >> 20 {
+            up.write_all(&chunk).unwrap();
+            assert!(cache.shared.memory.reserved() <= memory);
+        }
+        up.written();
+        up.commit("nar/small-memory.nar").unwrap();
+        let parts = seen.lengths_of("partNumber=");
+        assert_eq!(parts, vec![MIN_S3_PART; 6], "{:?}", seen.requests());
+        assert!(seen.most_in_flight() <= 2, "{}", seen.most_in_flight());
+        assert_eq!(cache.shared.memory.reserved(), 0);
     }
 
     /// Small NARs all written and waiting for a finisher to commit them (as the sink
@@ -710,8 +794,10 @@ mod tests {
     fn parts_in_flight_shrink_as_parts_grow_but_never_below_one() {
         assert_eq!(parts_in_flight(8 << 20, 128 << 20, 32), 4);
         assert_eq!(parts_in_flight(16 << 20, 128 << 20, 32), 2);
-        assert_eq!(parts_in_flight(32 << 20, 128 << 20, 32), 1);
-        assert_eq!(parts_in_flight(64 << 20, 128 << 20, 32), 1);
+        // Two while two fit: one is filled while the other goes up.
+        assert_eq!(parts_in_flight(32 << 20, 128 << 20, 32), 2);
+        assert_eq!(parts_in_flight(64 << 20, 128 << 20, 32), 2);
+        assert_eq!(parts_in_flight(128 << 20, 128 << 20, 32), 1);
         // Never more than the requests the tuning allows at once.
         assert_eq!(parts_in_flight(8 << 20, 128 << 20, 2), 2);
         assert_eq!(parts_in_flight(8 << 20, 1 << 30, 1), 1);
