@@ -13,9 +13,9 @@ use std::ffi::{OsStr, OsString};
 use std::process::Command;
 
 const MIB: u64 = 1 << 20;
-/// Budgets measured: the smallest S3 takes with its 8 MiB parts (a quarter of its half),
-/// and four times that.
-const BUDGETS: [u64; 2] = [64 * MIB, 256 * MIB];
+/// Budgets measured: a small one (S3 then sends parts of its smallest size, 5 MiB, two at
+/// a time), the default one and twice that.
+const BUDGETS: [u64; 3] = [32 * MIB, 128 * MIB, 256 * MIB];
 
 struct Workload {
     paths: Vec<BigPath>,
