@@ -64,7 +64,7 @@ struct Shared {
     concurrency: usize,
     /// Staging objects larger than this are copied in parts (UploadPartCopy) of this size.
     copy_part: u64,
-    /// Smallest multipart part (`S3Tuning::min_part_size`).
+    /// Multipart part size where the upload memory allows it (`S3Tuning::min_part_size`).
     min_part: u64,
     rt: tokio::runtime::Runtime,
     memory: Arc<UploadMemory>,

@@ -81,7 +81,7 @@ fn compressed_bound(nar_size: u64) -> u64 {
 /// the object stays within its plan (a NAR always does: its plan is a bound on its
 /// compressed size); beyond it (an object whose size was only a hint, such as a
 /// compressed log's), doubled every [`GROW_EVERY`] parts, as far as `largest`
-/// ([`largest_part`] of the upload memory) allows. From [`MIN_S3_PART`], doubling every
+/// ([`largest_part`] of the upload memory) allows. From [`MIN_PART`], doubling every
 /// 1,000 parts reaches S3's largest object (5 TiB) within its 10,000 parts.
 fn grown_part_size(part: u64, parts: i32, sent: u64, planned: u64, largest: u64) -> u64 {
     if sent <= planned || parts % GROW_EVERY != 0 {
