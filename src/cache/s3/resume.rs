@@ -252,7 +252,7 @@ impl Shared {
         loop {
             let page = self
                 .retry(Op::ListParts, key, || async {
-                    match self
+                    let r = self
                         .client
                         .list_parts()
                         .bucket(&self.bucket)
@@ -260,21 +260,37 @@ impl Shared {
                         .upload_id(id)
                         .set_part_number_marker(marker.clone())
                         .send()
-                        .await
-                    {
+                        .await;
+                    match r {
+                        Ok(page) => Ok(Some(PartsPage {
+                            parts: page
+                                .parts()
+                                .iter()
+                                .filter_map(|p| Some((p.part_number()?, p.size()?)))
+                                .collect(),
+                            next_marker: page.next_part_number_marker().map(str::to_owned),
+                            truncated: page.is_truncated() == Some(true),
+                        })),
                         Err(e) if e.code() == Some("NoSuchUpload") => Ok(None),
-                        r => r.map(Some),
+                        // A success the SDK cannot read may still be a listing of parts.
+                        Err(e) => match e
+                            .raw_response()
+                            .filter(|r| r.status().is_success())
+                            .and_then(|r| r.body().bytes())
+                            .and_then(PartsPage::parse)
+                        {
+                            Some(page) => Ok(Some(page)),
+                            None => Err(e),
+                        },
                     }
                 })
                 .await?;
             let Some(page) = page else { return Ok(None) };
-            for p in page.parts() {
-                if let (Some(n), Some(size)) = (p.part_number(), p.size()) {
-                    out.insert(n, u64::try_from(size).unwrap_or(0));
-                }
+            for (n, size) in page.parts {
+                out.insert(n, u64::try_from(size).unwrap_or(0));
             }
-            match page.next_part_number_marker() {
-                Some(m) if page.is_truncated() == Some(true) => marker = Some(m.to_owned()),
+            match page.next_marker {
+                Some(m) if page.truncated => marker = Some(m),
                 _ => return Ok(Some(out)),
             }
         }
@@ -303,6 +319,55 @@ impl Shared {
             j.forget(&u.cache_url, &u.upload_id)?;
         }
         Ok(())
+    }
+}
+
+/// One page of a ListParts answer.
+#[derive(Debug, PartialEq)]
+struct PartsPage {
+    /// Each part's number and size.
+    parts: Vec<(i32, i64)>,
+    next_marker: Option<String>,
+    truncated: bool,
+}
+
+impl PartsPage {
+    /// Reads a ListParts document whatever its root element is called (S3 names it
+    /// ListPartsResult, which the SDK insists on; moto ListPartsResponse). `None` when it
+    /// is not such a document.
+    fn parse(body: &[u8]) -> Option<PartsPage> {
+        use aws_smithy_xml::decode::{Document, try_data};
+        let mut doc = Document::try_from(body).ok()?;
+        let mut root = doc.root_element().ok()?;
+        if !root.start_el().local().starts_with("ListParts") {
+            return None;
+        }
+        let mut page = PartsPage {
+            parts: Vec::new(),
+            next_marker: None,
+            truncated: false,
+        };
+        while let Some(mut tag) = root.next_tag() {
+            match tag.start_el().local() {
+                "Part" => {
+                    let (mut number, mut size) = (None, None);
+                    while let Some(mut field) = tag.next_tag() {
+                        match field.start_el().local() {
+                            "PartNumber" => number = try_data(&mut field).ok()?.parse().ok(),
+                            "Size" => size = try_data(&mut field).ok()?.parse().ok(),
+                            _ => {}
+                        }
+                    }
+                    page.parts.push((number?, size?));
+                }
+                "NextPartNumberMarker" => {
+                    page.next_marker = Some(try_data(&mut tag).ok()?.into_owned());
+                }
+                "IsTruncated" => page.truncated = try_data(&mut tag).ok()? == "true",
+                _ => {}
+            }
+        }
+        Some(page)
     }
 }
 
@@ -432,5 +497,39 @@ impl InFlight {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ListParts answer is read whatever its root element is called (moto's is not
+    /// S3's), and nothing else passes for one.
+    #[test]
+    fn a_list_of_parts_is_read_from_s3_and_moto_documents() {
+        let doc = |root: &str| {
+            format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+                 <{root} xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Bucket>b</Bucket>\
+                 <Key>k</Key><UploadId>u</UploadId><PartNumberMarker>0</PartNumberMarker>\
+                 <NextPartNumberMarker>2</NextPartNumberMarker><MaxParts>2</MaxParts>\
+                 <IsTruncated>true</IsTruncated>\
+                 <Part><PartNumber>1</PartNumber><ETag>&quot;a&quot;</ETag><Size>5242880</Size></Part>\
+                 <Part><LastModified>2026-01-01T00:00:00Z</LastModified><PartNumber>2</PartNumber>\
+                 <Size>12345</Size></Part></{root}>"
+            )
+        };
+        let want = PartsPage {
+            parts: vec![(1, 5 << 20), (2, 12345)],
+            next_marker: Some("2".into()),
+            truncated: true,
+        };
+        for root in ["ListPartsResult", "ListPartsResponse"] {
+            assert_eq!(PartsPage::parse(doc(root).as_bytes()).as_ref(), Some(&want), "{root}");
+        }
+        assert_eq!(PartsPage::parse(doc("ListBucketResult").as_bytes()), None);
+        assert_eq!(PartsPage::parse(b"<Error><Code>NoSuchUpload</Code></Error>"), None);
+        assert_eq!(PartsPage::parse(b"not xml"), None);
     }
 }
