@@ -668,10 +668,8 @@ mod tests {
             1 << 30,
             clock.clone(),
         ));
-        let cache = RateLimited::with_bucket(
-            Box::new(Resumes { resumed: 2 << 20 }),
-            bucket.clone(),
-        );
+        let cache =
+            RateLimited::with_bucket(Box::new(Resumes { resumed: 2 << 20 }), bucket.clone());
         let charged = || *bucket.paid_until.lock().unwrap() - clock.now();
         let identity = super::super::resume::NarIdentity {
             store_path: "/nix/store/qs2vcw1sd6lzsvgvq6gggnw1v31qrm28-p".into(),

@@ -416,7 +416,10 @@ mod tests {
         let j = SqliteJournal::open(&dir.path().join("resume.sqlite")).unwrap();
         let a = upload("aaaa-a", "id-a");
         j.started(&a).unwrap();
-        assert_eq!(j.find(CACHE, &a.identity.store_path).unwrap(), Some(a.clone()));
+        assert_eq!(
+            j.find(CACHE, &a.identity.store_path).unwrap(),
+            Some(a.clone())
+        );
         j.part_done(CACHE, "id-a", &part(2, 2)).unwrap();
         j.part_done(CACHE, "id-a", &part(1, 1)).unwrap();
         // Another acknowledgement of part 1 replaces it.
@@ -443,7 +446,10 @@ mod tests {
         let mut new = upload("aaaa-a", "id-new");
         new.identity.compression = "xz".into();
         j.started(&new).unwrap();
-        assert_eq!(j.find(CACHE, &new.identity.store_path).unwrap(), Some(new.clone()));
+        assert_eq!(
+            j.find(CACHE, &new.identity.store_path).unwrap(),
+            Some(new.clone())
+        );
         // The old upload's parts went with it: a late acknowledgement is not recorded.
         j.part_done(CACHE, "id-old", &part(2, 2)).unwrap();
         let mut all = j.all(CACHE).unwrap();

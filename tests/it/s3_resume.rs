@@ -146,8 +146,15 @@ fn a_restarted_upload_sends_only_the_parts_after_the_recorded_ones() {
     let progress = cache.large_uploads();
     assert_eq!(progress.len(), 1, "{progress:?}");
     let p = &progress[0];
-    assert_eq!(p.store_path.as_deref(), Some(f.identity.store_path.as_str()));
-    assert_eq!((p.parts_done, p.bytes_resumed), (4, 4 * PART as u64), "{p:?}");
+    assert_eq!(
+        p.store_path.as_deref(),
+        Some(f.identity.store_path.as_str())
+    );
+    assert_eq!(
+        (p.parts_done, p.bytes_resumed),
+        (4, 4 * PART as u64),
+        "{p:?}"
+    );
     assert!(p.parts_total >= 6 && p.bytes_total >= LEN as u64, "{p:?}");
     assert_eq!(requests(&cache, "UploadPart"), 0);
     up.write_all(&data[4 * PART..]).unwrap();
@@ -177,7 +184,11 @@ fn other_compression_settings_reuse_nothing() {
     assert_eq!(requests(&cache, "ListParts"), 0);
     assert_eq!(cache.resumed_bytes(), 0);
     let new = f.s3.client();
-    assert_eq!(new.multipart_uploads(&staging), [], "the old upload is aborted");
+    assert_eq!(
+        new.multipart_uploads(&staging),
+        [],
+        "the old upload is aborted"
+    );
     f.check_and_clean(&data, &[&staging]);
 }
 
@@ -239,7 +250,8 @@ fn a_recorded_upload_gone_from_the_server_starts_afresh() {
     let data = data(5);
     let staging = f.interrupted(&data, 2 * PART);
     let record = f.record().unwrap();
-    f.s3.client().abort_multipart(&record.key, &record.upload_id);
+    f.s3.client()
+        .abort_multipart(&record.key, &record.upload_id);
     let cache = f.upload(&data, &f.identity);
     assert_eq!(requests(&cache, "ListParts"), 1);
     assert_eq!(requests(&cache, "UploadPart"), 6);

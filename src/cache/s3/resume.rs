@@ -5,7 +5,6 @@
 //! decides when a record ends but for the upload it is writing (completed, found gone, or
 //! of another identity); the caller ends the others ([`Shared::abort_recorded`]).
 use super::retry::{Op, join_error};
-use super::upload::S3NarUpload;
 use super::{MIN_S3_PART, PART_SHARE, STAGING_PREFIX, Shared};
 use crate::cache::CacheError;
 use crate::cache::resume::{
@@ -137,22 +136,21 @@ impl Resumable {
     }
 }
 
-impl S3NarUpload {
-    /// [`S3NarUpload::begin`] for the NAR `identity` names, resumable when the cache has
-    /// a journal: an upload the journal records for it goes on (its parts confirmed by
-    /// ListParts are not sent again when their bytes match); a record of another identity,
-    /// or one the server no longer has, is ended and the upload starts afresh.
+impl Resumable {
+    /// What an upload of the NAR `identity` names resumes, when the cache has a journal:
+    /// the upload the journal records for it, to go on with (its parts confirmed by
+    /// ListParts are not sent again when their bytes match), or none (a record of another
+    /// identity, or one the server no longer has, is ended: the upload starts afresh).
+    /// `None` without a journal: the upload is a plain one.
     ///
     /// # Errors
-    /// As [`S3NarUpload::begin`]; the journal's; a failed ListParts.
-    pub(super) fn begin_resumable(
-        shared: &Arc<Shared>,
-        nar_size: u64,
+    /// The journal's; a failed ListParts.
+    pub(super) fn find(
+        shared: &Shared,
         identity: &NarIdentity,
-    ) -> Result<Self, CacheError> {
-        let mut up = Self::begin(shared, nar_size)?;
+    ) -> Result<Option<(Resumable, Option<RecordedUpload>)>, CacheError> {
         let Some(journal) = shared.journal.clone() else {
-            return Ok(up);
+            return Ok(None);
         };
         let record = journal.find(&shared.url, &identity.store_path)?;
         let mut resume = Resumable {
@@ -162,26 +160,24 @@ impl S3NarUpload {
             recorded: None,
         };
         let Some(record) = record else {
-            up.resume = Some(resume);
-            return Ok(up);
+            return Ok(Some((resume, None)));
         };
-        let s = shared.clone();
-        if let Some(reusable) = s.rt.block_on(s.reusable_parts(&record, identity))? {
-            tracing::info!(
-                "{}: resuming the upload of {} ({} parts recorded, {} on the server)",
-                s.url,
-                identity.store_path,
-                record.parts.len(),
-                reusable.len()
-            );
-            resume.reusable = reusable;
-            resume.recorded = Some(record.upload_id.clone());
-            up.resume = Some(resume);
-            up.continue_multipart(record.key, record.upload_id, record.part_size);
-        } else {
-            up.resume = Some(resume);
-        }
-        Ok(up)
+        let Some(reusable) = shared
+            .rt
+            .block_on(shared.reusable_parts(&record, identity))?
+        else {
+            return Ok(Some((resume, None)));
+        };
+        tracing::info!(
+            "{}: resuming the upload of {} ({} parts recorded, {} on the server)",
+            shared.url,
+            identity.store_path,
+            record.parts.len(),
+            reusable.len()
+        );
+        resume.reusable = reusable;
+        resume.recorded = Some(record.upload_id.clone());
+        Ok(Some((resume, Some(record))))
     }
 }
 
@@ -225,9 +221,8 @@ impl Shared {
                 self.url,
                 identity.store_path
             );
-            if let Some(j) = &self.journal {
-                j.forget(&self.url, &record.upload_id)?;
-            }
+            // Completed before a kill, it may have left its staging object.
+            self.abort_recorded(record).await?;
             return Ok(None);
         };
         Ok(Some(
@@ -526,10 +521,17 @@ mod tests {
             truncated: true,
         };
         for root in ["ListPartsResult", "ListPartsResponse"] {
-            assert_eq!(PartsPage::parse(doc(root).as_bytes()).as_ref(), Some(&want), "{root}");
+            assert_eq!(
+                PartsPage::parse(doc(root).as_bytes()).as_ref(),
+                Some(&want),
+                "{root}"
+            );
         }
         assert_eq!(PartsPage::parse(doc("ListBucketResult").as_bytes()), None);
-        assert_eq!(PartsPage::parse(b"<Error><Code>NoSuchUpload</Code></Error>"), None);
+        assert_eq!(
+            PartsPage::parse(b"<Error><Code>NoSuchUpload</Code></Error>"),
+            None
+        );
         assert_eq!(PartsPage::parse(b"not xml"), None);
     }
 }

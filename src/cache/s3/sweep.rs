@@ -89,11 +89,8 @@ impl S3Cache {
             Some(j) => j.all(&s.url)?,
             None => Vec::new(),
         };
-        let recorded_upload = |key: &str, id: &str| {
-            recorded
-                .iter()
-                .any(|r| r.key == key && r.upload_id == id)
-        };
+        let recorded_upload =
+            |key: &str, id: &str| recorded.iter().any(|r| r.key == key && r.upload_id == id);
         let recorded_object = |key: &str| recorded.iter().any(|r| r.key == key);
         self.block_on(async {
             let mut removed = 0u64;

@@ -155,7 +155,7 @@ pub(super) struct S3NarUpload {
     multipart: Option<Multipart>,
     /// A resumable upload's journal and what the last run left
     /// ([`crate::cache::BinaryCache::begin_nar_resumable`]).
-    pub(super) resume: Option<Resumable>,
+    resume: Option<Resumable>,
     /// Bytes of parts the server had, not sent again.
     resumed: u64,
 }
@@ -167,6 +167,26 @@ impl S3NarUpload {
     /// [`CacheError::Config`] when its parts cannot fit the upload memory.
     pub(super) fn begin(shared: &Arc<Shared>, nar_size: u64) -> Result<Self, CacheError> {
         Self::begin_as(shared, "a NAR", nar_size, NAR_TYPE)
+    }
+
+    /// [`S3NarUpload::begin`] for the NAR `identity` names, resumable when the cache has
+    /// a journal: it goes on with the upload recorded for it, if any ([`Resumable::find`]).
+    ///
+    /// # Errors
+    /// As [`S3NarUpload::begin`] and [`Resumable::find`].
+    pub(super) fn begin_resumable(
+        shared: &Arc<Shared>,
+        nar_size: u64,
+        identity: &crate::cache::resume::NarIdentity,
+    ) -> Result<Self, CacheError> {
+        let mut up = Self::begin(shared, nar_size)?;
+        if let Some((resume, record)) = Resumable::find(shared, identity)? {
+            up.resume = Some(resume);
+            if let Some(r) = record {
+                up.continue_multipart(r.key, r.upload_id, r.part_size);
+            }
+        }
+        Ok(up)
     }
 
     /// Starts the upload of another object of about `size_hint` bytes, stored with
@@ -220,7 +240,7 @@ impl S3NarUpload {
 
     /// Goes on with the multipart upload `upload_id` on `staging`, in parts of `part`
     /// bytes (those it was started with), from its first part.
-    pub(super) fn continue_multipart(&mut self, staging: String, upload_id: String, part: u64) {
+    fn continue_multipart(&mut self, staging: String, upload_id: String, part: u64) {
         let s = &self.shared;
         self.part_size = part as usize;
         self.parts_in_flight = parts_in_flight(part, s.memory.capacity, s.concurrency);
@@ -532,7 +552,8 @@ impl Drop for S3NarUpload {
         let s = self.shared.clone();
         let mut in_flight = m.in_flight;
         // A recorded upload not yet complete stays for the next run to resume.
-        let keep = self.resume.as_ref().is_some_and(Resumable::is_recorded) && !m.upload_id.is_empty();
+        let keep =
+            self.resume.as_ref().is_some_and(Resumable::is_recorded) && !m.upload_id.is_empty();
         s.rt.block_on(async {
             in_flight.shutdown().await;
             if keep {
