@@ -284,3 +284,33 @@ fn a_sweep_leaves_a_recorded_upload_alone() {
     assert_eq!(c.multipart_uploads(&staging), []);
     assert_eq!(f.record(), None);
 }
+
+/// Dropped with parts in flight, as a kill finds it: every part is either found on the
+/// server (acknowledged and recorded) or sent again, never both, and the object is right.
+#[test]
+fn an_upload_dropped_with_parts_in_flight_resumes_what_was_acknowledged() {
+    let Some(f) = Fixture::new("resume-in-flight") else {
+        return;
+    };
+    let data = data(7);
+    {
+        let cache = f.cache(false);
+        let mut up = cache
+            .begin_nar_resumable(data.len() as u64, &f.identity)
+            .unwrap();
+        // Three parts in flight at most: the fourth waits for two to be acknowledged.
+        up.write_all(&data[..4 * PART]).unwrap();
+        drop(up);
+    }
+    let staging = f.record().unwrap().key;
+    let cache = f.upload(&data, &f.identity);
+    let (sent, resumed) = (requests(&cache, "UploadPart"), cache.resumed_bytes());
+    assert_eq!(resumed % PART as u64, 0, "{resumed}");
+    assert!(resumed >= 2 * PART as u64, "{resumed} bytes resumed");
+    assert_eq!(
+        sent + resumed / PART as u64,
+        6,
+        "{sent} sent, {resumed} resumed"
+    );
+    f.check_and_clean(&data, &[&staging]);
+}
