@@ -497,7 +497,46 @@ impl InFlight {
 
 #[cfg(test)]
 mod tests {
+    use super::super::MIN_PART;
+    use super::super::testing::{accepting_server, cache_at};
     use super::*;
+    use crate::cache::BinaryCache;
+    use std::io::Write;
+
+    /// Every multipart upload in flight is listed with its progress (a plain one without
+    /// a store path), from its first part until it is committed or dropped.
+    #[test]
+    fn a_multipart_upload_is_listed_while_it_lives() {
+        let cache = cache_at(&accepting_server(), 64 << 20);
+        let nar = 3 * MIN_PART;
+        for commit in [true, false] {
+            let mut u = cache.begin_nar(nar).unwrap();
+            assert_eq!(cache.large_uploads(), [], "listed before its first part");
+            // Two parts at most in flight (a quarter of 64 MiB): the second waits for one.
+            u.write_all(&vec![1; 2 * MIN_PART as usize]).unwrap();
+            let listed = cache.large_uploads();
+            assert_eq!(listed.len(), 1, "{listed:?}");
+            let p = &listed[0];
+            assert_eq!(p.store_path, None);
+            assert!(
+                p.parts_done >= 1 && p.bytes_done == p.parts_done * MIN_PART,
+                "{p:?}"
+            );
+            assert!(p.parts_total >= 3 && p.bytes_total >= nar, "{p:?}");
+            assert_eq!(p.bytes_resumed, 0);
+            if commit {
+                u.commit("nar/x.nar").unwrap();
+            } else {
+                drop(u);
+            }
+            assert_eq!(
+                cache.large_uploads(),
+                [],
+                "listed once over (commit={commit})"
+            );
+        }
+        assert_eq!(cache.resumed_bytes(), 0);
+    }
 
     /// A ListParts answer is read whatever its root element is called (moto's is not
     /// S3's), and nothing else passes for one.

@@ -116,7 +116,7 @@ async fn abort_others(s: &Shared, key: &str, keep: &str) {
 }
 
 /// A multipart upload to a staging key.
-pub(super) struct Multipart {
+struct Multipart {
     staging: String,
     /// The staging key is this upload's: no sweep removes its upload or its object.
     /// Dropped last, once both are gone (or the upload is dropped).
@@ -339,6 +339,17 @@ impl S3NarUpload {
             s.clone(),
         );
         m.next_part += 1;
+        let grown = grown_part_size(
+            self.part_size as u64,
+            number,
+            m.sent,
+            self.planned,
+            s.memory.capacity / PART_SHARE,
+        );
+        if grown != self.part_size as u64 {
+            self.part_size = grown as usize;
+            self.parts_in_flight = parts_in_flight(grown, s.memory.capacity, s.concurrency);
+        }
         let recorder = match Resumable::plan(self.resume.as_ref(), &s.url, &id, number, &body) {
             PartPlan::Send(recorder) => recorder,
             PartPlan::Reuse(part) => {
@@ -353,17 +364,6 @@ impl S3NarUpload {
             }
         };
         let progress = m.progress.line();
-        let grown = grown_part_size(
-            self.part_size as u64,
-            number,
-            m.sent,
-            self.planned,
-            s.memory.capacity / PART_SHARE,
-        );
-        if grown != self.part_size as u64 {
-            self.part_size = grown as usize;
-            self.parts_in_flight = parts_in_flight(grown, s.memory.capacity, s.concurrency);
-        }
         let _guard = s.rt.enter();
         m.in_flight.spawn(async move {
             let s = task_shared;
