@@ -113,7 +113,9 @@ pub type Published = Result<Merged, CacheError>;
 
 /// A NAR being uploaded (or another object, [`BinaryCache::begin_object`]). Bytes go in
 /// through `Write`; [`NarUpload::commit`] publishes them under their final key. Dropping an
-/// upload without committing aborts it: nothing appears under a final name.
+/// upload without committing aborts it (but for a resumable one a journal records, which
+/// stays for the next run: [`BinaryCache::begin_nar_resumable`]): nothing appears under a
+/// final name.
 pub trait NarUpload: Write + Send {
     /// Every byte of the NAR is written; `commit` or a drop follows, on this thread or
     /// another. A cache that reserves memory for the bytes it buffers (S3) stops counting
