@@ -9,6 +9,7 @@ pub mod gc_marker;
 pub mod null;
 pub(crate) mod owned;
 pub mod rate;
+pub mod resume;
 pub mod s3;
 pub mod url;
 
@@ -112,7 +113,9 @@ pub type Published = Result<Merged, CacheError>;
 
 /// A NAR being uploaded (or another object, [`BinaryCache::begin_object`]). Bytes go in
 /// through `Write`; [`NarUpload::commit`] publishes them under their final key. Dropping an
-/// upload without committing aborts it: nothing appears under a final name.
+/// upload without committing aborts it (but for a resumable one a journal records, which
+/// stays for the next run: [`BinaryCache::begin_nar_resumable`]): nothing appears under a
+/// final name.
 pub trait NarUpload: Write + Send {
     /// Every byte of the NAR is written; `commit` or a drop follows, on this thread or
     /// another. A cache that reserves memory for the bytes it buffers (S3) stops counting
@@ -127,6 +130,11 @@ pub trait NarUpload: Write + Send {
     /// # Errors
     /// [`CacheError`]; the upload is aborted.
     fn commit(self: Box<Self>, key: &str) -> Result<(), CacheError>;
+    /// Bytes written so far that go to the cache without being sent (parts of a resumed
+    /// upload that the server has): a wrapper that charges bytes sent uncharges these.
+    fn resumed_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// A binary cache.
@@ -177,6 +185,34 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     /// Starts a NAR upload. `nar_size` (the uncompressed size) lets a remote cache choose
     /// how to upload it (one request, or parts of a size that fits any NAR).
     fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError>;
+    /// [`BinaryCache::begin_nar`] for the NAR `identity` names, resumable: with a journal
+    /// (`OpenOptions::journal`), a remote cache records the upload and each acknowledged
+    /// part, and a later upload of the same identity sends only the parts the server lacks
+    /// or that differ. Dropped uncommitted, a resumable upload is not aborted: it stays
+    /// recorded for the next run. A cache that cannot resume begins a plain upload.
+    fn begin_nar_resumable(
+        &self,
+        nar_size: u64,
+        _identity: &resume::NarIdentity,
+    ) -> Result<Box<dyn NarUpload>, CacheError> {
+        self.begin_nar(nar_size)
+    }
+    /// Ends a recorded upload: aborts it on the server (one that is gone counts as
+    /// aborted), deletes its staging object if any, and forgets it in the journal.
+    ///
+    /// # Errors
+    /// [`CacheError`] when the server or the journal fails; the record then stays.
+    fn abort_recorded(&self, _upload: &resume::RecordedUpload) -> Result<(), CacheError> {
+        Ok(())
+    }
+    /// Every multipart upload in flight in this process, with its progress.
+    fn large_uploads(&self) -> Vec<resume::UploadProgress> {
+        Vec::new()
+    }
+    /// Bytes not sent again because a recorded part matched, since the cache was opened.
+    fn resumed_bytes(&self) -> u64 {
+        0
+    }
     /// Writes `<hash part>.narinfo` atomically, as [`BinaryCache::put_narinfos`] does.
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError>;
     /// [`BinaryCache::put_narinfo`] for many narinfos, none of which depends on another
@@ -596,7 +632,7 @@ pub fn narinfo_hash(key: &[u8]) -> Option<[u8; 20]> {
 
 /// What a cache's constructor is given: its share of the one memory budget
 /// ([`crate::memory::Budget::cache_share`]), and the S3 tuning.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct OpenOptions {
     /// Bytes of NAR data the cache may buffer on their way out (S3: small NARs whole
     /// until their PUT, large ones part by part). A local directory buffers nothing.
@@ -604,6 +640,23 @@ pub struct OpenOptions {
     /// Cap on the bytes per second sent to the cache (`--max-rate`); `None`: no cap.
     pub max_rate: Option<u64>,
     pub s3: S3Tuning,
+    /// Where multipart uploads are recorded so that a restart resumes them
+    /// ([`BinaryCache::begin_nar_resumable`]); `None`: no upload is resumable.
+    pub journal: Option<std::sync::Arc<dyn resume::UploadJournal>>,
+}
+
+/// Options are equal when their journals are the same one.
+impl PartialEq for OpenOptions {
+    fn eq(&self, other: &Self) -> bool {
+        let same_journal = match (&self.journal, &other.journal) {
+            (None, None) => true,
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        (self.upload_memory, self.max_rate, &self.s3)
+            == (other.upload_memory, other.max_rate, &other.s3)
+            && same_journal
+    }
 }
 
 /// How an S3 cache talks to its server. Ignored by other caches.

@@ -7,6 +7,9 @@
 //! cache stores it, or a streamed object: a build log) and the bodies of narinfo and other
 //! object PUTs (`.ls` listings). Not counted: request headers, HEAD/GET/list requests and
 //! their answers, bytes a retry sends again, and `nix-cache-info`; all small next to NARs.
+//! Nor the parts of a resumed upload the server already has ([`NarUpload::resumed_bytes`]):
+//! they are written, and charged, but not sent, so the bytes that follow go free until
+//! they are paid back.
 //!
 //! Where it is approximate: a cache may buffer what it is given before sending it. A local
 //! directory writes at once. An S3 cache holds a small NAR whole until its PUT and a large
@@ -225,20 +228,39 @@ impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
         self.inner.get_text(key)
     }
     fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
-        Ok(Box::new(RateLimitedUpload {
-            inner: self.inner.begin_nar(nar_size)?,
-            bucket: self.bucket.clone(),
-        }))
+        Ok(Box::new(RateLimitedUpload::new(
+            self.inner.begin_nar(nar_size)?,
+            self.bucket.clone(),
+        )))
+    }
+    fn begin_nar_resumable(
+        &self,
+        nar_size: u64,
+        identity: &super::resume::NarIdentity,
+    ) -> Result<Box<dyn NarUpload>, CacheError> {
+        Ok(Box::new(RateLimitedUpload::new(
+            self.inner.begin_nar_resumable(nar_size, identity)?,
+            self.bucket.clone(),
+        )))
+    }
+    fn abort_recorded(&self, upload: &super::resume::RecordedUpload) -> Result<(), CacheError> {
+        self.inner.abort_recorded(upload)
+    }
+    fn large_uploads(&self) -> Vec<super::resume::UploadProgress> {
+        self.inner.large_uploads()
+    }
+    fn resumed_bytes(&self) -> u64 {
+        self.inner.resumed_bytes()
     }
     fn begin_object(
         &self,
         size_hint: u64,
         content_type: &str,
     ) -> Result<Box<dyn NarUpload>, CacheError> {
-        Ok(Box::new(RateLimitedUpload {
-            inner: self.inner.begin_object(size_hint, content_type)?,
-            bucket: self.bucket.clone(),
-        }))
+        Ok(Box::new(RateLimitedUpload::new(
+            self.inner.begin_object(size_hint, content_type)?,
+            self.bucket.clone(),
+        )))
     }
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError> {
         self.bucket.take(text.len() as u64);
@@ -313,6 +335,18 @@ impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
 struct RateLimitedUpload<C: Clock> {
     inner: Box<dyn NarUpload>,
     bucket: Arc<TokenBucket<C>>,
+    /// Of the inner upload's resumed bytes, those already paid back (written uncharged).
+    repaid: u64,
+}
+
+impl<C: Clock> RateLimitedUpload<C> {
+    fn new(inner: Box<dyn NarUpload>, bucket: Arc<TokenBucket<C>>) -> Self {
+        RateLimitedUpload {
+            inner,
+            bucket,
+            repaid: 0,
+        }
+    }
 }
 
 impl<C: Clock> Write for RateLimitedUpload<C> {
@@ -321,7 +355,13 @@ impl<C: Clock> Write for RateLimitedUpload<C> {
         if n == 0 {
             return Ok(0);
         }
-        self.bucket.take(n as u64);
+        // Bytes charged for parts that were then not sent pay for these first.
+        let credit = self.inner.resumed_bytes().saturating_sub(self.repaid);
+        let free = credit.min(n as u64);
+        self.repaid += free;
+        if free < n as u64 {
+            self.bucket.take(n as u64 - free);
+        }
         self.inner.write_all(&buf[..n])?;
         Ok(n)
     }
@@ -336,6 +376,9 @@ impl<C: Clock> NarUpload for RateLimitedUpload<C> {
     }
     fn commit(self: Box<Self>, key: &str) -> Result<(), CacheError> {
         self.inner.commit(key)
+    }
+    fn resumed_bytes(&self) -> u64 {
+        self.inner.resumed_bytes()
     }
 }
 
@@ -536,5 +579,108 @@ mod tests {
         up.write_all(&vec![1u8; 900_000]).unwrap();
         // Nine bursts waited 0.1 s each, after the first went at once.
         assert_eq!(clock.sleeps(), vec![Duration::from_millis(100); 9]);
+    }
+
+    /// A cache whose uploads find their first `resumed` bytes on the server.
+    #[derive(Debug)]
+    struct Resumes {
+        resumed: u64,
+    }
+
+    struct ResumedUpload {
+        written: u64,
+        resumed: u64,
+    }
+
+    impl Write for ResumedUpload {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.written += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl NarUpload for ResumedUpload {
+        fn written(&mut self) {}
+        fn commit(self: Box<Self>, _key: &str) -> Result<(), CacheError> {
+            Ok(())
+        }
+        fn resumed_bytes(&self) -> u64 {
+            self.written.min(self.resumed)
+        }
+    }
+
+    impl BinaryCache for Resumes {
+        fn url(&self) -> &str {
+            "test://resumes"
+        }
+        fn ensure_cache_info(&self, _: &str) -> Result<(), CacheError> {
+            Ok(())
+        }
+        fn has_narinfo(&self, _: &StorePath) -> Result<bool, CacheError> {
+            Ok(false)
+        }
+        fn has_object(&self, _: &str) -> Result<bool, CacheError> {
+            Ok(false)
+        }
+        fn object_size(&self, _: &str) -> Result<Option<u64>, CacheError> {
+            Ok(None)
+        }
+        fn get_narinfo(&self, _: &StorePath) -> Result<Option<String>, CacheError> {
+            Ok(None)
+        }
+        fn get_text(&self, _: &str) -> Result<Option<String>, CacheError> {
+            Ok(None)
+        }
+        fn begin_nar(&self, _: u64) -> Result<Box<dyn NarUpload>, CacheError> {
+            Ok(Box::new(ResumedUpload {
+                written: 0,
+                resumed: 0,
+            }))
+        }
+        fn begin_nar_resumable(
+            &self,
+            _: u64,
+            _: &super::super::resume::NarIdentity,
+        ) -> Result<Box<dyn NarUpload>, CacheError> {
+            Ok(Box::new(ResumedUpload {
+                written: 0,
+                resumed: self.resumed,
+            }))
+        }
+        fn put_narinfo(&self, _: &StorePath, _: &str) -> Result<(), CacheError> {
+            Ok(())
+        }
+        fn sync(&self) -> Result<(), CacheError> {
+            Ok(())
+        }
+    }
+
+    /// Parts a resumed upload did not send again are not charged: the bytes after them
+    /// go free until what was charged for them is paid back.
+    #[test]
+    fn bytes_a_resumed_upload_does_not_send_are_not_charged() {
+        let clock = test_clock();
+        let bucket = Arc::new(TokenBucket::with_clock(
+            rate(1_000_000_000),
+            1 << 30,
+            clock.clone(),
+        ));
+        let cache =
+            RateLimited::with_bucket(Box::new(Resumes { resumed: 2 << 20 }), bucket.clone());
+        let charged = || *bucket.paid_until.lock().unwrap() - clock.now();
+        let identity = super::super::resume::NarIdentity {
+            store_path: "/nix/store/qs2vcw1sd6lzsvgvq6gggnw1v31qrm28-p".into(),
+            nar_hash: "sha256:x".into(),
+            compression: "zstd".into(),
+        };
+        let mut up = cache.begin_nar_resumable(6 << 20, &identity).unwrap();
+        up.write_all(&vec![7u8; 3 << 20]).unwrap();
+        up.write_all(&vec![7u8; 3 << 20]).unwrap();
+        assert_eq!(up.resumed_bytes(), 2 << 20);
+        up.commit("nar/x.nar").unwrap();
+        assert_eq!(charged(), Duration::from_nanos(4 << 20));
     }
 }

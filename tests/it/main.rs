@@ -22,6 +22,7 @@ mod rate;
 mod repair;
 mod s3;
 mod s3_faults;
+mod s3_resume;
 mod store_nix;
 mod verify;
 mod watch;

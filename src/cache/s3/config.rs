@@ -148,6 +148,8 @@ impl S3Cache {
                 concurrency,
                 counts: Default::default(),
                 owned: Default::default(),
+                journal: opts.journal.clone(),
+                uploads: Default::default(),
             }),
         })
     }
@@ -165,6 +167,7 @@ mod tests {
             upload_memory: 128 << 20,
             max_rate: None,
             s3: S3Tuning::default(),
+            journal: None,
         };
         let e = S3Cache::open("b", &url, &opts).unwrap_err().to_string();
         assert!(e.contains("addressing-style \"sideways\""), "{e}");
@@ -183,6 +186,7 @@ mod tests {
             upload_memory: MIN_S3_PART - (1 << 20),
             max_rate: None,
             s3: S3Tuning::default(),
+            journal: None,
         };
         let creds = || aws_sdk_s3::config::Credentials::new("t", "t", None, None, "tests");
         let e = S3Cache::build("b", &url, &opts, Some(creds()))

@@ -5,7 +5,8 @@
 //!
 //! It never leaves a partial object under a final name: a NAR larger than one part goes
 //! up to a staging key and is copied to `nar/<FileHash>` once whole, and an upload dropped
-//! uncommitted aborts and deletes what it made. A lost or unreadable answer is checked
+//! uncommitted aborts and deletes what it made (but for a recorded resumable upload, kept
+//! for the next run to go on with). A lost or unreadable answer is checked
 //! (the object exists with the bytes sent), never assumed. It buffers at most
 //! `OpenOptions::upload_memory`. Requests run on this cache's own tokio runtime; callers
 //! are plain threads that block on them, never a runtime's workers.
@@ -14,7 +15,8 @@
 //! how long to wait), `object` (requests on one object), `upload` (NARs and other objects
 //! going up, part sizes), `memory` (the upload memory), `copy` (server-side copies),
 //! `batch` (many requests at once), `delete` (DeleteObjects), `list` (the whole bucket), `sweep` (what killed uploads left behind, by age,
-//! never what a live upload owns).
+//! never what a live upload owns or the journal records), `resume` (resumable uploads:
+//! their record, the parts a restart need not send again, the progress of uploads in flight).
 
 mod batch;
 mod config;
@@ -23,6 +25,7 @@ mod delete;
 mod list;
 mod memory;
 mod object;
+mod resume;
 mod retry;
 mod sweep;
 #[cfg(test)]
@@ -72,6 +75,10 @@ struct Shared {
     counts: retry::Counts,
     /// What live uploads own: never swept.
     owned: sweep::Owned,
+    /// Where multipart uploads begun resumable are recorded (`OpenOptions::journal`).
+    journal: Option<Arc<dyn super::resume::UploadJournal>>,
+    /// The multipart uploads in flight, with their progress, and the bytes resumed.
+    uploads: resume::InFlight,
 }
 
 #[derive(Debug)]
@@ -184,6 +191,32 @@ impl BinaryCache for S3Cache {
             &self.shared,
             nar_size,
         )?))
+    }
+
+    /// With a journal: finds the upload's record, checks its identity, confirms its
+    /// parts with ListParts, and sends only those the server lacks or that differ.
+    fn begin_nar_resumable(
+        &self,
+        nar_size: u64,
+        identity: &super::resume::NarIdentity,
+    ) -> Result<Box<dyn NarUpload>, CacheError> {
+        Ok(Box::new(upload::S3NarUpload::begin_resumable(
+            &self.shared,
+            nar_size,
+            identity,
+        )?))
+    }
+
+    fn abort_recorded(&self, upload: &super::resume::RecordedUpload) -> Result<(), CacheError> {
+        self.block_on(self.shared.abort_recorded(upload))
+    }
+
+    fn large_uploads(&self) -> Vec<super::resume::UploadProgress> {
+        self.shared.uploads.snapshot()
+    }
+
+    fn resumed_bytes(&self) -> u64 {
+        self.shared.uploads.resumed_total()
     }
 
     /// The NAR upload's way, with `content_type`: one PUT when it stays below a part,
@@ -385,8 +418,9 @@ impl BinaryCache for S3Cache {
     /// multi-part copy to a final key whose push was killed), and deletes the staging
     /// objects, that were started (Initiated) or written (LastModified) more than `grace`
     /// ago by this machine's clock; younger ones may belong to an upload running elsewhere.
-    /// What a live upload of this process owns stays, however old (`sweep::Owned`).
-    /// Objects under `nar/` are never deleted here.
+    /// What a live upload of this process owns stays, however old (`sweep::Owned`), and
+    /// so does an upload the journal records, with its staging object: the caller ends
+    /// those ([`BinaryCache::abort_recorded`]). Objects under `nar/` are never deleted here.
     fn sweep_orphans(&self, grace: Duration) -> Result<u64, CacheError> {
         let cutoff = SystemTime::now()
             .checked_sub(grace)

@@ -23,11 +23,12 @@ pub(super) enum Op {
     CompleteMultipartUpload,
     AbortMultipartUpload,
     ListMultipartUploads,
+    ListParts,
     ListObjectsV2,
 }
 
 impl Op {
-    const ALL: [Op; 13] = [
+    const ALL: [Op; 14] = [
         Op::PutObject,
         Op::HeadObject,
         Op::GetObject,
@@ -40,6 +41,7 @@ impl Op {
         Op::CompleteMultipartUpload,
         Op::AbortMultipartUpload,
         Op::ListMultipartUploads,
+        Op::ListParts,
         Op::ListObjectsV2,
     ];
 
@@ -58,6 +60,7 @@ impl Op {
             Op::CompleteMultipartUpload => "CompleteMultipartUpload",
             Op::AbortMultipartUpload => "AbortMultipartUpload",
             Op::ListMultipartUploads => "ListMultipartUploads",
+            Op::ListParts => "ListParts",
             Op::ListObjectsV2 => "ListObjectsV2",
         }
     }

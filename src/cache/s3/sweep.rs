@@ -1,6 +1,8 @@
 //! Sweeping what killed uploads left behind: unfinished multipart uploads and staging
 //! objects older than a cutoff (never objects under `nar/`), and the registry of what the
-//! live uploads of this process own, which a sweep never removes whatever its age.
+//! live uploads of this process own, which a sweep never removes whatever its age. Nor
+//! does it remove an upload the journal records (or its staging object): a restart
+//! resumes it, and the caller ends it (`BinaryCache::abort_recorded`).
 use super::retry::Op;
 use super::{S3Cache, STAGING_PREFIX};
 use crate::cache::CacheError;
@@ -40,7 +42,7 @@ impl Owned {
     }
 
     /// Whether the multipart upload `id` on `key` is a live upload's.
-    fn owns_upload(&self, key: &str, id: &str) -> bool {
+    pub(super) fn owns_upload(&self, key: &str, id: &str) -> bool {
         self.keys.contains(&key.to_owned()) || self.uploads.contains(&id.to_owned())
     }
 
@@ -71,7 +73,11 @@ impl S3Cache {
 
     /// Aborts the multipart uploads under each of `upload_prefixes` and deletes the
     /// objects under `object_prefix` that are older than `cutoff`, except what a live
-    /// upload of this process owns ([`Owned`]).
+    /// upload of this process owns ([`Owned`]) and what the journal records.
+    ///
+    /// # Errors
+    /// [`CacheError`] when listing fails, or the journal cannot be read (nothing is
+    /// removed then).
     pub(super) fn sweep(
         &self,
         upload_prefixes: &[&str],
@@ -79,6 +85,13 @@ impl S3Cache {
         cutoff: SystemTime,
     ) -> Result<u64, CacheError> {
         let s = &self.shared;
+        let recorded = match &s.journal {
+            Some(j) => j.all(&s.url)?,
+            None => Vec::new(),
+        };
+        let recorded_upload =
+            |key: &str, id: &str| recorded.iter().any(|r| r.key == key && r.upload_id == id);
+        let recorded_object = |key: &str| recorded.iter().any(|r| r.key == key);
         self.block_on(async {
             let mut removed = 0u64;
             let older = |t: Option<&aws_sdk_s3::primitives::DateTime>| {
@@ -93,6 +106,7 @@ impl S3Cache {
                     if !key.starts_with(prefix)
                         || u.initiated.is_none_or(|t| t >= cutoff)
                         || s.owned.owns_upload(key, id)
+                        || recorded_upload(key, id)
                     {
                         continue;
                     }
@@ -122,6 +136,7 @@ impl S3Cache {
                     if !key.starts_with(prefix)
                         || !older(o.last_modified())
                         || s.owned.owns_object(key)
+                        || recorded_object(key)
                     {
                         continue;
                     }

@@ -205,6 +205,7 @@ pub(super) fn bucket_with(
         upload_memory: memory,
         max_rate: None,
         s3,
+        journal: None,
     };
     S3Cache::build(bucket, &url, &opts, Some(creds)).unwrap()
 }

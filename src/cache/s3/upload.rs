@@ -4,6 +4,7 @@
 //! Other objects streamed in ([`crate::cache::BinaryCache::begin_object`]: build logs) go
 //! up the same way, with their own Content-Type.
 use super::memory::Reservation;
+use super::resume::{PartPlan, Resumable, Tracked};
 use super::retry::{Answer, Op, join_error, unreadable_success};
 use super::{NAR_TYPE, STAGING_PREFIX, Shared};
 use crate::cache::{CacheError, NarUpload};
@@ -152,6 +153,8 @@ struct Multipart {
     next_part: i32,
     in_flight: JoinSet<Result<CompletedPart, CacheError>>,
     done: Vec<CompletedPart>,
+    /// Its line in `BinaryCache::large_uploads` while it lives.
+    progress: Tracked,
 }
 
 /// A NAR (or another object) on its way to S3: buffered until it is known to be small (one
@@ -173,6 +176,11 @@ pub(super) struct S3NarUpload {
     /// Every byte is written ([`NarUpload::written`]).
     written: bool,
     multipart: Option<Multipart>,
+    /// A resumable upload's journal and what the last run left
+    /// ([`crate::cache::BinaryCache::begin_nar_resumable`]).
+    resume: Option<Resumable>,
+    /// Bytes of parts the server had, not sent again.
+    resumed: u64,
 }
 
 impl S3NarUpload {
@@ -182,6 +190,26 @@ impl S3NarUpload {
     /// [`CacheError::Config`] when its parts cannot fit the upload memory.
     pub(super) fn begin(shared: &Arc<Shared>, nar_size: u64) -> Result<Self, CacheError> {
         Self::begin_as(shared, "a NAR", nar_size, NAR_TYPE)
+    }
+
+    /// [`S3NarUpload::begin`] for the NAR `identity` names, resumable when the cache has
+    /// a journal: it goes on with the upload recorded for it, if any ([`Resumable::find`]).
+    ///
+    /// # Errors
+    /// As [`S3NarUpload::begin`] and [`Resumable::find`].
+    pub(super) fn begin_resumable(
+        shared: &Arc<Shared>,
+        nar_size: u64,
+        identity: &crate::cache::resume::NarIdentity,
+    ) -> Result<Self, CacheError> {
+        let mut up = Self::begin(shared, nar_size)?;
+        if let Some((resume, record)) = Resumable::find(shared, identity)? {
+            up.resume = Some(resume);
+            if let Some(r) = record {
+                up.continue_multipart(r.key, r.upload_id, r.part_size);
+            }
+        }
+        Ok(up)
     }
 
     /// Starts the upload of another object of about `size_hint` bytes, stored with
@@ -227,7 +255,36 @@ impl S3NarUpload {
             reservation: None,
             written: false,
             multipart: None,
+            resume: None,
+            resumed: 0,
         })
+    }
+
+    /// Goes on with the multipart upload `upload_id` on `staging`, in parts of `part`
+    /// bytes (those it was started with), from its first part.
+    fn continue_multipart(&mut self, staging: String, upload_id: String, part: u64) {
+        let s = &self.shared;
+        self.part_size = part as usize;
+        self.parts_in_flight = parts_in_flight(part, s.memory.capacity, s.concurrency);
+        self.multipart = Some(Multipart {
+            _owning: s.owned.staging_key(&staging),
+            staging,
+            upload_id,
+            sent: 0,
+            completing: false,
+            next_part: 1,
+            in_flight: JoinSet::new(),
+            done: Vec::new(),
+            progress: self.track(),
+        });
+    }
+
+    /// This upload's line in the progress of the uploads in flight.
+    fn track(&self) -> Tracked {
+        let path = self.resume.as_ref().map(|r| r.identity.store_path.clone());
+        self.shared
+            .uploads
+            .track(path, self.part_size as u64, self.planned)
     }
 
     fn staging_key() -> String {
@@ -269,6 +326,7 @@ impl S3NarUpload {
                 }
             };
             let upload_id = id.upload_id().unwrap_or_default().to_owned();
+            let progress = self.track();
             self.multipart = Some(Multipart {
                 staging,
                 _owning: owning,
@@ -278,7 +336,12 @@ impl S3NarUpload {
                 next_part: 1,
                 in_flight: JoinSet::new(),
                 done: Vec::new(),
+                progress,
             });
+            if let Some(r) = &mut self.resume {
+                let m = self.multipart.as_ref().expect("set above");
+                r.started(&s.url, &m.staging, &m.upload_id, self.part_size as u64)?;
+            }
         }
         let m = self.multipart.as_mut().expect("started above");
         if m.next_part > S3_MAX_PARTS {
@@ -309,6 +372,20 @@ impl S3NarUpload {
             self.part_size = grown as usize;
             self.parts_in_flight = parts_in_flight(grown, s.memory.capacity, s.concurrency);
         }
+        let recorder = match Resumable::plan(self.resume.as_ref(), &s.url, &id, number, &body) {
+            PartPlan::Send(recorder) => recorder,
+            PartPlan::Reuse(part) => {
+                // The server has these bytes: their buffer and memory go at once.
+                let size = body.len() as u64;
+                drop((body, reservation));
+                m.progress.part_done(size, true);
+                s.uploads.resumed(size);
+                self.resumed += size;
+                m.done.push(part);
+                return Ok(());
+            }
+        };
+        let progress = m.progress.line();
         let _guard = s.rt.enter();
         m.in_flight.spawn(async move {
             let s = task_shared;
@@ -325,6 +402,10 @@ impl S3NarUpload {
                 })
                 .await?;
             drop(reservation); // the part's bytes are sent: give their memory back
+            if let (Some(r), Some(etag)) = (recorder, out.e_tag()) {
+                r.record(number, body.len() as u64, etag).await?;
+            }
+            progress.part_done(body.len() as u64, false);
             Ok(CompletedPart::builder()
                 .part_number(number)
                 .set_e_tag(out.e_tag().map(str::to_owned))
@@ -410,6 +491,9 @@ impl S3NarUpload {
             tracing::warn!("could not delete the staging object {staging}: {e}");
         }
         drop(done);
+        if let Some(r) = &mut self.resume {
+            r.forget(&s.url);
+        }
         Ok(())
     }
 }
@@ -476,6 +560,10 @@ impl NarUpload for S3NarUpload {
         let s = self.shared.clone();
         s.rt.block_on(s.put(key, body, &self.content_type))
     }
+
+    fn resumed_bytes(&self) -> u64 {
+        self.resumed
+    }
 }
 
 impl Drop for S3NarUpload {
@@ -485,8 +573,14 @@ impl Drop for S3NarUpload {
         };
         let s = self.shared.clone();
         let mut in_flight = m.in_flight;
+        // A recorded upload not yet complete stays for the next run to resume.
+        let keep =
+            self.resume.as_ref().is_some_and(Resumable::is_recorded) && !m.upload_id.is_empty();
         s.rt.block_on(async {
             in_flight.shutdown().await;
+            if keep {
+                return;
+            }
             if !m.upload_id.is_empty() {
                 // Completed (or aborted) already counts as aborted: the staging object
                 // below is what may be left.
@@ -504,6 +598,10 @@ impl Drop for S3NarUpload {
                 tracing::warn!("could not delete the staging object {}: {e}", m.staging);
             }
         });
+        // Gone on the server (completed, then left by a failed copy): nothing to resume.
+        if !keep && let Some(r) = &mut self.resume {
+            r.forget(&s.url);
+        }
         // Only now may a sweep take what this cleanup could not remove.
         drop(m._owning);
     }
