@@ -9,6 +9,7 @@ pub mod gc_marker;
 pub mod null;
 pub(crate) mod owned;
 pub mod rate;
+pub mod resume;
 pub mod s3;
 pub mod url;
 
@@ -177,6 +178,30 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     /// Starts a NAR upload. `nar_size` (the uncompressed size) lets a remote cache choose
     /// how to upload it (one request, or parts of a size that fits any NAR).
     fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError>;
+    /// [`BinaryCache::begin_nar`] for the NAR `identity` names: a cache with an upload
+    /// journal resumes a recorded unfinished upload of it (sending only the parts the
+    /// server lacks) and records the parts it sends; dropped uncommitted, the upload stays
+    /// recorded for the next run. The default is not resumable.
+    fn begin_nar_resumable(
+        &self,
+        nar_size: u64,
+        _identity: &resume::NarIdentity,
+    ) -> Result<Box<dyn NarUpload>, CacheError> {
+        self.begin_nar(nar_size)
+    }
+    /// Ends a recorded upload: aborts it on the server (a missing upload counts as
+    /// aborted), deletes its staging object if any, and forgets it in the journal.
+    fn abort_recorded(&self, _upload: &resume::RecordedUpload) -> Result<(), CacheError> {
+        Ok(())
+    }
+    /// The large (multipart) uploads in flight in this process.
+    fn large_uploads(&self) -> Vec<resume::UploadProgress> {
+        Vec::new()
+    }
+    /// Bytes not sent again because a recorded part matched, since the cache was opened.
+    fn resumed_bytes(&self) -> u64 {
+        0
+    }
     /// Writes `<hash part>.narinfo` atomically, as [`BinaryCache::put_narinfos`] does.
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError>;
     /// [`BinaryCache::put_narinfo`] for many narinfos, none of which depends on another
@@ -596,7 +621,7 @@ pub fn narinfo_hash(key: &[u8]) -> Option<[u8; 20]> {
 
 /// What a cache's constructor is given: its share of the one memory budget
 /// ([`crate::memory::Budget::cache_share`]), and the S3 tuning.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct OpenOptions {
     /// Bytes of NAR data the cache may buffer on their way out (S3: small NARs whole
     /// until their PUT, large ones part by part). A local directory buffers nothing.
@@ -604,6 +629,9 @@ pub struct OpenOptions {
     /// Cap on the bytes per second sent to the cache (`--max-rate`); `None`: no cap.
     pub max_rate: Option<u64>,
     pub s3: S3Tuning,
+    /// Where S3 records unfinished multipart uploads so a later run resumes them; `None`:
+    /// no resume.
+    pub journal: Option<std::sync::Arc<dyn resume::UploadJournal>>,
 }
 
 /// How an S3 cache talks to its server. Ignored by other caches.

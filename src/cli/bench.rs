@@ -106,6 +106,7 @@ fn verify_ceiling(args: &VerifyCeilingArgs) -> Result<u8, CliError> {
         upload_memory: 0,
         max_rate: None,
         s3,
+        journal: None,
     };
     let cache = narflow::cache::open(&url, &options).map_err(CliError::usage)?;
     let sample = narflow::maintain::contents::load_sample(cache.as_ref(), "/nix/store", args.limit)

@@ -133,6 +133,7 @@ impl PushOptions {
             upload_memory: crate::memory::Budget::cache_share(self.memory),
             max_rate: self.max_rate,
             s3,
+            journal: None,
         }
     }
 }
