@@ -100,14 +100,7 @@ impl SqliteJournal {
     ///
     /// # Errors
     /// [`CacheError`] when the file cannot be opened or set up.
-    pub fn open(path: &Path) -> Result<SqliteJournal, CacheError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| CacheError::Io {
-                cache: String::new(),
-                key: dir.display().to_string(),
-                source,
-            })?;
-        }
+    pub fn open(_path: &Path) -> Result<SqliteJournal, CacheError> {
         Ok(SqliteJournal {
             memory: MemoryJournal::default(),
         })
