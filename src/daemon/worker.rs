@@ -47,6 +47,7 @@ pub(super) fn run(
 ) {
     let mut last_prune: Option<Instant> = None;
     let progress = DaemonProgress { shared };
+    end_records(shared, cache, "start");
     while !shared.stopping.load(Ordering::SeqCst) {
         if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
             match shared.lock_queue().prune(queue::now_ms()) {
@@ -113,6 +114,8 @@ pub(super) fn run(
             }
         };
         summarise(shared, &tally, started);
+        // Nothing is uploading now: no record this pass ends can be one being written.
+        end_records(shared, cache, "after the batch");
         shared.in_flight.store(0, Ordering::SeqCst);
         if failed_to_start {
             let _ = bell.recv_timeout(QUEUE_ERROR_WAIT);
@@ -511,6 +514,38 @@ fn summarise(shared: &Shared, t: &Tally, started: Instant) {
         .last_batch
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = Some(summary);
+}
+
+/// Ends the recorded unfinished uploads that no run will resume (`when`: at start, after
+/// a batch): those of paths the queue has done or dropped, and of paths it does not have
+/// that are in the cache, gone from the store, or older than `--resume-max-age`. A path
+/// still pending keeps its record. Called only while nothing uploads.
+fn end_records(shared: &Shared, cache: &dyn BinaryCache, when: &str) {
+    use crate::pipeline::resume::{self, PathState};
+    let Some((journal, max_age)) = &shared.records else {
+        return;
+    };
+    let state = |path: &str| match shared.lock_queue().state_of(path) {
+        Ok(Some("pending")) => PathState::Queued,
+        Ok(Some("done")) => PathState::Done,
+        Ok(Some(_)) => PathState::Dropped,
+        Ok(None) => PathState::Unknown,
+        Err(e) => {
+            // Unknown to us now: kept, as a queued path's is, until a later pass.
+            tracing::warn!("{e}");
+            PathState::Queued
+        }
+    };
+    match resume::end_records(journal.as_ref(), cache, &shared.store, *max_age, &state) {
+        Ok(e) if !e.ended.is_empty() || e.failed > 0 => tracing::info!(
+            "recorded uploads ({when}): {} ended, {} kept, {} could not be ended",
+            e.ended.len(),
+            e.kept,
+            e.failed
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("recorded uploads ({when}): {e}"),
+    }
 }
 
 /// Sweeps the cache's orphaned uploads older than `grace` now and every `every`, until

@@ -1236,6 +1236,7 @@ impl InProcessDaemon {
             shutdown_timeout: Duration::from_secs(10),
             metrics_listen: None,
             watch_store: None,
+            resume_max_age: None,
         })
         .unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
