@@ -20,7 +20,7 @@ pub(crate) struct Daemon {
     pub(crate) socket: PathBuf,
     pub(crate) state: PathBuf,
     log: PathBuf,
-    args: Vec<String>,
+    pub(crate) args: Vec<String>,
 }
 
 impl Daemon {
@@ -82,7 +82,7 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         let mut c = self.child.take().expect("running");
         c.kill().unwrap();
         c.wait().unwrap();
@@ -120,7 +120,7 @@ impl Daemon {
     }
 
     /// Waits until nothing is pending or in flight; returns the status then.
-    fn wait_idle(&self) -> serde_json::Value {
+    pub(crate) fn wait_idle(&self) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let s = self.status();
