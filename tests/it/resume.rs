@@ -131,11 +131,39 @@ fn assert_nothing_left(s3: &S3Env, proxy: &Proxy, finals: &[&str]) {
     }
 }
 
-/// Removes what a test put in the shared bucket (best effort: it only saves space).
-fn remove_from_bucket(s3: &S3Env, keys: &[String]) {
-    let client = s3.client();
-    for k in keys {
-        client.delete(k);
+/// What a test put in the shared bucket, removed when dropped (also when the test failed,
+/// so the server's disk is spared): the multipart uploads narflow created through the
+/// proxy and their staging objects, and the path's narinfo and NAR.
+struct Leftovers<'a> {
+    s3: &'a S3Env,
+    proxy: &'a Proxy,
+    path: String,
+}
+
+impl Drop for Leftovers<'_> {
+    fn drop(&mut self) {
+        let c = self.s3.client();
+        for r in self
+            .proxy
+            .log()
+            .iter()
+            .filter(|r| r.is(Kind::CreateMultipart))
+        {
+            let key = r.key();
+            for (k, id) in c.multipart_uploads(key) {
+                if k == key {
+                    c.abort_multipart(&k, &id);
+                }
+            }
+            c.delete(key);
+        }
+        let narinfo = narinfo_key(&self.path);
+        if let Some(text) = c.get_text(&narinfo) {
+            if let Some(nar) = narinfo_field(&text, "URL") {
+                c.delete(nar);
+            }
+            c.delete(&narinfo);
+        }
     }
 }
 
@@ -152,6 +180,11 @@ fn a_daemon_killed_at_80_percent_of_a_2_gib_nar_sends_at_most_a_quarter_again() 
     let big = BigPath::new("resume-2g", 2 << 30);
     let nar = nar_size(&big.path);
     let proxy = Proxy::start(&s3.endpoint, Vec::new());
+    let _leftovers = Leftovers {
+        s3: &s3,
+        proxy: &proxy,
+        path: big.path.clone(),
+    };
     // About 25 s for the whole NAR at the cap.
     let mut daemon = killed_part_way(
         dir.path(),
@@ -207,8 +240,6 @@ fn a_daemon_killed_at_80_percent_of_a_2_gib_nar_sends_at_most_a_quarter_again() 
     );
     let (nar_url, _) = assert_uploaded_whole(&s3, &key, &big.path);
     assert_nothing_left(&s3, &proxy, &[&nar_url]);
-    drop(daemon);
-    remove_from_bucket(&s3, &[nar_url, narinfo_key(&big.path)]);
 }
 
 /// Other compression settings after the restart (another zstd level): nothing of the
@@ -221,6 +252,11 @@ fn a_restart_with_another_zstd_level_reuses_nothing() {
     let key = nix_generate_key("resume-level");
     let big = BigPath::new("resume-level", 256 * MIB);
     let proxy = Proxy::start(&s3.endpoint, Vec::new());
+    let _leftovers = Leftovers {
+        s3: &s3,
+        proxy: &proxy,
+        path: big.path.clone(),
+    };
     let mut daemon = killed_part_way(
         dir.path(),
         &s3,
@@ -248,8 +284,6 @@ fn a_restart_with_another_zstd_level_reuses_nothing() {
          parts of the other level's upload were reused"
     );
     assert_nothing_left(&s3, &proxy, &[&nar_url]);
-    drop(daemon);
-    remove_from_bucket(&s3, &[nar_url, narinfo_key(&big.path)]);
 }
 
 /// A path garbage-collected between the kill and the restart: the daemon drops it, and
@@ -261,6 +295,11 @@ fn a_path_collected_before_the_restart_is_dropped_and_its_recorded_upload_aborte
     let key = nix_generate_key("resume-gc");
     let big = BigPath::new("resume-gc", 256 * MIB);
     let proxy = Proxy::start(&s3.endpoint, Vec::new());
+    let _leftovers = Leftovers {
+        s3: &s3,
+        proxy: &proxy,
+        path: big.path.clone(),
+    };
     let mut daemon = killed_part_way(
         dir.path(),
         &s3,
