@@ -1378,7 +1378,7 @@ fn a_status_with_a_missing_field_is_an_error_naming_it_not_a_zero() {
         "in_flight": 0, "uptime_seconds": 1, "last_recorded_unix_ms": 0,
         "since_start": {"uploaded": 0, "nar_bytes": 0},
         "recent": {"window_seconds": 60, "uploaded_per_second": 0.0, "nar_mb_per_second": 0.0},
-        "last_batch": null, "watch": null,
+        "last_batch": null, "watch": null, "large_uploads": [],
     });
     let full = answer_once(&socket, format!("OK {status}\n"));
     let out = narflow()
