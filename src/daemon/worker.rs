@@ -626,3 +626,70 @@ impl Progress for DaemonProgress<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::resume::{MemoryJournal, UploadJournal};
+    use crate::daemon::queue::Queue;
+    use crate::pipeline::resume::tests::{Cache, now, path, record};
+    use std::sync::Arc;
+
+    /// At start and after a batch the daemon ends the records of paths its queue has done
+    /// or dropped, and keeps that of a path still pending, however old.
+    #[test]
+    fn records_of_done_and_dropped_paths_end_and_a_pending_paths_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let [pending, done, dropped] = ["pending", "done", "dropped"].map(path);
+        let mut queue = Queue::open(&state).unwrap();
+        let t = queue::now_ms();
+        queue
+            .enqueue(&[pending.clone(), done.clone(), dropped.clone()], None, t)
+            .unwrap();
+        let due = queue.due(t, 10).unwrap();
+        let of = |p: &str| due.iter().find(|d| d.path == p).unwrap().clone();
+        let out = Outcomes {
+            done: vec![of(&done)],
+            dropped: vec![(of(&dropped), "collected".into())],
+            ..Default::default()
+        };
+        queue.record(&out, t).unwrap();
+        let journal = Arc::new(MemoryJournal::default());
+        for (p, id, age) in [
+            (&pending, "u1", 30 * 86_400),
+            (&done, "u2", 0),
+            (&dropped, "u3", 0),
+        ] {
+            journal.started(&record(p, id, now() - age)).unwrap();
+        }
+        let (bell, _) = crossbeam_channel::bounded(1);
+        let shared = Shared {
+            queue: Mutex::new(queue),
+            store: crate::store::LocalStore::open("/nix/store", &state.join("no-db")),
+            state_dir: state.clone(),
+            bell,
+            stopping: Default::default(),
+            in_flight: Default::default(),
+            stats: Default::default(),
+            metrics: Default::default(),
+            started: Instant::now(),
+            watch: None,
+            cache: Arc::new(crate::cache::null::NullCache::new()),
+            records: Some((journal.clone(), Duration::from_secs(7 * 86_400))),
+        };
+        let cache = Cache {
+            journal: &journal,
+            present: Vec::new(),
+        };
+        end_records(&shared, &cache, "test");
+        let left: Vec<String> = journal
+            .all("file:///c")
+            .unwrap()
+            .into_iter()
+            .map(|r| r.identity.store_path)
+            .collect();
+        assert_eq!(left, [pending]);
+    }
+}

@@ -200,18 +200,18 @@ pub fn end_records_with(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cache::resume::{MemoryJournal, NarIdentity};
 
     const STORE: &str = "/nix/store";
 
     /// A store path whose hash part starts with the name's first letter.
-    fn path(name: &str) -> String {
+    pub(crate) fn path(name: &str) -> String {
         format!("{STORE}/{}{}-{name}", &name[..1], "0".repeat(31))
     }
 
-    fn record(path: &str, upload_id: &str, started_unix: i64) -> RecordedUpload {
+    pub(crate) fn record(path: &str, upload_id: &str, started_unix: i64) -> RecordedUpload {
         RecordedUpload {
             cache_url: "file:///c".into(),
             identity: NarIdentity {
@@ -227,7 +227,7 @@ mod tests {
         }
     }
 
-    fn now() -> i64 {
+    pub(crate) fn now() -> i64 {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -237,9 +237,9 @@ mod tests {
     /// A cache that has the narinfos `present` names and ends a record by forgetting it
     /// in `journal`, as a cache with a journal does.
     #[derive(Debug)]
-    struct Cache<'a> {
-        journal: &'a MemoryJournal,
-        present: Vec<String>,
+    pub(crate) struct Cache<'a> {
+        pub(crate) journal: &'a MemoryJournal,
+        pub(crate) present: Vec<String>,
     }
 
     impl BinaryCache for Cache<'_> {
