@@ -95,8 +95,9 @@ pub fn decide(
 /// ([`decide`]), the store's validity read from `store`. Each end is logged.
 ///
 /// # Errors
-/// [`CacheError`] when the journal cannot be read or the cache not asked for the
-/// narinfos; a failed abort is counted in [`Ended::failed`] and logged.
+/// [`CacheError`] when the journal cannot be read. A store or cache that cannot be asked
+/// keeps the records that depend on its answer (logged); a failed abort is counted in
+/// [`Ended::failed`] and logged.
 pub fn end_records(
     journal: &dyn UploadJournal,
     cache: &dyn BinaryCache,
@@ -125,7 +126,7 @@ pub type ValidIn<'a> = dyn Fn(&[StorePath]) -> Result<HashSet<StorePath>, CacheE
 /// it is given).
 ///
 /// # Errors
-/// As [`end_records`], and what `valid` returns.
+/// As [`end_records`].
 pub fn end_records_with(
     journal: &dyn UploadJournal,
     cache: &dyn BinaryCache,
@@ -149,17 +150,27 @@ pub fn end_records_with(
         .filter(|(_, s)| **s == PathState::Unknown)
         .filter_map(|(r, _)| StorePath::from_absolute_path(&r.identity.store_path, store_dir).ok())
         .collect();
-    let (valid, in_cache): (HashSet<StorePath>, HashSet<StorePath>) = if unknown.is_empty() {
-        Default::default()
+    // Whichever of them cannot be asked now: its records stay (as valid, not in the
+    // cache) until a later pass; the others still end.
+    let (valid, in_cache): (Option<HashSet<StorePath>>, HashSet<StorePath>) = if unknown.is_empty()
+    {
+        (Some(HashSet::new()), HashSet::new())
     } else {
-        let valid = valid(&unknown)?;
-        let present = cache.has_narinfos(&unknown)?;
-        let in_cache = unknown
-            .iter()
-            .zip(present)
-            .filter(|(_, p)| *p)
-            .map(|(p, _)| p.clone())
-            .collect();
+        let valid = valid(&unknown)
+            .inspect_err(|e| tracing::warn!("recorded uploads: {e}"))
+            .ok();
+        let in_cache = match cache.has_narinfos(&unknown) {
+            Ok(present) => unknown
+                .iter()
+                .zip(present)
+                .filter(|(_, p)| *p)
+                .map(|(p, _)| p.clone())
+                .collect(),
+            Err(e) => {
+                tracing::warn!("recorded uploads: {}: {e}", cache.url());
+                HashSet::new()
+            }
+        };
         (valid, in_cache)
     };
     let now = std::time::SystemTime::now()
@@ -169,7 +180,11 @@ pub fn end_records_with(
     for (record, state) in records.iter().zip(states) {
         let path = StorePath::from_absolute_path(&record.identity.store_path, store_dir).ok();
         // A record naming no path of this store cannot be resumed by any run here.
-        let is_valid = path.as_ref().is_some_and(|p| valid.contains(p));
+        let is_valid = match (&path, &valid) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(p), Some(v)) => v.contains(p),
+        };
         let present = path.as_ref().is_some_and(|p| in_cache.contains(p));
         let Some(why) = decide(record, state, now, max_age, is_valid, present) else {
             ended.kept += 1;
@@ -351,6 +366,44 @@ pub(crate) mod tests {
         let mut want = vec![queued_old, young, refused];
         want.sort();
         assert_eq!(left, want);
+    }
+
+    /// A store that cannot be read keeps the records that need its answer; those the
+    /// caller spoke for, or too old, still end.
+    #[test]
+    fn an_unreadable_store_keeps_what_depends_on_it() {
+        let journal = MemoryJournal::default();
+        let [done, young, old] = ["done", "young", "old"].map(path);
+        journal.started(&record(&done, "u1", now())).unwrap();
+        journal.started(&record(&young, "u2", now())).unwrap();
+        journal
+            .started(&record(&old, "u3", now() - 9 * 86_400))
+            .unwrap();
+        let cache = Cache {
+            journal: &journal,
+            present: Vec::new(),
+        };
+        let state = |p: &str| {
+            if p == done {
+                PathState::Done
+            } else {
+                PathState::Unknown
+            }
+        };
+        let unreadable = |_: &[StorePath]| Err(CacheError::Config("no database".into()));
+        let ended = end_records_with(
+            &journal,
+            &cache,
+            STORE,
+            Duration::from_secs(7 * 86_400),
+            &state,
+            &unreadable,
+        )
+        .unwrap();
+        let mut why = ended.ended;
+        why.sort();
+        assert_eq!(why, [(done, EndReason::Done), (old, EndReason::TooOld)]);
+        assert_eq!(ended.kept, 1);
     }
 
     #[test]
