@@ -331,3 +331,59 @@ fn a_path_collected_before_the_restart_is_dropped_and_its_recorded_upload_aborte
     assert!(!client.exists(&narinfo_key(&big.path)));
     assert_nothing_left(&s3, &proxy, &[]);
 }
+
+/// `narflow push` keeps its records in its upload journal: a push killed with -9 half-way
+/// through a NAR's parts and run again sends only what the server lacks.
+#[test]
+fn a_push_killed_half_way_and_run_again_sends_only_what_the_server_lacks() {
+    let Some(s3) = s3_env() else { return };
+    let dir = tempdir();
+    let key = nix_generate_key("resume-push");
+    let big = BigPath::new("resume-push", 256 * MIB);
+    let nar = nar_size(&big.path);
+    let proxy = Proxy::start(&s3.endpoint, Vec::new());
+    let _leftovers = Leftovers {
+        s3: &s3,
+        proxy: &proxy,
+        path: big.path.clone(),
+    };
+    let url = s3.url_at(&proxy.endpoint(), "");
+    let journal = dir.path().join("uploads.sqlite");
+    let push = || {
+        let mut cmd = narflow();
+        cmd.args([
+            "push",
+            "--max-rate",
+            "32M",
+            "--to",
+            &url,
+            "--upload-journal",
+        ])
+        .arg(&journal)
+        .arg("--key-file")
+        .arg(&key.secret)
+        .arg(&big.path);
+        cmd
+    };
+    let mut child = push()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        proxy.wait_until(LIMIT, |log| acked_part_bytes(log) >= nar / 2),
+        "half the parts were never acknowledged:\n{}",
+        proxy.dump()
+    );
+    child.kill().unwrap(); // SIGKILL: nothing can abort the upload
+    child.wait().unwrap();
+    let mark = proxy.log().len();
+    run(&mut push());
+    let sent = Proxy::body_bytes(&proxy.log()[mark..], Kind::Any);
+    assert!(
+        sent <= nar * 6 / 10,
+        "{sent} bytes sent by the second push, for a {nar}-byte NAR half of which the server had"
+    );
+    let (nar_url, _) = assert_uploaded_whole(&s3, &key, &big.path);
+    assert_nothing_left(&s3, &proxy, &[&nar_url]);
+}
