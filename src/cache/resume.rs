@@ -3,8 +3,8 @@
 //! what a cache reports of its large uploads in flight ([`UploadProgress`]). This module
 //! never sends a request; the S3 cache reads and writes the journal.
 //!
-//! This copy carries the agreed interface only (with an in-memory journal for tests and
-//! an opening function without storage); the cache layer's own version replaces it.
+//! This copy carries the agreed interface only (and a `SqliteJournal` that records
+//! nothing); the cache layer's own version replaces it.
 use super::CacheError;
 use std::path::Path;
 
@@ -91,9 +91,7 @@ pub struct UploadProgress {
 /// The journal kept in an SQLite file (its own tables; the daemon's queue database may
 /// hold them).
 #[derive(Debug)]
-pub struct SqliteJournal {
-    memory: MemoryJournal,
-}
+pub struct SqliteJournal {}
 
 impl SqliteJournal {
     /// Opens (creating) the journal's tables in the SQLite file `path`.
@@ -101,100 +99,25 @@ impl SqliteJournal {
     /// # Errors
     /// [`CacheError`] when the file cannot be opened or set up.
     pub fn open(_path: &Path) -> Result<SqliteJournal, CacheError> {
-        Ok(SqliteJournal {
-            memory: MemoryJournal::default(),
-        })
+        Ok(SqliteJournal {})
     }
 }
 
+/// This copy records nothing.
 impl UploadJournal for SqliteJournal {
-    fn find(
-        &self,
-        cache_url: &str,
-        store_path: &str,
-    ) -> Result<Option<RecordedUpload>, CacheError> {
-        self.memory.find(cache_url, store_path)
+    fn find(&self, _: &str, _: &str) -> Result<Option<RecordedUpload>, CacheError> {
+        Ok(None)
     }
-    fn started(&self, upload: &RecordedUpload) -> Result<(), CacheError> {
-        self.memory.started(upload)
-    }
-    fn part_done(
-        &self,
-        cache_url: &str,
-        upload_id: &str,
-        part: &RecordedPart,
-    ) -> Result<(), CacheError> {
-        self.memory.part_done(cache_url, upload_id, part)
-    }
-    fn forget(&self, cache_url: &str, upload_id: &str) -> Result<(), CacheError> {
-        self.memory.forget(cache_url, upload_id)
-    }
-    fn all(&self, cache_url: &str) -> Result<Vec<RecordedUpload>, CacheError> {
-        self.memory.all(cache_url)
-    }
-}
-
-/// A journal in memory (not durable): for tests.
-#[derive(Debug, Default)]
-pub struct MemoryJournal {
-    uploads: std::sync::Mutex<Vec<RecordedUpload>>,
-}
-
-impl MemoryJournal {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RecordedUpload>> {
-        self.uploads.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl UploadJournal for MemoryJournal {
-    fn find(
-        &self,
-        cache_url: &str,
-        store_path: &str,
-    ) -> Result<Option<RecordedUpload>, CacheError> {
-        Ok(self
-            .lock()
-            .iter()
-            .find(|u| u.cache_url == cache_url && u.identity.store_path == store_path)
-            .cloned())
-    }
-    fn started(&self, upload: &RecordedUpload) -> Result<(), CacheError> {
-        let mut all = self.lock();
-        all.retain(|u| {
-            !(u.cache_url == upload.cache_url
-                && u.identity.store_path == upload.identity.store_path)
-        });
-        all.push(upload.clone());
+    fn started(&self, _: &RecordedUpload) -> Result<(), CacheError> {
         Ok(())
     }
-    fn part_done(
-        &self,
-        cache_url: &str,
-        upload_id: &str,
-        part: &RecordedPart,
-    ) -> Result<(), CacheError> {
-        let mut all = self.lock();
-        if let Some(u) = all
-            .iter_mut()
-            .find(|u| u.cache_url == cache_url && u.upload_id == upload_id)
-        {
-            u.parts.retain(|p| p.number != part.number);
-            u.parts.push(part.clone());
-            u.parts.sort_by_key(|p| p.number);
-        }
+    fn part_done(&self, _: &str, _: &str, _: &RecordedPart) -> Result<(), CacheError> {
         Ok(())
     }
-    fn forget(&self, cache_url: &str, upload_id: &str) -> Result<(), CacheError> {
-        self.lock()
-            .retain(|u| !(u.cache_url == cache_url && u.upload_id == upload_id));
+    fn forget(&self, _: &str, _: &str) -> Result<(), CacheError> {
         Ok(())
     }
-    fn all(&self, cache_url: &str) -> Result<Vec<RecordedUpload>, CacheError> {
-        Ok(self
-            .lock()
-            .iter()
-            .filter(|u| u.cache_url == cache_url)
-            .cloned()
-            .collect())
+    fn all(&self, _: &str) -> Result<Vec<RecordedUpload>, CacheError> {
+        Ok(Vec::new())
     }
 }

@@ -630,9 +630,9 @@ impl Progress for DaemonProgress<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::resume::{MemoryJournal, UploadJournal};
+    use crate::cache::resume::UploadJournal;
     use crate::daemon::queue::Queue;
-    use crate::pipeline::resume::tests::{Cache, now, path, record};
+    use crate::pipeline::resume::tests::{Cache, MemoryJournal, now, path, record};
     use std::sync::Arc;
 
     /// At start and after a batch the daemon ends the records of paths its queue has done

@@ -217,9 +217,74 @@ pub fn end_records_with(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::cache::resume::{MemoryJournal, NarIdentity};
+    use crate::cache::resume::{NarIdentity, RecordedPart};
 
     const STORE: &str = "/nix/store";
+
+    /// A journal in memory (not durable), for tests.
+    #[derive(Debug, Default)]
+    pub(crate) struct MemoryJournal {
+        uploads: std::sync::Mutex<Vec<RecordedUpload>>,
+    }
+
+    impl MemoryJournal {
+        fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RecordedUpload>> {
+            self.uploads.lock().unwrap_or_else(|p| p.into_inner())
+        }
+    }
+
+    impl UploadJournal for MemoryJournal {
+        fn find(
+            &self,
+            cache_url: &str,
+            store_path: &str,
+        ) -> Result<Option<RecordedUpload>, CacheError> {
+            Ok(self
+                .lock()
+                .iter()
+                .find(|u| u.cache_url == cache_url && u.identity.store_path == store_path)
+                .cloned())
+        }
+        fn started(&self, upload: &RecordedUpload) -> Result<(), CacheError> {
+            let mut all = self.lock();
+            all.retain(|u| {
+                !(u.cache_url == upload.cache_url
+                    && u.identity.store_path == upload.identity.store_path)
+            });
+            all.push(upload.clone());
+            Ok(())
+        }
+        fn part_done(
+            &self,
+            cache_url: &str,
+            upload_id: &str,
+            part: &RecordedPart,
+        ) -> Result<(), CacheError> {
+            let mut all = self.lock();
+            if let Some(u) = all
+                .iter_mut()
+                .find(|u| u.cache_url == cache_url && u.upload_id == upload_id)
+            {
+                u.parts.retain(|p| p.number != part.number);
+                u.parts.push(part.clone());
+                u.parts.sort_by_key(|p| p.number);
+            }
+            Ok(())
+        }
+        fn forget(&self, cache_url: &str, upload_id: &str) -> Result<(), CacheError> {
+            self.lock()
+                .retain(|u| !(u.cache_url == cache_url && u.upload_id == upload_id));
+            Ok(())
+        }
+        fn all(&self, cache_url: &str) -> Result<Vec<RecordedUpload>, CacheError> {
+            Ok(self
+                .lock()
+                .iter()
+                .filter(|u| u.cache_url == cache_url)
+                .cloned()
+                .collect())
+        }
+    }
 
     /// A store path whose hash part starts with the name's first letter.
     pub(crate) fn path(name: &str) -> String {
