@@ -1,6 +1,7 @@
 //! The upload worker: feeds one long-lived pipeline ([`crate::pipeline::stream`]) with
 //! the due paths as they arrive, and records per path what happened as soon as the
-//! pipeline settles it; and the orphan sweep.
+//! pipeline settles it; while nothing uploads (at start, after each stretch of work) it
+//! ends the recorded unfinished uploads no run will resume; and the orphan sweep.
 //!
 //! Two threads share the work while there is any. The feeder takes due paths from the
 //! queue, plans them (closures, skipping what the cache has, as `narflow push` does) and
