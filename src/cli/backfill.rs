@@ -86,8 +86,29 @@ pub fn run(args: &BackfillArgs, merged: &Merged) -> Result<u8, CliError> {
     } else {
         Selection::Paths(named_paths(&args.paths, store.store_dir())?)
     };
-    let cache =
-        cache::open(url, &push.cache_options(resolved.s3.clone())).map_err(CliError::usage)?;
+    let state_file = args.state.clone().unwrap_or_else(|| {
+        backfill::state::default_path(&resolved.state_dir, url.original.as_str())
+    });
+    let journal = if args.dry_run {
+        None
+    } else {
+        super::open_journal(
+            url,
+            resolved.backfill_journal(&state_file),
+            resolved.upload_journal.is_some(),
+        )?
+    };
+    let mut open_opts = push.cache_options(resolved.s3.clone());
+    open_opts.journal = journal.clone();
+    let cache = cache::open(url, &open_opts).map_err(CliError::usage)?;
+    let max_age = resolved.resume_max_age;
+    super::end_records(
+        journal.as_ref(),
+        cache.as_ref(),
+        &store,
+        max_age,
+        "backfill",
+    );
     let mut upstreams = Vec::new();
     for u in &args.skip_upstream {
         let parsed = CacheUrl::parse(u)
@@ -103,10 +124,6 @@ pub fn run(args: &BackfillArgs, merged: &Merged) -> Result<u8, CliError> {
     }
     let upstream_refs: Vec<&dyn cache::BinaryCache> =
         upstreams.iter().map(|c| c.as_ref()).collect();
-    let state_file = args
-        .state
-        .clone()
-        .unwrap_or_else(|| backfill::state::default_path(&resolved.state_dir, cache.url()));
     let opts = BackfillOptions {
         selection,
         derivations: args.derivations,
@@ -126,6 +143,13 @@ pub fn run(args: &BackfillArgs, merged: &Merged) -> Result<u8, CliError> {
         &progress,
     );
     progress.done();
+    super::end_records(
+        journal.as_ref(),
+        cache.as_ref(),
+        &store,
+        max_age,
+        "backfill",
+    );
     let summary = result.map_err(|e| match e {
         BackfillError::Cache(CacheError::Config(_) | CacheError::Unreachable(_))
         | BackfillError::Upstream { .. }

@@ -3,7 +3,7 @@ use super::CliError;
 use narflow::cache;
 use narflow::daemon::{DEFAULT_BATCH, Daemon, DaemonConfig, DaemonError};
 use narflow::format::store_path::DEFAULT_STORE_DIR;
-use narflow::settings::{Merged, Settings, SettingsError};
+use narflow::settings::{JournalFile, Merged, Settings, SettingsError};
 use narflow::store::LocalStore;
 use std::path::Path;
 use std::time::Duration;
@@ -21,7 +21,21 @@ pub fn run(args: &DaemonArgs, merged: &Merged) -> Result<u8, CliError> {
     let resolved = merged.resolve().map_err(CliError::usage)?;
     let url = resolved.cache_url().map_err(CliError::usage)?;
     let opts = resolved.push_options().map_err(CliError::usage)?;
-    let open_opts = opts.cache_options(resolved.s3.clone());
+    let mut open_opts = opts.cache_options(resolved.s3.clone());
+    // The daemon keeps its records in its queue database, never in a file of their own.
+    let resume = match &resolved.upload_journal {
+        None => true,
+        Some(JournalFile::Off) => false,
+        Some(JournalFile::File(_)) => {
+            return Err(CliError::usage(SettingsError::Invalid {
+                key: "upload-journal",
+                from: resolved.source("upload-journal"),
+                message: "the daemon records unfinished uploads in its queue; give off or nothing"
+                    .into(),
+            }));
+        }
+    };
+    let resume = resume && matches!(url.location, cache::url::CacheLocation::S3 { .. });
     let socket_group = resolved
         .socket_group
         .as_deref()
@@ -43,8 +57,10 @@ pub fn run(args: &DaemonArgs, merged: &Merged) -> Result<u8, CliError> {
         shutdown_timeout: resolved.shutdown_timeout,
         metrics_listen: resolved.metrics_listen,
         watch_store: resolved.watch_store,
+        resume_max_age: resume.then_some(resolved.resume_max_age),
     };
     let daemon = Daemon::bind(cfg).map_err(CliError::usage)?;
+    open_opts.journal = daemon.journal();
     let cache = match cache::open(url, &open_opts) {
         Ok(c) => c,
         Err(e) => {

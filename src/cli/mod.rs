@@ -161,6 +161,73 @@ fn refuse_other_commands_flags(
     Ok(())
 }
 
+/// The upload journal of a push or backfill to `url`, kept in the file `path` (S3 only:
+/// other caches have no multipart uploads to resume). `None` without a file or for
+/// another cache. A journal that cannot be opened at the default place is skipped with a
+/// warning (the run goes on without resume); at a place the user gave, it is an error.
+///
+/// # Errors
+/// A usage error when the journal the user named cannot be opened.
+fn open_journal(
+    url: &narflow::cache::url::CacheUrl,
+    path: Option<PathBuf>,
+    given: bool,
+) -> Result<Option<std::sync::Arc<dyn narflow::cache::resume::UploadJournal>>, CliError> {
+    let (narflow::cache::url::CacheLocation::S3 { .. }, Some(path)) = (&url.location, path) else {
+        return Ok(None);
+    };
+    let opened = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| narflow::cache::CacheError::Config(format!("{}: {e}", dir.display())))
+        }
+        None => Ok(()),
+    }
+    .and_then(|()| narflow::cache::resume::SqliteJournal::open(&path));
+    match opened {
+        Ok(j) => Ok(Some(std::sync::Arc::new(j))),
+        Err(e) if !given => {
+            tracing::warn!(
+                "upload journal {}: {e}; large uploads of this run cannot be resumed",
+                path.display()
+            );
+            Ok(None)
+        }
+        Err(e) => Err(CliError::usage(anyhow::anyhow!(
+            "upload journal {} (upload-journal): {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Ends the journal's records that no later run will resume (their paths are in the
+/// cache or gone from the store, or they are older than `max_age`), before or after a
+/// push or backfill (`when`); a failure is only logged (the records stay).
+fn end_records(
+    journal: Option<&std::sync::Arc<dyn narflow::cache::resume::UploadJournal>>,
+    cache: &dyn narflow::cache::BinaryCache,
+    store: &narflow::store::LocalStore,
+    max_age: std::time::Duration,
+    when: &str,
+) {
+    let Some(journal) = journal else { return };
+    let unknown = |_: &str| narflow::pipeline::resume::PathState::Unknown;
+    match narflow::pipeline::resume::end_records(journal.as_ref(), cache, store, max_age, &unknown)
+    {
+        Ok(e) if !e.ended.is_empty() => tracing::info!(
+            "{when}: ended {} recorded uploads no run will resume; {} kept",
+            e.ended.len(),
+            e.kept
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("{when}: recorded uploads: {e}"),
+    }
+}
+
 /// The path arguments of push and backfill: each `-` replaced by the whitespace-separated
 /// words of `stdin`, read whole.
 ///

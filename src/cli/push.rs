@@ -35,8 +35,16 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
 
     opts.closure = !args.no_closure;
     let store = LocalStore::open(DEFAULT_STORE_DIR, Path::new("/nix/var/nix/db/db.sqlite"));
-    let cache =
-        cache::open(url, &opts.cache_options(resolved.s3.clone())).map_err(CliError::usage)?;
+    let journal = super::open_journal(
+        url,
+        resolved.push_journal(),
+        resolved.upload_journal.is_some(),
+    )?;
+    let mut open_opts = opts.cache_options(resolved.s3.clone());
+    open_opts.journal = journal.clone();
+    let cache = cache::open(url, &open_opts).map_err(CliError::usage)?;
+    let max_age = resolved.resume_max_age;
+    super::end_records(journal.as_ref(), cache.as_ref(), &store, max_age, "push");
     let mut bad_inputs = Vec::new();
     let mut paths = Vec::new();
     for arg in &inputs {
@@ -57,6 +65,7 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
             e => CliError::failed(e),
         })?;
     progress.done();
+    super::end_records(journal.as_ref(), cache.as_ref(), &store, max_age, "push");
     let logs = opts.upload_logs.then(|| {
         let uploaded = narflow::logs::uploaded_paths(&report.results, store.store_dir());
         narflow::logs::upload_build_logs(cache.as_ref(), &store, &uploaded)

@@ -103,6 +103,28 @@ fn print_human(s: &Status, socket: &Path) {
             b.paths, b.uploaded, b.already_present, b.failed, b.dropped, b.seconds, b.seconds_ago
         );
     }
+    for u in s.large_uploads.iter().flatten() {
+        let eta = u
+            .eta_seconds
+            .map_or_else(|| "?".to_owned(), |e| format!("{e:.0} s"));
+        let resumed = if u.bytes_resumed > 0 {
+            format!(
+                "; {} resumed after a restart",
+                narflow::settings::format_size(u.bytes_resumed)
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "uploading: {} part {}/{}, {} of {}, {:.1} MB/s, ETA {eta}{resumed}",
+            u.store_path.as_deref().unwrap_or("(not a NAR)"),
+            u.parts_done,
+            u.parts_total,
+            narflow::settings::format_size(u.bytes_done),
+            narflow::settings::format_size(u.bytes_total),
+            u.bytes_per_second / 1e6,
+        );
+    }
     match (&s.watch, s.daemon) {
         (Some(w), _) => println!(
             "watch-store: {}, at Nix database row {}{}",

@@ -305,6 +305,8 @@ mod tests {
             metrics: Default::default(),
             started: Instant::now(),
             watch: None,
+            cache: std::sync::Arc::new(crate::cache::null::NullCache::new()),
+            records: None,
         }
     }
 

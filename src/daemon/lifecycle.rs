@@ -11,6 +11,7 @@ use super::{
     DaemonConfig, DaemonError, ORPHAN_GRACE, Shared, intake, metrics, server, watch, worker,
 };
 use crate::cache::BinaryCache;
+use crate::cache::resume::{SqliteJournal, UploadJournal};
 use crate::store::LocalStore;
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -30,6 +31,8 @@ pub struct Daemon {
     /// Bound to `cfg.metrics_listen`, when given.
     metrics: Option<std::net::TcpListener>,
     queue: Queue,
+    /// The journal of unfinished uploads, in the queue database (`resume_max_age` set).
+    journal: Option<Arc<dyn UploadJournal>>,
     _lock: File,
 }
 
@@ -66,6 +69,15 @@ impl Daemon {
             Err(std::fs::TryLockError::Error(e)) => return Err(dir_err(e)),
         }
         let queue = Queue::open(dir)?;
+        let journal = match cfg.resume_max_age {
+            Some(_) => {
+                let path = dir.join(super::queue::FILE);
+                let j = SqliteJournal::open(&path)
+                    .map_err(|source| DaemonError::Journal { path, source })?;
+                Some(Arc::new(j) as Arc<dyn UploadJournal>)
+            }
+            None => None,
+        };
         // Before the socket: a taken address then leaves no socket behind.
         let metrics = cfg.metrics_listen.map(metrics::bind).transpose()?;
         let (listener, socket_id) = bind_socket(&cfg.socket, cfg.socket_group)?;
@@ -75,8 +87,15 @@ impl Daemon {
             socket_id,
             metrics,
             queue,
+            journal,
             _lock: lock,
         })
+    }
+
+    /// The journal the cache is to record its unfinished uploads in
+    /// ([`crate::cache::OpenOptions::journal`]), when uploads resume.
+    pub fn journal(&self) -> Option<Arc<dyn UploadJournal>> {
+        self.journal.clone()
     }
 
     /// Gives up a daemon that will not run: removes its socket (if it is still ours).
@@ -107,6 +126,7 @@ impl Daemon {
             socket_id,
             metrics,
             mut queue,
+            journal,
             _lock,
         } = self;
         let watch_from = match cfg.watch_store {
@@ -140,6 +160,8 @@ impl Daemon {
             metrics: metrics::Metrics::default(),
             started: Instant::now(),
             watch: cfg.watch_store,
+            cache: cache.clone(),
+            records: journal.zip(cfg.resume_max_age),
         });
         tracing::info!(
             "narflow daemon: listening on {}, uploading to {}, state in {}",

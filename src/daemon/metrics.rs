@@ -7,7 +7,8 @@
 //!   paths the store watcher queued;
 //! - snapshots, read at each scrape: queue depth by state (from the queue), paths and NAR
 //!   bytes uploaded (the counters `narflow status` shows as `since_start`), and requests
-//!   and retries by operation (from the cache; none for a local directory).
+//!   and retries by operation and the bytes resumed uploads did not send again (from the
+//!   cache; none for a local directory).
 //!
 //! A scrape never waits for an upload: the queue is read on tokio's blocking pool, and
 //! nothing here touches the pipeline. The responder reads one request and closes the
@@ -164,6 +165,7 @@ struct Snapshot {
     in_flight: u64,
     uploaded: u64,
     nar_bytes: u64,
+    resumed_bytes: u64,
     requests: Vec<crate::cache::RequestCount>,
 }
 
@@ -204,6 +206,12 @@ fn render(metrics: &Metrics, s: &Snapshot) -> String {
         "uploaded_nar_bytes",
         "NAR bytes uploaded since the daemon started",
         s.nar_bytes,
+    );
+    counter(
+        &mut r,
+        "resumed_bytes",
+        "Compressed bytes of multipart uploads not sent again since the daemon started: parts an upload begun before a restart had sent, which the server still had",
+        s.resumed_bytes,
     );
     let requests = Family::<Labels<1>, Counter>::default();
     let retries = Family::<Labels<1>, Counter>::default();
@@ -351,6 +359,7 @@ fn scrape(shared: &Shared, cache: &dyn BinaryCache) -> String {
         in_flight: shared.in_flight.load(Ordering::SeqCst) as u64,
         uploaded: shared.stats.uploaded.load(Ordering::Relaxed),
         nar_bytes: shared.stats.nar_bytes.load(Ordering::Relaxed),
+        resumed_bytes: cache.resumed_bytes(),
         requests: cache.request_counts(),
     };
     render(&shared.metrics, &s)
@@ -411,6 +420,7 @@ mod tests {
             in_flight: 2,
             uploaded: 9,
             nar_bytes: 900,
+            resumed_bytes: 700,
             requests: vec![crate::cache::RequestCount {
                 operation: "PutObject",
                 requests: 12,
@@ -444,6 +454,7 @@ mod tests {
         assert_eq!(v("narflow_watched_paths_total"), 3.0);
         assert_eq!(v("narflow_uploaded_paths_total"), 9.0);
         assert_eq!(v("narflow_uploaded_nar_bytes_total"), 900.0);
+        assert_eq!(v("narflow_resumed_bytes_total"), 700.0);
         assert_eq!(v(r#"narflow_queue_paths{state="pending"}"#), 4.0);
         assert_eq!(v(r#"narflow_queue_paths{state="in_flight"}"#), 2.0);
         assert_eq!(v(r#"narflow_queue_paths{state="needs_attention"}"#), 1.0);

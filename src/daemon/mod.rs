@@ -32,18 +32,20 @@ mod worker;
 pub use lifecycle::Daemon;
 pub use metrics::MetricsBindError;
 pub use status::{
-    DroppedPath, LastBatch, Recent, SinceStart, Status, StatusParseError, WatchStatus,
+    DroppedPath, LargeUpload, LastBatch, Recent, SinceStart, Status, StatusParseError, WatchStatus,
     status_from_queue,
 };
 
+use crate::cache::BinaryCache;
+use crate::cache::resume::UploadJournal;
 use crate::pipeline::PushOptions;
 use crate::settings::WatchStore;
 use crate::store::LocalStore;
 use queue::{Queue, QueueError};
 use status::Stats;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Due paths planned at a time. One plan is one closure query and one look at the cache,
@@ -72,6 +74,10 @@ pub struct DaemonConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Follow the Nix database and queue new valid paths (`--watch-store`), if set.
     pub watch_store: Option<WatchStore>,
+    /// Record unfinished multipart uploads in the queue database so that they resume
+    /// after a restart (an S3 cache), ending each record as [`crate::pipeline::resume`]
+    /// decides, with this `--resume-max-age`; `None`: no record.
+    pub resume_max_age: Option<Duration>,
 }
 
 /// Why the daemon cannot start or had to stop.
@@ -104,6 +110,11 @@ pub enum DaemonError {
     /// `--watch-store` was asked for, and the Nix database cannot be followed.
     #[error("--watch-store: {0}")]
     WatchStore(String),
+    #[error("upload journal in {path}: {source}")]
+    Journal {
+        path: PathBuf,
+        source: crate::cache::CacheError,
+    },
     #[error("the upload worker stopped unexpectedly")]
     WorkerDied,
 }
@@ -126,6 +137,10 @@ struct Shared {
     started: Instant,
     /// The store watcher's mode, when it runs.
     watch: Option<WatchStore>,
+    /// The cache uploads go to (for its large uploads in flight, in `narflow status`).
+    cache: Arc<dyn BinaryCache>,
+    /// The journal of unfinished uploads and `--resume-max-age`, when uploads resume.
+    records: Option<(Arc<dyn UploadJournal>, Duration)>,
 }
 
 impl Shared {

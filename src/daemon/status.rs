@@ -56,6 +56,54 @@ pub struct Status {
     /// none ever ran on this queue).
     #[serde(deserialize_with = "required")]
     pub watch: Option<WatchStatus>,
+    /// The large (multipart) NARs uploading now; `null` when no daemon answered.
+    #[serde(deserialize_with = "required")]
+    pub large_uploads: Option<Vec<LargeUpload>>,
+}
+
+/// A large NAR uploading in parts.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LargeUpload {
+    /// Its store path; `null` for an upload not of a NAR (a build log).
+    #[serde(deserialize_with = "required")]
+    pub store_path: Option<String>,
+    pub parts_done: u64,
+    pub parts_total: u64,
+    /// Compressed bytes the server has acknowledged (sent or resumed), and expected in all
+    /// (at most: the compressed size is known only at the end).
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Of `bytes_done`, what a restart did not send again (the server had those parts).
+    pub bytes_resumed: u64,
+    /// Bytes sent per second since this run of the upload began.
+    pub bytes_per_second: f64,
+    /// Seconds left at that rate; `null` before anything was sent.
+    #[serde(deserialize_with = "required")]
+    pub eta_seconds: Option<f64>,
+}
+
+impl LargeUpload {
+    /// A cache's report of an upload, with its rate and the time left at that rate.
+    pub fn from_progress(p: &crate::cache::resume::UploadProgress) -> Self {
+        let sent = p.bytes_done.saturating_sub(p.bytes_resumed);
+        let rate = if p.seconds > 0.0 {
+            sent as f64 / p.seconds
+        } else {
+            0.0
+        };
+        let left = p.bytes_total.saturating_sub(p.bytes_done);
+        LargeUpload {
+            store_path: p.store_path.clone(),
+            parts_done: p.parts_done,
+            parts_total: p.parts_total,
+            bytes_done: p.bytes_done,
+            bytes_total: p.bytes_total,
+            bytes_resumed: p.bytes_resumed,
+            bytes_per_second: rate,
+            eta_seconds: (rate > 0.0).then(|| left as f64 / rate),
+        }
+    }
 }
 
 /// The store watcher's part of the status.
@@ -199,6 +247,13 @@ impl Shared {
             nar_bytes: b.nar_bytes,
             seconds: b.seconds,
         });
+        s.large_uploads = Some(
+            self.cache
+                .large_uploads()
+                .iter()
+                .map(LargeUpload::from_progress)
+                .collect(),
+        );
         s.watch = self.watch.map(|mode| WatchStatus {
             mode: Some(mode),
             cursor: s.watch.as_ref().map_or(0, |w| w.cursor),
@@ -245,6 +300,7 @@ pub fn status_from_queue(q: &Queue) -> Result<Status, QueueError> {
             cursor,
             queued_since_start: None,
         }),
+        large_uploads: None,
     })
 }
 
@@ -350,6 +406,16 @@ mod tests {
                 cursor: 12,
                 queued_since_start: Some(3),
             }),
+            large_uploads: Some(vec![LargeUpload {
+                store_path: Some("/nix/store/b".into()),
+                parts_done: 3,
+                parts_total: 4,
+                bytes_done: 3 << 23,
+                bytes_total: 4 << 23,
+                bytes_resumed: 2 << 23,
+                bytes_per_second: 1e6,
+                eta_seconds: Some(8.4),
+            }]),
         }
     }
 
@@ -408,6 +474,41 @@ mod tests {
         let kind = edited(|v| v["failures"][0]["retry"] = "sometimes".into());
         let e = Status::from_json(&kind).unwrap_err().to_string();
         assert!(e.contains("failures[0].retry"), "{e}");
+    }
+
+    #[test]
+    fn a_large_uploads_rate_counts_only_what_this_run_sent() {
+        let u = LargeUpload::from_progress(&crate::cache::resume::UploadProgress {
+            store_path: Some("/nix/store/b".into()),
+            parts_done: 9,
+            parts_total: 10,
+            bytes_done: 900,
+            bytes_total: 1000,
+            bytes_resumed: 800,
+            seconds: 10.0,
+        });
+        assert_eq!(u.bytes_per_second, 10.0);
+        assert_eq!(u.eta_seconds, Some(10.0));
+        let v: serde_json::Value = serde_json::from_str(&sample().to_json()).unwrap();
+        assert_eq!(v["large_uploads"][0]["bytes_resumed"], 2 << 23);
+        let absent = edited(|v| {
+            v["large_uploads"][0]
+                .as_object_mut()
+                .unwrap()
+                .remove("eta_seconds");
+        });
+        let e = Status::from_json(&absent).unwrap_err().to_string();
+        assert!(e.contains("large_uploads[0]"), "{e}");
+        let none = LargeUpload::from_progress(&crate::cache::resume::UploadProgress {
+            store_path: None,
+            parts_done: 0,
+            parts_total: 10,
+            bytes_done: 0,
+            bytes_total: 1000,
+            bytes_resumed: 0,
+            seconds: 0.0,
+        });
+        assert_eq!((none.bytes_per_second, none.eta_seconds), (0.0, None));
     }
 
     #[test]

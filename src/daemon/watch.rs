@@ -188,6 +188,8 @@ mod tests {
             metrics: Default::default(),
             started: std::time::Instant::now(),
             watch: Some(WatchStore::All),
+            cache: std::sync::Arc::new(crate::cache::null::NullCache::new()),
+            records: None,
         }
     }
 

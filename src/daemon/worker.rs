@@ -1,6 +1,7 @@
 //! The upload worker: feeds one long-lived pipeline ([`crate::pipeline::stream`]) with
 //! the due paths as they arrive, and records per path what happened as soon as the
-//! pipeline settles it; and the orphan sweep.
+//! pipeline settles it; while nothing uploads (at start, after each stretch of work) it
+//! ends the recorded unfinished uploads no run will resume; and the orphan sweep.
 //!
 //! Two threads share the work while there is any. The feeder takes due paths from the
 //! queue, plans them (closures, skipping what the cache has, as `narflow push` does) and
@@ -47,6 +48,7 @@ pub(super) fn run(
 ) {
     let mut last_prune: Option<Instant> = None;
     let progress = DaemonProgress { shared };
+    end_records(shared, cache, "start");
     while !shared.stopping.load(Ordering::SeqCst) {
         if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
             match shared.lock_queue().prune(queue::now_ms()) {
@@ -113,6 +115,8 @@ pub(super) fn run(
             }
         };
         summarise(shared, &tally, started);
+        // Nothing is uploading now: no record this pass ends can be one being written.
+        end_records(shared, cache, "after the batch");
         shared.in_flight.store(0, Ordering::SeqCst);
         if failed_to_start {
             let _ = bell.recv_timeout(QUEUE_ERROR_WAIT);
@@ -513,6 +517,38 @@ fn summarise(shared: &Shared, t: &Tally, started: Instant) {
         .unwrap_or_else(|p| p.into_inner()) = Some(summary);
 }
 
+/// Ends the recorded unfinished uploads that no run will resume (`when`: at start, after
+/// a batch): those of paths the queue has done or dropped, and of paths it does not have
+/// that are in the cache, gone from the store, or older than `--resume-max-age`. A path
+/// still pending keeps its record. Called only while nothing uploads.
+fn end_records(shared: &Shared, cache: &dyn BinaryCache, when: &str) {
+    use crate::pipeline::resume::{self, PathState};
+    let Some((journal, max_age)) = &shared.records else {
+        return;
+    };
+    let state = |path: &str| match shared.lock_queue().state_of(path) {
+        Ok(Some("pending")) => PathState::Queued,
+        Ok(Some("done")) => PathState::Done,
+        Ok(Some(_)) => PathState::Dropped,
+        Ok(None) => PathState::Unknown,
+        Err(e) => {
+            // Unknown to us now: kept, as a queued path's is, until a later pass.
+            tracing::warn!("{e}");
+            PathState::Queued
+        }
+    };
+    match resume::end_records(journal.as_ref(), cache, &shared.store, *max_age, &state) {
+        Ok(e) if !e.ended.is_empty() || e.failed > 0 => tracing::info!(
+            "recorded uploads ({when}): {} ended, {} kept, {} could not be ended",
+            e.ended.len(),
+            e.kept,
+            e.failed
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("recorded uploads ({when}): {e}"),
+    }
+}
+
 /// Sweeps the cache's orphaned uploads older than `grace` now and every `every`, until
 /// `stop` is dropped. Off the request path and off the upload worker: a listing of a
 /// large bucket may take a while.
@@ -589,5 +625,72 @@ impl Progress for DaemonProgress<'_> {
             Outcome::Failed(why) => tracing::debug!("{}: {why}", result.path),
             Outcome::AlreadyPresent => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::resume::UploadJournal;
+    use crate::daemon::queue::Queue;
+    use crate::pipeline::resume::tests::{Cache, MemoryJournal, now, path, record};
+    use std::sync::Arc;
+
+    /// At start and after a batch the daemon ends the records of paths its queue has done
+    /// or dropped, and keeps that of a path still pending, however old.
+    #[test]
+    fn records_of_done_and_dropped_paths_end_and_a_pending_paths_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let [pending, done, dropped] = ["pending", "done", "dropped"].map(path);
+        let mut queue = Queue::open(&state).unwrap();
+        let t = queue::now_ms();
+        queue
+            .enqueue(&[pending.clone(), done.clone(), dropped.clone()], None, t)
+            .unwrap();
+        let due = queue.due(t, 10).unwrap();
+        let of = |p: &str| due.iter().find(|d| d.path == p).unwrap().clone();
+        let out = Outcomes {
+            done: vec![of(&done)],
+            dropped: vec![(of(&dropped), "collected".into())],
+            ..Default::default()
+        };
+        queue.record(&out, t).unwrap();
+        let journal = Arc::new(MemoryJournal::default());
+        for (p, id, age) in [
+            (&pending, "u1", 30 * 86_400),
+            (&done, "u2", 0),
+            (&dropped, "u3", 0),
+        ] {
+            journal.started(&record(p, id, now() - age)).unwrap();
+        }
+        let (bell, _) = crossbeam_channel::bounded(1);
+        let shared = Shared {
+            queue: Mutex::new(queue),
+            store: crate::store::LocalStore::open("/nix/store", &state.join("no-db")),
+            state_dir: state.clone(),
+            bell,
+            stopping: Default::default(),
+            in_flight: Default::default(),
+            stats: Default::default(),
+            metrics: Default::default(),
+            started: Instant::now(),
+            watch: None,
+            cache: Arc::new(crate::cache::null::NullCache::new()),
+            records: Some((journal.clone(), Duration::from_secs(7 * 86_400))),
+        };
+        let cache = Cache {
+            journal: &journal,
+            present: Vec::new(),
+        };
+        end_records(&shared, &cache, "test");
+        let left: Vec<String> = journal
+            .all("file:///c")
+            .unwrap()
+            .into_iter()
+            .map(|r| r.identity.store_path)
+            .collect();
+        assert_eq!(left, [pending]);
     }
 }

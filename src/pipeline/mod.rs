@@ -31,6 +31,7 @@ pub mod lanes;
 pub mod outcome;
 pub mod plan;
 pub mod publish;
+pub mod resume;
 pub mod sink;
 pub mod stage;
 pub mod stats;
@@ -125,6 +126,17 @@ impl PushOptions {
             upload_logs: false,
             gc_wait: gc_gate::GcWait::default(),
         }
+    }
+    /// The settings that decide a NAR's compressed bytes (codec, level, chunk size), as
+    /// one string: two runs with the same NAR and the same string produce the same frames,
+    /// so an upload one of them left unfinished can be resumed by the other.
+    pub fn compression_identity(&self) -> String {
+        format!(
+            "{}-{}/chunk={}",
+            self.compression.kind.nix_name(),
+            self.compression.level,
+            self.chunk_size
+        )
     }
     /// What the cache's constructor is given: its share of the memory budget
     /// ([`crate::memory::Budget::cache_share`]) and `s3`, the S3 tuning.

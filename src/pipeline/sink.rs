@@ -11,6 +11,7 @@ use super::outcome::{Failure, FailureKind, Progress};
 use super::stage::{Chunk, NarEnd};
 use super::stage::{Job, JobId, Running, Stop};
 use super::stats::{StageClock, StageStats};
+use crate::cache::resume::NarIdentity;
 use crate::cache::{BinaryCache, NarUpload};
 use crate::format::hash::HashingWriter;
 use crate::format::narinfo::NarInfo;
@@ -219,7 +220,12 @@ impl<'env> SinkStage<'env> {
     }
 
     fn begin(&self, job: &Job) -> JobState {
-        let (upload, error) = match self.cache.begin_nar(job.info.nar_size) {
+        let identity = NarIdentity {
+            store_path: job.info.path.to_absolute(self.store_dir),
+            nar_hash: job.info.nar_hash.to_string(),
+            compression: self.opts.compression_identity(),
+        };
+        let (upload, error) = match self.cache.begin_nar_resumable(job.info.nar_size, &identity) {
             Ok(u) => (Some(HashingWriter::new(u)), None),
             Err(e) => (None, Some(Failure::from_cache(&e))),
         };

@@ -958,3 +958,99 @@ fn a_path_submitted_behind_a_large_one_is_published_while_the_large_one_uploads(
     )
     .unwrap();
 }
+
+/// A directory cache that records what each NAR upload was begun with.
+#[derive(Debug)]
+struct Resumable(
+    FileCache,
+    std::sync::Mutex<Vec<Option<crate::cache::resume::NarIdentity>>>,
+);
+
+impl BinaryCache for Resumable {
+    fn url(&self) -> &str {
+        self.0.url()
+    }
+    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), crate::cache::CacheError> {
+        self.0.ensure_cache_info(store_dir)
+    }
+    fn has_narinfo(&self, path: &StorePath) -> Result<bool, crate::cache::CacheError> {
+        self.0.has_narinfo(path)
+    }
+    fn has_object(&self, key: &str) -> Result<bool, crate::cache::CacheError> {
+        self.0.has_object(key)
+    }
+    fn begin_nar(
+        &self,
+        nar_size: u64,
+    ) -> Result<Box<dyn crate::cache::NarUpload>, crate::cache::CacheError> {
+        self.1.lock().unwrap().push(None);
+        self.0.begin_nar(nar_size)
+    }
+    fn begin_nar_resumable(
+        &self,
+        nar_size: u64,
+        identity: &crate::cache::resume::NarIdentity,
+    ) -> Result<Box<dyn crate::cache::NarUpload>, crate::cache::CacheError> {
+        self.1.lock().unwrap().push(Some(identity.clone()));
+        self.0.begin_nar(nar_size)
+    }
+    fn object_size(&self, key: &str) -> Result<Option<u64>, crate::cache::CacheError> {
+        self.0.object_size(key)
+    }
+    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, crate::cache::CacheError> {
+        self.0.get_narinfo(path)
+    }
+    fn get_text(&self, key: &str) -> Result<Option<String>, crate::cache::CacheError> {
+        self.0.get_text(key)
+    }
+    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), crate::cache::CacheError> {
+        self.0.put_narinfo(path, text)
+    }
+    fn sync(&self) -> Result<(), crate::cache::CacheError> {
+        self.0.sync()
+    }
+}
+
+/// Every NAR is begun as a resumable upload named by its store path, its NarHash as the
+/// narinfo writes it, and the settings that decide its compressed bytes.
+#[test]
+fn every_nar_is_begun_resumable_with_its_path_nar_hash_and_compression_settings() {
+    let store = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    let infos = make_store(store.path(), &[("a", 300_000, &[]), ("b", 10, &[0])]);
+    for (kind, chunk, want) in [
+        (Compression::Zstd, 64 << 10, "zstd-3/chunk=65536"),
+        (Compression::Xz, 128 << 10, "xz-6/chunk=131072"),
+    ] {
+        let cache_dir = tempfile::tempdir().unwrap();
+        let cache = Resumable(
+            FileCache::open(cache_dir.path(), "file:///t").unwrap(),
+            Default::default(),
+        );
+        let o = opts(kind, chunk, 4 << 20);
+        let report = upload(&cache, sd, &infos, &o, &NoProgress).unwrap();
+        assert_eq!(report.count(|o| matches!(o, Outcome::Uploaded { .. })), 2);
+        let mut begun: Vec<_> = cache
+            .1
+            .into_inner()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.expect("begun resumable"))
+            .collect();
+        begun.sort_by(|a, b| a.store_path.cmp(&b.store_path));
+        let mut want_ids: Vec<_> = infos
+            .iter()
+            .map(|i| crate::cache::resume::NarIdentity {
+                store_path: i.path.to_absolute(sd),
+                nar_hash: NarInfo::parse(&narinfo_in(cache_dir.path(), &i.path).unwrap(), sd)
+                    .unwrap()
+                    .nar_hash
+                    .to_string(),
+                compression: want.to_owned(),
+            })
+            .collect();
+        want_ids.sort_by(|a, b| a.store_path.cmp(&b.store_path));
+        assert_eq!(begun, want_ids);
+        assert!(begun[0].nar_hash.starts_with("sha256:"), "{begun:?}");
+    }
+}

@@ -28,12 +28,12 @@ mod table;
 mod values;
 
 pub use file::{ConfigChoice, ConfigFile};
-pub use resolve::{Entry, Merged, Resolved};
+pub use resolve::{Entry, JOURNAL_FILE, Merged, Resolved};
 pub use table::{
     DaemonSettings, Fallback, GcSettings, HookSettings, KEYS, Key, PipelineSettings, S3Settings,
     Settings, defaults,
 };
-pub use values::{Seconds, Size, Span, WatchStore, format_size, parse_size};
+pub use values::{JournalFile, Seconds, Size, Span, WatchStore, format_size, parse_size};
 
 /// Why settings cannot be used. Each names the input (file and line, flag, variable, URL
 /// or key file) and what is wrong with it. None is transient.

@@ -4,7 +4,7 @@
 //! values together (the memory budget against the chunk size and the cache's need, the S3
 //! tuning) and gives the library's option types. It reads no file but signing keys.
 use super::table::{KEYS, Settings, defaults};
-use super::values::WatchStore;
+use super::values::{JournalFile, WatchStore};
 use super::{ConfigChoice, ConfigFile, SettingsError, Source, load_key};
 use crate::cache::url::CacheUrl;
 use crate::cache::{S3Tuning, TuningError};
@@ -14,7 +14,7 @@ use crate::memory::Budget;
 use crate::pipeline::PushOptions;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The merged settings of one run: each key's value from the highest layer that gives
@@ -229,6 +229,8 @@ impl Merged {
             watch_store: s.daemon.watch_store,
             max_rate: s.max_rate.map(|r| r.0),
             upload_logs: or_default(&s.upload_logs, &d.upload_logs),
+            upload_journal: s.upload_journal.clone(),
+            resume_max_age: or_default(&s.resume_max_age, &d.resume_max_age).0,
             s3,
             hook_timeout: or_default(&s.hook.timeout, &d.hook.timeout).0,
             gc_grace: or_default(&s.gc.grace, &d.gc.grace).0,
@@ -238,6 +240,9 @@ impl Merged {
         })
     }
 }
+
+/// The upload journal's file name, in the directory push or backfill keeps it.
+pub const JOURNAL_FILE: &str = "uploads.sqlite";
 
 /// Every setting's effective value (URL parameters and defaults filled in), and its
 /// source.
@@ -267,6 +272,10 @@ pub struct Resolved {
     /// Upload bandwidth cap, bytes per second.
     pub max_rate: Option<u64>,
     pub upload_logs: bool,
+    /// `upload-journal` as given; `None`: the command's default place.
+    pub upload_journal: Option<JournalFile>,
+    /// Recorded unfinished uploads older than this are aborted, not resumed.
+    pub resume_max_age: Duration,
     pub s3: S3Tuning,
     pub hook_timeout: Duration,
     /// gc: nothing younger is deleted.
@@ -331,6 +340,42 @@ impl Resolved {
         opts.max_rate = self.max_rate;
         opts.upload_logs = self.upload_logs;
         opts
+    }
+
+    /// The upload journal of `narflow push`: `upload-journal`, else
+    /// `$XDG_STATE_HOME/narflow/uploads.sqlite` (`~/.local/state/narflow/uploads.sqlite`
+    /// when that is unset or not absolute); `None` when it is off, or no home is known.
+    pub fn push_journal(&self) -> Option<PathBuf> {
+        match &self.upload_journal {
+            Some(JournalFile::Off) => None,
+            Some(JournalFile::File(f)) => Some(f.clone()),
+            None => {
+                let var = |v| std::env::var_os(v).map(PathBuf::from);
+                let state = var("XDG_STATE_HOME")
+                    .filter(|p| p.is_absolute())
+                    .or_else(|| {
+                        var("HOME")
+                            .filter(|p| p.is_absolute())
+                            .map(|h| h.join(".local/state"))
+                    })?;
+                Some(state.join("narflow").join(JOURNAL_FILE))
+            }
+        }
+    }
+
+    /// The upload journal of `narflow backfill`, whose resume state is `state_file`:
+    /// `upload-journal`, else [`JOURNAL_FILE`] beside the state file; `None` when off.
+    pub fn backfill_journal(&self, state_file: &Path) -> Option<PathBuf> {
+        match &self.upload_journal {
+            Some(JournalFile::Off) => None,
+            Some(JournalFile::File(f)) => Some(f.clone()),
+            None => Some(
+                state_file
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join(JOURNAL_FILE),
+            ),
+        }
     }
 
     /// Every key with its effective value and source, in [`KEYS`] order. Nothing among

@@ -6,7 +6,9 @@
 //! line; [`KEYS`] lists every row for whatever else needs them (the manual's reference).
 //! Nothing here resolves a setting against another (that is [`super::Merged::resolve`]).
 use super::Resolved;
-use super::values::{Seconds, Size, Span, WatchStore, de_compression, de_name_or_number};
+use super::values::{
+    JournalFile, Seconds, Size, Span, WatchStore, de_compression, de_name_or_number,
+};
 use crate::format::compression::Compression;
 use serde_json::{Value, json};
 use std::fmt;
@@ -341,6 +343,29 @@ settings_group! {
             arg: [num_args = 0..=1, require_equals = true, default_missing_value = "true",
                   value_parser = clap::builder::BoolishValueParser::new()],
             show: |r| json!(r.upload_logs),
+        },
+        upload_journal: JournalFile {
+            key: "upload-journal",
+            flag: "upload-journal",
+            env: "NARFLOW_UPLOAD_JOURNAL",
+            value: "FILE|off",
+            default: Fallback::Words(
+                "push: $XDG_STATE_HOME/narflow/uploads.sqlite (else ~/.local/state/narflow/); \
+                 backfill: uploads.sqlite beside its state file; the daemon: its queue"
+            ),
+            help: "Where push and backfill record unfinished multipart uploads to S3, so a \
+                   later run resumes them; off: no resume (the daemon takes only off)",
+            show: |r| json!(r.upload_journal.as_ref().map(ToString::to_string)),
+        },
+        resume_max_age: Span {
+            key: "resume-max-age",
+            flag: "resume-max-age",
+            env: "NARFLOW_RESUME_MAX_AGE",
+            value: "DURATION",
+            default: Fallback::Value("7d"),
+            help: "A recorded unfinished upload older than this is aborted, not resumed \
+                   (e.g. 7d, 12h)",
+            show: |r| secs(r.resume_max_age),
         },
     }
     flatten {

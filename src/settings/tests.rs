@@ -340,7 +340,7 @@ fn every_setting_has_one_file_key_and_every_file_key_is_read() {
     // A file that sets every key, each on its own line, is read whole.
     let file = "to = \"file:///c\"\nkey-file = [\"/k\"]\ncompression = \"xz\"\nlevel = 2\njobs = 1\n\
         memory = \"1G\"\nchunk-size = 1048576\nunsigned = true\nallow-insecure-key-file = false\n\
-        trusted-key = [\"k-1:AAAA\"]\nsocket = \"/s\"\nstate-dir = \"/d\"\nmax-rate = \"50M\"\nupload-logs = true\n[daemon]\n\
+        trusted-key = [\"k-1:AAAA\"]\nsocket = \"/s\"\nstate-dir = \"/d\"\nmax-rate = \"50M\"\nupload-logs = true\nupload-journal = \"off\"\nresume-max-age = \"3d\"\n[daemon]\n\
         socket-group = 30000\nshutdown-timeout = 1.5\nmetrics-listen = \"127.0.0.1:9464\"\n\
         watch-store = \"all\"\n[s3]\nconcurrency = 3\nretries = 4\n\
         connect-timeout = 2\nread-timeout = 9\npart-size = \"16M\"\n[hook]\ntimeout = 0.5\n\
@@ -456,6 +456,7 @@ fn the_example_file_names_every_key_with_its_default() {
         "to",
         "jobs",
         "max-rate",
+        "upload-journal",
         "daemon.socket-group",
         "daemon.metrics-listen",
         "daemon.watch-store",
@@ -612,4 +613,35 @@ fn gc_durations_take_units_or_seconds_from_every_layer() {
         e.starts_with("gc.batch-size (from flag:--gc-batch-size)"),
         "{e}"
     );
+}
+
+#[test]
+fn the_upload_journal_is_a_file_off_or_the_commands_default_place() {
+    use crate::settings::JournalFile;
+    let r = merged(&[], &[], None).resolve().unwrap();
+    assert_eq!(r.upload_journal, None);
+    assert_eq!(r.resume_max_age, Duration::from_secs(7 * 86400));
+    assert_eq!(
+        r.backfill_journal(Path::new("/var/lib/narflow/backfill-x.json")),
+        Some(PathBuf::from("/var/lib/narflow/uploads.sqlite"))
+    );
+    let r = merged(&["--upload-journal=off", "--resume-max-age=12h"], &[], None)
+        .resolve()
+        .unwrap();
+    assert_eq!(r.upload_journal, Some(JournalFile::Off));
+    assert_eq!(r.push_journal(), None);
+    assert_eq!(r.backfill_journal(Path::new("/s/state.json")), None);
+    assert_eq!(r.resume_max_age, Duration::from_secs(12 * 3600));
+    let m = merged(
+        &[],
+        &[],
+        Some("upload-journal = \"/j/uploads.sqlite\"\nresume-max-age = \"2d\"\n"),
+    );
+    let r = m.resolve().unwrap();
+    assert_eq!(r.push_journal(), Some(PathBuf::from("/j/uploads.sqlite")));
+    assert_eq!(
+        r.backfill_journal(Path::new("/s/state.json")),
+        Some(PathBuf::from("/j/uploads.sqlite"))
+    );
+    assert_eq!(r.resume_max_age, Duration::from_secs(2 * 86400));
 }

@@ -4,6 +4,7 @@
 use crate::format::compression::Compression;
 use serde::Deserialize;
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -24,6 +25,42 @@ impl WatchStore {
             WatchStore::Built => "built",
             WatchStore::All => "all",
         }
+    }
+}
+
+/// Where push and backfill record their unfinished multipart uploads to S3
+/// (`upload-journal`): a file, or `off` (no resume).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalFile {
+    Off,
+    File(PathBuf),
+}
+
+impl FromStr for JournalFile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(JournalFile::Off),
+            "" => Err("give a file, or off".to_owned()),
+            path => Ok(JournalFile::File(PathBuf::from(path))),
+        }
+    }
+}
+
+impl fmt::Display for JournalFile {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            JournalFile::Off => f.write_str("off"),
+            JournalFile::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for JournalFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 

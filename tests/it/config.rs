@@ -349,3 +349,35 @@ fn a_budget_too_small_is_refused_at_start_by_every_command() {
     assert!(std::fs::read_dir(&cache).unwrap().next().is_none());
     assert!(!Path::new(state).exists() && !bench_dir.exists());
 }
+
+/// The daemon records unfinished uploads in its queue: an upload journal of its own is
+/// refused at start by name (off is taken), and nothing is created.
+#[test]
+fn the_daemon_refuses_an_upload_journal_file_of_its_own() {
+    let dir = tempdir();
+    let (socket, state) = (dir.path().join("daemon.sock"), dir.path().join("state"));
+    let out = isolated(
+        narflow()
+            .args([
+                "daemon",
+                "--unsigned",
+                "--to",
+                "s3://b?endpoint=http://127.0.0.1:9",
+            ])
+            .args(["--upload-journal", "/tmp/j.sqlite", "--socket"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state),
+        &[],
+    )
+    .stdin(Stdio::null())
+    .output()
+    .unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("upload-journal (from flag:--upload-journal): the daemon records"),
+        "{err}"
+    );
+    assert!(!state.exists() && !socket.exists());
+}

@@ -20,7 +20,7 @@ pub(crate) struct Daemon {
     pub(crate) socket: PathBuf,
     pub(crate) state: PathBuf,
     log: PathBuf,
-    args: Vec<String>,
+    pub(crate) args: Vec<String>,
 }
 
 impl Daemon {
@@ -82,7 +82,7 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         let mut c = self.child.take().expect("running");
         c.kill().unwrap();
         c.wait().unwrap();
@@ -120,7 +120,7 @@ impl Daemon {
     }
 
     /// Waits until nothing is pending or in flight; returns the status then.
-    fn wait_idle(&self) -> serde_json::Value {
+    pub(crate) fn wait_idle(&self) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let s = self.status();
@@ -1236,6 +1236,7 @@ impl InProcessDaemon {
             shutdown_timeout: Duration::from_secs(10),
             metrics_listen: None,
             watch_store: None,
+            resume_max_age: None,
         })
         .unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1377,7 +1378,7 @@ fn a_status_with_a_missing_field_is_an_error_naming_it_not_a_zero() {
         "in_flight": 0, "uptime_seconds": 1, "last_recorded_unix_ms": 0,
         "since_start": {"uploaded": 0, "nar_bytes": 0},
         "recent": {"window_seconds": 60, "uploaded_per_second": 0.0, "nar_mb_per_second": 0.0},
-        "last_batch": null, "watch": null,
+        "last_batch": null, "watch": null, "large_uploads": [],
     });
     let full = answer_once(&socket, format!("OK {status}\n"));
     let out = narflow()

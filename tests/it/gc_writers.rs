@@ -616,6 +616,7 @@ fn the_daemon_retries_a_path_whose_reference_a_gc_removed_and_waits_for_a_runnin
         shutdown_timeout: Duration::from_secs(10),
         metrics_listen: None,
         watch_store: None,
+        resume_max_age: None,
     })
     .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -20,6 +20,7 @@ mod proxy;
 mod push_nix;
 mod rate;
 mod repair;
+mod resume;
 mod s3;
 mod s3_faults;
 mod s3_resume;

@@ -14,7 +14,7 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// What the proxy does to a request instead of forwarding it normally.
@@ -89,6 +89,9 @@ pub struct Request {
     /// How long the server took to answer once the whole request was forwarded, for a
     /// request forwarded to it.
     pub waited: Option<Duration>,
+    /// Bytes of the request's body forwarded to the server (its framing included), once
+    /// the whole body went through.
+    pub body_bytes: u64,
 }
 
 impl Request {
@@ -193,6 +196,8 @@ struct State {
 struct Shared {
     upstream: SocketAddr,
     state: Mutex<State>,
+    /// Notified whenever a request's answer is logged ([`Proxy::wait_until`]).
+    changed: Condvar,
     stop: AtomicBool,
 }
 
@@ -228,6 +233,28 @@ impl Shared {
 
     fn set_status(&self, i: usize, status: u16) {
         self.state.lock().unwrap().log[i].status = Some(status);
+        self.changed.notify_all();
+    }
+
+    fn set_body_bytes(&self, i: usize, n: u64) {
+        self.state.lock().unwrap().log[i].body_bytes = n;
+    }
+}
+
+/// A writer that counts what goes through it.
+struct Counting<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -265,6 +292,7 @@ impl Proxy {
                     .collect(),
                 log: Vec::new(),
             }),
+            changed: Condvar::new(),
             stop: AtomicBool::new(false),
         });
         let s = shared.clone();
@@ -315,6 +343,37 @@ impl Proxy {
             .iter()
             .filter(|r| r.is(kind) && matches!(r.status, Some(200..=299)))
             .count()
+    }
+
+    /// Body bytes forwarded to the server by the requests of `log` (e.g. `&log()[n..]`)
+    /// that are of `kind`.
+    pub fn body_bytes(log: &[Request], kind: Kind) -> u64 {
+        log.iter()
+            .filter(|r| r.is(kind))
+            .map(|r| r.body_bytes)
+            .sum()
+    }
+
+    /// Waits until `pred` holds for the log (looked at each time an answer is logged);
+    /// false when `limit` passed first.
+    pub fn wait_until(&self, limit: Duration, pred: impl Fn(&[Request]) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut st = self.shared.state.lock().unwrap();
+        loop {
+            if pred(&st.log) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap()
+                .0;
+        }
     }
 
     /// Faults applied so far that `pred` accepts.
@@ -546,6 +605,7 @@ fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
             fault: None,
             status: None,
             waited: None,
+            body_bytes: 0,
         };
         let (index, fault) = shared.admit(req);
         match fault {
@@ -587,9 +647,11 @@ fn serve(mut client: TcpStream, shared: &Shared) -> io::Result<()> {
         let (up_w, up_r) = upstream.as_mut().expect("connected above");
         up_w.write_all(&head.raw)?;
         {
-            let mut w = io::BufWriter::with_capacity(256 << 10, &mut *up_w);
+            let w = io::BufWriter::with_capacity(256 << 10, &mut *up_w);
+            let mut w = Counting { inner: w, n: 0 };
             copy_body(&head, &mut client, &mut w)?;
             w.flush()?;
+            shared.set_body_bytes(index, w.n);
         }
         let forwarded = Instant::now();
         let is_head = head.first.0 == "HEAD";
