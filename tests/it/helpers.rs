@@ -36,9 +36,19 @@ pub fn nix_store_dump(path: &Path) -> Vec<u8> {
     run(Command::new("nix-store").arg("--dump").arg(path)).stdout
 }
 
-/// The narflow binary built for this test run.
+/// The narflow binary built for this test run, with its default state (push's upload
+/// journal) in this test process's own directory under the target dir, never the user's.
 pub fn narflow() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_narflow"))
+    static STATE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let state = STATE.get_or_init(|| {
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("the tests' state directory");
+        dir
+    });
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_narflow"));
+    cmd.env("XDG_STATE_HOME", state);
+    cmd
 }
 
 /// A fresh temporary directory, removed on drop.
