@@ -139,3 +139,18 @@ async fn run(upstream: String, delay: Duration) -> std::io::Result<()> {
     println!("{{{}}}", fields.join(", "));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// A request begins with its method; a body sent after `100 Continue` does not.
+    #[test]
+    fn a_request_is_told_by_its_method() {
+        assert_eq!(super::method(b"PUT /b/k HTTP/1.1\r\n"), Some("PUT"));
+        assert_eq!(
+            super::method(b"GET /b?list-type=2 HTTP/1.1\r\n"),
+            Some("GET")
+        );
+        assert_eq!(super::method(b"StorePath: /nix/store/x\n"), None);
+        assert_eq!(super::method(b"\x28\xb5\x2f\xfd binary"), None);
+    }
+}
