@@ -23,6 +23,7 @@
 mod baseline;
 mod ceiling;
 mod content;
+mod delay_proxy;
 mod nixstore;
 mod procfs;
 mod report;
@@ -36,6 +37,7 @@ mod workload;
 pub use baseline::*;
 pub use ceiling::*;
 use content::*;
+pub use delay_proxy::delay_proxy;
 pub use nixstore::*;
 pub use procfs::*;
 pub use report::*;

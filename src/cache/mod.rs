@@ -122,6 +122,13 @@ pub trait NarUpload: Write + Send {
     /// them as held by a writer that could still add to them, so other uploads wait for
     /// them to be released instead of going beyond the memory. No write may follow.
     fn written(&mut self);
+    /// Whether sending the bytes costs no more than asking whether an object is already
+    /// under the final key: one request either way (a NAR that goes up in one PutObject).
+    /// Asked once every byte is written; the sink then commits without looking first (the
+    /// same FileHash names the same bytes, so an object there is replaced by itself).
+    fn resend_is_cheap(&self) -> bool {
+        false
+    }
     /// Publishes the uploaded bytes as `key` (e.g. `nar/<FileHash>.nar.zst`): at once, or
     /// (a NAR in a local directory, which batches durability) no later than the next
     /// [`BinaryCache::put_narinfos`] or [`BinaryCache::sync`], and only once the bytes are
@@ -167,6 +174,28 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     /// concurrently; the default asks one at a time.
     fn get_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
         paths.iter().map(|p| self.get_narinfo(p)).collect()
+    }
+    /// A look at the cache that reads what it finds: the text of each of `paths`'
+    /// narinfos that [`BinaryCache::has_narinfos`] would find, `None` for the others, in
+    /// order. The default asks `has_narinfos`, then reads the narinfos found; a remote
+    /// cache reads each as soon as it is found (S3: a GET answers what a HEAD would, and a
+    /// listing's pages are read while the next page is asked for).
+    ///
+    /// # Errors
+    /// The first [`CacheError`].
+    fn find_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
+        let present = self.has_narinfos(paths)?;
+        let found: Vec<StorePath> = paths
+            .iter()
+            .zip(&present)
+            .filter(|(_, there)| **there)
+            .map(|(p, _)| p.clone())
+            .collect();
+        let mut texts = self.get_narinfos(&found)?.into_iter();
+        Ok(present
+            .into_iter()
+            .map(|there| if there { texts.next().flatten() } else { None })
+            .collect())
     }
     /// The text of a small object (a narinfo, the gc marker), or `None` when there is none;
     /// text that is not UTF-8 comes back lossily converted.
@@ -299,6 +328,13 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     /// commits with a rename, so 1; a remote cache hides per-request latency with more.
     fn upload_concurrency(&self) -> usize {
         1
+    }
+    /// How many narinfos one call of [`BinaryCache::publish_narinfos_by`] writes at once: a
+    /// publishing wave goes to the cache in slices of this many (1: the whole wave at once,
+    /// as a local directory names it with a rename each). A remote cache hides each
+    /// request's round trip with more.
+    fn narinfos_in_flight(&self) -> usize {
+        self.upload_concurrency()
     }
     /// Makes everything written so far durable.
     fn sync(&self) -> Result<(), CacheError>;

@@ -224,6 +224,9 @@ impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
     fn get_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
         self.inner.get_narinfos(paths)
     }
+    fn find_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
+        self.inner.find_narinfos(paths)
+    }
     fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
         self.inner.get_text(key)
     }
@@ -296,6 +299,9 @@ impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
     }
     fn upload_concurrency(&self) -> usize {
         self.inner.upload_concurrency()
+    }
+    fn narinfos_in_flight(&self) -> usize {
+        self.inner.narinfos_in_flight()
     }
     fn sync(&self) -> Result<(), CacheError> {
         self.inner.sync()
@@ -373,6 +379,9 @@ impl<C: Clock> Write for RateLimitedUpload<C> {
 impl<C: Clock> NarUpload for RateLimitedUpload<C> {
     fn written(&mut self) {
         self.inner.written();
+    }
+    fn resend_is_cheap(&self) -> bool {
+        self.inner.resend_is_cheap()
     }
     fn commit(self: Box<Self>, key: &str) -> Result<(), CacheError> {
         self.inner.commit(key)

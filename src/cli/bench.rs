@@ -81,6 +81,11 @@ pub enum BenchCommand {
     /// read into memory, then checked (FileHash, decompression, NarHash) on --jobs
     /// threads, best of three passes; prints NAR MB/s (JSON with --json).
     VerifyCeiling(VerifyCeilingArgs),
+    /// Internal (scripts/bench-latency): a loopback proxy in front of UPSTREAM
+    /// (host:port) that holds each response back by DELAY_MS and counts requests by
+    /// method; prints `listening PORT`, and the counts as JSON on SIGTERM.
+    #[command(hide = true)]
+    DelayProxy { upstream: String, delay_ms: u64 },
 }
 
 #[derive(Debug, clap::Args)]
@@ -347,6 +352,11 @@ pub fn run(args: BenchArgs, matches: &clap::ArgMatches) -> Result<u8, CliError> 
     match &args.command {
         Some(BenchCommand::MakeStore(a)) => return make_store(a),
         Some(BenchCommand::VerifyCeiling(a)) => return verify_ceiling(a),
+        Some(BenchCommand::DelayProxy { upstream, delay_ms }) => {
+            let delay = std::time::Duration::from_millis(*delay_ms);
+            bench::delay_proxy(upstream, delay).map_err(CliError::failed)?;
+            return Ok(exit::OK);
+        }
         None => {}
     }
     // Before any work of ours, so the load average is the machine's, not ours.

@@ -37,8 +37,8 @@ pub mod stage;
 pub mod stats;
 pub mod walk;
 
-use crate::cache::BinaryCache;
 use crate::cache::gc_marker::Epoch;
+use crate::cache::{BinaryCache, CacheError};
 use crate::format::compression::CompressionSettings;
 use crate::format::signing::SigningKey;
 use crate::format::store_path::StorePath;
@@ -150,6 +150,38 @@ impl PushOptions {
     }
 }
 
+/// [`plan::plan_with`] while `nix-cache-info` is checked (and created if missing) on
+/// another thread, so that its round trip overlaps the plan's; the plan writes nothing
+/// before the check has passed. The check's error comes first (it tells an unreachable
+/// or misconfigured cache).
+///
+/// # Errors
+/// [`PushError`] from either.
+fn plan_beside_cache_info(
+    store: &LocalStore,
+    cache: &dyn BinaryCache,
+    paths: &[StorePath],
+    opts: &PushOptions,
+    progress: &dyn Progress,
+) -> Result<plan::Plan, PushError> {
+    let store_dir = store.store_dir();
+    std::thread::scope(|s| {
+        let joined = |h: std::thread::ScopedJoinHandle<'_, Result<(), CacheError>>| {
+            h.join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+                .map_err(PushError::from)
+        };
+        let mut check = Some(s.spawn(|| cache.ensure_cache_info(store_dir)));
+        let planned = plan::plan_before_writes(store, cache, paths, opts, progress, &mut || {
+            check.take().map_or(Ok(()), joined)
+        });
+        if let Some(h) = check {
+            joined(h)?;
+        }
+        planned
+    })
+}
+
 /// Asks a running push to stop: stages stop early, unfinished uploads are aborted, nothing
 /// more is published, and the paths not finished are reported as transient failures.
 /// Clones share one flag.
@@ -189,8 +221,7 @@ pub fn push(
         report.results.push(r);
     };
 
-    cache.ensure_cache_info(&store_dir)?;
-    let plan = plan::plan_with(store, cache, paths, opts, progress)?;
+    let plan = plan_beside_cache_info(store, cache, paths, opts, progress)?;
     for path in plan.not_valid {
         report.not_valid.push(path.clone());
         let why = Failure::NotValid { path: path.clone() };

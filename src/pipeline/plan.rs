@@ -55,6 +55,22 @@ pub fn plan_with(
     opts: &PushOptions,
     progress: &dyn super::outcome::Progress,
 ) -> Result<Plan, PushError> {
+    plan_before_writes(store, cache, paths, opts, progress, &mut || Ok(()))
+}
+
+/// [`plan_with`] that calls `ready` before it writes anything to the cache (our
+/// signatures on narinfos found there), and writes nothing if `ready` fails.
+///
+/// # Errors
+/// As [`plan`], or `ready`'s.
+pub fn plan_before_writes(
+    store: &LocalStore,
+    cache: &dyn BinaryCache,
+    paths: &[StorePath],
+    opts: &PushOptions,
+    progress: &dyn super::outcome::Progress,
+    ready: &mut dyn FnMut() -> Result<(), PushError>,
+) -> Result<Plan, PushError> {
     let store_dir = store.store_dir().to_owned();
     let (valid, invalid) = split_valid(store, paths)?;
     let infos = if opts.closure {
@@ -87,17 +103,37 @@ pub fn plan_with(
     };
     let (seen, epoch) = loop {
         let epoch = settle()?.epoch;
-        let mut seen: HashSet<StorePath> = asked
+        // With keys, every narinfo found is read (for our signatures): read as it is found.
+        let (mut seen, mut texts): (HashSet<StorePath>, HashMap<StorePath, String>) =
+            if opts.keys.is_empty() {
+                let seen = asked
+                    .iter()
+                    .cloned()
+                    .zip(cache.has_narinfos(&asked)?)
+                    .filter(|(_, p)| *p)
+                    .map(|(p, _)| p)
+                    .collect();
+                (seen, HashMap::new())
+            } else {
+                let texts: HashMap<StorePath, String> = asked
+                    .iter()
+                    .cloned()
+                    .zip(cache.find_narinfos(&asked)?)
+                    .filter_map(|(p, t)| Some((p, t?)))
+                    .collect();
+                (texts.keys().cloned().collect(), texts)
+            };
+        let present: Vec<(&PathInfo, String)> = infos
             .iter()
-            .cloned()
-            .zip(cache.has_narinfos(&asked)?)
-            .filter(|(_, p)| *p)
-            .map(|(p, _)| p)
+            .filter(|i| seen.contains(&i.path))
+            .map(|i| (i, texts.remove(&i.path).unwrap_or_default()))
             .collect();
-        let present: Vec<&PathInfo> = infos.iter().filter(|i| seen.contains(&i.path)).collect();
         // The signatures' wave is a publishing wave: it reads the marker again, and a gc
         // that ran since the look means looking again.
-        let mut still = || settle().map(|now| (now.epoch == epoch).then_some(now.at + WAVE_FRESH));
+        let mut still = || {
+            ready()?;
+            settle().map(|now| (now.epoch == epoch).then_some(now.at + WAVE_FRESH))
+        };
         let Some(damaged) = add_our_signatures(cache, &store_dir, &present, opts, &mut still)?
         else {
             tracing::info!(
@@ -154,8 +190,9 @@ pub fn jobs_for(
     (jobs, refused)
 }
 
-/// Gives the narinfos the cache already has for `present` the signatures of our keys
-/// they lack (merged under the cache's rule, so the signatures there stay). A narinfo for
+/// Gives the narinfos the cache already has for `present` (each with the text the look
+/// read) the signatures of our keys they lack (merged under the cache's rule, so the
+/// signatures there stay). A narinfo for
 /// another NAR of the path is left alone: our keys vouch only for the NAR in our store.
 /// Returns the paths whose narinfo turned out damaged (it does not parse, or its NAR is
 /// missing or short): they are uploaded again. `still` is asked right before the
@@ -167,21 +204,19 @@ pub fn jobs_for(
 fn add_our_signatures(
     cache: &dyn BinaryCache,
     store_dir: &str,
-    present: &[&PathInfo],
+    present: &[(&PathInfo, String)],
     opts: &PushOptions,
     still: &mut dyn FnMut() -> Result<Option<std::time::Instant>, PushError>,
 ) -> Result<Option<Vec<StorePath>>, PushError> {
     if opts.keys.is_empty() || present.is_empty() {
         return Ok(Some(Vec::new()));
     }
-    let paths: Vec<StorePath> = present.iter().map(|i| i.path.clone()).collect();
     let ours: Vec<_> = opts.keys.iter().map(|k| k.verifying_key()).collect();
     let mut damaged = Vec::new();
     let mut resign = Vec::new();
-    for (info, text) in present.iter().zip(cache.get_narinfos(&paths)?) {
-        let old = text
-            .as_deref()
-            .and_then(|t| crate::format::narinfo::NarInfo::parse(t, store_dir).ok())
+    for (info, text) in present {
+        let old = crate::format::narinfo::NarInfo::parse(text, store_dir)
+            .ok()
             .filter(|o| o.store_path == info.path);
         let Some(mut old) = old else {
             damaged.push(info.path.clone());
@@ -189,10 +224,18 @@ fn add_our_signatures(
         };
         let same_nar = (old.nar_hash, old.nar_size, &old.references)
             == (info.nar_hash, info.nar_size, &info.references);
-        let signed = ours
-            .iter()
-            .all(|k| old.valid_signatures(store_dir, std::slice::from_ref(k)) > 0);
-        if !same_nar || signed {
+        if !same_nar {
+            continue;
+        }
+        // Ed25519 signatures are deterministic: one of our keys' over this fingerprint is
+        // found by signing it again (a fraction of a verification's work); any other
+        // signature with the key's name is verified.
+        let fingerprint = old.fingerprint(store_dir);
+        let signed = opts.keys.iter().zip(&ours).all(|(key, vk)| {
+            old.sigs.contains(&key.sign(&fingerprint))
+                || old.valid_signatures(store_dir, std::slice::from_ref(vk)) > 0
+        });
+        if signed {
             continue;
         }
         if !crate::cache::nar_intact(cache, &old)? {

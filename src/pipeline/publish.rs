@@ -85,6 +85,27 @@ pub enum OnPublishError {
 /// cache's publishing lock; the rest go into the next wave at once.
 const WAVE_MAX: usize = 512;
 
+/// Waves in flight at once on a cache that writes narinfos concurrently
+/// ([`BinaryCache::narinfos_in_flight`] above 1): each is a thread blocked on the cache's
+/// round trips, and a closure is published level by level (a narinfo waits for its
+/// references' waves), so a level whose references have landed starts at once instead
+/// of waiting for the waves before it. Their narinfos together stay within
+/// `narinfos_in_flight`; the hand-off queues to these threads and back hold at most this
+/// many waves.
+const WAVES_IN_FLIGHT: usize = 8;
+
+/// A wave handed to a publishing thread.
+struct WaveJob {
+    ready: Vec<Waiting>,
+    deadline: std::time::Instant,
+}
+
+/// A wave back from a publishing thread: what the cache made of each narinfo.
+struct WaveDone {
+    ready: Vec<Waiting>,
+    merged: Result<Vec<crate::cache::Published>, CacheError>,
+}
+
 /// A submitted job the publisher has not settled yet.
 #[derive(Debug)]
 struct Entry {
@@ -219,6 +240,9 @@ struct Waiting {
     file_size: u64,
     /// The sink found the NAR in the cache and did not write it again.
     nar_reused: bool,
+    /// Its wave failed as a whole: published in a wave of its own, so the failure ends up
+    /// on the path that causes it.
+    alone: bool,
 }
 
 /// The publish stage of one pipeline.
@@ -251,6 +275,12 @@ struct Run<'s, 'a> {
     gate: Gate,
     /// The last reading that found no gc running.
     reading: Option<Reading>,
+    /// Where waves go to the publishing threads, and come back from them; `None`: each
+    /// wave is published on this thread before the next (a local directory).
+    waves: Option<(Sender<WaveJob>, Receiver<WaveDone>)>,
+    /// Waves handed off and not back yet, and their narinfos.
+    waves_out: usize,
+    narinfos_out: usize,
 }
 
 impl<'a> PublishStage<'a> {
@@ -271,6 +301,44 @@ impl<'a> PublishStage<'a> {
         results: Receiver<SinkResult>,
         out: Sender<Settled>,
     ) -> Result<(), CacheError> {
+        if self.cache.narinfos_in_flight() <= 1 {
+            return self.run_with(results, out, None);
+        }
+        // See WAVES_IN_FLIGHT: never more waves handed off than this, so neither queue
+        // ever holds more.
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<WaveJob>(WAVES_IN_FLIGHT);
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<WaveDone>(WAVES_IN_FLIGHT);
+        std::thread::scope(|s| {
+            for _ in 0..WAVES_IN_FLIGHT {
+                let (jobs, done) = (jobs_rx.clone(), done_tx.clone());
+                s.spawn(move || {
+                    for job in jobs {
+                        let narinfos = job.ready.iter().map(|w| w.narinfo.clone()).collect();
+                        let merged =
+                            self.cache
+                                .publish_narinfos_by(self.store_dir, narinfos, job.deadline);
+                        let _ = done.send(WaveDone {
+                            ready: job.ready,
+                            merged,
+                        });
+                    }
+                });
+            }
+            drop((jobs_rx, done_tx));
+            // The threads end once the job queue closes (when `run_with` returns).
+            self.run_with(results, out, Some((jobs_tx, done_rx)))
+        })
+    }
+
+    /// [`PublishStage::run`], handing waves to publishing threads through `waves`, or
+    /// publishing each on this thread.
+    fn run_with(
+        &self,
+        results: Receiver<SinkResult>,
+        out: Sender<Settled>,
+        waves: Option<(Sender<WaveJob>, Receiver<WaveDone>)>,
+    ) -> Result<(), CacheError> {
+        let never = crossbeam_channel::never();
         let mut run = Run {
             stage: self,
             out,
@@ -278,24 +346,46 @@ impl<'a> PublishStage<'a> {
             dirty: false,
             gate: Gate::new(self.gc_wait),
             reading: None,
+            waves,
+            waves_out: 0,
+            narinfos_out: 0,
         };
-        while let Ok(first) = results.recv() {
-            let mut batch = vec![first];
-            while batch.len() < WAVE_MAX {
-                match results.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
-                }
+        loop {
+            let landed = run.waves.as_ref().map_or(&never, |(_, done)| done).clone();
+            crossbeam_channel::select! {
+                recv(results) -> r => {
+                    let Ok(first) = r else { break };
+                    let mut batch = vec![first];
+                    while batch.len() < WAVE_MAX {
+                        match results.try_recv() {
+                            Ok(r) => batch.push(r),
+                            Err(_) => break,
+                        }
+                    }
+                    if self.stop.is_stopped() {
+                        // Drained and dropped: nothing more is published once stopped.
+                        continue;
+                    }
+                    for r in batch {
+                        run.absorb(r);
+                    }
+                },
+                recv(landed) -> d => match d {
+                    Ok(d) => run.land(d)?,
+                    // Every publishing thread is gone (none ends while the queue is
+                    // open, unless it panicked): waves go on on this thread.
+                    Err(_) => run.waves = None,
+                },
             }
             if self.stop.is_stopped() {
-                // Drained and dropped: nothing more is published once stopped.
                 continue;
             }
-            for r in batch {
-                run.absorb(r);
-            }
             run.waves()?;
-            if run.dirty && run.pending.is_empty() && results.is_empty() && !self.stop.is_stopped()
+            if run.dirty
+                && run.pending.is_empty()
+                && run.waves_out == 0
+                && results.is_empty()
+                && !self.stop.is_stopped()
             {
                 // Idle, with no narinfo on its way (whose wave would name every committed
                 // NAR): NARs committed without a narinfo of their own (a reference failed,
@@ -353,6 +443,7 @@ impl Run<'_, '_> {
                     narinfo: *narinfo,
                     file_size,
                     nar_reused: r.nar_reused,
+                    alone: false,
                 });
             }
             Err(why) => {
@@ -413,6 +504,11 @@ impl Run<'_, '_> {
             }
             self.pending = keep;
         }
+        // What the waves in flight leave room for; the rest waits for them to land.
+        let room = self.room();
+        if ready.len() > room {
+            self.pending.extend(ready.split_off(room));
+        }
         let progressed = !decided.is_empty() || !ready.is_empty() || !unknown.is_empty();
         // Failures first: they cascade to their waiters in the next wave.
         self.emit(decided);
@@ -426,12 +522,13 @@ impl Run<'_, '_> {
         Ok(true)
     }
 
-    /// Publishes `ready` in slices the cache writes at once (its upload concurrency; all
-    /// of it for a local directory, whose wave is a rename each), each started within
-    /// half of [`WAVE_FRESH`] of a reading of the gc marker that found no gc running
-    /// ([`Run::clear`]), so its writes start within [`WAVE_FRESH`] of it.
+    /// Publishes `ready` in slices the cache writes at once
+    /// ([`BinaryCache::narinfos_in_flight`]; all of it for a local directory, whose wave
+    /// is a rename each), each started within half of [`WAVE_FRESH`] of a reading of the
+    /// gc marker that found no gc running ([`Run::clear`]), so its writes start within
+    /// [`WAVE_FRESH`] of it.
     fn publish_cleared(&mut self, mut ready: Vec<Waiting>) -> Result<(), CacheError> {
-        let slice = match self.stage.cache.upload_concurrency() {
+        let slice = match self.stage.cache.narinfos_in_flight() {
             0 | 1 => WAVE_MAX,
             n => n,
         };
@@ -441,13 +538,49 @@ impl Run<'_, '_> {
                 self.pending.append(&mut ready);
                 return Ok(());
             }
-            let rest = ready.split_off(slice.min(ready.len()));
+            // One whose wave failed as a whole goes in a wave of its own.
+            let cut = match ready.iter().position(|w| w.alone) {
+                Some(0) => 1,
+                Some(i) => i.min(slice),
+                None => slice.min(ready.len()),
+            };
+            let rest = ready.split_off(cut.min(ready.len()));
             let now = std::mem::replace(&mut ready, rest);
-            if !now.is_empty() {
-                self.publish(now)?;
+            if now.is_empty() {
+                continue;
             }
+            if self.waves.is_some() && self.waves_out >= WAVES_IN_FLIGHT {
+                // No thread free: the rest waits for a wave to land.
+                self.pending.append(&mut ready);
+                self.pending.extend(now);
+                return Ok(());
+            }
+            self.publish(now)?;
         }
         Ok(())
+    }
+
+    /// Narinfos the next wave may take: all of a wave on this thread; with publishing
+    /// threads, what the waves in flight leave of the cache's narinfos in flight (none
+    /// while every thread has a wave).
+    fn room(&self) -> usize {
+        if self.waves.is_none() {
+            return usize::MAX;
+        }
+        if self.waves_out >= WAVES_IN_FLIGHT {
+            return 0;
+        }
+        self.stage
+            .cache
+            .narinfos_in_flight()
+            .saturating_sub(self.narinfos_out)
+    }
+
+    /// Takes in a wave back from a publishing thread.
+    fn land(&mut self, done: WaveDone) -> Result<(), CacheError> {
+        self.waves_out -= 1;
+        self.narinfos_out -= done.ready.len();
+        self.settle_wave(done.ready, done.merged)
     }
 
     /// Makes sure the publisher holds a fresh reading of the gc marker that found no gc
@@ -620,18 +753,38 @@ impl Run<'_, '_> {
         Ok(())
     }
 
-    /// Publishes `ready` (narinfos whose references are all known) and settles them.
+    /// Publishes `ready` (narinfos whose references are all known) and settles them: on
+    /// this thread, or handed to a publishing thread (settled when it lands).
     fn publish(&mut self, ready: Vec<Waiting>) -> Result<(), CacheError> {
         let stage = self.stage;
+        // No write starts later than gc's protocol allows after the reading `clear` took.
+        let read = self.reading.map_or_else(std::time::Instant::now, |r| r.at);
+        let deadline = read + WAVE_FRESH;
+        if let Some((jobs, _)) = &self.waves {
+            let n = ready.len();
+            if jobs.send(WaveJob { ready, deadline }).is_ok() {
+                self.waves_out += 1;
+                self.narinfos_out += n;
+            }
+            return Ok(());
+        }
         // Everything ready in one wave is independent of the rest of the wave (its
         // references are known already), so the cache may write the wave concurrently.
         let narinfos: Vec<NarInfo> = ready.iter().map(|w| w.narinfo.clone()).collect();
-        // No write starts later than gc's protocol allows after the reading `clear` took.
-        let read = self.reading.map_or_else(std::time::Instant::now, |r| r.at);
-        match stage
+        let merged = stage
             .cache
-            .publish_narinfos_by(stage.store_dir, narinfos, read + WAVE_FRESH)
-        {
+            .publish_narinfos_by(stage.store_dir, narinfos, deadline);
+        self.settle_wave(ready, merged)
+    }
+
+    /// Settles the paths of a wave by what the cache made of them.
+    fn settle_wave(
+        &mut self,
+        ready: Vec<Waiting>,
+        merged: Result<Vec<crate::cache::Published>, CacheError>,
+    ) -> Result<(), CacheError> {
+        let stage = self.stage;
+        match merged {
             Ok(merged) => {
                 if merged.iter().any(|m| matches!(m, Ok(Merged::Written))) {
                     self.dirty = false;
@@ -676,8 +829,14 @@ impl Run<'_, '_> {
                     stage.cache.url(),
                     ready.len()
                 );
-                for w in ready {
-                    self.publish(vec![w])?;
+                if self.waves.is_some() {
+                    // Each in a wave of its own, as threads come free.
+                    self.pending
+                        .extend(ready.into_iter().map(|w| Waiting { alone: true, ..w }));
+                } else {
+                    for w in ready {
+                        self.publish(vec![w])?;
+                    }
                 }
             }
         }
@@ -718,8 +877,21 @@ impl Run<'_, '_> {
     /// (cancelled, or waiting for references that never became durable).
     fn finish(mut self) -> Result<(), CacheError> {
         let stage = self.stage;
-        if !stage.stop.is_stopped() {
-            self.waves()?;
+        loop {
+            if !stage.stop.is_stopped() {
+                self.waves()?;
+            }
+            if self.waves_out == 0 {
+                break;
+            }
+            let done = match &self.waves {
+                Some((_, done)) => done.recv(),
+                None => break,
+            };
+            match done {
+                Ok(d) => self.land(d)?,
+                Err(_) => break,
+            }
         }
         let cancelled = stage.stop.is_cancelled();
         let open: Vec<(JobId, StorePath)> = {

@@ -289,11 +289,15 @@ impl<'env> SinkStage<'env> {
             self.opts.compression.kind.extension()
         );
         // The same FileHash names this very file: an object there of its size is left, one
-        // of another size (cut short by a crash) is replaced.
-        let there = self
-            .cache
-            .object_size(&url)
-            .map_err(|e| Failure::from_cache(&e))?;
+        // of another size (cut short by a crash) is replaced. Where sending it costs one
+        // request, as looking would, it is sent without looking.
+        let there = if upload.resend_is_cheap() {
+            None
+        } else {
+            self.cache
+                .object_size(&url)
+                .map_err(|e| Failure::from_cache(&e))?
+        };
         let reused = there == Some(file_size);
         if !reused {
             upload.commit(&url).map_err(|e| Failure::from_cache(&e))?;

@@ -1054,3 +1054,133 @@ fn every_nar_is_begun_resumable_with_its_path_nar_hash_and_compression_settings(
         assert!(begun[0].nar_hash.starts_with("sha256:"), "{begun:?}");
     }
 }
+
+/// A local directory that says it publishes narinfos concurrently, and holds the wave
+/// with `held`'s narinfo until the gate opens, telling `entered` once that wave is in.
+#[derive(Debug)]
+struct HeldWave {
+    inner: FileCache,
+    held: StorePath,
+    entered: crossbeam_channel::Sender<()>,
+    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl BinaryCache for HeldWave {
+    fn upload_concurrency(&self) -> usize {
+        4
+    }
+    fn url(&self) -> &str {
+        self.inner.url()
+    }
+    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), crate::cache::CacheError> {
+        self.inner.ensure_cache_info(store_dir)
+    }
+    fn has_narinfo(&self, path: &StorePath) -> Result<bool, crate::cache::CacheError> {
+        self.inner.has_narinfo(path)
+    }
+    fn has_object(&self, key: &str) -> Result<bool, crate::cache::CacheError> {
+        self.inner.has_object(key)
+    }
+    fn begin_nar(
+        &self,
+        nar_size: u64,
+    ) -> Result<Box<dyn crate::cache::NarUpload>, crate::cache::CacheError> {
+        self.inner.begin_nar(nar_size)
+    }
+    fn object_size(&self, key: &str) -> Result<Option<u64>, crate::cache::CacheError> {
+        self.inner.object_size(key)
+    }
+    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, crate::cache::CacheError> {
+        self.inner.get_narinfo(path)
+    }
+    fn get_text(&self, key: &str) -> Result<Option<String>, crate::cache::CacheError> {
+        self.inner.get_text(key)
+    }
+    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), crate::cache::CacheError> {
+        self.inner.put_narinfo(path, text)
+    }
+    fn publish_narinfos_by(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<crate::format::narinfo::NarInfo>,
+        _deadline: std::time::Instant,
+    ) -> Result<Vec<crate::cache::Published>, crate::cache::CacheError> {
+        if narinfos.iter().any(|n| n.store_path == self.held) {
+            let _ = self.entered.send(());
+            let (open, cv) = &*self.gate;
+            let o = open.lock().unwrap();
+            // Bounded, so that a publisher that waits for this wave fails the test
+            // instead of hanging it.
+            drop(
+                cv.wait_timeout_while(o, Duration::from_secs(60), |o| !*o)
+                    .unwrap(),
+            );
+        }
+        self.inner.publish_narinfos(store_dir, narinfos)
+    }
+    fn sync(&self) -> Result<(), crate::cache::CacheError> {
+        self.inner.sync()
+    }
+}
+
+/// On a cache that publishes concurrently, a wave in flight holds up only its own
+/// narinfos: a closure submitted meanwhile is published, reference first, while it waits.
+#[test]
+fn a_wave_in_flight_holds_up_only_its_own_narinfos() {
+    let store = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    let infos = make_store(
+        store.path(),
+        &[("held", 10, &[]), ("lib", 10, &[]), ("app", 20, &[1])],
+    );
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let (entered_tx, entered) = crossbeam_channel::bounded(4);
+    let cache = HeldWave {
+        inner: FileCache::open(cache_dir.path(), "file:///t").unwrap(),
+        held: infos[0].path.clone(),
+        entered: entered_tx,
+        gate: gate.clone(),
+    };
+    let o = opts(Compression::Zstd, 64 << 10, 1 << 20);
+    let job = |i: usize, waits: &[usize]| NewJob {
+        waits_for: waits.iter().map(|&j| infos[j].path.clone()).collect(),
+        ..NewJob::waiting_for(infos[i].clone(), Default::default(), |_| false)
+    };
+    let ((), _) = stream(
+        &cache,
+        sd,
+        &o,
+        &NoProgress,
+        OnPublishError::FailPaths,
+        |feeder, settled| {
+            feeder.submit(vec![job(0, &[])]);
+            entered
+                .recv_timeout(Duration::from_secs(60))
+                .expect("the held path's wave starts");
+            feeder.submit(vec![job(1, &[]), job(2, &[1])]);
+            let mut order = Vec::new();
+            for _ in 0..2 {
+                let s = settled
+                    .recv_timeout(Duration::from_secs(30))
+                    .expect("the closure waits behind the held wave");
+                assert!(
+                    matches!(s.result.outcome, Outcome::Uploaded { .. }),
+                    "{s:?}"
+                );
+                order.push(s.path);
+            }
+            assert_eq!(order, [infos[1].path.clone(), infos[2].path.clone()]);
+            assert!(narinfo_in(cache_dir.path(), &infos[0].path).is_none());
+            *gate.0.lock().unwrap() = true;
+            gate.1.notify_all();
+            let s = settled.recv_timeout(Duration::from_secs(60)).unwrap();
+            assert_eq!(s.path, infos[0].path);
+            assert!(
+                matches!(s.result.outcome, Outcome::Uploaded { .. }),
+                "{s:?}"
+            );
+        },
+    )
+    .unwrap();
+}

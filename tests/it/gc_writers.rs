@@ -287,6 +287,9 @@ impl BinaryCache for GcCache {
     fn upload_concurrency(&self) -> usize {
         self.inner.upload_concurrency()
     }
+    fn narinfos_in_flight(&self) -> usize {
+        self.inner.narinfos_in_flight()
+    }
     fn sync(&self) -> Result<(), CacheError> {
         self.inner.sync()
     }

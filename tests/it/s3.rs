@@ -556,11 +556,64 @@ fn a_second_push_finds_everything_and_puts_nothing() {
         "{}",
         proxy.dump()
     );
-    // Reads only: GET nix-cache-info, HEADs (or a listing) of the narinfos.
+    // Reads only: GET nix-cache-info and the gc marker, and one GET a narinfo (it tells
+    // the narinfo is there and reads its signatures): no HEADs.
     let reads = proxy.forwarded(Kind::Get) + proxy.forwarded(Kind::Head);
     assert_eq!(reads, proxy.log().len(), "{}", proxy.dump());
+    let narinfo_reads = |kind| {
+        proxy
+            .log()
+            .iter()
+            .filter(|r| r.is(kind) && r.key().ends_with(".narinfo"))
+            .count()
+    };
+    assert_eq!(
+        (narinfo_reads(Kind::Head), narinfo_reads(Kind::Get)),
+        (0, closure.len()),
+        "{}",
+        proxy.dump()
+    );
     println!(
         "second push: {reads} requests, all GET/HEAD:\n{}",
+        proxy.dump()
+    );
+}
+
+/// A new small path of a signed push of a few paths costs four requests: the look for
+/// its narinfo (a GetObject, which also reads what it finds: no HeadObject), its NAR's
+/// PutObject (sent without a HeadObject looking for it first: one request either way),
+/// and its narinfo's GetObject (the merge) and PutObject.
+#[test]
+fn a_new_small_path_costs_its_nar_put_and_its_narinfo_get_and_put() {
+    let Some(s3) = s3_env() else { return };
+    let top = nix_build_chain("s3-requests", 6);
+    let closure = nix_closure(&top);
+    let key = nix_generate_key("narflow-s3-test-1");
+    let proxy = Proxy::start(&s3.endpoint, vec![]);
+    let out = push(
+        &s3.url_at(&proxy.endpoint(), ""),
+        &key,
+        &[],
+        std::slice::from_ref(&top),
+    );
+    assert_pushed(&out, Some(&proxy));
+    assert_eq!(summary(&out)["uploaded"], closure.len());
+    let log = proxy.log();
+    let count = |kind: Kind, prefix: &str, suffix: &str| {
+        log.iter()
+            .filter(|r| r.is(kind) && r.key().starts_with(prefix) && r.key().ends_with(suffix))
+            .count()
+    };
+    let n = closure.len();
+    assert_eq!(
+        (
+            count(Kind::Head, "", ""),
+            count(Kind::NarPut, "nar/", ""),
+            count(Kind::Get, "", ".narinfo"),
+            count(Kind::NarinfoPut, "", ".narinfo"),
+        ),
+        (0, n, 2 * n, n),
+        "{}",
         proxy.dump()
     );
 }

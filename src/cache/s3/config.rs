@@ -146,6 +146,7 @@ impl S3Cache {
                 memory: Arc::new(UploadMemory::new(opts.upload_memory)),
                 min_part: tuning.min_part_size,
                 concurrency,
+                small_in_flight: super::batch::small_in_flight(concurrency),
                 counts: Default::default(),
                 owned: Default::default(),
                 journal: opts.journal.clone(),

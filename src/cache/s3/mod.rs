@@ -61,10 +61,13 @@ struct Shared {
     url: String,
     storage_class: Option<StorageClass>,
     retries: u32,
-    /// Requests in flight at once (`S3Tuning::concurrency`): of one batch (HEADs, GETs,
-    /// narinfo PUTs), of the uploads committing (the pipeline's finishing threads), and
-    /// at most that many parts or part copies of one NAR.
+    /// Requests in flight at once (`S3Tuning::concurrency`): of the uploads committing
+    /// (the pipeline's finishing threads), and at most that many parts or part copies of
+    /// one NAR.
     concurrency: usize,
+    /// Small requests in flight at once, of one batch (HEADs, GETs) or publishing wave
+    /// (narinfo GETs and PUTs): [`batch::small_in_flight`] of `concurrency`.
+    small_in_flight: usize,
     /// Staging objects larger than this are copied in parts (UploadPartCopy) of this size.
     copy_part: u64,
     /// Multipart part size where the upload memory allows it (`S3Tuning::min_part_size`).
@@ -182,6 +185,30 @@ impl BinaryCache for S3Cache {
         })
     }
 
+    /// Many paths: one listing, each narinfo it finds read while the next page is asked
+    /// for; few: a GET each (it answers what a HEAD would, and reads the text too).
+    fn find_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
+        let s = self.shared.clone();
+        let keys: Vec<String> = paths.iter().map(super::narinfo_key).collect();
+        let wanted: Vec<[u8; 20]> = paths.iter().map(super::NarinfoSet::key).collect();
+        self.block_on(async move {
+            if keys.len() >= LIST_THRESHOLD {
+                // As in `has_narinfos`: while the cache holds no more than a few times the
+                // paths asked about.
+                let pages = keys.len().div_ceil(1000) * 4;
+                if let Some(texts) = s.find_listed_narinfos(&wanted, pages).await? {
+                    return Ok(texts);
+                }
+            }
+            concurrently(
+                &s,
+                keys,
+                |s, key| async move { s.get_text_lossy(&key).await },
+            )
+            .await
+        })
+    }
+
     fn has_object(&self, key: &str) -> Result<bool, CacheError> {
         self.block_on(self.shared.exists(key))
     }
@@ -258,7 +285,7 @@ impl BinaryCache for S3Cache {
             let mut items = items.into_iter();
             let mut first_error = None;
             loop {
-                while set.len() < s.concurrency {
+                while set.len() < s.small_in_flight {
                     let Some((key, body)) = items.next() else {
                         break;
                     };
@@ -301,7 +328,7 @@ impl BinaryCache for S3Cache {
                 let mut items = items.into_iter().enumerate();
                 let mut set = JoinSet::new();
                 loop {
-                    while set.len() < s.concurrency {
+                    while set.len() < s.small_in_flight {
                         let Some((i, (key, body))) = items.next() else {
                             break;
                         };
@@ -331,6 +358,10 @@ impl BinaryCache for S3Cache {
 
     fn upload_concurrency(&self) -> usize {
         self.shared.concurrency
+    }
+
+    fn narinfos_in_flight(&self) -> usize {
+        self.shared.small_in_flight
     }
 
     fn object_size(&self, key: &str) -> Result<Option<u64>, CacheError> {

@@ -150,6 +150,8 @@ fn serve(conn: std::net::TcpStream, seen: &Seen, hold: usize) {
                 "200 OK",
                 "<CompleteMultipartUploadResult><ETag>\"e\"</ETag></CompleteMultipartUploadResult>",
             )
+        } else if method == "GET" && target.contains("list-type=2") {
+            listing_page(target.contains("continuation-token"))
         } else if method == "GET" && target.contains("?uploads") {
             (
                 "200 OK",
@@ -174,6 +176,35 @@ fn serve(conn: std::net::TcpStream, seen: &Seen, hold: usize) {
             return;
         }
     }
+}
+
+/// The hash parts of the narinfos the stand-in lists, on the first and second page of
+/// every listing (with `nix-cache-info` and the `nar/` prefix on the first).
+pub(super) const LISTED: [&str; 2] = [
+    "11111111111111111111111111111111",
+    "22222222222222222222222222222222",
+];
+
+/// A ListObjectsV2 page of the stand-in: the first (truncated, continued by `t`) or the
+/// second and last.
+fn listing_page(second: bool) -> (&'static str, &'static str) {
+    if second {
+        return (
+            "200 OK",
+            "<ListBucketResult><Name>b</Name><IsTruncated>false</IsTruncated>\
+             <Contents><Key>22222222222222222222222222222222.narinfo</Key><Size>1</Size></Contents>\
+             </ListBucketResult>",
+        );
+    }
+    (
+        "200 OK",
+        "<ListBucketResult><Name>b</Name><IsTruncated>true</IsTruncated>\
+         <NextContinuationToken>t</NextContinuationToken>\
+         <Contents><Key>11111111111111111111111111111111.narinfo</Key><Size>1</Size></Contents>\
+         <Contents><Key>nix-cache-info</Key><Size>1</Size></Contents>\
+         <CommonPrefixes><Prefix>nar/</Prefix></CommonPrefixes>\
+         </ListBucketResult>",
+    )
 }
 
 pub(super) fn cache_at(endpoint: &str, memory: u64) -> S3Cache {

@@ -550,6 +550,12 @@ impl NarUpload for S3NarUpload {
         self.reservation = self.reservation.take().map(Reservation::handed_on);
     }
 
+    /// A NAR whose bytes all fit in one part goes up in one PutObject: no dearer than
+    /// the HeadObject that would look for it.
+    fn resend_is_cheap(&self) -> bool {
+        self.multipart.is_none()
+    }
+
     fn commit(mut self: Box<Self>, key: &str) -> Result<(), CacheError> {
         if self.multipart.is_some() {
             return self.finish_multipart(key);
