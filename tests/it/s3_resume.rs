@@ -48,10 +48,15 @@ impl Fixture {
     /// A cache opened afresh (as after a restart) on the journal, in parts of 5 MiB; with
     /// `one_at_a_time`, one request in flight.
     fn cache(&self, one_at_a_time: bool) -> S3Cache {
+        self.cache_in(64 << 20, one_at_a_time)
+    }
+
+    /// [`Fixture::cache`] with `memory` bytes of upload memory.
+    fn cache_in(&self, memory: u64, one_at_a_time: bool) -> S3Cache {
         let url = narflow::cache::url::CacheUrl::parse(&self.s3.url("")).unwrap();
         let mut opts = open_options(&url);
         opts.s3.min_part_size = PART as u64;
-        opts.upload_memory = 64 << 20;
+        opts.upload_memory = memory;
         if one_at_a_time {
             opts.s3.concurrency = 1;
         }
@@ -62,7 +67,12 @@ impl Fixture {
     /// Writes the first `bytes` of `data` resumably as `identity`, then drops the upload
     /// uncommitted. Returns the staging key the journal records.
     fn interrupted(&self, data: &[u8], bytes: usize) -> String {
-        let cache = self.cache(true);
+        self.interrupted_in(64 << 20, data, bytes)
+    }
+
+    /// [`Fixture::interrupted`] with `memory` bytes of upload memory.
+    fn interrupted_in(&self, memory: u64, data: &[u8], bytes: usize) -> String {
+        let cache = self.cache_in(memory, true);
         let mut up = cache
             .begin_nar_resumable(data.len() as u64, &self.identity)
             .unwrap();
@@ -165,6 +175,30 @@ fn a_restarted_upload_sends_only_the_parts_after_the_recorded_ones() {
     assert_eq!(requests(&cache, "CreateMultipartUpload"), 0);
     assert_eq!(cache.resumed_bytes(), 4 * PART as u64);
     assert!(cache.large_uploads().is_empty());
+    f.check_and_clean(&data, &[&staging]);
+}
+
+/// The least upload memory S3 takes (`--memory 32M` gives it 16 MiB) holds S3's 5 MiB
+/// parts, though they are more than a quarter of it: an upload recorded in such parts
+/// resumes there.
+#[test]
+fn an_upload_in_the_smallest_memory_resumes() {
+    let Some(f) = Fixture::new("resume-small-memory") else {
+        return;
+    };
+    let memory = 16 << 20;
+    let data = data(8);
+    let staging = f.interrupted_in(memory, &data, 4 * PART);
+    assert_eq!(f.record().unwrap().part_size, PART as u64);
+    let cache = f.cache_in(memory, false);
+    let mut up = cache
+        .begin_nar_resumable(data.len() as u64, &f.identity)
+        .unwrap();
+    up.write_all(&data).unwrap();
+    up.written();
+    up.commit(&f.key).unwrap();
+    assert_eq!(requests(&cache, "UploadPart"), 2, "parts 5 and 6 only");
+    assert_eq!(cache.resumed_bytes(), 4 * PART as u64);
     f.check_and_clean(&data, &[&staging]);
 }
 

@@ -5,7 +5,8 @@
 //! decides when a record ends but for the upload it is writing (completed, found gone, or
 //! of another identity); the caller ends the others ([`Shared::abort_recorded`]).
 use super::retry::{Op, join_error};
-use super::{MIN_S3_PART, PART_SHARE, STAGING_PREFIX, Shared};
+use super::upload::largest_part;
+use super::{MIN_S3_PART, STAGING_PREFIX, Shared};
 use crate::cache::CacheError;
 use crate::cache::resume::{
     NarIdentity, RecordedPart, RecordedUpload, UploadJournal, UploadProgress, now_unix,
@@ -195,7 +196,7 @@ impl Shared {
             Some("its NarHash or compression differ")
         } else if !record.key.starts_with(STAGING_PREFIX) || record.part_size < MIN_S3_PART {
             Some("it is not a staging upload of narflow's")
-        } else if record.part_size > self.memory.capacity / PART_SHARE {
+        } else if record.part_size > largest_part(self.memory.capacity) {
             Some("its parts are too large for the upload memory")
         } else {
             None
