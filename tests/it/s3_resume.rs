@@ -257,6 +257,29 @@ fn a_recorded_part_the_server_lacks_is_sent_again() {
     f.check_and_clean(&data, &[&staging]);
 }
 
+/// A recorded part whose ETag is not the one the server lists for it (an upload of the
+/// same bytes acknowledged after the record was written, then a kill) is sent again: a
+/// Complete with the recorded ETag would be refused.
+#[test]
+fn a_recorded_part_whose_etag_the_server_does_not_list_is_sent_again() {
+    let Some(f) = Fixture::new("resume-stale-etag") else {
+        return;
+    };
+    let data = data(9);
+    let staging = f.interrupted(&data, 4 * PART);
+    let record = f.record().unwrap();
+    let mut stale = record.parts[1].clone();
+    assert_eq!(stale.number, 2);
+    stale.etag = "\"0123456789abcdef0123456789abcdef\"".into();
+    f.journal
+        .part_done(&record.cache_url, &record.upload_id, &stale)
+        .unwrap();
+    let cache = f.upload(&data, &f.identity);
+    assert_eq!(requests(&cache, "UploadPart"), 3, "parts 2, 5 and 6");
+    assert_eq!(cache.resumed_bytes(), 3 * PART as u64);
+    f.check_and_clean(&data, &[&staging]);
+}
+
 /// A part whose bytes come out otherwise this time (another zstd, say) is sent again; the
 /// object is this run's NAR.
 #[test]
