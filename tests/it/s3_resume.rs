@@ -316,6 +316,30 @@ fn a_recorded_upload_gone_from_the_server_starts_afresh() {
     f.check_and_clean(&data, &[&staging]);
 }
 
+/// A recorded upload completed on the server by a run killed before it copied the object
+/// and forgot the record: the next run deletes the staging object and goes up afresh.
+#[test]
+fn a_recorded_upload_completed_before_a_kill_starts_afresh() {
+    let Some(f) = Fixture::new("resume-completed") else {
+        return;
+    };
+    let data = data(10);
+    let staging = f.interrupted(&data, LEN);
+    let record = f.record().unwrap();
+    let parts: Vec<(i32, String)> = record
+        .parts
+        .iter()
+        .map(|p| (p.number, p.etag.clone()))
+        .collect();
+    let c = f.s3.client();
+    c.complete_multipart(&record.key, &record.upload_id, &parts);
+    assert!(c.exists(&staging), "the completed upload made no staging object");
+    let cache = f.upload(&data, &f.identity);
+    assert_eq!(requests(&cache, "UploadPart"), 6);
+    assert_eq!(cache.resumed_bytes(), 0);
+    f.check_and_clean(&data, &[&staging]);
+}
+
 /// A sweep, however old it takes the upload to be, leaves a recorded upload alone; the
 /// caller ends it with `abort_recorded`, which leaves nothing.
 #[test]
