@@ -333,7 +333,10 @@ fn a_recorded_upload_completed_before_a_kill_starts_afresh() {
         .collect();
     let c = f.s3.client();
     c.complete_multipart(&record.key, &record.upload_id, &parts);
-    assert!(c.exists(&staging), "the completed upload made no staging object");
+    assert!(
+        c.exists(&staging),
+        "the completed upload made no staging object"
+    );
     let cache = f.upload(&data, &f.identity);
     assert_eq!(requests(&cache, "UploadPart"), 6);
     assert_eq!(cache.resumed_bytes(), 0);
