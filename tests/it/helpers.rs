@@ -585,6 +585,36 @@ impl S3Client {
         (id, initiated)
     }
 
+    /// Completes a multipart upload with `parts` (number and ETag each), as a run killed
+    /// right after its Complete leaves it.
+    pub fn complete_multipart(&self, key: &str, upload_id: &str, parts: &[(i32, String)]) {
+        use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+        let parts = parts
+            .iter()
+            .map(|(n, etag)| CompletedPart::builder().part_number(*n).e_tag(etag).build())
+            .collect();
+        self.rt
+            .block_on(
+                self.client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(upload_id)
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts))
+                            .build(),
+                    )
+                    .send(),
+            )
+            .unwrap_or_else(|e| {
+                panic!(
+                    "CompleteMultipartUpload {key}: {}",
+                    aws_sdk_s3::error::DisplayErrorContext(&e)
+                )
+            });
+    }
+
     /// Aborts a multipart upload (the tests' own leftovers only).
     pub fn abort_multipart(&self, key: &str, upload_id: &str) {
         let _ = self.rt.block_on(

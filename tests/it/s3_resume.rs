@@ -48,10 +48,15 @@ impl Fixture {
     /// A cache opened afresh (as after a restart) on the journal, in parts of 5 MiB; with
     /// `one_at_a_time`, one request in flight.
     fn cache(&self, one_at_a_time: bool) -> S3Cache {
+        self.cache_in(64 << 20, one_at_a_time)
+    }
+
+    /// [`Fixture::cache`] with `memory` bytes of upload memory.
+    fn cache_in(&self, memory: u64, one_at_a_time: bool) -> S3Cache {
         let url = narflow::cache::url::CacheUrl::parse(&self.s3.url("")).unwrap();
         let mut opts = open_options(&url);
         opts.s3.min_part_size = PART as u64;
-        opts.upload_memory = 64 << 20;
+        opts.upload_memory = memory;
         if one_at_a_time {
             opts.s3.concurrency = 1;
         }
@@ -62,7 +67,12 @@ impl Fixture {
     /// Writes the first `bytes` of `data` resumably as `identity`, then drops the upload
     /// uncommitted. Returns the staging key the journal records.
     fn interrupted(&self, data: &[u8], bytes: usize) -> String {
-        let cache = self.cache(true);
+        self.interrupted_in(64 << 20, data, bytes)
+    }
+
+    /// [`Fixture::interrupted`] with `memory` bytes of upload memory.
+    fn interrupted_in(&self, memory: u64, data: &[u8], bytes: usize) -> String {
+        let cache = self.cache_in(memory, true);
         let mut up = cache
             .begin_nar_resumable(data.len() as u64, &self.identity)
             .unwrap();
@@ -168,6 +178,30 @@ fn a_restarted_upload_sends_only_the_parts_after_the_recorded_ones() {
     f.check_and_clean(&data, &[&staging]);
 }
 
+/// The least upload memory S3 takes (`--memory 32M` gives it 16 MiB) holds S3's 5 MiB
+/// parts, though they are more than a quarter of it: an upload recorded in such parts
+/// resumes there.
+#[test]
+fn an_upload_in_the_smallest_memory_resumes() {
+    let Some(f) = Fixture::new("resume-small-memory") else {
+        return;
+    };
+    let memory = 16 << 20;
+    let data = data(8);
+    let staging = f.interrupted_in(memory, &data, 4 * PART);
+    assert_eq!(f.record().unwrap().part_size, PART as u64);
+    let cache = f.cache_in(memory, false);
+    let mut up = cache
+        .begin_nar_resumable(data.len() as u64, &f.identity)
+        .unwrap();
+    up.write_all(&data).unwrap();
+    up.written();
+    up.commit(&f.key).unwrap();
+    assert_eq!(requests(&cache, "UploadPart"), 2, "parts 5 and 6 only");
+    assert_eq!(cache.resumed_bytes(), 4 * PART as u64);
+    f.check_and_clean(&data, &[&staging]);
+}
+
 /// Other compression settings make other bytes: the recorded upload is aborted and
 /// nothing of it is used.
 #[test]
@@ -223,6 +257,29 @@ fn a_recorded_part_the_server_lacks_is_sent_again() {
     f.check_and_clean(&data, &[&staging]);
 }
 
+/// A recorded part whose ETag is not the one the server lists for it (an upload of the
+/// same bytes acknowledged after the record was written, then a kill) is sent again: a
+/// Complete with the recorded ETag would be refused.
+#[test]
+fn a_recorded_part_whose_etag_the_server_does_not_list_is_sent_again() {
+    let Some(f) = Fixture::new("resume-stale-etag") else {
+        return;
+    };
+    let data = data(9);
+    let staging = f.interrupted(&data, 4 * PART);
+    let record = f.record().unwrap();
+    let mut stale = record.parts[1].clone();
+    assert_eq!(stale.number, 2);
+    stale.etag = "\"0123456789abcdef0123456789abcdef\"".into();
+    f.journal
+        .part_done(&record.cache_url, &record.upload_id, &stale)
+        .unwrap();
+    let cache = f.upload(&data, &f.identity);
+    assert_eq!(requests(&cache, "UploadPart"), 3, "parts 2, 5 and 6");
+    assert_eq!(cache.resumed_bytes(), 3 * PART as u64);
+    f.check_and_clean(&data, &[&staging]);
+}
+
 /// A part whose bytes come out otherwise this time (another zstd, say) is sent again; the
 /// object is this run's NAR.
 #[test]
@@ -254,6 +311,33 @@ fn a_recorded_upload_gone_from_the_server_starts_afresh() {
         .abort_multipart(&record.key, &record.upload_id);
     let cache = f.upload(&data, &f.identity);
     assert_eq!(requests(&cache, "ListParts"), 1);
+    assert_eq!(requests(&cache, "UploadPart"), 6);
+    assert_eq!(cache.resumed_bytes(), 0);
+    f.check_and_clean(&data, &[&staging]);
+}
+
+/// A recorded upload completed on the server by a run killed before it copied the object
+/// and forgot the record: the next run deletes the staging object and goes up afresh.
+#[test]
+fn a_recorded_upload_completed_before_a_kill_starts_afresh() {
+    let Some(f) = Fixture::new("resume-completed") else {
+        return;
+    };
+    let data = data(10);
+    let staging = f.interrupted(&data, LEN);
+    let record = f.record().unwrap();
+    let parts: Vec<(i32, String)> = record
+        .parts
+        .iter()
+        .map(|p| (p.number, p.etag.clone()))
+        .collect();
+    let c = f.s3.client();
+    c.complete_multipart(&record.key, &record.upload_id, &parts);
+    assert!(
+        c.exists(&staging),
+        "the completed upload made no staging object"
+    );
+    let cache = f.upload(&data, &f.identity);
     assert_eq!(requests(&cache, "UploadPart"), 6);
     assert_eq!(cache.resumed_bytes(), 0);
     f.check_and_clean(&data, &[&staging]);

@@ -5,7 +5,8 @@
 //! decides when a record ends but for the upload it is writing (completed, found gone, or
 //! of another identity); the caller ends the others ([`Shared::abort_recorded`]).
 use super::retry::{Op, join_error};
-use super::{MIN_S3_PART, PART_SHARE, STAGING_PREFIX, Shared};
+use super::upload::largest_part;
+use super::{MIN_S3_PART, STAGING_PREFIX, Shared};
 use crate::cache::CacheError;
 use crate::cache::resume::{
     NarIdentity, RecordedPart, RecordedUpload, UploadJournal, UploadProgress, now_unix,
@@ -183,7 +184,7 @@ impl Resumable {
 
 impl Shared {
     /// The parts of `record` an upload of `identity` may reuse: its recorded parts that
-    /// ListParts shows at their recorded size. `None` when the record cannot go on (another
+    /// ListParts shows at their recorded size, with their recorded ETag where it names one. `None` when the record cannot go on (another
     /// identity, a part size this cache's memory cannot hold, the upload gone from the
     /// server): it is ended (aborted, forgotten).
     async fn reusable_parts(
@@ -195,7 +196,7 @@ impl Shared {
             Some("its NarHash or compression differ")
         } else if !record.key.starts_with(STAGING_PREFIX) || record.part_size < MIN_S3_PART {
             Some("it is not a staging upload of narflow's")
-        } else if record.part_size > self.memory.capacity / PART_SHARE {
+        } else if record.part_size > largest_part(self.memory.capacity) {
             Some("its parts are too large for the upload memory")
         } else {
             None
@@ -229,19 +230,23 @@ impl Shared {
             record
                 .parts
                 .iter()
-                .filter(|p| listed.get(&p.number) == Some(&p.size))
+                .filter(|p| {
+                    listed.get(&p.number).is_some_and(|(size, etag)| {
+                        *size == p.size && etag.as_deref().is_none_or(|e| same_etag(e, &p.etag))
+                    })
+                })
                 .map(|p| (p.number, p.clone()))
                 .collect(),
         ))
     }
 
-    /// The size of each part the server has of the upload `id` on `key`, by number
-    /// (ListParts, page after page); `None` when the upload is gone (NoSuchUpload).
+    /// The size and ETag of each part the server has of the upload `id` on `key`, by
+    /// number (ListParts, page after page); `None` when the upload is gone (NoSuchUpload).
     async fn list_parts(
         &self,
         key: &str,
         id: &str,
-    ) -> Result<Option<HashMap<i32, u64>>, CacheError> {
+    ) -> Result<Option<HashMap<i32, (u64, Option<String>)>>, CacheError> {
         let mut out = HashMap::new();
         let mut marker = None::<String>;
         loop {
@@ -261,7 +266,13 @@ impl Shared {
                             parts: page
                                 .parts()
                                 .iter()
-                                .filter_map(|p| Some((p.part_number()?, p.size()?)))
+                                .filter_map(|p| {
+                                    Some((
+                                        p.part_number()?,
+                                        p.size()?,
+                                        p.e_tag().map(str::to_owned),
+                                    ))
+                                })
                                 .collect(),
                             next_marker: page.next_part_number_marker().map(str::to_owned),
                             truncated: page.is_truncated() == Some(true),
@@ -281,8 +292,8 @@ impl Shared {
                 })
                 .await?;
             let Some(page) = page else { return Ok(None) };
-            for (n, size) in page.parts {
-                out.insert(n, u64::try_from(size).unwrap_or(0));
+            for (n, size, etag) in page.parts {
+                out.insert(n, (u64::try_from(size).unwrap_or(0), etag));
             }
             match page.next_marker {
                 Some(m) if page.truncated => marker = Some(m),
@@ -317,11 +328,16 @@ impl Shared {
     }
 }
 
+/// Whether two ETags name the same part (servers quote them, or not).
+fn same_etag(a: &str, b: &str) -> bool {
+    a.trim_matches('"') == b.trim_matches('"')
+}
+
 /// One page of a ListParts answer.
 #[derive(Debug, PartialEq)]
 struct PartsPage {
-    /// Each part's number and size.
-    parts: Vec<(i32, i64)>,
+    /// Each part's number, size and ETag (when listed).
+    parts: Vec<(i32, i64, Option<String>)>,
     next_marker: Option<String>,
     truncated: bool,
 }
@@ -345,15 +361,16 @@ impl PartsPage {
         while let Some(mut tag) = root.next_tag() {
             match tag.start_el().local() {
                 "Part" => {
-                    let (mut number, mut size) = (None, None);
+                    let (mut number, mut size, mut etag) = (None, None, None);
                     while let Some(mut field) = tag.next_tag() {
                         match field.start_el().local() {
                             "PartNumber" => number = try_data(&mut field).ok()?.parse().ok(),
                             "Size" => size = try_data(&mut field).ok()?.parse().ok(),
+                            "ETag" => etag = Some(try_data(&mut field).ok()?.into_owned()),
                             _ => {}
                         }
                     }
-                    page.parts.push((number?, size?));
+                    page.parts.push((number?, size?, etag));
                 }
                 "NextPartNumberMarker" => {
                     page.next_marker = Some(try_data(&mut tag).ok()?.into_owned());
@@ -555,7 +572,7 @@ mod tests {
             )
         };
         let want = PartsPage {
-            parts: vec![(1, 5 << 20), (2, 12345)],
+            parts: vec![(1, 5 << 20, Some("\"a\"".into())), (2, 12345, None)],
             next_marker: Some("2".into()),
             truncated: true,
         };

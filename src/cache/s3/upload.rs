@@ -58,7 +58,7 @@ fn needed_part(nar_size: u64) -> u64 {
 /// The largest part `capacity` bytes of upload memory take: a [`PART_SHARE`] of it, but
 /// never below S3's smallest part (a memory that small holds fewer parts at once instead:
 /// see [`parts_in_flight`]).
-fn largest_part(capacity: u64) -> u64 {
+pub(super) fn largest_part(capacity: u64) -> u64 {
     (capacity / PART_SHARE).max(MIN_S3_PART)
 }
 
