@@ -76,6 +76,8 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
     let failed = report.failed().count() + bad_inputs.len();
     let secs = report.elapsed.as_secs_f64();
     let mbps = report.bytes.nar as f64 / 1e6 / secs.max(1e-9);
+    // Parts of recorded uploads the server already had: not sent again by this run.
+    let resumed = cache.resumed_bytes();
     if args.json {
         let failures: Vec<serde_json::Value> = report
             .failed()
@@ -97,6 +99,7 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
             "failed": failed,
             "nar_bytes": report.bytes.nar,
             "file_bytes": report.bytes.file,
+            "resumed_bytes": resumed,
             "seconds": secs,
             "nar_mb_per_s": mbps,
             "failures": failures,
@@ -104,8 +107,13 @@ pub fn run(args: &PushArgs, merged: &Merged) -> Result<u8, CliError> {
         });
         println!("{summary}");
     }
+    let resumed_note = if resumed > 0 {
+        format!(", {} resumed", format_size(resumed))
+    } else {
+        String::new()
+    };
     eprintln!(
-        "narflow: {uploaded} uploaded ({} NAR → {}), {present} already in cache, {failed} failed, {secs:.2} s ({mbps:.0} MB/s)",
+        "narflow: {uploaded} uploaded ({} NAR → {}{resumed_note}), {present} already in cache, {failed} failed, {secs:.2} s ({mbps:.0} MB/s)",
         format_size(report.bytes.nar),
         format_size(report.bytes.file),
     );

@@ -378,11 +378,27 @@ fn a_push_killed_half_way_and_run_again_sends_only_what_the_server_lacks() {
     child.kill().unwrap(); // SIGKILL: nothing can abort the upload
     child.wait().unwrap();
     let mark = proxy.log().len();
-    run(&mut push());
-    let sent = Proxy::body_bytes(&proxy.log()[mark..], Kind::Any);
+    let out = run(push().arg("--json"));
+    let second = &proxy.log()[mark..];
+    let sent = Proxy::body_bytes(second, Kind::Any);
     assert!(
         sent <= nar * 6 / 10,
         "{sent} bytes sent by the second push, for a {nar}-byte NAR half of which the server had"
+    );
+    // The summary counts what was not sent again: with the parts this run sent, the
+    // whole compressed NAR.
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let resumed = summary["resumed_bytes"].as_u64().unwrap();
+    let file = summary["file_bytes"].as_u64().unwrap();
+    assert!(resumed >= nar / 4, "{summary}");
+    assert_eq!(resumed + acked_part_bytes(second), file, "{summary}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{} resumed",
+            narflow::settings::format_size(resumed)
+        )),
+        "{stderr}"
     );
     let (nar_url, _) = assert_uploaded_whole(&s3, &key, &big.path);
     assert_nothing_left(&s3, &proxy, &[&nar_url]);
