@@ -305,7 +305,7 @@ mod tests {
             metrics: Default::default(),
             started: Instant::now(),
             watch: None,
-            cache: std::sync::Arc::new(crate::cache::null::NullCache::new()),
+            cache: std::sync::Weak::<crate::cache::null::NullCache>::new(),
             records: None,
         }
     }

@@ -160,7 +160,7 @@ impl Daemon {
             metrics: metrics::Metrics::default(),
             started: Instant::now(),
             watch: cfg.watch_store,
-            cache: cache.clone(),
+            cache: Arc::downgrade(&cache),
             records: journal.zip(cfg.resume_max_age),
         });
         tracing::info!(
@@ -225,7 +225,6 @@ impl Daemon {
                 Some(tokio::spawn(metrics::serve(
                     l,
                     shared.clone(),
-                    cache.clone(),
                     stop_rx.clone(),
                 )))
             }

@@ -263,13 +263,12 @@ pub(super) fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, MetricsBin
 pub(super) async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
-    cache: Arc<dyn BinaryCache>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let handle = move |stream| {
-        let (shared, cache) = (shared.clone(), cache.clone());
+        let shared = shared.clone();
         async move {
-            let _ = tokio::time::timeout(IO_TIMEOUT, handle(stream, shared, cache)).await;
+            let _ = tokio::time::timeout(IO_TIMEOUT, handle(stream, shared)).await;
         }
     };
     // Past the limit a scraper's connection is closed unanswered.
@@ -305,7 +304,7 @@ fn route(head: &[u8]) -> Option<Route> {
     }
 }
 
-async fn handle(mut stream: TcpStream, shared: Arc<Shared>, cache: Arc<dyn BinaryCache>) {
+async fn handle(mut stream: TcpStream, shared: Arc<Shared>) {
     let mut head = Vec::with_capacity(1024);
     let route = loop {
         let mut buf = [0u8; 1024];
@@ -322,7 +321,14 @@ async fn handle(mut stream: TcpStream, shared: Arc<Shared>, cache: Arc<dyn Binar
     };
     let (status, body) = match route {
         Route::Metrics => {
-            match tokio::task::spawn_blocking(move || scrape(&shared, cache.as_ref())).await {
+            // The cache is upgraded on the blocking thread, where dropping it (and its
+            // runtime) is allowed should the worker have let go of it meanwhile.
+            let scraped = tokio::task::spawn_blocking(move || {
+                let cache = shared.cache.upgrade();
+                let gone = crate::cache::null::NullCache::new();
+                scrape(&shared, cache.as_deref().unwrap_or(&gone))
+            });
+            match scraped.await {
                 Ok(text) => ("200 OK", text),
                 Err(e) => ("500 Internal Server Error", format!("{e}\n")),
             }

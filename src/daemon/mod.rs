@@ -138,7 +138,9 @@ struct Shared {
     /// The store watcher's mode, when it runs.
     watch: Option<WatchStore>,
     /// The cache uploads go to (for its large uploads in flight, in `narflow status`).
-    cache: Arc<dyn BinaryCache>,
+    /// Weak: the worker and the helper threads own the cache, so that its runtime is
+    /// dropped on one of them, never in the daemon's async context (which tokio forbids).
+    cache: std::sync::Weak<dyn BinaryCache>,
     /// The journal of unfinished uploads and `--resume-max-age`, when uploads resume.
     records: Option<(Arc<dyn UploadJournal>, Duration)>,
 }

@@ -247,9 +247,13 @@ impl Shared {
             nar_bytes: b.nar_bytes,
             seconds: b.seconds,
         });
+        // Upgraded on a blocking thread (the status is made on one), where the cache may
+        // be dropped if the worker let go of it meanwhile.
         s.large_uploads = Some(
             self.cache
-                .large_uploads()
+                .upgrade()
+                .map(|c| c.large_uploads())
+                .unwrap_or_default()
                 .iter()
                 .map(LargeUpload::from_progress)
                 .collect(),

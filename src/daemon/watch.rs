@@ -188,7 +188,7 @@ mod tests {
             metrics: Default::default(),
             started: std::time::Instant::now(),
             watch: Some(WatchStore::All),
-            cache: std::sync::Arc::new(crate::cache::null::NullCache::new()),
+            cache: std::sync::Weak::<crate::cache::null::NullCache>::new(),
             records: None,
         }
     }

@@ -677,7 +677,7 @@ mod tests {
             metrics: Default::default(),
             started: Instant::now(),
             watch: None,
-            cache: Arc::new(crate::cache::null::NullCache::new()),
+            cache: std::sync::Weak::<crate::cache::null::NullCache>::new(),
             records: Some((journal.clone(), Duration::from_secs(7 * 86_400))),
         };
         let cache = Cache {

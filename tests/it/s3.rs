@@ -644,10 +644,11 @@ fn a_failed_multipart_upload_is_aborted_and_publishes_nothing() {
         &s3.endpoint,
         vec![Rule::after(Kind::UploadPart, 3, usize::MAX, Fault::Reset)],
     );
+    // Without an upload journal nothing can resume it: the failed upload is aborted.
     let out = push(
         &s3.url_at(&proxy.endpoint(), "&retries=2"),
         &key,
-        &[],
+        &["--upload-journal", "off"],
         std::slice::from_ref(&big.path),
     );
     let err = stderr(&out);
@@ -675,6 +676,56 @@ fn a_failed_multipart_upload_is_aborted_and_publishes_nothing() {
     assert_eq!(proxy.succeeded(Kind::AbortMultipart), 1, "{}", proxy.dump());
     let staging = staging_keys(&proxy);
     assert_eq!(staging.len(), 1, "{}", proxy.dump());
+    assert_no_staging_leftovers(&c, &staging);
+}
+
+/// With an upload journal, a multipart upload that fails is kept for the next run, not
+/// aborted: nothing is published, and the next push sends only the parts the server lacks
+/// and leaves nothing behind.
+#[test]
+fn a_failed_recorded_multipart_upload_is_kept_and_the_next_push_resumes_it() {
+    let Some(s3) = s3_env() else { return };
+    let big = BigPath::new("s3-kept", 60 << 20);
+    let key = nix_generate_key("narflow-s3-test-1");
+    let nar_key = nar_key_of(&big.path, &key);
+    let dir = tempdir();
+    let journal = dir.path().join("uploads.sqlite");
+    let journal = journal.to_str().unwrap();
+    let proxy = Proxy::start(
+        &s3.endpoint,
+        vec![Rule::after(Kind::UploadPart, 3, usize::MAX, Fault::Reset)],
+    );
+    let out = push(
+        &s3.url_at(&proxy.endpoint(), "&retries=2"),
+        &key,
+        &["--upload-journal", journal],
+        std::slice::from_ref(&big.path),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}\n{}", proxy.dump());
+    let c = s3.client();
+    assert!(!c.exists(&narinfo_key(&big.path)), "narinfo published");
+    assert!(!c.exists(&nar_key), "{nar_key} created");
+    assert_eq!(proxy.forwarded(Kind::AbortMultipart), 0, "{}", proxy.dump());
+    let acked = proxy.succeeded(Kind::UploadPart);
+    assert!(acked >= 3, "{}", proxy.dump());
+
+    let again = Proxy::start(&s3.endpoint, vec![]);
+    let out = push(
+        &s3.url_at(&again.endpoint(), ""),
+        &key,
+        &["--upload-journal", journal],
+        std::slice::from_ref(&big.path),
+    );
+    assert_pushed(&out, Some(&again));
+    let s = summary(&out);
+    assert!(
+        s["resumed_bytes"].as_u64().unwrap() > 0,
+        "the parts the first run got acknowledged are not sent again: {s}"
+    );
+    assert!(c.exists(&narinfo_key(&big.path)), "narinfo missing");
+    let mut staging = staging_keys(&proxy);
+    staging.extend(staging_keys(&again));
     assert_no_staging_leftovers(&c, &staging);
 }
 

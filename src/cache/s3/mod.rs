@@ -84,6 +84,13 @@ struct Shared {
     uploads: resume::InFlight,
 }
 
+impl Shared {
+    /// The largest part this cache's upload memory takes (see [`upload::largest_part`]).
+    fn largest_part(&self) -> u64 {
+        upload::largest_part(self.memory.capacity)
+    }
+}
+
 #[derive(Debug)]
 pub struct S3Cache {
     shared: Arc<Shared>,

@@ -5,7 +5,6 @@
 //! decides when a record ends but for the upload it is writing (completed, found gone, or
 //! of another identity); the caller ends the others ([`Shared::abort_recorded`]).
 use super::retry::{Op, join_error};
-use super::upload::largest_part;
 use super::{MIN_S3_PART, STAGING_PREFIX, Shared};
 use crate::cache::CacheError;
 use crate::cache::resume::{
@@ -196,7 +195,7 @@ impl Shared {
             Some("its NarHash or compression differ")
         } else if !record.key.starts_with(STAGING_PREFIX) || record.part_size < MIN_S3_PART {
             Some("it is not a staging upload of narflow's")
-        } else if record.part_size > largest_part(self.memory.capacity) {
+        } else if record.part_size > self.largest_part() {
             Some("its parts are too large for the upload memory")
         } else {
             None
