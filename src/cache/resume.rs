@@ -129,9 +129,10 @@ impl SqliteJournal {
     /// database that lacks them.
     ///
     /// # Errors
-    /// [`CacheError::Io`] naming the file when it cannot be opened or set up.
+    /// [`CacheError::Config`] naming the file once, and what is wrong, when it cannot be
+    /// opened or set up.
     pub fn open(path: &Path) -> Result<Self, CacheError> {
-        let err = error_for(path);
+        let err = open_error(path);
         // NOFOLLOW: the daemon runs as root; a file planted as a symlink is refused.
         let conn = Connection::open_with_flags(
             path,
@@ -166,6 +167,21 @@ impl SqliteJournal {
     ) -> Result<T, CacheError> {
         let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut conn).map_err(error_for(&self.path))
+    }
+}
+
+/// A SQLite error opening or setting up the journal `path`, naming the file once.
+fn open_error(path: &Path) -> impl Fn(rusqlite::Error) -> CacheError + use<> {
+    let path = path.to_owned();
+    move |e| {
+        let file = path.display().to_string();
+        let what = e.to_string();
+        // SQLite's own message of a failed open ends with the file's name.
+        let what = what
+            .strip_suffix(file.as_str())
+            .and_then(|w| w.strip_suffix(": "))
+            .unwrap_or(&what);
+        CacheError::Config(format!("upload journal {file}: {what}"))
     }
 }
 
@@ -384,6 +400,30 @@ mod tests {
     use super::*;
 
     const CACHE: &str = "s3://b?endpoint=http://127.0.0.1:1";
+
+    /// A file that cannot be a journal is named once, with what is wrong, also in the
+    /// daemon's error.
+    #[test]
+    fn a_journal_that_cannot_be_opened_is_named_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = dir.path().display().to_string();
+        let not_a_db = dir.path().join("not-a-db");
+        std::fs::write(&not_a_db, [0xa5; 4096]).unwrap();
+        for (path, what) in [
+            (dir.path().to_owned(), "unable to open database file"),
+            (not_a_db, "file is not a database"),
+        ] {
+            let e = SqliteJournal::open(&path).unwrap_err();
+            let daemon = crate::daemon::DaemonError::Journal {
+                path: path.clone(),
+                source: e,
+            };
+            let text = daemon.to_string();
+            assert_eq!(text.matches(&name).count(), 1, "{text}");
+            assert!(text.starts_with("upload journal "), "{text}");
+            assert!(text.ends_with(what), "{text}");
+        }
+    }
 
     fn upload(path: &str, id: &str) -> RecordedUpload {
         RecordedUpload {

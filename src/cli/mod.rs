@@ -183,7 +183,12 @@ fn open_journal(
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
-                .map_err(|e| narflow::cache::CacheError::Config(format!("{}: {e}", dir.display())))
+                .map_err(|e| {
+                    narflow::cache::CacheError::Config(format!(
+                        "upload journal {}: its directory cannot be made: {e}",
+                        path.display()
+                    ))
+                })
         }
         None => Ok(()),
     }
@@ -191,16 +196,10 @@ fn open_journal(
     match opened {
         Ok(j) => Ok(Some(std::sync::Arc::new(j))),
         Err(e) if !given => {
-            tracing::warn!(
-                "upload journal {}: {e}; large uploads of this run cannot be resumed",
-                path.display()
-            );
+            tracing::warn!("{e}; large uploads of this run cannot be resumed");
             Ok(None)
         }
-        Err(e) => Err(CliError::usage(anyhow::anyhow!(
-            "upload journal {} (upload-journal): {e}",
-            path.display()
-        ))),
+        Err(e) => Err(CliError::usage(anyhow::anyhow!("{e} (upload-journal)"))),
     }
 }
 
@@ -268,6 +267,28 @@ fn merge(flags: &Settings, matches: &ArgMatches, choice: ConfigChoice) -> Result
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+
+    /// A journal file that cannot be opened is named once, with what is wrong.
+    #[test]
+    fn a_journal_that_cannot_be_opened_is_named_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let url =
+            narflow::cache::url::CacheUrl::parse("s3://b?endpoint=http://127.0.0.1:9").unwrap();
+        let file = dir.path().join("j.sqlite");
+        std::fs::create_dir(&file).unwrap();
+        let Err(e) = super::open_journal(&url, Some(file.clone()), true) else {
+            panic!("a directory opened as a journal");
+        };
+        let text = format!("{:#}", e.error);
+        let name = file.display().to_string();
+        assert_eq!(text.matches(&name).count(), 1, "{text}");
+        assert!(text.contains("unable to open database file"), "{text}");
+        assert!(text.contains("(upload-journal)"), "{text}");
+        assert!(matches!(
+            super::open_journal(&url, Some(file), false),
+            Ok(None)
+        ));
+    }
 
     #[test]
     fn the_command_line_is_well_formed() {

@@ -110,7 +110,8 @@ pub enum DaemonError {
     /// `--watch-store` was asked for, and the Nix database cannot be followed.
     #[error("--watch-store: {0}")]
     WatchStore(String),
-    #[error("upload journal in {path}: {source}")]
+    /// The queue database cannot hold the journal (its error names the file).
+    #[error("{source}")]
     Journal {
         path: PathBuf,
         source: crate::cache::CacheError,

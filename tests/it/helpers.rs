@@ -615,6 +615,30 @@ impl S3Client {
             });
     }
 
+    /// Sends part `number` of the multipart upload `upload_id` on `key`; returns its ETag.
+    pub fn upload_part(&self, key: &str, upload_id: &str, number: i32, body: &[u8]) -> String {
+        self.rt
+            .block_on(
+                self.client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(upload_id)
+                    .part_number(number)
+                    .body(body.to_vec().into())
+                    .send(),
+            )
+            .unwrap_or_else(|e| {
+                panic!(
+                    "UploadPart {key}: {}",
+                    aws_sdk_s3::error::DisplayErrorContext(&e)
+                )
+            })
+            .e_tag()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     /// Aborts a multipart upload (the tests' own leftovers only).
     pub fn abort_multipart(&self, key: &str, upload_id: &str) {
         let _ = self.rt.block_on(

@@ -316,6 +316,47 @@ fn a_recorded_upload_gone_from_the_server_starts_afresh() {
     f.check_and_clean(&data, &[&staging]);
 }
 
+/// A resumed upload whose Complete the server refuses for good (here: a part sent again
+/// by someone else after ListParts, so its recorded ETag is stale) fails naming the cache
+/// and the server's answer, and ends its record: the next attempt starts afresh, not with
+/// the same refused upload.
+#[test]
+fn a_resumed_upload_whose_complete_is_refused_ends_its_record() {
+    let Some(f) = Fixture::new("resume-refused") else {
+        return;
+    };
+    let data = data(11);
+    let staging = f.interrupted(&data, 4 * PART);
+    let record = f.record().unwrap();
+    let cache = f.cache(false);
+    let mut up = cache
+        .begin_nar_resumable(data.len() as u64, &f.identity)
+        .unwrap();
+    // After ListParts confirmed the recorded parts: part 2 changes on the server.
+    let other = vec![0x5a; PART];
+    f.s3.client()
+        .upload_part(&record.key, &record.upload_id, 2, &other);
+    up.write_all(&data).unwrap();
+    up.written();
+    let err = up.commit(&f.key).expect_err("a Complete with a stale ETag");
+    let text = err.to_string();
+    assert!(!err.is_transient(), "{text}");
+    assert!(text.contains(&f.s3.url("")), "names the cache: {text}");
+    assert!(text.contains("CompleteMultipartUpload"), "{text}");
+    assert_eq!(f.record(), None, "the refused upload stays recorded");
+    let c = f.s3.client();
+    assert_eq!(
+        c.multipart_uploads(&staging),
+        [],
+        "the refused upload is left"
+    );
+    assert!(!c.exists(&staging), "staging object {staging} left");
+    let cache = f.upload(&data, &f.identity);
+    assert_eq!(requests(&cache, "UploadPart"), 6, "a fresh upload");
+    assert_eq!(cache.resumed_bytes(), 0);
+    f.check_and_clean(&data, &[&staging]);
+}
+
 /// A recorded upload completed on the server by a run killed before it copied the object
 /// and forgot the record: the next run deletes the staging object and goes up afresh.
 #[test]

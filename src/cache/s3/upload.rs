@@ -13,6 +13,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use std::io::{self, Write};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::task::JoinSet;
 
 /// Default part size (`s3.part-size`): S3 requires 5 MiB for every part but the last; a
@@ -150,6 +151,9 @@ struct Multipart {
     sent: u64,
     /// A CompleteMultipartUpload was sent: the staging object may exist.
     completing: bool,
+    /// The server refused the upload for good (its Complete refused, or a part's upload
+    /// gone): no later run can finish it, so a drop ends it, record and all.
+    refused: Arc<AtomicBool>,
     next_part: i32,
     in_flight: JoinSet<Result<CompletedPart, CacheError>>,
     done: Vec<CompletedPart>,
@@ -272,6 +276,7 @@ impl S3NarUpload {
             upload_id,
             sent: 0,
             completing: false,
+            refused: Arc::default(),
             next_part: 1,
             in_flight: JoinSet::new(),
             done: Vec::new(),
@@ -333,6 +338,7 @@ impl S3NarUpload {
                 upload_id,
                 sent: 0,
                 completing: false,
+                refused: Arc::default(),
                 next_part: 1,
                 in_flight: JoinSet::new(),
                 done: Vec::new(),
@@ -386,12 +392,14 @@ impl S3NarUpload {
             }
         };
         let progress = m.progress.line();
+        let refused = m.refused.clone();
         let _guard = s.rt.enter();
         m.in_flight.spawn(async move {
             let s = task_shared;
             let out = s
-                .retry(Op::UploadPart, &key, || {
-                    s.client
+                .retry(Op::UploadPart, &key, || async {
+                    let r = s
+                        .client
                         .upload_part()
                         .bucket(&s.bucket)
                         .key(&key)
@@ -399,6 +407,13 @@ impl S3NarUpload {
                         .part_number(number)
                         .body(ByteStream::from(body.clone()))
                         .send()
+                        .await;
+                    if let Err(e) = &r
+                        && e.code() == Some("NoSuchUpload")
+                    {
+                        refused.store(true, Ordering::Relaxed);
+                    }
+                    r
                 })
                 .await?;
             drop(reservation); // the part's bytes are sent: give their memory back
@@ -440,10 +455,10 @@ impl S3NarUpload {
         let (staging, upload_id, size) = (m.staging.clone(), m.upload_id.clone(), m.sent);
         // From the first Complete on, the staging object may exist: Drop deletes it too.
         m.completing = true;
-        let sent_before = std::sync::atomic::AtomicBool::new(false);
+        let sent_before = AtomicBool::new(false);
         let answer =
             s.rt.block_on(s.retry(Op::CompleteMultipartUpload, &staging, || async {
-                let retried = sent_before.swap(true, std::sync::atomic::Ordering::Relaxed);
+                let retried = sent_before.swap(true, Ordering::Relaxed);
                 let r = s
                     .client
                     .complete_multipart_upload()
@@ -470,9 +485,20 @@ impl S3NarUpload {
                     }
                     Err(e) => Err(e),
                 }
-            }))?;
-        if answer == Answer::Unknown {
-            s.rt.block_on(s.check_size(&staging, size, "CompleteMultipartUpload"))?;
+            }))
+            .and_then(|answer| match answer {
+                Answer::Unknown => {
+                    s.rt.block_on(s.check_size(&staging, size, "CompleteMultipartUpload"))
+                }
+                Answer::Done => Ok(()),
+            });
+        if let Err(e) = answer {
+            // Refused for good (a part or its ETag the server does not take, say): every
+            // later Complete of this upload would be too.
+            if !e.is_transient() {
+                m.refused.store(true, Ordering::Relaxed);
+            }
+            return Err(e);
         }
         // The staging object exists and is complete: nothing is left to abort.
         m.upload_id.clear();
@@ -579,9 +605,19 @@ impl Drop for S3NarUpload {
         };
         let s = self.shared.clone();
         let mut in_flight = m.in_flight;
-        // A recorded upload not yet complete stays for the next run to resume.
-        let keep =
-            self.resume.as_ref().is_some_and(Resumable::is_recorded) && !m.upload_id.is_empty();
+        // A recorded upload not yet complete stays for the next run to resume, unless the
+        // server refused it for good: the next run then starts afresh.
+        let recorded = self.resume.as_ref().is_some_and(Resumable::is_recorded);
+        let refused = m.refused.load(Ordering::Relaxed);
+        if recorded && refused {
+            tracing::warn!(
+                "{}: the server refused the recorded upload on {}: it is ended; the next \
+                 attempt starts afresh",
+                s.url,
+                m.staging
+            );
+        }
+        let keep = recorded && !refused && !m.upload_id.is_empty();
         s.rt.block_on(async {
             in_flight.shutdown().await;
             if keep {
