@@ -161,6 +161,30 @@ struct Multipart {
     progress: Tracked,
 }
 
+impl Multipart {
+    /// The multipart upload `upload_id` on `staging` (which `owning` holds for it), from
+    /// its first part.
+    fn new(
+        staging: String,
+        owning: crate::cache::owned::Claim<String>,
+        upload_id: String,
+        progress: Tracked,
+    ) -> Self {
+        Multipart {
+            staging,
+            _owning: owning,
+            upload_id,
+            sent: 0,
+            completing: false,
+            refused: Arc::default(),
+            next_part: 1,
+            in_flight: JoinSet::new(),
+            done: Vec::new(),
+            progress,
+        }
+    }
+}
+
 /// A NAR (or another object) on its way to S3: buffered until it is known to be small (one
 /// PUT) or a part is full (multipart). Dropped without commit, it cleans up after itself.
 pub(super) struct S3NarUpload {
@@ -270,18 +294,8 @@ impl S3NarUpload {
         let s = &self.shared;
         self.part_size = part as usize;
         self.parts_in_flight = parts_in_flight(part, s.memory.capacity, s.concurrency);
-        self.multipart = Some(Multipart {
-            _owning: s.owned.staging_key(&staging),
-            staging,
-            upload_id,
-            sent: 0,
-            completing: false,
-            refused: Arc::default(),
-            next_part: 1,
-            in_flight: JoinSet::new(),
-            done: Vec::new(),
-            progress: self.track(),
-        });
+        let owning = s.owned.staging_key(&staging);
+        self.multipart = Some(Multipart::new(staging, owning, upload_id, self.track()));
     }
 
     /// This upload's line in the progress of the uploads in flight.
@@ -332,18 +346,7 @@ impl S3NarUpload {
             };
             let upload_id = id.upload_id().unwrap_or_default().to_owned();
             let progress = self.track();
-            self.multipart = Some(Multipart {
-                staging,
-                _owning: owning,
-                upload_id,
-                sent: 0,
-                completing: false,
-                refused: Arc::default(),
-                next_part: 1,
-                in_flight: JoinSet::new(),
-                done: Vec::new(),
-                progress,
-            });
+            self.multipart = Some(Multipart::new(staging, owning, upload_id, progress));
             if let Some(r) = &mut self.resume {
                 let m = self.multipart.as_ref().expect("set above");
                 r.started(&s.url, &m.staging, &m.upload_id, self.part_size as u64)?;
