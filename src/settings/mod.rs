@@ -7,7 +7,8 @@
 //! are the config file and signing keys.
 //!
 //! `table` declares every setting once ([`KEYS`]); `values` reads their value types;
-//! `file` reads the config file; `resolve` merges the layers and fills in the rest.
+//! `file` reads the config file; `resolve` merges the layers and fills in the rest;
+//! `reference` writes the manual's configuration reference from [`KEYS`].
 //!
 //! The file is TOML; its keys are the long flag names (`to`, `key-file`, `memory`, ...),
 //! and keys of one part are in that part's table (`[daemon]`, `[s3]`, `[hook]`, `[gc]`). The
@@ -23,11 +24,13 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 mod file;
+mod reference;
 mod resolve;
 mod table;
 mod values;
 
 pub use file::{ConfigChoice, ConfigFile};
+pub use reference::{REFERENCE_PAGE, REGENERATE, reference_markdown};
 pub use resolve::{Entry, JOURNAL_FILE, Merged, Resolved};
 pub use table::{
     DaemonSettings, Fallback, GcSettings, HookSettings, KEYS, Key, PipelineSettings, S3Settings,

@@ -89,6 +89,50 @@ impl Key {
         (self.type_id)() == std::any::TypeId::of::<Size>()
     }
 
+    /// What its value is, in words for the manual (`size`, `duration`, `boolean`, ...).
+    pub fn kind(&self) -> &'static str {
+        use std::any::TypeId;
+        let t = (self.type_id)();
+        let kinds: [(TypeId, &'static str); 14] = [
+            (
+                TypeId::of::<Size>(),
+                "size (bytes, or K, M, G, T: powers of 1024)",
+            ),
+            (TypeId::of::<Seconds>(), "seconds (`30`, `2.5`)"),
+            (
+                TypeId::of::<Span>(),
+                "duration (`30m`, `24h`, `7d`; a bare number is seconds)",
+            ),
+            (
+                TypeId::of::<bool>(),
+                "boolean (`true`/`false`, `1`/`0`, `yes`/`no`)",
+            ),
+            (TypeId::of::<usize>(), "integer"),
+            (TypeId::of::<u32>(), "integer"),
+            (TypeId::of::<i32>(), "integer"),
+            (TypeId::of::<String>(), "string"),
+            (TypeId::of::<PathBuf>(), "path"),
+            (
+                TypeId::of::<Vec<PathBuf>>(),
+                "list of paths (flag repeatable or `A,B`)",
+            ),
+            (
+                TypeId::of::<Vec<String>>(),
+                "list (flag repeatable or `A,B`)",
+            ),
+            (TypeId::of::<Compression>(), "`zstd`, `xz` or `none`"),
+            (TypeId::of::<WatchStore>(), "`built` or `all`"),
+            (TypeId::of::<SocketAddr>(), "address (`host:port`)"),
+        ];
+        if t == TypeId::of::<JournalFile>() {
+            return "path, or `off`";
+        }
+        kinds
+            .iter()
+            .find(|(id, _)| *id == t)
+            .map_or("other", |(_, kind)| kind)
+    }
+
     /// The table of the config file it sits in (`s3`), if any.
     pub fn table(&self) -> Option<&'static str> {
         self.name.split_once('.').map(|(t, _)| t)

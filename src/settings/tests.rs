@@ -645,3 +645,48 @@ fn the_upload_journal_is_a_file_off_or_the_commands_default_place() {
     );
     assert_eq!(r.resume_max_age, Duration::from_secs(2 * 86400));
 }
+
+#[test]
+fn every_setting_has_a_kind_the_manual_can_name() {
+    for key in KEYS.iter() {
+        assert_ne!(
+            key.kind(),
+            "other",
+            "{}: add its type to Key::kind",
+            key.name
+        );
+    }
+}
+
+#[test]
+fn the_configuration_reference_is_written_from_the_settings_list() {
+    let page = Path::new(env!("CARGO_MANIFEST_DIR")).join(REFERENCE_PAGE);
+    let written = reference_markdown();
+    if std::env::var_os("NARFLOW_UPDATE_DOCS").is_some_and(|v| v == "1") {
+        std::fs::write(&page, &written).unwrap();
+    }
+    let committed = std::fs::read_to_string(&page).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {}: {e}; write it with: {REGENERATE}",
+            page.display()
+        )
+    });
+    assert!(
+        committed == written,
+        "{REFERENCE_PAGE} is not what the settings list in src/settings/table.rs writes; \
+         write it again with: {REGENERATE}"
+    );
+    // Every key is in it, with its variable.
+    for key in KEYS.iter() {
+        assert!(
+            written.contains(&format!("\n## `{}`\n", key.name)),
+            "{}",
+            key.name
+        );
+        assert!(
+            written.contains(&format!("- variable: `{}`\n", key.env)),
+            "{}",
+            key.name
+        );
+    }
+}

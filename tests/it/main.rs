@@ -4,6 +4,7 @@
 mod backfill;
 mod config;
 mod daemon;
+mod docs;
 mod durability;
 mod gc;
 mod gc_writers;
