@@ -5,8 +5,9 @@
 use super::PushOptions;
 use super::outcome::{Failure, PushError};
 use super::publish::NewJob;
-use crate::cache::BinaryCache;
 use crate::cache::gc_marker::{Epoch, WAVE_FRESH};
+use crate::cache::resume::SignerSet;
+use crate::cache::{BinaryCache, FoundNarinfo};
 use crate::format::store_path::StorePath;
 use crate::store::lookup::split_valid;
 use crate::store::{LocalStore, PathInfo};
@@ -89,6 +90,13 @@ pub fn plan_before_writes(
         .filter(|r| !in_plan.contains(r))
         .collect();
     asked.extend(outside.into_iter().cloned());
+    let our_signers = SignerSet::of(
+        &opts
+            .keys
+            .iter()
+            .map(|k| k.verifying_key())
+            .collect::<Vec<_>>(),
+    );
     let mut gate = super::gc_gate::Gate::new(opts.gc_wait);
     let mut settle = || -> Result<super::gc_gate::Reading, PushError> {
         let reading = gate
@@ -103,7 +111,10 @@ pub fn plan_before_writes(
     };
     let (seen, epoch) = loop {
         let epoch = settle()?.epoch;
-        // With keys, every narinfo found is read (for our signatures): read as it is found.
+        // With keys, every narinfo found is read (for our signatures) as it is found, but
+        // for one the cache knows unchanged since this machine wrote it signed by exactly
+        // our keys: it has our signatures, and it parsed (`known_signed`).
+        let mut known_signed: HashSet<StorePath> = HashSet::new();
         let (mut seen, mut texts): (HashSet<StorePath>, HashMap<StorePath, String>) =
             if opts.keys.is_empty() {
                 let seen = asked
@@ -115,17 +126,33 @@ pub fn plan_before_writes(
                     .collect();
                 (seen, HashMap::new())
             } else {
-                let texts: HashMap<StorePath, String> = asked
-                    .iter()
-                    .cloned()
-                    .zip(cache.find_narinfos(&asked)?)
-                    .filter_map(|(p, t)| Some((p, t?)))
-                    .collect();
-                (texts.keys().cloned().collect(), texts)
+                let mut texts = HashMap::new();
+                let mut unread = Vec::new();
+                for (path, found) in asked.iter().zip(cache.find_narinfos(&asked)?) {
+                    match found {
+                        None => {}
+                        Some(FoundNarinfo::Text(t)) => {
+                            texts.insert(path.clone(), t);
+                        }
+                        Some(FoundNarinfo::Unchanged(by)) if by == our_signers => {
+                            known_signed.insert(path.clone());
+                        }
+                        // Written here with other keys: read, as without a record.
+                        Some(FoundNarinfo::Unchanged(_)) => unread.push(path.clone()),
+                    }
+                }
+                let read = cache.get_narinfos(&unread)?;
+                for (path, t) in unread.into_iter().zip(read) {
+                    if let Some(t) = t {
+                        texts.insert(path, t);
+                    }
+                }
+                let seen = texts.keys().chain(&known_signed).cloned().collect();
+                (seen, texts)
             };
         let present: Vec<(&PathInfo, String)> = infos
             .iter()
-            .filter(|i| seen.contains(&i.path))
+            .filter(|i| seen.contains(&i.path) && !known_signed.contains(&i.path))
             .map(|i| (i, texts.remove(&i.path).unwrap_or_default()))
             .collect();
         // The signatures' wave is a publishing wave: it reads the marker again, and a gc
