@@ -2,7 +2,8 @@
 //! in front of an HTTP/1.1 server that holds back each response by a fixed delay (a
 //! link's round trip) and counts the requests by method.
 //!
-//! It prints `listening PORT` once it accepts connections (a free port on 127.0.0.1), and
+//! It prints `listening PORT` once it accepts connections (on 127.0.0.1, the port asked
+//! for, or a free one), and
 //! on SIGTERM or SIGINT one line of JSON with the requests seen by method (`{"GET": 12,
 //! ...}`) and the connections accepted, then returns.
 //!
@@ -92,20 +93,21 @@ async fn serve(client: TcpStream, upstream: String, delay: Duration, counts: Arc
     tokio::join!(up, down);
 }
 
-/// Runs the proxy in front of `upstream` (`host:port`) until SIGTERM or SIGINT.
+/// Runs the proxy in front of `upstream` (`host:port`), listening on `port` (0: a free
+/// one), until SIGTERM or SIGINT.
 ///
 /// # Errors
 /// When its runtime cannot start or it cannot listen.
-pub fn delay_proxy(upstream: &str, delay: Duration) -> std::io::Result<()> {
+pub fn delay_proxy(upstream: &str, delay: Duration, port: u16) -> std::io::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(run(upstream.to_owned(), delay))
+        .block_on(run(upstream.to_owned(), delay, port))
 }
 
-async fn run(upstream: String, delay: Duration) -> std::io::Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+async fn run(upstream: String, delay: Duration, port: u16) -> std::io::Result<()> {
+    let listener = TcpListener::bind(("127.0.0.1", port)).await?;
     println!("listening {}", listener.local_addr()?.port());
     let counts = Arc::new(Counts::default());
     let accepting = {

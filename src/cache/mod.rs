@@ -175,15 +175,18 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     fn get_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
         paths.iter().map(|p| self.get_narinfo(p)).collect()
     }
-    /// A look at the cache that reads what it finds: the text of each of `paths`'
-    /// narinfos that [`BinaryCache::has_narinfos`] would find, `None` for the others, in
-    /// order. The default asks `has_narinfos`, then reads the narinfos found; a remote
-    /// cache reads each as soon as it is found (S3: a GET answers what a HEAD would, and a
-    /// listing's pages are read while the next page is asked for).
+    /// A look at the cache that reads what it finds: for each of `paths` whose narinfo
+    /// [`BinaryCache::has_narinfos`] would find, its text, or (a cache that records what
+    /// it writes, `OpenOptions::journal`) that it is unchanged since this machine wrote it
+    /// ([`FoundNarinfo::Unchanged`]); `None` for the others, in order. The default asks
+    /// `has_narinfos`, then reads the narinfos found; a remote cache reads each as soon as
+    /// it is found (S3: a GET answers what a HEAD would, and a listing's pages are read
+    /// while the next page is asked for, but for a narinfo listed with the ETag recorded
+    /// when it was written).
     ///
     /// # Errors
     /// The first [`CacheError`].
-    fn find_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
+    fn find_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<FoundNarinfo>>, CacheError> {
         let present = self.has_narinfos(paths)?;
         let found: Vec<StorePath> = paths
             .iter()
@@ -194,7 +197,13 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
         let mut texts = self.get_narinfos(&found)?.into_iter();
         Ok(present
             .into_iter()
-            .map(|there| if there { texts.next().flatten() } else { None })
+            .map(|there| {
+                if there {
+                    texts.next().flatten().map(FoundNarinfo::Text)
+                } else {
+                    None
+                }
+            })
             .collect())
     }
     /// The text of a small object (a narinfo, the gc marker), or `None` when there is none;
@@ -403,6 +412,26 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     /// (a local directory) has none.
     fn request_counts(&self) -> Vec<RequestCount> {
         Vec::new()
+    }
+}
+
+/// A narinfo a look at the cache found ([`BinaryCache::find_narinfos`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FoundNarinfo {
+    /// Its text, as read.
+    Text(String),
+    /// Not read: the cache lists it as the very object this machine wrote (the same
+    /// ETag), when it carried valid signatures by exactly the keys `SignerSet` stands for.
+    Unchanged(resume::SignerSet),
+}
+
+impl FoundNarinfo {
+    /// The text, when it was read.
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            FoundNarinfo::Text(t) => Some(t),
+            FoundNarinfo::Unchanged(_) => None,
+        }
     }
 }
 
@@ -677,8 +706,12 @@ pub struct OpenOptions {
     pub max_rate: Option<u64>,
     pub s3: S3Tuning,
     /// Where multipart uploads are recorded so that a restart resumes them
-    /// ([`BinaryCache::begin_nar_resumable`]); `None`: no upload is resumable.
+    /// ([`BinaryCache::begin_nar_resumable`]); `None`: no upload is resumable. A remote
+    /// cache also records there the narinfos it writes ([`FoundNarinfo::Unchanged`]).
     pub journal: Option<std::sync::Arc<dyn resume::UploadJournal>>,
+    /// The public keys of the keys this writer signs with: a narinfo the cache writes is
+    /// recorded with those whose valid signatures it carries (each is verified).
+    pub signers: Vec<crate::format::signing::VerifyingKey>,
 }
 
 /// Options are equal when their journals are the same one.
@@ -689,8 +722,13 @@ impl PartialEq for OpenOptions {
             (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
             _ => false,
         };
-        (self.upload_memory, self.max_rate, &self.s3)
-            == (other.upload_memory, other.max_rate, &other.s3)
+        (self.upload_memory, self.max_rate, &self.s3, &self.signers)
+            == (
+                other.upload_memory,
+                other.max_rate,
+                &other.s3,
+                &other.signers,
+            )
             && same_journal
     }
 }

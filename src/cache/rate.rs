@@ -224,7 +224,10 @@ impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
     fn get_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
         self.inner.get_narinfos(paths)
     }
-    fn find_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
+    fn find_narinfos(
+        &self,
+        paths: &[StorePath],
+    ) -> Result<Vec<Option<super::FoundNarinfo>>, CacheError> {
         self.inner.find_narinfos(paths)
     }
     fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {

@@ -1,9 +1,13 @@
 //! The durable record of unfinished multipart uploads, so that a NAR interrupted by a
 //! restart goes on where it stopped: its identity (what makes two runs' compressed streams
 //! byte-identical), its upload on the server, and each acknowledged part with its blake3.
-//! This module owns the record and its SQLite tables; it never talks to a server (the S3
-//! cache decides what a record is worth, and when it ends).
+//! Beside them, the narinfos this machine wrote to a cache, each with the ETag the server
+//! gave its PUT and the keys it was signed with, so that a later look at the cache that
+//! lists the same ETag knows the narinfo unchanged without reading it.
+//! This module owns the records and their SQLite tables; it never talks to a server (the
+//! S3 cache decides what a record is worth, and when it ends).
 use super::CacheError;
+use crate::format::signing::VerifyingKey;
 use rusqlite::{Connection, OpenFlags, params};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -48,9 +52,51 @@ pub struct RecordedUpload {
     pub parts: Vec<RecordedPart>,
 }
 
-/// Durable record of unfinished multipart uploads. Every method returns only once what it
-/// wrote is durable (synced). Implementations: [`SqliteJournal`] (one file, or a table in
-/// the daemon's queue database), and test stand-ins.
+/// Who signed a narinfo: a digest of a set of public keys (their `<name>:<base64>` texts,
+/// sorted and deduplicated), 16 bytes a record. Two sets are the same set of keys exactly
+/// when their digests are equal (short of a collision of SHA-256's first 128 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SignerSet(pub [u8; 16]);
+
+impl SignerSet {
+    /// The set of `keys`, in whatever order and with whatever repetition.
+    pub fn of<'a>(keys: impl IntoIterator<Item = &'a VerifyingKey>) -> Self {
+        let mut texts: Vec<String> = keys.into_iter().map(VerifyingKey::to_string).collect();
+        texts.sort_unstable();
+        texts.dedup();
+        let digest = crate::format::hash::Sha256::digest(texts.join("\n").as_bytes());
+        let mut out = [0; 16];
+        out.copy_from_slice(&digest.0[..16]);
+        SignerSet(out)
+    }
+}
+
+/// A narinfo this machine wrote to a cache ([`UploadJournal::narinfos_written`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenNarinfo {
+    /// The 20 bytes its hash part stands for ([`super::NarinfoSet::key`]).
+    pub hash: [u8; 20],
+    /// The ETag the server answered its PUT with, as [`normalise_etag`] gives it.
+    pub etag: String,
+    /// The keys whose valid signatures the narinfo carried as written.
+    pub signers: SignerSet,
+}
+
+/// An ETag as compared: without the quotes around it (S3 sends them; a listing's XML may
+/// carry them or not) and without a weak validator's `W/`.
+pub fn normalise_etag(etag: &str) -> &str {
+    let e = etag.trim();
+    let e = e.strip_prefix("W/").unwrap_or(e);
+    e.strip_prefix('"')
+        .and_then(|e| e.strip_suffix('"'))
+        .unwrap_or(e)
+}
+
+/// Durable record of unfinished multipart uploads, and the record of narinfos written.
+/// Every method about uploads returns only once what it wrote is durable (synced); the
+/// narinfo record is not synced (a record lost to a crash costs a read of its narinfo,
+/// never a wrong answer). Implementations: [`SqliteJournal`] (one file, or tables in the
+/// daemon's queue database), and test stand-ins (which record no narinfos).
 pub trait UploadJournal: Send + Sync + std::fmt::Debug {
     /// The recorded upload of `store_path` to `cache_url`, whatever its NarHash and
     /// compression (the caller compares the identity, and aborts a record that differs).
@@ -70,6 +116,29 @@ pub trait UploadJournal: Send + Sync + std::fmt::Debug {
     fn forget(&self, cache_url: &str, upload_id: &str) -> Result<(), CacheError>;
     /// Every recorded upload of `cache_url` (for sweeps, status and cleanup).
     fn all(&self, cache_url: &str) -> Result<Vec<RecordedUpload>, CacheError>;
+    /// Records narinfos written to the cache `cache` (the bucket and endpoint, not the
+    /// URL: its options do not change what the bucket holds), each replacing the record
+    /// of the same narinfo, in one transaction, not synced.
+    fn narinfos_written(
+        &self,
+        _cache: &str,
+        _written: &[WrittenNarinfo],
+    ) -> Result<(), CacheError> {
+        Ok(())
+    }
+    /// The record of each narinfo of `cache` whose hash part `hashes` holds, in order.
+    fn written_narinfos(
+        &self,
+        _cache: &str,
+        hashes: &[[u8; 20]],
+    ) -> Result<Vec<Option<WrittenNarinfo>>, CacheError> {
+        Ok(vec![None; hashes.len()])
+    }
+    /// Forgets the records of the narinfos of `cache` whose hash part `hashes` holds (found
+    /// gone or rewritten by someone else), in one transaction, not synced.
+    fn forget_narinfos(&self, _cache: &str, _hashes: &[[u8; 20]]) -> Result<(), CacheError> {
+        Ok(())
+    }
 }
 
 /// A multipart upload in flight in this process ([`super::BinaryCache::large_uploads`]).
@@ -113,7 +182,18 @@ CREATE TABLE IF NOT EXISTS multipart_parts (
     blake3 BLOB NOT NULL,
     etag TEXT NOT NULL,
     PRIMARY KEY (cache_url, upload_id, number)
-);";
+);
+CREATE TABLE IF NOT EXISTS narinfo_caches (
+    id INTEGER PRIMARY KEY,
+    cache TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS written_narinfos (
+    cache INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    etag TEXT NOT NULL,
+    signers BLOB NOT NULL,
+    PRIMARY KEY (cache, hash)
+) WITHOUT ROWID;";
 
 /// An [`UploadJournal`] in a SQLite database file (its own, or one shared with other
 /// tables such as the daemon's queue), in WAL mode with `synchronous=FULL`: each change is
@@ -386,6 +466,119 @@ impl UploadJournal for SqliteJournal {
             )
         })
     }
+
+    fn narinfos_written(&self, cache: &str, written: &[WrittenNarinfo]) -> Result<(), CacheError> {
+        if written.is_empty() {
+            return Ok(());
+        }
+        self.unsynced(|tx| {
+            let id = Self::cache_id(tx, cache, true)?.expect("the cache was just recorded");
+            let mut put = tx.prepare(
+                "INSERT OR REPLACE INTO written_narinfos (cache, hash, etag, signers)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for w in written {
+                put.execute(params![
+                    id,
+                    w.hash.as_slice(),
+                    w.etag,
+                    w.signers.0.as_slice()
+                ])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn written_narinfos(
+        &self,
+        cache: &str,
+        hashes: &[[u8; 20]],
+    ) -> Result<Vec<Option<WrittenNarinfo>>, CacheError> {
+        use rusqlite::OptionalExtension;
+        self.with(|c| {
+            let Some(id) = Self::cache_id(c, cache, false)? else {
+                return Ok(vec![None; hashes.len()]);
+            };
+            let mut get = c.prepare(
+                "SELECT etag, signers FROM written_narinfos WHERE cache = ?1 AND hash = ?2",
+            )?;
+            hashes
+                .iter()
+                .map(|h| {
+                    get.query_row(params![id, h.as_slice()], |r| {
+                        let (etag, signers): (String, Vec<u8>) = (r.get(0)?, r.get(1)?);
+                        // A row of another size is not ours to trust: no record.
+                        Ok(<[u8; 16]>::try_from(signers.as_slice())
+                            .ok()
+                            .map(|s| WrittenNarinfo {
+                                hash: *h,
+                                etag,
+                                signers: SignerSet(s),
+                            }))
+                    })
+                    .optional()
+                    .map(Option::flatten)
+                })
+                .collect()
+        })
+    }
+
+    fn forget_narinfos(&self, cache: &str, hashes: &[[u8; 20]]) -> Result<(), CacheError> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        self.unsynced(|tx| {
+            let Some(id) = Self::cache_id(tx, cache, false)? else {
+                return Ok(());
+            };
+            let mut del =
+                tx.prepare("DELETE FROM written_narinfos WHERE cache = ?1 AND hash = ?2")?;
+            for h in hashes {
+                del.execute(params![id, h.as_slice()])?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The narinfo record's SQL: a row per narinfo written, its cache by number (a cache's
+/// name is stored once), about 95 bytes a row on disk with its key: a million narinfos
+/// in some 95 MB.
+impl SqliteJournal {
+    /// The number of `cache` in `narinfo_caches`, made when `create`.
+    fn cache_id(c: &Connection, cache: &str, create: bool) -> rusqlite::Result<Option<i64>> {
+        use rusqlite::OptionalExtension;
+        if create {
+            c.execute(
+                "INSERT OR IGNORE INTO narinfo_caches (cache) VALUES (?1)",
+                params![cache],
+            )?;
+        }
+        c.query_row(
+            "SELECT id FROM narinfo_caches WHERE cache = ?1",
+            params![cache],
+            |r| r.get(0),
+        )
+        .optional()
+    }
+
+    /// Runs `f` in one transaction that is not synced on commit (WAL with
+    /// `synchronous=NORMAL`: it survives a crash of the process, maybe not of the
+    /// machine), then goes back to syncing every commit.
+    fn unsynced(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>,
+    ) -> Result<(), CacheError> {
+        self.with(|c| {
+            c.pragma_update(None, "synchronous", "NORMAL")?;
+            let done = c.transaction().and_then(|tx| {
+                f(&tx)?;
+                tx.commit()
+            });
+            let restored = c.pragma_update(None, "synchronous", "FULL");
+            done.and(restored)
+        })
+    }
 }
 
 /// Now, in Unix seconds.
@@ -542,5 +735,55 @@ mod tests {
             .query_row("SELECT count(*) FROM multipart_uploads", [], |r| r.get(0))
             .unwrap();
         assert_eq!(n, 1);
+    }
+
+    /// A narinfo's record is replaced when it is written again, kept per cache, there
+    /// after the journal is opened again, and gone once forgotten; a set of signers is
+    /// the same set in any order.
+    #[test]
+    fn a_narinfo_record_is_replaced_on_rewrite_and_kept_per_cache() {
+        use crate::format::signing::SigningKey;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("uploads.sqlite");
+        let (a, b) = (
+            SigningKey::from_seed("a-1", [1; 32]).verifying_key(),
+            SigningKey::from_seed("b-1", [2; 32]).verifying_key(),
+        );
+        assert_eq!(SignerSet::of([&a, &b]), SignerSet::of([&b, &a, &b]));
+        assert_ne!(SignerSet::of([&a]), SignerSet::of([&a, &b]));
+        let w = |hash: u8, etag: &str| WrittenNarinfo {
+            hash: [hash; 20],
+            etag: etag.into(),
+            signers: SignerSet::of([&a]),
+        };
+        {
+            let j = SqliteJournal::open(&path).unwrap();
+            j.narinfos_written("s3://b at x", &[w(1, "e1"), w(2, "e2")])
+                .unwrap();
+            j.narinfos_written("s3://b at x", &[w(1, "e3")]).unwrap();
+            j.narinfos_written("s3://c at x", &[w(1, "e4")]).unwrap();
+        }
+        let j = SqliteJournal::open(&path).unwrap();
+        let hashes = [[1; 20], [2; 20], [3; 20]];
+        assert_eq!(
+            j.written_narinfos("s3://b at x", &hashes).unwrap(),
+            vec![Some(w(1, "e3")), Some(w(2, "e2")), None]
+        );
+        assert_eq!(
+            j.written_narinfos("s3://c at x", &hashes).unwrap(),
+            vec![Some(w(1, "e4")), None, None]
+        );
+        j.forget_narinfos("s3://b at x", &[[2; 20]]).unwrap();
+        assert_eq!(
+            j.written_narinfos("s3://b at x", &hashes).unwrap(),
+            vec![Some(w(1, "e3")), None, None]
+        );
+        assert_eq!(
+            j.written_narinfos("s3://d at x", &hashes).unwrap(),
+            vec![None, None, None]
+        );
+        assert_eq!(normalise_etag("\"abc\""), "abc");
+        assert_eq!(normalise_etag("W/\"abc\""), "abc");
+        assert_eq!(normalise_etag("abc"), "abc");
     }
 }

@@ -83,9 +83,14 @@ pub enum BenchCommand {
     VerifyCeiling(VerifyCeilingArgs),
     /// Internal (scripts/bench-latency): a loopback proxy in front of UPSTREAM
     /// (host:port) that holds each response back by DELAY_MS and counts requests by
-    /// method; prints `listening PORT`, and the counts as JSON on SIGTERM.
+    /// method; prints `listening PORT`, and the counts as JSON on SIGTERM. It listens on
+    /// PORT when given (a later run reached at the same endpoint), else on a free port.
     #[command(hide = true)]
-    DelayProxy { upstream: String, delay_ms: u64 },
+    DelayProxy {
+        upstream: String,
+        delay_ms: u64,
+        port: Option<u16>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -112,6 +117,7 @@ fn verify_ceiling(args: &VerifyCeilingArgs) -> Result<u8, CliError> {
         max_rate: None,
         s3,
         journal: None,
+        signers: Vec::new(),
     };
     let cache = narflow::cache::open(&url, &options).map_err(CliError::usage)?;
     let sample = narflow::maintain::contents::load_sample(cache.as_ref(), "/nix/store", args.limit)
@@ -352,9 +358,13 @@ pub fn run(args: BenchArgs, matches: &clap::ArgMatches) -> Result<u8, CliError> 
     match &args.command {
         Some(BenchCommand::MakeStore(a)) => return make_store(a),
         Some(BenchCommand::VerifyCeiling(a)) => return verify_ceiling(a),
-        Some(BenchCommand::DelayProxy { upstream, delay_ms }) => {
+        Some(BenchCommand::DelayProxy {
+            upstream,
+            delay_ms,
+            port,
+        }) => {
             let delay = std::time::Duration::from_millis(*delay_ms);
-            bench::delay_proxy(upstream, delay).map_err(CliError::failed)?;
+            bench::delay_proxy(upstream, delay, port.unwrap_or(0)).map_err(CliError::failed)?;
             return Ok(exit::OK);
         }
         None => {}

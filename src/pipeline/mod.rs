@@ -146,6 +146,7 @@ impl PushOptions {
             max_rate: self.max_rate,
             s3,
             journal: None,
+            signers: self.keys.iter().map(SigningKey::verifying_key).collect(),
         }
     }
 }

@@ -5,8 +5,9 @@
 use super::PushOptions;
 use super::outcome::{Failure, PushError};
 use super::publish::NewJob;
-use crate::cache::BinaryCache;
 use crate::cache::gc_marker::{Epoch, WAVE_FRESH};
+use crate::cache::resume::SignerSet;
+use crate::cache::{BinaryCache, FoundNarinfo};
 use crate::format::store_path::StorePath;
 use crate::store::lookup::split_valid;
 use crate::store::{LocalStore, PathInfo};
@@ -89,6 +90,13 @@ pub fn plan_before_writes(
         .filter(|r| !in_plan.contains(r))
         .collect();
     asked.extend(outside.into_iter().cloned());
+    let our_signers = SignerSet::of(
+        &opts
+            .keys
+            .iter()
+            .map(|k| k.verifying_key())
+            .collect::<Vec<_>>(),
+    );
     let mut gate = super::gc_gate::Gate::new(opts.gc_wait);
     let mut settle = || -> Result<super::gc_gate::Reading, PushError> {
         let reading = gate
@@ -103,7 +111,10 @@ pub fn plan_before_writes(
     };
     let (seen, epoch) = loop {
         let epoch = settle()?.epoch;
-        // With keys, every narinfo found is read (for our signatures): read as it is found.
+        // With keys, every narinfo found is read (for our signatures) as it is found, but
+        // for one the cache knows unchanged since this machine wrote it signed by exactly
+        // our keys: it has our signatures, and it parsed (`known_signed`).
+        let mut known_signed: HashSet<StorePath> = HashSet::new();
         let (mut seen, mut texts): (HashSet<StorePath>, HashMap<StorePath, String>) =
             if opts.keys.is_empty() {
                 let seen = asked
@@ -115,17 +126,33 @@ pub fn plan_before_writes(
                     .collect();
                 (seen, HashMap::new())
             } else {
-                let texts: HashMap<StorePath, String> = asked
-                    .iter()
-                    .cloned()
-                    .zip(cache.find_narinfos(&asked)?)
-                    .filter_map(|(p, t)| Some((p, t?)))
-                    .collect();
-                (texts.keys().cloned().collect(), texts)
+                let mut texts = HashMap::new();
+                let mut unread = Vec::new();
+                for (path, found) in asked.iter().zip(cache.find_narinfos(&asked)?) {
+                    match found {
+                        None => {}
+                        Some(FoundNarinfo::Text(t)) => {
+                            texts.insert(path.clone(), t);
+                        }
+                        Some(FoundNarinfo::Unchanged(by)) if by == our_signers => {
+                            known_signed.insert(path.clone());
+                        }
+                        // Written here with other keys: read, as without a record.
+                        Some(FoundNarinfo::Unchanged(_)) => unread.push(path.clone()),
+                    }
+                }
+                let read = cache.get_narinfos(&unread)?;
+                for (path, t) in unread.into_iter().zip(read) {
+                    if let Some(t) = t {
+                        texts.insert(path, t);
+                    }
+                }
+                let seen = texts.keys().chain(&known_signed).cloned().collect();
+                (seen, texts)
             };
         let present: Vec<(&PathInfo, String)> = infos
             .iter()
-            .filter(|i| seen.contains(&i.path))
+            .filter(|i| seen.contains(&i.path) && !known_signed.contains(&i.path))
             .map(|i| (i, texts.remove(&i.path).unwrap_or_default()))
             .collect();
         // The signatures' wave is a publishing wave: it reads the marker again, and a gc
@@ -319,4 +346,151 @@ fn refuse_unreachable(
     let mut out: Vec<(usize, Failure)> = refused.into_iter().collect();
     out.sort_by_key(|(i, _)| *i);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::CacheError;
+    use crate::cache::file::FileCache;
+    use crate::format::compression::{Compression, CompressionSettings};
+    use crate::format::narinfo::NarInfo;
+    use crate::format::signing::SigningKey;
+    use crate::store::db::testdb::{Row, TestDb};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A local directory that answers a look at it as an S3 cache with a record does:
+    /// each narinfo there "unchanged since written, signed by `says`", and counts the
+    /// narinfos read.
+    #[derive(Debug)]
+    struct Recorded {
+        inner: FileCache,
+        says: SignerSet,
+        reads: AtomicUsize,
+    }
+
+    impl BinaryCache for Recorded {
+        fn url(&self) -> &str {
+            self.inner.url()
+        }
+        fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError> {
+            self.inner.ensure_cache_info(store_dir)
+        }
+        fn has_narinfo(&self, path: &StorePath) -> Result<bool, CacheError> {
+            self.inner.has_narinfo(path)
+        }
+        fn find_narinfos(
+            &self,
+            paths: &[StorePath],
+        ) -> Result<Vec<Option<FoundNarinfo>>, CacheError> {
+            Ok(self
+                .inner
+                .has_narinfos(paths)?
+                .into_iter()
+                .map(|there| there.then_some(FoundNarinfo::Unchanged(self.says)))
+                .collect())
+        }
+        fn has_object(&self, key: &str) -> Result<bool, CacheError> {
+            self.inner.has_object(key)
+        }
+        fn object_size(&self, key: &str) -> Result<Option<u64>, CacheError> {
+            self.inner.object_size(key)
+        }
+        fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, CacheError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.inner.get_narinfo(path)
+        }
+        fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
+            self.inner.get_text(key)
+        }
+        fn begin_nar(&self, n: u64) -> Result<Box<dyn crate::cache::NarUpload>, CacheError> {
+            self.inner.begin_nar(n)
+        }
+        fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError> {
+            self.inner.put_narinfo(path, text)
+        }
+        fn sync(&self) -> Result<(), CacheError> {
+            self.inner.sync()
+        }
+    }
+
+    /// A path found unchanged since it was written by exactly this push's keys is present
+    /// without being read; one written with other keys is read, and given our signature as
+    /// without a record.
+    #[test]
+    fn a_narinfo_written_with_these_keys_is_not_read_and_with_others_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let store_dir = dir.path().join("store");
+        std::fs::create_dir(&store_dir).unwrap();
+        let sd = store_dir.to_str().unwrap();
+        let db = TestDb::new(true);
+        let path = StorePath::from_base_name("qs2vcw1sd6lzsvgvq6gggnw1v31qrm28-p").unwrap();
+        let full = path.to_absolute(sd);
+        std::fs::write(&full, "p").unwrap();
+        let (hash, size) = crate::nar_fs::hash_path(std::path::Path::new(&full)).unwrap();
+        db.add(&Row {
+            path: &full,
+            hash: &format!("sha256:{}", hash.to_base16()),
+            nar_size: Some(size as i64),
+            ..Row::default()
+        });
+        let store = LocalStore::open(sd, &db.path);
+        let info = store
+            .path_infos(std::slice::from_ref(&path))
+            .unwrap()
+            .remove(0);
+        let (ours, theirs) = (
+            SigningKey::from_seed("ours-1", [1; 32]),
+            SigningKey::from_seed("theirs-1", [2; 32]),
+        );
+        let opts = PushOptions::new(
+            CompressionSettings::new(Compression::None, None).unwrap(),
+            vec![SigningKey::from_seed("ours-1", [1; 32])],
+        );
+        for (says, read) in [
+            (SignerSet::of([&ours.verifying_key()]), false),
+            (SignerSet::of([&theirs.verifying_key()]), true),
+        ] {
+            let cache_dir = tempfile::tempdir().unwrap();
+            let inner = FileCache::open(cache_dir.path(), "file:///t").unwrap();
+            inner.ensure_cache_info(sd).unwrap();
+            inner.put_object("nar/p.nar", b"p", "").unwrap();
+            let mut theirs_narinfo = NarInfo {
+                store_path: path.clone(),
+                url: "nar/p.nar".into(),
+                compression: "none".into(),
+                file_hash: None,
+                file_size: Some(1),
+                nar_hash: info.nar_hash,
+                nar_size: info.nar_size,
+                references: vec![],
+                deriver: None,
+                sigs: vec![],
+                ca: None,
+            };
+            theirs_narinfo.sign(&theirs, sd);
+            inner
+                .put_narinfo(&path, &theirs_narinfo.render(sd))
+                .unwrap();
+            let cache = Recorded {
+                inner,
+                says,
+                reads: AtomicUsize::new(0),
+            };
+            let planned = plan(&store, &cache, std::slice::from_ref(&path), &opts).unwrap();
+            assert_eq!(planned.present, vec![path.clone()], "read {read}");
+            assert!(planned.todo.is_empty(), "read {read}");
+            assert_eq!(cache.reads.load(Ordering::SeqCst) > 0, read);
+            let now = NarInfo::parse(
+                &cache
+                    .get_text(&crate::cache::narinfo_key(&path))
+                    .unwrap()
+                    .unwrap(),
+                sd,
+            )
+            .unwrap();
+            let signed_by_us = now.valid_signatures(sd, &[ours.verifying_key()]) == 1;
+            assert_eq!(signed_by_us, read, "{now:?}");
+        }
+    }
 }

@@ -24,6 +24,7 @@ mod repair;
 mod resume;
 mod s3;
 mod s3_faults;
+mod s3_known;
 mod s3_resume;
 mod store_nix;
 mod verify;

@@ -2,7 +2,9 @@
 //! GETs and PUTs), a bounded number in flight.
 use super::Shared;
 use super::retry::{Op, join_error};
-use crate::cache::CacheError;
+use crate::cache::resume::{WrittenNarinfo, normalise_etag};
+use crate::cache::{CacheError, FoundNarinfo};
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::task::JoinSet;
 
@@ -66,22 +68,36 @@ impl Shared {
     }
 }
 
+/// What a listing found of the narinfos asked about ([`Shared::find_listed_narinfos`]).
+#[derive(Debug)]
+pub(super) struct Listed {
+    /// For each narinfo asked about, in order: its text, or unchanged since recorded, or
+    /// `None` when the listing does not have it.
+    pub found: Vec<Option<FoundNarinfo>>,
+    /// The narinfos recorded ([`Shared::recorded`]) that the listing shows gone or with
+    /// another ETag: their records are of no more use.
+    pub stale: Vec<[u8; 20]>,
+}
+
 impl Shared {
-    /// The text of each narinfo of `wanted` (hash parts, as [`crate::cache::NarinfoSet`]
-    /// keeps them) that a listing of the bucket's root finds, `None` for the others; each
-    /// is read ([`small_in_flight`] at once) as soon as its listing page arrives, while
-    /// the next page is asked for. `None` once the listing would take more requests than
-    /// `budget` (the reads made are dropped).
+    /// Each narinfo of `wanted` (hash parts, as [`crate::cache::NarinfoSet`] keeps them)
+    /// that a listing of the bucket's root finds: [`FoundNarinfo::Unchanged`] when the
+    /// listing shows the ETag `recorded` has for it (no GET), else its text, read
+    /// ([`small_in_flight`] at once) as soon as its listing page arrives, while the next
+    /// page is asked for. `None` once the listing would take more requests than `budget`
+    /// (the reads made are dropped).
     pub(super) async fn find_listed_narinfos(
         self: &Arc<Self>,
         wanted: &[[u8; 20]],
+        recorded: &HashMap<[u8; 20], WrittenNarinfo>,
         budget: usize,
-    ) -> Result<Option<Vec<Option<String>>>, CacheError> {
+    ) -> Result<Option<Listed>, CacheError> {
         let index: std::collections::HashSet<[u8; 20]> = wanted.iter().copied().collect();
-        // Found narinfos on their way from the listing to their reads: a key each, and
-        // the reads take them as fast as they are listed; the bound only makes a listing
-        // that outruns the reads wait for them.
-        let (found_tx, mut found_rx) = tokio::sync::mpsc::channel::<String>(self.small_in_flight);
+        // Found narinfos on their way from the listing to their reads: a key and its
+        // listed ETag each, and the reads take them as fast as they are listed; the bound
+        // only makes a listing that outruns the reads wait for them.
+        let (found_tx, mut found_rx) =
+            tokio::sync::mpsc::channel::<(String, Option<String>)>(self.small_in_flight);
         let s = self.clone();
         let lister = tokio::spawn(async move {
             let mut token: Option<String> = None;
@@ -96,10 +112,14 @@ impl Shared {
                             .send()
                     })
                     .await?;
-                for key in page.contents().iter().filter_map(|o| o.key()) {
+                for o in page.contents() {
+                    let Some(key) = o.key() else { continue };
                     if crate::cache::narinfo_hash(key.as_bytes())
                         .is_some_and(|h| index.contains(&h))
-                        && found_tx.send(key.to_owned()).await.is_err()
+                        && found_tx
+                            .send((key.to_owned(), o.e_tag().map(str::to_owned)))
+                            .await
+                            .is_err()
                     {
                         return Ok(false);
                     }
@@ -111,29 +131,41 @@ impl Shared {
             }
             Ok::<bool, CacheError>(false)
         });
-        let mut texts: std::collections::HashMap<[u8; 20], Option<String>> =
-            std::collections::HashMap::new();
+        let mut found: HashMap<[u8; 20], FoundNarinfo> = HashMap::new();
+        let mut stale = Vec::new();
         let mut reads = JoinSet::new();
         let mut listing = true;
         loop {
             tokio::select! {
-                key = found_rx.recv(), if listing && reads.len() < self.small_in_flight => {
-                    match key {
-                        Some(key) => {
+                listed = found_rx.recv(), if listing && reads.len() < self.small_in_flight => {
+                    match listed {
+                        Some((key, etag)) => {
+                            let hash = crate::cache::narinfo_hash(key.as_bytes())
+                                .expect("only narinfo keys are listed");
+                            let record = recorded.get(&hash);
+                            if let (Some(r), Some(etag)) = (record, &etag)
+                                && r.etag == normalise_etag(etag)
+                            {
+                                found.insert(hash, FoundNarinfo::Unchanged(r.signers));
+                                continue;
+                            }
+                            if record.is_some() {
+                                stale.push(hash);
+                            }
                             let s = self.clone();
                             reads.spawn(async move {
                                 let text = s.get_text_lossy(&key).await;
-                                (key, text)
+                                (hash, text)
                             });
                         }
                         None => listing = false,
                     }
                 }
                 Some(done) = reads.join_next(), if !reads.is_empty() => {
-                    let (key, text) = done.map_err(|e| join_error(&self.url, e))?;
-                    let hash = crate::cache::narinfo_hash(key.as_bytes())
-                        .expect("only narinfo keys are read");
-                    texts.insert(hash, text?);
+                    let (hash, text) = done.map_err(|e| join_error(&self.url, e))?;
+                    if let Some(text) = text? {
+                        found.insert(hash, FoundNarinfo::Text(text));
+                    }
                 }
                 else => break,
             }
@@ -141,12 +173,14 @@ impl Shared {
         if !lister.await.map_err(|e| join_error(&self.url, e))?? {
             return Ok(None);
         }
-        Ok(Some(
-            wanted
-                .iter()
-                .map(|h| texts.get(h).cloned().flatten())
-                .collect(),
-        ))
+        // Recorded, and not in a whole listing: gone (deleted, or collected by a gc).
+        stale.extend(recorded.keys().filter(|h| !found.contains_key(*h)));
+        stale.sort_unstable();
+        stale.dedup();
+        Ok(Some(Listed {
+            found: wanted.iter().map(|h| found.get(h).cloned()).collect(),
+            stale,
+        }))
     }
 }
 
@@ -185,7 +219,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::super::testing::*;
-    use crate::cache::BinaryCache;
+    use crate::cache::{BinaryCache, FoundNarinfo};
     use crate::format::store_path::StorePath;
 
     /// A batch of small requests sends [`super::SMALL_PER_REQUEST`] times as many at once
@@ -214,7 +248,7 @@ mod tests {
         let (endpoint, seen) = stand_in(1);
         let cache = cache_at(&endpoint, 64 << 20);
         let texts = cache.find_narinfos(&paths(5)).unwrap();
-        assert_eq!(texts, vec![Some(String::new()); 5]);
+        assert_eq!(texts, vec![Some(FoundNarinfo::Text(String::new())); 5]);
         let methods: Vec<String> = seen
             .requests()
             .iter()

@@ -48,6 +48,15 @@ impl S3Cache {
                 format!("{}://{e}", url.param("scheme").unwrap_or("https"))
             }
         });
+        // What the narinfo record knows the bucket by: its name and where it is, not the
+        // URL's other options (they do not change what the bucket holds).
+        let bucket_id = match &endpoint {
+            Some(e) => format!("s3://{bucket} at {e}"),
+            None => format!(
+                "s3://{bucket} at AWS {}",
+                url.param("region").unwrap_or_default()
+            ),
+        };
         let path_style = match url.param("addressing-style").unwrap_or("auto") {
             "path" => true,
             "virtual" => false,
@@ -150,6 +159,8 @@ impl S3Cache {
                 counts: Default::default(),
                 owned: Default::default(),
                 journal: opts.journal.clone(),
+                bucket_id,
+                signers: opts.signers.clone(),
                 uploads: Default::default(),
             }),
         })
@@ -169,6 +180,7 @@ mod tests {
             max_rate: None,
             s3: S3Tuning::default(),
             journal: None,
+            signers: Vec::new(),
         };
         let e = S3Cache::open("b", &url, &opts).unwrap_err().to_string();
         assert!(e.contains("addressing-style \"sideways\""), "{e}");
@@ -188,6 +200,7 @@ mod tests {
             max_rate: None,
             s3: S3Tuning::default(),
             journal: None,
+            signers: Vec::new(),
         };
         let creds = || aws_sdk_s3::config::Credentials::new("t", "t", None, None, "tests");
         let e = S3Cache::build("b", &url, &opts, Some(creds()))

@@ -16,7 +16,8 @@
 //! going up, part sizes), `memory` (the upload memory), `copy` (server-side copies),
 //! `batch` (many requests at once), `delete` (DeleteObjects), `list` (the whole bucket), `sweep` (what killed uploads left behind, by age,
 //! never what a live upload owns or the journal records), `resume` (resumable uploads:
-//! their record, the parts a restart need not send again, the progress of uploads in flight).
+//! their record, the parts a restart need not send again, the progress of uploads in flight),
+//! `record` (the narinfos written, with their ETags, so a listing answers for them).
 
 mod batch;
 mod config;
@@ -25,6 +26,7 @@ mod delete;
 mod list;
 mod memory;
 mod object;
+mod record;
 mod resume;
 mod retry;
 mod sweep;
@@ -80,6 +82,11 @@ struct Shared {
     owned: sweep::Owned,
     /// Where multipart uploads begun resumable are recorded (`OpenOptions::journal`).
     journal: Option<Arc<dyn super::resume::UploadJournal>>,
+    /// The bucket as the journal's narinfo record knows it: its name and endpoint.
+    bucket_id: String,
+    /// Public keys a narinfo written is recorded with when it carries their signatures
+    /// (`OpenOptions::signers`).
+    signers: Vec<crate::format::signing::VerifyingKey>,
     /// The multipart uploads in flight, with their progress, and the bytes resumed.
     uploads: resume::InFlight,
 }
@@ -193,27 +200,47 @@ impl BinaryCache for S3Cache {
     }
 
     /// Many paths: one listing, each narinfo it finds read while the next page is asked
-    /// for; few: a GET each (it answers what a HEAD would, and reads the text too).
-    fn find_narinfos(&self, paths: &[StorePath]) -> Result<Vec<Option<String>>, CacheError> {
+    /// for, but for one listed with the ETag recorded when this machine wrote it
+    /// (`record`); few: a GET each (it answers what a HEAD would, and reads the text too).
+    fn find_narinfos(
+        &self,
+        paths: &[StorePath],
+    ) -> Result<Vec<Option<super::FoundNarinfo>>, CacheError> {
         let s = self.shared.clone();
         let keys: Vec<String> = paths.iter().map(super::narinfo_key).collect();
         let wanted: Vec<[u8; 20]> = paths.iter().map(super::NarinfoSet::key).collect();
-        self.block_on(async move {
-            if keys.len() >= LIST_THRESHOLD {
+        let listing = keys.len() >= LIST_THRESHOLD;
+        // Only a listing shows ETags without a request per narinfo.
+        let recorded = if listing {
+            s.recorded(&wanted)
+        } else {
+            Default::default()
+        };
+        let (found, stale) = self.block_on(async move {
+            if listing {
                 // As in `has_narinfos`: while the cache holds no more than a few times the
                 // paths asked about.
                 let pages = keys.len().div_ceil(1000) * 4;
-                if let Some(texts) = s.find_listed_narinfos(&wanted, pages).await? {
-                    return Ok(texts);
+                if let Some(l) = s.find_listed_narinfos(&wanted, &recorded, pages).await? {
+                    return Ok((l.found, l.stale));
                 }
             }
-            concurrently(
+            let texts = concurrently(
                 &s,
                 keys,
                 |s, key| async move { s.get_text_lossy(&key).await },
             )
-            .await
-        })
+            .await?;
+            Ok::<_, CacheError>((
+                texts
+                    .into_iter()
+                    .map(|t| t.map(super::FoundNarinfo::Text))
+                    .collect(),
+                Vec::new(),
+            ))
+        })?;
+        self.shared.forget_recorded(&stale);
+        Ok(found)
     }
 
     fn has_object(&self, key: &str) -> Result<bool, CacheError> {
@@ -329,8 +356,18 @@ impl BinaryCache for S3Cache {
                     (super::narinfo_key(&n.store_path), bytes::Bytes::from(text))
                 })
                 .collect();
-            self.block_on(async move {
-                let mut out: Vec<Option<Result<(), CacheError>>> =
+            // Who signed each, for its record: verified here, on the caller's thread.
+            let signers: Vec<_> = writes
+                .iter()
+                .map(|n| {
+                    (
+                        super::NarinfoSet::key(&n.store_path),
+                        s.signed_by(n, store_dir),
+                    )
+                })
+                .collect();
+            let out = self.block_on(async move {
+                let mut out: Vec<Option<Result<Option<String>, CacheError>>> =
                     (0..items.len()).map(|_| None).collect();
                 let mut items = items.into_iter().enumerate();
                 let mut set = JoinSet::new();
@@ -350,11 +387,22 @@ impl BinaryCache for S3Cache {
                     let (i, r) = done.map_err(|e| join_error(&s.url, e))?;
                     out[i] = Some(r);
                 }
-                Ok(out
-                    .into_iter()
-                    .map(|r| r.expect("every narinfo answered"))
-                    .collect())
-            })
+                Ok::<_, CacheError>(
+                    out.into_iter()
+                        .map(|r| r.expect("every narinfo answered"))
+                        .collect::<Vec<_>>(),
+                )
+            })?;
+            // The wave's records, in one transaction: each written narinfo's ETag. A
+            // failed PUT may have landed all the same: its record goes (the next look
+            // reads it).
+            self.shared.record_written(out.iter().zip(signers).map(
+                |(r, (hash, signers))| match r {
+                    Ok(etag) => (hash, etag.clone(), signers),
+                    Err(_) => (hash, None, None),
+                },
+            ));
+            Ok(out.into_iter().map(|r| r.map(drop)).collect())
         })
     }
 

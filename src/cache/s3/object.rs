@@ -13,17 +13,18 @@ impl Shared {
         body: bytes::Bytes,
         content_type: &str,
     ) -> Result<(), CacheError> {
-        self.put_by(key, body, content_type, None).await
+        self.put_by(key, body, content_type, None).await.map(drop)
     }
 
-    /// [`Shared::put`], sending no attempt after `deadline`.
+    /// [`Shared::put`], sending no attempt after `deadline`; the ETag the server answered
+    /// with, when it gave one.
     pub(super) async fn put_by(
         &self,
         key: &str,
         body: bytes::Bytes,
         content_type: &str,
         deadline: Option<std::time::Instant>,
-    ) -> Result<(), CacheError> {
+    ) -> Result<Option<String>, CacheError> {
         self.retry_by(Op::PutObject, key, deadline, || {
             self.client
                 .put_object()
@@ -35,7 +36,7 @@ impl Shared {
                 .send()
         })
         .await
-        .map(drop)
+        .map(|out| out.e_tag().map(str::to_owned))
     }
 
     /// Aborts the multipart upload `id` on `key`. One that is gone already (completed or

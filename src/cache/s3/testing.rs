@@ -179,7 +179,8 @@ fn serve(conn: std::net::TcpStream, seen: &Seen, hold: usize) {
 }
 
 /// The hash parts of the narinfos the stand-in lists, on the first and second page of
-/// every listing (with `nix-cache-info` and the `nar/` prefix on the first).
+/// every listing (with `nix-cache-info` and the `nar/` prefix on the first), listed with
+/// the ETags `"e"` (escaped, as S3 sends it) and `"f"`; every other answer has ETag `"e"`.
 pub(super) const LISTED: [&str; 2] = [
     "11111111111111111111111111111111",
     "22222222222222222222222222222222",
@@ -192,7 +193,8 @@ fn listing_page(second: bool) -> (&'static str, &'static str) {
         return (
             "200 OK",
             "<ListBucketResult><Name>b</Name><IsTruncated>false</IsTruncated>\
-             <Contents><Key>22222222222222222222222222222222.narinfo</Key><Size>1</Size></Contents>\
+             <Contents><Key>22222222222222222222222222222222.narinfo</Key><Size>1</Size>\
+             <ETag>\"f\"</ETag></Contents>\
              </ListBucketResult>",
         );
     }
@@ -200,7 +202,8 @@ fn listing_page(second: bool) -> (&'static str, &'static str) {
         "200 OK",
         "<ListBucketResult><Name>b</Name><IsTruncated>true</IsTruncated>\
          <NextContinuationToken>t</NextContinuationToken>\
-         <Contents><Key>11111111111111111111111111111111.narinfo</Key><Size>1</Size></Contents>\
+         <Contents><Key>11111111111111111111111111111111.narinfo</Key><Size>1</Size>\
+         <ETag>&quot;e&quot;</ETag></Contents>\
          <Contents><Key>nix-cache-info</Key><Size>1</Size></Contents>\
          <CommonPrefixes><Prefix>nar/</Prefix></CommonPrefixes>\
          </ListBucketResult>",
@@ -237,8 +240,32 @@ pub(super) fn bucket_with(
         max_rate: None,
         s3,
         journal: None,
+        signers: Vec::new(),
     };
     S3Cache::build(bucket, &url, &opts, Some(creds)).unwrap()
+}
+
+/// A cache at `endpoint` (bucket `b`, URL options `extra` added) that records the
+/// narinfos it writes in `journal`, signed by `signers`.
+pub(super) fn recording_cache(
+    endpoint: &str,
+    extra: &str,
+    journal: Arc<dyn crate::cache::resume::UploadJournal>,
+    signers: Vec<crate::format::signing::VerifyingKey>,
+) -> S3Cache {
+    let url = CacheUrl::parse(&format!(
+        "s3://b?endpoint={endpoint}&region=us-east-1&retries=0{extra}"
+    ))
+    .unwrap();
+    let creds = aws_sdk_s3::config::Credentials::new("test", "test", None, None, "tests");
+    let opts = OpenOptions {
+        upload_memory: 64 << 20,
+        max_rate: None,
+        s3: S3Tuning::from_url(&url).unwrap(),
+        journal: Some(journal),
+        signers,
+    };
+    S3Cache::build("b", &url, &opts, Some(creds)).unwrap()
 }
 
 /// Runs `f` on a thread of its own and returns what it returns; fails the test, naming
