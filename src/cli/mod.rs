@@ -265,6 +265,9 @@ fn merge(flags: &Settings, matches: &ArgMatches, choice: ConfigChoice) -> Result
 }
 
 #[cfg(test)]
+mod forms_tests;
+
+#[cfg(test)]
 mod tests {
     use clap::CommandFactory;
 
