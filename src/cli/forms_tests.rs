@@ -38,6 +38,7 @@ const BASES: &[&[&str]] = &[
     &["--paths=3"],
     &["--tag=t"],
     &["127.0.0.1:1", "5"],
+    &["bash"],
 ];
 
 /// Parses `argv` with the real command line; the parsed command as text, so two parses
