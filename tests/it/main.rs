@@ -5,6 +5,7 @@ mod backfill;
 mod config;
 mod daemon;
 mod durability;
+mod first_contact;
 mod gc;
 mod gc_writers;
 mod helpers;

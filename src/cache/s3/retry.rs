@@ -280,7 +280,8 @@ impl Shared {
                     .to_owned(),
             ),
             (Some(401 | 403), _) | (_, "AccessDenied") => Some(format!(
-                "access denied to bucket {:?}: check the credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...) and the bucket policy",
+                "access denied to bucket {:?}: check the credentials (AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY, or the profile) and the key's permissions on the bucket",
                 self.bucket
             )),
             _ => None,
