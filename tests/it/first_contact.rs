@@ -194,12 +194,15 @@ fn a_wrong_region_is_one_line_naming_the_region_expected_and_not_retried() {
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
 
+/// What is tried, the bucket, the environment set, what the line must say.
+type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, Vec<String>);
+
 #[test]
 fn a_missing_bucket_or_a_refused_key_is_one_line_and_not_retried() {
     let Some(s3) = s3_env() else { return };
     let imds = Imds::start();
     let missing = format!("narflow-no-such-bucket-{}", unique("b").replace('-', ""));
-    let mut cases: Vec<(&str, String, Vec<(&str, &str)>, Vec<String>)> = vec![(
+    let mut cases: Vec<Case> = vec![(
         "missing bucket",
         missing.clone(),
         vec![],
