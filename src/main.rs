@@ -45,10 +45,13 @@ fn init_logging(cli: &cli::Cli) {
     } else {
         "warn"
     };
+    // Other crates' logs (the S3 SDK's warnings: a credential source that failed, a
+    // region it could not find) only with -v: narflow says what went wrong in its own
+    // line, and those dumps would bury it.
     let default = match cli.verbose {
-        0 => quiet,
-        1 => "info",
-        _ => "debug",
+        0 => format!("error,narflow={quiet}"),
+        1 => "warn,narflow=info".to_owned(),
+        _ => "debug".to_owned(),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("NARFLOW_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));

@@ -3,10 +3,12 @@
 
 pub mod backfill;
 pub mod bench;
+pub mod completions;
 pub mod config;
 pub mod daemon;
 pub mod gc;
 pub mod hook;
+pub mod man;
 pub mod progress;
 pub mod push;
 pub mod status;
@@ -91,6 +93,10 @@ pub enum Command {
     Config(config::ConfigArgs),
     /// Measure the pipeline on synthetic store paths; compare with a saved baseline.
     Bench(bench::BenchArgs),
+    /// Print the shell completion script for bash, zsh or fish.
+    Completions(completions::CompletionsArgs),
+    /// Write man pages (narflow.1, narflow-push.1, ..., narflow-hook.1) into a directory.
+    Man(man::ManArgs),
 }
 
 /// Runs the parsed command (`matches` is what clap parsed it from); returns the exit code.
@@ -106,6 +112,8 @@ pub fn run(cli: Cli, matches: &ArgMatches) -> Result<u8, CliError> {
             backfill::run(args, &merge(&args.settings, sub("backfill"), choice())?)
         }
         Command::Bench(args) => bench::run(args, sub("bench")),
+        Command::Completions(ref args) => completions::run(args),
+        Command::Man(ref args) => man::run(args),
         Command::Daemon(ref args) => {
             daemon::run(args, &merge(&args.settings, sub("daemon"), choice())?)
         }
@@ -263,6 +271,9 @@ fn merge(flags: &Settings, matches: &ArgMatches, choice: ConfigChoice) -> Result
         file,
     ))
 }
+
+#[cfg(test)]
+mod forms_tests;
 
 #[cfg(test)]
 mod tests {

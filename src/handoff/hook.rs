@@ -160,7 +160,20 @@ pub fn settings_with_env(
     let mut verbose = false;
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        // `--flag=value` is `--flag value`, as for `narflow hook`.
+        let (a, mut attached) = match a.to_str().and_then(|s| s.split_once('=')) {
+            Some((flag, v)) if flag.starts_with("--") => (
+                std::ffi::OsString::from(flag),
+                Some(std::ffi::OsString::from(v)),
+            ),
+            _ => (a, None),
+        };
+        let mut value = |name: &str| {
+            attached
+                .take()
+                .or_else(|| it.next())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
         match a.to_str() {
             Some("--config") => config = Some(PathBuf::from(value("--config")?)),
             Some("--socket") => socket = Some(value("--socket")?.into()),
@@ -168,6 +181,9 @@ pub fn settings_with_env(
             Some("--timeout") => timeout = Some(secs("--timeout", &value("--timeout")?)?),
             Some("-v" | "--verbose") => verbose = true,
             _ => return Err(format!("unknown argument {}", a.to_string_lossy())),
+        }
+        if attached.is_some() {
+            return Err(format!("{} takes no value", a.to_string_lossy()));
         }
     }
     let socket = socket.or_else(|| env("NARFLOW_SOCKET").map(PathBuf::from));
@@ -277,6 +293,22 @@ mod tests {
 
     fn args(v: &[&str]) -> Vec<std::ffi::OsString> {
         v.iter().map(std::ffi::OsString::from).collect()
+    }
+
+    /// Each option takes its value as the next word or after `=`, alike.
+    #[test]
+    fn each_option_takes_its_value_after_an_equals_sign_too() {
+        let no_env = |_: &str| None;
+        let parse = |v: &[&str]| {
+            let (s, _) = settings_with_env(args(v), no_env).unwrap();
+            (s.socket, s.state_dir, s.timeout, s.verbose)
+        };
+        let separate = parse(&["--socket", "/s", "--state-dir", "/d", "--timeout", "0.5"]);
+        let joined = parse(&["--socket=/s", "--state-dir=/d", "--timeout=0.5"]);
+        assert_eq!(separate, joined);
+        assert_eq!(separate.0, std::path::PathBuf::from("/s"));
+        let e = settings_with_env(args(&["--verbose=yes"]), no_env).unwrap_err();
+        assert!(e.contains("--verbose takes no value"), "{e}");
     }
 
     #[test]

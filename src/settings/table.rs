@@ -322,6 +322,8 @@ settings_group! {
             value: "BOOL",
             default: Fallback::Value("false"),
             help: "Allow uploading without a signing key",
+            // A switch: its optional value is attached with `=` only (`--unsigned=false`
+            // over a file's `true`), since the next word is the next argument (a path).
             arg: [num_args = 0..=1, require_equals = true, default_missing_value = "true",
                   value_parser = clap::builder::BoolishValueParser::new()],
             show: |r| json!(r.unsigned),
@@ -522,7 +524,9 @@ settings_group! {
             default: Fallback::Words("off; bare: built"),
             help: "Follow the Nix database and queue each path that becomes valid: `built` \
                    (paths built on this machine) or `all` (every new path)",
-            arg: [num_args = 0..=1, require_equals = true, default_missing_value = "built"],
+            // The mode may be the next word (`--watch-store all`), as the usage line
+            // shows: the daemon takes no positional argument it could be mistaken for.
+            arg: [num_args = 0..=1, default_missing_value = "built"],
             show: |r| json!(r.watch_store.map(WatchStore::as_str)),
         },
     }

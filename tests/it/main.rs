@@ -6,6 +6,7 @@ mod config;
 mod daemon;
 mod docs;
 mod durability;
+mod first_contact;
 mod gc;
 mod gc_writers;
 mod helpers;

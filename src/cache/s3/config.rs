@@ -97,23 +97,24 @@ impl S3Cache {
             },
         };
 
-        let region = url
-            .param("region")
-            .map(|r| aws_config::Region::new(r.to_owned()));
-        let profile = url.param("profile").map(str::to_owned);
-        let sdk = rt.block_on(async {
-            // The loader's own default chains (region from the environment, profile or
-            // IMDS; credentials) then use our HTTP client too: a region chain built here
-            // would have none.
+        let url_region = url.param("region");
+        let profile = url.param("profile");
+        let (sdk, region) = rt.block_on(async {
+            // Credentials and region from narflow's own chains (see `credentials`), every
+            // provider with our HTTP client.
+            let conf = aws_config::provider_config::ProviderConfig::default()
+                .with_http_client(http_client())
+                .with_behavior_version(Some(aws_config::BehaviorVersion::latest()));
+            let region = super::credentials::region(&conf, url_region, profile).await;
+            let conf = conf.with_region(Some(region.clone()));
             let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .http_client(http_client());
-            if let Some(r) = region {
-                loader = loader.region(r);
-            }
+                .http_client(http_client())
+                .region(region.clone())
+                .credentials_provider(super::credentials::Chain::new(&conf, profile));
             if let Some(p) = profile {
                 loader = loader.profile_name(p);
             }
-            loader.load().await
+            (loader.load().await, region)
         });
         let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
             .connect_timeout(tuning.connect_timeout)
@@ -133,9 +134,6 @@ impl S3Cache {
             // are told apart.
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
             .timeout_config(timeouts);
-        if sdk.region().is_none() {
-            conf = conf.region(aws_config::Region::from_static("us-east-1"));
-        }
         if let Some(e) = endpoint {
             conf = conf.endpoint_url(e);
         }
@@ -147,7 +145,9 @@ impl S3Cache {
             shared: Arc::new(Shared {
                 client,
                 bucket: bucket.to_owned(),
+                region: region.to_string(),
                 url: url.original.clone(),
+                answered: Default::default(),
                 storage_class,
                 retries,
                 copy_part,

@@ -22,6 +22,7 @@
 mod batch;
 mod config;
 mod copy;
+mod credentials;
 mod delete;
 mod list;
 mod memory;
@@ -60,7 +61,12 @@ pub const STAGING_PREFIX: &str = ".narflow-staging/";
 struct Shared {
     client: aws_sdk_s3::Client,
     bucket: String,
+    /// The region requests are signed for.
+    region: String,
     url: String,
+    /// Whether the server has answered any request yet: before it has, a refused
+    /// connection or missing credentials are a configuration to fix, not retried.
+    answered: std::sync::atomic::AtomicBool,
     storage_class: Option<StorageClass>,
     retries: u32,
     /// Requests in flight at once (`S3Tuning::concurrency`): of the uploads committing

@@ -174,10 +174,39 @@ impl Shared {
             // was sent all the same.
             self.counts.sent(operation, attempt > 0);
             let e = match op().await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.answered.store(true, Ordering::Relaxed);
+                    return Ok(v);
+                }
                 Err(e) => e,
             };
             let status = e.raw_response().map(|r| r.status().as_u16());
+            // Before the server has answered anything, missing credentials and a refused
+            // connection are the configuration (no source of credentials; a wrong endpoint
+            // or port): retrying cannot mend them. Later they are a passing failure (a
+            // credentials refresh, a server restarting) and are retried like any other.
+            let first_contact = if status.is_some() {
+                self.answered.store(true, Ordering::Relaxed);
+                false
+            } else {
+                !self.answered.load(Ordering::Relaxed)
+            };
+            if first_contact {
+                if let Some(m) = super::credentials::missing_in(&e) {
+                    return Err(CacheError::Config(format!("{}: {m}", self.url)));
+                }
+                if refused(&e) {
+                    return Err(CacheError::Remote {
+                        cache: self.url.clone(),
+                        key: key.to_owned(),
+                        message: format!(
+                            "{what}: {} (not retried: nothing has answered there yet)",
+                            describe(&e, status)
+                        ),
+                        transient: true,
+                    });
+                }
+            }
             let retry_after = e
                 .raw_response()
                 .and_then(|r| r.headers().get("retry-after"))
@@ -211,26 +240,50 @@ impl Shared {
         }
     }
 
-    fn fatal<E: ProvideErrorMetadata, R>(
+    fn fatal<E: ProvideErrorMetadata>(
         &self,
         what: &str,
         key: &str,
-        e: &SdkError<E, R>,
+        e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
         status: Option<u16>,
     ) -> CacheError
     where
-        SdkError<E, R>: std::error::Error,
+        SdkError<E, aws_sdk_s3::config::http::HttpResponse>: std::error::Error + 'static,
     {
         let code = e.code().unwrap_or_default();
+        let expected = expected_region(e).filter(|r| *r != self.region);
         let hint = match (status, code) {
             (_, "NoSuchBucket") => Some(format!("bucket {:?} does not exist", self.bucket)),
-            (Some(401 | 403), _)
-            | (_, "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied") => {
+            _ if expected.is_some() => Some(format!(
+                "region {:?} is wrong for bucket {:?}: its server expects {:?}; give \
+                 region={} in the cache URL",
+                self.region,
+                self.bucket,
+                expected.as_deref().unwrap_or_default(),
+                expected.as_deref().unwrap_or_default()
+            )),
+            (Some(301), _) | (_, "PermanentRedirect" | "IllegalLocationConstraintException") => {
                 Some(format!(
-                    "access denied to bucket {:?}: check the credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...) and the bucket policy",
-                    self.bucket
+                    "bucket {:?} is not in region {:?}: give its region as region= in the \
+                     cache URL",
+                    self.bucket, self.region
                 ))
             }
+            (_, "InvalidAccessKeyId") => Some(
+                "the server does not know the access key: check AWS_ACCESS_KEY_ID, or the \
+                 profile (profile= in the cache URL)"
+                    .to_owned(),
+            ),
+            (_, "SignatureDoesNotMatch") => Some(
+                "the secret key does not match the access key: check \
+                 AWS_SECRET_ACCESS_KEY, or the profile (profile= in the cache URL)"
+                    .to_owned(),
+            ),
+            (Some(401 | 403), _) | (_, "AccessDenied") => Some(format!(
+                "access denied to bucket {:?}: check the credentials (AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY, or the profile) and the key's permissions on the bucket",
+                self.bucket
+            )),
             _ => None,
         };
         match hint {
@@ -245,6 +298,46 @@ impl Shared {
     }
 }
 
+/// Whether the request's connection was refused (nothing listens at the endpoint).
+fn refused<E, R>(e: &SdkError<E, R>) -> bool
+where
+    SdkError<E, R>: std::error::Error + 'static,
+{
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// The region the server says the bucket is in, when an answer says it: AWS's
+/// `x-amz-bucket-region` header or its "expecting 'REGION'", or a signing scope the server
+/// expected instead of ours ("expected: 'DATE/REGION/s3/aws4_request'", as Garage says).
+fn expected_region<E: ProvideErrorMetadata>(
+    e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> Option<String> {
+    if let Some(r) = e
+        .raw_response()
+        .and_then(|r| r.headers().get("x-amz-bucket-region"))
+    {
+        return Some(r.to_owned());
+    }
+    let msg = e.message()?;
+    let quoted = |after: &str| {
+        let rest = &msg[msg.find(after)? + after.len()..];
+        Some(rest[..rest.find('\'')?].to_owned())
+    };
+    quoted("expecting '").or_else(|| {
+        let scope = quoted("expected: '")?;
+        scope.split('/').nth(1).map(str::to_owned)
+    })
+}
+
 /// Jittered exponential backoff: a random wait up to 200 ms × 2^attempt, at most 10 s.
 pub(super) fn backoff(attempt: u32) -> Duration {
     let cap = (200u64 << attempt.min(10)).min(10_000);
@@ -253,13 +346,13 @@ pub(super) fn backoff(attempt: u32) -> Duration {
 
 fn describe<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>, status: Option<u16>) -> String
 where
-    SdkError<E, R>: std::error::Error,
+    SdkError<E, R>: std::error::Error + 'static,
 {
     match (e.code(), e.message(), status) {
         (Some(code), Some(msg), Some(s)) => format!("HTTP {s} {code}: {msg}"),
         (Some(code), None, Some(s)) => format!("HTTP {s} {code}"),
         (None, _, Some(s)) => format!("HTTP {s}"),
-        _ => format!("{}", aws_sdk_s3::error::DisplayErrorContext(e)),
+        _ => super::credentials::one_line(e),
     }
 }
 
