@@ -142,6 +142,52 @@ impl std::io::Read for ObjectReader {
     }
 }
 
+impl S3Cache {
+    /// PUTs `writes` concurrently ([`Shared::small_in_flight`] at once), no attempt sent
+    /// after `deadline`: each narinfo's outcome, in order.
+    fn put_narinfos_by(
+        &self,
+        store_dir: &str,
+        writes: &[crate::format::narinfo::NarInfo],
+        deadline: std::time::Instant,
+    ) -> Result<Vec<Result<(), CacheError>>, CacheError> {
+        let s = self.shared.clone();
+        let items: Vec<(String, bytes::Bytes)> = writes
+            .iter()
+            .map(|n| {
+                let text = n.render(store_dir);
+                (super::narinfo_key(&n.store_path), bytes::Bytes::from(text))
+            })
+            .collect();
+        self.block_on(async move {
+            let mut out: Vec<Option<Result<(), CacheError>>> =
+                (0..items.len()).map(|_| None).collect();
+            let mut items = items.into_iter().enumerate();
+            let mut set = JoinSet::new();
+            loop {
+                while set.len() < s.small_in_flight {
+                    let Some((i, (key, body))) = items.next() else {
+                        break;
+                    };
+                    let s = s.clone();
+                    set.spawn(async move {
+                        (i, s.put_by(&key, body, NARINFO_TYPE, Some(deadline)).await)
+                    });
+                }
+                let Some(done) = set.join_next().await else {
+                    break;
+                };
+                let (i, r) = done.map_err(|e| join_error(&s.url, e))?;
+                out[i] = Some(r);
+            }
+            Ok(out
+                .into_iter()
+                .map(|r| r.expect("every narinfo answered"))
+                .collect())
+        })
+    }
+}
+
 impl BinaryCache for S3Cache {
     fn url(&self) -> &str {
         &self.shared.url
@@ -321,40 +367,20 @@ impl BinaryCache for S3Cache {
         deadline: std::time::Instant,
     ) -> Result<Vec<super::Published>, CacheError> {
         super::publish_merged_with(self, store_dir, narinfos, |writes| {
-            let s = self.shared.clone();
-            let items: Vec<(String, bytes::Bytes)> = writes
-                .iter()
-                .map(|n| {
-                    let text = n.render(store_dir);
-                    (super::narinfo_key(&n.store_path), bytes::Bytes::from(text))
-                })
-                .collect();
-            self.block_on(async move {
-                let mut out: Vec<Option<Result<(), CacheError>>> =
-                    (0..items.len()).map(|_| None).collect();
-                let mut items = items.into_iter().enumerate();
-                let mut set = JoinSet::new();
-                loop {
-                    while set.len() < s.small_in_flight {
-                        let Some((i, (key, body))) = items.next() else {
-                            break;
-                        };
-                        let s = s.clone();
-                        set.spawn(async move {
-                            (i, s.put_by(&key, body, NARINFO_TYPE, Some(deadline)).await)
-                        });
-                    }
-                    let Some(done) = set.join_next().await else {
-                        break;
-                    };
-                    let (i, r) = done.map_err(|e| join_error(&s.url, e))?;
-                    out[i] = Some(r);
-                }
-                Ok(out
-                    .into_iter()
-                    .map(|r| r.expect("every narinfo answered"))
-                    .collect())
-            })
+            self.put_narinfos_by(store_dir, writes, deadline)
+        })
+    }
+
+    /// [`S3Cache::publish_narinfos_by`], its GETs sent before `gate` is waited for.
+    fn publish_narinfos_after(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<crate::format::narinfo::NarInfo>,
+        deadline: std::time::Instant,
+        gate: &dyn super::WaveGate,
+    ) -> Result<Option<Vec<super::Published>>, CacheError> {
+        super::publish_merged_after(self, store_dir, narinfos, Some(gate), |writes| {
+            self.put_narinfos_by(store_dir, writes, deadline)
         })
     }
 
