@@ -61,13 +61,16 @@ struct Shared {
     url: String,
     storage_class: Option<StorageClass>,
     retries: u32,
-    /// Requests in flight at once (`S3Tuning::concurrency`): of the uploads committing
-    /// (the pipeline's finishing threads), and at most that many parts or part copies of
+    /// Requests in flight at once (`S3Tuning::concurrency`): of the multipart uploads
+    /// completing (`multipart_commits`), and at most that many parts or part copies of
     /// one NAR.
     concurrency: usize,
     /// Small requests in flight at once, of one batch (HEADs, GETs) or publishing wave
     /// (narinfo GETs and PUTs): [`batch::small_in_flight`] of `concurrency`.
     small_in_flight: usize,
+    /// A permit for each multipart upload completing (its last parts, the Complete and
+    /// the copy to its final key): `concurrency` at once, however many NARs commit.
+    multipart_commits: tokio::sync::Semaphore,
     /// Staging objects larger than this are copied in parts (UploadPartCopy) of this size.
     copy_part: u64,
     /// Multipart part size where the upload memory allows it (`S3Tuning::min_part_size`).
@@ -389,8 +392,10 @@ impl BinaryCache for S3Cache {
         Ok(())
     }
 
+    /// [`upload::one_put_commits`]: most NARs are small and go up in one PutObject; a
+    /// multipart upload completing takes one of `concurrency` permits besides.
     fn upload_concurrency(&self) -> usize {
-        self.shared.concurrency
+        upload::one_put_commits(self.shared.concurrency, self.shared.small_in_flight)
     }
 
     fn narinfos_in_flight(&self) -> usize {
