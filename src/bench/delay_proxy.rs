@@ -7,6 +7,10 @@
 //! on SIGTERM or SIGINT one line of JSON with the requests seen by method (`{"GET": 12,
 //! ...}`) and the connections accepted, then returns.
 //!
+//! With `NARFLOW_DELAY_PROXY_TIMELINE=FILE` it also writes FILE on exit: one line a
+//! request, `SENT ANSWERED CONNECTION REQUEST-LINE`, times in µs since it started
+//! (ANSWERED `-` for a request never answered), to see where a push's time goes.
+//!
 //! Each accepted connection gets its own upstream connection. It understands only as much
 //! HTTP as it needs: a client sends its next request once the last response has begun (no
 //! pipelining), so the first bytes from the client after a response began start a request
@@ -24,6 +28,18 @@ use tokio::net::{TcpListener, TcpStream};
 struct Counts {
     by_method: Mutex<BTreeMap<String, u64>>,
     connections: AtomicU64,
+    /// With `NARFLOW_DELAY_PROXY_TIMELINE` set: each request's first line, connection,
+    /// and when (µs since the proxy started) it arrived and its response began.
+    timeline: Option<Mutex<Vec<Exchange>>>,
+    started: Option<std::time::Instant>,
+}
+
+/// One request and its response, for the timeline.
+struct Exchange {
+    conn: u64,
+    line: String,
+    sent_us: u64,
+    answered_us: Option<u64>,
 }
 
 /// Where a connection's exchange stands.
@@ -41,7 +57,13 @@ fn method(data: &[u8]) -> Option<&str> {
         .flatten()
 }
 
-async fn serve(client: TcpStream, upstream: String, delay: Duration, counts: Arc<Counts>) {
+async fn serve(
+    client: TcpStream,
+    upstream: String,
+    delay: Duration,
+    counts: Arc<Counts>,
+    conn: u64,
+) {
     let Ok(server) = TcpStream::connect(&upstream).await else {
         return;
     };
@@ -51,7 +73,13 @@ async fn serve(client: TcpStream, upstream: String, delay: Duration, counts: Arc
     let (mut sr, mut sw) = server.into_split();
     let state = Arc::new(std::sync::atomic::AtomicU8::new(IDLE));
     let up_state = state.clone();
+    // The timeline's entry of the request awaiting its response.
+    let current = Arc::new(Mutex::new(None::<usize>));
+    let up_current = current.clone();
+    let up_counts = counts.clone();
+    let counts_down = counts.clone();
     let up = async move {
+        let counts = up_counts;
         let mut buf = vec![0u8; 64 << 10];
         loop {
             let n = match cr.read(&mut buf).await {
@@ -67,6 +95,17 @@ async fn serve(client: TcpStream, upstream: String, delay: Duration, counts: Arc
                     .unwrap()
                     .entry(m.to_owned())
                     .or_default() += 1;
+                if let (Some(t), Some(at)) = (&counts.timeline, counts.started) {
+                    let line = buf[..n].split(|&b| b == b'\r').next().unwrap_or_default();
+                    let mut t = t.lock().unwrap();
+                    *up_current.lock().unwrap() = Some(t.len());
+                    t.push(Exchange {
+                        conn,
+                        line: String::from_utf8_lossy(line).into_owned(),
+                        sent_us: at.elapsed().as_micros() as u64,
+                        answered_us: None,
+                    });
+                }
             }
             if sw.write_all(&buf[..n]).await.is_err() {
                 break;
@@ -81,8 +120,17 @@ async fn serve(client: TcpStream, upstream: String, delay: Duration, counts: Arc
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if state.swap(IDLE, Ordering::SeqCst) == AWAITING && !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+            if state.swap(IDLE, Ordering::SeqCst) == AWAITING {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                if let (Some(t), Some(at), Some(i)) = (
+                    &counts_down.timeline,
+                    counts_down.started,
+                    current.lock().unwrap().take(),
+                ) {
+                    t.lock().unwrap()[i].answered_us = Some(at.elapsed().as_micros() as u64);
+                }
             }
             if cw.write_all(&buf[..n]).await.is_err() {
                 break;
@@ -109,7 +157,12 @@ pub fn delay_proxy(upstream: &str, delay: Duration, port: u16) -> std::io::Resul
 async fn run(upstream: String, delay: Duration, port: u16) -> std::io::Result<()> {
     let listener = TcpListener::bind(("127.0.0.1", port)).await?;
     println!("listening {}", listener.local_addr()?.port());
-    let counts = Arc::new(Counts::default());
+    let timeline = std::env::var_os("NARFLOW_DELAY_PROXY_TIMELINE");
+    let counts = Arc::new(Counts {
+        timeline: timeline.is_some().then(Default::default),
+        started: Some(std::time::Instant::now()),
+        ..Counts::default()
+    });
     let accepting = {
         let counts = counts.clone();
         let upstream = upstream.clone();
@@ -118,8 +171,8 @@ async fn run(upstream: String, delay: Duration, port: u16) -> std::io::Result<()
                 let Ok((conn, _)) = listener.accept().await else {
                     continue;
                 };
-                counts.connections.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(serve(conn, upstream.clone(), delay, counts.clone()));
+                let id = counts.connections.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(serve(conn, upstream.clone(), delay, counts.clone(), id));
             }
         }
     };
@@ -128,6 +181,18 @@ async fn run(upstream: String, delay: Duration, port: u16) -> std::io::Result<()
         () = accepting => {}
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+    if let (Some(file), Some(t)) = (timeline, &counts.timeline) {
+        let lines: String = t
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let answered = e.answered_us.map_or("-".to_owned(), |a| a.to_string());
+                format!("{} {} {} {}\n", e.sent_us, answered, e.conn, e.line)
+            })
+            .collect();
+        std::fs::write(&file, lines)?;
     }
     let by_method = counts.by_method.lock().unwrap().clone();
     let fields: Vec<String> = by_method

@@ -298,6 +298,31 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<Published>, CacheError> {
         self.publish_narinfos(store_dir, narinfos)
     }
+    /// [`BinaryCache::publish_narinfos_by`] for a wave whose references' narinfos are
+    /// being written by other waves, not durable yet: `gate.wait()` blocks until they
+    /// are, and says whether the wave may go on (false: a reference failed, and nothing
+    /// of this wave is written: `Ok(None)`). A remote cache reads what it holds for the
+    /// wave (the merge's reads) before it waits, so a wave costs one round trip after
+    /// its references land instead of two; it calls `gate.writing()` once it waits for
+    /// nothing more and its writes follow. The default waits, tells `writing`, then
+    /// publishes as `publish_narinfos_by` does.
+    ///
+    /// # Errors
+    /// As [`BinaryCache::publish_narinfos`].
+    fn publish_narinfos_after(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<NarInfo>,
+        deadline: std::time::Instant,
+        gate: &dyn WaveGate,
+    ) -> Result<Option<Vec<Published>>, CacheError> {
+        if !gate.wait() {
+            return Ok(None);
+        }
+        gate.writing();
+        self.publish_narinfos_by(store_dir, narinfos, deadline)
+            .map(Some)
+    }
     /// Writes any other object (e.g. a `.ls` listing) atomically under `key`, with
     /// `content_type` where the cache keeps one. A cache that stores only NARs and
     /// narinfos refuses.
@@ -459,6 +484,16 @@ pub struct UnfinishedUpload {
     pub initiated: Option<std::time::SystemTime>,
 }
 
+/// What a publishing wave waits on between reading what the cache holds for its
+/// narinfos and writing them ([`BinaryCache::publish_narinfos_after`]).
+pub trait WaveGate {
+    /// Blocks until every narinfo the wave's narinfos refer to is durable or failed;
+    /// true when the wave may be written (every one is durable).
+    fn wait(&self) -> bool;
+    /// The wave waits for nothing more: its writes are sent next.
+    fn writing(&self);
+}
+
 /// What publishing one narinfo did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Merged {
@@ -575,11 +610,34 @@ pub fn publish_merged_with<C: BinaryCache + ?Sized>(
     narinfos: Vec<NarInfo>,
     write: impl FnOnce(&[NarInfo]) -> Result<Vec<Result<(), CacheError>>, CacheError>,
 ) -> Result<Vec<Published>, CacheError> {
+    Ok(publish_merged_after(cache, store_dir, narinfos, None, write)?.unwrap_or_default())
+}
+
+/// [`publish_merged_with`], waiting at `gate` (when given) between the reads and the
+/// merge ([`BinaryCache::publish_narinfos_after`]): what the cache holds is read while
+/// the references are still being written, so the wait and the reads overlap, and what
+/// is merged was read no earlier than those writes were sent, about a round trip before
+/// this wave's. `None` when the gate says not to write.
+///
+/// # Errors
+/// As [`publish_merged_with`].
+pub fn publish_merged_after<C: BinaryCache + ?Sized>(
+    cache: &C,
+    store_dir: &str,
+    narinfos: Vec<NarInfo>,
+    gate: Option<&dyn WaveGate>,
+    write: impl FnOnce(&[NarInfo]) -> Result<Vec<Result<(), CacheError>>, CacheError>,
+) -> Result<Option<Vec<Published>>, CacheError> {
     if narinfos.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     }
     let paths: Vec<StorePath> = narinfos.iter().map(|n| n.store_path.clone()).collect();
     let olds = cache.get_narinfos(&paths)?;
+    if let Some(gate) = gate
+        && !gate.wait()
+    {
+        return Ok(None);
+    }
     let mut writes = Vec::new();
     // Per narinfo: the index of its write, or `None` when kept.
     let mut slots = Vec::with_capacity(narinfos.len());
@@ -592,21 +650,26 @@ pub fn publish_merged_with<C: BinaryCache + ?Sized>(
             Merge::Keep => slots.push(None),
         }
     }
+    if let Some(gate) = gate {
+        gate.writing();
+    }
     let mut written: Vec<Option<Result<(), CacheError>>> = if writes.is_empty() {
         Vec::new()
     } else {
         write(&writes)?.into_iter().map(Some).collect()
     };
-    Ok(slots
-        .into_iter()
-        .map(|slot| match slot {
-            None => Ok(Merged::Kept),
-            Some(i) => written[i]
-                .take()
-                .expect("one result per write")
-                .map(|()| Merged::Written),
-        })
-        .collect())
+    Ok(Some(
+        slots
+            .into_iter()
+            .map(|slot| match slot {
+                None => Ok(Merged::Kept),
+                Some(i) => written[i]
+                    .take()
+                    .expect("one result per write")
+                    .map(|()| Merged::Written),
+            })
+            .collect(),
+    ))
 }
 
 /// Reads the gc marker ([`gc_marker::MARKER_KEY`]) of `cache`.

@@ -296,6 +296,23 @@ impl<C: Clock + 'static> BinaryCache for RateLimited<C> {
             self.inner.publish_narinfos_by(store_dir, n, deadline)
         })
     }
+    fn publish_narinfos_after(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<NarInfo>,
+        deadline: std::time::Instant,
+        gate: &dyn super::WaveGate,
+    ) -> Result<Option<Vec<Published>>, CacheError> {
+        let mut discarded = false;
+        let merged = self.charged(store_dir, narinfos, |n| {
+            let merged = self
+                .inner
+                .publish_narinfos_after(store_dir, n, deadline, gate)?;
+            discarded = merged.is_none();
+            Ok(merged.unwrap_or_default())
+        })?;
+        Ok((!discarded).then_some(merged))
+    }
     fn put_object(&self, key: &str, bytes: &[u8], content_type: &str) -> Result<(), CacheError> {
         self.bucket.take(bytes.len() as u64);
         self.inner.put_object(key, bytes, content_type)

@@ -14,6 +14,14 @@
 //! otherwise idle is published at once, and results that arrive during a wave make up the
 //! next one, so waves grow with the load instead of waiting on a timer.
 //!
+//! On a cache that writes narinfos concurrently, a narinfo is also ready once each
+//! reference is known or being written: its wave is handed off as soon as the last
+//! reference's write is sent ([`BinaryCache::publish_narinfos_after`]), reads what the
+//! cache holds (the merge's read) while those writes are on their way, and writes only
+//! once every one of them has landed durably (a failed one discards the read and the path
+//! waits, or fails, as any other). A level of a closure then costs one round trip, and
+//! what is merged was read no earlier than a round trip before the write, as before.
+//!
 //! The [`Book`] is what the publisher remembers, and it never outgrows the jobs in flight:
 //! a job is in it from submission until settled, and a known (or failed) path only while
 //! a job of it or a job waiting for it is unsettled. A reference the caller vouches for
@@ -94,16 +102,64 @@ const WAVE_MAX: usize = 512;
 /// many waves.
 const WAVES_IN_FLIGHT: usize = 8;
 
+/// Messages from the publishing threads: two a wave at most ([`WaveMsg::Writing`], then
+/// [`WaveMsg::Done`]), so the queue back holds this many per wave in flight.
+const MSGS_PER_WAVE: usize = 2;
+
+/// Names a wave handed to a publishing thread.
+type WaveId = u64;
+
 /// A wave handed to a publishing thread.
 struct WaveJob {
+    id: WaveId,
     ready: Vec<Waiting>,
     deadline: std::time::Instant,
+    /// Says whether the wave may write, once the waves writing its references have
+    /// landed; `None`: its references are durable already.
+    go: Option<Receiver<bool>>,
 }
 
-/// A wave back from a publishing thread: what the cache made of each narinfo.
+/// What a publishing thread tells the publisher.
+enum WaveMsg {
+    /// The wave waits for nothing more: its writes are being sent.
+    Writing(WaveId),
+    Done(WaveDone),
+}
+
+/// A wave back from a publishing thread: what the cache made of each narinfo, or `None`
+/// when it wrote nothing because a reference did not land.
 struct WaveDone {
+    id: WaveId,
     ready: Vec<Waiting>,
-    merged: Result<Vec<crate::cache::Published>, CacheError>,
+    merged: Result<Option<Vec<crate::cache::Published>>, CacheError>,
+}
+
+/// A publishing thread's side of [`crate::cache::WaveGate`]: waits for the publisher's
+/// word, and tells it when the wave's writes go.
+struct ThreadGate<'a> {
+    id: WaveId,
+    go: Option<&'a Receiver<bool>>,
+    done: &'a Sender<WaveMsg>,
+}
+
+impl crate::cache::WaveGate for ThreadGate<'_> {
+    fn wait(&self) -> bool {
+        // The publisher gone (it halted) drops its sender: nothing is written.
+        self.go.is_none_or(|go| go.recv().unwrap_or(false))
+    }
+    fn writing(&self) {
+        let _ = self.done.send(WaveMsg::Writing(self.id));
+    }
+}
+
+/// A wave in flight, as the publisher follows it.
+struct Flight {
+    /// Its narinfos' jobs and paths.
+    jobs: Vec<(JobId, StorePath)>,
+    /// The waves writing its references that have not landed yet.
+    after: HashSet<WaveId>,
+    /// Where the word to write goes once `after` is empty.
+    go: Option<Sender<bool>>,
 }
 
 /// A submitted job the publisher has not settled yet.
@@ -277,10 +333,15 @@ struct Run<'s, 'a> {
     reading: Option<Reading>,
     /// Where waves go to the publishing threads, and come back from them; `None`: each
     /// wave is published on this thread before the next (a local directory).
-    waves: Option<(Sender<WaveJob>, Receiver<WaveDone>)>,
+    waves: Option<(Sender<WaveJob>, Receiver<WaveMsg>)>,
     /// Waves handed off and not back yet, and their narinfos.
     waves_out: usize,
     narinfos_out: usize,
+    /// Every wave handed off and not back yet.
+    flights: HashMap<WaveId, Flight>,
+    /// Paths whose narinfo a wave in flight is writing, by wave.
+    writing: HashMap<StorePath, WaveId>,
+    next_wave: WaveId,
 }
 
 impl<'a> PublishStage<'a> {
@@ -305,22 +366,32 @@ impl<'a> PublishStage<'a> {
             return self.run_with(results, out, None);
         }
         // See WAVES_IN_FLIGHT: never more waves handed off than this, so neither queue
-        // ever holds more.
+        // ever holds more (each wave sends back at most MSGS_PER_WAVE messages).
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<WaveJob>(WAVES_IN_FLIGHT);
-        let (done_tx, done_rx) = crossbeam_channel::bounded::<WaveDone>(WAVES_IN_FLIGHT);
+        let (done_tx, done_rx) =
+            crossbeam_channel::bounded::<WaveMsg>(WAVES_IN_FLIGHT * MSGS_PER_WAVE);
         std::thread::scope(|s| {
             for _ in 0..WAVES_IN_FLIGHT {
                 let (jobs, done) = (jobs_rx.clone(), done_tx.clone());
                 s.spawn(move || {
                     for job in jobs {
                         let narinfos = job.ready.iter().map(|w| w.narinfo.clone()).collect();
-                        let merged =
-                            self.cache
-                                .publish_narinfos_by(self.store_dir, narinfos, job.deadline);
-                        let _ = done.send(WaveDone {
+                        let gate = ThreadGate {
+                            id: job.id,
+                            go: job.go.as_ref(),
+                            done: &done,
+                        };
+                        let merged = self.cache.publish_narinfos_after(
+                            self.store_dir,
+                            narinfos,
+                            job.deadline,
+                            &gate,
+                        );
+                        let _ = done.send(WaveMsg::Done(WaveDone {
+                            id: job.id,
                             ready: job.ready,
                             merged,
-                        });
+                        }));
                     }
                 });
             }
@@ -336,7 +407,7 @@ impl<'a> PublishStage<'a> {
         &self,
         results: Receiver<SinkResult>,
         out: Sender<Settled>,
-        waves: Option<(Sender<WaveJob>, Receiver<WaveDone>)>,
+        waves: Option<(Sender<WaveJob>, Receiver<WaveMsg>)>,
     ) -> Result<(), CacheError> {
         let never = crossbeam_channel::never();
         let mut run = Run {
@@ -349,6 +420,9 @@ impl<'a> PublishStage<'a> {
             waves,
             waves_out: 0,
             narinfos_out: 0,
+            flights: HashMap::new(),
+            writing: HashMap::new(),
+            next_wave: 0,
         };
         loop {
             let landed = run.waves.as_ref().map_or(&never, |(_, done)| done).clone();
@@ -371,7 +445,8 @@ impl<'a> PublishStage<'a> {
                     }
                 },
                 recv(landed) -> d => match d {
-                    Ok(d) => run.land(d)?,
+                    Ok(WaveMsg::Writing(id)) => run.writing(id),
+                    Ok(WaveMsg::Done(d)) => run.land(d)?,
                     // Every publishing thread is gone (none ends while the queue is
                     // open, unless it panicked): waves go on on this thread.
                     Err(_) => run.waves = None,
@@ -464,11 +539,13 @@ impl Run<'_, '_> {
     }
 
     /// One wave: fails what waits for a failed path, publishes every pending narinfo
-    /// whose references are all known. Returns whether it decided anything.
+    /// whose references are all known or being written (those wait in their wave for the
+    /// writes to land). Returns whether it decided anything.
     fn wave(&mut self) -> Result<bool, CacheError> {
         let stage = self.stage;
         let mut decided = Vec::new();
         let mut ready = Vec::new();
+        let mut soon = Vec::new();
         let mut unknown: Vec<StorePath> = Vec::new();
         {
             let book = stage.book();
@@ -481,6 +558,9 @@ impl Run<'_, '_> {
                     .unwrap_or_default();
                 let states: Vec<(&StorePath, RefState)> =
                     waits.iter().map(|r| (r, book.state(r))).collect();
+                let being_written = |r: &StorePath, s: RefState| {
+                    s == RefState::Coming && self.writing.contains_key(r)
+                };
                 if let Some((bad, retry)) = states.iter().find_map(|(r, s)| match s {
                     RefState::Failed(retry) => Some((*r, *retry)),
                     _ => None,
@@ -492,6 +572,11 @@ impl Run<'_, '_> {
                     decided.push((w.id, w.narinfo.store_path, Outcome::Failed(why)));
                 } else if states.iter().all(|(_, s)| *s == RefState::Known) {
                     ready.push(w);
+                } else if states
+                    .iter()
+                    .all(|(r, s)| *s == RefState::Known || being_written(r, *s))
+                {
+                    soon.push(w);
                 } else {
                     unknown.extend(
                         states
@@ -505,21 +590,30 @@ impl Run<'_, '_> {
             self.pending = keep;
         }
         // What the waves in flight leave room for; the rest waits for them to land.
+        // Those ready now go first, apart from those that wait for writes in flight, so
+        // that no wave waits for more than its own narinfos need.
         let room = self.room();
         if ready.len() > room {
             self.pending.extend(ready.split_off(room));
         }
-        let progressed = !decided.is_empty() || !ready.is_empty() || !unknown.is_empty();
+        let room = room - ready.len();
+        if soon.len() > room {
+            self.pending.extend(soon.split_off(room));
+        }
+        let progressed =
+            !decided.is_empty() || !ready.is_empty() || !soon.is_empty() || !unknown.is_empty();
         // Failures first: they cascade to their waiters in the next wave.
         self.emit(decided);
         if !unknown.is_empty() {
             self.look_up(unknown)?;
         }
-        if ready.is_empty() {
-            return Ok(progressed);
+        if !ready.is_empty() {
+            self.publish_cleared(ready)?;
         }
-        self.publish_cleared(ready)?;
-        Ok(true)
+        if !soon.is_empty() {
+            self.publish_cleared(soon)?;
+        }
+        Ok(progressed)
     }
 
     /// Publishes `ready` in slices the cache writes at once
@@ -576,11 +670,68 @@ impl Run<'_, '_> {
             .saturating_sub(self.narinfos_out)
     }
 
-    /// Takes in a wave back from a publishing thread.
+    /// A wave's writes are being sent: what waits for its paths may be handed off.
+    fn writing(&mut self, id: WaveId) {
+        if let Some(f) = self.flights.get(&id) {
+            for (_, p) in &f.jobs {
+                self.writing.insert(p.clone(), id);
+            }
+        }
+    }
+
+    /// Takes in a wave back from a publishing thread, then tells each wave that waited
+    /// only for it (and others landed before) whether it may write: only if every
+    /// reference it waits for is now known (durable).
     fn land(&mut self, done: WaveDone) -> Result<(), CacheError> {
         self.waves_out -= 1;
         self.narinfos_out -= done.ready.len();
-        self.settle_wave(done.ready, done.merged)
+        if let Some(f) = self.flights.remove(&done.id) {
+            for (_, p) in &f.jobs {
+                if self.writing.get(p) == Some(&done.id) {
+                    self.writing.remove(p);
+                }
+            }
+        }
+        let landed = match done.merged {
+            // A reference did not land: nothing was written, and the paths wait again
+            // (or fail with their reference, in the next wave).
+            Ok(None) => {
+                self.pending.extend(done.ready);
+                Ok(())
+            }
+            Ok(Some(merged)) => self.settle_wave(done.ready, Ok(merged)),
+            Err(e) => self.settle_wave(done.ready, Err(e)),
+        };
+        self.release(done.id);
+        landed
+    }
+
+    /// Tells the waves that waited for wave `id` (and no other still in flight) whether
+    /// they may write.
+    fn release(&mut self, id: WaveId) {
+        let stage = self.stage;
+        let mut free = Vec::new();
+        for (wid, f) in &mut self.flights {
+            if f.after.remove(&id) && f.after.is_empty() {
+                free.push(*wid);
+            }
+        }
+        for wid in free {
+            let Some(f) = self.flights.get_mut(&wid) else {
+                continue;
+            };
+            let go = !stage.stop.is_stopped() && {
+                let book = stage.book();
+                f.jobs.iter().all(|(job, _)| {
+                    book.jobs.get(job).is_none_or(|e| {
+                        e.waits_for.iter().all(|r| book.state(r) == RefState::Known)
+                    })
+                })
+            };
+            if let Some(tx) = f.go.take() {
+                let _ = tx.send(go);
+            }
+        }
     }
 
     /// Makes sure the publisher holds a fresh reading of the gc marker that found no gc
@@ -651,11 +802,17 @@ impl Run<'_, '_> {
                     .get(&w.id)
                     .map(|e| e.elsewhere.as_slice())
                     .unwrap_or_default();
+                // A reference a wave in flight is writing is not looked for: this one
+                // writes only once that write has landed, durably, after the gc.
                 refs.extend(
                     w.narinfo
                         .references
                         .iter()
-                        .filter(|r| **r != w.narinfo.store_path && !elsewhere.contains(r))
+                        .filter(|r| {
+                            **r != w.narinfo.store_path
+                                && !elsewhere.contains(r)
+                                && !self.writing.contains_key(*r)
+                        })
                         .cloned(),
                 );
             }
@@ -762,9 +919,44 @@ impl Run<'_, '_> {
         let deadline = read + WAVE_FRESH;
         if let Some((jobs, _)) = &self.waves {
             let n = ready.len();
-            if jobs.send(WaveJob { ready, deadline }).is_ok() {
+            let id = self.next_wave;
+            self.next_wave += 1;
+            // The waves writing a reference of this one: it writes once they have landed.
+            let after: HashSet<WaveId> = {
+                let book = stage.book();
+                ready
+                    .iter()
+                    .filter_map(|w| book.jobs.get(&w.id))
+                    .flat_map(|e| e.waits_for.iter())
+                    .filter_map(|r| self.writing.get(r).copied())
+                    .collect()
+            };
+            // One word, sent once: whether to write.
+            let (go, go_rx) = match after.is_empty() {
+                true => (None, None),
+                false => {
+                    let (tx, rx) = crossbeam_channel::bounded(1);
+                    (Some(tx), Some(rx))
+                }
+            };
+            let flight = Flight {
+                jobs: ready
+                    .iter()
+                    .map(|w| (w.id, w.narinfo.store_path.clone()))
+                    .collect(),
+                after,
+                go,
+            };
+            let job = WaveJob {
+                id,
+                ready,
+                deadline,
+                go: go_rx,
+            };
+            if jobs.send(job).is_ok() {
                 self.waves_out += 1;
                 self.narinfos_out += n;
+                self.flights.insert(id, flight);
             }
             return Ok(());
         }
@@ -889,7 +1081,8 @@ impl Run<'_, '_> {
                 None => break,
             };
             match done {
-                Ok(d) => self.land(d)?,
+                Ok(WaveMsg::Writing(id)) => self.writing(id),
+                Ok(WaveMsg::Done(d)) => self.land(d)?,
                 Err(_) => break,
             }
         }

@@ -1184,3 +1184,178 @@ fn a_wave_in_flight_holds_up_only_its_own_narinfos() {
     )
     .unwrap();
 }
+
+/// A local directory that says it publishes narinfos concurrently and reads for the
+/// merge before a wave waits for its references (as S3 does). It tells each narinfo read
+/// and written, and holds the write of `held`'s narinfo until the gate opens, then writes
+/// it, or (with `fail`) refuses it.
+#[derive(Debug)]
+struct HeldWrite {
+    inner: FileCache,
+    held: StorePath,
+    fail: bool,
+    events: crossbeam_channel::Sender<(&'static str, StorePath)>,
+    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl BinaryCache for HeldWrite {
+    fn upload_concurrency(&self) -> usize {
+        4
+    }
+    fn url(&self) -> &str {
+        self.inner.url()
+    }
+    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), crate::cache::CacheError> {
+        self.inner.ensure_cache_info(store_dir)
+    }
+    fn has_narinfo(&self, path: &StorePath) -> Result<bool, crate::cache::CacheError> {
+        self.inner.has_narinfo(path)
+    }
+    fn has_object(&self, key: &str) -> Result<bool, crate::cache::CacheError> {
+        self.inner.has_object(key)
+    }
+    fn begin_nar(
+        &self,
+        nar_size: u64,
+    ) -> Result<Box<dyn crate::cache::NarUpload>, crate::cache::CacheError> {
+        self.inner.begin_nar(nar_size)
+    }
+    fn object_size(&self, key: &str) -> Result<Option<u64>, crate::cache::CacheError> {
+        self.inner.object_size(key)
+    }
+    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, crate::cache::CacheError> {
+        let _ = self.events.send(("read", path.clone()));
+        self.inner.get_narinfo(path)
+    }
+    fn get_text(&self, key: &str) -> Result<Option<String>, crate::cache::CacheError> {
+        self.inner.get_text(key)
+    }
+    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), crate::cache::CacheError> {
+        if *path == self.held {
+            let (open, cv) = &*self.gate;
+            let o = open.lock().unwrap();
+            // Bounded, so that a publisher that waits for this write fails the test
+            // instead of hanging it.
+            drop(
+                cv.wait_timeout_while(o, Duration::from_secs(60), |o| !*o)
+                    .unwrap(),
+            );
+            if self.fail {
+                return Err(crate::cache::CacheError::Remote {
+                    cache: self.url().to_owned(),
+                    key: crate::cache::narinfo_key(path),
+                    message: "refused".into(),
+                    transient: true,
+                });
+            }
+        }
+        self.inner
+            .put_narinfos(&[(path.clone(), text.to_owned())])?;
+        let _ = self.events.send(("written", path.clone()));
+        Ok(())
+    }
+    fn publish_narinfos_after(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<NarInfo>,
+        _deadline: std::time::Instant,
+        gate: &dyn crate::cache::WaveGate,
+    ) -> Result<Option<Vec<crate::cache::Published>>, crate::cache::CacheError> {
+        crate::cache::publish_merged_after(self, store_dir, narinfos, Some(gate), |writes| {
+            Ok(writes
+                .iter()
+                .map(|n| self.put_narinfo(&n.store_path, &n.render(store_dir)))
+                .collect())
+        })
+    }
+    fn sync(&self) -> Result<(), crate::cache::CacheError> {
+        self.inner.sync()
+    }
+}
+
+/// Pushes `lib` and `app` (which refers to `lib`) to a [`HeldWrite`] that holds `lib`'s
+/// narinfo write: `app`'s merge read is sent while that write is unanswered. Returns the
+/// events up to that read, and how each path settled, once the gate opened.
+fn push_behind_a_held_write(fail: bool) -> (Vec<(&'static str, StorePath)>, Vec<Settled>) {
+    let store = tempfile::tempdir().unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let sd = store.path().to_str().unwrap();
+    let infos = make_store(store.path(), &[("lib", 10, &[]), ("app", 20, &[0])]);
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    // Every read and write of the run: a few each.
+    let (events_tx, events) = crossbeam_channel::bounded(64);
+    let cache = HeldWrite {
+        inner: FileCache::open(cache_dir.path(), "file:///t").unwrap(),
+        held: infos[0].path.clone(),
+        fail,
+        events: events_tx,
+        gate: gate.clone(),
+    };
+    let o = opts(Compression::Zstd, 64 << 10, 1 << 20);
+    let job = |i: usize, waits: &[usize]| NewJob {
+        waits_for: waits.iter().map(|&j| infos[j].path.clone()).collect(),
+        ..NewJob::waiting_for(infos[i].clone(), Default::default(), |_| false)
+    };
+    let ((seen, settled), _) = stream(
+        &cache,
+        sd,
+        &o,
+        &NoProgress,
+        OnPublishError::FailPaths,
+        |feeder, settled| {
+            feeder.submit(vec![job(0, &[]), job(1, &[0])]);
+            let mut seen = Vec::new();
+            while !seen.contains(&("read", infos[1].path.clone())) {
+                let e = events
+                    .recv_timeout(Duration::from_secs(60))
+                    .expect("app's merge read is sent while lib's write is held");
+                seen.push(e);
+            }
+            *gate.0.lock().unwrap() = true;
+            gate.1.notify_all();
+            let settled: Vec<Settled> = (0..2)
+                .map(|_| settled.recv_timeout(Duration::from_secs(60)).unwrap())
+                .collect();
+            (seen, settled)
+        },
+    )
+    .unwrap();
+    let app_there = narinfo_in(cache_dir.path(), &infos[1].path).is_some();
+    assert_eq!(app_there, !fail, "app's narinfo in the cache: {settled:?}");
+    assert_eq!(settled[0].path, infos[0].path, "lib settles first");
+    (seen, settled)
+}
+
+/// A wave's merge read goes as soon as its reference's write is sent, not answered, and
+/// it writes once that write has landed.
+#[test]
+fn a_merge_read_is_sent_before_the_reference_write_is_answered() {
+    let (seen, settled) = push_behind_a_held_write(false);
+    assert!(
+        !seen.iter().any(|(what, _)| *what == "written"),
+        "nothing written before the gate opened: {seen:?}"
+    );
+    for s in &settled {
+        assert!(
+            matches!(s.result.outcome, Outcome::Uploaded { .. }),
+            "{s:?}"
+        );
+    }
+}
+
+/// A reference whose write fails discards what its referrer read: the referrer is not
+/// published, and fails naming the reference.
+#[test]
+fn a_failed_reference_write_publishes_nothing_that_read_behind_it() {
+    let (_, settled) = push_behind_a_held_write(true);
+    assert!(
+        matches!(settled[0].result.outcome, Outcome::Failed(_)),
+        "{settled:?}"
+    );
+    match &settled[1].result.outcome {
+        Outcome::Failed(Failure::ReferenceFailed { reference, .. }) => {
+            assert_eq!(*reference, settled[0].result.path)
+        }
+        other => panic!("app: {other:?}"),
+    }
+}

@@ -156,6 +156,7 @@ impl S3Cache {
                 min_part: tuning.min_part_size,
                 concurrency,
                 small_in_flight: super::batch::small_in_flight(concurrency),
+                multipart_commits: tokio::sync::Semaphore::new(concurrency),
                 counts: Default::default(),
                 owned: Default::default(),
                 journal: opts.journal.clone(),

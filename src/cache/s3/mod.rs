@@ -69,13 +69,16 @@ struct Shared {
     answered: std::sync::atomic::AtomicBool,
     storage_class: Option<StorageClass>,
     retries: u32,
-    /// Requests in flight at once (`S3Tuning::concurrency`): of the uploads committing
-    /// (the pipeline's finishing threads), and at most that many parts or part copies of
+    /// Requests in flight at once (`S3Tuning::concurrency`): of the multipart uploads
+    /// completing (`multipart_commits`), and at most that many parts or part copies of
     /// one NAR.
     concurrency: usize,
     /// Small requests in flight at once, of one batch (HEADs, GETs) or publishing wave
     /// (narinfo GETs and PUTs): [`batch::small_in_flight`] of `concurrency`.
     small_in_flight: usize,
+    /// A permit for each multipart upload completing (its last parts, the Complete and
+    /// the copy to its final key): `concurrency` at once, however many NARs commit.
+    multipart_commits: tokio::sync::Semaphore,
     /// Staging objects larger than this are copied in parts (UploadPartCopy) of this size.
     copy_part: u64,
     /// Multipart part size where the upload memory allows it (`S3Tuning::min_part_size`).
@@ -152,6 +155,71 @@ impl std::io::Read for ObjectReader {
         let n = buf.len().min(self.chunk.len());
         buf[..n].copy_from_slice(&self.chunk.split_to(n));
         Ok(n)
+    }
+}
+
+impl S3Cache {
+    /// PUTs `writes` concurrently ([`Shared::small_in_flight`] at once), no attempt sent
+    /// after `deadline`: each narinfo's outcome, in order.
+    fn put_narinfos_by(
+        &self,
+        store_dir: &str,
+        writes: &[crate::format::narinfo::NarInfo],
+        deadline: std::time::Instant,
+    ) -> Result<Vec<Result<(), CacheError>>, CacheError> {
+        let s = self.shared.clone();
+        let items: Vec<(String, bytes::Bytes)> = writes
+            .iter()
+            .map(|n| {
+                let text = n.render(store_dir);
+                (super::narinfo_key(&n.store_path), bytes::Bytes::from(text))
+            })
+            .collect();
+        // Who signed each, for its record: verified here, on the caller's thread.
+        let signers: Vec<_> = writes
+            .iter()
+            .map(|n| {
+                (
+                    super::NarinfoSet::key(&n.store_path),
+                    s.signed_by(n, store_dir),
+                )
+            })
+            .collect();
+        let out = self.block_on(async move {
+            let mut out: Vec<Option<Result<Option<String>, CacheError>>> =
+                (0..items.len()).map(|_| None).collect();
+            let mut items = items.into_iter().enumerate();
+            let mut set = JoinSet::new();
+            loop {
+                while set.len() < s.small_in_flight {
+                    let Some((i, (key, body))) = items.next() else {
+                        break;
+                    };
+                    let s = s.clone();
+                    set.spawn(async move {
+                        (i, s.put_by(&key, body, NARINFO_TYPE, Some(deadline)).await)
+                    });
+                }
+                let Some(done) = set.join_next().await else {
+                    break;
+                };
+                let (i, r) = done.map_err(|e| join_error(&s.url, e))?;
+                out[i] = Some(r);
+            }
+            Ok::<_, CacheError>(
+                out.into_iter()
+                    .map(|r| r.expect("every narinfo answered"))
+                    .collect::<Vec<_>>(),
+            )
+        })?;
+        // The wave's records, in one transaction: each written narinfo's ETag. A failed
+        // PUT may have landed all the same: its record goes (the next look reads it).
+        self.shared
+            .record_written(out.iter().zip(signers).map(|(r, (hash, signers))| match r {
+                Ok(etag) => (hash, etag.clone(), signers),
+                Err(_) => (hash, None, None),
+            }));
+        Ok(out.into_iter().map(|r| r.map(drop)).collect())
     }
 }
 
@@ -354,61 +422,20 @@ impl BinaryCache for S3Cache {
         deadline: std::time::Instant,
     ) -> Result<Vec<super::Published>, CacheError> {
         super::publish_merged_with(self, store_dir, narinfos, |writes| {
-            let s = self.shared.clone();
-            let items: Vec<(String, bytes::Bytes)> = writes
-                .iter()
-                .map(|n| {
-                    let text = n.render(store_dir);
-                    (super::narinfo_key(&n.store_path), bytes::Bytes::from(text))
-                })
-                .collect();
-            // Who signed each, for its record: verified here, on the caller's thread.
-            let signers: Vec<_> = writes
-                .iter()
-                .map(|n| {
-                    (
-                        super::NarinfoSet::key(&n.store_path),
-                        s.signed_by(n, store_dir),
-                    )
-                })
-                .collect();
-            let out = self.block_on(async move {
-                let mut out: Vec<Option<Result<Option<String>, CacheError>>> =
-                    (0..items.len()).map(|_| None).collect();
-                let mut items = items.into_iter().enumerate();
-                let mut set = JoinSet::new();
-                loop {
-                    while set.len() < s.small_in_flight {
-                        let Some((i, (key, body))) = items.next() else {
-                            break;
-                        };
-                        let s = s.clone();
-                        set.spawn(async move {
-                            (i, s.put_by(&key, body, NARINFO_TYPE, Some(deadline)).await)
-                        });
-                    }
-                    let Some(done) = set.join_next().await else {
-                        break;
-                    };
-                    let (i, r) = done.map_err(|e| join_error(&s.url, e))?;
-                    out[i] = Some(r);
-                }
-                Ok::<_, CacheError>(
-                    out.into_iter()
-                        .map(|r| r.expect("every narinfo answered"))
-                        .collect::<Vec<_>>(),
-                )
-            })?;
-            // The wave's records, in one transaction: each written narinfo's ETag. A
-            // failed PUT may have landed all the same: its record goes (the next look
-            // reads it).
-            self.shared.record_written(out.iter().zip(signers).map(
-                |(r, (hash, signers))| match r {
-                    Ok(etag) => (hash, etag.clone(), signers),
-                    Err(_) => (hash, None, None),
-                },
-            ));
-            Ok(out.into_iter().map(|r| r.map(drop)).collect())
+            self.put_narinfos_by(store_dir, writes, deadline)
+        })
+    }
+
+    /// [`S3Cache::publish_narinfos_by`], its GETs sent before `gate` is waited for.
+    fn publish_narinfos_after(
+        &self,
+        store_dir: &str,
+        narinfos: Vec<crate::format::narinfo::NarInfo>,
+        deadline: std::time::Instant,
+        gate: &dyn super::WaveGate,
+    ) -> Result<Option<Vec<super::Published>>, CacheError> {
+        super::publish_merged_after(self, store_dir, narinfos, Some(gate), |writes| {
+            self.put_narinfos_by(store_dir, writes, deadline)
         })
     }
 
@@ -417,8 +444,10 @@ impl BinaryCache for S3Cache {
         Ok(())
     }
 
+    /// [`upload::one_put_commits`]: most NARs are small and go up in one PutObject; a
+    /// multipart upload completing takes one of `concurrency` permits besides.
     fn upload_concurrency(&self) -> usize {
-        self.shared.concurrency
+        upload::one_put_commits(self.shared.concurrency, self.shared.small_in_flight)
     }
 
     fn narinfos_in_flight(&self) -> usize {
