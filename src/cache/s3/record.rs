@@ -236,6 +236,47 @@ mod tests {
         assert_eq!(left, vec![Some(record(LISTED[0], "e")), None, None]);
     }
 
+    /// A journal whose records cannot be written or read costs reads, never a write: the
+    /// narinfos are published all the same, and a look reads each one it finds, as
+    /// without a journal.
+    #[test]
+    fn a_journal_that_fails_costs_reads_and_never_a_publish() {
+        let (endpoint, seen) = stand_in(1);
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal(&dir);
+        // The narinfo records' table is gone: every record read or written fails.
+        rusqlite::Connection::open(dir.path().join("uploads.sqlite"))
+            .unwrap()
+            .execute_batch("DROP TABLE written_narinfos")
+            .unwrap();
+        let ours = SigningKey::from_seed("ours-1", [1; 32]);
+        let cache = recording_cache(&endpoint, "", j.clone(), vec![ours.verifying_key()]);
+        let signed = narinfo(LISTED[0], Some(&ours));
+        let far = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let published = cache
+            .publish_narinfos_by("/nix/store", vec![signed.clone()], far)
+            .unwrap();
+        assert!(published.iter().all(Result::is_ok), "{published:?}");
+        let record = WrittenNarinfo {
+            hash: NarinfoSet::key(&signed.store_path),
+            etag: "e".into(),
+            signers: SignerSet([9; 16]),
+        };
+        assert!(
+            j.narinfos_written(&cache.shared.bucket_id, &[record])
+                .is_err(),
+            "the injected failure must hold"
+        );
+        let before = gets(&seen).len();
+        let mut asked: Vec<StorePath> = (0..super::super::batch::LIST_THRESHOLD)
+            .map(|i| StorePath::from_base_name(&format!("{:a>32}-p", i % 10)).unwrap())
+            .collect();
+        asked[7] = signed.store_path.clone();
+        let found = cache.find_narinfos(&asked).unwrap();
+        assert_eq!(found[7], Some(FoundNarinfo::Text(String::new())));
+        assert_eq!(gets(&seen).len(), before + 1);
+    }
+
     /// Without a journal nothing is recorded and a listing reads every narinfo it finds
     /// of those asked about, as a cache that records nothing.
     #[test]
