@@ -12,6 +12,72 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Forwards each named `BinaryCache` method to the field `$f` (a `FileCache`), for the
+/// stand-in caches here that change only a few.
+macro_rules! forward_to {
+    ($f:tt; $($m:ident),* $(,)?) => { $( forward_to!(@ $f $m); )* };
+    (@ $f:tt url) => {
+        fn url(&self) -> &str {
+            self.$f.url()
+        }
+    };
+    (@ $f:tt ensure_cache_info) => {
+        fn ensure_cache_info(&self, store_dir: &str) -> Result<(), crate::cache::CacheError> {
+            self.$f.ensure_cache_info(store_dir)
+        }
+    };
+    (@ $f:tt has_narinfo) => {
+        fn has_narinfo(&self, path: &StorePath) -> Result<bool, crate::cache::CacheError> {
+            self.$f.has_narinfo(path)
+        }
+    };
+    (@ $f:tt has_object) => {
+        fn has_object(&self, key: &str) -> Result<bool, crate::cache::CacheError> {
+            self.$f.has_object(key)
+        }
+    };
+    (@ $f:tt object_size) => {
+        fn object_size(&self, key: &str) -> Result<Option<u64>, crate::cache::CacheError> {
+            self.$f.object_size(key)
+        }
+    };
+    (@ $f:tt get_narinfo) => {
+        fn get_narinfo(
+            &self,
+            path: &StorePath,
+        ) -> Result<Option<String>, crate::cache::CacheError> {
+            self.$f.get_narinfo(path)
+        }
+    };
+    (@ $f:tt get_text) => {
+        fn get_text(&self, key: &str) -> Result<Option<String>, crate::cache::CacheError> {
+            self.$f.get_text(key)
+        }
+    };
+    (@ $f:tt begin_nar) => {
+        fn begin_nar(
+            &self,
+            nar_size: u64,
+        ) -> Result<Box<dyn crate::cache::NarUpload>, crate::cache::CacheError> {
+            self.$f.begin_nar(nar_size)
+        }
+    };
+    (@ $f:tt put_narinfo) => {
+        fn put_narinfo(
+            &self,
+            path: &StorePath,
+            text: &str,
+        ) -> Result<(), crate::cache::CacheError> {
+            self.$f.put_narinfo(path, text)
+        }
+    };
+    (@ $f:tt sync) => {
+        fn sync(&self) -> Result<(), crate::cache::CacheError> {
+            self.$f.sync()
+        }
+    };
+}
+
 /// A fake store: `(store dir, infos)` where each info's NarHash is computed from disk.
 pub(super) fn make_store(dir: &Path, specs: &[(&str, usize, &[usize])]) -> Vec<PathInfo> {
     crate::store::make_test_store(dir, "", specs)
@@ -278,18 +344,11 @@ impl crate::cache::NarUpload for Refused {
 }
 
 impl BinaryCache for Concurrent {
-    fn url(&self) -> &str {
-        self.0.url()
-    }
-    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), crate::cache::CacheError> {
-        self.0.ensure_cache_info(store_dir)
-    }
-    fn has_narinfo(&self, path: &StorePath) -> Result<bool, crate::cache::CacheError> {
-        self.0.has_narinfo(path)
-    }
-    fn has_object(&self, key: &str) -> Result<bool, crate::cache::CacheError> {
-        self.0.has_object(key)
-    }
+    forward_to!(
+        0;
+        url, ensure_cache_info, has_narinfo, has_object, object_size, get_narinfo, get_text,
+        put_narinfo,
+    );
     fn begin_nar(
         &self,
         nar_size: u64,
@@ -298,18 +357,6 @@ impl BinaryCache for Concurrent {
             return Ok(Box::new(Refused));
         }
         self.0.begin_nar(nar_size)
-    }
-    fn object_size(&self, key: &str) -> Result<Option<u64>, crate::cache::CacheError> {
-        self.0.object_size(key)
-    }
-    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, crate::cache::CacheError> {
-        self.0.get_narinfo(path)
-    }
-    fn get_text(&self, key: &str) -> Result<Option<String>, crate::cache::CacheError> {
-        self.0.get_text(key)
-    }
-    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), crate::cache::CacheError> {
-        self.0.put_narinfo(path, text)
     }
     fn put_narinfos(&self, n: &[(StorePath, String)]) -> Result<(), crate::cache::CacheError> {
         self.0.put_narinfos(n)
@@ -844,20 +891,13 @@ impl crate::cache::NarUpload for GatedUpload {
 }
 
 impl BinaryCache for Gated {
+    forward_to!(
+        0;
+        url, ensure_cache_info, has_narinfo, has_object, object_size, get_narinfo, get_text,
+        put_narinfo, sync,
+    );
     fn upload_concurrency(&self) -> usize {
         4
-    }
-    fn url(&self) -> &str {
-        self.0.url()
-    }
-    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), crate::cache::CacheError> {
-        self.0.ensure_cache_info(store_dir)
-    }
-    fn has_narinfo(&self, path: &StorePath) -> Result<bool, crate::cache::CacheError> {
-        self.0.has_narinfo(path)
-    }
-    fn has_object(&self, key: &str) -> Result<bool, crate::cache::CacheError> {
-        self.0.has_object(key)
     }
     fn begin_nar(
         &self,
@@ -869,23 +909,8 @@ impl BinaryCache for Gated {
         }
         Ok(Box::new(GatedUpload(u, self.1.clone(), false)))
     }
-    fn object_size(&self, key: &str) -> Result<Option<u64>, crate::cache::CacheError> {
-        self.0.object_size(key)
-    }
-    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, crate::cache::CacheError> {
-        self.0.get_narinfo(path)
-    }
-    fn get_text(&self, key: &str) -> Result<Option<String>, crate::cache::CacheError> {
-        self.0.get_text(key)
-    }
-    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), crate::cache::CacheError> {
-        self.0.put_narinfo(path, text)
-    }
     fn put_narinfos(&self, n: &[(StorePath, String)]) -> Result<(), crate::cache::CacheError> {
         self.0.put_narinfos(n)
-    }
-    fn sync(&self) -> Result<(), crate::cache::CacheError> {
-        self.0.sync()
     }
 }
 
@@ -967,18 +992,11 @@ struct Resumable(
 );
 
 impl BinaryCache for Resumable {
-    fn url(&self) -> &str {
-        self.0.url()
-    }
-    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), crate::cache::CacheError> {
-        self.0.ensure_cache_info(store_dir)
-    }
-    fn has_narinfo(&self, path: &StorePath) -> Result<bool, crate::cache::CacheError> {
-        self.0.has_narinfo(path)
-    }
-    fn has_object(&self, key: &str) -> Result<bool, crate::cache::CacheError> {
-        self.0.has_object(key)
-    }
+    forward_to!(
+        0;
+        url, ensure_cache_info, has_narinfo, has_object, object_size, get_narinfo, get_text,
+        put_narinfo, sync,
+    );
     fn begin_nar(
         &self,
         nar_size: u64,
@@ -993,21 +1011,6 @@ impl BinaryCache for Resumable {
     ) -> Result<Box<dyn crate::cache::NarUpload>, crate::cache::CacheError> {
         self.1.lock().unwrap().push(Some(identity.clone()));
         self.0.begin_nar(nar_size)
-    }
-    fn object_size(&self, key: &str) -> Result<Option<u64>, crate::cache::CacheError> {
-        self.0.object_size(key)
-    }
-    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, crate::cache::CacheError> {
-        self.0.get_narinfo(path)
-    }
-    fn get_text(&self, key: &str) -> Result<Option<String>, crate::cache::CacheError> {
-        self.0.get_text(key)
-    }
-    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), crate::cache::CacheError> {
-        self.0.put_narinfo(path, text)
-    }
-    fn sync(&self) -> Result<(), crate::cache::CacheError> {
-        self.0.sync()
     }
 }
 
@@ -1066,38 +1069,13 @@ struct HeldWave {
 }
 
 impl BinaryCache for HeldWave {
+    forward_to!(
+        inner;
+        url, ensure_cache_info, has_narinfo, has_object, object_size, get_narinfo, get_text,
+        begin_nar, put_narinfo, sync,
+    );
     fn upload_concurrency(&self) -> usize {
         4
-    }
-    fn url(&self) -> &str {
-        self.inner.url()
-    }
-    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), crate::cache::CacheError> {
-        self.inner.ensure_cache_info(store_dir)
-    }
-    fn has_narinfo(&self, path: &StorePath) -> Result<bool, crate::cache::CacheError> {
-        self.inner.has_narinfo(path)
-    }
-    fn has_object(&self, key: &str) -> Result<bool, crate::cache::CacheError> {
-        self.inner.has_object(key)
-    }
-    fn begin_nar(
-        &self,
-        nar_size: u64,
-    ) -> Result<Box<dyn crate::cache::NarUpload>, crate::cache::CacheError> {
-        self.inner.begin_nar(nar_size)
-    }
-    fn object_size(&self, key: &str) -> Result<Option<u64>, crate::cache::CacheError> {
-        self.inner.object_size(key)
-    }
-    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, crate::cache::CacheError> {
-        self.inner.get_narinfo(path)
-    }
-    fn get_text(&self, key: &str) -> Result<Option<String>, crate::cache::CacheError> {
-        self.inner.get_text(key)
-    }
-    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), crate::cache::CacheError> {
-        self.inner.put_narinfo(path, text)
     }
     fn publish_narinfos_by(
         &self,
@@ -1117,9 +1095,6 @@ impl BinaryCache for HeldWave {
             );
         }
         self.inner.publish_narinfos(store_dir, narinfos)
-    }
-    fn sync(&self) -> Result<(), crate::cache::CacheError> {
-        self.inner.sync()
     }
 }
 
@@ -1199,36 +1174,16 @@ struct HeldWrite {
 }
 
 impl BinaryCache for HeldWrite {
+    forward_to!(
+        inner;
+        url, ensure_cache_info, has_narinfo, has_object, object_size, get_text, begin_nar, sync,
+    );
     fn upload_concurrency(&self) -> usize {
         4
-    }
-    fn url(&self) -> &str {
-        self.inner.url()
-    }
-    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), crate::cache::CacheError> {
-        self.inner.ensure_cache_info(store_dir)
-    }
-    fn has_narinfo(&self, path: &StorePath) -> Result<bool, crate::cache::CacheError> {
-        self.inner.has_narinfo(path)
-    }
-    fn has_object(&self, key: &str) -> Result<bool, crate::cache::CacheError> {
-        self.inner.has_object(key)
-    }
-    fn begin_nar(
-        &self,
-        nar_size: u64,
-    ) -> Result<Box<dyn crate::cache::NarUpload>, crate::cache::CacheError> {
-        self.inner.begin_nar(nar_size)
-    }
-    fn object_size(&self, key: &str) -> Result<Option<u64>, crate::cache::CacheError> {
-        self.inner.object_size(key)
     }
     fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, crate::cache::CacheError> {
         let _ = self.events.send(("read", path.clone()));
         self.inner.get_narinfo(path)
-    }
-    fn get_text(&self, key: &str) -> Result<Option<String>, crate::cache::CacheError> {
-        self.inner.get_text(key)
     }
     fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), crate::cache::CacheError> {
         if *path == self.held {
@@ -1267,9 +1222,6 @@ impl BinaryCache for HeldWrite {
                 .map(|n| self.put_narinfo(&n.store_path, &n.render(store_dir)))
                 .collect())
         })
-    }
-    fn sync(&self) -> Result<(), crate::cache::CacheError> {
-        self.inner.sync()
     }
 }
 
