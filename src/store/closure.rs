@@ -38,10 +38,13 @@ pub fn closure(store: &LocalStore, paths: &[StorePath]) -> Result<Vec<PathInfo>,
     Ok(topo_sort(infos))
 }
 
-/// Orders `infos` so each path comes after its references that are in the set. Ties are
-/// broken by store path, so the order is deterministic.
+/// Orders `infos` so each path comes after its references that are in the set, and of
+/// the paths whose references are placed, the one with the longest chain of referrers
+/// above it first (a pipeline then starts the longest chains of narinfos to publish
+/// first). Ties are broken by store path, so the order is deterministic.
 ///
-/// Kahn's algorithm with a heap of ready paths: O((n + references) log n). References to
+/// Kahn's algorithm with a heap of ready paths, twice (the first order gives each path's
+/// chain of referrers): O((n + references) log n). References to
 /// paths outside `infos` and self-references are ignored. Entries with the same path are
 /// kept and placed together. A cycle (impossible in a valid store, whose only cycles are
 /// self-references) is not an error: with a warning, the least path of the cycle is placed
@@ -122,44 +125,102 @@ fn topo_order(infos: &[PathInfo]) -> Vec<usize> {
     for d in 0..nodes {
         out[d + 1] += out[d];
     }
+    let graph = Graph {
+        edges: &edges,
+        out: &out,
+        waiting_on: &waiting_on,
+    };
 
-    let mut queued = vec![false; nodes];
-    let mut ready: BinaryHeap<Reverse<usize>> = BinaryHeap::new();
-    for n in (0..nodes).filter(|&n| waiting_on[n] == 0) {
-        queued[n] = true;
-        ready.push(Reverse(n));
+    // A node's height: the longest chain of referrers above it in the set (0: nothing in
+    // the set refers to it). Computed over a first order (referrers come after), from
+    // the last node back.
+    let mut height = vec![0u32; nodes];
+    for &d in graph.order(|n| Reverse(n), |_| {}).iter().rev() {
+        height[d] = graph
+            .referrers(d)
+            .map(|n| height[n].saturating_add(1))
+            .max()
+            .unwrap_or(0);
     }
+    // The order: of the paths whose references are placed, the one with the longest chain
+    // above it first (ties in path order). A pipeline works through the paths roughly in
+    // this order and publishes a narinfo only after its references', a round trip a level
+    // to a remote cache: the longest chains start first, and what is left at the end is
+    // paths nothing waits for, not a chain to publish level after level.
+    let nodes_order = graph.order(
+        |n| (height[n], Reverse(n)),
+        |n| {
+            tracing::warn!(
+                "reference cycle among the store paths to order (a corrupt store?); \
+                 placing {} before some of its references",
+                infos[by_path[first[n]]].path,
+            );
+        },
+    );
     let mut order = Vec::with_capacity(infos.len());
-    // Only for a cycle: nodes below this are all queued.
-    let mut unqueued_from = 0;
-    loop {
-        while let Some(Reverse(d)) = ready.pop() {
-            order.extend_from_slice(&by_path[first[d]..first[d + 1]]);
-            for &(_, n) in &edges[out[d]..out[d + 1]] {
-                waiting_on[n] = waiting_on[n].saturating_sub(1);
-                if waiting_on[n] == 0 && !queued[n] {
-                    queued[n] = true;
-                    ready.push(Reverse(n));
+    for n in nodes_order {
+        order.extend_from_slice(&by_path[first[n]..first[n + 1]]);
+    }
+    order
+}
+
+/// The references between the distinct paths to order: `edges` (reference, referrer),
+/// grouped by reference (`edges[out[d]..out[d + 1]]` are the referrers of `d`), and how
+/// many references of each node are in the set.
+struct Graph<'a> {
+    edges: &'a [(usize, usize)],
+    out: &'a [usize],
+    waiting_on: &'a [usize],
+}
+
+impl Graph<'_> {
+    fn referrers(&self, d: usize) -> impl Iterator<Item = usize> + '_ {
+        self.edges[self.out[d]..self.out[d + 1]]
+            .iter()
+            .map(|&(_, n)| n)
+    }
+
+    /// Every node once, each after its references (Kahn's algorithm): of the nodes whose
+    /// references are all placed, the greatest `key` goes next. A cycle (impossible in a
+    /// valid store, whose only cycles are self-references) is not an error: the least
+    /// node not yet placed is released as if its references were done (`on_cycle` is
+    /// told), and the order goes on, so every node is still placed.
+    fn order<K: Ord>(&self, key: impl Fn(usize) -> K, on_cycle: impl Fn(usize)) -> Vec<usize> {
+        let nodes = self.waiting_on.len();
+        let mut waiting_on = self.waiting_on.to_vec();
+        let mut queued = vec![false; nodes];
+        let mut ready: BinaryHeap<(K, usize)> = BinaryHeap::new();
+        for n in (0..nodes).filter(|&n| waiting_on[n] == 0) {
+            queued[n] = true;
+            ready.push((key(n), n));
+        }
+        let mut order = Vec::with_capacity(nodes);
+        // Only for a cycle: nodes below this are all queued.
+        let mut unqueued_from = 0;
+        loop {
+            while let Some((_, d)) = ready.pop() {
+                order.push(d);
+                for n in self.referrers(d) {
+                    waiting_on[n] = waiting_on[n].saturating_sub(1);
+                    if waiting_on[n] == 0 && !queued[n] {
+                        queued[n] = true;
+                        ready.push((key(n), n));
+                    }
                 }
             }
+            if order.len() == nodes {
+                return order;
+            }
+            // Every remaining node waits on another: a cycle. Release the least node not
+            // yet placed, so nodes outside the cycle still come after what they reference.
+            while queued[unqueued_from] {
+                unqueued_from += 1;
+            }
+            let n = unqueued_from;
+            on_cycle(n);
+            queued[n] = true;
+            ready.push((key(n), n));
         }
-        if order.len() == infos.len() {
-            return order;
-        }
-        // Every remaining path waits on another: a cycle. Release the least path not yet
-        // placed as if its references were done, and carry on, so paths outside the cycle
-        // still come after what they reference.
-        while queued[unqueued_from] {
-            unqueued_from += 1;
-        }
-        let n = unqueued_from;
-        tracing::warn!(
-            "reference cycle among the store paths to order (a corrupt store?); \
-             placing {} before some of its references",
-            infos[by_path[first[n]]].path,
-        );
-        queued[n] = true;
-        ready.push(Reverse(n));
     }
 }
 
@@ -238,19 +299,52 @@ mod tests {
             info("f", &["e", "a"]),
         ];
         let first = topo_sort(infos.clone());
-        // Independent roots come in store-path order.
+        // Independent roots: "a" (two levels above it: c, then d) first, then those with
+        // one level above them in store-path order.
         let roots: Vec<&str> = names(&first)
             .into_iter()
             .filter(|n| ["a", "b", "e"].contains(n))
             .collect();
-        let mut expected = vec!["a", "b", "e"];
+        let mut expected = vec!["b", "e"];
         expected.sort_by_key(|n| sp(n));
+        expected.insert(0, "a");
         assert_eq!(roots, expected);
         for _ in 0..5 {
             infos.rotate_left(1);
             infos.swap(0, 3);
             assert_eq!(topo_sort(infos.clone()), first);
         }
+    }
+
+    #[test]
+    fn the_longest_chain_of_referrers_goes_first() {
+        // "leaf-*" and "top" are referred to by nothing; "deep" has a chain of three
+        // above it. Whatever their paths, "deep" and each level above it with something
+        // still above it come first, then the rest in store-path order.
+        let mut infos = vec![
+            info("deep", &[]),
+            info("mid", &["deep"]),
+            info("high", &["mid"]),
+            info("top", &["high"]),
+        ];
+        for i in 0..8 {
+            infos.push(info(&format!("leaf-{i}"), &[]));
+        }
+        let sorted = topo_sort(infos.clone());
+        assert_eq!(names(&sorted)[..3], ["deep", "mid", "high"]);
+        let mut leaves: Vec<&str> = names(&sorted)[3..].to_vec();
+        let in_order = leaves.clone();
+        leaves.sort_by_key(|n| sp(n));
+        assert_eq!(in_order, leaves, "ties in store-path order");
+        // A path with nothing above it that refers to the chain goes after it, among
+        // the others with nothing above them.
+        infos.push(info("user-of-mid", &["mid"]));
+        let sorted = topo_sort(infos);
+        assert_eq!(names(&sorted)[..3], ["deep", "mid", "high"]);
+        let rest = names(&sorted)[3..].to_vec();
+        let mut by_path = rest.clone();
+        by_path.sort_by_key(|n| sp(n));
+        assert_eq!(rest, by_path);
     }
 
     #[test]

@@ -894,8 +894,9 @@ mod tests {
             .into_iter()
             .map(|i| i.path)
             .collect();
-        // After a, both b and d are ready: d ("911…") sorts before b ("9zf…").
-        assert_eq!(paths, [sp(A), sp(d), sp(B), sp(C)]);
+        // After a, both b and d are ready: b goes first (c waits for it; nothing waits
+        // for d), then d ("911…") sorts before c ("nv3…").
+        assert_eq!(paths, [sp(A), sp(B), sp(d), sp(C)]);
         match store.closure(&[sp(A), sp(MISSING)]) {
             Err(StoreError::NotValid(p)) => assert_eq!(p, MISSING),
             r => panic!("{r:?}"),
