@@ -351,7 +351,7 @@ fn submit_plan(
 ) {
     let store_dir = shared.store_dir();
     let present: HashSet<&StorePath> = plan.present.iter().collect();
-    let (jobs, refused) = pipeline::plan::jobs_for(&plan.todo, &plan.seen, store_dir, plan.epoch);
+    let (jobs, refused) = pipeline::plan::jobs_for(&plan.todo, &plan.seen, store_dir, plan.look());
     let refused: HashMap<&StorePath, &Failure> = refused
         .iter()
         .map(|(i, why)| (&plan.todo[*i].path, why))

@@ -20,6 +20,14 @@ pub struct GcWait {
     pub stale: Duration,
     /// How often the marker is read while waiting ([`gc_marker::WAIT_POLL`]).
     pub poll: Duration,
+    /// How long a reading that found no gc running serves the publisher's waves before
+    /// it reads the marker again: half of [`gc_marker::WAVE_FRESH`], so a wave's writes
+    /// start well within it. A gc lists the cache only [`gc_marker::SETTLE`] after it
+    /// announced itself, so a reading this young (the publisher's own, or the one the
+    /// jobs were planned from) tells every wave it serves which gc the cache is past.
+    /// Tests of a gc that runs whole between a look and a wave (faster than the protocol
+    /// lets it) set 0: every wave reads the marker.
+    pub fresh: Duration,
 }
 
 impl Default for GcWait {
@@ -27,6 +35,7 @@ impl Default for GcWait {
         GcWait {
             stale: gc_marker::STALE,
             poll: gc_marker::WAIT_POLL,
+            fresh: gc_marker::WAVE_FRESH.checked_div(2).expect("2 is not 0"),
         }
     }
 }

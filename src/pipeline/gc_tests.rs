@@ -122,6 +122,7 @@ fn quick(o: &mut PushOptions, stale: Duration) {
     o.gc_wait = GcWait {
         stale,
         poll: Duration::from_millis(10),
+        ..GcWait::default()
     };
 }
 

@@ -223,6 +223,7 @@ pub fn push(
     };
 
     let plan = plan_beside_cache_info(store, cache, paths, opts, progress)?;
+    let look = plan.look();
     for path in plan.not_valid {
         report.not_valid.push(path.clone());
         let why = Failure::NotValid { path: path.clone() };
@@ -236,7 +237,7 @@ pub fn push(
         );
     }
     let uploaded = upload_after(
-        cache, &store_dir, &plan.todo, &plan.seen, plan.epoch, opts, progress,
+        cache, &store_dir, &plan.todo, &plan.seen, look, opts, progress,
     )?;
     report.results.extend(uploaded.results);
     report.bytes = uploaded.bytes;
@@ -271,7 +272,7 @@ pub fn upload(
 /// narinfos. The store is not consulted: `infos` are trusted for NarHash, NarSize and
 /// references. `narflow bench` calls this directly with synthetic store paths.
 ///
-/// `seen` are the paths found in the cache (by a look in gc epoch `epoch`): a reference
+/// `seen` are the paths found in the cache (by `look`, in its gc epoch): a reference
 /// must be one of them or in `infos`. A path with a reference that is neither, or that
 /// refers to a path refused or failed, is not uploaded or published (refusals propagate
 /// to every referrer).
@@ -285,7 +286,7 @@ pub fn upload_after(
     store_dir: &str,
     infos: &[PathInfo],
     seen: &HashSet<StorePath>,
-    epoch: Epoch,
+    look: impl Into<publish::Look>,
     opts: &PushOptions,
     progress: &dyn Progress,
 ) -> Result<PushReport, PushError> {
@@ -295,7 +296,7 @@ pub fn upload_after(
     if infos.is_empty() {
         return Ok(report);
     }
-    let (jobs, refused) = plan::jobs_for(infos, seen, store_dir, epoch);
+    let (jobs, refused) = plan::jobs_for(infos, seen, store_dir, look);
     for (i, why) in refused {
         let r = PathResult {
             path: infos[i].path.to_absolute(store_dir),

@@ -4,7 +4,7 @@
 //! The look at the cache waits while a gc of it runs, and gives the jobs its epoch.
 use super::PushOptions;
 use super::outcome::{Failure, PushError};
-use super::publish::NewJob;
+use super::publish::{Look, NewJob};
 use crate::cache::gc_marker::{Epoch, WAVE_FRESH};
 use crate::cache::resume::SignerSet;
 use crate::cache::{BinaryCache, FoundNarinfo};
@@ -26,6 +26,18 @@ pub struct Plan {
     pub seen: HashSet<StorePath>,
     /// The gc epoch the look at the cache was taken in (its jobs carry it).
     pub epoch: Epoch,
+    /// When the last reading of the gc marker in `epoch` was sent.
+    pub read_at: Option<std::time::Instant>,
+}
+
+impl Plan {
+    /// The look the plan's jobs are planned from.
+    pub fn look(&self) -> Look {
+        Look {
+            epoch: self.epoch,
+            read_at: self.read_at,
+        }
+    }
 }
 
 /// Plans pushing `paths` (and, with `opts.closure`, everything they reference): their
@@ -98,6 +110,8 @@ pub fn plan_before_writes(
             .collect::<Vec<_>>(),
     );
     let mut gate = super::gc_gate::Gate::new(opts.gc_wait);
+    // The last reading that let the plan go on: its jobs' publisher may take it as its own.
+    let last = std::cell::Cell::new(None::<super::gc_gate::Reading>);
     let mut settle = || -> Result<super::gc_gate::Reading, PushError> {
         let reading = gate
             .settle(cache, &|| opts.cancel.is_cancelled(), progress)?
@@ -107,6 +121,7 @@ pub fn plan_before_writes(
                 message: "cancelled while waiting for a running gc".into(),
                 transient: true,
             })?;
+        last.set(Some(reading));
         Ok(reading)
     };
     let (seen, epoch) = loop {
@@ -187,19 +202,21 @@ pub fn plan_before_writes(
     }
     plan.seen = seen;
     plan.epoch = epoch;
+    plan.read_at = last.get().filter(|r| r.epoch == epoch).map(|r| r.at);
     Ok(plan)
 }
 
 /// The jobs that upload `todo` (references first) given `seen`, the paths found in the
-/// cache in gc epoch `epoch`, and the paths of `todo` refused before any upload (a
+/// cache by `look` (its gc epoch, and when its reading of the marker was sent), and the paths of `todo` refused before any upload (a
 /// reference neither in `todo` nor seen, or refused itself), with why, by index into
 /// `todo`.
 pub fn jobs_for(
     todo: &[PathInfo],
     seen: &HashSet<StorePath>,
     store_dir: &str,
-    epoch: Epoch,
+    look: impl Into<Look>,
 ) -> (Vec<NewJob>, Vec<(usize, Failure)>) {
+    let look = look.into();
     let refused = refuse_unreachable(todo, seen, store_dir);
     let mut skip = vec![false; todo.len()];
     for (i, _) in &refused {
@@ -212,7 +229,10 @@ pub fn jobs_for(
         .filter(|(_, skip)| !**skip)
         // A reference in the run is waited for; the others are seen (the refusal took
         // out every path with a reference that is neither).
-        .map(|(info, _)| NewJob::waiting_for(info.clone(), epoch, |r| in_run.contains(r)))
+        .map(|(info, _)| NewJob {
+            read_at: look.read_at,
+            ..NewJob::waiting_for(info.clone(), look.epoch, |r| in_run.contains(r))
+        })
         .collect();
     (jobs, refused)
 }

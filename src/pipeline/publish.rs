@@ -52,6 +52,28 @@ pub struct NewJob {
     /// References served from elsewhere (an upstream cache), never looked for in this
     /// one, so not checked again after a gc either.
     pub elsewhere: Vec<StorePath>,
+    /// When the caller's reading of the gc marker that gave `epoch` was sent, if the
+    /// caller read it: the publisher takes the newest of these as its own reading while
+    /// it is fresh ([`super::gc_gate::GcWait::fresh`]), so a run's first wave does not
+    /// read the marker again.
+    pub read_at: Option<std::time::Instant>,
+}
+
+/// The look at the cache jobs are planned from: its gc epoch and, when the caller read
+/// the marker itself, when that reading was sent ([`NewJob::read_at`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Look {
+    pub epoch: Epoch,
+    pub read_at: Option<std::time::Instant>,
+}
+
+impl From<Epoch> for Look {
+    fn from(epoch: Epoch) -> Self {
+        Look {
+            epoch,
+            read_at: None,
+        }
+    }
 }
 
 impl NewJob {
@@ -70,6 +92,7 @@ impl NewJob {
             waits_for,
             epoch,
             elsewhere: Vec::new(),
+            read_at: None,
         }
     }
 }
@@ -200,6 +223,9 @@ pub struct Book {
     interest: HashMap<StorePath, usize>,
     known: HashSet<StorePath>,
     failed: HashMap<StorePath, Retry>,
+    /// The newest reading of the gc marker a submission was planned from
+    /// ([`NewJob::read_at`]).
+    reading: Option<Reading>,
 }
 
 impl Book {
@@ -212,8 +238,14 @@ impl Book {
             waits_for,
             epoch,
             elsewhere,
+            read_at,
         } in jobs
         {
+            if let Some(at) = read_at
+                && self.reading.is_none_or(|r| r.at < at)
+            {
+                self.reading = Some(Reading { epoch, at });
+            }
             if self.unsettled.contains_key(&info.path) {
                 continue;
             }
@@ -740,16 +772,24 @@ impl Run<'_, '_> {
     }
 
     /// Makes sure the publisher holds a fresh reading of the gc marker that found no gc
-    /// running (reading it again, and waiting while a gc runs, when the last one is older
-    /// than half of [`WAVE_FRESH`]), and that every job of `ready` was planned or checked
+    /// running (its own, or the one a submission was planned from; reading it again, and
+    /// waiting while a gc runs, when the last one is older than
+    /// [`super::gc_gate::GcWait::fresh`]), and that every job of `ready` was planned or checked
     /// in that reading's epoch: the others are checked again ([`Run::recheck`]), and
     /// those whose reference or NAR a gc removed are settled failed and leave `ready`.
     /// False when the run stopped while waiting.
     fn clear(&mut self, ready: &mut Vec<Waiting>) -> Result<bool, CacheError> {
         let stage = self.stage;
         loop {
+            // A submission planned from a newer reading than the publisher's own: the
+            // publisher takes it as its own.
+            if let Some(theirs) = stage.book().reading
+                && self.reading.is_none_or(|mine| mine.at < theirs.at)
+            {
+                self.reading = Some(theirs);
+            }
             let reading = match self.reading {
-                Some(r) if r.at.elapsed() < WAVE_FRESH / 2 => r,
+                Some(r) if r.at.elapsed() < stage.gc_wait.fresh => r,
                 _ => {
                     let stopped = || stage.stop.is_stopped();
                     match self.gate.settle(stage.cache, &stopped, stage.progress) {

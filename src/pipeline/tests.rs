@@ -526,7 +526,7 @@ fn a_refused_path_fails_every_referrer_and_nothing_of_them_goes_up() {
         sd,
         &run,
         &HashSet::new(),
-        Default::default(),
+        super::publish::Look::default(),
         &o,
         &NoProgress,
     )
@@ -568,8 +568,16 @@ fn a_refused_path_fails_every_referrer_and_nothing_of_them_goes_up() {
 
     // Once r is seen in the cache, the same run publishes everything.
     let seen: HashSet<StorePath> = [all[0].path.clone()].into();
-    let report =
-        upload_after(&cache, sd, &run, &seen, Default::default(), &o, &NoProgress).unwrap();
+    let report = upload_after(
+        &cache,
+        sd,
+        &run,
+        &seen,
+        super::publish::Look::default(),
+        &o,
+        &NoProgress,
+    )
+    .unwrap();
     assert_eq!(report.failed().count(), 0, "{:?}", report.results);
 }
 

@@ -375,7 +375,8 @@ fn a_reference_removed_after_the_look_is_not_referred_to(dest: Dest) {
     let dep = closure.iter().find(|p| **p != app).unwrap().clone();
     let gc = GcState::new(dest);
     let cache = GcCache::new(&gc);
-    let opts = push_options(&key);
+    let mut opts = push_options(&key);
+    every_wave_reads_the_marker(&mut opts);
     let first = push(&cache, &opts, std::slice::from_ref(&dep), &NoProgress);
     assert_eq!(first.failed().count(), 0, "{:?}", first.results);
 
@@ -434,6 +435,13 @@ impl Progress for WaitSignal {
 fn patient(opts: &mut PushOptions) {
     opts.gc_wait.stale = Duration::from_secs(3600);
     opts.gc_wait.poll = Duration::from_millis(50);
+}
+
+/// For a gc played faster than the protocol lets one run (it lists and deletes without
+/// waiting its settle period after it announced itself): every wave reads the marker,
+/// as it would once the look's reading is no longer fresh.
+fn every_wave_reads_the_marker(opts: &mut PushOptions) {
+    opts.gc_wait.fresh = Duration::ZERO;
 }
 
 /// A push started while a gc runs waits, and publishes once the gc is done.
@@ -596,6 +604,7 @@ fn the_daemon_retries_a_path_whose_reference_a_gc_removed_and_waits_for_a_runnin
     let gc = GcState::new(dest_file(dir.path()));
     let mut opts = push_options(&key);
     patient(&mut opts);
+    every_wave_reads_the_marker(&mut opts);
     let first = push(
         &GcCache::new(&gc),
         &opts,
@@ -984,6 +993,8 @@ mod beside_a_real_gc {
         age();
         let mut opts = push_options(&key);
         patient(&mut opts);
+        // This gc's settle period is shortened: it deletes at the push's first upload.
+        every_wave_reads_the_marker(&mut opts);
 
         let b = gc_beside_a_push(
             state,

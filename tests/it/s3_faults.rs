@@ -545,7 +545,7 @@ fn push_once(suite: &Arc<Suite>, what: String, rules: Vec<Rule>) -> Ran {
                 &run.sd,
                 &todo,
                 &seen,
-                Default::default(),
+                narflow::pipeline::publish::Look::default(),
                 &run.opts,
                 &NoProgress,
             )
