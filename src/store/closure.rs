@@ -135,7 +135,7 @@ fn topo_order(infos: &[PathInfo]) -> Vec<usize> {
     // the set refers to it). Computed over a first order (referrers come after), from
     // the last node back.
     let mut height = vec![0u32; nodes];
-    for &d in graph.order(|n| Reverse(n), |_| {}).iter().rev() {
+    for &d in graph.order(Reverse, |_| {}).iter().rev() {
         height[d] = graph
             .referrers(d)
             .map(|n| height[n].saturating_add(1))
