@@ -332,6 +332,18 @@ fn a_store_walk_killed_half_way_resumes_from_its_cursor() {
     let window = WINDOW.to_string();
     let args = ["--window", &window, "--since", &since];
     let mut child = spawn_backfill(&url, &key, &state, &args, None);
+    // Half way, once a cursor is saved: the walk takes in the paths other tests register
+    // meanwhile too (and what they refer to), so its first window may hold more than
+    // half of ours.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while !state.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backfill ended before it saved a cursor"
+        );
+        assert!(std::time::Instant::now() < deadline, "no cursor saved");
+        std::thread::yield_now();
+    }
     kill_once_it_has(&mut child, cache.path(), N / 2);
     let cursor = saved_cursor(&state);
     let ahead = paths
