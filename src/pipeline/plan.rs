@@ -207,9 +207,9 @@ pub fn plan_before_writes(
 }
 
 /// The jobs that upload `todo` (references first) given `seen`, the paths found in the
-/// cache by `look` (its gc epoch, and when its reading of the marker was sent), and the paths of `todo` refused before any upload (a
-/// reference neither in `todo` nor seen, or refused itself), with why, by index into
-/// `todo`.
+/// cache by `look` (its gc epoch, and when its reading of the marker was sent), and the
+/// paths of `todo` refused before any upload (a reference neither in `todo` nor seen, or
+/// refused itself), with why, by index into `todo`.
 pub fn jobs_for(
     todo: &[PathInfo],
     seen: &HashSet<StorePath>,

@@ -126,7 +126,7 @@ const WAVE_MAX: usize = 512;
 /// answers held back 30 ms): with 8, every thread was often holding a wave of a few
 /// narinfos for its two round trips while hundreds of NARs were committed and their
 /// narinfos waited for a thread (230 NARs committed, 73 narinfos read at 300 ms); with 32
-/// the narinfos keep up with the NARs, and the push ends about 100 ms after its last NAR.
+/// the narinfos keep up with the NARs, and the push ends 100–150 ms after its last NAR.
 /// A thread waiting holds a stack and no upload memory.
 const WAVES_IN_FLIGHT: usize = 32;
 
