@@ -391,7 +391,8 @@ fn a_marker_that_cannot_be_read_fails_the_wave_transiently_in_a_long_lived_pipel
     let all = make_store(store.path(), &[("a", 100, &[])]);
     let cache = MarkerUnreadable(FileCache::open(cache_dir.path(), "file:///t").unwrap());
     let o = opts(Compression::Zstd, 64 << 10, 256 << 10);
-    let job = super::publish::NewJob::waiting_for(all[0].clone(), Epoch::default(), |_| false);
+    let job =
+        super::publish::NewJob::waiting_for(all[0].clone(), Epoch::default().into(), |_| false);
     let (outcome, _) = stream(
         &cache,
         sd,

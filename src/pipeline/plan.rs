@@ -229,10 +229,7 @@ pub fn jobs_for(
         .filter(|(_, skip)| !**skip)
         // A reference in the run is waited for; the others are seen (the refusal took
         // out every path with a reference that is neither).
-        .map(|(info, _)| NewJob {
-            read_at: look.read_at,
-            ..NewJob::waiting_for(info.clone(), look.epoch, |r| in_run.contains(r))
-        })
+        .map(|(info, _)| NewJob::waiting_for(info.clone(), look, |r| in_run.contains(r)))
         .collect();
     (jobs, refused)
 }

@@ -46,24 +46,23 @@ pub struct NewJob {
     /// The references whose narinfos must be published by this pipeline before this one:
     /// every reference but the path itself and those the caller found in the cache.
     pub waits_for: Vec<StorePath>,
-    /// The gc epoch of the caller's look at the cache: when a gc has run since, what the
-    /// job relies on in the cache is checked again before its narinfo is written.
-    pub epoch: Epoch,
+    /// The caller's look at the cache the job was planned from.
+    pub look: Look,
     /// References served from elsewhere (an upstream cache), never looked for in this
     /// one, so not checked again after a gc either.
     pub elsewhere: Vec<StorePath>,
+}
+
+/// The look at the cache jobs are planned from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Look {
+    /// Its gc epoch: when a gc has run since, what a job relies on in the cache is
+    /// checked again before its narinfo is written.
+    pub epoch: Epoch,
     /// When the caller's reading of the gc marker that gave `epoch` was sent, if the
     /// caller read it: the publisher takes the newest of these as its own reading while
     /// it is fresh ([`super::gc_gate::GcWait::fresh`]), so a run's first wave does not
     /// read the marker again.
-    pub read_at: Option<std::time::Instant>,
-}
-
-/// The look at the cache jobs are planned from: its gc epoch and, when the caller read
-/// the marker itself, when that reading was sent ([`NewJob::read_at`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Look {
-    pub epoch: Epoch,
     pub read_at: Option<std::time::Instant>,
 }
 
@@ -77,10 +76,10 @@ impl From<Epoch> for Look {
 }
 
 impl NewJob {
-    /// A job for `info`, planned from a look at the cache in `epoch`, that waits for each
-    /// of its references `pending` says this pipeline will publish (the others are in the
-    /// cache already).
-    pub fn waiting_for(info: PathInfo, epoch: Epoch, pending: impl Fn(&StorePath) -> bool) -> Self {
+    /// A job for `info`, planned from `look` at the cache, that waits for each of its
+    /// references `pending` says this pipeline will publish (the others are in the cache
+    /// already).
+    pub fn waiting_for(info: PathInfo, look: Look, pending: impl Fn(&StorePath) -> bool) -> Self {
         let waits_for = info
             .references
             .iter()
@@ -90,9 +89,8 @@ impl NewJob {
         NewJob {
             info,
             waits_for,
-            epoch,
+            look,
             elsewhere: Vec::new(),
-            read_at: None,
         }
     }
 }
@@ -195,7 +193,7 @@ struct Flight {
 struct Entry {
     path: StorePath,
     waits_for: Vec<StorePath>,
-    /// [`NewJob::epoch`], moved on once what the job relies on was checked again.
+    /// [`Look::epoch`] of the job, moved on once what the job relies on was checked again.
     epoch: Epoch,
     elsewhere: Vec<StorePath>,
 }
@@ -224,7 +222,7 @@ pub struct Book {
     known: HashSet<StorePath>,
     failed: HashMap<StorePath, Retry>,
     /// The newest reading of the gc marker a submission was planned from
-    /// ([`NewJob::read_at`]).
+    /// ([`Look::read_at`]).
     reading: Option<Reading>,
 }
 
@@ -236,9 +234,8 @@ impl Book {
         for NewJob {
             info,
             waits_for,
-            epoch,
+            look: Look { epoch, read_at },
             elsewhere,
-            read_at,
         } in jobs
         {
             if let Some(at) = read_at
