@@ -358,6 +358,13 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
             self.url()
         )))
     }
+    /// Whether a push may walk and compress a NAR of `nar_size` bytes while it is still
+    /// looking at this cache ([`crate::pipeline::ahead`]): true where a look costs round
+    /// trips worth overlapping and an upload of such a NAR sends nothing before its
+    /// commit, so one the look finds in the cache costs the cache nothing. Default: false.
+    fn compresses_during_look(&self, _nar_size: u64) -> bool {
+        false
+    }
     /// How many NAR uploads may be finishing (committing) at once. A local directory
     /// commits with a rename, so 1; a remote cache hides per-request latency with more.
     fn upload_concurrency(&self) -> usize {

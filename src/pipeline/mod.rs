@@ -23,6 +23,7 @@
 //! 4. a narinfo the cache has already is merged, never blindly replaced
 //!    ([`crate::cache::merge_narinfo`]): its signatures stay, and ours are added to it.
 
+pub mod ahead;
 pub mod budget;
 pub mod buffers;
 pub mod compress;
@@ -151,21 +152,20 @@ impl PushOptions {
     }
 }
 
-/// [`plan::plan_with`] while `nix-cache-info` is checked (and created if missing) on
-/// another thread, so that its round trip overlaps the plan's; the plan writes nothing
+/// [`plan::look_before_writes`] while `nix-cache-info` is checked (and created if missing)
+/// on another thread, so that its round trip overlaps the look's; the look writes nothing
 /// before the check has passed. The check's error comes first (it tells an unreachable
 /// or misconfigured cache).
 ///
 /// # Errors
 /// [`PushError`] from either.
-fn plan_beside_cache_info(
-    store: &LocalStore,
+fn look_beside_cache_info(
     cache: &dyn BinaryCache,
-    paths: &[StorePath],
+    store_dir: &str,
+    side: plan::StoreSide,
     opts: &PushOptions,
     progress: &dyn Progress,
 ) -> Result<plan::Plan, PushError> {
-    let store_dir = store.store_dir();
     std::thread::scope(|s| {
         let joined = |h: std::thread::ScopedJoinHandle<'_, Result<(), CacheError>>| {
             h.join()
@@ -173,7 +173,7 @@ fn plan_beside_cache_info(
                 .map_err(PushError::from)
         };
         let mut check = Some(s.spawn(|| cache.ensure_cache_info(store_dir)));
-        let planned = plan::plan_before_writes(store, cache, paths, opts, progress, &mut || {
+        let planned = plan::look_before_writes(cache, store_dir, side, opts, progress, &mut || {
             check.take().map_or(Ok(()), joined)
         });
         if let Some(h) = check {
@@ -222,28 +222,97 @@ pub fn push(
         report.results.push(r);
     };
 
-    let plan = plan_beside_cache_info(store, cache, paths, opts, progress)?;
-    let look = plan.look();
-    for path in plan.not_valid {
-        report.not_valid.push(path.clone());
-        let why = Failure::NotValid { path: path.clone() };
-        record(&mut report, path, Outcome::Failed(why));
-    }
-    for p in &plan.present {
-        record(
-            &mut report,
-            p.to_absolute(&store_dir),
-            Outcome::AlreadyPresent,
-        );
-    }
-    let uploaded = upload_after(
-        cache, &store_dir, &plan.todo, &plan.seen, look, opts, progress,
+    let side = plan::store_side(store, paths, opts)?;
+    // Sent ahead of the look: its small paths, in plan order.
+    let ahead: Vec<PathInfo> = side
+        .infos
+        .iter()
+        .filter(|i| {
+            i.nar_size <= opts.chunk_size as u64 && cache.compresses_during_look(i.nar_size)
+        })
+        .take(AHEAD_MAX)
+        .cloned()
+        .collect();
+    let (planned, stages) = stream(
+        cache,
+        &store_dir,
+        opts,
+        progress,
+        OnPublishError::Halt,
+        |feeder, settled| {
+            let sending = feeder.ahead();
+            let rest = std::thread::scope(|s| {
+                let sender = s.spawn(|| sending.send(&ahead));
+                let planned =
+                    look_beside_cache_info(cache, &store_dir, side, opts, progress).map(|plan| {
+                        for path in &plan.not_valid {
+                            report.not_valid.push(path.clone());
+                            let why = Failure::NotValid { path: path.clone() };
+                            record(&mut report, path.clone(), Outcome::Failed(why));
+                        }
+                        for p in &plan.present {
+                            let path = p.to_absolute(&store_dir);
+                            record(&mut report, path, Outcome::AlreadyPresent);
+                        }
+                        let (todo, seen, look) = (&plan.todo, &plan.seen, plan.look());
+                        planned_jobs(todo, seen, &store_dir, look, progress, &mut report)
+                    });
+                // Decided either way (nothing is kept when the look failed), so the
+                // sender, which may wait on the pipeline, ends.
+                let (jobs, failed) = match planned {
+                    Ok(jobs) => (jobs, None),
+                    Err(e) => (Vec::new(), Some(e)),
+                };
+                let rest = sending.decide(jobs);
+                sender
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                failed.map_or(Ok(rest), Err)
+            });
+            drop(sending);
+            let rest = rest?;
+            std::thread::scope(|s| {
+                s.spawn(move || feeder.send(rest));
+                for done in settled {
+                    report.bytes.add(&done.result.outcome);
+                    report.results.push(done.result);
+                }
+            });
+            Ok::<(), PushError>(())
+        },
     )?;
-    report.results.extend(uploaded.results);
-    report.bytes = uploaded.bytes;
-    report.stages = uploaded.stages;
+    planned?;
+    report.stages = stages;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Paths sent ahead of the look at most: more than the pipeline holds before its first
+/// commit waits for the look (its queues, walkers, compressors and finishers hold a few
+/// hundred small jobs), so the limit only bounds the copy of their infos.
+const AHEAD_MAX: usize = 512;
+
+/// The jobs that upload `todo` (see [`plan::jobs_for`]), with their total reported to
+/// `progress` as planned; the paths refused before any upload go into `report`.
+fn planned_jobs(
+    todo: &[PathInfo],
+    seen: &HashSet<StorePath>,
+    store_dir: &str,
+    look: impl Into<publish::Look>,
+    progress: &dyn Progress,
+    report: &mut PushReport,
+) -> Vec<NewJob> {
+    progress.planned(todo.len(), todo.iter().map(|i| i.nar_size).sum());
+    let (jobs, refused) = plan::jobs_for(todo, seen, store_dir, look);
+    for (i, why) in refused {
+        let r = PathResult {
+            path: todo[i].path.to_absolute(store_dir),
+            outcome: Outcome::Failed(why),
+        };
+        progress.finished(&r);
+        report.results.push(r);
+    }
+    jobs
 }
 
 /// [`upload_after`] for a run whose every reference is in `infos`.
@@ -292,18 +361,9 @@ pub fn upload_after(
 ) -> Result<PushReport, PushError> {
     let started = Instant::now();
     let mut report = PushReport::default();
-    progress.planned(infos.len(), infos.iter().map(|i| i.nar_size).sum());
+    let jobs = planned_jobs(infos, seen, store_dir, look, progress, &mut report);
     if infos.is_empty() {
         return Ok(report);
-    }
-    let (jobs, refused) = plan::jobs_for(infos, seen, store_dir, look);
-    for (i, why) in refused {
-        let r = PathResult {
-            path: infos[i].path.to_absolute(store_dir),
-            outcome: Outcome::Failed(why),
-        };
-        progress.finished(&r);
-        report.results.push(r);
     }
     let (_, stages) = stream(
         cache,
@@ -335,7 +395,7 @@ pub struct Feeder<'p> {
     stop: stage::Stop,
 }
 
-impl Feeder<'_> {
+impl<'p> Feeder<'p> {
     /// Submits `jobs`, in an order where each comes after the jobs it waits for (earlier
     /// submissions count). All are registered with the publisher first, then sent in one
     /// by one; this blocks while the pipeline is full. A path with a job unsettled already
@@ -347,6 +407,12 @@ impl Feeder<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .register(jobs);
+        self.send(jobs)
+    }
+
+    /// Sends in jobs registered already ([`ahead::Ahead::decide`]'s), in order; blocks
+    /// while the pipeline is full. Returns how many went in.
+    pub fn send(&self, jobs: Vec<std::sync::Arc<stage::Job>>) -> usize {
         let mut sent = 0;
         for job in jobs {
             if self.stop.is_stopped() || self.jobs.send(job).is_err() {
@@ -355,6 +421,12 @@ impl Feeder<'_> {
             sent += 1;
         }
         sent
+    }
+
+    /// A way to send jobs ahead of the look at the cache that plans them
+    /// ([`ahead`]).
+    pub fn ahead(&self) -> ahead::Ahead<'p> {
+        ahead::Ahead::new(self.book, self.jobs.clone(), self.stop.clone())
     }
 
     /// What the publisher remembers: (known, failed, waited-for) paths.
@@ -545,6 +617,8 @@ impl Capacities {
     }
 }
 
+#[cfg(test)]
+mod ahead_tests;
 #[cfg(test)]
 mod faults;
 #[cfg(test)]

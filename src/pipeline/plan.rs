@@ -84,14 +84,54 @@ pub fn plan_before_writes(
     progress: &dyn super::outcome::Progress,
     ready: &mut dyn FnMut() -> Result<(), PushError>,
 ) -> Result<Plan, PushError> {
-    let store_dir = store.store_dir().to_owned();
+    let side = store_side(store, paths, opts)?;
+    look_before_writes(cache, store.store_dir(), side, opts, progress, ready)
+}
+
+/// The store's side of a plan: the paths asked for that are not valid, and the paths to
+/// push (with `opts.closure`, the closure of the valid ones) in topological order.
+#[derive(Debug)]
+pub struct StoreSide {
+    pub not_valid: Vec<String>,
+    pub infos: Vec<PathInfo>,
+}
+
+/// Reads the store's side of a plan of pushing `paths`.
+///
+/// # Errors
+/// [`PushError`] when the store cannot be read.
+pub fn store_side(
+    store: &LocalStore,
+    paths: &[StorePath],
+    opts: &PushOptions,
+) -> Result<StoreSide, PushError> {
     let (valid, invalid) = split_valid(store, paths)?;
     let infos = if opts.closure {
         store.closure(&valid)?
     } else {
         crate::store::closure::topo_sort(store.path_infos(&valid)?)
     };
+    Ok(StoreSide {
+        not_valid: invalid.into_iter().map(|(p, _)| p).collect(),
+        infos,
+    })
+}
 
+/// The cache's side of a plan, from the store's: [`plan_before_writes`] once the store
+/// has been read.
+///
+/// # Errors
+/// As [`plan_before_writes`].
+pub fn look_before_writes(
+    cache: &dyn BinaryCache,
+    store_dir: &str,
+    side: StoreSide,
+    opts: &PushOptions,
+    progress: &dyn super::outcome::Progress,
+    ready: &mut dyn FnMut() -> Result<(), PushError>,
+) -> Result<Plan, PushError> {
+    let StoreSide { not_valid, infos } = side;
+    let store_dir = store_dir.to_owned();
     // One look at the cache for the run's paths and, with --no-closure, the references
     // outside them: what it finds is what the publisher may refer to.
     let in_plan: HashSet<&StorePath> = infos.iter().map(|i| &i.path).collect();
@@ -190,7 +230,7 @@ pub fn plan_before_writes(
         break (seen, epoch);
     };
     let mut plan = Plan {
-        not_valid: invalid.into_iter().map(|(p, _)| p).collect(),
+        not_valid,
         ..Plan::default()
     };
     for info in infos {

@@ -230,6 +230,24 @@ impl Book {
     /// Registers `jobs` and returns those to send: a path that has an unsettled job
     /// already is not submitted twice (that job's result covers it).
     pub fn register(&mut self, jobs: Vec<NewJob>) -> Vec<Arc<Job>> {
+        self.register_after(jobs, &mut HashMap::new())
+    }
+
+    /// A number for a job sent before it is registered ([`super::ahead`]).
+    pub fn take_id(&mut self) -> JobId {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// [`Book::register`], where the jobs of `ahead` (by path) were sent already: each
+    /// of them that `jobs` names is registered as it is and taken out of `ahead`, and
+    /// not returned (it is on its way). Returns the jobs still to send.
+    pub fn register_after(
+        &mut self,
+        jobs: Vec<NewJob>,
+        ahead: &mut HashMap<StorePath, Arc<Job>>,
+    ) -> Vec<Arc<Job>> {
         let mut out = Vec::with_capacity(jobs.len());
         for NewJob {
             info,
@@ -246,8 +264,8 @@ impl Book {
             if self.unsettled.contains_key(&info.path) {
                 continue;
             }
-            let id = self.next_id;
-            self.next_id += 1;
+            let sent = ahead.remove(&info.path);
+            let id = sent.as_ref().map_or_else(|| self.take_id(), |j| j.id);
             let waits_for: Vec<StorePath> =
                 waits_for.into_iter().filter(|r| *r != info.path).collect();
             for r in &waits_for {
@@ -263,7 +281,9 @@ impl Book {
                     elsewhere,
                 },
             );
-            out.push(Job::new(id, info));
+            if sent.is_none() {
+                out.push(Job::new(id, info));
+            }
         }
         out
     }

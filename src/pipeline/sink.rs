@@ -106,6 +106,9 @@ impl<'env> SinkStage<'env> {
         if self.finishers <= 1 {
             let t = s.spawn(move || {
                 self.assemble(chunks, &results, |job, state, end| {
+                    if !self.admit(&job) {
+                        return true;
+                    }
                     let outcome = self.finish(&job, state, end);
                     results.send(SinkResult::of(job, outcome)).is_ok()
                 })
@@ -120,7 +123,7 @@ impl<'env> SinkStage<'env> {
             // own request statistics, not as the sink's work.
             threads.push(s.spawn(move || {
                 for (job, state, end) in rx {
-                    if self.stop.is_stopped() {
+                    if self.stop.is_stopped() || !self.admit(&job) {
                         continue; // dropping the state aborts its upload
                     }
                     let outcome = self.finish(&job, state, end);
@@ -182,7 +185,10 @@ impl<'env> SinkStage<'env> {
             while let Some(chunk) = state.waiting.remove(&state.next_seq) {
                 state.next_seq += 1;
                 clock.add_bytes(chunk.data.len() as u64, chunk.data.len() as u64);
-                self.progress.nar_bytes(chunk.nar_len);
+                // A job sent ahead counts once it is kept ([`SinkStage::admit`]).
+                if !job.sent_ahead() {
+                    self.progress.nar_bytes(chunk.nar_len);
+                }
                 if let (Some(upload), None) = (state.upload.as_mut(), &state.error)
                     && let Err(e) = upload.write_all(&chunk.data)
                 {
@@ -197,6 +203,10 @@ impl<'env> SinkStage<'env> {
             if let Some(why) = state.error.take() {
                 // Dropping the state aborts the upload and frees the chunks waiting.
                 jobs.remove(&job.id);
+                // A job sent ahead of the look is reported only if the look keeps it.
+                if !clock.wait(|| job.await_verdict()) {
+                    continue;
+                }
                 self.stop.abort(&job);
                 let result = SinkResult::of(job, Err(why));
                 if clock.wait(|| results.send(result)).is_err() {
@@ -217,6 +227,18 @@ impl<'env> SinkStage<'env> {
             }
         }
         clock
+    }
+
+    /// Whether `job` goes on to its commit: a job sent ahead of the look at the cache
+    /// waits here for the look's verdict (nothing of it has reached the cache yet), and
+    /// its NAR bytes count as progress only once it is kept. Dropping a job not kept
+    /// drops its upload.
+    fn admit(&self, job: &Job) -> bool {
+        let kept = job.await_verdict();
+        if kept && job.sent_ahead() {
+            self.progress.nar_bytes(job.info.nar_size);
+        }
+        kept
     }
 
     fn begin(&self, job: &Job) -> JobState {

@@ -26,8 +26,12 @@ pub type JobId = u64;
 pub struct Job {
     pub id: JobId,
     pub info: PathInfo,
-    /// Set once the sink has failed the job: no stage spends another byte on it.
+    /// Set once the sink has failed the job, or the look at the cache found a job sent
+    /// ahead of it unneeded: no stage spends another byte on it.
     aborted: AtomicBool,
+    /// For a job sent ahead of the look at the cache ([`super::ahead`]): opened once the
+    /// look has decided whether the job goes on (aborted if not).
+    ahead: Option<Arc<super::ahead::Gate>>,
 }
 
 impl Job {
@@ -36,7 +40,36 @@ impl Job {
             id,
             info,
             aborted: AtomicBool::new(false),
+            ahead: None,
         })
+    }
+
+    /// A job sent ahead of the look at the cache: its stages may work on it, but nothing
+    /// of it reaches the cache or the publisher before `gate` opens.
+    pub fn ahead(id: JobId, info: PathInfo, gate: Arc<super::ahead::Gate>) -> Arc<Job> {
+        Arc::new(Job {
+            id,
+            info,
+            aborted: AtomicBool::new(false),
+            ahead: Some(gate),
+        })
+    }
+
+    /// Whether the job was sent ahead of the look at the cache.
+    pub fn sent_ahead(&self) -> bool {
+        self.ahead.is_some()
+    }
+
+    /// Waits, for a job sent ahead of the look, until the look has decided; then true when
+    /// the job goes on (not aborted). A job not sent ahead goes on at once.
+    pub fn await_verdict(&self) -> bool {
+        match &self.ahead {
+            None => true,
+            Some(gate) => {
+                gate.wait();
+                !self.aborted.load(Ordering::Relaxed)
+            }
+        }
     }
 
     /// A job for stage tests that never read the store: path `<id, 32 digits>-test`, an

@@ -164,6 +164,10 @@ impl<'env> WalkStage<'env> {
             if self.stop.is_stopped() {
                 break;
             }
+            // Sent ahead of the look, which found it unneeded.
+            if self.stop.is_job_stopped(&job) {
+                continue;
+            }
             let info: &PathInfo = &job.info;
             let full = info.path.to_absolute(self.store_dir);
             let mut chunker = Chunker {

@@ -454,6 +454,11 @@ impl BinaryCache for S3Cache {
         self.shared.small_in_flight
     }
 
+    /// A NAR that goes up in one PutObject sends nothing before its commit.
+    fn compresses_during_look(&self, nar_size: u64) -> bool {
+        upload::one_put_whatever_it_compresses_to(nar_size)
+    }
+
     fn object_size(&self, key: &str) -> Result<Option<u64>, CacheError> {
         self.block_on(self.shared.size(key))
     }

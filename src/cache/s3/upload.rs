@@ -78,6 +78,13 @@ fn compressed_bound(nar_size: u64) -> u64 {
     nar_size + nar_size / 64 + (64 << 10)
 }
 
+/// Whether a NAR of `nar_size` bytes, however it compresses, stays below the smallest
+/// part: its upload then sends nothing before its commit (one PutObject), whatever part
+/// size it was planned with or resumes.
+pub(super) fn one_put_whatever_it_compresses_to(nar_size: u64) -> bool {
+    compressed_bound(nar_size) < MIN_S3_PART
+}
+
 /// The size of the parts after part number `parts` of an upload whose parts of `part`
 /// bytes were planned for `planned` bytes, `sent` bytes of which are sent: the same while
 /// the object stays within its plan (a NAR always does: its plan is a bound on its
@@ -673,6 +680,18 @@ mod tests {
     use super::*;
     use crate::cache::BinaryCache;
     use std::time::Duration;
+
+    /// A NAR goes ahead of the look only while even incompressible it stays below S3's
+    /// smallest part: the default chunk (4 MiB) does; a NAR of 5 MiB may not.
+    #[test]
+    fn only_a_nar_below_the_smallest_part_whatever_it_compresses_to_goes_in_one_put() {
+        assert!(one_put_whatever_it_compresses_to(0));
+        assert!(one_put_whatever_it_compresses_to(
+            crate::memory::DEFAULT_CHUNK_SIZE as u64
+        ));
+        assert!(!one_put_whatever_it_compresses_to(MIN_S3_PART - (64 << 10)));
+        assert!(!one_put_whatever_it_compresses_to(MIN_S3_PART));
+    }
 
     #[test]
     fn part_sizes_fit_any_nar_in_the_part_limit() {
