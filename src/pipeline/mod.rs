@@ -10,7 +10,9 @@
 //!
 //! [`stream`] keeps the stages up for as long as its caller feeds them, settling each job
 //! as soon as its narinfo is durable; [`upload_after`] (and so [`upload`] and [`push`]) is
-//! one submission to a pipeline that ends with it. One [`stage::Stop`] stops every stage.
+//! one submission to a pipeline that ends with it; [`push`] starts the stages while it
+//! still looks at the cache, sending small paths in [`ahead`] of the plan, which wait at
+//! the sink for its verdict. One [`stage::Stop`] stops every stage.
 //! Memory is bounded by [`PushOptions::memory`] (see [`Capacities`]), never by NAR size.
 //!
 //! Invariants, in the order a path goes through them:
