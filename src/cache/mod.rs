@@ -359,7 +359,7 @@ pub trait BinaryCache: Send + Sync + std::fmt::Debug {
         )))
     }
     /// Whether a push may walk and compress a NAR of `nar_size` bytes while it is still
-    /// looking at this cache ([`crate::pipeline::ahead`]): true where a look costs round
+    /// looking at this cache (dropping it if the look finds the path): true where a look costs round
     /// trips worth overlapping and an upload of such a NAR sends nothing before its
     /// commit, so one the look finds in the cache costs the cache nothing. Default: false.
     fn compresses_during_look(&self, _nar_size: u64) -> bool {

@@ -10,34 +10,12 @@
 //! ([`crate::cache::BinaryCache::compresses_during_look`]): a path the look finds in the
 //! cache then costs the cache nothing at all, only some compressing.
 use super::publish::{Book, NewJob};
-use super::stage::{Job, Stop};
+use super::stage::{Gate, Job, Stop};
 use crate::format::store_path::StorePath;
 use crate::store::PathInfo;
 use crossbeam_channel::Sender;
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-
-/// Opens once the look has decided on every job sent ahead of it.
-#[derive(Debug, Default)]
-pub struct Gate {
-    open: Mutex<bool>,
-    opened: Condvar,
-}
-
-impl Gate {
-    /// Waits until the gate opens. It always does: [`Ahead`] opens it when it decides, and
-    /// when it is dropped undecided (the look failed).
-    pub fn wait(&self) {
-        let mut open = lock(&self.open);
-        while !*open {
-            open = self.opened.wait(open).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-    fn open(&self) {
-        *lock(&self.open) = true;
-        self.opened.notify_all();
-    }
-}
+use std::sync::{Arc, Mutex, MutexGuard};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -50,17 +28,18 @@ struct Sent {
     jobs: Vec<Arc<Job>>,
 }
 
-/// The jobs of one push sent ahead of its look at the cache, from [`super::Feeder::ahead`].
+/// The jobs of one push sent ahead of its look at the cache, from [`super::Feeder::ahead`],
+/// each with one [`Gate`] that opens once the look has decided on all of them.
 /// [`Ahead::send`] sends them (on a thread of its own: it blocks while the pipeline is
 /// full); [`Ahead::decide`], once the plan is known, lets the planned ones go on. Dropped
 /// undecided, it aborts every job it sent.
 #[derive(Debug)]
 pub struct Ahead<'p> {
-    pub(super) gate: Arc<Gate>,
+    gate: Arc<Gate>,
     sent: Mutex<Sent>,
-    pub(super) book: &'p Mutex<Book>,
-    pub(super) jobs: Sender<Arc<Job>>,
-    pub(super) stop: Stop,
+    book: &'p Mutex<Book>,
+    jobs: Sender<Arc<Job>>,
+    stop: Stop,
 }
 
 impl<'p> Ahead<'p> {

@@ -74,15 +74,11 @@ impl NarUpload for Counted {
 }
 
 impl BinaryCache for Listed {
-    fn url(&self) -> &str {
-        self.inner.url()
-    }
-    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError> {
-        self.inner.ensure_cache_info(store_dir)
-    }
-    fn has_narinfo(&self, path: &StorePath) -> Result<bool, CacheError> {
-        self.inner.has_narinfo(path)
-    }
+    forward_to!(
+        inner;
+        url, ensure_cache_info, has_narinfo, has_object, object_size, get_narinfo, get_text,
+        put_narinfo, sync,
+    );
     fn has_narinfos(&self, paths: &[StorePath]) -> Result<Vec<bool>, CacheError> {
         let begun = self.begun.lock().unwrap();
         let (begun, _) = self
@@ -101,18 +97,6 @@ impl BinaryCache for Listed {
         }
         paths.iter().map(|p| self.inner.has_narinfo(p)).collect()
     }
-    fn has_object(&self, key: &str) -> Result<bool, CacheError> {
-        self.inner.has_object(key)
-    }
-    fn object_size(&self, key: &str) -> Result<Option<u64>, CacheError> {
-        self.inner.object_size(key)
-    }
-    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, CacheError> {
-        self.inner.get_narinfo(path)
-    }
-    fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
-        self.inner.get_text(key)
-    }
     fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
         let inner = self.inner.begin_nar(nar_size)?;
         *self.begun.lock().unwrap() += 1;
@@ -129,12 +113,6 @@ impl BinaryCache for Listed {
     /// inline, and hold the sink at the first NAR until the look answers).
     fn upload_concurrency(&self) -> usize {
         8
-    }
-    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError> {
-        self.inner.put_narinfo(path, text)
-    }
-    fn sync(&self) -> Result<(), CacheError> {
-        self.inner.sync()
     }
 }
 

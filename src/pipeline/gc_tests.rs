@@ -7,7 +7,7 @@ use super::tests::{make_store, opts};
 use super::*;
 use crate::cache::file::FileCache;
 use crate::cache::gc_marker::{Epoch, MARKER_KEY, Marker};
-use crate::cache::{CacheError, NarUpload, Published};
+use crate::cache::{CacheError, Published};
 use crate::format::compression::Compression;
 use crate::format::narinfo::NarInfo;
 use std::path::Path;
@@ -45,18 +45,11 @@ impl Watched {
 }
 
 impl BinaryCache for Watched {
-    fn url(&self) -> &str {
-        self.inner.url()
-    }
-    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError> {
-        self.inner.ensure_cache_info(store_dir)
-    }
-    fn has_narinfo(&self, path: &StorePath) -> Result<bool, CacheError> {
-        self.inner.has_narinfo(path)
-    }
-    fn has_object(&self, key: &str) -> Result<bool, CacheError> {
-        self.inner.has_object(key)
-    }
+    forward_to!(
+        inner;
+        url, ensure_cache_info, has_narinfo, has_object, get_narinfo, begin_nar, put_narinfo,
+        sync,
+    );
     fn object_size(&self, key: &str) -> Result<Option<u64>, CacheError> {
         let size = self.inner.object_size(key);
         let mut hook = self.after_size_of.lock().unwrap();
@@ -65,20 +58,11 @@ impl BinaryCache for Watched {
         }
         size
     }
-    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, CacheError> {
-        self.inner.get_narinfo(path)
-    }
     fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
         if key == MARKER_KEY {
             self.marker_reads.fetch_add(1, Ordering::SeqCst);
         }
         self.inner.get_text(key)
-    }
-    fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
-        self.inner.begin_nar(nar_size)
-    }
-    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError> {
-        self.inner.put_narinfo(path, text)
     }
     fn publish_narinfos(
         &self,
@@ -87,9 +71,6 @@ impl BinaryCache for Watched {
     ) -> Result<Vec<Published>, CacheError> {
         self.waves.fetch_add(1, Ordering::SeqCst);
         self.inner.publish_narinfos(store_dir, narinfos)
-    }
-    fn sync(&self) -> Result<(), CacheError> {
-        self.inner.sync()
     }
 }
 
@@ -343,24 +324,11 @@ fn with_no_marker_a_wave_costs_at_most_one_marker_reading() {
 struct MarkerUnreadable(FileCache);
 
 impl BinaryCache for MarkerUnreadable {
-    fn url(&self) -> &str {
-        self.0.url()
-    }
-    fn ensure_cache_info(&self, store_dir: &str) -> Result<(), CacheError> {
-        self.0.ensure_cache_info(store_dir)
-    }
-    fn has_narinfo(&self, path: &StorePath) -> Result<bool, CacheError> {
-        self.0.has_narinfo(path)
-    }
-    fn has_object(&self, key: &str) -> Result<bool, CacheError> {
-        self.0.has_object(key)
-    }
-    fn object_size(&self, key: &str) -> Result<Option<u64>, CacheError> {
-        self.0.object_size(key)
-    }
-    fn get_narinfo(&self, path: &StorePath) -> Result<Option<String>, CacheError> {
-        self.0.get_narinfo(path)
-    }
+    forward_to!(
+        0;
+        url, ensure_cache_info, has_narinfo, has_object, object_size, get_narinfo, begin_nar,
+        put_narinfo, sync,
+    );
     fn get_text(&self, key: &str) -> Result<Option<String>, CacheError> {
         if key == MARKER_KEY {
             return Err(CacheError::Remote {
@@ -371,15 +339,6 @@ impl BinaryCache for MarkerUnreadable {
             });
         }
         self.0.get_text(key)
-    }
-    fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
-        self.0.begin_nar(nar_size)
-    }
-    fn put_narinfo(&self, path: &StorePath, text: &str) -> Result<(), CacheError> {
-        self.0.put_narinfo(path, text)
-    }
-    fn sync(&self) -> Result<(), CacheError> {
-        self.0.sync()
     }
 }
 

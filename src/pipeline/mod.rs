@@ -619,11 +619,13 @@ impl Capacities {
     }
 }
 
+// First: the stand-in caches of the test modules after it use its `forward_to!`.
+#[cfg(test)]
+#[macro_use]
+mod tests;
 #[cfg(test)]
 mod ahead_tests;
 #[cfg(test)]
 mod faults;
 #[cfg(test)]
 mod gc_tests;
-#[cfg(test)]
-mod tests;

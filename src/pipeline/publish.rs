@@ -233,7 +233,7 @@ impl Book {
         self.register_after(jobs, &mut HashMap::new())
     }
 
-    /// A number for a job sent before it is registered ([`super::ahead`]).
+    /// A number for a job sent before it is registered (ahead of the look that plans it).
     pub fn take_id(&mut self) -> JobId {
         let id = self.next_id;
         self.next_id += 1;

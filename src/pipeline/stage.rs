@@ -12,8 +12,8 @@ use super::stats::StageStats;
 use crate::format::hash::Sha256;
 use crate::format::nar::listing::NarListing;
 use crate::store::PathInfo;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::ScopedJoinHandle;
 
 /// A job's number: given in order of submission, never reused within a pipeline.
@@ -29,9 +29,9 @@ pub struct Job {
     /// Set once the sink has failed the job, or the look at the cache found a job sent
     /// ahead of it unneeded: no stage spends another byte on it.
     aborted: AtomicBool,
-    /// For a job sent ahead of the look at the cache ([`super::ahead`]): opened once the
+    /// For a job sent ahead of the look at the cache: opened once the
     /// look has decided whether the job goes on (aborted if not).
-    ahead: Option<Arc<super::ahead::Gate>>,
+    ahead: Option<Arc<Gate>>,
 }
 
 impl Job {
@@ -46,7 +46,7 @@ impl Job {
 
     /// A job sent ahead of the look at the cache: its stages may work on it, but nothing
     /// of it reaches the cache or the publisher before `gate` opens.
-    pub fn ahead(id: JobId, info: PathInfo, gate: Arc<super::ahead::Gate>) -> Arc<Job> {
+    pub fn ahead(id: JobId, info: PathInfo, gate: Arc<Gate>) -> Arc<Job> {
         Arc::new(Job {
             id,
             info,
@@ -92,6 +92,33 @@ impl Job {
             },
         )
     }
+}
+
+/// Opens once the look at the cache has decided on every job sent ahead of it (see
+/// `pipeline::ahead`); until then those jobs are worked on but never committed.
+#[derive(Debug, Default)]
+pub struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    /// Waits until the gate opens. Whoever sends jobs with a gate opens it once
+    /// it has decided on them, on every path (a push's look opens it when it fails too).
+    pub fn wait(&self) {
+        let mut open = lock(&self.open);
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+    pub(super) fn open(&self) {
+        *lock(&self.open) = true;
+        self.opened.notify_all();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// How a job's NAR stream ended; carried by its last chunk.
