@@ -97,12 +97,34 @@ impl<'p> Ahead<'p> {
         self.gate.open();
         rest
     }
+
+    /// Decides, if nothing has yet, that no job sent ahead goes on: the gate opens.
+    pub fn abandon(&self) {
+        if !lock(&self.sent).decided {
+            self.decide(Vec::new());
+        }
+    }
+
+    /// A guard that [abandons](Ahead::abandon) when dropped undecided: held while the look
+    /// runs, it opens the gate even when the look panics, so that a sender blocked on the
+    /// pipeline (which waits at the gate) ends and its scope can pass the panic on.
+    pub fn abandon_on_drop(&self) -> Abandon<'_, 'p> {
+        Abandon(self)
+    }
+}
+
+/// See [`Ahead::abandon_on_drop`].
+#[derive(Debug)]
+pub struct Abandon<'a, 'p>(&'a Ahead<'p>);
+
+impl Drop for Abandon<'_, '_> {
+    fn drop(&mut self) {
+        self.0.abandon();
+    }
 }
 
 impl Drop for Ahead<'_> {
     fn drop(&mut self) {
-        if !lock(&self.sent).decided {
-            self.decide(Vec::new());
-        }
+        self.abandon();
     }
 }

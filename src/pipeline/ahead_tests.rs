@@ -10,22 +10,30 @@ use crate::format::compression::{Compression, CompressionSettings};
 use crate::store::db::testdb::{Row, TestDb};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
+
 use std::time::Duration;
 
 /// How long a look waits for the NARs it expects to be begun meanwhile: far beyond what a
 /// few small paths take, so only a push that does not send them ahead runs into it.
 const PATIENCE: Duration = Duration::from_secs(20);
 
+/// How the look of a [`Listed`] ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ends {
+    Answers,
+    Fails,
+    Panics,
+}
+
 /// A local directory posing as a remote cache: it commits several NARs at once, lets NARs
-/// be compressed during its look,
-/// and its look (the listing of narinfos) answers only once `want` NAR uploads have begun
-/// (or [`PATIENCE`] ran out), noting what had been committed by then. `fail_look` makes
-/// the look fail instead, once those uploads have begun.
+/// be compressed during its look, and its look (the listing of narinfos) answers only once
+/// `want` NAR uploads have begun (or [`PATIENCE`] ran out), noting what had been committed
+/// by then; or, by `ends`, fails or panics then instead.
 #[derive(Debug)]
 struct Listed {
     inner: FileCache,
     want: usize,
-    fail_look: bool,
+    ends: Ends,
     begun: Mutex<usize>,
     began: Condvar,
     commits: Arc<AtomicUsize>,
@@ -34,11 +42,11 @@ struct Listed {
 }
 
 impl Listed {
-    fn new(dir: &std::path::Path, want: usize, fail_look: bool) -> Self {
+    fn new(dir: &std::path::Path, want: usize, ends: Ends) -> Self {
         Listed {
             inner: FileCache::open(dir, "file:///listed").unwrap(),
             want,
-            fail_look,
+            ends,
             begun: Mutex::new(0),
             began: Condvar::new(),
             commits: Arc::default(),
@@ -87,7 +95,8 @@ impl BinaryCache for Listed {
             .unwrap();
         *self.at_look.lock().unwrap() = Some((*begun, self.commits.load(Ordering::SeqCst)));
         drop(begun);
-        if self.fail_look {
+        assert!(self.ends != Ends::Panics, "the look panicked");
+        if self.ends == Ends::Fails {
             return Err(CacheError::Remote {
                 cache: self.url().into(),
                 key: "".into(),
@@ -192,7 +201,7 @@ fn small_paths_are_compressed_during_the_look_and_those_it_finds_are_dropped() {
         let first = [a.clone(), d.clone()];
         push(&store.local, &plain, &first, &unsigned(), &NoProgress).unwrap();
     }
-    let cache = Listed::new(cache_dir.path(), 4, false);
+    let cache = Listed::new(cache_dir.path(), 4, Ends::Answers);
     let bytes = Bytes::default();
     let all = [c.clone(), d.clone(), e.clone(), f.clone()];
     let report = push(&store.local, &cache, &all, &unsigned(), &bytes).unwrap();
@@ -230,7 +239,7 @@ fn small_paths_are_compressed_during_the_look_and_those_it_finds_are_dropped() {
 fn a_look_that_fails_drops_what_was_sent_ahead_and_publishes_nothing() {
     let store = six_paths();
     let cache_dir = tempfile::tempdir().unwrap();
-    let cache = Listed::new(cache_dir.path(), 3, true);
+    let cache = Listed::new(cache_dir.path(), 3, Ends::Fails);
     let paths: Vec<StorePath> = store.infos.iter().map(|i| i.path.clone()).collect();
     let err = push(&store.local, &cache, &paths, &unsigned(), &NoProgress).unwrap_err();
     assert!(err.to_string().contains("listing refused"), "{err}");
@@ -240,4 +249,132 @@ fn a_look_that_fails_drops_what_was_sent_ahead_and_publishes_nothing() {
     for p in &paths {
         assert!(!cache.inner.has_narinfo(p).unwrap(), "{p} published");
     }
+}
+
+/// A look that panics while the pipeline is full of paths sent ahead (80 NARs of 1 MiB:
+/// more than its finishers and queues hold, so the sender is stopped on it) still opens
+/// the gate: the stages drain and the panic reaches the caller, nothing waits forever.
+#[test]
+fn a_look_that_panics_with_the_pipeline_full_passes_the_panic_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..80).map(|i| format!("p{i}")).collect();
+    let specs: Vec<(&str, usize, &[usize])> = names
+        .iter()
+        .map(|n| (n.as_str(), 1 << 20, &[][..]))
+        .collect();
+    let infos = make_store(dir.path(), &specs);
+    let sd = dir.path().to_str().unwrap().to_owned();
+    let db = TestDb::new(true);
+    for info in &infos {
+        db.add(&Row {
+            path: &info.path.to_absolute(&sd),
+            hash: &format!("sha256:{}", info.nar_hash.to_base16()),
+            nar_size: Some(info.nar_size as i64),
+            ..Row::default()
+        });
+    }
+    let local = LocalStore::open(&sd, &db.path);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Listed::new(cache_dir.path(), 8, Ends::Panics);
+    let paths: Vec<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let pushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            push(&local, &cache, &paths, &unsigned(), &NoProgress).is_ok()
+        }));
+        let _ = tx.send((pushed.is_err(), cache.commits.load(Ordering::SeqCst)));
+        drop((db, dir, cache_dir));
+    });
+    let (panicked, commits) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the push still runs a minute after its look panicked");
+    assert!(panicked, "the look's panic reaches the caller");
+    assert_eq!(commits, 0);
+}
+
+/// A cache that counts the NAR uploads begun, for a sink on its own.
+#[derive(Debug)]
+struct Begins {
+    inner: FileCache,
+    begun: AtomicUsize,
+}
+
+impl BinaryCache for Begins {
+    forward_to!(
+        inner;
+        url, ensure_cache_info, has_narinfo, has_object, object_size, get_narinfo, get_text,
+        put_narinfo, sync,
+    );
+    fn begin_nar(&self, nar_size: u64) -> Result<Box<dyn NarUpload>, CacheError> {
+        self.begun.fetch_add(1, Ordering::SeqCst);
+        self.inner.begin_nar(nar_size)
+    }
+}
+
+/// A path sent ahead as one small chunk whose NAR turns out larger (it changed since the
+/// store recorded it) is not begun at the cache before the look's verdict: the sink waits
+/// at the gate first. Kept, it then fails as the changed path it is.
+#[test]
+fn a_nar_sent_ahead_that_outgrew_its_recorded_size_waits_for_the_verdict() {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Begins {
+        inner: FileCache::open(cache_dir.path(), "file:///t").unwrap(),
+        begun: AtomicUsize::new(0),
+    };
+    let opts = unsigned();
+    let budget = budget::ByteBudget::new(1 << 20);
+    let sink = sink::SinkStage {
+        cache: &cache,
+        store_dir: "/nix/store",
+        opts: &opts,
+        progress: &NoProgress,
+        finishers: 1,
+        buffers: buffers::BufferPool::new(1, 1 << 16),
+        stop: stage::Stop::new(Cancel::new()),
+    };
+    let gate = Arc::new(stage::Gate::default());
+    let mut info = stage::Job::for_test(1).info.clone();
+    info.nar_size = 10;
+    let job = stage::Job::ahead(1, info, gate.clone());
+    let chunk = |seq: u32, end: Option<stage::NarEnd>| stage::Chunk {
+        job: job.clone(),
+        seq,
+        data: vec![seq as u8; 1000],
+        nar_len: 1000,
+        permit: budget.acquire(1000),
+        end,
+    };
+    let (chunks_tx, chunks_rx) = lanes::bounded(4);
+    let (results_tx, results_rx) = crossbeam_channel::bounded(4);
+    std::thread::scope(|s| {
+        let running = sink.spawn(s, chunks_rx, crossbeam_channel::bounded(1), results_tx);
+        chunks_tx.send(chunk(0, None)).unwrap();
+        assert!(
+            gate.has_waiters(1, PATIENCE),
+            "the sink went on with a chunk beyond what was sent ahead before the verdict"
+        );
+        assert_eq!(cache.begun.load(Ordering::SeqCst), 0);
+        gate.open();
+        let end = stage::NarEnd::Complete {
+            nar_hash: crate::format::hash::Sha256([1; 32]),
+            nar_size: 2000,
+            listing: None,
+        };
+        chunks_tx.send(chunk(1, Some(end))).unwrap();
+        let result = results_rx.recv_timeout(PATIENCE).expect("a result");
+        assert!(
+            matches!(
+                result.outcome,
+                Err(Failure::Corrupt {
+                    actual_size: 2000,
+                    ..
+                })
+            ),
+            "{:?}",
+            result.outcome
+        );
+        assert_eq!(cache.begun.load(Ordering::SeqCst), 1);
+        drop(chunks_tx);
+        running.finish();
+    });
 }

@@ -245,6 +245,7 @@ pub fn push(
             let sending = feeder.ahead();
             let rest = std::thread::scope(|s| {
                 let sender = s.spawn(|| sending.send(&ahead));
+                let _abandon = sending.abandon_on_drop();
                 let planned =
                     look_beside_cache_info(cache, &store_dir, side, opts, progress).map(|plan| {
                         for path in &plan.not_valid {
@@ -293,6 +294,9 @@ pub fn push(
 /// commit waits for the look (its queues, walkers, compressors and finishers hold a few
 /// hundred small jobs), so the limit only bounds the copy of their infos.
 const AHEAD_MAX: usize = 512;
+// The push waits for its sender of paths ahead before it takes what settles: only jobs
+// sent ahead can settle meanwhile, and the settled queue must hold them all.
+const _: () = assert!(AHEAD_MAX < SETTLED_QUEUE);
 
 /// The jobs that upload `todo` (see [`plan::jobs_for`]), with their total reported to
 /// `progress` as planned; the paths refused before any upload go into `report`.

@@ -177,7 +177,18 @@ impl<'env> SinkStage<'env> {
             );
             let job = chunk.job.clone();
             if self.stop.is_job_stopped(&job) {
-                continue; // failed and reported already
+                // Failed and reported already, or sent ahead and dropped by the look.
+                jobs.remove(&job.id);
+                continue;
+            }
+            // A job sent ahead goes into its upload before the look's verdict only as the
+            // one whole chunk it was sent for, which the upload holds until its commit. A
+            // NAR that turns out larger (the path changed since the store recorded it)
+            // waits for the verdict first.
+            let whole = chunk.seq == 0 && chunk.end.is_some() && chunk.nar_len <= job.info.nar_size;
+            if job.sent_ahead() && !whole && !clock.wait(|| job.await_verdict()) {
+                jobs.remove(&job.id);
+                continue;
             }
             let state = jobs.entry(job.id).or_insert_with(|| self.begin(&job));
             state.waiting.insert(chunk.seq, chunk);
@@ -204,7 +215,7 @@ impl<'env> SinkStage<'env> {
                 // Dropping the state aborts the upload and frees the chunks waiting.
                 jobs.remove(&job.id);
                 // A job sent ahead of the look is reported only if the look keeps it.
-                if !clock.wait(|| job.await_verdict()) {
+                if !clock.wait(|| self.admit(&job)) {
                     continue;
                 }
                 self.stop.abort(&job);

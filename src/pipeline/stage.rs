@@ -98,22 +98,42 @@ impl Job {
 /// `pipeline::ahead`); until then those jobs are worked on but never committed.
 #[derive(Debug, Default)]
 pub struct Gate {
-    open: Mutex<bool>,
-    opened: Condvar,
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    open: bool,
+    /// Threads waiting at the gate (for tests to see a stage stopped at it).
+    waiting: usize,
 }
 
 impl Gate {
     /// Waits until the gate opens. Whoever sends jobs with a gate opens it once
     /// it has decided on them, on every path (a push's look opens it when it fails too).
     pub fn wait(&self) {
-        let mut open = lock(&self.open);
-        while !*open {
-            open = self.opened.wait(open).unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
+        state.waiting += 1;
+        self.changed.notify_all();
+        while !state.open {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
+        state.waiting -= 1;
     }
     pub(super) fn open(&self) {
-        *lock(&self.open) = true;
-        self.opened.notify_all();
+        lock(&self.state).open = true;
+        self.changed.notify_all();
+    }
+    /// Waits up to `timeout` until `n` threads wait at the gate; whether they do.
+    #[cfg(test)]
+    pub(super) fn has_waiters(&self, n: usize, timeout: std::time::Duration) -> bool {
+        let state = lock(&self.state);
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, timeout, |s| s.waiting < n)
+            .unwrap_or_else(|p| p.into_inner());
+        state.waiting >= n
     }
 }
 
