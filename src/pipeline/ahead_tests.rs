@@ -28,12 +28,14 @@ enum Ends {
 /// A local directory posing as a remote cache: it commits several NARs at once, lets NARs
 /// be compressed during its look, and its look (the listing of narinfos) answers only once
 /// `want` NAR uploads have begun (or [`PATIENCE`] ran out), noting what had been committed
-/// by then; or, by `ends`, fails or panics then instead.
+/// by then; or, by `ends`, fails or panics then instead. The begin of an upload of a NAR
+/// of a size in `refused` fails (and counts as begun).
 #[derive(Debug)]
 struct Listed {
     inner: FileCache,
     want: usize,
     ends: Ends,
+    refused: Vec<u64>,
     begun: Mutex<usize>,
     began: Condvar,
     commits: Arc<AtomicUsize>,
@@ -47,6 +49,7 @@ impl Listed {
             inner: FileCache::open(dir, "file:///listed").unwrap(),
             want,
             ends,
+            refused: Vec::new(),
             begun: Mutex::new(0),
             began: Condvar::new(),
             commits: Arc::default(),
@@ -110,6 +113,14 @@ impl BinaryCache for Listed {
         let inner = self.inner.begin_nar(nar_size)?;
         *self.begun.lock().unwrap() += 1;
         self.began.notify_all();
+        if self.refused.contains(&nar_size) {
+            return Err(CacheError::Remote {
+                cache: self.url().into(),
+                key: "nar".into(),
+                message: "upload refused".into(),
+                transient: true,
+            });
+        }
         Ok(Box::new(Counted {
             inner,
             commits: self.commits.clone(),
@@ -248,6 +259,50 @@ fn a_look_that_fails_drops_what_was_sent_ahead_and_publishes_nothing() {
     assert_eq!(cache.commits.load(Ordering::SeqCst), 0);
     for p in &paths {
         assert!(!cache.inner.has_narinfo(p).unwrap(), "{p} published");
+    }
+}
+
+/// An upload that fails in the sink before the look has answered (it waits there for the
+/// verdict): for a path the look finds in the cache, the failure is dropped with the path,
+/// unreported; for a path to upload, it is reported once the look keeps the path, failed
+/// transiently, and nothing is published for it.
+#[test]
+fn a_failure_of_a_path_sent_ahead_is_reported_only_if_the_look_keeps_the_path() {
+    let store = six_paths();
+    let sd = store.dir.path().to_str().unwrap().to_owned();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let (a, e) = (&store.infos[0], &store.infos[4]);
+    {
+        let plain = FileCache::open(cache_dir.path(), "file:///plain").unwrap();
+        push(
+            &store.local,
+            &plain,
+            &[a.path.clone()],
+            &unsigned(),
+            &NoProgress,
+        )
+        .unwrap();
+    }
+    for (info, present) in [(a, true), (e, false)] {
+        let mut cache = Listed::new(cache_dir.path(), 1, Ends::Answers);
+        cache.refused = vec![info.nar_size];
+        let path = std::slice::from_ref(&info.path);
+        let report = push(&store.local, &cache, path, &unsigned(), &NoProgress).unwrap();
+        let at_look = cache.at_look.lock().unwrap().expect("the push looked");
+        assert_eq!(
+            at_look,
+            (1, 0),
+            "its upload began (and failed) during the look"
+        );
+        assert_eq!(report.results.len(), 1, "{:?}", report.results);
+        assert_eq!(report.results[0].path, info.path.to_absolute(&sd));
+        match &report.results[0].outcome {
+            Outcome::AlreadyPresent if present => {}
+            Outcome::Failed(why) if !present => assert!(why.is_transient(), "{why}"),
+            o => panic!("{}: {o:?}", info.path),
+        }
+        assert_eq!(cache.inner.has_narinfo(&info.path).unwrap(), present);
+        assert_eq!(cache.commits.load(Ordering::SeqCst), 0);
     }
 }
 
