@@ -277,7 +277,7 @@ fn a_failure_of_a_path_sent_ahead_is_reported_only_if_the_look_keeps_the_path() 
         push(
             &store.local,
             &plain,
-            &[a.path.clone()],
+            std::slice::from_ref(&a.path),
             &unsigned(),
             &NoProgress,
         )
